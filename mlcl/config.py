@@ -1,0 +1,428 @@
+"""One configuration tree for everything: YAML presets, CLI overrides and notebook parameters
+are overlays on the dataclasses below.
+
+    cfg = load_config("synthetic", ["data.root=data/synth", "method=mlcl", "split=1_8"])
+
+Order of overlays: the preset's ``base`` chain, the preset itself, the preset's named cell
+(``split=NAME`` picks one of its ``splits:`` entries), then the command-line overrides. An
+unknown key or a value of the wrong type is a :class:`ConfigError` that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from mlcl import paths
+
+METHODS = ("supervised", "unimatch", "mlcl")
+# The released code's deviations from the paper (METHOD.md, "Where the released code and the
+# paper differ"); each is its own switch, and ``mlcl.variant`` picks their defaults.
+RELEASED_QUIRKS = (
+    "double_transform",  # 2: mask ratio from a twice-transformed similarity
+    "pair_by_position",  # 3: prototype anchors/candidates paired by list position
+    "duplicate_top_anchor",  # 4: top anchor taken twice, 16th dropped
+    "normalise_by_candidates",  # 5: L_dt divided by the number of candidates
+    "bank_early_stop",  # 6: bank update stops after the first initialised class
+    "bilinear_ignore",  # 7: ignore map resized bilinearly
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and says how to fix it."""
+
+
+@dataclass
+class AugmentConfig:
+    """UniMatch's augmentation strengths (METHOD.md, "Augmentations")."""
+
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.5
+    contrast: float = 0.5
+    saturation: float = 0.5
+    hue: float = 0.25
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    cutmix_p: float = 0.5
+    cutmix_area: list[float] = field(default_factory=lambda: [0.02, 0.4])
+    cutmix_ratio: list[float] = field(default_factory=lambda: [0.3, 1 / 0.3])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | pascal | cityscapes (names and reporting)
+    layout: str = "voc"  # voc | cityscapes: folder structure and split-file conventions
+    root: str = ""
+    labeled_split: str = ""  # split files: absolute, or relative to data.root
+    unlabeled_split: str = ""
+    val_split: str = ""
+    crop_size: int = 321
+    num_classes: int = 21
+    ignore_index: int = 255
+    class_names: list[str] = field(default_factory=list)
+    num_workers: int = 2
+    pin_memory: bool = True  # used only on GPU
+    persistent_workers: bool = True  # used only when num_workers > 0
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    # resnet18 | resnet34 | resnet50 | resnet101 | resnet50_deepstem | resnet101_deepstem
+    backbone: str = "resnet50"
+    width: int = 64  # channels of the ResNet stem (64 standard; 32 = half width for CPU work)
+    pretrained: Union[bool, str] = False  # false | true (torchvision ImageNet) | file path
+    output_stride: int = 16
+    aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18])
+    low_level_channels: int = 48
+    feature_channels: int = 256  # C: the fused map F = encode(x)
+    fp_dropout: float = 0.5  # UniMatch's feature-perturbation branch
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 80
+    max_iters: int = 0  # > 0 caps the total number of iterations (short runs, tests)
+    batch_size: int = 4  # per process and per view (labeled and unlabeled alike)
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.001  # backbone lr; every other parameter uses lr * lr_multi
+    lr_multi: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    loss: str = "ce"  # ce | ohem (labeled loss)
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 200_000
+    conf_thresh: float = 0.95  # tau: pseudo-label confidence threshold
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    mix_partner: str = "roll"  # roll (batch rolled by one) | loader (independently shuffled)
+    cpu: bool = False  # force CPU even where a GPU is visible
+    eval_every: int = 1  # epochs between validations (the last epoch is always evaluated)
+    log_every: int = 20  # iterations between progress-bar / TensorBoard updates
+
+
+@dataclass
+class UniMatchConfig:
+    """Weights of the UniMatch total (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2."""
+
+    w_x: float = 1.0
+    w_s1: float = 0.25
+    w_s2: float = 0.25
+    w_fp: float = 0.5
+    scale: float = 0.5
+
+
+@dataclass
+class MLCLConfig:
+    """FKA + SAI (METHOD.md sections 2-4)."""
+
+    variant: str = "paper"  # paper | released
+    alpha: Union[float, None] = None  # L_p2p weight; None: 0.1 (paper) / 0 (released)
+    omega: float = 0.01  # L_dt weight
+    beta: float = 0.01  # SAI weight at the end of the ramp-up
+    rampup_k: float = 5.0  # r(t) = exp(-k (1 - t/T)^2)
+    num_anchors: int = 16
+    num_candidates: int = 256
+    bank_momentum: float = 0.99
+    bank_conf: float = 0.95
+    kappa: float = 0.15  # 3/20
+    mask_jitter: float = 0.1
+    warmup_epochs: int = 0  # epochs before SAI starts
+    use_p2p: bool = True
+    use_dt: bool = True
+    use_mask: bool = True
+    use_noise: bool = True
+    sai_ignore_mask: bool = False  # ablation: exclude padding from the SAI MSE (item 8)
+    released_passes: bool = False  # item 9: the released 7-pass structure
+    # items 2-7; None follows the variant (resolved at load time)
+    double_transform: Union[bool, None] = None
+    pair_by_position: Union[bool, None] = None
+    duplicate_top_anchor: Union[bool, None] = None
+    normalise_by_candidates: Union[bool, None] = None
+    bank_early_stop: Union[bool, None] = None
+    bilinear_ignore: Union[bool, None] = None
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "whole"  # whole | center_crop | sliding
+    crop_size: int = 0  # 0: data.crop_size
+    stride_ratio: float = 2 / 3  # sliding window stride = crop * ratio
+
+
+@dataclass
+class Config:
+    method: str = "supervised"  # supervised | unimatch | mlcl
+    seed: int = 0
+    output_dir: str = "runs/default"
+    split: str = ""  # name of a preset cell (see the preset's `splits:`), e.g. 1_16 or 183
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    unimatch: UniMatchConfig = field(default_factory=UniMatchConfig)
+    mlcl: MLCLConfig = field(default_factory=MLCLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def split_path(self, name: str) -> Path:
+        """The split file ``data.<name>`` as a path (relative entries are under data.root)."""
+        value = getattr(self.data, name)
+        if not value:
+            raise ConfigError(f"data.{name} is empty: give a split file, e.g. data.{name}=PATH")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else Path(self.data.root).expanduser() / p
+
+
+CHOICES = {
+    "method": METHODS,
+    "data.layout": ("voc", "cityscapes"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.loss": ("ce", "ohem"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mix_partner": ("roll", "loader"),
+    "mlcl.variant": ("paper", "released"),
+    "eval.mode": ("whole", "center_crop", "sliding"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
+                       "resnet50_deepstem", "resnet101_deepstem"),
+}
+
+
+# --------------------------------------------------------------------------- overlays
+def _fields(obj) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class CliValue(str):
+    """A value typed on the command line: parsed as YAML unless the key wants a string."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in that type or raise."""
+    if isinstance(value, CliValue) and tp is not str:
+        try:
+            value = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            value = str(value)
+        if isinstance(value, str):
+            value = CliValue(value)
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        raise ConfigError(f"config key '{key}': expected None, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # `split: 183` in YAML is an int; the key wants its name
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set the dotted ``key`` (e.g. ``data.crop_size``) to ``value``, checking its type."""
+    obj, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields(obj)
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(
+                f"unknown config key '{key}': '{part}' is not a key of {where} "
+                f"(valid: {', '.join(sorted(fields))})")
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section: give a mapping")
+                for sub, v in value.items():
+                    set_key(cfg, f"{key}.{sub}", v)
+                return
+            hints = typing.get_type_hints(type(obj))
+            setattr(obj, part, _coerce(value, hints[part], key))
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"unknown config key '{key}': '{part}' is not a section")
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:
+    """Overlay a nested (or dotted-key) mapping, as read from YAML."""
+    for k, v in mapping.items():
+        set_key(cfg, f"{prefix}{k}", v)
+
+
+def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; each value is parsed (as YAML)
+    against its key's type when it is set, so ``split=1_8`` stays the string "1_8"."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        k, raw = item.split("=", 1)
+        out[k.strip()] = CliValue(raw)
+    return out
+
+
+# --------------------------------------------------------------------------- presets
+def preset_path(name: str | Path) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    p = paths.CONFIGS / f"{name}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(list_presets())})")
+    return p
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of config keys")
+    return data
+
+
+def _preset_chain(name: str | Path) -> list[dict[str, Any]]:
+    """The preset and its ``base`` ancestors, root first."""
+    chain, seen = [], set()
+    while name:
+        path = preset_path(name)
+        if path in seen:
+            raise ConfigError(f"{path}: 'base' forms a cycle")
+        seen.add(path)
+        data = _read_yaml(path)
+        chain.insert(0, data)
+        name = data.pop("base", None)
+    return chain
+
+
+def load_config(preset: str | Path | None = None,
+                overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    cfg = Config()
+    over = parse_overrides(overrides)
+    cells: dict[str, Any] = {}
+    for layer in _preset_chain(preset) if preset else []:
+        cells.update(layer.pop("splits", None) or {})
+        apply_mapping(cfg, layer)
+    if "split" in over:
+        set_key(cfg, "split", over.pop("split"))
+    if cfg.split:
+        cells = {str(k): v for k, v in cells.items()}
+        if cfg.split not in cells:
+            raise ConfigError(
+                f"config key 'split': preset '{preset}' has no split '{cfg.split}' "
+                f"(available: {', '.join(cells) or 'none'})")
+        apply_mapping(cfg, cells[cfg.split] or {})
+    for k, v in over.items():
+        set_key(cfg, k, v)
+    return resolve(cfg)
+
+
+def resolve(cfg: Config) -> Config:
+    """Validate choices and fill the values that follow from others (variant defaults)."""
+    flat = flatten(cfg.to_dict())
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"config key '{key}': {flat[key]!r} is not one of {', '.join(allowed)}")
+    m = cfg.mlcl
+    released = m.variant == "released"
+    for quirk in RELEASED_QUIRKS:
+        if getattr(m, quirk) is None:
+            setattr(m, quirk, released)
+    if m.alpha is None:
+        m.alpha = 0.0 if released else 0.1
+    if cfg.data.num_classes < 2:
+        raise ConfigError("config key 'data.num_classes': needs at least 2 classes")
+    if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
+        raise ConfigError(
+            f"config key 'data.class_names': {len(cfg.data.class_names)} names for "
+            f"data.num_classes={cfg.data.num_classes}")
+    if cfg.train.batch_size < 1:
+        raise ConfigError("config key 'train.batch_size': must be at least 1")
+    if cfg.method != "supervised" and cfg.train.mix_partner == "roll" and cfg.train.batch_size < 2:
+        raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
+                          "(the CutMix partner must be another image); use mix_partner=loader")
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from mlcl.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.yaml or checkpoint)."""
+    cfg = Config()
+    apply_mapping(cfg, d)
+    return resolve(cfg)
