@@ -1,0 +1,180 @@
+"""Paired (image, mask) augmentations: UniMatch's pipeline (METHOD.md, "Augmentations").
+
+Geometry (shared by every view of a sample): rescale the long side by a random factor in
+``aug.scale_range``, pad to the crop (image 0; mask ``ignore_index`` for labeled samples,
+:data:`UNLABELED_PAD` for unlabeled ones, where it marks padding and becomes the ignore map),
+random crop, horizontal flip with p = ``aug.hflip_p``. The image and mask are
+``tv_tensors.Image`` / ``tv_tensors.Mask`` so that torchvision.transforms.v2 moves them
+together (masks resize NEAREST; pads use each type's fill value).
+
+Strong views (independently for s1 and s2, after the shared geometry): colour jitter with
+p = ``aug.jitter_p``, grayscale with p = ``aug.grayscale_p``, Gaussian blur with
+p = ``aug.blur_p`` (PIL's, far faster than v2's on CPU), then a CutMix box
+(:func:`cutmix_box`). Every view is normalised with ``aug.mean`` / ``aug.std``.
+
+Randomness: every draw comes from ``rng``, Python's ``random`` module unless a
+``random.Random`` is passed. A DataLoader seeds ``random`` in each worker, so a seeded
+loader is reproducible.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from mlcl.config import AugmentConfig
+
+# Mask fill for the padding of unlabeled crops: a value no real class or ignore label takes,
+# turned into the ignore map (UniMatch's convention).
+UNLABELED_PAD = 254
+
+Rng = Any  # the `random` module or a random.Random: both have random/uniform/randint/shuffle
+
+
+# --------------------------------------------------------------------------- conversion
+def to_tv(image: Image.Image, mask: np.ndarray | None = None
+          ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    """PIL RGB image and (H, W) uint8 mask -> Image (3, H, W) and Mask (1, H, W), uint8.
+    Without a mask, an all-zero one (it then only tracks padding)."""
+    img = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
+    if mask is None:
+        m = torch.zeros((1, *img.shape[-2:]), dtype=torch.uint8)
+    else:
+        m = torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True))[None]
+    return img, tv_tensors.Mask(m)
+
+
+def normalize(image: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32 (3, H, W), scaled to [0, 1] and normalised."""
+    x = F.to_dtype(image, torch.float32, scale=True)
+    return F.normalize(x, mean=list(aug.mean), std=list(aug.std)).as_subclass(torch.Tensor)
+
+
+# --------------------------------------------------------------------------- geometry
+def rescale(image, mask, scale_range, rng: Rng = random):
+    """Resize both so that the long side is a random integer in long * scale_range
+    (aspect kept; image bilinear, mask nearest)."""
+    h, w = image.shape[-2:]
+    long = max(h, w)
+    new_long = max(1, rng.randint(int(long * scale_range[0]), int(long * scale_range[1])))
+    if h > w:
+        size = [new_long, max(1, int(w * new_long / h + 0.5))]
+    else:
+        size = [max(1, int(h * new_long / w + 0.5)), new_long]
+    return F.resize(image, size, antialias=True), F.resize(mask, size)
+
+
+def pad_crop(image, mask, size: int, mask_fill: int, rng: Rng = random):
+    """Pad right/bottom up to ``size`` (image 0, mask ``mask_fill``), then a random
+    ``size`` x ``size`` crop."""
+    h, w = image.shape[-2:]
+    pad = [0, 0, max(size - w, 0), max(size - h, 0)]  # left, top, right, bottom
+    if pad[2] or pad[3]:
+        image, mask = F.pad(image, pad, fill=0), F.pad(mask, pad, fill=mask_fill)
+        h, w = image.shape[-2:]
+    top, left = rng.randint(0, h - size), rng.randint(0, w - size)
+    return F.crop(image, top, left, size, size), F.crop(mask, top, left, size, size)
+
+
+def hflip(image, mask, p: float, rng: Rng = random):
+    if rng.random() < p:
+        return F.horizontal_flip(image), F.horizontal_flip(mask)
+    return image, mask
+
+
+def geometry(image, mask, crop_size: int, aug: AugmentConfig, mask_fill: int,
+             rng: Rng = random):
+    """The shared geometry: rescale, pad to the crop, crop, flip."""
+    image, mask = rescale(image, mask, aug.scale_range, rng)
+    image, mask = pad_crop(image, mask, crop_size, mask_fill, rng)
+    return hflip(image, mask, aug.hflip_p, rng)
+
+
+# --------------------------------------------------------------------------- strong views
+def color_jitter(pil: Image.Image, aug: AugmentConfig, rng: Rng = random) -> Image.Image:
+    """ColorJitter(brightness, contrast, saturation, hue) in a random order, as torchvision
+    does; a strength of 0 leaves that property alone."""
+    ops = []
+    for strength, fn in ((aug.brightness, F.adjust_brightness),
+                         (aug.contrast, F.adjust_contrast),
+                         (aug.saturation, F.adjust_saturation)):
+        if strength > 0:
+            ops.append((fn, (max(0.0, 1 - strength), 1 + strength)))
+    if aug.hue > 0:
+        ops.append((F.adjust_hue, (-aug.hue, aug.hue)))
+    rng.shuffle(ops)
+    for fn, (lo, hi) in ops:
+        pil = fn(pil, rng.uniform(lo, hi))
+    return pil
+
+
+def strong(image: torch.Tensor, aug: AugmentConfig, rng: Rng = random) -> torch.Tensor:
+    """uint8 (3, H, W) -> a strongly augmented uint8 (3, H, W): jitter, grayscale, blur.
+    Runs on PIL, where these are fast."""
+    pil = F.to_pil_image(image.as_subclass(torch.Tensor))
+    if rng.random() < aug.jitter_p:
+        pil = color_jitter(pil, aug, rng)
+    if rng.random() < aug.grayscale_p:
+        pil = F.rgb_to_grayscale(pil, num_output_channels=3)
+    if rng.random() < aug.blur_p:
+        # PIL's radius is the Gaussian's standard deviation
+        pil = pil.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*aug.blur_sigma)))
+    return F.pil_to_tensor(pil)
+
+
+def cutmix_box(size: int | tuple[int, int], p: float, area, ratio,
+               rng: Rng = random) -> torch.Tensor:
+    """A CutMix box as a BoolTensor (H, W): all False with probability 1 - p, else a box
+    whose area is a random fraction in ``area`` of H * W and whose aspect ratio (h / w) is
+    in ``ratio``, placed uniformly where it fits (UniMatch's rejection sampling)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    box = torch.zeros((h, w), dtype=torch.bool)
+    if rng.random() >= p:
+        return box
+    target = rng.uniform(*area) * h * w
+    for _ in range(1000):
+        r = rng.uniform(*ratio)
+        bw, bh = int(math.sqrt(target / r)), int(math.sqrt(target * r))
+        x, y = rng.randint(0, w - 1), rng.randint(0, h - 1)
+        if x + bw <= w and y + bh <= h:
+            break
+    else:  # pragma: no cover - only for degenerate ranges: clip instead of looping forever
+        bw, bh, x, y = min(bw, w), min(bh, h), 0, 0
+    box[y:y + bh, x:x + bw] = True
+    return box
+
+
+# --------------------------------------------------------------------------- per sample
+def labeled_views(image: Image.Image, mask: np.ndarray, crop_size: int, aug: AugmentConfig,
+                  ignore_index: int, rng: Rng = random) -> tuple[torch.Tensor, torch.Tensor]:
+    """x float (3, S, S) and y long (S, S), padding = ``ignore_index``."""
+    img, m = geometry(*to_tv(image, mask), crop_size, aug, ignore_index, rng)
+    return normalize(img, aug), m.as_subclass(torch.Tensor)[0].long()
+
+
+def unlabeled_views(image: Image.Image, crop_size: int, aug: AugmentConfig,
+                    ignore_index: int, rng: Rng = random) -> dict[str, torch.Tensor]:
+    """w / s1 / s2 float (3, S, S) sharing one geometry; ignore long (S, S),
+    ``ignore_index`` where padded else 0; box1 / box2 bool (S, S)."""
+    img, pad = geometry(*to_tv(image), crop_size, aug, UNLABELED_PAD, rng)
+    out = {"w": normalize(img, aug)}
+    for k in ("1", "2"):
+        out["s" + k] = normalize(strong(img, aug, rng), aug)
+        out["box" + k] = cutmix_box(crop_size, aug.cutmix_p, aug.cutmix_area,
+                                    aug.cutmix_ratio, rng)
+    pad = pad.as_subclass(torch.Tensor)[0]
+    out["ignore"] = torch.where(pad == UNLABELED_PAD, ignore_index, 0).long()
+    return out
+
+
+def val_view(image: Image.Image, mask: np.ndarray, aug: AugmentConfig
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole image, normalised, and its mask: x float (3, H, W), y long (H, W)."""
+    img, m = to_tv(image, mask)
+    return normalize(img, aug), m.as_subclass(torch.Tensor)[0].long()

@@ -1,0 +1,149 @@
+"""Datasets in UniMatch's vocabulary: ``x``/``y`` labeled, ``w``/``s1``/``s2`` the weak and
+strong views of an unlabeled image ``u``, ``ignore`` its padding, ``box1``/``box2`` the CutMix
+boxes that paste a partner's strong view into s1 / s2.
+
+    sets = build_datasets(cfg, with_unlabeled=True)
+    sets["labeled"][0]    # {'x': (3,S,S) float, 'y': (S,S) long, 'id'}
+    sets["unlabeled"][0]  # {'w','s1','s2': (3,S,S) float, 'ignore': (S,S) long,
+                          #  'box1','box2': (S,S) bool, 'id'}
+    sets["val"][0]        # {'x': (3,H,W) float, whole image, 'y': (H,W) long, 'id'}
+
+Bad files fail with a one-line :class:`DataError` naming the file: an unreadable image, a
+mask of another size than its image, a mask value that is neither a class nor ignore.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mlcl import augment
+from mlcl.config import Config
+from mlcl.data.splits import DataError, Sample, check_root, read_split
+
+
+# --------------------------------------------------------------------------- file reading
+def load_image(path: Path) -> Image.Image:
+    """An RGB PIL image, or a DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so that a truncated file fails here
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is OSError
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def load_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
+    """A mask as class indices (H, W) uint8. Palette (P) PNGs give their indices, grayscale
+    (L) ones their values; any value other than 0..num_classes-1 and ignore is an error."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, arr = im.mode, np.array(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot read mask {path}: {e}") from None
+    if mode not in ("P", "L", "I", "I;16"):
+        raise DataError(f"mask {path} has mode {mode}: expected a single-channel "
+                        f"(L or palette P) PNG of class indices")
+    bad = (arr >= num_classes) & (arr != ignore_index)
+    if bad.any():
+        values = np.unique(arr[bad])
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        raise DataError(f"mask {path} has values {shown}: expected 0..{num_classes - 1} "
+                        f"or {ignore_index} (ignore); check data.num_classes")
+    return arr.astype(np.uint8, copy=False)
+
+
+def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
+    image = load_image(sample.image)
+    if sample.mask is None:
+        raise DataError(f"sample {sample.id} ({sample.image}) has no mask")
+    mask = load_mask(sample.mask, cfg.data.num_classes, cfg.data.ignore_index)
+    if mask.shape != (image.height, image.width):
+        raise DataError(f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
+                        f"{sample.image} is {image.width}x{image.height}")
+    return image, mask
+
+
+# --------------------------------------------------------------------------- datasets
+class _SplitDataset(Dataset):
+    require_mask = True
+
+    def __init__(self, cfg: Config, split_file: str | Path):
+        self.cfg = cfg
+        self.split_file = Path(split_file)
+        self.samples = read_split(self.split_file, cfg.data.root, cfg.data.layout,
+                                  require_mask=self.require_mask)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class LabeledDataset(_SplitDataset):
+    """Labeled crops ``{'x', 'y', 'id'}``; with ``nsample`` the list is repeated up to that
+    length (UniMatch repeats the labeled set to the unlabeled set's length)."""
+
+    def __init__(self, cfg: Config, split_file: str | Path, nsample: int | None = None):
+        super().__init__(cfg, split_file)
+        if nsample is not None and nsample > len(self.samples):
+            self.samples = (self.samples * math.ceil(nsample / len(self.samples)))[:nsample]
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        image, mask = load_pair(s, self.cfg)
+        x, y = augment.labeled_views(image, mask, self.cfg.data.crop_size, self.cfg.data.aug,
+                                     self.cfg.data.ignore_index)
+        return {"x": x, "y": y, "id": s.id}
+
+
+class UnlabeledDataset(_SplitDataset):
+    """Unlabeled crops ``{'w', 's1', 's2', 'ignore', 'box1', 'box2', 'id'}`` (masks unused)."""
+
+    require_mask = False
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        views = augment.unlabeled_views(load_image(s.image), self.cfg.data.crop_size,
+                                        self.cfg.data.aug, self.cfg.data.ignore_index)
+        return {**views, "id": s.id}
+
+
+class ValDataset(_SplitDataset):
+    """Whole normalised images ``{'x', 'y', 'id'}`` (crop / sliding modes: evaluate.py)."""
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        x, y = augment.val_view(*load_pair(s, self.cfg), self.cfg.data.aug)
+        return {"x": x, "y": y, "id": s.id}
+
+
+def build_datasets(cfg: Config, with_unlabeled: bool) -> dict[str, Dataset]:
+    """'labeled', 'val' and (with_unlabeled) 'unlabeled'; the labeled set is repeated to the
+    unlabeled set's length when there is one."""
+    check_root(cfg.data.root)
+    out: dict[str, Dataset] = {}
+    nsample = None
+    if with_unlabeled:
+        out["unlabeled"] = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split"))
+        nsample = len(out["unlabeled"])
+    out["labeled"] = LabeledDataset(cfg, cfg.split_path("labeled_split"), nsample)
+    out["val"] = ValDataset(cfg, cfg.split_path("val_split"))
+    return {k: out[k] for k in ("labeled", "unlabeled", "val") if k in out}
+
+
+def class_names(cfg: Config) -> list[str]:
+    """cfg.data.class_names, else ``classes.txt`` in data.root (one name a line), else
+    ``class_0``, ``class_1``, ..."""
+    k = cfg.data.num_classes
+    if cfg.data.class_names:
+        return list(cfg.data.class_names)
+    f = Path(cfg.data.root).expanduser() / "classes.txt"
+    if cfg.data.root and f.is_file():
+        names = [n.strip() for n in f.read_text().splitlines() if n.strip()]
+        if len(names) != k:
+            raise DataError(f"{f} lists {len(names)} classes but data.num_classes={k}")
+        return names
+    return [f"class_{i}" for i in range(k)]

@@ -1,0 +1,99 @@
+"""Split files: which images (and masks) a dataset reads.
+
+Two formats are found in the wild, and a file may mix them line by line:
+
+(a) one image id per line, resolved by the folder layout::
+
+        voc:         2007_000032                      -> JPEGImages/2007_000032.jpg
+                                                         SegmentationClass/2007_000032.png
+        cityscapes:  train/aachen/aachen_000000_000019 -> leftImg8bit/{id}_leftImg8bit.png
+                                                         gtFine/{id}_gtFine_labelTrainIds.png
+
+(b) ``image-path mask-path`` pairs relative to the data root, as in UniMatch's and the MLCL
+    release's split files.
+
+Blank lines and ``#`` comments are skipped. Every listed file is checked up front, so a bad
+split fails at start-up with the split file, the line and the missing path in one line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+LAYOUTS = ("voc", "cityscapes")
+
+
+class DataError(ValueError):
+    """Bad input data; the one-line message names the file at fault."""
+
+
+class Sample(NamedTuple):
+    id: str
+    image: Path
+    mask: Optional[Path]  # None where no mask is needed and none exists
+
+
+def check_root(root: str | Path) -> Path:
+    """``root`` as a Path, or a DataError that says how to get one."""
+    root = Path(root).expanduser()
+    if not str(root) or not root.is_dir():
+        raise DataError(
+            f"data root {root} does not exist: set data.root=... or run "
+            f"`python -m mlcl synth --out {root}`")
+    return root
+
+
+def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
+    """Image and mask paths (relative to the root) of an id in format (a)."""
+    if layout == "voc":
+        return f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"
+    if layout == "cityscapes":
+        return (f"leftImg8bit/{sample_id}_leftImg8bit.png",
+                f"gtFine/{sample_id}_gtFine_labelTrainIds.png")
+    raise DataError(f"unknown data layout {layout!r} (valid: {', '.join(LAYOUTS)})")
+
+
+def id_for_path(image: str, layout: str) -> str:
+    """The id of a format-(b) image path: the inverse of :func:`paths_for_id` where the path
+    follows the layout, else the file name without its extension."""
+    p = Path(image)
+    if layout == "cityscapes":
+        parts = p.parts
+        if "leftImg8bit" in parts[:-1] and p.name.endswith("_leftImg8bit.png"):
+            rel = parts[parts.index("leftImg8bit") + 1:]
+            return str(Path(*rel)).removesuffix("_leftImg8bit.png")
+    return p.stem
+
+
+def read_split(path: str | Path, root: str | Path, layout: str,
+               require_mask: bool = True) -> list[Sample]:
+    """The samples listed in the split file ``path``, resolved under ``root``."""
+    root = check_root(root)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist")
+    samples = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        tokens = line.split()
+        if len(tokens) == 1:
+            sample_id = tokens[0]
+            image, mask = paths_for_id(sample_id, layout)
+        elif len(tokens) == 2:
+            image, mask = tokens
+            sample_id = id_for_path(image, layout)
+        else:
+            raise DataError(f"{path}:{lineno}: expected an id or 'image mask', got {line!r}")
+        image_path, mask_path = root / image, root / mask
+        if not image_path.is_file():
+            raise DataError(f"{path}:{lineno}: image {image_path} does not exist")
+        if not mask_path.is_file():
+            if require_mask:
+                raise DataError(f"{path}:{lineno}: mask {mask_path} does not exist")
+            mask_path = None
+        samples.append(Sample(sample_id, image_path, mask_path))
+    if not samples:
+        raise DataError(f"split file {path} lists no samples")
+    return samples

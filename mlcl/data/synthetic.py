@@ -1,0 +1,346 @@
+"""A synthetic shapes dataset written in a real dataset's folder layout.
+
+    python -m mlcl synth --out data/synthetic                      # VOC layout, 1000 + 200
+    python -m mlcl synth --out data/synth_cs --layout cityscapes   # Cityscapes layout, 2:1
+
+Each image shows 2-5 rotated, occluding shapes (class 1..K-1; K counts the background) on a
+textured, cluttered background. A class has its own hue (jittered, sigma 0.05 of the hue
+circle; with probability 0.15 a random colour instead) and a texture prior that overlaps the
+other classes' priors, so colour is a strong but imperfect cue and shape has to carry the
+rest. Masks have a 255 ignore band about 2 px wide along every object edge. This is the
+setting that learned in ../shared/FEASIBILITY.md; with heavier colour overlap nothing learned.
+
+Deterministic: the same arguments give byte-identical files (each image draws from its own
+numpy Generator seeded by (seed, split, index); PIL writes no time stamps).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FAMILIES = ("disc", "rectangle", "triangle", "ring", "star", "cross")
+TEXTURES = ("flat", "stripes", "checker", "spots", "gradient")
+FRACTIONS = {"1_32": 32, "1_16": 16, "1_8": 8, "1_4": 4, "1_2": 2}
+CITIES = {"train": ("aachen", "bochum", "bremen", "cologne"),
+          "val": ("frankfurt", "lindau", "munster")}
+IGNORE = 255
+
+# The setting that worked (FEASIBILITY.md); heavier colour overlap learned nothing.
+HUE_JITTER = 0.05  # sigma, as a fraction of the hue circle
+RANDOM_COLOUR_P = 0.15
+NUM_OBJECTS = (2, 5)  # per square of side `size`
+RADIUS = (0.11, 0.30)  # of the image height, log-uniform
+# thin shapes drawn larger so that every class covers a similar area
+FAMILY_SCALE = {"triangle": 1.3, "star": 1.3}
+
+
+# --------------------------------------------------------------------------- naming
+def class_names(classes: int) -> list[str]:
+    """background, then the shape families, cycled (disc_2, ...) when classes > 7."""
+    names = ["background"]
+    for c in range(1, classes):
+        family, cycle = FAMILIES[(c - 1) % len(FAMILIES)], (c - 1) // len(FAMILIES)
+        names.append(family if cycle == 0 else f"{family}_{cycle + 1}")
+    return names
+
+
+def sample_id(split: str, i: int, layout: str) -> str:
+    if layout == "cityscapes":
+        cities = CITIES[split]
+        city = cities[i % len(cities)]
+        return f"{split}/{city}/{city}_{i // len(cities):06d}_000019"
+    return f"{split}_{i:06d}"
+
+
+def sample_paths(sid: str, layout: str) -> tuple[str, str]:
+    if layout == "cityscapes":
+        return f"leftImg8bit/{sid}_leftImg8bit.png", f"gtFine/{sid}_gtFine_labelTrainIds.png"
+    return f"JPEGImages/{sid}.jpg", f"SegmentationClass/{sid}.png"
+
+
+def voc_palette() -> list[int]:
+    """Pascal VOC's colour map (bit-interleaved), 256 RGB entries; 255 is cream."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+# --------------------------------------------------------------------------- drawing helpers
+def hsv_to_rgb(h, s, v) -> np.ndarray:
+    """Broadcasting HSV -> RGB, all in [0, 1]; returns (..., 3)."""
+    h, s, v = np.broadcast_arrays(np.asarray(h, float) % 1.0, np.asarray(s, float),
+                                  np.asarray(v, float))
+    h6 = h * 6.0
+    i = np.floor(h6).astype(int) % 6
+    f = h6 - np.floor(h6)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    r = np.choose(i, [v, q, p, p, t, v])
+    g = np.choose(i, [t, v, v, q, p, p])
+    b = np.choose(i, [p, p, t, v, v, q])
+    return np.stack([r, g, b], axis=-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) linear interpolation weights: coarse grid -> pixels."""
+    pos = np.linspace(0, n_in - 1, n_out)
+    lo = np.clip(np.floor(pos).astype(int), 0, max(n_in - 2, 0))
+    frac = pos - lo
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), lo] = 1 - frac
+    m[np.arange(n_out), np.minimum(lo + 1, n_in - 1)] += frac
+    return m
+
+
+def smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a random coarse grid, bilinearly upsampled."""
+    gh, gw = cells, max(2, cells * w // h)
+    grid = rng.uniform(-1, 1, (gh, gw))
+    return _interp_matrix(h, gh) @ grid @ _interp_matrix(w, gw).T
+
+
+def texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A texture field in about [-1, 1] over the pixel grid (yy, xx)."""
+    h, w = yy.shape
+    if kind == "flat":
+        return 0.25 * rng.uniform(-1, 1, (h, w))
+    angle = rng.uniform(0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    if kind == "stripes":
+        return np.sin(2 * np.pi * u / rng.uniform(3, 8) + rng.uniform(0, 2 * np.pi))
+    if kind == "checker":
+        cell = rng.uniform(2, 5)
+        v = -xx * np.sin(angle) + yy * np.cos(angle)
+        return np.where((np.floor(u / cell) + np.floor(v / cell)) % 2 == 0, 1.0, -1.0)
+    if kind == "spots":
+        return smooth_noise(rng, h, w, int(rng.integers(6, 12)))
+    if kind == "gradient":
+        return (u - u.mean()) / max(float(np.ptp(u)), 1.0) * 2
+    raise ValueError(kind)  # pragma: no cover
+
+
+def texture_prior(family: int) -> np.ndarray:
+    """Class-dependent texture probabilities that overlap: 0.5 on the family's own texture,
+    0.2 on the next one, the rest spread evenly."""
+    n = len(TEXTURES)
+    p = np.full(n, 0.3 / (n - 2))
+    p[family % n], p[(family + 1) % n] = 0.5, 0.2
+    return p
+
+
+def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    """Unit-radius outlines of a shape as (points (N, 2), fill) pairs, drawn in order."""
+    def circle(r: float, n: int = 24, aspect: float = 1.0) -> np.ndarray:
+        a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        return np.stack([r * np.cos(a), r * aspect * np.sin(a)], axis=1)
+
+    if family == "disc":
+        return [(circle(1.0, aspect=rng.uniform(0.85, 1.0)), 1)]
+    if family == "rectangle":
+        a, b = 1.0, rng.uniform(0.45, 0.9)
+        return [(np.array([[-a, -b], [a, -b], [a, b], [-a, b]]), 1)]
+    if family == "triangle":
+        ang = np.deg2rad(np.array([90.0, 210.0, 330.0]) + rng.normal(0, 6, 3))
+        return [(np.stack([np.cos(ang), np.sin(ang)], axis=1), 1)]
+    if family == "ring":
+        return [(circle(1.0), 1), (circle(rng.uniform(0.45, 0.6)), 0)]
+    if family == "star":
+        a = np.linspace(0, 2 * np.pi, 10, endpoint=False)
+        r = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
+        return [(np.stack([r * np.cos(a), r * np.sin(a)], axis=1), 1)]
+    if family == "cross":
+        t = rng.uniform(0.25, 0.35)  # arm half-width
+        pts = [[t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1],
+               [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t], [-t, -1]]
+        return [(np.array(pts, dtype=float), 1)]
+    raise ValueError(family)  # pragma: no cover
+
+
+def object_mask(family: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A rotated, scaled, placed shape as a bool (h, w) mask."""
+    radius = h * np.exp(rng.uniform(*np.log(RADIUS))) * FAMILY_SCALE.get(family, 1.0)
+    cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+    angle = rng.uniform(0, 2 * np.pi)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for pts, fill in shape_polygons(family, rng):
+        xy = pts @ rot.T * radius + (cx, cy)
+        draw.polygon([tuple(p) for p in xy], fill=fill)
+    return np.asarray(canvas, dtype=bool)
+
+
+def edge_band(instance: np.ndarray) -> np.ndarray:
+    """Pixels with an 8-neighbour of another ``instance`` id, on both sides of each edge:
+    a band about 2 px wide across the edge, diagonal edges included."""
+    band = np.zeros(instance.shape, dtype=bool)
+    h, w = instance.shape
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        here = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
+        there = (slice(dy, h), slice(max(0, dx), w - max(0, -dx)))  # (y + dy, x + dx)
+        diff = instance[here] != instance[there]
+        band[here] |= diff
+        band[there] |= diff
+    return band
+
+
+# --------------------------------------------------------------------------- one sample
+def render(rng: np.random.Generator, h: int, w: int, classes: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+
+    # textured background: a low-saturation colour with smooth hue / value variation
+    hue = rng.uniform() + 0.06 * smooth_noise(rng, h, w, 4)
+    sat = np.clip(rng.uniform(0.0, 0.35) + 0.1 * smooth_noise(rng, h, w, 3), 0, 1)
+    val = rng.uniform(0.35, 0.8) + 0.12 * smooth_noise(rng, h, w, 5) \
+        + 0.08 * texture(TEXTURES[rng.integers(len(TEXTURES))], rng, yy, xx)
+    img = hsv_to_rgb(hue, sat, np.clip(val, 0, 1))
+
+    # clutter: small strokes and blobs of any colour, still background
+    canvas = Image.fromarray((img * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(3, 9) * w // h)):
+        colour = tuple(int(c) for c in 255 * hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 0.8),
+                                                        rng.uniform(0.2, 1.0)))
+        x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
+        if rng.uniform() < 0.5:
+            ln = rng.uniform(0.05, 0.15) * h
+            a = rng.uniform(0, 2 * np.pi)
+            draw.line([(x0, y0), (x0 + ln * np.cos(a), y0 + ln * np.sin(a))], fill=colour)
+        else:
+            r = rng.uniform(0.5, 0.04 * h)
+            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
+    img = np.asarray(canvas, dtype=float) / 255
+
+    # objects, later ones occluding earlier ones
+    label = np.zeros((h, w), dtype=np.uint8)
+    instance = np.zeros((h, w), dtype=np.int32)  # edges between same-class objects count too
+    lo, hi = NUM_OBJECTS
+    for k in range(1, int(rng.integers(lo, hi + 1)) * max(1, w // h) + 1):
+        c = int(rng.integers(1, classes))
+        family = (c - 1) % len(FAMILIES)
+        m = object_mask(FAMILIES[family], rng, h, w)
+        if rng.uniform() < RANDOM_COLOUR_P:
+            oh, os_, ov = rng.uniform(), rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)
+        else:
+            oh = (c - 1) / (classes - 1) + rng.normal(0, HUE_JITTER)
+            os_, ov = rng.uniform(0.55, 1.0), rng.uniform(0.5, 0.95)
+        kind = TEXTURES[rng.choice(len(TEXTURES), p=texture_prior(family))]
+        tex = texture(kind, rng, yy, xx)
+        v = np.clip(ov + rng.uniform(0.1, 0.25) * tex, 0, 1)
+        s = np.clip(os_ + 0.1 * tex, 0, 1)
+        img[m] = hsv_to_rgb(oh, s[m], v[m])
+        label[m], instance[m] = c, k
+
+    label[edge_band(instance)] = IGNORE
+    img = img + rng.normal(0, 0.02, img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+# --------------------------------------------------------------------------- the dataset
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, size: int = 64,
+                   classes: int = 7, seed: int = 0, layout: str = "voc") -> Path:
+    """Write the dataset under ``out`` and return ``out``.
+
+    voc:        JPEGImages/{id}.jpg, SegmentationClass/{id}.png (palette),
+                ImageSets/Segmentation/{train,val}.txt (ids)
+    cityscapes: leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png (2:1),
+                gtFine/.../..._gtFine_labelTrainIds.png (grayscale)
+    both:       classes.txt; splits/{train,val}.txt and splits/{1_32,...,1_2}/
+                {labeled,unlabeled}.txt as 'image mask' pairs (labeled: a seeded subset of
+                train of round(N/d) images, nested across fractions; unlabeled: the rest)
+    """
+    if layout not in ("voc", "cityscapes"):
+        raise ValueError(f"layout must be voc or cityscapes, got {layout!r}")
+    if classes < 2:
+        raise ValueError(f"classes counts the background and must be >= 2, got {classes}")
+    if num_train < 1 or num_val < 1 or size < 8:
+        raise ValueError("need num_train >= 1, num_val >= 1 and size >= 8")
+    out = Path(out)
+    h, w = size, (2 * size if layout == "cityscapes" else size)
+    palette = voc_palette()
+    ids: dict[str, list[str]] = {}
+    for split_no, (split, n) in enumerate((("train", num_train), ("val", num_val))):
+        ids[split] = [sample_id(split, i, layout) for i in range(n)]
+        for i, sid in enumerate(ids[split]):
+            image, mask = render(np.random.default_rng([seed, split_no, i]), h, w, classes)
+            image_rel, mask_rel = sample_paths(sid, layout)
+            (out / image_rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+            m = Image.fromarray(mask)
+            if layout == "voc":
+                Image.fromarray(image).save(out / image_rel, quality=95)
+                m.putpalette(palette)  # L -> P: VOC's palette PNGs
+            else:
+                Image.fromarray(image).save(out / image_rel)
+            m.save(out / mask_rel)
+
+    def pairs(sids: list[str]) -> list[str]:
+        return [" ".join(sample_paths(s, layout)) for s in sids]
+
+    _write_lines(out / "classes.txt", class_names(classes))
+    if layout == "voc":
+        for split in ids:
+            _write_lines(out / "ImageSets" / "Segmentation" / f"{split}.txt", ids[split])
+    for split in ids:
+        _write_lines(out / "splits" / f"{split}.txt", pairs(ids[split]))
+    order = np.random.default_rng([seed, 99]).permutation(num_train)
+    for name, d in FRACTIONS.items():
+        chosen = set(order[:max(1, round(num_train / d))].tolist())
+        labeled = [s for i, s in enumerate(ids["train"]) if i in chosen]
+        unlabeled = [s for i, s in enumerate(ids["train"]) if i not in chosen]
+        _write_lines(out / "splits" / name / "labeled.txt", pairs(labeled))
+        _write_lines(out / "splits" / name / "unlabeled.txt", pairs(unlabeled))
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--out", default="data/synthetic",
+                        help="output folder (the synthetic preset's data.root; "
+                             "default: %(default)s)")
+    parser.add_argument("--num-train", type=int, default=1000)
+    parser.add_argument("--num-val", type=int, default=200)
+    parser.add_argument("--size", type=int, default=64, help="image height in pixels")
+    parser.add_argument("--classes", type=int, default=7,
+                        help="number of classes including background (= data.num_classes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=("voc", "cityscapes"), default="voc")
+    return parser
+
+
+def run_synth(args: argparse.Namespace) -> Path:
+    out = make_synthetic(args.out, args.num_train, args.num_val, args.size, args.classes,
+                         args.seed, args.layout)
+    print(f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout, "
+          f"{args.classes} classes) to {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_synth_args(argparse.ArgumentParser(
+        prog="python -m mlcl synth", description="Write the synthetic shapes dataset."))
+    run_synth(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Evaluation: confusion matrix -> mIoU, in three modes (whole image, centre crop, sliding
+window). With several processes every validation image is counted exactly once: each process
+takes every n-th image (no padding, unlike a distributed sampler) and the confusion matrices
+are summed."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
+                     ignore_index: int = 255) -> Tensor:
+    """(K, K) counts, rows = ground truth, columns = prediction; ignored pixels dropped."""
+    valid = target != ignore_index
+    idx = target[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
+    """Per-class IoU = TP / (TP + FP + FN). A class absent from both ground truth and
+    prediction has no IoU (NaN) and is left out of the mean."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    miou = float(torch.nanmean(iou)) if bool((union > 0).any()) else float("nan")
+    return miou, [float(v) for v in iou]
+
+
+def _center_crop(x: Tensor, y: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    h, w = y.shape[-2:]
+    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return x[..., top:top + size, left:left + size], y[..., top:top + size, left:left + size]
+
+
+def sliding_window_logits(model, x: Tensor, num_classes: int, window: int, stride: int) -> Tensor:
+    """Average of the softmax over windows of size ``window`` moved by ``stride`` (the last
+    window of a row/column is aligned with the border). Images smaller than the window are
+    zero-padded and the padding is cut away afterwards. Returns (B, K, H, W) probabilities."""
+    b, _, h, w = x.shape
+    ph, pw = max(window - h, 0), max(window - w, 0)
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+    hh, ww = x.shape[-2:]
+    probs = x.new_zeros(b, num_classes, hh, ww, dtype=torch.float32)
+    count = x.new_zeros(1, 1, hh, ww, dtype=torch.float32)
+    rows = max(math.ceil((hh - window) / stride), 0) + 1
+    cols = max(math.ceil((ww - window) / stride), 0) + 1
+    for r in range(rows):
+        for c in range(cols):
+            top, left = min(r * stride, hh - window), min(c * stride, ww - window)
+            patch = x[:, :, top:top + window, left:left + window]
+            out = model(patch)
+            probs[:, :, top:top + window, left:left + window] += out.float().softmax(1)
+            count[:, :, top:top + window, left:left + window] += 1
+    return (probs / count)[:, :, :h, :w]
+
+
+def predict_logits(model, x: Tensor, cfg) -> Tensor:
+    """Class scores (B, K, H, W) for a whole image in the configured eval mode (centre-crop
+    mode crops before calling this)."""
+    if cfg.eval.mode == "sliding":
+        window = cfg.eval.crop_size or cfg.data.crop_size
+        stride = max(int(window * cfg.eval.stride_ratio), 1)
+        return sliding_window_logits(model, x, cfg.data.num_classes, window, stride)
+    return model(x)
+
+
+def shard(dataset, index: int, count: int):
+    """Every ``count``-th item starting at ``index``: a partition, so each item is seen once."""
+    return dataset if count == 1 else Subset(dataset, list(range(index, len(dataset), count)))
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
+    """mIoU of ``model`` on ``dataset`` (dicts with 'x' (3,H,W) and 'y' (H,W)), summed over
+    processes. Returns {'miou', 'iou', 'confusion', 'num_images'}."""
+    was_training = model.training
+    model.eval()
+    part = shard(dataset, accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers)
+    k = cfg.data.num_classes
+    cm = torch.zeros(k, k, dtype=torch.long, device=accelerator.device)
+    n = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    for batch in loader:
+        x, y = batch["x"].to(accelerator.device), batch["y"].to(accelerator.device)
+        if cfg.eval.mode == "center_crop":
+            x, y = _center_crop(x, y, cfg.eval.crop_size or cfg.data.crop_size)
+        with accelerator.autocast():
+            pred = predict_logits(model, x, cfg).argmax(1)
+        cm += confusion_matrix(pred, y, k, cfg.data.ignore_index)
+        n += x.shape[0]
+    cm = accelerator.reduce(cm, reduction="sum")
+    n = accelerator.reduce(n, reduction="sum")
+    model.train(was_training)
+    miou, iou = iou_from_confusion(cm.cpu())
+    return {"miou": miou * 100, "iou": [v * 100 for v in iou], "confusion": cm.cpu().tolist(),
+            "num_images": int(n)}

@@ -1,0 +1,399 @@
+"""DeepLabV3+ on a ResNet, split the way MLCL needs it (METHOD.md):
+
+    x ──backbone──► (c1, c4) ──fuse: ASPP(c4) ⊕ reduce(c1), two 3×3 convs──► F ──classifier──► logits
+      └──────────────────────── encode(x) ─────────────────────────────────┘   └── decode(F) ──┘
+
+``encode`` is everything up to the fused map F (C = ``model.feature_channels`` channels at 1/4 of
+the input resolution); ``decode`` is only the 1×1 classifier, so the SAI perturbations of F go
+through the classifier alone. ``forward(x, fp=True)`` is UniMatch's feature-perturbation pass:
+c1 and c4 are stacked with a Dropout2d copy along the batch and fused/decoded in one pass.
+
+Backbones are torchvision's ResNet topologies assembled from torchvision's own blocks
+(``BasicBlock``, ``Bottleneck``), with a configurable base width, the last stage(s) dilated
+instead of strided (output stride 16 or 8), and optionally the three-conv "deep stem"
+(ResNet-C) of UniMatch and the MLCL release. Parameter names follow torchvision's (and, for the
+deep stem, UniMatch's ``pretrained/resnet50.pth``), so ImageNet checkpoints load strictly.
+
+Pretrained weights (``model.pretrained``) are explicit: ``false`` is the only random init,
+``true`` means torchvision's ImageNet file from the torch hub cache, a string is a checkpoint
+file. Anything that cannot be loaded exactly is a :class:`PretrainedWeightsError`.
+"""
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple, Optional
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
+
+from mlcl.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from mlcl.config import Config
+
+# name -> (block, blocks per stage, deep stem)
+BACKBONES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], bool]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), False),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), False),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), False),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), False),
+    "resnet50_deepstem": (Bottleneck, (3, 4, 6, 3), True),
+    "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True),
+}
+# torchvision's ImageNet weights for ``model.pretrained: true``. IMAGENET1K_V1 (the original
+# 76.1% ResNet-50) is what DeepLab-style segmentation code has used; V2 is a different recipe.
+TORCHVISION_WEIGHTS = {
+    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": tvm.ResNet101_Weights.IMAGENET1K_V1,
+}
+OUTPUT_STRIDES = (8, 16, 32)
+DOWNLOAD_PROBE_TIMEOUT_S = 3.0  # the download is tried only if the host answers this fast
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights could not be found or loaded exactly; the message says what to do."""
+
+
+class SegOutput(NamedTuple):
+    """What ``forward`` returns when asked for more than the logits.
+
+    logits:      (B, K, H, W) at the input size
+    logits_fp:   (B, K, H, W) of the feature-perturbed copy (``fp=True``), else None
+    features:    F, (B, C, H/4, W/4) (``return_features=True``), else None
+    features_fp: F of the perturbed copy (``fp=True`` and ``return_features=True``), else None
+    """
+
+    logits: Tensor
+    logits_fp: Optional[Tensor] = None
+    features: Optional[Tensor] = None
+    features_fp: Optional[Tensor] = None
+
+
+def upsample(t: Tensor, size) -> Tensor:
+    """Bilinear resize of a (B, *, h, w) map to ``size`` (align_corners=True, as UniMatch)."""
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (kernel - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+# --------------------------------------------------------------------------- backbone
+def _set_dilation(block: nn.Module, dilation: int) -> None:
+    """Dilate every 3×3 conv of a residual block (padding = dilation keeps the size).
+    torchvision's BasicBlock refuses ``dilation > 1`` in its constructor, so both block types
+    are built undilated and dilated here, the same way."""
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
+
+
+def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int,
+                dilation: int, first_dilation: int) -> nn.Sequential:
+    """One ResNet stage, named as torchvision names it (``N.conv1``, ``0.downsample.0`` ...).
+    As in torchvision's ``replace_stride_with_dilation``, the first block of a dilated stage
+    keeps the previous stage's dilation and the others use ``dilation``."""
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(out, planes) for _ in range(1, blocks)]
+    for i, b in enumerate(layers):
+        _set_dilation(b, first_dilation if i == 0 else dilation)
+    return nn.Sequential(*layers)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision-topology ResNet without avgpool/fc, returning (c1, c4).
+
+    width: channels of the first stage's 3×3 convs (64 standard); stage i has width·2^i.
+    deep_stem: ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``), as in UniMatch.
+    output_stride: 32 (plain), 16 (layer4 dilated 2) or 8 (layer3 dilated 2, layer4 4).
+    """
+
+    def __init__(self, block, layers, width: int = 64, deep_stem: bool = False,
+                 output_stride: int = 16):
+        super().__init__()
+        if output_stride not in OUTPUT_STRIDES:
+            raise ConfigError(f"config key 'model.output_stride': {output_stride} is not one of "
+                              f"{', '.join(map(str, OUTPUT_STRIDES))}")
+        if width < 1:
+            raise ConfigError(f"config key 'model.width': must be positive, got {width}")
+        if deep_stem:  # keys conv1.{0,1,3,4,6}.* and bn1.*, as UniMatch's checkpoint
+            stem = 2 * width
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(width, stem, 3, padding=1, bias=False),
+            )
+        else:
+            stem = width
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+        # (stride, dilation) of layer2..4: strides turn into dilation past the output stride
+        plan, scale, dilation = [], 4, 1
+        for _ in range(3):
+            if scale < output_stride:
+                plan.append((2, dilation, dilation))
+                scale *= 2
+            else:
+                plan.append((1, dilation * 2, dilation))
+                dilation *= 2
+        e = block.expansion
+        self.layer1 = _make_stage(block, stem, width, layers[0], 1, 1, 1)
+        self.layer2 = _make_stage(block, width * e, width * 2, layers[1], *plan[0])
+        self.layer3 = _make_stage(block, width * 2 * e, width * 4, layers[2], *plan[1])
+        self.layer4 = _make_stage(block, width * 4 * e, width * 8, layers[3], *plan[2])
+        self.low_level_channels = width * e  # c1
+        self.out_channels = width * 8 * e  # c4
+        self.output_stride = output_stride
+
+        for m in self.modules():  # torchvision's ResNet init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, stem, H/4, W/4)
+        c1 = self.layer1(x)  # (B, w·e, H/4, W/4)
+        c4 = self.layer4(self.layer3(self.layer2(c1)))  # (B, 8w·e, H/os, W/os)
+        return c1, c4
+
+
+# --------------------------------------------------------------------------- head
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1×1, one 3×3 per dilation, image pooling; each
+    BN+ReLU; concatenated and projected (1×1, BN, ReLU) to ``out_channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilations):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(in_channels, out_channels, 1)]
+            + [conv_bn_relu(in_channels, out_channels, 3, d) for d in dilations])
+        # BN over a 1×1 map: training needs more than one image per batch (as in UniMatch)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(in_channels, out_channels))
+        self.project = conv_bn_relu((len(dilations) + 2) * out_channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = upsample(self.pool(x), x.shape[-2:])  # (B, out, 1, 1) -> (B, out, h, w)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ with the encoder/decoder split of METHOD.md; see the module docstring.
+
+    The ASPP width follows UniMatch's rule, c4 channels // 8: 256 for ResNet-50/101 at width 64
+    (UniMatch's and the MLCL release's head), and proportionally smaller for the narrow CPU
+    backbones. ``aspp_channels`` overrides it.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, aspp_channels: int | None = None):
+        super().__init__()
+        if cfg.backbone not in BACKBONES:
+            raise ConfigError(f"config key 'model.backbone': {cfg.backbone!r} is not one of "
+                              f"{', '.join(BACKBONES)}")
+        block, layers, deep_stem = BACKBONES[cfg.backbone]
+        self.backbone = ResNetBackbone(block, layers, cfg.width, deep_stem, cfg.output_stride)
+        high, low = self.backbone.out_channels, self.backbone.low_level_channels
+        aspp_channels = aspp_channels or max(high // 8, 1)
+        self.aspp = ASPP(high, aspp_channels, cfg.aspp_dilations)
+        self.reduce = conv_bn_relu(low, cfg.low_level_channels)
+        self.fusion = nn.Sequential(
+            conv_bn_relu(aspp_channels + cfg.low_level_channels, cfg.feature_channels, 3),
+            conv_bn_relu(cfg.feature_channels, cfg.feature_channels, 3),
+        )
+        self.classifier = nn.Conv2d(cfg.feature_channels, num_classes, 1)
+        self.fp_dropout = nn.Dropout2d(cfg.fp_dropout)  # active in train mode only
+        self.num_classes = num_classes
+        self.feature_channels = cfg.feature_channels
+
+    # ---- the pieces
+    def backbone_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, 3, H, W) -> c1 (B, ·, H/4, W/4), c4 (B, ·, H/os, W/os)."""
+        return self.backbone(x)
+
+    def fuse(self, c1: Tensor, c4: Tensor) -> Tensor:
+        """ASPP(c4) upsampled to c1's size, concatenated with reduce(c1), two 3×3 convs:
+        F (B, C, H/4, W/4)."""
+        high = upsample(self.aspp(c4), c1.shape[-2:])  # (B, aspp, H/4, W/4)
+        return self.fusion(torch.cat([self.reduce(c1), high], dim=1))  # (B, C, H/4, W/4)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The encoder of METHOD.md: x (B, 3, H, W) -> F (B, C, H/4, W/4)."""
+        return self.fuse(*self.backbone_features(x))
+
+    def decode(self, features: Tensor) -> Tensor:
+        """The decoder of METHOD.md (the 1×1 classifier only): F (B, C, h, w) -> (B, K, h, w)."""
+        return self.classifier(features)
+
+    # ---- the whole model
+    def forward(self, x: Tensor, fp: bool = False, return_features: bool = False):
+        """Logits (B, K, H, W) at the input size, or a :class:`SegOutput` when ``fp`` or
+        ``return_features`` asks for more. ``fp=True`` adds UniMatch's feature-perturbation
+        branch: c1 and c4 are stacked with a Dropout2d copy (train mode; in eval mode the copy
+        equals the clean maps) and fused/decoded as one batch of 2B, so batch norm sees both."""
+        size = x.shape[-2:]
+        c1, c4 = self.backbone_features(x)
+        if fp:
+            c1 = torch.cat((c1, self.fp_dropout(c1)))  # (2B, ·, H/4, W/4)
+            c4 = torch.cat((c4, self.fp_dropout(c4)))  # (2B, ·, H/os, W/os)
+        feats = self.fuse(c1, c4)  # (B or 2B, C, H/4, W/4)
+        logits = upsample(self.decode(feats), size)  # (B or 2B, K, H, W)
+        if not (fp or return_features):
+            return logits
+        logits_fp = feats_fp = None
+        if fp:
+            logits, logits_fp = logits.chunk(2)
+            feats, feats_fp = feats.chunk(2)
+        if not return_features:
+            feats = feats_fp = None
+        return SegOutput(logits, logits_fp, feats, feats_fp)
+
+    def param_groups(self, lr: float, lr_multi: float) -> list[dict]:
+        """Optimizer groups: the backbone at ``lr``; ASPP, fusion and classifier at
+        ``lr * lr_multi``. ``lr_scale`` (the group's lr / lr) lets a schedule rescale each."""
+        backbone = list(self.backbone.parameters())
+        ids = {id(p) for p in backbone}
+        head = [p for p in self.parameters() if id(p) not in ids]
+        return [
+            {"name": "backbone", "params": backbone, "lr": lr, "lr_scale": 1.0},
+            {"name": "head", "params": head, "lr": lr * lr_multi, "lr_scale": lr_multi},
+        ]
+
+
+# --------------------------------------------------------------------------- pretrained
+def _state_dict_of(obj, path: Path) -> dict[str, Tensor]:
+    """A plain state dict, or one nested under 'state_dict' / 'model'."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise PretrainedWeightsError(
+            f"{path}: not a state dict (expected name -> tensor, or one under 'state_dict' "
+            f"or 'model')")
+    return obj
+
+
+def _first(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint file strictly into ``backbone``; only the classifier keys ``fc.*``
+    are dropped. A missing file, a missing or unexpected key or a shape mismatch raises
+    :class:`PretrainedWeightsError` naming the file and the keys.
+
+    The keys are copied into a fresh dict, so the file's module-version metadata is not used:
+    like any pre-1.0 checkpoint, a file without BN ``num_batches_tracked`` counters loads (the
+    counters stay at their defaults); every weight and running statistic must be present.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PretrainedWeightsError(f"model.pretrained: checkpoint file {path.resolve()} "
+                                     f"does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with non-tensor objects ...
+        raise PretrainedWeightsError(f"{path}: cannot be read as a weights-only checkpoint "
+                                     f"({type(e).__name__}: {e})") from e
+    state = {k: v for k, v in _state_dict_of(obj, path).items() if not k.startswith("fc.")}
+    expected = backbone.state_dict()
+    missing = {k for k in expected if k not in state and not k.endswith("num_batches_tracked")}
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        parts = [f"missing keys: {_first(missing)}"] if missing else []
+        parts += [f"unexpected keys: {_first(unexpected)}"] if unexpected else []
+        raise PretrainedWeightsError(
+            f"{path} does not match the backbone ({'; '.join(parts)}); is it the checkpoint "
+            f"of this model.backbone (and width 64)?")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+           for k, v in state.items() if v.shape != expected[k].shape]
+    if bad:
+        raise PretrainedWeightsError(f"{path}: shape mismatch: {_first(bad, 3)}")
+    backbone.load_state_dict(state, strict=True)
+
+
+def torchvision_weights_file(backbone: str) -> tuple[str, Path]:
+    """(URL, hub-cache path) of torchvision's ImageNet weights for ``backbone``."""
+    url = TORCHVISION_WEIGHTS[backbone].url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _download(url: str, dest: Path) -> None:
+    """Fetch ``url`` to ``dest`` if the host answers at once; raise otherwise."""
+    host = urlparse(url).hostname
+    socket.create_connection((host, 443), timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = re.search(r"-([a-f0-9]+)\.", dest.name)  # torchvision names carry a sha256 prefix
+    torch.hub.download_url_to_file(url, str(dest), hash_prefix=digest and digest.group(1),
+                                   progress=False)
+
+
+def fetch_torchvision_weights(backbone: str) -> Path:
+    """The hub-cache file of torchvision's ImageNet weights, downloaded if possible."""
+    url, path = torchvision_weights_file(backbone)
+    if path.is_file():
+        return path
+    try:
+        _download(url, path)
+    except Exception as e:
+        raise PretrainedWeightsError(
+            f"ImageNet weights for {backbone} not found: put {path.name} at {path} (fetch it "
+            f"from {url} on a connected machine); download failed: {type(e).__name__}: {e}"
+        ) from e
+    return path
+
+
+def build_model(cfg: Config) -> DeepLabV3Plus:
+    """DeepLabV3+ for ``cfg.model`` and ``cfg.data.num_classes``, with the backbone weights
+    that ``cfg.model.pretrained`` names (false: random init; true: torchvision ImageNet;
+    a path: that checkpoint)."""
+    m = cfg.model
+    pretrained = m.pretrained
+    if pretrained is True:
+        if m.backbone not in TORCHVISION_WEIGHTS:
+            raise ConfigError(
+                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
+                f"which do not exist for the deep-stem {m.backbone}; give the checkpoint file "
+                f"instead (UniMatch's pretrained/{m.backbone.removesuffix('_deepstem')}.pth): "
+                f"model.pretrained=PATH")
+        if m.width != 64:
+            raise ConfigError(
+                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
+                f"which exist only for model.width=64 (got {m.width}); use width 64 or "
+                f"pretrained=false")
+    elif isinstance(pretrained, str) and not pretrained.strip():
+        raise ConfigError("config key 'model.pretrained': empty path; give a checkpoint file, "
+                          "true (torchvision ImageNet) or false (random init)")
+    model = DeepLabV3Plus(m, cfg.data.num_classes)
+    if pretrained is True:
+        load_backbone_weights(model.backbone, fetch_torchvision_weights(m.backbone))
+    elif pretrained is not False:
+        load_backbone_weights(model.backbone, pretrained)
+    return model

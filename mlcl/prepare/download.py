@@ -1,0 +1,308 @@
+"""Resumable, checksum-verified downloads and safe archive extraction, each idempotent.
+
+``fetch(url, dest, md5=..., sha256=...)`` downloads into ``dest.part`` (resumed with an HTTP
+``Range`` request after an interruption or a dropped connection), verifies the checksum, moves
+the file into place and writes ``dest.done`` (a small JSON: url, bytes, md5, sha256, date).
+A re-run with a valid marker does nothing; a file that fails its checksum is removed.
+
+``extract(archive, dest, select=...)`` copies the members that ``select`` maps to a relative
+path, refusing absolute paths and ``..``; ``Steps(root)`` keeps the ``.done`` markers of
+multi-file steps under ``root/.mlcl-prepare/``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Optional
+
+Log = Callable[[str], None]
+CHUNK = 1 << 20
+USER_AGENT = "mlcl-prepare/0.1 (+docs/real_data.md)"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class PrepareError(RuntimeError):
+    """A preparation step failed; the message says what to do about it."""
+
+
+class DownloadError(PrepareError):
+    pass
+
+
+class ChecksumError(DownloadError):
+    pass
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A file to download: where from, its name on disk and what it must hash to."""
+
+    url: str
+    filename: str
+    md5: Optional[str] = None
+    sha256: Optional[str] = None
+    size: Optional[int] = None  # bytes (for messages and the run-book only)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def digests(path: Path, algos: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
+    """Hex digests of ``path`` for each hashlib algorithm name, in one read."""
+    hs = {a: hashlib.new(a) for a in algos}
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            for h in hs.values():
+                h.update(block)
+    return {a: h.hexdigest() for a, h in hs.items()}
+
+
+def marker_path(path: Path) -> Path:
+    return path.with_name(path.name + ".done")
+
+
+def read_marker(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(path: Path, info: dict) -> None:
+    from mlcl.io import atomic_write_json
+
+    atomic_write_json(path, info)
+
+
+# --------------------------------------------------------------------------- download
+def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str]) -> str:
+    bad = []
+    if md5 and got.get("md5") != md5.lower():
+        bad.append(f"md5 {got.get('md5')} (expected {md5})")
+    if sha256 and got.get("sha256") != sha256.lower():
+        bad.append(f"sha256 {got.get('sha256')} (expected {sha256})")
+    return "; ".join(bad)
+
+
+def _verify(path: Path, md5: Optional[str], sha256: Optional[str]) -> dict[str, str]:
+    """Digests of ``path`` (md5 only where one is expected); raise ChecksumError on mismatch."""
+    got = digests(path, ("sha256", "md5") if md5 else ("sha256",))
+    problem = _checksum_problem(got, md5, sha256)
+    if problem:
+        raise ChecksumError(problem)
+    return got
+
+
+def _marker_ok(dest: Path, md5: Optional[str], sha256: Optional[str]) -> bool:
+    info = read_marker(marker_path(dest))
+    if not info or not dest.is_file() or info.get("bytes") != dest.stat().st_size:
+        return False
+    return ((not md5 or info.get("md5") == md5.lower())
+            and (not sha256 or info.get("sha256") == sha256.lower()))
+
+
+def _total_from(resp, have: int) -> Optional[int]:
+    """The full size of the remote file from Content-Range (206) or Content-Length (200)."""
+    cr = resp.headers.get("Content-Range")
+    if cr:
+        m = re.match(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", cr)
+        if m and m.group(3) != "*":
+            return int(m.group(3))
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        return int(length) + (have if resp.status == 206 else 0)
+    return None
+
+
+def _copy(resp, out, have: int, total: Optional[int], name: str, log: Log) -> int:
+    """Stream ``resp`` into ``out`` with a progress line every 10% or 30 s."""
+    got, t0, last_t, last_pct = have, time.monotonic(), time.monotonic(), -10
+    while block := resp.read(CHUNK):
+        out.write(block)
+        got += len(block)
+        t = time.monotonic()
+        pct = int(100 * got / total) if total else -1
+        if (total and pct >= last_pct + 10) or t - last_t > 30:
+            speed = (got - have) / max(t - t0, 1e-6)
+            of = f" / {human(total)} ({pct}%)" if total else ""
+            log(f"  {name}: {human(got)}{of}, {human(speed)}/s")
+            last_t, last_pct = t, pct
+    return got
+
+
+def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
+          sha256: Optional[str] = None, retries: int = 4, timeout: float = 60.0,
+          backoff: float = 1.0, marker: bool = True, log: Log = say) -> Path:
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``.
+
+    Skips the download when ``dest.done`` records the same size and checksums (or, with
+    ``marker=False``, when ``dest`` already hashes to the expected ``sha256``). A file placed
+    at ``dest`` by hand is verified and adopted. On a checksum mismatch the file is removed
+    and :class:`ChecksumError` is raised; network errors are retried ``retries`` times, each
+    resuming where the last stopped.
+    """
+    dest = Path(dest)
+    name = dest.name
+    if marker and _marker_ok(dest, md5, sha256):
+        log(f"[skip] {name}: already downloaded and verified")
+        return dest
+    if dest.is_file():
+        if not marker and not sha256 and not md5:
+            log(f"[skip] {name}: present (no checksum to compare)")
+            return dest
+        try:
+            got = _verify(dest, md5, sha256)
+        except ChecksumError as e:
+            log(f"[redo] {name}: the file on disk fails its checksum ({e}); downloading again")
+            dest.unlink()
+        else:
+            if marker:
+                write_marker(marker_path(dest), {"url": url, "bytes": dest.stat().st_size,
+                                                 **got, "date": now()})
+            log(f"[skip] {name}: present and verified")
+            return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(name + ".part")
+    last_error: Optional[BaseException] = None
+    for attempt in range(1, retries + 1):
+        have = part.stat().st_size if part.is_file() else 0
+        headers = {"User-Agent": USER_AGENT}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            log(f"[resume] {name}: {human(have)} on disk, asking for the rest")
+        else:
+            log(f"[download] {name} <- {url}")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                        timeout=timeout) as resp:
+                if have and resp.status == 206:
+                    start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
+                    if start and int(start.group(1)) != have:
+                        raise DownloadError(f"server resumed at byte {start.group(1)}, not {have}")
+                    mode = "ab"
+                else:
+                    if have:
+                        log(f"  {name}: the server ignored the Range request; starting over")
+                    have, mode = 0, "wb"
+                total = _total_from(resp, have)
+                with open(part, mode) as out:
+                    got = _copy(resp, out, have, total, name, log)
+                if total is not None and got < total:
+                    raise DownloadError(f"connection closed at {got} of {total} bytes")
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing left to send: the .part is complete
+                break
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            last_error = e
+        except (urllib.error.URLError, http.client.HTTPException, OSError, DownloadError) as e:
+            last_error = e
+        if attempt < retries:
+            wait = backoff * min(2 ** (attempt - 1), 30)
+            log(f"  {name}: attempt {attempt} failed ({last_error}); retrying in {wait:.0f} s")
+            time.sleep(wait)
+    else:
+        raise DownloadError(f"{url}: gave up after {retries} attempts ({last_error}); "
+                            f"run again to resume from {human(part.stat().st_size if part.is_file() else 0)}")
+    try:
+        got = _verify(part, md5, sha256)
+    except ChecksumError as e:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{name} from {url}: {e}; the file was removed, run again to "
+                            f"download it afresh") from None
+    os.replace(part, dest)
+    if marker:
+        write_marker(marker_path(dest), {"url": url, "bytes": dest.stat().st_size, **got,
+                                         "date": now()})
+    log(f"[ok] {name}: {human(dest.stat().st_size)}, sha256 {got['sha256'][:16]}...")
+    return dest
+
+
+# --------------------------------------------------------------------------- extraction
+def _safe_target(rel: str, dest: Path) -> Path:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise PrepareError(f"refusing to extract {rel!r}: absolute or outside the target")
+    return dest.joinpath(*p.parts)
+
+
+def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optional[str]],
+            log: Log = say) -> int:
+    """Copy each file member of ``archive`` (tar, tar.gz or zip) whose name ``select`` maps
+    to a relative path to ``dest/<that path>``; return the number of files written."""
+    archive, dest = Path(archive), Path(dest)
+    count = 0
+
+    def write(src, rel: str) -> None:
+        nonlocal count
+        target = _safe_target(rel, dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+        count += 1
+        if count % 2000 == 0:
+            log(f"  {archive.name}: {count} files extracted")
+
+    log(f"[extract] {archive.name} -> {dest}")
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                rel = None if info.is_dir() else select(info.filename)
+                if rel:
+                    with zf.open(info) as src:  # CRC-checked while reading
+                        write(src, rel)
+    else:
+        try:
+            tf = tarfile.open(archive, "r|*")  # streaming: one pass over a 2 GB tar
+        except tarfile.TarError as e:
+            raise PrepareError(f"{archive}: not a zip or tar archive ({e})") from e
+        with tf:
+            for member in tf:
+                rel = select(member.name) if member.isfile() else None
+                if rel:
+                    src = tf.extractfile(member)
+                    assert src is not None
+                    write(src, rel)
+    log(f"  {archive.name}: {count} files extracted")
+    return count
+
+
+class Steps:
+    """``.done`` markers of multi-file steps, kept in ``root/.mlcl-prepare/<step>.done``."""
+
+    def __init__(self, root: str | Path):
+        self.dir = Path(root) / ".mlcl-prepare"
+
+    def get(self, step: str) -> Optional[dict]:
+        return read_marker(self.dir / f"{step}.done")
+
+    def done(self, step: str, **info) -> None:
+        write_marker(self.dir / f"{step}.done", {"step": step, "date": now(), **info})
+
+    def clear(self, step: str) -> None:
+        (self.dir / f"{step}.done").unlink(missing_ok=True)
