@@ -111,11 +111,13 @@ def resize_ignore(ignore: Tensor, size: tuple[int, int], bilinear: bool = False,
 
 
 # --------------------------------------------------------------------------- FKA
-def _rows(f: Tensor) -> Tensor:
-    """(B, C, h, w) -> (N, C) with N = B*h*w (row order b, y, x); (N, C) passes through."""
+def _maps(f: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, C, h*w); rows (N, C) -> (1, C, N) (views, no copy). Row n of the
+    flattened batch is pixel n % (h*w) of image n // (h*w). The channel-first layout is kept
+    on purpose: permuting 256-channel maps to rows costs more than the whole loss."""
     if f.dim() == 4:
-        return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
-    return f
+        return f.reshape(f.shape[0], f.shape[1], -1)
+    return f.t().unsqueeze(0)
 
 
 def p2p_loss(f_w: Tensor, f_s: Tensor) -> Tensor:
@@ -133,24 +135,32 @@ def per_image_similarity(f_w: Tensor, f_s: Tensor) -> Tensor:
     return F.cosine_similarity(f_w.float(), f_s.float(), dim=1, eps=COS_EPS).flatten(1).mean(1)
 
 
-def _cos_to_protos(rows: Tensor, protos: Tensor) -> Tensor:
-    """(N, C) x (K, C) -> (N, K) cosines (norms clamped at COS_EPS like nn.CosineSimilarity)."""
-    rn = rows / rows.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
+def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
+    """(B, C, P) x (K, C) -> (B, K, P) cosines (norms clamped at COS_EPS like
+    nn.CosineSimilarity)."""
     pn = protos / protos.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
-    return rn @ pn.t()
+    return (pn @ maps) / maps.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
 
 
 def _topk_per_class(score: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Per class, the indices of the (at most) ``k`` eligible rows with the highest score.
+    """Per class, the flat indices n = b*P + p of the (at most) ``k`` eligible pixels with the
+    highest score.
 
-    score (N, K) (the score of row n for class k; only the row's own class is eligible),
-    eligible (N, K) bool -> idx (K, k) long, ok (K, k) bool (False on padding slots, which
-    hold arbitrary indices). Sorted by decreasing score.
+    score, eligible (B, K, P) (eligible only for the pixel's own class) -> idx (K, k) long,
+    ok (K, k) bool (False on padding slots, which hold arbitrary indices). Sorted by
+    decreasing score.
     """
-    masked = score.masked_fill(~eligible, float("-inf")).t().contiguous()  # (K, N)
+    K = score.shape[1]
+    masked = score.masked_fill(~eligible, float("-inf")).transpose(0, 1).reshape(K, -1)
     k = min(k, masked.shape[1])
     vals, idx = masked.topk(k, dim=1, largest=True, sorted=True)
     return idx, vals > float("-inf")
+
+
+def _gather(maps: Tensor, idx: Tensor) -> Tensor:
+    """maps (B, C, P), flat pixel indices idx (K, k) -> their feature vectors (K, k, C)."""
+    P = maps.shape[2]
+    return maps[idx // P, :, idx % P]
 
 
 def dt_loss(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
@@ -182,18 +192,18 @@ def dt_loss(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     K = protos.shape[0]
     dev = f_s.device
     with torch.autocast(device_type=dev.type, enabled=False):
-        fw = _rows(f_w.detach()).float()
-        fs = _rows(f_s).float()
-        lab = label_w.reshape(-1).long()
-        onehot = lab.unsqueeze(1) == torch.arange(K, device=dev)  # (N, K)
+        fw = _maps(f_w.detach()).float()  # (B, C, P)
+        fs = _maps(f_s).float()
+        B, P = fw.shape[0], fw.shape[2]
+        own = label_w.reshape(B, 1, P).long() == torch.arange(K, device=dev).view(1, K, 1)
         protos = protos.detach().float()
 
         # ---- selection (no gradient): fixed-size per-class top-k with -inf masking
         with torch.no_grad():
-            elig_a = onehot & ((conf_w.reshape(-1) > conf_thresh) & valid_w.reshape(-1)
-                               ).unsqueeze(1)
-            elig_c = onehot & valid_s.reshape(-1).unsqueeze(1)
-            a_idx, a_ok = _topk_per_class(_cos_to_protos(fw, protos), elig_a, num_anchors)
+            conf_ok = (conf_w.reshape(B, 1, P) > conf_thresh) & valid_w.reshape(B, 1, P)
+            elig_c = own & valid_s.reshape(B, 1, P)
+            a_idx, a_ok = _topk_per_class(_cos_to_protos(fw, protos), own & conf_ok,
+                                          num_anchors)
             c_idx, c_ok = _topk_per_class(-_cos_to_protos(fs.detach(), protos), elig_c,
                                           num_candidates)
             n_a = a_ok.sum(1)  # (K,) = min(num_anchors, n_k)
@@ -215,10 +225,8 @@ def dt_loss(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
             a_ok = a_ok & paired.unsqueeze(1)
 
         # ---- loss: anchors detached, candidates carry the gradient
-        anchors = F.normalize(fw.index_select(0, a_idx.reshape(-1)), dim=1)
-        anchors = anchors.view(K, -1, fw.shape[1])  # (K, A, C)
-        cands = F.normalize(fs.index_select(0, c_idx.reshape(-1)), dim=1)
-        cands = cands.view(K, -1, fs.shape[1])[partner]  # (K, S, C), partner's candidates
+        anchors = F.normalize(_gather(fw, a_idx), dim=2)  # (K, A, C)
+        cands = F.normalize(_gather(fs, c_idx), dim=2)[partner]  # (K, S, C), partner's
         cos = torch.bmm(anchors, cands.transpose(1, 2))  # (K, A, S)
         cos = cos.masked_fill(~c_ok[partner].unsqueeze(1), float("-inf"))
         best = cos.amax(dim=2)  # (K, A)

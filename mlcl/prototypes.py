@@ -2,7 +2,7 @@
 
 ``PrototypeBank`` is an ``nn.Module`` whose (K, C) buffer ``protos`` is part of its
 ``state_dict``, so checkpoints carry it (the released code kept it outside the model and never
-saved it, item 10). The update is vectorised (per-class sums and counts with ``index_add``) and
+saved it, item 10). The update is vectorised (per-class sums and counts as one-hot matrix products) and
 synchronised: the sums and counts are summed over processes before the update, so every
 process applies the identical update computed from the global batch and the bank stays
 identical everywhere. (The released ``prote.py`` instead updates each process's bank from its
@@ -39,18 +39,22 @@ class PrototypeBank(nn.Module):
     def class_sums(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor
                    ) -> tuple[Tensor, Tensor]:
         """Per-class sums (K, C) and counts (K,) of the features with conf > conf_thresh and
-        valid. feats (N, C) or (B, C, h, w); labels, conf, valid (N,) or (B, h, w)."""
+        valid. feats (B, C, h, w) or rows (N, C); labels, conf, valid (B, h, w) or (N,).
+
+        A one-hot matrix product in the channel-first layout (the features are never permuted
+        to rows, which would copy the whole map)."""
         if feats.dim() == 4:
-            feats = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        feats = feats.detach().to(self.protos.dtype)
-        sel = (conf.reshape(-1) > self.conf_thresh) & valid.reshape(-1).bool()
-        lab = torch.where(sel, labels.reshape(-1).long(), torch.zeros_like(labels.reshape(-1)
-                                                                           ).long())
-        lab = lab.clamp(0, self.num_classes - 1)
-        w = sel.to(feats.dtype)
-        sums = torch.zeros_like(self.protos).index_add_(0, lab, feats * w.unsqueeze(1))
-        counts = torch.zeros(self.num_classes, device=feats.device,
-                             dtype=feats.dtype).index_add_(0, lab, w)
+            maps = feats.reshape(feats.shape[0], feats.shape[1], -1)  # (B, C, P)
+        else:
+            maps = feats.t().unsqueeze(0)  # (1, C, N)
+        maps = maps.detach().to(self.protos.dtype)
+        B, P = maps.shape[0], maps.shape[2]
+        sel = (conf.reshape(B, P) > self.conf_thresh) & valid.reshape(B, P).bool()
+        classes = torch.arange(self.num_classes, device=maps.device).view(1, -1, 1)
+        onehot = ((labels.reshape(B, 1, P).long() == classes) & sel.unsqueeze(1)
+                  ).to(maps.dtype)  # (B, K, P)
+        sums = torch.bmm(onehot, maps.transpose(1, 2)).sum(0)  # (K, C)
+        counts = onehot.sum(dim=(0, 2))
         return sums, counts
 
     @torch.no_grad()

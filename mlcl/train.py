@@ -243,7 +243,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                 if writer is not None:
                     for k, v in terms.items():
                         if torch.is_tensor(v) and v.dim() == 0:
-                            writer.add_scalar(f"train/{k}", float(v), state.iteration)
+                            writer.add_scalar(f"train/{k}", float(v.detach()), state.iteration)
                     writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.iteration)
         bar.close()
         epoch_terms = {k: float(acc.reduce(v, reduction="mean")) / n_iters for k, v in sums.items()}

@@ -79,6 +79,8 @@ def test_missing_root_says_how_to_fix(tmp_path):
     cfg = _cfg(missing, labeled_split="a.txt", val_split="b.txt")
     with pytest.raises(DataError, match="does not exist"):
         build_datasets(cfg, with_unlabeled=False)
+    with pytest.raises(DataError, match="data.root is empty"):
+        build_datasets(_cfg("", labeled_split="a.txt", val_split="b.txt"), False)
 
 
 def test_missing_image_names_file_line_and_path(tmp_path):

@@ -35,8 +35,11 @@ class Sample(NamedTuple):
 
 def check_root(root: str | Path) -> Path:
     """``root`` as a Path, or a DataError that says how to get one."""
+    if not str(root).strip():
+        raise DataError("data.root is empty: set data.root=DIR (e.g. data.root=data/synthetic "
+                        "after `python -m mlcl synth --out data/synthetic`)")
     root = Path(root).expanduser()
-    if not str(root) or not root.is_dir():
+    if not root.is_dir():
         raise DataError(
             f"data root {root} does not exist: set data.root=... or run "
             f"`python -m mlcl synth --out {root}`")

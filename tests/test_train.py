@@ -1,0 +1,168 @@
+"""End-to-end: tiny training runs of every method, resume after a kill, evaluate/predict on
+a checkpoint, the CLI's one-line errors, and two CPU processes through `accelerate launch`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlcl.config import load_config
+from mlcl.train import fit
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TINY = ["train.batch_size=4", "train.log_every=2", "model.width=16", "data.num_workers=0"]
+
+
+def tiny_cfg(root: Path, out: Path, *extra: str):
+    return load_config("synthetic", [f"data.root={root}", "data.crop_size=32", "split=1_8",
+                                     f"output_dir={out}", *TINY, *extra])
+
+
+def mlcl_cli(*args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mlcl", *args], env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlcl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("method", ["supervised", "unimatch", "mlcl"])
+def test_every_method_trains_and_writes_metrics(synth_root, tmp_path, method):
+    cfg = tiny_cfg(synth_root, tmp_path / method, f"method={method}", "train.epochs=1",
+                   "train.max_iters=3")
+    metrics = fit(cfg)
+    out = tmp_path / method
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["method"] == method and on_disk["complete"] and on_disk["iterations"] == 3
+    assert 0 <= on_disk["best_miou"] <= 100 and on_disk["last_miou"] == metrics["last_miou"]
+    assert list(on_disk["best_iou"]) == cfg.data.class_names
+    epoch = on_disk["epochs"][0]
+    expected = {"supervised": {"x"}, "unimatch": {"x", "s", "fp", "conf_ratio"},
+                "mlcl": {"x", "s", "fp", "p2p", "dt", "mask", "noise", "sai_w", "sim_v",
+                         "conf_ratio"}}[method]
+    assert expected <= set(epoch) and all(np.isfinite(epoch[k]) for k in expected)
+    assert (out / "config.yaml").is_file() and (out / "best.pt").is_file()
+    assert (out / "checkpoints" / "LATEST").is_file()
+    assert any((out / "tensorboard").iterdir())
+    if method == "mlcl":  # the prototype bank is part of the checkpoint
+        latest = (out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip())
+        bank = torch.load(latest / "custom_checkpoint_0.pkl", weights_only=True)
+        assert bank["protos"].shape == (cfg.data.num_classes, cfg.model.feature_channels)
+
+
+def test_released_variant_and_released_passes_run(synth_root, tmp_path):
+    cfg = tiny_cfg(synth_root, tmp_path / "rel", "method=mlcl", "mlcl.variant=released",
+                   "mlcl.released_passes=true", "train.epochs=1", "train.max_iters=2")
+    assert fit(cfg)["complete"]
+
+
+def test_resume_continues_after_a_kill(synth_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--config", "synthetic", f"data.root={synth_root}", "data.crop_size=32",
+            "split=1_8", f"output_dir={out}", *TINY, "train.epochs=40", "method=supervised"]
+    proc = subprocess.Popen([sys.executable, "-m", "mlcl", *args], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "LATEST"
+    deadline = time.time() + 240
+    while not latest.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.is_file(), "no checkpoint was written before the kill"
+    done = json.loads((out / "checkpoints" / latest.read_text().strip() / "trainer.json").read_text())
+    assert done["epoch"] >= 1
+    # the same output_dir with a shorter schedule: continues from the checkpoint, then stops
+    cfg = tiny_cfg(synth_root, out, "method=supervised", f"train.epochs={done['epoch'] + 1}")
+    metrics = fit(cfg)
+    assert [r["epoch"] for r in metrics["epochs"]] == list(range(1, done["epoch"] + 2))
+    assert metrics["iterations"] == (done["epoch"] + 1) * (done["iteration"] // done["epoch"])
+    # a finished run does no more training when started again
+    again = fit(cfg)
+    assert again["iterations"] == metrics["iterations"]
+
+
+def test_evaluate_and_predict_cli(synth_root, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_cfg(synth_root, out, "train.epochs=1", "train.max_iters=2"))
+    ckpt = out / "best.pt"
+    res = tmp_path / "eval.json"
+    proc = mlcl_cli("evaluate", "--checkpoint", str(ckpt), "--out", str(res))
+    result = json.loads(res.read_text())
+    assert result["num_images"] == 8 and "mIoU" in proc.stdout
+    sliding = mlcl_cli("evaluate", "--checkpoint", str(ckpt), "eval.mode=sliding",
+                       "eval.crop_size=16")
+    assert "sliding" in sliding.stdout
+    pred_dir = tmp_path / "pred"
+    mlcl_cli("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "JPEGImages"),
+             "--out", str(pred_dir), "--overlay")
+    pngs = sorted(pred_dir.glob("*.png"))
+    assert len(pngs) == len(list((synth_root / "JPEGImages").glob("*.jpg")))
+    mask = Image.open(pngs[0])
+    assert mask.mode == "P" and np.asarray(mask).max() < 7
+    assert list(pred_dir.glob("*_overlay.jpg"))
+
+
+def test_cli_bad_input_is_one_line(synth_root, tmp_path):
+    missing = mlcl_cli("train", "--config", "synthetic", f"data.root={tmp_path / 'nope'}",
+                       check=False)
+    assert missing.returncode == 2 and "nope" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    typo = mlcl_cli("train", "--config", "synthetic", "train.lrr=1", check=False)
+    assert typo.returncode == 2 and "train.lrr" in typo.stderr
+    # a checkpoint whose class count differs from the config
+    out = tmp_path / "run"
+    fit(tiny_cfg(synth_root, out, "train.epochs=1", "train.max_iters=1"))
+    wrong = mlcl_cli("evaluate", "--checkpoint", str(out / "best.pt"), "data.num_classes=5",
+                     "data.class_names=[a,b,c,d,e]", check=False)
+    assert wrong.returncode == 2 and "best.pt" in wrong.stderr and "num_classes" in wrong.stderr
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    bad = mlcl_cli("evaluate", "--checkpoint", str(garbage), check=False)
+    assert bad.returncode == 2 and "garbage.pt" in bad.stderr
+
+
+def _launch(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "mlcl", *args]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_val_image_once(synth_root, tmp_path):
+    # 7 validation images: a distributed sampler would pad to 8 with a duplicate
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    val = root / "ImageSets" / "Segmentation" / "val.txt"
+    val.write_text("".join(val.read_text().splitlines(keepends=True)[:7]))
+    out = tmp_path / "run"
+    fit(tiny_cfg(root, out, "train.epochs=1", "train.max_iters=1"))
+    one = json.loads(mlcl_cli("evaluate", "--checkpoint", str(out / "best.pt"), "--out",
+                              str(tmp_path / "one.json")) and (tmp_path / "one.json").read_text())
+    _launch("evaluate", "--checkpoint", str(out / "best.pt"), "--out", str(tmp_path / "two.json"))
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["num_images"] == two["num_images"] == 7
+    assert one["confusion"] == two["confusion"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["unimatch", "mlcl"])
+def test_two_process_training(synth_root, tmp_path, method):
+    out = tmp_path / method
+    _launch("train", "--config", "synthetic", f"data.root={synth_root}", "data.crop_size=32",
+            "split=1_8", f"output_dir={out}", *TINY, f"method={method}", "train.epochs=1",
+            "train.max_iters=2")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["num_processes"] == 2
