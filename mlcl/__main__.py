@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("mlcl.prepare.cli", fromlist=["main"]).main(a.args))
 
+    p = sub.add_parser("reproduce", help="run a grid of runs (skips complete ones)")
+    from mlcl import reproduce
+
+    reproduce.add_arguments(p)
+    p.set_defaults(func=reproduce.main)
+
+    p = sub.add_parser("bench", help="time training steps, FKA/SAI and the data pipeline")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("mlcl.bench", fromlist=["main"]).main(a.args))
+
     p = sub.add_parser("demo", help="the short CPU demo: synthetic data, train, evaluate")
     p.add_argument("--out", default=None, help="runs folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)

@@ -120,19 +120,26 @@ def _maps(f: Tensor) -> Tensor:
     return f.t().unsqueeze(0)
 
 
+def _channel_cos(a: Tensor, b: Tensor) -> Tensor:
+    """Per-pixel cosine over channels of (B, C, h, w) maps -> (B, h, w), each norm clamped at
+    COS_EPS (the value of F.cosine_similarity at about half its cost; ``a`` is used as is)."""
+    dot = (a * b).sum(1)
+    na = a.detach().norm(dim=1).clamp(min=COS_EPS)
+    return dot / (na * b.norm(dim=1).clamp(min=COS_EPS))
+
+
 def p2p_loss(f_w: Tensor, f_s: Tensor) -> Tensor:
     """L_p2p (point-to-point alignment): mean over B*h*w pixels of 1 - cos(F_1, F_s1), the
     cosine taken over channels. f_w (B, C, h, w) is the weak (CutMixed like ``f_s``) view and
     is detached here; f_s (B, C, h, w) receives the gradient."""
-    cos = F.cosine_similarity(f_w.detach().float(), f_s.float(), dim=1, eps=COS_EPS)
-    return 1.0 - cos.mean()
+    return 1.0 - _channel_cos(f_w.detach().float(), f_s.float()).mean()
 
 
 @torch.no_grad()
 def per_image_similarity(f_w: Tensor, f_s: Tensor) -> Tensor:
     """v_i of SAI: per image, the mean over pixels of cos(F_1,i, F_s1,i). (B, C, h, w) x 2 ->
     (B,) in [-1, 1], without gradient."""
-    return F.cosine_similarity(f_w.float(), f_s.float(), dim=1, eps=COS_EPS).flatten(1).mean(1)
+    return _channel_cos(f_w.float(), f_s.float()).flatten(1).mean(1)
 
 
 def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
@@ -188,6 +195,11 @@ def dt_loss(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     (item 4): the anchors are [top1, top1, top2, ..., top(m-1)], m = min(num_anchors, n_k);
     ``normalise_by_candidates`` (item 5): 1 - (sum of m(a)) / (sum of |S| over the paired
     candidate groups). Returns a 0-dim tensor; 0 when no class has anchors.
+
+    In the released step (``MLCL.py``) f_w is a train-mode pass over u_w, label_w/conf_w come
+    from that pass's logits before upsampling (feature resolution), f_s is a pass over the
+    un-mixed s1, valid_w = valid_s = the ignore map resized bilinearly (``resize_ignore``),
+    and the loss reads the bank before the step's ``update``.
     """
     K = protos.shape[0]
     dev = f_s.device
@@ -263,7 +275,8 @@ def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | N
     Draws one ``torch.rand(f.shape)`` from ``generator``."""
     a = sai_amplitude(v.detach().to(f.dtype), kappa).view(-1, 1, 1, 1)
     u = torch.rand(f.shape, generator=generator, device=f.device, dtype=f.dtype)
-    return f + f * ((2.0 * u - 1.0) * a)
+    # F + F*eps = F * (1 + eps), 1 + eps = (1 - a) + 2a u: one pass to build, one multiply
+    return f * torch.addcmul(1.0 - a, u, 2.0 * a)
 
 
 def sai_mask(f: Tensor, v: Tensor, kappa: float, jitter: float = 0.1,
@@ -275,7 +288,8 @@ def sai_mask(f: Tensor, v: Tensor, kappa: float, jitter: float = 0.1,
     r_i = :func:`sai_mask_ratio`; t_i ~ U(r_i - jitter, r_i + jitter) (one
     ``torch.rand(B)`` from ``generator``); keep (B, h, w) bool = A_i < t_i max(A_i), so the
     highest activations are dropped; F_mk = f * keep (gradient flows through the kept
-    positions).
+    positions). Note: the released ``MLCL.py`` only transforms twice when its noise branch
+    (F-Noise) ran first and overwrote v in place; with the mask branch alone it uses r_i.
     """
     B = f.shape[0]
     r = sai_mask_ratio(v.detach().float(), kappa, double_transform)
@@ -296,9 +310,9 @@ def sai_mse(prob: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor
     elements, padding included (item 8, both variants). ``valid`` (B, H, W) bool, for the
     ablation only: mean over the K values of the valid pixels.
     """
-    sq = (prob.float() - target.float()) ** 2
     if valid is None:
-        return sq.mean()
+        return F.mse_loss(prob.float(), target.float(), reduction="mean")
+    sq = (prob.float() - target.float()) ** 2
     m = valid.unsqueeze(1).to(sq.dtype)
     return (sq * m).sum() / (m.sum() * prob.shape[1]).clamp(min=1)
 

@@ -138,10 +138,13 @@ class Checkpoints:
         return TrainerState(**json.loads((path / "trainer.json").read_text()))
 
 
-def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float) -> None:
-    """A self-contained weights file for `mlcl evaluate` / `mlcl predict`."""
+def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,
+                 bank=None) -> None:
+    """A self-contained weights file for `mlcl evaluate` / `mlcl predict` (and the prototype
+    bank, for the notebooks)."""
     atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.to_dict(),
-                             "class_names": names, "epoch": epoch, "miou": miou})
+                             "class_names": names, "epoch": epoch, "miou": miou,
+                             "bank": bank.state_dict() if bank is not None else None})
 
 
 # --------------------------------------------------------------------------- the loop
@@ -259,9 +262,11 @@ def fit(cfg: Config) -> dict[str, Any]:
             if result["miou"] > state.best_miou:
                 state.best_miou, state.best_epoch = result["miou"], state.epoch
                 if acc.is_main_process:
-                    save_weights(out / "best.pt", unwrapped, cfg, names, state.epoch, result["miou"])
+                    save_weights(out / "best.pt", unwrapped, cfg, names, state.epoch,
+                                 result["miou"], bank)
             if acc.is_main_process:
-                save_weights(out / "last.pt", unwrapped, cfg, names, state.epoch, result["miou"])
+                save_weights(out / "last.pt", unwrapped, cfg, names, state.epoch, result["miou"],
+                             bank)
         state.history.append(record)
         state.wall_time_s = time.time() - started
         if writer is not None:

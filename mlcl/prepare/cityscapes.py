@@ -193,9 +193,15 @@ def prepare_cityscapes(root: str | Path, downloads: Optional[str | Path] = None,
     if missing:
         user, password = credentials(env)  # before any network call
         downloads.mkdir(parents=True, exist_ok=True)
-        session = login(user, password, base_url)
-        for package in missing:
-            found[package] = download(session, package, downloads, log)
+        import requests
+
+        try:
+            session = login(user, password, base_url)
+            for package in missing:
+                found[package] = download(session, package, downloads, log)
+        except requests.RequestException as e:
+            raise DownloadError(f"Cityscapes server: {type(e).__name__}: {e}; run again to "
+                                f"resume") from None
     for package, p in found.items():
         if not zipfile.is_zipfile(p):
             raise PrepareError(f"{p} is not a complete zip file; delete it and run again")

@@ -99,8 +99,11 @@ def write_marker(path: Path, info: dict) -> None:
 
 
 # --------------------------------------------------------------------------- download
-def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str]) -> str:
+def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
+                      sha256_prefix: Optional[str] = None) -> str:
     bad = []
+    if sha256_prefix and not got.get("sha256", "").startswith(sha256_prefix.lower()):
+        bad.append(f"sha256 {got.get('sha256')} (expected it to start with {sha256_prefix})")
     if md5 and got.get("md5") != md5.lower():
         bad.append(f"md5 {got.get('md5')} (expected {md5})")
     if sha256 and got.get("sha256") != sha256.lower():
@@ -108,21 +111,22 @@ def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[
     return "; ".join(bad)
 
 
-def _verify(path: Path, md5: Optional[str], sha256: Optional[str]) -> dict[str, str]:
+def _verify(path: Path, md5: Optional[str], sha256: Optional[str],
+            sha256_prefix: Optional[str] = None) -> dict[str, str]:
     """Digests of ``path`` (md5 only where one is expected); raise ChecksumError on mismatch."""
     got = digests(path, ("sha256", "md5") if md5 else ("sha256",))
-    problem = _checksum_problem(got, md5, sha256)
+    problem = _checksum_problem(got, md5, sha256, sha256_prefix)
     if problem:
         raise ChecksumError(problem)
     return got
 
 
-def _marker_ok(dest: Path, md5: Optional[str], sha256: Optional[str]) -> bool:
+def _marker_ok(dest: Path, md5: Optional[str], sha256: Optional[str],
+               sha256_prefix: Optional[str]) -> bool:
     info = read_marker(marker_path(dest))
     if not info or not dest.is_file() or info.get("bytes") != dest.stat().st_size:
         return False
-    return ((not md5 or info.get("md5") == md5.lower())
-            and (not sha256 or info.get("sha256") == sha256.lower()))
+    return not _checksum_problem(info, md5, sha256, sha256_prefix)
 
 
 def _total_from(resp, have: int) -> Optional[int]:
@@ -155,7 +159,8 @@ def _copy(resp, out, have: int, total: Optional[int], name: str, log: Log) -> in
 
 
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
-          sha256: Optional[str] = None, retries: int = 4, timeout: float = 60.0,
+          sha256: Optional[str] = None, sha256_prefix: Optional[str] = None,
+          retries: int = 4, timeout: float = 60.0,
           backoff: float = 1.0, marker: bool = True, log: Log = say) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``.
 
@@ -167,15 +172,16 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     """
     dest = Path(dest)
     name = dest.name
-    if marker and _marker_ok(dest, md5, sha256):
+    expect = (md5, sha256, sha256_prefix)
+    if marker and _marker_ok(dest, *expect):
         log(f"[skip] {name}: already downloaded and verified")
         return dest
     if dest.is_file():
-        if not marker and not sha256 and not md5:
+        if not marker and not any(expect):
             log(f"[skip] {name}: present (no checksum to compare)")
             return dest
         try:
-            got = _verify(dest, md5, sha256)
+            got = _verify(dest, *expect)
         except ChecksumError as e:
             log(f"[redo] {name}: the file on disk fails its checksum ({e}); downloading again")
             dest.unlink()
@@ -230,7 +236,7 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
         raise DownloadError(f"{url}: gave up after {retries} attempts ({last_error}); "
                             f"run again to resume from {human(part.stat().st_size if part.is_file() else 0)}")
     try:
-        got = _verify(part, md5, sha256)
+        got = _verify(part, *expect)
     except ChecksumError as e:
         part.unlink(missing_ok=True)
         raise ChecksumError(f"{name} from {url}: {e}; the file was removed, run again to "

@@ -1,0 +1,77 @@
+"""Named grids of runs: (preset, split, method, variant, seed, overrides) for the batch
+reproduction (`python -m mlcl reproduce --grid NAME`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+
+
+@dataclass(frozen=True)
+class Run:
+    preset: str
+    split: str
+    method: str
+    seed: int = 0
+    variant: str = "paper"  # mlcl only
+    ablation: str = ""  # a short name for extra overrides, e.g. "no_dt"
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def name(self) -> str:
+        parts = [self.preset, self.split, self.method]
+        if self.method == "mlcl":
+            parts.append(self.variant)
+        if self.ablation:
+            parts.append(self.ablation)
+        parts.append(f"s{self.seed}")
+        return "-".join(parts)
+
+    def config_overrides(self) -> list[str]:
+        out = [f"split={self.split}", f"method={self.method}", f"seed={self.seed}"]
+        if self.method == "mlcl":
+            out.append(f"mlcl.variant={self.variant}")
+        return out + list(self.overrides)
+
+
+# The MLCL ablations of the paper: each component off on its own.
+ABLATIONS = {
+    "no_p2p": ("mlcl.use_p2p=false",),
+    "no_dt": ("mlcl.use_dt=false",),
+    "no_mask": ("mlcl.use_mask=false",),
+    "no_noise": ("mlcl.use_noise=false",),
+    "no_sai": ("mlcl.use_mask=false", "mlcl.use_noise=false"),
+}
+
+METHOD_VARIANTS = (("supervised", "paper"), ("unimatch", "paper"), ("mlcl", "paper"),
+                   ("mlcl", "released"))
+
+
+def _methods_grid(preset: str, splits, seeds, overrides=()) -> list[Run]:
+    return [Run(preset, s, m, seed, v, overrides=tuple(overrides))
+            for s, (m, v), seed in product(splits, METHOD_VARIANTS, seeds)]
+
+
+def build_grid(name: str) -> list[Run]:
+    if name == "demo":
+        short = ("train.max_iters=600", "train.eval_every=100")
+        return [Run("synthetic", "1_16", m, 0, overrides=short)
+                for m in ("supervised", "unimatch", "mlcl")]
+    if name == "synthetic-study":
+        runs = _methods_grid("synthetic", ("1_16", "1_8"), (0, 1, 2))
+        runs += [Run("synthetic", "1_16", "mlcl", seed, "paper", abl, tuple(ov))
+                 for abl, ov in ABLATIONS.items() for seed in (0, 1, 2)]
+        return runs
+    if name == "synthetic-study-1_16":  # the first half of the study (one split)
+        return [r for r in build_grid("synthetic-study") if r.split == "1_16" and not r.ablation]
+    if name == "voc-original":
+        return _methods_grid("pascal", ("92", "183", "366", "732", "1464"), (0,))
+    if name == "voc-blended":
+        return (_methods_grid("pascal_blended", ("1_16", "1_8", "1_4"), (0,))
+                + _methods_grid("pascal_blended_r101", ("1_16", "1_8", "1_4"), (0,)))
+    if name == "cityscapes":
+        return _methods_grid("cityscapes", ("1_16", "1_8", "1_4", "1_2"), (0,))
+    raise ValueError(f"unknown grid '{name}' (available: {', '.join(GRIDS)})")
+
+
+GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "voc-original", "voc-blended",
+         "cityscapes")

@@ -1,0 +1,232 @@
+"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained} ...`` (and data_scripts/*.py).
+
+    python -m mlcl data voc --root data/VOC2012                 # + UniMatch splits + verify
+    CITYSCAPES_USERNAME=... CITYSCAPES_PASSWORD=... python -m mlcl data cityscapes
+    python -m mlcl data cityscapes --zips ~/Downloads           # zips already downloaded
+    python -m mlcl data splits --dataset pascal --root data/VOC2012 [--split-source generate]
+    python -m mlcl data verify --root data/VOC2012 --layout voc
+    python -m mlcl data pretrained --torchvision resnet50 resnet101 --check pretrained/resnet50.pth
+
+Exit status 0 on success, 1 on a failed step or check (the message says what to do), 2 on bad
+arguments. See docs/real_data.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from mlcl.prepare.download import PrepareError, Resource
+
+
+def _counts(text: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N...], got {text!r}") from None
+
+
+def _download_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downloads", default=None,
+                   help="folder for the archives (default: ROOT/../downloads)")
+    p.add_argument("--retries", type=int, default=4, help="attempts per download (default 4)")
+    p.add_argument("--backoff", type=float, default=1.0,
+                   help="seconds before the first retry, doubled each time (default 1)")
+    p.add_argument("--force", action="store_true",
+                   help="forget the .done markers of this dataset and redo every step "
+                        "(downloads are still reused when their checksum is right)")
+
+
+def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
+    from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT
+
+    if dataset is None:
+        p.add_argument("--dataset", choices=("pascal", "cityscapes"), required=True)
+    p.add_argument("--split-source", dest="split_mode", default="auto",
+                   choices=("auto", "fetch", "generate", "none") if dataset else
+                   ("auto", "fetch", "generate"),
+                   help="fetch UniMatch's lists; generate NON-STANDARD seeded stand-ins; auto: "
+                        "fetch, generate only if the source is unreachable (default)")
+    p.add_argument("--commit", default=UNIMATCH_COMMIT,
+                   help="UniMatch commit the lists are pinned to (default: %(default)s)")
+    p.add_argument("--split-base-url", default=RAW_BASE,
+                   help="raw-file host (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated lists (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m mlcl data",
+        description="Download, prepare and verify Pascal VOC 2012 (+SBD) and Cityscapes, the "
+                    "standard split lists and the backbone checkpoints. Every step is "
+                    "idempotent: re-running skips what is done and verified. "
+                    "Run-book: docs/real_data.md.")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("voc", help="VOC 2012 + augmented masks (10,582 train_aug), splits, verify",
+                       description="Download VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz "
+                                   "(md5-verified, resumable), build SegmentationClass with the "
+                                   "augmented masks, fetch UniMatch's split lists, verify.")
+    p.add_argument("--root", default="data/VOC2012", help="dataset folder (default: %(default)s)")
+    p.add_argument("--aug", default="sbd",
+                   help="'sbd' (download SBD and convert its .mat labels; default), or a "
+                        "SegmentationClassAug folder or zip you already have")
+    p.add_argument("--voc-url", default=None, help="mirror of the VOC trainval tar")
+    p.add_argument("--voc-md5", default=None, help="md5 of that tar (default: the official)")
+    p.add_argument("--sbd-url", default=None, help="mirror of SBD's benchmark.tgz")
+    p.add_argument("--sbd-md5", default=None, help="md5 of that tgz (default: the official)")
+    p.add_argument("--keep-staging", action="store_true", help="keep the extracted SBD .mat files")
+    p.add_argument("--expect", type=_counts, default=None, metavar="train_aug=N,train=N,val=N",
+                   help="expected counts (default: 10582, 1464, 1449; for tests)")
+    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
+    _download_args(p)
+    _split_args(p, "pascal")
+
+    p = sub.add_parser("cityscapes", help="Cityscapes fine: zips or account, trainIds, splits, verify",
+                       description="Use leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip "
+                                   "from --zips or the downloads folder, or download them with "
+                                   "cityscapesscripts using the account in CITYSCAPES_USERNAME / "
+                                   "CITYSCAPES_PASSWORD (environment only, never stored); "
+                                   "extract, make labelTrainIds with createTrainIdLabelImgs, fetch "
+                                   "UniMatch's split lists, verify.")
+    p.add_argument("--root", default="data/cityscapes",
+                   help="dataset folder (default: %(default)s)")
+    p.add_argument("--zips", default=None, help="folder holding the two zips, if downloaded")
+    p.add_argument("--base-url", default=None,
+                   help="Cityscapes server (default: the official; for mirrors and tests)")
+    p.add_argument("--with-test", action="store_true", help="also extract the test images")
+    p.add_argument("--expect", type=_counts, default=None, metavar="train=N,val=N",
+                   help="expected counts (default: 2975, 500; for tests)")
+    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
+    _download_args(p)
+    _split_args(p, "cityscapes")
+
+    p = sub.add_parser("splits", help="UniMatch's split lists (pinned commit) or seeded stand-ins",
+                       description="Write ROOT/splits/DATASET/{NAME/labeled.txt, "
+                                   "NAME/unlabeled.txt, val.txt} and PROVENANCE.json.")
+    p.add_argument("--root", required=True, help="the prepared dataset folder")
+    p.add_argument("--names", nargs="*", default=None, help="split names (default: all)")
+    p.add_argument("--expect", type=_counts, default=None, metavar="POOL=N,...",
+                   help="pool sizes (train[,train_aug],val) when not the real ones; for tests")
+    p.add_argument("--force", action="store_true",
+                   help="let generated lists replace standard ones")
+    p.add_argument("--retries", type=int, default=4)
+    p.add_argument("--backoff", type=float, default=1.0)
+    _split_args(p, None)
+
+    p = sub.add_parser("verify", help="check a dataset against its split files",
+                       description="Counts per split, every listed file exists, image and mask "
+                                   "sizes agree, mask values in {0..K-1, 255}. Exit 1 on any "
+                                   "problem, naming each bad file.")
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
+    p.add_argument("--splits", nargs="*", default=None,
+                   help="split files, relative to ROOT or absolute (default: ROOT/splits/**/*.txt)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="K (default: 21 voc, 19 cityscapes)")
+    p.add_argument("--no-values", action="store_true",
+                   help="skip decoding masks (existence and sizes only; faster)")
+    p.add_argument("--workers", type=int, default=4, help="threads (default 4)")
+    p.add_argument("--max-listed", type=int, default=20,
+                   help="problems printed per split (default 20)")
+
+    p = sub.add_parser("pretrained", help="torchvision ImageNet weights; check deep-stem files",
+                       description="Download torchvision's ImageNet ResNet weights into the torch "
+                                   "hub cache (model.pretrained: true), and/or check UniMatch's "
+                                   "deep-stem checkpoints (model.pretrained: "
+                                   "pretrained/resnet50.pth) for size, sha256 and an exact load.")
+    p.add_argument("--torchvision", nargs="*", default=[], metavar="ARCH",
+                   help="e.g. resnet50 resnet101")
+    p.add_argument("--url", default=None, help="replace torchvision's URL (one ARCH only)")
+    p.add_argument("--check", nargs="*", default=[], metavar="PATH",
+                   help="deep-stem checkpoints to check, e.g. pretrained/resnet50.pth")
+    p.add_argument("--backbone", default=None,
+                   help="backbone of --check files (default: from the file name)")
+    p.add_argument("--retries", type=int, default=4)
+    p.add_argument("--backoff", type=float, default=1.0)
+    return ap
+
+
+def _fetch_kw(args) -> dict:
+    return {"retries": args.retries, "backoff": args.backoff}
+
+
+def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) -> int:
+    from mlcl.prepare.split_lists import get_splits
+
+    if args.split_mode != "none":
+        get_splits(dataset, args.root, mode=args.split_mode, commit=args.commit,
+                   base_url=args.split_base_url, pools=pools, seed=args.seed,
+                   fetch_kw=_fetch_kw(args))
+    if args.no_verify:
+        return 0
+    return _verify(args.root, layout)
+
+
+def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
+            max_listed=20) -> int:
+    from mlcl.prepare.verify import verify_dataset
+
+    report = verify_dataset(root, layout, splits, num_classes, values, workers)
+    print("\n".join(report.lines(max_listed)), flush=True)
+    return 0 if report.ok else 1
+
+
+def run(args) -> int:
+    if args.cmd == "voc":
+        from mlcl.prepare import voc
+
+        vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename,
+                        md5=args.voc_md5 or voc.VOC.md5)
+        sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename,
+                        md5=args.sbd_md5 or voc.SBD.md5)
+        counts = voc.prepare_voc(args.root, args.downloads, args.aug, vres, sres, args.expect,
+                                 args.keep_staging, args.force, _fetch_kw(args))
+        return _splits_then_verify(args, "pascal", "voc", counts if args.expect else None)
+    if args.cmd == "cityscapes":
+        from mlcl.prepare import cityscapes
+
+        counts = cityscapes.prepare_cityscapes(
+            args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
+            with_test=args.with_test, expected=args.expect, force=args.force)
+        return _splits_then_verify(args, "cityscapes", "cityscapes",
+                                   counts if args.expect else None)
+    if args.cmd == "splits":
+        from mlcl.prepare.split_lists import get_splits
+
+        get_splits(args.dataset, args.root, mode=args.split_mode, names=args.names,
+                   commit=args.commit, base_url=args.split_base_url, pools=args.expect,
+                   seed=args.seed, force=args.force, fetch_kw=_fetch_kw(args))
+        return 0
+    if args.cmd == "verify":
+        return _verify(args.root, args.layout, args.splits, args.num_classes,
+                       not args.no_values, args.workers, args.max_listed)
+    if args.cmd == "pretrained":
+        from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
+
+        if not args.torchvision and not args.check:
+            raise PrepareError("nothing to do: give --torchvision ARCH ... and/or --check PATH ...")
+        if args.url and len(args.torchvision) != 1:
+            raise PrepareError("--url replaces the URL of one --torchvision ARCH only")
+        for arch in args.torchvision:
+            fetch_torchvision(arch, url=args.url, **_fetch_kw(args))
+        for path in args.check:
+            check_checkpoint(path, args.backbone)
+        return 0
+    raise AssertionError(args.cmd)  # pragma: no cover
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
