@@ -142,6 +142,13 @@ def per_image_similarity(f_w: Tensor, f_s: Tensor) -> Tensor:
     return _channel_cos(f_w.float(), f_s.float()).flatten(1).mean(1)
 
 
+def p2p_and_similarity(f_w: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
+    """(:func:`p2p_loss`, :func:`per_image_similarity`) from one cosine map: the MLCL step
+    needs both for every strong view, and the cosine over 256 channels is the costly part."""
+    cos = _channel_cos(f_w.detach().float(), f_s.float())  # (B, h, w)
+    return 1.0 - cos.mean(), cos.detach().flatten(1).mean(1)
+
+
 def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
     """(B, C, P) x (K, C) -> (B, K, P) cosines (norms clamped at COS_EPS like
     nn.CosineSimilarity)."""

@@ -201,8 +201,11 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
     valid_s = valid_w if m.released_passes else valid_w & ~downsample_box(box1, size)
 
     zero = f_s1.new_zeros(())
-    # FKA: point-to-point alignment and prototype compactness (train the encoder)
-    p2p = (losses.p2p_loss(f1, f_s1) + losses.p2p_loss(f2, f_s2)) / 2 if m.use_p2p else zero
+    # FKA: point-to-point alignment and prototype compactness (train the encoder); the same
+    # cosine map gives SAI's per-image similarity v
+    p2p1, v1 = losses.p2p_and_similarity(f1, f_s1)
+    p2p2, v2 = losses.p2p_and_similarity(f2, f_s2)
+    p2p = (p2p1 + p2p2) / 2  # logged even when switched off
     dt = losses.dt_loss(f_w, conf_f, label_f, valid_w, f_s_dt, valid_s, ctx.bank.protos,
                         conf_thresh=m.bank_conf, num_anchors=m.num_anchors,
                         num_candidates=m.num_candidates, pair_by_position=m.pair_by_position,
@@ -210,14 +213,14 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
                         normalise_by_candidates=m.normalise_by_candidates) if m.use_dt else zero
 
     # SAI: perturb the strong features by how well the views already agree (train the decoder)
-    v1, v2 = losses.per_image_similarity(f1, f_s1), losses.per_image_similarity(f2, f_s2)
     sai_w = 0.0 if ctx.epoch < m.warmup_epochs else losses.sai_weight(
         ctx.iteration, ctx.total_iters, m.beta, m.rampup_k)
     loss_mask, loss_noise = zero, zero
     if sai_w > 0 and (m.use_mask or m.use_noise):
         loss_mask, loss_noise = sai_losses(net, p, [(f_s1, v1, box1), (f_s2, v2, box2)], cfg)
 
-    total = p.total + m.alpha * p2p + m.omega * dt + sai_w * (loss_mask + loss_noise)
+    alpha = m.alpha if m.use_p2p else 0.0
+    total = p.total + alpha * p2p + m.omega * dt + sai_w * (loss_mask + loss_noise)
     ctx.bank.update(f_w, label_f, conf_f, valid_w, early_stop=m.bank_early_stop)
     return {"loss": total, **p.terms, "p2p": p2p.detach(), "dt": dt.detach(),
             "mask": loss_mask.detach(), "noise": loss_noise.detach(),
@@ -231,12 +234,14 @@ def sai_losses(net, p: UniMatchPasses, branches, cfg: Config) -> tuple[Tensor, T
     from mlcl.model import upsample
 
     m = cfg.mlcl
+    # released item 2: the second transform of v happens only where the noise branch ran
+    double = m.double_transform and m.use_noise
     maps, targets, valids = [], [], []
     for f_s, v, box in branches:
         target = losses.apply_cutmix(box, p.prob_mix, p.prob_w)
         valid = losses.apply_cutmix(box, p.mix["ignore"], p.batch_ignore) != cfg.data.ignore_index
         if m.use_mask:
-            maps.append(losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, m.double_transform)[0])
+            maps.append(losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, double)[0])
         if m.use_noise:
             maps.append(losses.sai_noise(f_s, v, m.kappa))
         per_branch = int(m.use_mask) + int(m.use_noise)

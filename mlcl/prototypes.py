@@ -2,10 +2,10 @@
 
 ``PrototypeBank`` is an ``nn.Module`` whose (K, C) buffer ``protos`` is part of its
 ``state_dict``, so checkpoints carry it (the released code kept it outside the model and never
-saved it, item 10). The update is vectorised (per-class sums and counts as one-hot matrix products) and
-synchronised: the sums and counts are summed over processes before the update, so every
-process applies the identical update computed from the global batch and the bank stays
-identical everywhere. (The released ``prote.py`` instead updates each process's bank from its
+saved it, item 10). The update is vectorised (per-class sums and counts as one-hot matrix
+products) and synchronised: the sums and counts are summed over processes before the update,
+so every process applies the identical update computed from the global batch and the bank
+stays identical everywhere. (The released ``prote.py`` instead updates each process's bank from its
 local batch and then averages the banks; with one process the two are the same.)
 """
 from __future__ import annotations

@@ -275,6 +275,9 @@ def fit(cfg: Config) -> dict[str, Any]:
                     writer.add_scalar(f"epoch/{k}", v, state.epoch)
         ckpt.save(state)
         metrics = build_metrics(cfg, state, names, acc, total_iters)
+        if bank is not None:  # every process must hold the same bank; record the spread
+            banks = acc.gather(bank.protos.unsqueeze(0))
+            metrics["bank_spread_across_processes"] = float((banks - banks[:1]).abs().max())
         if acc.is_main_process:
             atomic_write_json(out / "metrics.json", metrics)
     if not metrics:  # already complete: re-read what the finished run wrote

@@ -81,6 +81,9 @@ def test_p2p_and_similarity_match_reference(B, C, h, w):
     f_w, f_s = torch.randn(B, C, h, w, generator=g), torch.randn(B, C, h, w, generator=g)
     assert L.p2p_loss(f_w, f_s).item() == pytest.approx(ref_p2p(f_w, f_s), rel=1e-5)
     assert torch.allclose(L.per_image_similarity(f_w, f_s), ref_similarity(f_w, f_s), atol=1e-6)
+    loss, v = L.p2p_and_similarity(f_w, f_s)
+    assert loss.item() == pytest.approx(ref_p2p(f_w, f_s), rel=1e-5)
+    assert torch.allclose(v, ref_similarity(f_w, f_s), atol=1e-6) and not v.requires_grad
 
 
 def test_p2p_zero_for_identical_and_gradient_only_to_strong():

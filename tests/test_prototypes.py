@@ -57,7 +57,8 @@ def test_ema_formula_init_and_absent_class():
     # second step: class 0 only -> EMA for 0; 1 absent keeps its prototype; 2 stays zero
     bank.update(torch.tensor([[4.0, 2.0]]), torch.tensor([0]), torch.tensor([1.0]),
                 torch.tensor([True]))
-    assert torch.allclose(bank.protos[0], 0.9 * torch.tensor([2.0, 0.0]) + 0.1 * torch.tensor([4.0, 2.0]))
+    want0 = 0.9 * torch.tensor([2.0, 0.0]) + 0.1 * torch.tensor([4.0, 2.0])
+    assert torch.allclose(bank.protos[0], want0)
     assert torch.equal(bank.protos[1], torch.tensor([0.0, 5.0]))
     assert torch.equal(bank.protos[2], torch.zeros(2))
     # invalid (ignored) features never count

@@ -166,3 +166,26 @@ def test_two_process_training(synth_root, tmp_path, method):
             "train.max_iters=2")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and metrics["num_processes"] == 2
+    if method == "mlcl":  # both processes hold the identical prototype bank
+        assert metrics["bank_spread_across_processes"] == 0.0
+
+
+def test_bank_round_trips_through_resume(synth_root, tmp_path, monkeypatch):
+    from mlcl.prototypes import PrototypeBank
+
+    out = tmp_path / "run"
+    extra = ("method=mlcl", "mlcl.bank_conf=0.0", "train.max_iters=0")
+    fit(tiny_cfg(synth_root, out, *extra, "train.epochs=1"))
+    latest = out / "checkpoints" / (out / "checkpoints" / "LATEST").read_text().strip()
+    saved = torch.load(latest / "custom_checkpoint_0.pkl", weights_only=True)["protos"]
+    assert saved.abs().sum() > 0
+    seen = []
+    original = PrototypeBank.update
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.protos.detach().clone())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PrototypeBank, "update", spy)
+    fit(tiny_cfg(synth_root, out, *extra, "train.epochs=2"))
+    assert torch.equal(seen[0], saved)  # the resumed run starts from the saved bank

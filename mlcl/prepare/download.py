@@ -150,7 +150,7 @@ def _copy(resp, out, have: int, total: Optional[int], name: str, log: Log) -> in
         got += len(block)
         t = time.monotonic()
         pct = int(100 * got / total) if total else -1
-        if (total and pct >= last_pct + 10) or t - last_t > 30:
+        if (total and total > 4 * CHUNK and pct >= last_pct + 10) or t - last_t > 30:
             speed = (got - have) / max(t - t0, 1e-6)
             of = f" / {human(total)} ({pct}%)" if total else ""
             log(f"  {name}: {human(got)}{of}, {human(speed)}/s")
@@ -161,17 +161,18 @@ def _copy(resp, out, have: int, total: Optional[int], name: str, log: Log) -> in
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
           sha256: Optional[str] = None, sha256_prefix: Optional[str] = None,
           retries: int = 4, timeout: float = 60.0,
-          backoff: float = 1.0, marker: bool = True, log: Log = say) -> Path:
+          backoff: float = 1.0, marker: bool = True, label: Optional[str] = None,
+          log: Log = say) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``.
 
     Skips the download when ``dest.done`` records the same size and checksums (or, with
     ``marker=False``, when ``dest`` already hashes to the expected ``sha256``). A file placed
     at ``dest`` by hand is verified and adopted. On a checksum mismatch the file is removed
     and :class:`ChecksumError` is raised; network errors are retried ``retries`` times, each
-    resuming where the last stopped.
+    resuming where the last stopped. ``label`` names the file in messages (default: its name).
     """
     dest = Path(dest)
-    name = dest.name
+    name = label or dest.name
     expect = (md5, sha256, sha256_prefix)
     if marker and _marker_ok(dest, *expect):
         log(f"[skip] {name}: already downloaded and verified")
@@ -192,7 +193,7 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
             log(f"[skip] {name}: present and verified")
             return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(name + ".part")
+    part = dest.with_name(dest.name + ".part")
     last_error: Optional[BaseException] = None
     for attempt in range(1, retries + 1):
         have = part.stat().st_size if part.is_file() else 0

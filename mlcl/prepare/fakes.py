@@ -124,7 +124,8 @@ class LocalServer:
         return [p for _, p, _ in self.requests]
 
     def start(self) -> "LocalServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -140,10 +141,12 @@ class LocalServer:
 
 
 def serve_cityscapes(server: LocalServer, packages: dict[str, bytes], username: str,
-                     password: str) -> None:
+                     password: str, md5s: Optional[dict[str, str]] = None) -> None:
     """Mimic the endpoints of www.cityscapes-dataset.com that cityscapesscripts' downloader
     uses: GET/POST /login (302 on the right credentials), /downloads/?list,
-    /md5-sum/?packageID=N and /file-handling/?packageID=N (with Range)."""
+    /md5-sum/?packageID=N (``md5s`` overrides the true sums) and /file-handling/?packageID=N
+    (with Range)."""
+    md5s = md5s or {}
     ids = {name: str(i + 1) for i, name in enumerate(sorted(packages))}
     for name, data in packages.items():
         server.files[f"/pkg/{ids[name]}"] = data
@@ -166,7 +169,8 @@ def serve_cityscapes(server: LocalServer, packages: dict[str, bytes], username: 
 
     def md5(h, method, query, body):
         name = {v: k for k, v in ids.items()}[query["packageID"][0]]
-        h.send_bytes(200, f"{hashlib.md5(packages[name]).hexdigest()}  {name}\n".encode())
+        md5 = md5s.get(name) or hashlib.md5(packages[name]).hexdigest()
+        h.send_bytes(200, f"{md5}  {name}\n".encode())
 
     def file(h, method, query, body):
         server._send_file(h, f"/pkg/{query['packageID'][0]}")

@@ -139,6 +139,16 @@ def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = No
                            f"replace them with the standard ones")
     same_source = prov.get("commit") == commit and prov.get("repo") == repo
     files = prov.get("files", {}) if same_source else {}
+    skipped = []
+
+    def quiet_skips(msg: str) -> None:  # one line per file fetched, one for all skipped
+        if msg.startswith("[skip]"):
+            skipped.append(msg)
+        elif not msg.startswith("[download]"):  # the URL is in PROVENANCE.json
+            log(msg)
+
+    log(f"[splits] {dataset}: {repo}@{commit} via {base_url}")
+
     for rel in split_files(dataset, names):
         key = f"{dataset}/{rel}"
         url = f"{base_url.rstrip('/')}/{repo}/{commit}/splits/{key}"
@@ -148,11 +158,14 @@ def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = No
         dest = out / rel
         if dest.is_file() and not expect:
             dest.unlink()  # no provenance for it: fetch again rather than trust it
-        fetch(url, dest, sha256=expect, marker=False, log=log, **(fetch_kw or {}))
+        fetch(url, dest, sha256=expect, marker=False, label=f"splits/{key}", log=quiet_skips,
+              **(fetch_kw or {}))
         files[rel] = {"url": url, "sha256": digests(dest)["sha256"],
                       "lines": len(_lines(dest)),
                       "checksum": "pinned in code" if pinned else "recorded on first fetch",
                       "fetched": files.get(rel, {}).get("fetched") or now()}
+    if skipped:
+        log(f"[skip] {len(skipped)} {dataset} split files already present and verified")
     counts = check_lists(out, dataset, names, pools)
     _write_provenance(out, {
         "standard": True, "source": "UniMatch (Yang et al., CVPR 2023)", "repo": repo,

@@ -9,6 +9,7 @@ name it.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,18 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         parsed[f] = entries
     pairs = sorted({(img, m) for entries in parsed.values() for _, img, m in entries})
     log(f"[verify] {root}: {len(files)} split files, {len(pairs)} distinct image/mask pairs")
+    done, step, lock = [0], max(len(pairs) // 10, 500), threading.Lock()
+
+    def check(pair: tuple[Path, Path]) -> list[str]:
+        problems = check_pair(*pair, k, values)
+        with lock:
+            done[0] += 1
+            if done[0] % step == 0:
+                log(f"  checked {done[0]}/{len(pairs)}")
+        return problems
+
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = dict(zip(pairs, pool.map(lambda p: check_pair(*p, k, values), pairs)))
+        results = dict(zip(pairs, pool.map(check, pairs)))
     for sr in report.splits:
         for lineno, img, m in parsed.get(sr.path, []):
             sr.problems += [f"line {lineno}: {p}" for p in results[(img, m)]]

@@ -1,0 +1,85 @@
+"""data_scripts/verify.py: OK on a good (synthetic) dataset; names each missing or bad file."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlcl.data.synthetic import make_synthetic
+from mlcl.paths import REPO
+from mlcl.prepare import cli
+from mlcl.prepare.verify import verify_dataset
+
+
+def quiet(msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return {layout: make_synthetic(tmp_path_factory.mktemp(layout), num_train=6, num_val=3,
+                                   size=16, layout=layout)
+            for layout in ("voc", "cityscapes")}
+
+
+@pytest.mark.parametrize("layout", ["voc", "cityscapes"])
+def test_synthetic_dataset_is_ok(synth, layout):
+    report = verify_dataset(synth[layout], layout, num_classes=7, log=quiet)
+    assert report.ok, "\n".join(report.lines())
+    counts = {s.path.relative_to(synth[layout]).as_posix(): s.count for s in report.splits}
+    assert counts["splits/train.txt"] == 6 and counts["splits/val.txt"] == 3
+
+
+def test_script_reports_each_bad_file_and_exits_1(synth, tmp_path):
+    root = tmp_path / "voc"
+    shutil.copytree(synth["voc"], root)
+    (root / "SegmentationClass" / "train_000001.png").unlink()  # missing mask
+    big = Image.new("L", (20, 16))  # size mismatch (images are 16x16)
+    big.save(root / "SegmentationClass" / "train_000002.png")
+    bad = np.zeros((16, 16), np.uint8)
+    bad[0, 0] = 9  # out of range for K=7 (and not 255)
+    Image.fromarray(bad).save(root / "SegmentationClass" / "val_000000.png")
+    (root / "JPEGImages" / "train_000003.jpg").unlink()  # missing image
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "data_scripts" / "verify.py"), "--root", str(root),
+         "--layout", "voc", "--num-classes", "7", "--splits", "splits/train.txt",
+         "splits/val.txt"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "missing mask" in out and "train_000001.png" in out
+    assert "size mismatch" in out and "train_000002" in out and "20x16" in out
+    assert "labels [9]" in out and "val_000000.png" in out
+    assert "missing image" in out and "train_000003.jpg" in out
+    assert out.strip().splitlines()[-1] == "FAILED"
+    assert "splits/val.txt: 3 samples, 1 problem(s)" in out
+
+
+def test_malformed_lines_and_missing_split_files(synth, tmp_path, capsys):
+    root = synth["voc"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a b c\n# comment only\n")
+    assert cli.main(["verify", "--root", str(root), "--layout", "voc",
+                     "--splits", str(bad), "splits/nope.txt"]) == 1
+    out = capsys.readouterr().out
+    assert "line 1: expected an id or 'image mask'" in out
+    assert "splits/nope.txt does not exist" in out
+
+
+def test_no_split_files_is_a_failure(tmp_path, capsys):
+    assert cli.main(["verify", "--root", str(tmp_path), "--layout", "cityscapes"]) == 1
+    assert "no split files" in capsys.readouterr().out
+
+
+def test_every_data_script_answers_help():
+    scripts = sorted((REPO / "data_scripts").glob("*.py"))
+    assert {p.name for p in scripts} >= {"prepare_voc.py", "prepare_cityscapes.py",
+                                         "fetch_splits.py", "verify.py", "fetch_pretrained.py"}
+    for p in scripts:
+        proc = subprocess.run([sys.executable, str(p), "--help"], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0 and "usage:" in proc.stdout, (p, proc.stderr)
