@@ -131,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlcl.model import PretrainedWeightsError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, PretrainedWeightsError) as e:
         # Bad input: one line naming the culprit, no traceback (MLCL_DEBUG=1 shows it).
         if os.environ.get("MLCL_DEBUG"):
             raise

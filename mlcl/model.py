@@ -20,6 +20,8 @@ file. Anything that cannot be loaded exactly is a :class:`PretrainedWeightsError
 """
 from __future__ import annotations
 
+import os
+
 import re
 import socket
 from pathlib import Path
@@ -361,6 +363,8 @@ def fetch_torchvision_weights(backbone: str) -> Path:
     if path.is_file():
         return path
     try:
+        if os.environ.get("MLCL_OFFLINE"):
+            raise RuntimeError("downloads disabled by MLCL_OFFLINE")
         _download(url, path)
     except Exception as e:
         raise PretrainedWeightsError(

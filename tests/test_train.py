@@ -125,6 +125,14 @@ def test_cli_bad_input_is_one_line(synth_root, tmp_path):
     wrong = mlcl_cli("evaluate", "--checkpoint", str(out / "best.pt"), "data.num_classes=5",
                      "data.class_names=[a,b,c,d,e]", check=False)
     assert wrong.returncode == 2 and "best.pt" in wrong.stderr and "num_classes" in wrong.stderr
+    offline = subprocess.run(
+        [sys.executable, "-m", "mlcl", "train", "--config", "synthetic", f"data.root={synth_root}",
+         f"output_dir={tmp_path / 'pre'}", "model.backbone=resnet18", "model.width=64",
+         "model.pretrained=true"],
+        env={**ENV, "TORCH_HOME": str(tmp_path / "hub"), "MLCL_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=120)
+    assert offline.returncode == 2 and "resnet18" in offline.stderr, offline.stderr
+    assert "Traceback" not in offline.stderr
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     bad = mlcl_cli("evaluate", "--checkpoint", str(garbage), check=False)
