@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Check a dataset against its split files: counts, files exist, image/mask sizes agree, mask
+r"""Check a dataset against its split files: counts, files exist, image/mask sizes agree, mask
 values in {0..K-1, 255}. Exit status 1 (and each bad file named) on any problem.
 
     python data_scripts/verify.py --root data/VOC2012 --layout voc
-    python data_scripts/verify.py --root data/cityscapes --layout cityscapes --splits splits/cityscapes/1_8/labeled.txt
+    python data_scripts/verify.py --root data/cityscapes --layout cityscapes \
+        --splits splits/cityscapes/1_8/labeled.txt
 
 The same as `python -m mlcl data verify ...`; `--help` lists the options. Run-book:
 docs/real_data.md.

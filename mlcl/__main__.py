@@ -109,10 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="download / prepare / verify real datasets (see --help)",
-                       add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("mlcl.prepare.cli", fromlist=["main"]).main(a.args))
+    # `data` and `bench` hand their whole argument list to their own parsers (see main)
+    sub.add_parser("data", help="download / prepare / verify real datasets (data --help)")
+    sub.add_parser("bench", help="time training steps, FKA/SAI and the data pipeline")
 
     p = sub.add_parser("reproduce", help="run a grid of runs (skips complete ones)")
     from mlcl import reproduce
@@ -120,19 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)
 
-    p = sub.add_parser("bench", help="time training steps, FKA/SAI and the data pipeline")
-    p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: __import__("mlcl.bench", fromlist=["main"]).main(a.args))
-
     p = sub.add_parser("demo", help="the short CPU demo: synthetic data, train, evaluate")
     p.add_argument("--out", default=None, help="runs folder (default runs/demo)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+PASS_THROUGH = {"data": "mlcl.prepare.cli", "bench": "mlcl.bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from mlcl.model import PretrainedWeightsError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASS_THROUGH:
+        module = __import__(PASS_THROUGH[argv[0]], fromlist=["main"])
+        return module.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

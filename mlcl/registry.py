@@ -1,14 +1,32 @@
-"""The results registry: one JSON per run (config, git commit, environment, metrics,
-timings) under ``runs/registry/``. The figures notebook and mlcl.viz read only this."""
+"""The results registry: one JSON per run under ``runs/registry/<name>.json``, written
+atomically. The figures notebook and mlcl.viz read only this.
+
+An entry::
+
+    {"name": "synthetic-1_16-mlcl-paper-s0",
+     "run": {"preset", "split", "method", "variant", "ablation", "seed", "overrides"},
+     "grid": "synthetic-study" | null,
+     "config": {...the resolved config tree...},
+     "metrics": {...output_dir/metrics.json: best/last mIoU and epoch, per-class IoU,
+                 per-epoch losses, iterations...},
+     "git_commit": "...", "environment": {"python", "torch", "platform", "cuda", ...},
+     "timings": {"train_s", "iterations", "s_per_iter", "recorded_at", ...},
+     "wall_time_s": float, "synthetic": bool, "output_dir": "/abs/path", ...}
+
+``runs_frame(entries)`` flattens entries to one row per run for tables.
+"""
 from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
 from mlcl import paths
 from mlcl.io import atomic_write_json
+
+RUN_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
 
 
 def registry_dir(root: str | Path | None = None) -> Path:
@@ -19,19 +37,55 @@ def environment() -> dict[str, Any]:
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform(), "cuda": torch.cuda.is_available()}
+           "platform": platform.platform(), "cuda": torch.cuda.is_available(),
+           "host": platform.node()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpus"] = torch.cuda.device_count()
     return env
+
+
+def is_synthetic(config: dict[str, Any]) -> bool:
+    """A run on the synthetic shapes data (its numbers are not VOC / Cityscapes results)."""
+    return config.get("data", {}).get("dataset") == "synthetic"
 
 
 def record_run(name: str, metrics: dict[str, Any], config: dict[str, Any],
                root: str | Path | None = None, **extra: Any) -> Path:
-    """Write (atomically) the registry entry ``<root>/<name>.json`` and return its path."""
+    """Write (atomically) the registry entry ``<root>/<name>.json`` and return its path.
+    ``extra`` adds top-level keys (``run``, ``grid``, ``notebook``, ``timings`` ...)."""
+    iters = metrics.get("iterations") or 0
+    train_s = metrics.get("wall_time_s")
+    timings = {"train_s": train_s, "iterations": iters,
+               "s_per_iter": (train_s / iters) if train_s and iters else None,
+               "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               **extra.pop("timings", {})}
     entry = {"name": name, "config": config, "metrics": metrics, "environment": environment(),
-             "git_commit": metrics.get("git_commit"), "wall_time_s": metrics.get("wall_time_s"),
-             "synthetic": config.get("data", {}).get("dataset") == "synthetic", **extra}
+             "git_commit": metrics.get("git_commit"), "wall_time_s": train_s,
+             "timings": timings, "synthetic": is_synthetic(config),
+             "output_dir": metrics.get("output_dir") or config.get("output_dir"), **extra}
     return atomic_write_json(registry_dir(root) / f"{name}.json", entry)
+
+
+def record_output_dir(name: str, output_dir: str | Path, root: str | Path | None = None,
+                      **extra: Any) -> Path:
+    """Record a finished run from what training left in ``output_dir`` (metrics.json and
+    config.yaml); the output dir is stored as an absolute path."""
+    import yaml
+
+    out = Path(output_dir).resolve()
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    metrics = {**metrics, "output_dir": str(out)}
+    return record_run(name, metrics, config, root, **extra)
+
+
+def load_entry(name: str, root: str | Path | None = None) -> dict[str, Any] | None:
+    path = registry_dir(root) / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def load_registry(root: str | Path | None = None) -> list[dict[str, Any]]:
@@ -43,3 +97,45 @@ def load_registry(root: str | Path | None = None) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             print(f"warning: skipping unreadable registry entry {path} ({e})")
     return out
+
+
+def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    """(preset, split, method, variant, ablation, seed) of an entry: its ``run`` record, or
+    what the config says for entries written without one (preset = dataset name)."""
+    run = dict(entry.get("run") or {})
+    cfg = entry.get("config") or {}
+    metrics = entry.get("metrics") or {}
+    method = run.get("method") or cfg.get("method") or metrics.get("method")
+    variant = run.get("variant") or (cfg.get("mlcl") or {}).get("variant") or "paper"
+    return {"preset": run.get("preset") or (cfg.get("data") or {}).get("dataset"),
+            "split": str(run.get("split") or cfg.get("split") or metrics.get("split") or ""),
+            "method": method,
+            "variant": variant if method == "mlcl" else "",
+            "ablation": run.get("ablation") or "",
+            "seed": int(run.get("seed", cfg.get("seed", metrics.get("seed", 0))) or 0)}
+
+
+def runs_frame(entries: list[dict[str, Any]]):
+    """One row per entry: name, preset, dataset, split, method, variant, ablation, seed,
+    best/last mIoU and epoch, iterations, complete, synthetic, wall time, output_dir, grid."""
+    import pandas as pd
+
+    rows = []
+    for e in entries:
+        m = e.get("metrics") or {}
+        cfg = e.get("config") or {}
+        rows.append({"name": e.get("name"), **run_fields(e),
+                     "dataset": (cfg.get("data") or {}).get("dataset") or m.get("dataset"),
+                     "best_miou": m.get("best_miou"), "last_miou": m.get("last_miou"),
+                     "best_epoch": m.get("best_epoch"), "last_epoch": m.get("last_epoch"),
+                     "iterations": m.get("iterations"), "complete": bool(m.get("complete")),
+                     "synthetic": bool(e.get("synthetic", is_synthetic(cfg))),
+                     "wall_time_s": e.get("wall_time_s"), "output_dir": e.get("output_dir"),
+                     "grid": e.get("grid")})
+    columns = ["name", *RUN_KEYS, "dataset", "best_miou", "last_miou", "best_epoch",
+               "last_epoch", "iterations", "complete", "synthetic", "wall_time_s",
+               "output_dir", "grid"]
+    df = pd.DataFrame(rows, columns=columns)
+    for col in ("best_miou", "last_miou", "wall_time_s"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df

@@ -1,8 +1,17 @@
 """Batch reproduction: run every cell of a grid (mlcl.grids), skipping runs that are already
-complete, going on past a failed run and listing the failures at the end.
+complete, going on past a failed run and listing the failures at the end, then build the
+figures from the results registry.
 
-Each run trains through the CLI in its own process (``--executor cli``); runs execute ``jobs``
-at a time, one OpenMP thread each. Finished runs are recorded in the results registry.
+    python -m mlcl reproduce --grid synthetic-study --jobs 2 data.root=data/synthetic
+
+Executors: ``papermill`` (default) executes ``notebooks/run.ipynb`` once per run, each in its
+own kernel, and keeps the executed notebook as ``runs/cells/<name>/run.ipynb``; ``cli`` trains
+through ``python -m mlcl train`` in a subprocess. Either way a run's output dir is
+``<runs>/cells/<Run.name>`` and its registry entry ``<runs>/registry/<Run.name>.json``; a run
+whose metrics.json says complete is skipped (and recorded if its entry is missing). Runs
+execute ``jobs`` at a time with one OpenMP thread each. With ``num_processes > 1`` every run
+trains through ``accelerate launch`` (multi-GPU). Finally ``notebooks/figures.ipynb`` is
+executed (into ``<runs>/notebooks/``) and writes into figures/ (or ``--figures DIR``).
 """
 from __future__ import annotations
 
@@ -14,16 +23,25 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-import yaml
+from mlcl import grids, paths
+from mlcl.grids import GRIDS, Run
+from mlcl.registry import load_entry, record_output_dir
 
-from mlcl import paths
-from mlcl.grids import GRIDS, Run, build_grid
-from mlcl.registry import record_run
+EXECUTORS = ("papermill", "cli")
+RUN_NOTEBOOK = paths.NOTEBOOKS / "run.ipynb"
+FIGURES_NOTEBOOK = paths.NOTEBOOKS / "figures.ipynb"
+
+
+def thread_env() -> dict[str, str]:
+    """The environment of every child: one OpenMP / MKL thread (2-core machines shared by
+    several runs slowed down 10-17x with more)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def is_complete(out: Path) -> bool:
-    path = out / "metrics.json"
+    path = Path(out) / "metrics.json"
     if not path.is_file():
         return False
     try:
@@ -32,50 +50,157 @@ def is_complete(out: Path) -> bool:
         return False
 
 
-def run_cli(run: Run, out: Path, overrides: list[str], log: Path) -> int:
-    cmd = [sys.executable, "-m", "mlcl", "train", "--config", run.preset, f"output_dir={out}",
-           *run.config_overrides(), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def run_record(run: Run) -> dict[str, Any]:
+    return {"preset": run.preset, "split": run.split, "method": run.method,
+            "variant": run.variant, "ablation": run.ablation, "seed": run.seed,
+            "overrides": list(run.overrides)}
+
+
+# --------------------------------------------------------------------------- training
+def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> list[str]:
+    """``python -m mlcl train`` for the preset and overrides; through ``accelerate launch``
+    with ``num_processes`` processes when more than one."""
+    train = ["-m", "mlcl", "train", "--config", preset, *overrides]
+    if num_processes <= 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", *train]
+
+
+def train(preset: str, overrides: list[str], num_processes: int = 1) -> dict[str, Any]:
+    """Train (or resume) a run and return its metrics: in this process with
+    mlcl.train.fit, or with ``num_processes > 1`` through ``accelerate launch`` in a
+    subprocess whose output is streamed here (the run notebook calls this)."""
+    from mlcl.config import load_config
+
+    cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
+    if num_processes <= 1:
+        from mlcl.train import fit
+
+        return fit(cfg)
+    proc = subprocess.Popen(train_command(preset, overrides, num_processes), env=thread_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    if proc.wait() != 0:
+        raise RuntimeError(f"accelerate launch of {num_processes} processes failed "
+                           f"(exit {proc.returncode})")
+    return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+
+
+def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
+            num_processes: int = 1) -> int:
+    cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
+                        num_processes)
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
-        return subprocess.call(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.call(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
 
 
+def run_parameters(run: Run, out: Path, registry: Path, overrides: list[str], grid: str | None,
+                   num_processes: int = 1, notebook: Path | None = None) -> dict[str, Any]:
+    """The run notebook's parameters for one grid cell."""
+    return {"preset": run.preset, "split": run.split, "method": run.method,
+            "variant": run.variant, "seed": run.seed, "ablation": run.ablation,
+            "overrides": [*run.overrides, *overrides], "output_dir": str(out),
+            "registry_dir": str(registry), "grid": grid or "", "run_name": run.name,
+            "num_processes": num_processes, "executed_notebook": str(notebook or "")}
+
+
+def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log: Path,
+                  cwd: str | Path | None = None) -> int:
+    """Execute ``notebook`` with papermill in a fresh kernel (its own process) into
+    ``output``; cell outputs go to ``log``. Returns papermill's exit status."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(output),
+           "-y", json.dumps(parameters), "--kernel", "python3", "--no-progress-bar",
+           "--log-output", "--cwd", str(cwd or os.getcwd())]
+    with open(log, "w") as fh:
+        fh.write(" ".join(cmd) + "\n")
+        fh.flush()
+        return subprocess.call(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+
+
+def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "figures",
+                parameters: dict[str, Any] | None = None) -> tuple[int, Path]:
+    """Execute the figures notebook on ``<runs_root>/registry``; returns (status, the
+    executed notebook)."""
+    out = runs_root / "notebooks" / f"{name}.ipynb"
+    params = {"registry_dir": str(runs_root / "registry"),
+              "figures_dir": str(figures_dir or paths.figures_dir()), **(parameters or {})}
+    rc = run_papermill(FIGURES_NOTEBOOK, out, params, out.with_suffix(".log"))
+    return rc, out
+
+
+# --------------------------------------------------------------------------- the grid
 def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] | None = None,
-              jobs: int = 1, only: str | None = None) -> dict[str, list[str]]:
-    """Run the grid; returns {'done': [...], 'skipped': [...], 'failed': [...]} (run names)."""
+              jobs: int = 1, only: str | None = None, executor: str = "papermill",
+              figures: bool = True, figures_dir: Path | None = None, num_processes: int = 1,
+              runs: list[Run] | None = None) -> dict[str, list[str]]:
+    """Run the grid (or the given ``runs``); returns {'done', 'skipped', 'failed'} (run
+    names) and 'figures' (the executed figures notebook, when it ran and succeeded)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     root = Path(runs_root) if runs_root else paths.runs_dir()
-    runs = [r for r in build_grid(grid) if not only or only in r.name]
-    result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    root = root.resolve()
+    registry = root / "registry"
+    todo = [r for r in (runs if runs is not None else grids.build_grid(grid))
+            if not only or only in r.name]
+    overrides = list(overrides or [])
+    result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
+    logs: dict[str, Path] = {}
+
+    def record(run: Run, out: Path, notebook: Path | None) -> None:
+        record_output_dir(run.name, out, registry, grid=grid, run=run_record(run),
+                          executor=executor, notebook=str(notebook) if notebook else None)
 
     def one(run: Run) -> None:
         out = root / "cells" / run.name  # shared by every grid that holds the run
         if is_complete(out):
+            if load_entry(run.name, registry) is None:  # trained, never recorded
+                record(run, out, None)
             result["skipped"].append(run.name)
             return
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        rc = run_cli(run, out, list(overrides or []), out.parent / f"{run.name}.log")
+        log = logs[run.name] = out.parent / f"{run.name}.log"
+        notebook = None
+        if executor == "cli":
+            rc = run_cli(run, out, overrides, log, num_processes)
+        else:
+            notebook = out / "run.ipynb"
+            params = run_parameters(run, out, registry, overrides, grid, num_processes, notebook)
+            rc = run_papermill(RUN_NOTEBOOK, notebook, params, log)
         if rc == 0 and is_complete(out):
+            if executor == "cli" or load_entry(run.name, registry) is None:
+                record(run, out, notebook)
             metrics = json.loads((out / "metrics.json").read_text())
-            config = yaml.safe_load((out / "config.yaml").read_text())
-            record_run(run.name, metrics, config, root / "registry", grid=grid,
-                       run={"preset": run.preset, "split": run.split, "method": run.method,
-                            "variant": run.variant, "ablation": run.ablation, "seed": run.seed})
             result["done"].append(run.name)
             print(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
                   f"{metrics['best_miou']:.2f})", flush=True)
         else:
             result["failed"].append(run.name)
-            print(f"  FAILED  {run.name} (exit {rc}; log {out.parent / (run.name + '.log')})",
-                  flush=True)
+            print(f"  FAILED  {run.name} (exit {rc}; log {log}"
+                  f"{'; notebook ' + str(notebook) if notebook else ''})", flush=True)
 
-    print(f"grid {grid}: {len(runs)} runs, {jobs} at a time", flush=True)
+    print(f"grid {grid}: {len(todo)} runs, {jobs} at a time, executor {executor}", flush=True)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        list(pool.map(one, runs))
+        list(pool.map(one, todo))
+    if figures:
+        rc, nb = run_figures(root, figures_dir, f"figures-{grid}")
+        if rc == 0:
+            result["figures"].append(str(nb))
+            print(f"figures written to {figures_dir or paths.figures_dir()} (notebook {nb})")
+        else:
+            result["failed"].append("figures")
+            print(f"  FAILED  figures notebook (exit {rc}; log {nb.with_suffix('.log')})")
+    print(f"{len(result['done'])} done, {len(result['skipped'])} skipped (complete), "
+          f"{len(result['failed'])} failed", flush=True)
     if result["failed"]:
-        print("failed runs:\n  " + "\n  ".join(result["failed"]))
+        print("failed:\n  " + "\n  ".join(
+            f"{n}  (log {logs[n]})" if n in logs else n for n in result["failed"]), flush=True)
     return result
 
 
@@ -84,11 +209,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default=None, help="runs folder (default: runs/ or $MLCL_RUNS)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     p.add_argument("--only", default=None, help="only runs whose name contains this")
+    p.add_argument("--executor", choices=EXECUTORS, default="papermill",
+                   help="papermill: the run notebook per run (default); cli: mlcl train")
+    p.add_argument("--num-processes", type=int, default=1,
+                   help="processes (GPUs) per run, through accelerate launch when > 1")
+    p.add_argument("--figures", default=None,
+                   help="folder for the figures notebook's output (default: figures/)")
+    p.add_argument("--no-figures", action="store_true", help="do not run the figures notebook")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every run, e.g. data.root=DIR")
 
 
 def main(args) -> int:
     result = reproduce(args.grid, runs_root=args.runs, overrides=args.overrides,
-                       jobs=args.jobs, only=args.only)
+                       jobs=args.jobs, only=args.only, executor=args.executor,
+                       figures=not args.no_figures,
+                       figures_dir=Path(args.figures) if args.figures else None,
+                       num_processes=args.num_processes)
     return 1 if result["failed"] else 0

@@ -57,7 +57,8 @@ def test_deepstem_check_records_then_enforces_the_sha256(tmp_path):
     prov = json.loads((tmp_path / "PROVENANCE.json").read_text())
     assert prov["resnet50.pth"]["sha256"] == entry["sha256"] == hashlib.sha256(
         ckpt.read_bytes()).hexdigest()
-    assert entry["checksum"] == "recorded on first check" and entry["backbone"] == "resnet50_deepstem"
+    assert entry["checksum"] == "recorded on first check"
+    assert entry["backbone"] == "resnet50_deepstem"
     check_checkpoint(ckpt, width=8, log=quiet)  # unchanged: fine
     small_deepstem(ckpt)  # a different file under the same name
     with pytest.raises(ChecksumError, match="differs from the one recorded"):

@@ -272,8 +272,8 @@ def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, s
         raise ValueError(f"layout must be voc or cityscapes, got {layout!r}")
     if classes < 2:
         raise ValueError(f"classes counts the background and must be >= 2, got {classes}")
-    if num_train < 1 or num_val < 1 or size < 8:
-        raise ValueError("need num_train >= 1, num_val >= 1 and size >= 8")
+    if num_train < 1 or num_val < 1 or size < 16:
+        raise ValueError("need num_train >= 1, num_val >= 1 and size >= 16")
     out = Path(out)
     h, w = size, (2 * size if layout == "cityscapes" else size)
     palette = voc_palette()

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _download_args(p)
     _split_args(p, "pascal")
 
-    p = sub.add_parser("cityscapes", help="Cityscapes fine: zips or account, trainIds, splits, verify",
+    p = sub.add_parser("cityscapes",
+                       help="Cityscapes fine: zips or account, trainIds, splits, verify",
                        description="Use leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip "
                                    "from --zips or the downloads folder, or download them with "
                                    "cityscapesscripts using the account in CITYSCAPES_USERNAME / "

@@ -234,8 +234,9 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
             log(f"  {name}: attempt {attempt} failed ({last_error}); retrying in {wait:.0f} s")
             time.sleep(wait)
     else:
+        have = part.stat().st_size if part.is_file() else 0
         raise DownloadError(f"{url}: gave up after {retries} attempts ({last_error}); "
-                            f"run again to resume from {human(part.stat().st_size if part.is_file() else 0)}")
+                            f"run again to resume from {human(have)}")
     try:
         got = _verify(part, *expect)
     except ChecksumError as e:

@@ -250,8 +250,8 @@ def make_sbd_tgz(path: str | Path, train: list[str], val: list[str],
         for i in sorted(set(train) | set(val)):
             seg = _labels(h, w, rng, 21, border=False)
             buf = io.BytesIO()
-            scipy.io.savemat(buf, {"GTcls": {
-                "Segmentation": seg, "CategoriesPresent": np.unique(seg[seg > 0]).astype(np.uint8)}})
+            present = np.unique(seg[seg > 0]).astype(np.uint8)
+            scipy.io.savemat(buf, {"GTcls": {"Segmentation": seg, "CategoriesPresent": present}})
             _add(tar, f"{base}/cls/{i}.mat", buf.getvalue())
             _add(tar, f"{base}/img/{i}.jpg", _jpg(h, w, rng))
         _add(tar, f"{base}/train.txt", "".join(f"{i}\n" for i in train).encode())

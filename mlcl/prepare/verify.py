@@ -54,8 +54,10 @@ class Report:
         return out
 
 
-def parse_lines(path: Path, root: Path, layout: str) -> tuple[list[tuple[int, Path, Optional[Path]]],
-                                                             list[str]]:
+Entry = tuple[int, Path, Path]  # (line number, image, mask)
+
+
+def parse_lines(path: Path, root: Path, layout: str) -> tuple[list[Entry], list[str]]:
     """(line number, image, mask) per entry of a split file, and the malformed lines."""
     entries, bad = [], []
     for lineno, raw in enumerate(path.read_text().splitlines(), start=1):

@@ -16,17 +16,16 @@ SegmentationClassAug was built and what UniMatch's ``SegmentationClass`` folder 
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from PIL import Image
 
-from mlcl.prepare.download import (Log, PrepareError, Resource, Steps, extract, fetch, say)
+from mlcl.io import atomic_write
+from mlcl.prepare.download import Log, PrepareError, Resource, Steps, extract, fetch, say
 
 VOC = Resource(
     url="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
@@ -38,8 +37,10 @@ SBD = Resource(
 COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
 
 _VOC_MEMBER = re.compile(
-    r"^(?:\./)?VOCdevkit/VOC2012/(JPEGImages|SegmentationClass|ImageSets/Segmentation)/([^/]+)$")
-_SBD_MEMBER = re.compile(r"^(?:\./)?benchmark_RELEASE/dataset/(cls/[^/]+\.mat|train\.txt|val\.txt)$")
+    r"^(?:\./)?VOCdevkit/VOC2012/"
+    r"(JPEGImages|SegmentationClass|ImageSets/Segmentation)/([^/]+)$")
+_SBD_MEMBER = re.compile(
+    r"^(?:\./)?benchmark_RELEASE/dataset/(cls/[^/]+\.mat|train\.txt|val\.txt)$")
 _AUG_MEMBER = re.compile(r"(?:^|/)SegmentationClassAug/([^/]+\.png)$")
 
 
@@ -47,17 +48,6 @@ def read_ids(path: Path) -> list[str]:
     if not path.is_file():
         raise PrepareError(f"{path} is missing: the archive did not contain it")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_atomic(dst: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def sbd_mat_to_png(mat: Path, png: Path, palette: list[int]) -> None:
@@ -70,7 +60,7 @@ def sbd_mat_to_png(mat: Path, png: Path, palette: list[int]) -> None:
         raise PrepareError(f"{mat}: cannot read GTcls.Segmentation ({type(e).__name__}: {e})")
     img = Image.fromarray(np.asarray(seg, dtype=np.uint8))
     img.putpalette(palette)
-    _write_atomic(png, lambda p: img.save(p, format="PNG"))
+    atomic_write(png, lambda p: img.save(p, format="PNG"))
 
 
 def _check_counts(counts: dict[str, int], expected: dict[str, int], what: str) -> None:
@@ -144,8 +134,8 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
         if src.is_file():
             aug_dir = staging / "aug"
             if not steps.get("aug-extract"):
-                n = extract(src, aug_dir, lambda name: (m := _AUG_MEMBER.search(name)) and m.group(1),
-                            log)
+                n = extract(src, aug_dir,
+                            lambda name: (m := _AUG_MEMBER.search(name)) and m.group(1), log)
                 steps.done("aug-extract", archive=src.name, files=n)
         elif src.is_dir():
             aug_dir = src
@@ -177,7 +167,7 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
             if dst.is_file():  # written atomically by an interrupted earlier run
                 made["kept"] += 1
             elif fine.is_file():
-                _write_atomic(dst, lambda p: shutil.copyfile(fine, p))
+                atomic_write(dst, lambda p: shutil.copyfile(fine, p))
                 made["voc"] += 1
             elif i in val_set:
                 raise PrepareError(f"val image {i} has no mask in {fine_dir}")
@@ -188,7 +178,7 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
                 if src.suffix == ".mat":
                     sbd_mat_to_png(src, dst, palette)
                 else:
-                    _write_atomic(dst, lambda p: shutil.copyfile(src, p))
+                    atomic_write(dst, lambda p: shutil.copyfile(src, p))
                 made["aug"] += 1
             if k % 2000 == 0:
                 log(f"  masks: {k}/{len(wanted)}")

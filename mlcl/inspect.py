@@ -1,0 +1,304 @@
+"""Looking inside trained checkpoints, for the notebooks: predictions on validation images,
+the SAI perturbations of a batch of unlabeled images, pixel features and class prototypes.
+
+Every method quantity comes from the package (``model.encode/decode``, ``mlcl.losses``); what
+is computed here is only for display (PCA colours, 2-D embeddings, a compactness measure).
+Features are taken in eval mode (batch-norm running statistics), whereas training computes
+them in train mode; the shapes of the maps are the training ones.
+
+    ck = load_checkpoint("runs/cells/NAME/best.pt")
+    views = sai_views(ck.model, unlabeled_batch(ck.cfg, 4), ck.cfg, double_transform=False)
+    fs = feature_set("mlcl", ck, num_images=16)
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlcl import losses, paths
+from mlcl.config import Config
+
+
+# --------------------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoint:
+    model: Any  # DeepLabV3Plus in eval mode
+    cfg: Config
+    class_names: list[str]
+    bank: Tensor | None  # (K, C) prototypes of an MLCL run, None otherwise
+    epoch: int | None
+    miou: float | None
+    path: Path
+
+    @property
+    def method(self) -> str:
+        return self.cfg.method
+
+
+def fix_data_root(cfg: Config) -> Config:
+    """A relative data.root is taken from the current folder, else from the checkout (runs
+    launched from the repository root store ``data/synthetic``)."""
+    root = Path(cfg.data.root).expanduser()
+    if cfg.data.root and not root.is_absolute() and not root.exists():
+        candidate = paths.REPO / root
+        if candidate.exists():
+            cfg.data.root = str(candidate)
+    return cfg
+
+
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Checkpoint:
+    """A ``best.pt``/``last.pt`` with its config, class names and prototype bank."""
+    from mlcl.predict import load_weights
+
+    model, cfg, names = load_weights(path, overrides)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    bank = (raw.get("bank") or {}).get("protos")
+    names = names or [f"class_{i}" for i in range(cfg.data.num_classes)]
+    return Checkpoint(model.eval(), fix_data_root(cfg), names, bank, raw.get("epoch"),
+                      raw.get("miou"), Path(path))
+
+
+def evaluate_checkpoint(ck: Checkpoint) -> dict[str, Any]:
+    """mIoU of the checkpoint on its validation split (mlcl.evaluate, one process)."""
+    from mlcl.data.datasets import ValDataset
+    from mlcl.evaluate import evaluate
+    from mlcl.train import make_accelerator
+
+    acc = make_accelerator(ck.cfg)
+    model = ck.model.to(acc.device)
+    result = evaluate(model, ValDataset(ck.cfg, ck.cfg.split_path("val_split")), ck.cfg, acc)
+    ck.model = model.cpu()
+    return {"miou": result["miou"], "iou": dict(zip(ck.class_names, result["iou"])),
+            "num_images": result["num_images"], "checkpoint": str(ck.path)}
+
+
+# --------------------------------------------------------------------------- images
+def denormalise(x: Tensor, cfg: Config) -> np.ndarray:
+    """A normalised (3, H, W) image -> uint8 (H, W, 3)."""
+    mean = torch.tensor(cfg.data.aug.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.data.aug.std).view(3, 1, 1)
+    img = (x.detach().cpu().float() * std + mean).clamp(0, 1)
+    return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def spread_indices(total: int, n: int) -> list[int]:
+    """``n`` indices spread evenly over ``range(total)`` (deterministic)."""
+    n = max(1, min(n, total))
+    return sorted({int(i) for i in np.linspace(0, total - 1, n)})
+
+
+@torch.no_grad()
+def predict_val(checkpoints: dict[str, Checkpoint], num_images: int = 4) -> dict[str, Any]:
+    """The same validation images through several checkpoints (the first one's data).
+
+    Returns {'images': [uint8 (H, W, 3)], 'targets': [(H, W)], 'preds': {label: [(H, W)]},
+    'ids', 'dataset', 'class_names'}."""
+    from mlcl.data.datasets import ValDataset
+    from mlcl.evaluate import predict_logits
+
+    first = next(iter(checkpoints.values()))
+    ds = ValDataset(first.cfg, first.cfg.split_path("val_split"))
+    idx = spread_indices(len(ds), num_images)
+    items = [ds[i] for i in idx]
+    preds = {}
+    for label, ck in checkpoints.items():
+        ck.model.eval()
+        preds[label] = [predict_logits(ck.model, it["x"][None], ck.cfg).argmax(1)[0].numpy()
+                        for it in items]
+    return {"images": [denormalise(it["x"], first.cfg) for it in items],
+            "targets": [it["y"].numpy() for it in items], "preds": preds,
+            "ids": [it["id"] for it in items], "dataset": first.cfg.data.dataset,
+            "class_names": first.class_names}
+
+
+def unlabeled_batch(cfg: Config, num_images: int = 4, seed: int = 0) -> dict[str, Any]:
+    """A batch of unlabeled training samples with their training views (w, s1, s2, ignore,
+    box1, box2), the augmentations drawn from ``seed``."""
+    from torch.utils.data import default_collate
+
+    from mlcl.data.datasets import UnlabeledDataset
+
+    ds = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split"))
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return default_collate([ds[i] for i in spread_indices(len(ds), num_images)])
+
+
+# --------------------------------------------------------------------------- SAI
+@torch.no_grad()
+def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool = False,
+              seed: int = 0, cutmix: bool = False) -> dict[str, Tensor]:
+    """What SAI does to a batch: per image the similarity v of the weak and strong features,
+    the mask ratio r and noise amplitude a it implies, the attention map, the keep mask,
+    the features F_w, F_s, F_mk, F_ne and the decoder's probabilities on each.
+
+    ``double_transform`` selects the released code's mask ratio (item 2). With ``cutmix`` the
+    strong view s1 takes its box from the batch rolled by one and the weak view compared
+    with it does too (F_1, as in training); otherwise the plain views are shown. The random
+    draws (mask threshold, noise) come from ``seed``, so two calls differing only in
+    ``double_transform`` draw the same numbers.
+    """
+    from mlcl.methods import mix_source, paste
+    from mlcl.model import upsample
+
+    m = cfg.mlcl
+    w, s = batch["w"], batch["s1"]
+    if cutmix:
+        mix = mix_source({"u": batch})
+        w, s = paste(batch["box1"], mix["w"], w), paste(batch["box1"], mix["s1"], s)
+    model.eval()
+    f_w, f_s = model.encode(w), model.encode(s)  # (B, C, h, w)
+    v = losses.per_image_similarity(f_w, f_s)  # (B,)
+    g = torch.Generator().manual_seed(seed)
+    f_mk, keep = losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, double_transform, generator=g)
+    f_ne = losses.sai_noise(f_s, v, m.kappa, generator=g)
+    size = w.shape[-2:]
+    prob = {name: upsample(model.decode(f), size).softmax(1)
+            for name, f in (("p_w", f_w), ("p_s", f_s), ("p_m", f_mk), ("p_n", f_ne))}
+    per_image = lambda p: torch.stack([losses.sai_mse(p[i:i + 1], prob["p_w"][i:i + 1])  # noqa: E731
+                                       for i in range(p.shape[0])])
+    return {"w": w, "s": s, "v": v, "f_w": f_w, "f_s": f_s, "f_mk": f_mk, "f_ne": f_ne,
+            "mask_ratio": losses.sai_mask_ratio(v, m.kappa, double_transform),
+            "amplitude": losses.sai_amplitude(v, m.kappa),
+            "attention": f_s.float().mean(1),  # A_i of losses.sai_mask: the channel mean
+            "keep": keep, "dropped": 1.0 - keep.float().flatten(1).mean(1),
+            "mse_m": per_image(prob["p_m"]), "mse_n": per_image(prob["p_n"]), **prob}
+
+
+def pca_rgb(maps: list[Tensor]) -> list[np.ndarray]:
+    """Feature maps (C, h, w) -> RGB images (h, w, 3) in [0, 1] from one shared 3-component
+    PCA over all their pixels (so colours compare across maps); each component is scaled
+    by its 1st-99th percentile range over all maps."""
+    rows = torch.cat([f.detach().float().flatten(1).t() for f in maps])  # (sum hw, C)
+    mu = rows.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(rows - mu, full_matrices=False)
+    proj = (rows - mu) @ vh[:3].t()  # (N, 3)
+    lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
+    proj = ((proj - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1)
+    out, start = [], 0
+    for f in maps:
+        n = f.shape[1] * f.shape[2]
+        out.append(proj[start:start + n].reshape(f.shape[1], f.shape[2], 3).numpy())
+        start += n
+    return out
+
+
+# --------------------------------------------------------------------------- prototypes
+@dataclass
+class FeatureSet:
+    """Pixel features of one checkpoint on validation images, with its prototypes."""
+
+    label: str
+    method: str
+    feats: np.ndarray  # (N, C) at feature resolution
+    labels: np.ndarray  # (N,) ground-truth class (nearest-resized; ignore dropped)
+    protos: np.ndarray  # (K, C); NaN rows where a class has no prototype
+    proto_source: str  # "memory bank" or "class means"
+    class_means: np.ndarray  # (K, C) mean feature per ground-truth class (NaN if absent)
+    class_names: list[str]
+
+
+@torch.no_grad()
+def pixel_features(ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features F (eval mode) of validation pixels and their ground-truth classes at feature
+    resolution, at most ``max_pixels`` of them, balanced over classes (at most
+    max_pixels / K per class, drawn with ``seed``)."""
+    from mlcl.data.datasets import ValDataset
+
+    cfg = ck.cfg
+    ds = ValDataset(cfg, cfg.split_path("val_split"))
+    feats, labels = [], []
+    for i in spread_indices(len(ds), num_images):
+        item = ds[i]
+        f = ck.model.encode(item["x"][None])  # (1, C, h, w)
+        y = F.interpolate(item["y"][None, None].float(), size=f.shape[-2:], mode="nearest")
+        y = y.long().flatten()
+        keep = y != cfg.data.ignore_index
+        feats.append(f[0].flatten(1).t()[keep])
+        labels.append(y[keep])
+    feats, labels = torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    rng = np.random.default_rng(seed)
+    cap = max(1, max_pixels // cfg.data.num_classes)
+    chosen = [rng.permutation(np.flatnonzero(labels == k))[:cap]
+              for k in range(cfg.data.num_classes)]
+    idx = np.sort(np.concatenate(chosen))
+    return feats[idx], labels[idx]
+
+
+def class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, C) mean feature of each class (NaN rows for absent classes)."""
+    out = np.full((num_classes, feats.shape[1]), np.nan, dtype=np.float64)
+    for k in range(num_classes):
+        if (labels == k).any():
+            out[k] = feats[labels == k].mean(0)
+    return out
+
+
+def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
+                seed: int = 0) -> FeatureSet:
+    """Pixel features and prototypes of a checkpoint: the MLCL memory bank when the
+    checkpoint has one, otherwise (UniMatch, supervised) the per-class mean of the
+    validation features, which stands in for the prototypes (``proto_source`` says which)."""
+    feats, labels = pixel_features(ck, num_images, max_pixels, seed)
+    means = class_means(feats, labels, ck.cfg.data.num_classes)
+    if ck.bank is not None and bool(ck.bank.ne(0).any()):
+        protos = ck.bank.double().numpy().copy()
+        protos[~ck.bank.ne(0).any(1).numpy()] = np.nan  # never-initialised classes
+        source = "memory bank"
+    else:
+        protos, source = means.copy(), "class means"
+    return FeatureSet(label, ck.method, feats, labels, protos, source, means, ck.class_names)
+
+
+def compactness(feats: np.ndarray, labels: np.ndarray, protos: np.ndarray) -> np.ndarray:
+    """Intra-class compactness: per class k, the mean cosine between the features of class k
+    and prototype k. (K,), NaN where the class has no pixel or no prototype."""
+    k = protos.shape[0]
+    out = np.full(k, np.nan)
+    fn = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), losses.COS_EPS)
+    for c in range(k):
+        sel = labels == c
+        if sel.any() and np.isfinite(protos[c]).all():
+            p = protos[c] / max(np.linalg.norm(protos[c]), losses.COS_EPS)
+            out[c] = float((fn[sel] @ p).mean())
+    return out
+
+
+def embed_2d(feats: np.ndarray, protos: np.ndarray, method: str = "pca", seed: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """2-D embedding of L2-normalised pixel features and prototypes: PCA fitted on the
+    pixels (prototypes projected), or t-SNE over pixels and prototypes together. Returns
+    (N, 2) and (K, 2) (NaN rows for missing prototypes)."""
+    def unit(a):
+        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), losses.COS_EPS)
+
+    ok = np.isfinite(protos).all(1)
+    x, p = unit(feats.astype(np.float64)), unit(protos[ok].astype(np.float64))
+    proto_xy = np.full((protos.shape[0], 2), np.nan)
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, random_state=seed).fit(x)
+        xy = pca.transform(x)
+        if ok.any():
+            proto_xy[ok] = pca.transform(p)
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+
+        both = np.concatenate([x, p])
+        perplexity = float(min(30.0, max(2.0, (len(both) - 1) / 3)))
+        emb = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+                   metric="cosine").fit_transform(both)
+        xy = emb[:len(x)]
+        proto_xy[ok] = emb[len(x):]
+    else:
+        raise ValueError(f"embedding method must be 'pca' or 'tsne', got {method!r}")
+    return xy, proto_xy
