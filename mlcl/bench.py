@@ -342,11 +342,11 @@ def bench_memory(a: argparse.Namespace) -> dict[str, Any]:
     out = {"per_method": {m: run_child(a, m) for m in a.methods}}
     if a.voc_estimate and "mlcl" in a.methods:
         if a.device == "cuda":  # measure the VOC setting itself
-            voc = run_child(a, "mlcl", backbone=VOC["backbone"], crop=VOC["crop"],
-                            batch=VOC["batch"])
+            voc = run_child(a, "mlcl", backbone=VOC["backbone"], width=64, crop=VOC["crop"],
+                            batch=VOC["batch"], mixed_precision="bf16")
             out["voc"] = {**voc, "measured": True, "gib": voc["peak_abs_mb"] / 1024}
         else:
-            voc = run_child(a, "mlcl", backbone=VOC["backbone"])
+            voc = run_child(a, "mlcl", backbone=VOC["backbone"], width=64)
             out["voc"] = voc_estimate(voc, a)
     return out
 
@@ -555,7 +555,7 @@ class Released:
     def _noise(self, f: Tensor, v: Tensor) -> Tensor:
         out = torch.zeros_like(f)
         for i in range(f.shape[0]):
-            a = float((v[i] + 1) * self.kappa)
+            a = float((v[i].detach() + 1) * self.kappa)
             eps = torch.empty(f.shape[1:], device=f.device).uniform_(-a, a)
             out[i] = f[i] * eps + f[i]
         return out
@@ -563,7 +563,7 @@ class Released:
     def _mask(self, f: Tensor, v: Tensor) -> Tensor:
         out = torch.zeros_like(f)
         for i in range(f.shape[0]):
-            r = 1 - float((v[i] + 1) * self.kappa)
+            r = 1 - float((v[i].detach() + 1) * self.kappa)
             att = f[i].mean(0, keepdim=True)
             top = att.view(-1).max(0, keepdim=True)[0]
             keep = (att < top * random.uniform(r - 0.1, r + 0.1)).float()

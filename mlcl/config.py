@@ -166,7 +166,7 @@ class EvalConfig:
 class Config:
     method: str = "supervised"  # supervised | unimatch | mlcl
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/{dataset}/{split}/{tag}-s{seed}"  # placeholders: format_output_dir
     split: str = ""  # name of a preset cell (see the preset's `splits:`), e.g. 1_16 or 183
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -391,6 +391,7 @@ def resolve(cfg: Config) -> Config:
             setattr(m, quirk, released)
     if m.alpha is None:
         m.alpha = 0.0 if released else 0.1
+    cfg.output_dir = format_output_dir(cfg)
     if cfg.data.num_classes < 2:
         raise ConfigError("config key 'data.num_classes': needs at least 2 classes")
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
@@ -403,6 +404,20 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
                           "(the CutMix partner must be another image); use mix_partner=loader")
     return cfg
+
+
+def format_output_dir(cfg: Config) -> str:
+    """Fill the placeholders a preset may put in ``output_dir``: {dataset}, {split},
+    {method}, {variant}, {seed} and {tag} (the method, or mlcl-<variant> for MLCL)."""
+    tag = f"mlcl-{cfg.mlcl.variant}" if cfg.method == "mlcl" else cfg.method
+    try:
+        return cfg.output_dir.format(dataset=cfg.data.dataset, split=cfg.split or "default",
+                                     method=cfg.method, variant=cfg.mlcl.variant,
+                                     seed=cfg.seed, tag=tag)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} "
+                          f"({e}); use {{dataset}}, {{split}}, {{method}}, {{variant}}, "
+                          "{seed} or {tag}") from e
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

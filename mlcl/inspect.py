@@ -41,6 +41,15 @@ class Checkpoint:
     def method(self) -> str:
         return self.cfg.method
 
+    @property
+    def run_name(self) -> str:
+        """The run the checkpoint belongs to (its output folder's name)."""
+        return self.path.resolve().parent.name
+
+    @property
+    def synthetic(self) -> bool:
+        return self.cfg.data.dataset == "synthetic"
+
 
 def fix_data_root(cfg: Config) -> Config:
     """A relative data.root is taken from the current folder, else from the checkout (runs
@@ -170,6 +179,11 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
             "attention": f_s.float().mean(1),  # A_i of losses.sai_mask: the channel mean
             "keep": keep, "dropped": 1.0 - keep.float().flatten(1).mean(1),
             "mse_m": per_image(prob["p_m"]), "mse_n": per_image(prob["p_n"]), **prob}
+
+
+def head(views: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    """The first ``n`` images of every per-image tensor of :func:`sai_views`."""
+    return {k: v[:n] for k, v in views.items()}
 
 
 def pca_rgb(maps: list[Tensor]) -> list[np.ndarray]:

@@ -138,6 +138,30 @@ class Checkpoints:
         return TrainerState(**json.loads((path / "trainer.json").read_text()))
 
 
+# Settings that make a checkpoint belong to a different experiment: resuming across them
+# would silently mix two runs.
+RUN_IDENTITY = ("method", "seed", "split", "data.dataset", "data.num_classes", "model.backbone",
+                "model.width", "mlcl.variant")
+
+
+def check_resumable(checkpoint: Path, cfg: Config) -> None:
+    """Refuse to resume a checkpoint written by a different experiment."""
+    from mlcl.config import flatten
+
+    saved_path = checkpoint.parent.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = flatten(cfg.to_dict())
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RUN_IDENTITY
+            if k in saved and saved[k] != now[k]]
+    if diff:
+        raise ConfigError(f"output_dir {cfg.output_dir} holds a checkpoint of another run "
+                          f"({'; '.join(diff)}): choose another output_dir or delete it")
+
+
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,
                  bank=None) -> None:
     """A self-contained weights file for `mlcl evaluate` / `mlcl predict` (and the prototype
@@ -155,7 +179,6 @@ def fit(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     semi = cfg.method != "supervised"
     sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
@@ -200,9 +223,12 @@ def fit(cfg: Config) -> dict[str, Any]:
     state = TrainerState()
     resume_from = ckpt.latest()
     if resume_from is not None:
+        check_resumable(resume_from, cfg)
         state = ckpt.load(resume_from)
         acc.print(f"resuming from {resume_from} (epoch {state.epoch}, iteration {state.iteration})")
 
+    if acc.is_main_process:
+        save_config(cfg, out / "config.yaml")
     writer = None
     if acc.is_main_process:
         from torch.utils.tensorboard import SummaryWriter

@@ -457,6 +457,21 @@ def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
     return fig
 
 
+def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Per image: v, and for each variant the mask-ratio centre r, the fraction dropped, the
+    noise amplitude a and the per-image SAI MSEs (L_m on F_mk, L_n on F_ne) against p_w."""
+    cols = {}
+    for variant, v in views_by_variant.items():
+        cols[("", "v")] = v["v"].numpy()
+        for key, name in (("mask_ratio", "r"), ("dropped", "dropped"), ("amplitude", "a"),
+                          ("mse_m", "L_m"), ("mse_n", "L_n")):
+            cols[(variant, name)] = v[key].float().numpy()
+    df = pd.DataFrame(cols)
+    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["variant", ""])
+    df.index.name = "image"
+    return df
+
+
 def _class_colours(dataset: str, k: int) -> np.ndarray:
     from mlcl.predict import palette_for
 

@@ -197,3 +197,12 @@ def test_bank_round_trips_through_resume(synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(PrototypeBank, "update", spy)
     fit(tiny_cfg(synth_root, out, *extra, "train.epochs=2"))
     assert torch.equal(seen[0], saved)  # the resumed run starts from the saved bank
+
+
+def test_resume_refuses_another_experiment(synth_root, tmp_path):
+    from mlcl.config import ConfigError
+
+    out = tmp_path / "run"
+    fit(tiny_cfg(synth_root, out, "train.epochs=1", "train.max_iters=1"))
+    with pytest.raises(ConfigError, match="method"):
+        fit(tiny_cfg(synth_root, out, "method=unimatch", "train.epochs=2"))
