@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: install test demo lab bench study clean-runs
+.PHONY: install test demo lab reproduce figures bench study clean-runs
 
 install: $(STAMP)
 
@@ -26,6 +26,17 @@ demo: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# make reproduce GRID=synthetic-study JOBS=2 ARGS="--executor cli data.root=data/synthetic"
+GRID ?= synthetic-study
+JOBS ?= 2
+reproduce: $(STAMP)
+	$(PY) -m mlcl reproduce --grid $(GRID) --jobs $(JOBS) $(ARGS)
+
+# Rebuild figures/ from the results registry (runs/registry) alone.
+figures: $(STAMP)
+	mkdir -p runs/notebooks
+	$(PY) -m papermill notebooks/figures.ipynb runs/notebooks/figures.ipynb --no-progress-bar
 
 bench: $(STAMP)
 	$(PY) -m mlcl bench --device cpu --out runs/bench/bench_cpu.json

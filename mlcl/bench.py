@@ -1,7 +1,7 @@
 """``python -m mlcl bench``: what a training step, the FKA + SAI computation and the data
 pipeline cost, measured in one run, on one machine, with the same inputs (docs/performance.md).
 
-    python -m mlcl bench --device cpu --out runs/bench/cpu.json
+    python -m mlcl bench --device cpu --out runs/bench/bench_cpu.json
 
 Sections (``--sections``, default all):
 
@@ -70,11 +70,13 @@ def sync(device: torch.device) -> None:
 
 
 class Clock:
-    """Seconds between marks: CUDA events on GPU, perf_counter on CPU."""
+    """Seconds between marks: CUDA events on GPU, perf_counter on CPU; on CPU also the
+    process's CPU time, which other processes competing for the cores disturb less."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
+        self.cpu: list[float] = []
 
     def mark(self) -> None:
         if self.cuda:
@@ -83,12 +85,16 @@ class Clock:
             self.marks.append(e)
         else:
             self.marks.append(time.perf_counter())
+            self.cpu.append(time.process_time())
 
     def laps(self) -> list[float]:
         if self.cuda:
             self.marks[-1].synchronize()
             return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+    def cpu_total(self) -> float | None:
+        return self.cpu[-1] - self.cpu[0] if self.cpu else None
 
 
 def stats(samples: list[float]) -> dict[str, Any]:
@@ -99,22 +105,31 @@ def stats(samples: list[float]) -> dict[str, Any]:
             "n": len(s), "samples": [round(x, 5) for x in samples]}
 
 
-def interleaved(jobs: dict[str, Callable[[], float]], warmup: int, repeats: int,
-                repeats_of: dict[str, int] | None = None) -> dict[str, list[float]]:
-    """Run the jobs in turn for ``warmup + repeats`` rounds and keep the times of the last
-    ``repeats``. A job can ask for fewer repeats (``repeats_of``): it then runs only in the
-    last rounds, after one warm-up run of its own when ``warmup`` > 0."""
-    out: dict[str, list[float]] = {k: [] for k in jobs}
-    rounds = warmup + repeats
+def lap_stats(laps: list[dict[str, Any]], clock: str) -> dict[str, Any]:
+    """Stats of the chosen clock at the top level, of every recorded clock below it."""
+    out = {**stats([lap[clock] for lap in laps]), "clock": clock}
+    for key in ("wall", "cpu", "forward", "backward"):
+        if laps and laps[0].get(key) is not None:
+            out[key] = stats([lap[key] for lap in laps])
+    return out
+
+
+def interleaved(jobs: dict[str, Callable[[], Any]], plan: dict[str, tuple[int, int]]
+                ) -> dict[str, list[Any]]:
+    """Run the jobs in turn, round after round; ``plan[name] = (warmup, repeats)``. A job
+    with fewer runs than the longest joins in the last rounds. Returns each job's results
+    of its ``repeats`` runs after its warm-up."""
+    out: dict[str, list[Any]] = {k: [] for k in jobs}
+    rounds = max(w + n for w, n in plan.values())
     for r in range(rounds):
         for name, job in jobs.items():
-            n = min((repeats_of or {}).get(name, repeats), repeats)
-            first = rounds - n - (min(warmup, 1) if n < repeats else warmup)
+            w, n = plan[name]
+            first = rounds - w - n
             if r < first:
                 continue
-            t = job()
-            if r >= rounds - n:
-                out[name].append(t)
+            result = job()
+            if r >= first + w:
+                out[name].append(result)
     return out
 
 
@@ -197,11 +212,13 @@ class MethodRun:
         if clock:
             clock.mark()
 
-    def timed(self) -> tuple[float, float]:
+    def timed(self) -> dict[str, float | None]:
+        """Seconds: the step (wall), its forward and its backward + optimiser step, and its
+        CPU time (None on GPU)."""
         clock = Clock(self.device)
         self.step(clock)
         fwd, bwd = clock.laps()
-        return fwd, bwd
+        return {"wall": fwd + bwd, "forward": fwd, "backward": bwd, "cpu": clock.cpu_total()}
 
 
 def make_acc(a: argparse.Namespace):
@@ -213,21 +230,9 @@ def make_acc(a: argparse.Namespace):
 def bench_steps(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     acc = make_acc(a)
     runs = {m: MethodRun(m, method_config(m, a), acc, device, a.seed) for m in a.methods}
-    parts: dict[str, list[tuple[float, float]]] = {m: [] for m in runs}
-
-    def job(m):
-        def run():
-            fwd, bwd = runs[m].timed()
-            parts[m].append((fwd, bwd))
-            return fwd + bwd
-        return run
-
-    times = interleaved({m: job(m) for m in runs}, a.warmup, a.repeats)
-    out = {}
-    for m, t in times.items():
-        kept = parts[m][-len(t):]
-        out[m] = {**stats(t), "forward_median": statistics.median(p[0] for p in kept),
-                  "backward_median": statistics.median(p[1] for p in kept)}
+    times = interleaved({m: r.timed for m, r in runs.items()},
+                        {m: (a.warmup, a.repeats) for m in runs})
+    out = {m: lap_stats(laps, a.clock) for m, laps in times.items()}
     del runs
     gc.collect()
     return out
@@ -456,8 +461,11 @@ def vectorised_whole(x, bank, decoder, cfg) -> None:
 
 
 class Released:
-    """A re-creation of the released FKA / SAI algorithm, for timing only (its arithmetic is
-    the paper variant's where they differ: this measures the algorithm, not its quirks).
+    """A re-creation of the released FKA / SAI algorithm, for timing only. It measures the
+    algorithm, not its quirks: anchors are the true top 16, anchors and candidates pair by
+    class, L_dt is the mean over anchors, every class of the bank is updated (the paper
+    variant, which tests/test_bench.py checks it agrees with); the ignore map is resized
+    bilinearly as released.
 
     Prototype branch (``prote.py``): for every class present, the rows of the class are
     picked from the (B*h*w, C) feature rows with a boolean mask, sorted by cosine to the
@@ -539,11 +547,14 @@ class Released:
             else:
                 self.bank[k] = self.momentum * self.bank[k] + (1 - self.momentum) * feats.mean(0)
 
+    def dt(self, x, label: Tensor, conf: Tensor) -> Tensor:
+        """L_dt of the weak features x.f_w against the strong x.f_s1."""
+        return self.dt_loss(self.anchors_of(x.f_w, label, conf, x.ignore),
+                            self.candidates_of(x.f_s1, label, x.ignore))
+
     def proto(self, x) -> None:
         conf, label = x.logits.softmax(1).max(1)
-        loss = self.dt_loss(self.anchors_of(x.f_w, label, conf, x.ignore),
-                            self.candidates_of(x.f_s1, label, x.ignore))
-        loss.backward()
+        self.dt(x, label, conf).backward()
         self.update(x.f_w, label, conf, x.ignore)
 
     def _target(self, box: Tensor, x) -> Tensor:
@@ -579,8 +590,7 @@ class Released:
             sims.append(F.cosine_similarity(f.detach(), fs, dim=1, eps=1e-6)
                         .reshape(f.shape[0], -1).mean(1))
         conf, label = x.logits.softmax(1).max(1)
-        dt = self.dt_loss(self.anchors_of(x.f_w, label, conf, x.ignore),
-                          self.candidates_of(x.f_s1, label, x.ignore))
+        dt = self.dt(x, label, conf)
         sai = 0
         for fs, v, box in ((x.f_s1, sims[0], x.box1), (x.f_s2, sims[1], x.box2)):
             target = self._target(box, x)
@@ -617,7 +627,7 @@ def bench_fka_sai(a: argparse.Namespace, device: torch.device) -> dict[str, Any]
             clock.mark()
             fn()
             clock.mark()
-            return clock.laps()[0]
+            return {"wall": clock.laps()[0], "cpu": clock.cpu_total()}
         return run
 
     jobs = {
@@ -626,13 +636,14 @@ def bench_fka_sai(a: argparse.Namespace, device: torch.device) -> dict[str, Any]
         "whole_vectorised": timed(lambda: vectorised_whole(x, bank, decoder, cfg)),
         "whole_released": timed(lambda: released.whole(x, decoder, cfg)),
     }
-    slow = {"proto_released": a.fka_released_repeats, "whole_released": a.fka_released_repeats}
-    times = interleaved(jobs, a.warmup, a.fka_repeats, slow)
+    plan = {k: (a.fka_released_warmup, a.fka_released_repeats) if k.endswith("released")
+            else (a.warmup, a.fka_repeats) for k in jobs}
+    times = interleaved(jobs, plan)
     return {"settings": {"batch": B, "channels": C, "feature_size": [h, h],
                          "input_size": [4 * (h - 1) + 1] * 2, "classes": K,
                          "repeats": a.fka_repeats, "released_repeats": a.fka_released_repeats,
                          "forward_and_backward": True},
-            **{k: stats(v) for k, v in times.items()}}
+            **{k: lap_stats(v, a.clock) for k, v in times.items()}}
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -660,8 +671,9 @@ def bench_pipeline(a: argparse.Namespace) -> dict[str, Any]:
             it = iter(loader)
             next(it)  # warm-up: first reads, imports
             n, t0 = 0, time.perf_counter()
-            for batch in it:
-                n += batch["w"].shape[0]
+            for epoch in range(a.pipeline_epochs):
+                for batch in (it if epoch == 0 else loader):
+                    n += batch["w"].shape[0]
             dt = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -700,22 +712,28 @@ def ratio(num, den):
 def summarise(r: dict[str, Any]) -> None:
     """The headline keys and the targets."""
     steps = r.get("step", {})
-    r["step_s"] = {m: s["median"] for m, s in steps.items()}
-    r["ratio_mlcl_over_unimatch"] = ratio(r["step_s"].get("mlcl"), r["step_s"].get("unimatch"))
-    r["ratio_mlcl_released_over_unimatch"] = ratio(r["step_s"].get("mlcl_released"),
-                                                   r["step_s"].get("unimatch"))
+    r["step_s"] = {m: s["median"] for m, s in steps.items()}  # the chosen clock
+    for clock in ("wall", "cpu"):
+        r[f"step_{clock}_s"] = {m: s[clock]["median"] for m, s in steps.items() if clock in s}
+    for suffix, t in (("", r["step_s"]), ("_wall", r["step_wall_s"]),
+                      ("_cpu", r["step_cpu_s"])):
+        r[f"ratio_mlcl_over_unimatch{suffix}"] = ratio(t.get("mlcl"), t.get("unimatch"))
+        r[f"ratio_mlcl_released_over_unimatch{suffix}"] = ratio(t.get("mlcl_released"),
+                                                                t.get("unimatch"))
     mem = r.get("memory", {}).get("per_method", {})
     r["peak_mem_mb"] = {m: v["increment_mb"] for m, v in mem.items()}
     r["mem_ratio_mlcl_over_unimatch"] = ratio(r["peak_mem_mb"].get("mlcl"),
                                               r["peak_mem_mb"].get("unimatch"))
     r["mem_ratio_mlcl_released_over_unimatch"] = ratio(r["peak_mem_mb"].get("mlcl_released"),
                                                        r["peak_mem_mb"].get("unimatch"))
-    fk = r.get("fka_sai", {})
-    med = {k: v["median"] for k, v in fk.items() if isinstance(v, dict) and "median" in v}
-    r["proto_speedup_over_released"] = ratio(med.get("proto_released"),
-                                             med.get("proto_vectorised"))
-    r["fka_sai_speedup_over_released"] = ratio(med.get("whole_released"),
-                                               med.get("whole_vectorised"))
+    fk = {k: v for k, v in r.get("fka_sai", {}).items() if k != "settings"}
+    for suffix, pick in (("", lambda v: v["median"]), ("_wall", lambda v: v["wall"]["median"]),
+                         ("_cpu", lambda v: v["cpu"]["median"] if "cpu" in v else None)):
+        med = {k: pick(v) for k, v in fk.items()}
+        r[f"proto_speedup_over_released{suffix}"] = ratio(med.get("proto_released"),
+                                                          med.get("proto_vectorised"))
+        r[f"fka_sai_speedup_over_released{suffix}"] = ratio(med.get("whole_released"),
+                                                            med.get("whole_vectorised"))
     r["pipeline_samples_per_s"] = r.get("pipeline", {}).get("samples_per_s")
     targets = {}
     for key, (bound, kind) in TARGETS.items():
@@ -748,19 +766,25 @@ def print_table(r: dict[str, Any]) -> None:
           f"({r['machine']['device']}, {r['machine']['torch_threads']} threads): "
           f"{s['backbone']} width {s['width']}, crop {s['crop']}, batch {s['batch']} per view, "
           f"precision {s['mixed_precision']}")
-    print(f"{'method':<15}{'step s':>9}{'min':>8}{'max':>8}{'fwd s':>8}{'bwd s':>8}"
-          f"{'x unimatch':>12}{'peak MB':>10}{'x unimatch':>12}")
+    if r.get("step") or r["peak_mem_mb"]:
+        print(f"step times: {s['clock']} clock (median, min, max over {s['repeats']} repeats); "
+              f"wall: elapsed; peak: memory rise of one step")
+        print(f"{'method':<15}{'step s':>8}{'min':>8}{'max':>8}{'x uni':>7}{'wall s':>8}"
+              f"{'x uni':>7}{'fwd s':>7}{'bwd s':>7}{'peak MB':>9}{'x uni':>7}")
     uni_t, uni_m = r["step_s"].get("unimatch"), r["peak_mem_mb"].get("unimatch")
+    uni_w = r["step_wall_s"].get("unimatch")
     for m in METHODS:
         st, mem = r.get("step", {}).get(m), r["peak_mem_mb"].get(m)
         if st is None and mem is None:
             continue
         st = st or {}
-        print(f"{m:<15}{fmt(st.get('median'), '.3f'):>9}{fmt(st.get('min'), '.3f'):>8}"
-              f"{fmt(st.get('max'), '.3f'):>8}{fmt(st.get('forward_median'), '.3f'):>8}"
-              f"{fmt(st.get('backward_median'), '.3f'):>8}"
-              f"{fmt(ratio(st.get('median'), uni_t)):>12}{fmt(mem, '.0f'):>10}"
-              f"{fmt(ratio(mem, uni_m)):>12}")
+        wall = st.get("wall", {}).get("median")
+        print(f"{m:<15}{fmt(st.get('median'), '.3f'):>8}{fmt(st.get('min'), '.3f'):>8}"
+              f"{fmt(st.get('max'), '.3f'):>8}{fmt(ratio(st.get('median'), uni_t)):>7}"
+              f"{fmt(wall, '.3f'):>8}{fmt(ratio(wall, uni_w)):>7}"
+              f"{fmt(st.get('forward', {}).get('median'), '.3f'):>7}"
+              f"{fmt(st.get('backward', {}).get('median'), '.3f'):>7}"
+              f"{fmt(mem, '.0f'):>9}{fmt(ratio(mem, uni_m)):>7}")
     fk = r.get("fka_sai")
     if fk:
         fs = fk["settings"]
@@ -770,7 +794,10 @@ def print_table(r: dict[str, Any]) -> None:
               f"{fk['proto_vectorised']['median']:.4f} s vectorised = "
               f"{fmt(r['proto_speedup_over_released'], '.0f')}x; whole "
               f"{fk['whole_released']['median']:.3f} / {fk['whole_vectorised']['median']:.3f} s"
-              f" = {fmt(r['fka_sai_speedup_over_released'], '.1f')}x")
+              f" = {fmt(r['fka_sai_speedup_over_released'], '.1f')}x "
+              f"({fk['whole_vectorised']['clock']} clock; wall: "
+              f"{fmt(r['proto_speedup_over_released_wall'], '.0f')}x, "
+              f"{fmt(r['fka_sai_speedup_over_released_wall'], '.1f')}x)")
     if r.get("pipeline"):
         p = r["pipeline"]
         print(f"pipeline: {p['samples_per_s']:.1f} unlabeled samples/s per worker at crop "
@@ -811,6 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=1)
     g.add_argument("--repeats", type=int, default=None, help="default: cpu 5, cuda 20")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                   help="clock of the headline times and ratios (both are recorded): auto = "
+                        "the process's CPU time on a CPU running one thread (other processes "
+                        "on the cores then do not count), else wall time (CUDA events on GPU)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("FKA + SAI")
     g.add_argument("--fka-batch", type=int, default=8)
@@ -820,6 +851,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fka-repeats", type=int, default=None, help="default: cpu 5, cuda 20")
     g.add_argument("--fka-released-repeats", type=int, default=None,
                    help="repeats of the (slow) released re-creation; default: cpu 2, cuda 5")
+    g.add_argument("--fka-released-warmup", type=int, default=None,
+                   help="warm-up runs of the released re-creation; default: cpu 0, cuda 1")
     g = p.add_argument_group("memory / pipeline")
     g.add_argument("--no-voc-estimate", dest="voc_estimate", action="store_false")
     g.add_argument("--child-timeout", type=int, default=900)
@@ -827,6 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-batch", type=int, default=8)
     g.add_argument("--pipeline-images", type=int, default=48)
     g.add_argument("--pipeline-image-size", type=int, default=500)
+    g.add_argument("--pipeline-epochs", type=int, default=2,
+                   help="passes over the images (random views each time)")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -839,7 +874,8 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
     gpu = a.device == "cuda"
     defaults = {"crop": 321 if gpu else 129, "batch": 8 if gpu else 2,
                 "mixed_precision": "bf16" if gpu else "no", "repeats": 20 if gpu else 5,
-                "fka_repeats": 20 if gpu else 5, "fka_released_repeats": 5 if gpu else 2}
+                "fka_repeats": 20 if gpu else 5, "fka_released_repeats": 5 if gpu else 2,
+                "fka_released_warmup": 1 if gpu else 0}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -853,6 +889,10 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit(f"error: unknown method/section {', '.join(bad)}")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.clock == "auto":
+        a.clock = "cpu" if not gpu and torch.get_num_threads() == 1 else "wall"
+    if gpu and a.clock == "cpu":
+        raise SystemExit("error: --clock cpu is for --device cpu (GPU steps use CUDA events)")
     return a
 
 
@@ -869,7 +909,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     settings = {k: getattr(a, k) for k in (
         "backbone", "width", "crop", "batch", "classes", "mixed_precision", "channels_last",
-        "compile", "warmup", "repeats", "seed", "methods", "sections")}
+        "compile", "warmup", "repeats", "seed", "methods", "sections", "clock")}
+    settings["fka_sai"] = {k: getattr(a, k) for k in (
+        "fka_batch", "fka_size", "fka_channels", "fka_classes", "fka_repeats",
+        "fka_released_repeats", "fka_released_warmup")}
     settings["optimizer"] = "sgd (momentum 0.9)"
     settings["method_overrides"] = {m: METHODS[m] for m in a.methods}
     settings["mlcl_iteration"] = "500 of 1000 (SAI on)"
@@ -887,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     r["bench_wall_s"] = time.time() - started
     r["machine"]["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     summarise(r)
-    out = Path(a.out) if a.out else paths.runs_dir() / "bench" / f"bench-{a.device}.json"
+    out = Path(a.out) if a.out else paths.runs_dir() / "bench" / f"bench_{a.device}.json"
     atomic_write_json(out, r)
     print_table(r)
     print(f"wrote {out}")

@@ -53,7 +53,7 @@ def _methods_grid(preset: str, splits, seeds, overrides=()) -> list[Run]:
 
 def build_grid(name: str) -> list[Run]:
     if name == "demo":
-        short = ("train.max_iters=600", "train.eval_every=100")
+        short = ("train.max_iters=600", "train.eval_every=1")
         return [Run("synthetic", "1_16", m, 0, overrides=short)
                 for m in ("supervised", "unimatch", "mlcl")]
     if name == "synthetic-study":

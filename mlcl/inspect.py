@@ -62,11 +62,22 @@ def fix_data_root(cfg: Config) -> Config:
     return cfg
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] | None = None) -> Checkpoint:
-    """A ``best.pt``/``last.pt`` with its config, class names and prototype bank."""
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
+                    device: str | torch.device | None = None) -> Checkpoint:
+    """A ``best.pt``/``last.pt`` with its config, class names and prototype bank; the model
+    on ``device`` (default: the GPU if there is one). Results come back on the CPU."""
     from mlcl.predict import load_weights
 
     model, cfg, names = load_weights(path, overrides)
+    model = model.to(device or default_device())
     raw = torch.load(path, map_location="cpu", weights_only=True)
     bank = (raw.get("bank") or {}).get("protos")
     names = names or [f"class_{i}" for i in range(cfg.data.num_classes)]
@@ -81,9 +92,10 @@ def evaluate_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     from mlcl.train import make_accelerator
 
     acc = make_accelerator(ck.cfg)
+    home = device_of(ck.model)
     model = ck.model.to(acc.device)
     result = evaluate(model, ValDataset(ck.cfg, ck.cfg.split_path("val_split")), ck.cfg, acc)
-    ck.model = model.cpu()
+    ck.model = model.to(home)
     return {"miou": result["miou"], "iou": dict(zip(ck.class_names, result["iou"])),
             "num_images": result["num_images"], "checkpoint": str(ck.path)}
 
@@ -119,8 +131,9 @@ def predict_val(checkpoints: dict[str, Checkpoint], num_images: int = 4) -> dict
     preds = {}
     for label, ck in checkpoints.items():
         ck.model.eval()
-        preds[label] = [predict_logits(ck.model, it["x"][None], ck.cfg).argmax(1)[0].numpy()
-                        for it in items]
+        dev = device_of(ck.model)
+        preds[label] = [predict_logits(ck.model, it["x"][None].to(dev), ck.cfg).argmax(1)[0]
+                        .cpu().numpy() for it in items]
     return {"images": [denormalise(it["x"], first.cfg) for it in items],
             "targets": [it["y"].numpy() for it in items], "preds": preds,
             "ids": [it["id"] for it in items], "dataset": first.cfg.data.dataset,
@@ -158,14 +171,16 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
     from mlcl.model import upsample
 
     m = cfg.mlcl
-    w, s = batch["w"], batch["s1"]
+    dev = device_of(model)
+    w, s = batch["w"].to(dev), batch["s1"].to(dev)
     if cutmix:
         mix = mix_source({"u": batch})
-        w, s = paste(batch["box1"], mix["w"], w), paste(batch["box1"], mix["s1"], s)
+        box = batch["box1"].to(dev)
+        w, s = paste(box, mix["w"].to(dev), w), paste(box, mix["s1"].to(dev), s)
     model.eval()
     f_w, f_s = model.encode(w), model.encode(s)  # (B, C, h, w)
     v = losses.per_image_similarity(f_w, f_s)  # (B,)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=dev).manual_seed(seed)
     f_mk, keep = losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, double_transform, generator=g)
     f_ne = losses.sai_noise(f_s, v, m.kappa, generator=g)
     size = w.shape[-2:]
@@ -173,12 +188,13 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
             for name, f in (("p_w", f_w), ("p_s", f_s), ("p_m", f_mk), ("p_n", f_ne))}
     per_image = lambda p: torch.stack([losses.sai_mse(p[i:i + 1], prob["p_w"][i:i + 1])  # noqa: E731
                                        for i in range(p.shape[0])])
-    return {"w": w, "s": s, "v": v, "f_w": f_w, "f_s": f_s, "f_mk": f_mk, "f_ne": f_ne,
-            "mask_ratio": losses.sai_mask_ratio(v, m.kappa, double_transform),
-            "amplitude": losses.sai_amplitude(v, m.kappa),
-            "attention": f_s.float().mean(1),  # A_i of losses.sai_mask: the channel mean
-            "keep": keep, "dropped": 1.0 - keep.float().flatten(1).mean(1),
-            "mse_m": per_image(prob["p_m"]), "mse_n": per_image(prob["p_n"]), **prob}
+    out = {"w": w, "s": s, "v": v, "f_w": f_w, "f_s": f_s, "f_mk": f_mk, "f_ne": f_ne,
+           "mask_ratio": losses.sai_mask_ratio(v, m.kappa, double_transform),
+           "amplitude": losses.sai_amplitude(v, m.kappa),
+           "attention": f_s.float().mean(1),  # A_i of losses.sai_mask: the channel mean
+           "keep": keep, "dropped": 1.0 - keep.float().flatten(1).mean(1),
+           "mse_m": per_image(prob["p_m"]), "mse_n": per_image(prob["p_n"]), **prob}
+    return {k: t.cpu() for k, t in out.items()}
 
 
 def head(views: dict[str, Tensor], n: int) -> dict[str, Tensor]:
@@ -230,9 +246,10 @@ def pixel_features(ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
     cfg = ck.cfg
     ds = ValDataset(cfg, cfg.split_path("val_split"))
     feats, labels = [], []
+    dev = device_of(ck.model.eval())
     for i in spread_indices(len(ds), num_images):
         item = ds[i]
-        f = ck.model.encode(item["x"][None])  # (1, C, h, w)
+        f = ck.model.encode(item["x"][None].to(dev)).float().cpu()  # (1, C, h, w)
         y = F.interpolate(item["y"][None, None].float(), size=f.shape[-2:], mode="nearest")
         y = y.long().flatten()
         keep = y != cfg.data.ignore_index

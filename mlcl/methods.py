@@ -230,34 +230,47 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
 def sai_losses(net, p: UniMatchPasses, branches, cfg: Config) -> tuple[Tensor, Tensor]:
     """L_m and L_n, each averaged over the s1 and s2 branches: the masked / noised strong
     features are decoded by the classifier alone, upsampled to the input size and pulled
-    (MSE) towards the weak probabilities CutMixed with the partner's (eval-mode) ones."""
+    (MSE) towards the weak probabilities CutMixed with the partner's (eval-mode) ones.
+
+    The cost is at the input resolution (B*K*H*W values per map), so nothing that size is
+    concatenated or chunked (a chunk's backward concatenates the gradients again): each
+    perturbed map is decoded on its own (its K-channel logits, not its C-channel features,
+    are concatenated), and each kind (mask, noise) is upsampled, soft-maxed and compared for
+    all branches at once against one CutMixed target. With equal-size branches the mean
+    over all of them is the mean of the per-branch means. Random draws keep their order
+    (per branch: the mask threshold, then the noise)."""
     from mlcl.model import upsample
 
     m = cfg.mlcl
     # released item 2: the second transform of v happens only where the noise branch ran
     double = m.double_transform and m.use_noise
-    maps, targets, valids = [], [], []
-    for f_s, v, box in branches:
-        target = losses.apply_cutmix(box, p.prob_mix, p.prob_w)
-        valid = losses.apply_cutmix(box, p.mix["ignore"], p.batch_ignore) != cfg.data.ignore_index
+    logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
+    for f_s, v, _ in branches:
         if m.use_mask:
-            maps.append(losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, double)[0])
+            f_mk = losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, double)[0]
+            logits["mask"].append(net.decode(f_mk))  # (B, K, h, w)
         if m.use_noise:
-            maps.append(losses.sai_noise(f_s, v, m.kappa))
-        per_branch = int(m.use_mask) + int(m.use_noise)
-        targets += [target] * per_branch
-        valids += [valid] * per_branch
-    # one classifier call for every perturbed map: (n*B, C, h, w) -> (n*B, K, H, W)
-    prob = upsample(net.decode(torch.cat(maps)), p.prob_w.shape[-2:]).float().softmax(1)
-    prob = prob.chunk(len(maps))
-    mse = [losses.sai_mse(q, t, v if m.sai_ignore_mask else None)
-           for q, t, v in zip(prob, targets, valids)]
-    # order per branch: [mask?, noise?]
-    step = int(m.use_mask) + int(m.use_noise)
-    zero = prob[0].new_zeros(())
-    loss_mask = sum(mse[0::step]) / 2 if m.use_mask else zero
-    loss_noise = sum(mse[step - 1::step]) / 2 if m.use_noise else zero
-    return loss_mask, loss_noise
+            logits["noise"].append(net.decode(losses.sai_noise(f_s, v, m.kappa)))
+    n = len(branches)
+    boxes = torch.stack([box for _, _, box in branches]).bool()  # (n, B, H, W)
+    # the CutMixed targets of all branches: (n, B, K, H, W) -> (n*B, K, H, W)
+    target = torch.where(boxes.unsqueeze(2), p.prob_mix, p.prob_w).flatten(0, 1)
+    valid = None
+    if m.sai_ignore_mask:  # ablation: (n, B, H, W)
+        valid = torch.where(boxes, p.mix["ignore"], p.batch_ignore) != cfg.data.ignore_index
+    zero = target.new_zeros((), dtype=torch.float32)
+    out = []
+    for kind in ("mask", "noise"):
+        if not logits[kind]:
+            out.append(zero)
+            continue
+        prob = upsample(torch.cat(logits[kind]), p.prob_w.shape[-2:]).float().softmax(1)
+        if valid is None:
+            out.append(losses.sai_mse(prob, target))
+        else:  # per-branch means over different pixel counts, then their mean
+            out.append(sum(losses.sai_mse(q, t, ok) for q, t, ok in
+                           zip(prob.chunk(n), target.chunk(n), valid)) / n)
+    return out[0], out[1]
 
 
 STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {

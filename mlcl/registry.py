@@ -9,7 +9,8 @@ An entry::
      "config": {...the resolved config tree...},
      "metrics": {...output_dir/metrics.json: best/last mIoU and epoch, per-class IoU,
                  per-epoch losses, iterations...},
-     "git_commit": "...", "environment": {"python", "torch", "platform", "cuda", ...},
+     "git_commit": "...", "git_dirty": bool (uncommitted changes when recorded),
+     "environment": {"python", "torch", "platform", "cuda", "host", "gpu", ...},
      "timings": {"train_s", "iterations", "s_per_iter", "recorded_at", ...},
      "wall_time_s": float, "synthetic": bool, "output_dir": "/abs/path", ...}
 
@@ -45,6 +46,19 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def git_dirty() -> bool | None:
+    """Whether the checkout has uncommitted changes to tracked files (None: not a git
+    checkout), so an entry says when its git commit alone does not pin the code."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                             cwd=paths.REPO, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def is_synthetic(config: dict[str, Any]) -> bool:
     """A run on the synthetic shapes data (its numbers are not VOC / Cityscapes results)."""
     return config.get("data", {}).get("dataset") == "synthetic"
@@ -61,7 +75,8 @@ def record_run(name: str, metrics: dict[str, Any], config: dict[str, Any],
                "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                **extra.pop("timings", {})}
     entry = {"name": name, "config": config, "metrics": metrics, "environment": environment(),
-             "git_commit": metrics.get("git_commit"), "wall_time_s": train_s,
+             "git_commit": metrics.get("git_commit"), "git_dirty": git_dirty(),
+             "wall_time_s": train_s,
              "timings": timings, "synthetic": is_synthetic(config),
              "output_dir": metrics.get("output_dir") or config.get("output_dir"), **extra}
     return atomic_write_json(registry_dir(root) / f"{name}.json", entry)
@@ -115,6 +130,20 @@ def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
             "seed": int(run.get("seed", cfg.get("seed", metrics.get("seed", 0))) or 0)}
 
 
+def entry_output_dir(entry: dict[str, Any]) -> Path | None:
+    """The run's output folder (best.pt, last.pt, metrics.json): the entry's ``output_dir``,
+    else the one in its metrics or config; a relative path is taken from the current
+    folder, else from the checkout."""
+    raw = (entry.get("output_dir") or (entry.get("metrics") or {}).get("output_dir")
+           or (entry.get("config") or {}).get("output_dir"))
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_absolute() and not path.exists() and (paths.REPO / path).exists():
+        path = paths.REPO / path
+    return path
+
+
 def runs_frame(entries: list[dict[str, Any]]):
     """One row per entry: name, preset, dataset, split, method, variant, ablation, seed,
     best/last mIoU and epoch, iterations, complete, synthetic, wall time, output_dir, grid."""
@@ -130,7 +159,8 @@ def runs_frame(entries: list[dict[str, Any]]):
                      "best_epoch": m.get("best_epoch"), "last_epoch": m.get("last_epoch"),
                      "iterations": m.get("iterations"), "complete": bool(m.get("complete")),
                      "synthetic": bool(e.get("synthetic", is_synthetic(cfg))),
-                     "wall_time_s": e.get("wall_time_s"), "output_dir": e.get("output_dir"),
+                     "wall_time_s": e.get("wall_time_s"),
+                     "output_dir": str(entry_output_dir(e) or "") or None,
                      "grid": e.get("grid")})
     columns = ["name", *RUN_KEYS, "dataset", "best_miou", "last_miou", "best_epoch",
                "last_epoch", "iterations", "complete", "synthetic", "wall_time_s",
@@ -138,4 +168,4 @@ def runs_frame(entries: list[dict[str, Any]]):
     df = pd.DataFrame(rows, columns=columns)
     for col in ("best_miou", "last_miou", "wall_time_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    return df
+    return df.astype({"complete": bool, "synthetic": bool})

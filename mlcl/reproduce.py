@@ -36,8 +36,10 @@ FIGURES_NOTEBOOK = paths.NOTEBOOKS / "figures.ipynb"
 
 def thread_env() -> dict[str, str]:
     """The environment of every child: one OpenMP / MKL thread (2-core machines shared by
-    several runs slowed down 10-17x with more)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    several runs slowed down 10-17x with more), and progress bars refreshed at most every
+    10 s, so that logs and executed notebooks of long runs stay small."""
+    return {"TQDM_MININTERVAL": "10", **os.environ, "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1"}
 
 
 def is_complete(out: Path) -> bool:
@@ -71,10 +73,15 @@ def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> 
 def train(preset: str, overrides: list[str], num_processes: int = 1) -> dict[str, Any]:
     """Train (or resume) a run and return its metrics: in this process with
     mlcl.train.fit, or with ``num_processes > 1`` through ``accelerate launch`` in a
-    subprocess whose output is streamed here (the run notebook calls this)."""
+    subprocess whose output is streamed here (the run notebook calls this). A relative
+    data.root that does not exist from the current folder is taken from the checkout."""
     from mlcl.config import load_config
+    from mlcl.inspect import fix_data_root
 
     cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
+    root = cfg.data.root
+    if fix_data_root(cfg).data.root != root:  # relative to the checkout, not to notebooks/
+        overrides = [*overrides, f"data.root={cfg.data.root}"]
     if num_processes <= 1:
         from mlcl.train import fit
 
@@ -188,6 +195,9 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     print(f"grid {grid}: {len(todo)} runs, {jobs} at a time, executor {executor}", flush=True)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         list(pool.map(one, todo))
+    order = {r.name: i for i, r in enumerate(todo)}  # report in grid order, whatever finished first
+    for key in ("done", "skipped", "failed"):
+        result[key].sort(key=lambda n: order.get(n, len(order)))
     if figures:
         rc, nb = run_figures(root, figures_dir, f"figures-{grid}")
         if rc == 0:

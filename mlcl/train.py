@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 
 from mlcl import paths
@@ -49,7 +49,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # broadcast_buffers=False: batch-norm statistics stay per process (SyncBatchNorm on GPU
     # handles them), as in UniMatch; several forward passes precede one backward.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp])
+    # batches from pinned host memory (data.pin_memory, GPU only) are copied without blocking,
+    # so the copy overlaps the step; without pinning, non_blocking would buy nothing
+    loading = DataLoaderConfiguration(non_blocking=not cpu and cfg.data.pin_memory)
+    return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp],
+                       dataloader_config=loading)
 
 
 def git_commit() -> str:

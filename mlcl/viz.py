@@ -15,17 +15,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg", force=False)  # headless by default; notebooks keep their inline backend
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from mlcl import paper, paths  # noqa: E402
-from mlcl.registry import runs_frame  # noqa: E402
+from mlcl import paper, paths
+from mlcl.registry import runs_frame
 
 NOT_RUN = "not run"
+NO_PAIR = "no supervised run of the same seed and schedule"
 SYNTHETIC_MARK = "†"
 SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CPU schedules): "
                   "not comparable with the published VOC / Cityscapes numbers.")
@@ -107,8 +105,8 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
             tag = "ours" if method != "mlcl" else f"ours, {variant} variant"
             for which in ("best", "last"):
                 out[(group, f"{tag}, {which} epoch")] = [
-                    fmt(r[f"{which}_mean"], r[f"{which}_std"], r.n, r.synthetic)
-                    for r in v.itertuples()]
+                    fmt(r[f"{which}_mean"], r[f"{which}_std"], r["n"], r["synthetic"])
+                    for _, r in v.iterrows()]
     index = pd.MultiIndex.from_tuples(list(out), names=["method", "row"])
     return pd.DataFrame(list(out.values()), index=index, columns=cols)
 
@@ -160,8 +158,8 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
         row[(r.split, "best")] = fmt(r.best_mean, r.best_std, r.n)
         row[(r.split, "last")] = fmt(r.last_mean, r.last_std, r.n)
         row[(r.split, "gain vs supervised")] = "—" if r.method == "supervised" else (
-            fmt(r.gain_mean, r.gain_std, r.gain_n, signed=True)
-            + (f", {r.gain_positive}/{r.gain_n} > 0" if r.gain_n else ""))
+            NO_PAIR if not r.gain_n else fmt(r.gain_mean, r.gain_std, r.gain_n, signed=True)
+            + f", {r.gain_positive}/{r.gain_n} > 0")
     out = pd.DataFrame.from_dict(table, orient="index")
     out.index = pd.MultiIndex.from_tuples(out.index, names=["schedule", "method"])
     out.columns = pd.MultiIndex.from_tuples(out.columns, names=["split", ""])
@@ -208,9 +206,10 @@ def ablation_table(entries: list[dict]) -> pd.DataFrame:
     out = pd.DataFrame({
         "best epoch": [fmt(r.best_mean, r.best_std, r.n, r.synthetic) for r in v.itertuples()],
         "last epoch": [fmt(r.last_mean, r.last_std, r.n, r.synthetic) for r in v.itertuples()],
-        "Δ best vs all components": ["—" if r.ablation == "" else
-                                     fmt(r.delta_mean, r.delta_std, r.delta_n, signed=True)
-                                     for r in v.itertuples()]},
+        "Δ best vs all components": [
+            "—" if r.ablation == "" else "no full-method run of the same seed"
+            if not r.delta_n else fmt(r.delta_mean, r.delta_std, r.delta_n, signed=True)
+            for r in v.itertuples()]},
         index=pd.MultiIndex.from_arrays(
             [[f"{r.preset} {r.split}, {r.iterations} it." for r in v.itertuples()], v.label],
             names=["cell", "variant"]))
@@ -281,6 +280,14 @@ def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = 
     return files
 
 
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+          "_": r"\_", "{": r"\{", "}": r"\}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(c, c) for c in text)
+
+
 def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = (),
                synthetic: bool = False, values: pd.DataFrame | None = None,
                directory: str | Path | None = None) -> list[Path]:
@@ -292,8 +299,8 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
     text = _caption(caption, runs, synthetic)
     files = [d / f"{name}.csv", d / f"{name}.tex"]
     df.to_csv(files[0])
-    tex = df.to_latex(caption=text, label=f"tab:{name}", escape=True, multirow=True) \
-        if not df.empty else f"% {text}\n% (empty table)\n"
+    tex = df.to_latex(caption=_latex_escape(text), label=f"tab:{name}", escape=True,
+                      multirow=True) if not df.empty else f"% {text}\n% (empty table)\n"
     files[1].write_text(tex.replace("±", r"$\pm$").replace(SYNTHETIC_MARK, r"\dag{}")
                         .replace("Δ", r"$\Delta$").replace("—", "--"))
     if values is not None:
@@ -339,12 +346,14 @@ def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
     if values.empty:
         ax.text(0.5, 0.5, "no synthetic runs in the registry", ha="center", transform=ax.transAxes)
         return fig
-    cells = list(dict.fromkeys(f"{r.split}\n{r.iterations} it." for r in values.itertuples()))
+    many = values.preset.nunique() > 1
+    name = lambda r: f"{r.preset + ' ' if many else ''}{r.split}\n{r.iterations} it."  # noqa: E731
+    cells = list(dict.fromkeys(name(r) for r in values.itertuples()))
     labels = list(dict.fromkeys(values.label))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         v = values[values.label == label]
-        x = [cells.index(f"{r.split}\n{r.iterations} it.") + (i - (len(labels) - 1) / 2) * width
+        x = [cells.index(name(r)) + (i - (len(labels) - 1) / 2) * width
              for r in v.itertuples()]
         ax.bar(x, v.best_mean, width, yerr=v.best_std.fillna(0), capsize=3, label=label,
                color=COLOURS.get(label))
@@ -462,12 +471,11 @@ def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
     noise amplitude a and the per-image SAI MSEs (L_m on F_mk, L_n on F_ne) against p_w."""
     cols = {}
     for variant, v in views_by_variant.items():
-        cols[("", "v")] = v["v"].numpy()
+        cols["v"] = v["v"].numpy()
         for key, name in (("mask_ratio", "r"), ("dropped", "dropped"), ("amplitude", "a"),
                           ("mse_m", "L_m"), ("mse_n", "L_n")):
-            cols[(variant, name)] = v[key].float().numpy()
+            cols[f"{name} ({variant})"] = v[key].float().numpy()
     df = pd.DataFrame(cols)
-    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["variant", ""])
     df.index.name = "image"
     return df
 
@@ -484,8 +492,10 @@ def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
                              gridspec_kw={"width_ratios": [3, 1]})
     for row, fs in zip(axes, sets):
         p = np.nan_to_num(fs.protos)
-        im = row[0].imshow(p, aspect="auto", cmap="coolwarm",
-                           vmin=-np.abs(p).max(), vmax=np.abs(p).max(), interpolation="nearest")
+        top = max(float(np.abs(p).max()), 1e-6)
+        signed = bool((p < 0).any())  # features after ReLU are >= 0: a sequential map then
+        im = row[0].imshow(p, aspect="auto", cmap="coolwarm" if signed else "viridis",
+                           vmin=-top if signed else 0, vmax=top, interpolation="nearest")
         row[0].set_yticks(range(len(fs.class_names)), fs.class_names, fontsize=7)
         row[0].set(xlabel="channel", title=f"{fs.label}: prototypes ({fs.proto_source})")
         fig.colorbar(im, ax=row[0], fraction=0.03)

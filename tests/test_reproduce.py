@@ -1,0 +1,131 @@
+"""Batch reproduction on tiny grids (mlcl.grids.build_grid monkeypatched): the papermill
+executor runs the run notebook per cell and then the figures notebook, a failing run does
+not stop the others and is reported, a finished grid trains nothing when run again; the CLI
+executor likewise; the multi-process command; `make demo` on a tiny grid."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mlcl import demo, grids, registry, reproduce
+from mlcl.__main__ import build_parser
+from mlcl.grids import Run
+
+TINY = ("data.crop_size=32", "train.batch_size=4", "model.width=16", "data.num_workers=0",
+        "train.max_iters=2", "train.epochs=1")
+OK = [Run("synthetic", "1_8", "supervised", 0), Run("synthetic", "1_8", "mlcl", 0)]
+BAD = Run("synthetic", "1_8", "supervised", 7, overrides=("train.lrr=1",))  # unknown key
+
+
+def snapshot(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*") if p.is_file()}
+
+
+def test_papermill_grid_failure_report_figures_and_rerun(synth_root, tmp_path, monkeypatch,
+                                                          capsys):
+    monkeypatch.setattr(grids, "build_grid", lambda name: [OK[0], BAD, OK[1]])
+    figures = tmp_path / "figures"
+    result = reproduce.reproduce("tiny", runs_root=tmp_path / "runs", jobs=2, figures_dir=figures,
+                                 overrides=[f"data.root={synth_root}", *TINY])
+    assert result["done"] == [r.name for r in OK]
+    assert result["failed"] == [BAD.name] and result["skipped"] == []
+    report = capsys.readouterr().out
+    assert f"FAILED  {BAD.name}" in report and "failed:" in report.split("FAILED")[-1]
+    runs = tmp_path / "runs"
+    for run in OK:  # executed notebook kept beside the run; the notebook recorded the run
+        assert (runs / "cells" / run.name / "run.ipynb").is_file()
+        entry = registry.load_entry(run.name, runs / "registry")
+        assert entry["executor"] == "papermill" and entry["grid"] == "tiny"
+        assert entry["notebook"] == str(runs / "cells" / run.name / "run.ipynb")
+    bad_nb = json.loads((runs / "cells" / BAD.name / "run.ipynb").read_text())
+    assert "train.lrr" in json.dumps(bad_nb["cells"])  # the error is in the executed notebook
+    assert registry.load_entry(BAD.name, runs / "registry") is None
+    assert result["figures"] and (figures / "table_I.csv").is_file()
+    side = json.loads((figures / "curves_synthetic_1_8.json").read_text())
+    assert set(side["runs"]) == {r.name for r in OK} and side["synthetic"]
+
+    # the finished grid again: nothing trains, nothing is written
+    monkeypatch.setattr(grids, "build_grid", lambda name: OK)
+    before = snapshot(runs)
+    again = reproduce.reproduce("tiny", runs_root=runs, jobs=2, figures=False,
+                                overrides=[f"data.root={synth_root}", *TINY])
+    assert again == {"done": [], "skipped": [r.name for r in OK], "failed": [], "figures": []}
+    assert snapshot(runs) == before
+
+
+def test_cli_executor_records_and_goes_on(synth_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(grids, "build_grid", lambda name: [BAD, OK[0]])
+    runs = tmp_path / "runs"
+    result = reproduce.reproduce("tiny", runs_root=runs, executor="cli", figures=False,
+                                 overrides=[f"data.root={synth_root}", *TINY])
+    assert result["done"] == [OK[0].name] and result["failed"] == [BAD.name]
+    entry = registry.load_entry(OK[0].name, runs / "registry")
+    assert entry["executor"] == "cli" and entry["metrics"]["complete"]
+    assert entry["run"]["method"] == "supervised" and entry["timings"]["iterations"] == 2
+    # a complete run whose registry entry went missing is recorded again, not retrained
+    (runs / "registry" / f"{OK[0].name}.json").unlink()
+    mtime = (runs / "cells" / OK[0].name / "metrics.json").stat().st_mtime
+    again = reproduce.reproduce("tiny", runs_root=runs, executor="cli", figures=False,
+                                only="supervised-s0")
+    assert again["skipped"] == [OK[0].name]
+    assert registry.load_entry(OK[0].name, runs / "registry")["metrics"]["complete"]
+    assert (runs / "cells" / OK[0].name / "metrics.json").stat().st_mtime == mtime
+
+
+def test_commands_and_cli_flags():
+    cmd = reproduce.train_command("cityscapes", ["split=1_8"], num_processes=4)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "4"
+    assert cmd[cmd.index("mlcl") - 1:] == ["-m", "mlcl", "train", "--config", "cityscapes",
+                                           "split=1_8"]
+    assert reproduce.train_command("synthetic", [])[1:] == ["-m", "mlcl", "train", "--config",
+                                                            "synthetic"]
+    params = reproduce.run_parameters(Run("pascal", "183", "mlcl", 2, "released", "no_dt",
+                                          ("mlcl.use_dt=false",)), Path("/o"), Path("/r"),
+                                      ["data.root=D"], "voc-original", 2)
+    assert params["overrides"] == ["mlcl.use_dt=false", "data.root=D"]
+    assert (params["seed"], params["variant"], params["num_processes"]) == (2, "released", 2)
+    args = build_parser().parse_args(["reproduce", "--grid", "demo", "--executor", "cli",
+                                      "--jobs", "2", "--num-processes", "2", "--no-figures",
+                                      "data.root=x"])
+    assert (args.executor, args.jobs, args.num_processes, args.no_figures, args.overrides) == \
+        ("cli", 2, 2, True, ["data.root=x"])
+    assert build_parser().parse_args(["reproduce", "--grid", "demo"]).executor == "papermill"
+    with pytest.raises(ValueError, match="executor"):
+        reproduce.reproduce("demo", executor="bash", runs=[])
+
+
+@pytest.mark.slow
+def test_demo_on_a_tiny_grid(synth_root, tmp_path, monkeypatch, capsys):
+    """`python -m mlcl demo` end to end with the demo grid cut down to tiny runs."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data / "synthetic")
+    monkeypatch.setenv("MLCL_DATA", str(data))
+    tiny = [Run("synthetic", "1_8", m, 0, overrides=TINY) for m in demo.DEMO_METHODS]
+    monkeypatch.setattr(grids, "build_grid", lambda name: tiny)
+    out = tmp_path / "demo"
+    rc = build_parser().parse_args(["demo", "--out", str(out)])
+    assert demo.run_demo(rc) == 0
+    text = capsys.readouterr().out
+    assert "SYNTHETIC" in text and str(out / "figures") in text
+    for run in tiny:
+        best = registry.load_entry(run.name, out / "registry")["metrics"]["best_miou"]
+        assert f"{best:9.2f}" in text
+    figs = out / "figures"
+    for name in ("table_I.csv", "qualitative.png", "perturbations_paper.png", "embedding.png",
+                 "compactness.csv", "figures.json"):
+        assert (figs / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_train_with_two_processes_streams_and_returns_metrics(synth_root, tmp_path, capfd):
+    """num_processes > 1 (the run notebook's multi-GPU path) through `accelerate launch`,
+    here two CPU processes."""
+    out = tmp_path / "two"
+    metrics = reproduce.train("synthetic", [f"data.root={synth_root}", "split=1_8",
+                                            f"output_dir={out}", *TINY], num_processes=2)
+    assert metrics["complete"] and metrics["num_processes"] == 2
+    assert "mIoU" in capfd.readouterr().out  # the launched run's output is streamed

@@ -1,0 +1,248 @@
+"""mlcl.viz tables and plots, mlcl.paper, mlcl.registry and mlcl.inspect on small inputs.
+
+``fake_entry`` / ``write_registry`` build plausible registry entries (also used by the
+notebook tests)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mlcl import inspect as mi
+from mlcl import paper, paths, registry, viz
+from mlcl.grids import Run
+
+matplotlib.use("Agg")
+
+
+def fake_entry(preset: str, split: str, method: str, seed: int, best: float,
+               last: float | None = None, variant: str = "paper", ablation: str = "",
+               dataset: str | None = None, iterations: int = 600, complete: bool = True,
+               output_dir: str | None = None) -> dict:
+    """A registry entry as the run notebook writes it, with made-up numbers."""
+    dataset = dataset or ("synthetic" if preset == "synthetic" else preset.split("_")[0])
+    last = best - 0.5 if last is None else last
+    run = Run(preset, split, method, seed, variant, ablation)
+    epochs = [{"epoch": e, "iteration": e * iterations // 3, "loss": 1.0 / e,
+               "miou": best - (3 - e) * 2.0 if e < 3 else last} for e in (1, 2, 3)]
+    metrics = {"method": method, "variant": variant if method == "mlcl" else None,
+               "dataset": dataset, "split": split, "seed": seed, "complete": complete,
+               "best_miou": best, "best_epoch": 2, "last_miou": last, "last_epoch": 3,
+               "epochs": epochs, "iterations": iterations, "wall_time_s": 12.0,
+               "git_commit": "abc123", "output_dir": output_dir}
+    config = {"method": method, "seed": seed, "split": split, "data": {"dataset": dataset},
+              "mlcl": {"variant": variant}}
+    return {"name": run.name, "metrics": metrics, "config": config, "grid": "test",
+            "run": {"preset": preset, "split": split, "method": method, "variant": variant,
+                    "ablation": ablation, "seed": seed},
+            "synthetic": dataset == "synthetic", "output_dir": output_dir}
+
+
+def write_registry(root: Path, entries: list[dict]) -> Path:
+    for e in entries:
+        registry.record_run(e["name"], e["metrics"], e["config"], root, run=e["run"],
+                            grid=e["grid"])
+    return root
+
+
+SUP_183 = [50.0, 52.0, 54.0]  # seeds 0-2: mean 52, std 2
+SYN = {("supervised", ""): [40.0, 41.0, 42.0], ("unimatch", ""): [43.0, 45.0, 44.0],
+       ("mlcl", "paper"): [44.0, 44.0, 47.0]}
+
+
+def study_entries() -> list[dict]:
+    out = [fake_entry("pascal", "183", "supervised", s, b, b - 1) for s, b in enumerate(SUP_183)]
+    out.append(fake_entry("pascal", "183", "unimatch", 0, 70.5))
+    out.append(fake_entry("pascal", "366", "mlcl", 0, 76.0, complete=False))  # not counted
+    out.append(fake_entry("pascal", "732", "mlcl", 0, 30.0, dataset="synthetic"))
+    for (m, v), values in SYN.items():
+        out += [fake_entry("synthetic", "1_16", m, s, b, variant=v) for s, b in enumerate(values)]
+    out += [fake_entry("synthetic", "1_16", "mlcl", s, b, ablation="no_dt")
+            for s, b in enumerate([43.0, 44.0, 45.0])]
+    return out
+
+
+# --------------------------------------------------------------------------- paper data
+def test_paper_numbers_match_paper_md():
+    md = paths.REPO.parent / "shared" / "PAPER.md"
+    if not md.is_file():
+        pytest.skip("shared/PAPER.md not beside the checkout")
+    text = md.read_text()
+    rows = {"Supervised": "supervised", "UniMatch": "unimatch", "AugSeg": "augseg",
+            "MLCL (paper)": "mlcl"}
+    for key, section in zip(("I", "II", "III"), re.split(r"^## Table ", text, flags=re.M)[1:]):
+        for line in section.splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            label = cells[0].split(" (CVPR")[0]
+            if label in rows:
+                assert paper.TABLES[key].published[rows[label]] == \
+                    tuple(float(c) for c in cells[1:]), (key, label)
+    assert paper.published("III", "mlcl", "cityscapes", "1_2") == 79.33
+    assert paper.table_for("pascal_blended", "1_8") == "II"
+
+
+def test_paper_table_mean_std_published_and_marks():
+    table = viz.paper_table(study_entries(), "I")
+    col = "1/8 (183)"
+    assert table.loc[("Supervised", "published: Supervised"), col] == "52.26"
+    assert table.loc[("Supervised", "ours, best epoch"), col] == "52.00 ± 2.00 (n=3)"
+    assert table.loc[("Supervised", "ours, last epoch"), col] == "51.00 ± 2.00 (n=3)"
+    assert table.loc[("UniMatch", "ours, best epoch"), col] == "70.50 (n=1)"
+    assert table.loc[("Supervised", "ours, best epoch"), "1/4 (366)"] == viz.NOT_RUN
+    # the incomplete run does not count; the synthetic one is marked
+    assert table.loc[("MLCL", "ours, paper variant, best epoch"), "1/4 (366)"] == viz.NOT_RUN
+    assert table.loc[("MLCL", "ours, paper variant, best epoch"), "1/2 (732)"].endswith("†")
+    assert table.loc[("AugSeg", "published: AugSeg (CVPR'23)"), "full (1464)"] == "78.82"
+    for key, t in paper.TABLES.items():  # every published number is in its table
+        shown = viz.paper_table([], key).to_numpy().ravel().tolist()
+        assert all(f"{v:.2f}" in shown for vs in t.published.values() for v in vs)
+        # nothing run: 4 reproduced methods x (best, last) rows, every column
+        assert shown.count(viz.NOT_RUN) == len(t.columns) * 4 * 2
+    values = viz.paper_table_values(study_entries(), "I")
+    sup = values[(values.method == "supervised") & (values.split == "183")].iloc[0]
+    assert (sup.best_mean, sup.best_std, sup.n, sup.published) == (52.0, 2.0, 3, 52.26)
+
+
+def test_synthetic_table_paired_gain():
+    table = viz.synthetic_table(study_entries())
+    row = ("synthetic, 600 iterations", "UniMatch")
+    assert table.loc[row, ("1_16", "best")] == "44.00 ± 1.00 (n=3)"
+    assert table.loc[row, ("1_16", "gain vs supervised")] == "+3.00 ± 1.00 (n=3), 3/3 > 0"
+    mlcl = table.loc[("synthetic, 600 iterations", "MLCL (paper variant)"),
+                     ("1_16", "gain vs supervised")]
+    gains = np.array(SYN[("mlcl", "paper")]) - np.array(SYN[("supervised", "")])
+    assert mlcl == f"+{gains.mean():.2f} ± {gains.std(ddof=1):.2f} (n=3), 3/3 > 0"
+    # ablations and real-data runs stay out; a real preset run on synthetic data is in
+    assert set(table.index) == {("synthetic, 600 iterations", m) for m in
+                                ("Supervised", "UniMatch", "MLCL (paper variant)")} | {
+        ("pascal, 600 iterations", "MLCL (paper variant)")}
+
+
+def test_ablation_table_delta_against_full_method():
+    values = viz.ablation_values(study_entries())
+    no_dt = values[values.ablation == "no_dt"].iloc[0]
+    full = np.array(SYN[("mlcl", "paper")])
+    diffs = np.array([43.0, 44.0, 45.0]) - full
+    assert no_dt.delta_mean == pytest.approx(diffs.mean())
+    assert no_dt.delta_std == pytest.approx(diffs.std(ddof=1))
+    table = viz.ablation_table(study_entries())
+    assert "UniMatch (reference: neither FKA nor SAI)" in table.index.get_level_values(1)
+    assert table.iloc[0]["Δ best vs all components"] == "—"
+
+
+# --------------------------------------------------------------------------- files
+def test_save_figure_and_table_with_captions(tmp_path):
+    entries = study_entries()
+    fig = viz.plot_training_curves(entries[:3], title="curves")
+    assert len(fig.axes[0].lines) == 3
+    files = viz.save_figure(fig, "curves", "Curves.", [e["name"] for e in entries[:3]],
+                            synthetic=True, directory=tmp_path)
+    assert [f.suffix for f in files] == [".png", ".pdf"] and all(f.stat().st_size for f in files)
+    side = json.loads((tmp_path / "curves.json").read_text())
+    assert side["caption"].startswith("SYNTHETIC-DATA RESULTS") and side["synthetic"]
+    assert entries[0]["name"] in side["caption"] and side["runs"][0] == entries[0]["name"]
+    files = viz.save_table(viz.paper_table(entries, "I"), "table_I", "Table I.",
+                           ["pascal-183-supervised-s0"], values=viz.paper_table_values(
+                               entries, "I"), directory=tmp_path)
+    tex = (tmp_path / "table_I.tex").read_text()
+    assert r"\caption{" in tex and r"pascal-183-supervised-s0" in tex.replace(r"\_", "_")
+    assert r"52.00 $\pm$ 2.00" in tex
+    csv = pd.read_csv(tmp_path / "table_I.csv", index_col=[0, 1])
+    assert csv.loc[("Supervised", "published: Supervised"), "1/8 (183)"] == "52.26"
+    index = json.loads(viz.write_index(tmp_path).read_text())
+    assert {i["name"] for i in index["items"]} == {"curves", "table_I"}
+    bars = viz.plot_synthetic_study(viz.synthetic_values(entries))
+    assert len(bars.axes[0].patches) == 4  # synthetic 1_16 x three methods, pascal 732 x one
+    assert [t.get_text() for t in bars.axes[0].get_xticklabels()] == [
+        "pascal 732\n600 it.", "synthetic 1_16\n600 it."]
+
+
+def test_registry_roundtrip_and_frame(tmp_path):
+    entries = study_entries()
+    write_registry(tmp_path, entries)
+    assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave nothing behind
+    loaded = registry.load_registry(tmp_path)
+    assert [e["name"] for e in loaded] == sorted(e["name"] for e in entries)
+    e = registry.load_entry(entries[0]["name"], tmp_path)
+    assert e["environment"]["torch"] == torch.__version__ and e["git_commit"] == "abc123"
+    assert e["git_dirty"] in (True, False, None) and e["timings"]["recorded_at"]
+    assert e["timings"]["s_per_iter"] == pytest.approx(12.0 / 600)
+    bare = {"name": "x", "metrics": {"complete": True, "best_miou": 1.0},
+            "config": {"method": "mlcl", "split": "1_8", "seed": 3,
+                       "data": {"dataset": "synthetic"}, "mlcl": {"variant": "released"}}}
+    row = registry.runs_frame([bare]).iloc[0]  # no run record: fields from the config
+    assert (row.preset, row.split, row.method, row.variant, row.seed, row.synthetic) == \
+        ("synthetic", "1_8", "mlcl", "released", 3, True)
+
+
+def test_qualitative_runs_prefers_the_fullest_cell(tmp_path):
+    entries = []
+    for m, v in (("supervised", ""), ("unimatch", ""), ("mlcl", "paper"), ("mlcl", "released")):
+        d = tmp_path / f"{m}{v}"
+        d.mkdir()
+        (d / "best.pt").write_bytes(b"")
+        entries.append(fake_entry("synthetic", "1_8", m, 0, 40.0, variant=v or "paper",
+                                  output_dir=str(d)))
+    entries.append(fake_entry("synthetic", "1_16", "mlcl", 0, 40.0, output_dir=str(tmp_path)))
+    cell = viz.qualitative_runs(entries)
+    assert list(cell) == ["Supervised", "UniMatch", "MLCL"]
+    assert cell["MLCL"]["name"] == "synthetic-1_8-mlcl-paper-s0"
+    assert viz.qualitative_runs(entries, split="1_32") == {}
+
+
+# --------------------------------------------------------------------------- inspect
+@pytest.fixture
+def tiny_model(synth_cfg):
+    from mlcl.config import set_key
+    from mlcl.model import build_model
+
+    set_key(synth_cfg, "model.width", 16)
+    torch.manual_seed(0)
+    return build_model(synth_cfg).eval(), synth_cfg
+
+
+def test_sai_views_follow_the_losses(tiny_model):
+    model, cfg = tiny_model
+    batch = mi.unlabeled_batch(cfg, 4, seed=0)
+    again = mi.unlabeled_batch(cfg, 4, seed=0)
+    assert torch.equal(batch["s1"], again["s1"])  # the views are reproducible
+    k = cfg.mlcl.kappa
+    paper_v = mi.sai_views(model, batch, cfg, double_transform=False, seed=1)
+    rel = mi.sai_views(model, batch, cfg, double_transform=True, seed=1, cutmix=True)
+    v = paper_v["v"]
+    assert v.shape == (4,) and bool((v.abs() <= 1 + 1e-5).all())
+    assert torch.allclose(paper_v["mask_ratio"], 1 - k * (v + 1))
+    assert torch.allclose(paper_v["amplitude"], k * (v + 1))
+    assert bool(((rel["mask_ratio"] >= 1 - k * (1 + 2 * k) - 1e-6)
+                 & (rel["mask_ratio"] <= 1 - k + 1e-6)).all())
+    keep = paper_v["keep"].unsqueeze(1)
+    assert bool((paper_v["f_mk"][~keep.expand_as(paper_v["f_mk"])] == 0).all())
+    assert torch.allclose(paper_v["dropped"], 1 - paper_v["keep"].float().flatten(1).mean(1))
+    assert paper_v["p_m"].shape == (4, cfg.data.num_classes, 32, 32)
+    rgb = mi.pca_rgb([paper_v["f_w"][0], paper_v["f_mk"][0]])
+    assert rgb[0].shape == (8, 8, 3) and 0 <= rgb[0].min() and rgb[1].max() <= 1
+    table = viz.sai_table({"paper": paper_v, "released": rel})
+    assert table.shape == (4, 11) and list(table.columns[:3]) == ["v", "r (paper)", "dropped (paper)"]
+    fig = viz.plot_perturbations(mi.head(paper_v, 2), cfg)
+    assert len(fig.axes) == 2 * 11
+
+
+def test_compactness_and_embeddings():
+    rng = np.random.default_rng(0)
+    protos = rng.normal(size=(3, 8))
+    labels = np.repeat(np.arange(3), 20)
+    feats = protos[labels] * rng.uniform(0.5, 2.0, size=(60, 1))  # same directions
+    assert np.allclose(mi.compactness(feats, labels, protos), 1.0)
+    means = mi.class_means(feats, labels, 4)
+    assert np.isnan(means[3]).all() and np.isnan(mi.compactness(feats, labels, means)[3])
+    noisy = feats + rng.normal(scale=3.0, size=feats.shape)
+    assert (mi.compactness(noisy, labels, protos) < 0.9).all()
+    for method in ("pca", "tsne"):
+        xy, pxy = mi.embed_2d(noisy, means, method)
+        assert xy.shape == (60, 2) and np.isfinite(pxy[:3]).all() and np.isnan(pxy[3]).all()
