@@ -68,6 +68,27 @@ def id_for_path(image: str, layout: str) -> str:
     return p.stem
 
 
+def parse_split(path: str | Path, layout: str
+                ) -> tuple[list[tuple[int, str, str, str]], list[tuple[int, str]]]:
+    """The entries of a split file without touching the data: (line number, id, image, mask)
+    with image/mask relative to the data root, and the malformed lines as (line number,
+    message). Blank lines and ``#`` comments are skipped."""
+    entries, bad = [], []
+    for lineno, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        tokens = line.split()
+        if len(tokens) == 1:
+            image, mask = paths_for_id(tokens[0], layout)
+            entries.append((lineno, tokens[0], image, mask))
+        elif len(tokens) == 2:
+            entries.append((lineno, id_for_path(tokens[0], layout), *tokens))
+        else:
+            bad.append((lineno, f"expected an id or 'image mask', got {line!r}"))
+    return entries, bad
+
+
 def read_split(path: str | Path, root: str | Path, layout: str,
                require_mask: bool = True) -> list[Sample]:
     """The samples listed in the split file ``path``, resolved under ``root``."""
@@ -75,20 +96,11 @@ def read_split(path: str | Path, root: str | Path, layout: str,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"split file {path} does not exist")
+    entries, bad = parse_split(path, layout)
+    if bad:
+        raise DataError(f"{path}:{bad[0][0]}: {bad[0][1]}")
     samples = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        tokens = line.split()
-        if len(tokens) == 1:
-            sample_id = tokens[0]
-            image, mask = paths_for_id(sample_id, layout)
-        elif len(tokens) == 2:
-            image, mask = tokens
-            sample_id = id_for_path(image, layout)
-        else:
-            raise DataError(f"{path}:{lineno}: expected an id or 'image mask', got {line!r}")
+    for lineno, sample_id, image, mask in entries:
         image_path, mask_path = root / image, root / mask
         if not image_path.is_file():
             raise DataError(f"{path}:{lineno}: image {image_path} does not exist")

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from mlcl.data.splits import id_for_path, paths_for_id
+from mlcl.data.splits import parse_split
 from mlcl.prepare.download import Log, say
 
 IGNORE = 255
@@ -59,22 +59,9 @@ Entry = tuple[int, Path, Path]  # (line number, image, mask)
 
 def parse_lines(path: Path, root: Path, layout: str) -> tuple[list[Entry], list[str]]:
     """(line number, image, mask) per entry of a split file, and the malformed lines."""
-    entries, bad = [], []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        tokens = line.split()
-        if len(tokens) == 1:
-            image, mask = paths_for_id(tokens[0], layout)
-        elif len(tokens) == 2:
-            image, mask = tokens
-            id_for_path(image, layout)  # same resolution as the loaders
-        else:
-            bad.append(f"line {lineno}: expected an id or 'image mask', got {line!r}")
-            continue
-        entries.append((lineno, root / image, root / mask))
-    return entries, bad
+    entries, bad = parse_split(path, layout)
+    return ([(lineno, root / image, root / mask) for lineno, _, image, mask in entries],
+            [f"line {lineno}: {msg}" for lineno, msg in bad])
 
 
 def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True) -> list[str]:
