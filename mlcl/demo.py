@@ -5,7 +5,7 @@ labels, 600 iterations, one seed; mlcl.grids) with the run notebook under paperm
 at a time with one thread each, then the figures notebook and, when the time budget allows,
 the perturbation and prototype notebooks on the demo's MLCL (and UniMatch) checkpoints. Prints
 the three methods' mIoU side by side. A short demo, not the study: see the
-``synthetic-study`` grid. Everything goes under runs/demo/ (figures in runs/demo/figures/);
+``synthetic-study`` grid. Runs go under runs/demo/, figures and tables into figures/demo/;
 a second `make demo` trains nothing and only rebuilds the figures.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def run_demo(args) -> int:
 
     started = time.time()
     runs = (Path(args.out) if getattr(args, "out", None) else paths.runs_dir() / "demo").resolve()
-    figures = runs / "figures"
+    figures = paths.figures_dir() / "demo"  # the study's figures stay in figures/ itself
     data_root = ensure_synthetic(paths.data_dir() / "synthetic").resolve()
     print(f"training {', '.join(DEMO_METHODS)} (the 'demo' grid) through notebooks/run.ipynb, "
           f"2 at a time, into {runs / 'cells'} ...", flush=True)

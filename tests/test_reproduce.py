@@ -104,17 +104,18 @@ def test_demo_on_a_tiny_grid(synth_root, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data / "synthetic")
     monkeypatch.setenv("MLCL_DATA", str(data))
+    monkeypatch.setenv("MLCL_FIGURES", str(tmp_path / "figures"))
     tiny = [Run("synthetic", "1_8", m, 0, overrides=TINY) for m in demo.DEMO_METHODS]
     monkeypatch.setattr(grids, "build_grid", lambda name: tiny)
     out = tmp_path / "demo"
     rc = build_parser().parse_args(["demo", "--out", str(out)])
     assert demo.run_demo(rc) == 0
     text = capsys.readouterr().out
-    assert "SYNTHETIC" in text and str(out / "figures") in text
+    figs = tmp_path / "figures" / "demo"
+    assert "SYNTHETIC" in text and str(figs) in text
     for run in tiny:
         best = registry.load_entry(run.name, out / "registry")["metrics"]["best_miou"]
         assert f"{best:9.2f}" in text
-    figs = out / "figures"
     for name in ("table_I.csv", "qualitative.png", "perturbations_paper.png", "embedding.png",
                  "compactness.csv", "figures.json"):
         assert (figs / name).is_file(), name
