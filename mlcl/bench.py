@@ -850,9 +850,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fka-classes", type=int, default=21)
     g.add_argument("--fka-repeats", type=int, default=None, help="default: cpu 5, cuda 20")
     g.add_argument("--fka-released-repeats", type=int, default=None,
-                   help="repeats of the (slow) released re-creation; default: cpu 2, cuda 5")
-    g.add_argument("--fka-released-warmup", type=int, default=None,
-                   help="warm-up runs of the released re-creation; default: cpu 0, cuda 1")
+                   help="repeats of the (slow) released re-creation; default: cpu 3, cuda 5")
+    g.add_argument("--fka-released-warmup", type=int, default=1,
+                   help="warm-up runs of the released re-creation (its first run pays for "
+                        "growing the allocator's pools); default 1")
     g = p.add_argument_group("memory / pipeline")
     g.add_argument("--no-voc-estimate", dest="voc_estimate", action="store_false")
     g.add_argument("--child-timeout", type=int, default=900)
@@ -874,8 +875,8 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
     gpu = a.device == "cuda"
     defaults = {"crop": 321 if gpu else 129, "batch": 8 if gpu else 2,
                 "mixed_precision": "bf16" if gpu else "no", "repeats": 20 if gpu else 5,
-                "fka_repeats": 20 if gpu else 5, "fka_released_repeats": 5 if gpu else 2,
-                "fka_released_warmup": 1 if gpu else 0}
+                "fka_repeats": 20 if gpu else 5, "fka_released_repeats": 5 if gpu else 3,
+                "fka_released_warmup": 1}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

@@ -324,6 +324,53 @@ def sai_mse(prob: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor
     return (sq * m).sum() / (m.sum() * prob.shape[1]).clamp(min=1)
 
 
+class _UpsampledSoftmaxMSE(torch.autograd.Function):
+    """mean((softmax(upsample(z)) - target)^2), a chunk of images at a time; each chunk's
+    gradient is taken (by autograd, through the same ops) while its probabilities are at
+    hand, so nothing at the input resolution outlives its chunk (see sai_upsampled_mse)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, target: Tensor, chunk: int) -> Tensor:
+        size, n = tuple(target.shape[-2:]), target.numel()
+        want_grad = ctx.needs_input_grad[0]
+        total = z.new_zeros((), dtype=torch.float64)
+        grads = []
+        for i in range(0, z.shape[0], chunk):
+            with torch.enable_grad():
+                zc = z[i:i + chunk].detach().requires_grad_(want_grad)
+                # model.upsample (bilinear, align_corners=True), then the softmax in fp32
+                p = F.interpolate(zc, size=size, mode="bilinear", align_corners=True)
+                p = p.float().softmax(1)
+                part = F.mse_loss(p, target[i:i + chunk].float(), reduction="sum") / n
+            if want_grad:
+                grads.append(torch.autograd.grad(part, zc)[0])
+            total += part.detach().double()
+        if want_grad:
+            ctx.save_for_backward(torch.cat(grads))
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (dz,) = ctx.saved_tensors  # d loss / d z, taken in the forward
+        return dz * grad.to(dz.dtype), None, None
+
+
+def sai_upsampled_mse(logits: Tensor, target: Tensor, chunk: int | None = None) -> Tensor:
+    """L_m / L_n from the decoder's logits at feature resolution: the value of
+    ``sai_mse(upsample(logits, target's size).float().softmax(1), target)`` (bilinear,
+    align_corners=True, as model.upsample) and its gradient for ``logits``, at lower cost.
+
+    logits (N, K, h, w); target (N, K, H, W) (detached). The probabilities at the input
+    resolution are the bulk of the SAI memory traffic; here they are computed ``chunk``
+    images at a time (default: 1 on CPU, where a chunk then stays in cache; all at once on
+    GPU), and each chunk's gradient for ``logits`` (autograd through the same upsample,
+    softmax and MSE) is taken at once, so the backward keeps only a logits-sized tensor.
+    """
+    if chunk is None:
+        chunk = 1 if logits.device.type == "cpu" else logits.shape[0]
+    return _UpsampledSoftmaxMSE.apply(logits, target.detach(), max(1, int(chunk)))
+
+
 def sai_weight(it: int, total_iters: int, beta: float, k: float = 5.0) -> float:
     """w(t) = beta r(t)^2 with r(t) = exp(-k (1 - t/T)^2), t = min(it, T) the global
     iteration, T = total_iters (beta when T = 0). A host float from ints."""

@@ -236,9 +236,10 @@ def sai_losses(net, p: UniMatchPasses, branches, cfg: Config) -> tuple[Tensor, T
     concatenated or chunked (a chunk's backward concatenates the gradients again): each
     perturbed map is decoded on its own (its K-channel logits, not its C-channel features,
     are concatenated), and each kind (mask, noise) is upsampled, soft-maxed and compared for
-    all branches at once against one CutMixed target. With equal-size branches the mean
-    over all of them is the mean of the per-branch means. Random draws keep their order
-    (per branch: the mask threshold, then the noise)."""
+    all branches at once against one CutMixed target (losses.sai_upsampled_mse, which does it
+    image by image on CPU and keeps no full-resolution tensor for the backward). With
+    equal-size branches the mean over all of them is the mean of the per-branch means.
+    Random draws keep their order (per branch: the mask threshold, then the noise)."""
     from mlcl.model import upsample
 
     m = cfg.mlcl
@@ -264,12 +265,13 @@ def sai_losses(net, p: UniMatchPasses, branches, cfg: Config) -> tuple[Tensor, T
         if not logits[kind]:
             out.append(zero)
             continue
+        if valid is None:  # = sai_mse(upsample(logits).float().softmax(1), target)
+            out.append(losses.sai_upsampled_mse(torch.cat(logits[kind]), target))
+            continue
+        # per-branch means over different pixel counts, then their mean
         prob = upsample(torch.cat(logits[kind]), p.prob_w.shape[-2:]).float().softmax(1)
-        if valid is None:
-            out.append(losses.sai_mse(prob, target))
-        else:  # per-branch means over different pixel counts, then their mean
-            out.append(sum(losses.sai_mse(q, t, ok) for q, t, ok in
-                           zip(prob.chunk(n), target.chunk(n), valid)) / n)
+        out.append(sum(losses.sai_mse(q, t, ok) for q, t, ok in
+                       zip(prob.chunk(n), target.chunk(n), valid)) / n)
     return out[0], out[1]
 
 

@@ -99,5 +99,5 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(synth_root, method):
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
-        losses.append(float(terms["loss"]))
+        losses.append(float(terms["loss"].detach()))
     assert losses[-1] < 0.8 * losses[0], losses
