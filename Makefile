@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: install test demo lab reproduce figures bench study clean-runs
+.PHONY: install test demo lab reproduce figures bench clean-runs
 
 install: $(STAMP)
 
