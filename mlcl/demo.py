@@ -64,7 +64,9 @@ def print_summary(runs: Path, seconds: float) -> None:
     print(f"\nShort demo on SYNTHETIC data (1/16 labels, 600 iterations, one seed; "
           f"{seconds:.0f} s) - not the study, not VOC results:")
     print(f"  {'method':<10s} {'best mIoU':>9s} {'last mIoU':>9s}")
-    for method, run in demo_runs().items():
+    runs_by_method = demo_runs()
+    for method in DEMO_METHODS:
+        run = runs_by_method[method]
         entry = load_entry(run.name, runs / "registry")
         if entry is None:
             print(f"  {method:<10s} FAILED (see {runs / 'cells' / (run.name + '.log')})")
