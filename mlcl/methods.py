@@ -187,7 +187,7 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
         f_w = model(u["w"], return_features=True).features
         f_s_dt = model(u["s1"], return_features=True).features  # un-mixed s1
     else:
-        with torch.no_grad():
+        with torch.no_grad():  # train mode, as the released passes (BN batch statistics)
             f1, f2 = model(torch.cat([w1, w2]), return_features=True).features.chunk(2)
         f_w = p.out_xw.features[p.n_x:]  # clean branch of the cat(x, u_w) pass
         f_s_dt = f_s1  # outside box1 the CutMixed s1 is the strong view of u_w
@@ -224,7 +224,7 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
     ctx.bank.update(f_w, label_f, conf_f, valid_w, early_stop=m.bank_early_stop)
     return {"loss": total, **p.terms, "p2p": p2p.detach(), "dt": dt.detach(),
             "mask": loss_mask.detach(), "noise": loss_noise.detach(),
-            "sai_w": torch.tensor(sai_w), "sim_v": torch.cat([v1, v2]).mean()}
+            "sai_w": torch.tensor(sai_w, device=f_s1.device), "sim_v": torch.cat([v1, v2]).mean()}
 
 
 def sai_losses(net, p: UniMatchPasses, branches, cfg: Config) -> tuple[Tensor, Tensor]:
