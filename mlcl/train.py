@@ -198,15 +198,6 @@ def fit(cfg: Config) -> dict[str, Any]:
         loaders["u"] = make_loader(sets["unlabeled"], cfg, shuffle=True, seed=cfg.seed + 1)
         if cfg.train.mix_partner == "loader":
             loaders["mix"] = make_loader(sets["unlabeled"], cfg, shuffle=True, seed=cfg.seed + 2)
-    iters_per_epoch = len(loaders["u"] if semi else labeled)
-    if iters_per_epoch == 0:
-        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} is larger "
-                          "than the training set")
-    total_iters = cfg.train.epochs * iters_per_epoch
-    if cfg.train.max_iters > 0:
-        total_iters = min(total_iters, cfg.train.max_iters)
-    epochs = math.ceil(total_iters / iters_per_epoch)
-
     model = build_model(cfg)
     if acc.num_processes > 1 and acc.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -217,6 +208,15 @@ def fit(cfg: Config) -> dict[str, Any]:
     model, optimizer = acc.prepare(model, optimizer)
     for key in loaders:
         loaders[key] = acc.prepare(loaders[key])
+    # per process: with N processes each prepared loader yields 1/N of the batches
+    iters_per_epoch = min(len(v) for v in loaders.values())
+    if iters_per_epoch == 0:
+        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
+                          "is larger than the training set's share of a process")
+    total_iters = cfg.train.epochs * iters_per_epoch
+    if cfg.train.max_iters > 0:
+        total_iters = min(total_iters, cfg.train.max_iters)
+    epochs = math.ceil(total_iters / iters_per_epoch)
     if bank is not None:
         bank.to(acc.device)
         acc.register_for_checkpointing(bank)

@@ -170,10 +170,11 @@ def test_two_processes_count_every_val_image_once(synth_root, tmp_path):
 def test_two_process_training(synth_root, tmp_path, method):
     out = tmp_path / method
     _launch("train", "--config", "synthetic", f"data.root={synth_root}", "data.crop_size=32",
-            "split=1_8", f"output_dir={out}", *TINY, f"method={method}", "train.epochs=1",
-            "train.max_iters=2")
+            "split=1_8", f"output_dir={out}", *TINY, f"method={method}", "train.epochs=1")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and metrics["num_processes"] == 2
+    # a whole epoch: 42 unlabeled images / 2 processes / batch 4 -> 5 steps per process
+    assert metrics["iterations"] == 5
     if method == "mlcl":  # both processes hold the identical prototype bank
         assert metrics["bank_spread_across_processes"] == 0.0
 
