@@ -2,8 +2,8 @@
 
     python -m mlcl synth --out data/synthetic
     python -m mlcl train --config synthetic data.root=data/synthetic method=mlcl
-    python -m mlcl evaluate --checkpoint runs/synthetic/best.pt
-    python -m mlcl predict --checkpoint runs/synthetic/best.pt --images DIR --out DIR
+    python -m mlcl evaluate --checkpoint runs/synthetic/1_16/mlcl-paper-s0/best.pt
+    python -m mlcl predict --checkpoint runs/synthetic/1_16/mlcl-paper-s0/best.pt --images DIR --out DIR
 """
 from __future__ import annotations
 
