@@ -207,3 +207,9 @@ def test_resume_refuses_another_experiment(synth_root, tmp_path):
     fit(tiny_cfg(synth_root, out, "train.epochs=1", "train.max_iters=1"))
     with pytest.raises(ConfigError, match="method"):
         fit(tiny_cfg(synth_root, out, "method=unimatch", "train.epochs=2"))
+
+
+@pytest.mark.parametrize("command", ["data", "bench", "reproduce", "train", "synth"])
+def test_every_subcommand_answers_help(command):
+    proc = mlcl_cli(command, "--help", check=False, timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr
