@@ -20,23 +20,11 @@ CITYSCAPES_COLOURS = [
     (0, 80, 100), (0, 0, 230), (119, 11, 32)]
 
 
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The Pascal VOC colour map: the bits of the class index spread over R, G, B from the
-    most significant bit down. (n, 3) uint8."""
-    out = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        out[i] = (r, g, b)
-    return out
-
-
 def palette_for(dataset: str) -> np.ndarray:
-    pal = voc_palette()
+    """(256, 3) uint8 colours: the VOC colour map, with Cityscapes' trainId colours first."""
+    from mlcl.data.synthetic import voc_palette
+
+    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
     if dataset == "cityscapes":
         pal[: len(CITYSCAPES_COLOURS)] = CITYSCAPES_COLOURS
     return pal
