@@ -1,0 +1,5 @@
+import sys
+
+from mlcl.bench import main
+
+sys.exit(main())
