@@ -141,9 +141,9 @@ def test_figures_notebook_reads_the_registry(tiny_runs, tmp_path):
         assert all(f"{v:.2f}" in shown for vs in t.published.values() for v in vs)
     assert "not run" in pd.read_csv(figs / "table_III.csv", dtype=str).to_numpy()
     study = pd.read_csv(figs / "synthetic_study.csv", header=[0, 1], index_col=[0, 1], dtype=str)
-    assert study.loc[("synthetic, 600 iterations", "UniMatch"), ("1_8", "gain vs supervised")] \
+    assert study.loc[("synthetic", "UniMatch"), ("1_8, 600 it.", "gain vs supervised")] \
         == "+2.00 ± 0.00 (n=2), 2/2 > 0"
-    assert study.loc[("synthetic, 600 iterations", "Supervised"), ("1_8", "best")] \
+    assert study.loc[("synthetic", "Supervised"), ("1_8, 600 it.", "best")] \
         == "40.50 ± 0.71 (n=2)"
     ablation = pd.read_csv(figs / "ablation.csv", index_col=[0, 1], dtype=str)
     assert ablation.iloc[1]["Δ best vs all components"].startswith("-1.50")

@@ -138,21 +138,23 @@ def synthetic_values(entries: list[dict]) -> pd.DataFrame:
 
 def synthetic_table(entries: list[dict]) -> pd.DataFrame:
     """Method x split table of the synthetic study: best / last mIoU (mean ± std over seeds)
-    and the paired best-epoch gain over supervised. Rows (schedule, method)."""
+    and the paired best-epoch gain over supervised. Rows (preset, method); column groups
+    "<split>, <iterations> it." (a split run on two schedules gets two groups)."""
     v = synthetic_values(entries)
     if v.empty:
         return pd.DataFrame()
     table: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
     for r in v.itertuples():
-        row = table.setdefault((f"{r.preset}, {r.iterations} iterations", r.label), {})
-        row[(r.split, "best")] = fmt(r.best_mean, r.best_std, r.n)
-        row[(r.split, "last")] = fmt(r.last_mean, r.last_std, r.n)
-        row[(r.split, "gain vs supervised")] = "—" if r.method == "supervised" else (
+        row = table.setdefault((r.preset, r.label), {})
+        cell = f"{r.split}, {r.iterations} it."
+        row[(cell, "best")] = fmt(r.best_mean, r.best_std, r.n)
+        row[(cell, "last")] = fmt(r.last_mean, r.last_std, r.n)
+        row[(cell, "gain vs supervised")] = "—" if r.method == "supervised" else (
             NO_PAIR if not r.gain_n else fmt(r.gain_mean, r.gain_std, r.gain_n, signed=True)
             + f", {r.gain_positive}/{r.gain_n} > 0")
     out = pd.DataFrame.from_dict(table, orient="index")
-    out.index = pd.MultiIndex.from_tuples(out.index, names=["schedule", "method"])
-    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["split", ""])
+    out.index = pd.MultiIndex.from_tuples(out.index, names=["data", "method"])
+    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["split, schedule", ""])
     return out.fillna(NOT_RUN)
 
 
