@@ -119,6 +119,11 @@ def test_synthetic_table_paired_gain():
                      ("1_16, 600 it.", "gain vs supervised")]
     gains = np.array(SYN[("mlcl", "paper")]) - np.array(SYN[("supervised", "")])
     assert mlcl == f"+{gains.mean():.2f} ± {gains.std(ddof=1):.2f} (n=3), 3/3 > 0"
+    diffs = np.array(SYN[("mlcl", "paper")]) - np.array(SYN[("unimatch", "")])
+    col = ("1_16, 600 it.", "MLCL vs UniMatch")
+    assert table.loc[("synthetic", "MLCL (paper variant)"), col] == \
+        f"{diffs.mean():+.2f} ± {diffs.std(ddof=1):.2f} (n=3), {(diffs > 0).sum()}/3 > 0"
+    assert table.loc[row, col] == "—"
     # ablations and real-data runs stay out; a real preset run on synthetic data is in
     assert set(table.index) == {("synthetic", m) for m in
                                 ("Supervised", "UniMatch", "MLCL (paper variant)")} | {

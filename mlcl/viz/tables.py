@@ -111,34 +111,49 @@ def paper_table_caption(entries: list[dict], key: str) -> str:
 
 def synthetic_values(entries: list[dict]) -> pd.DataFrame:
     """Synthetic-data runs (no ablation) per (preset, split, iterations, method, variant):
-    best/last mean, std, n, and the paired gain over supervised (same split, schedule and
-    seed): gain mean, std, number of pairs, pairs with a positive gain."""
+    best/last mean, std, n, the paired gain over supervised (same split, schedule and
+    seed): gain mean, std, number of pairs, pairs with a positive gain; for MLCL rows the
+    same against UniMatch (``vs_uni_*``)."""
     df = _complete(entries)
     df = df[df.synthetic & (df.ablation == "")]
     rows = []
     for (preset, split, iters), g in df.groupby(["preset", "split", "iterations"], sort=True):
-        sup = g[g.method == "supervised"].set_index("seed").best_miou
+        sup = g[g.method == "supervised"]
+        uni = g[g.method == "unimatch"]
         for (method, variant), label in METHODS.items():
             sel = g[(g.method == method) & (g.variant == variant)]
             if sel.empty:
                 continue
             bm, bs, n = mean_std(sel.best_miou)
             lm, ls, _ = mean_std(sel.last_miou)
-            gains = [] if method == "supervised" else [
-                b - sup[s] for s, b in zip(sel.seed, sel.best_miou) if s in sup.index]
-            gm, gs, gn = mean_std(gains)
+            gain = _paired(sel, sup if method != "supervised" else sup.iloc[:0], "gain")
+            vs_uni = _paired(sel, uni if method == "mlcl" else uni.iloc[:0], "vs_uni")
             rows.append({"preset": preset, "split": split, "iterations": int(iters),
                          "method": method, "variant": variant, "label": label,
                          "best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls,
-                         "n": n, "gain_mean": gm, "gain_std": gs, "gain_n": gn,
-                         "gain_positive": int(sum(x > 0 for x in gains)),
-                         "runs": list(sel.name)})
+                         "n": n, **gain, **vs_uni, "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
 
+def _paired(sel: pd.DataFrame, ref: pd.DataFrame, prefix: str) -> dict[str, float | int]:
+    """Best-epoch differences ``sel - ref`` paired by seed: ``<prefix>_mean/_std/_n`` and
+    ``<prefix>_positive`` (how many pairs are > 0)."""
+    ref_by_seed = ref.set_index("seed").best_miou
+    diffs = [b - ref_by_seed[s] for s, b in zip(sel.seed, sel.best_miou)
+             if s in ref_by_seed.index]
+    m, sd, n = mean_std(diffs)
+    return {f"{prefix}_mean": m, f"{prefix}_std": sd, f"{prefix}_n": n,
+            f"{prefix}_positive": int(sum(d > 0 for d in diffs))}
+
+
+def _paired_text(mean: float, std: float, n: int, positive: int, missing: str) -> str:
+    return missing if not n else fmt(mean, std, n, signed=True) + f", {positive}/{n} > 0"
+
+
 def synthetic_table(entries: list[dict]) -> pd.DataFrame:
-    """Method x split table of the synthetic study: best / last mIoU (mean ± std over seeds)
-    and the paired best-epoch gain over supervised. Rows (preset, method); column groups
+    """Method x split table of the synthetic study: best / last mIoU (mean ± std over seeds),
+    the paired best-epoch gain over supervised and, for MLCL, its paired difference to
+    UniMatch. Rows (preset, method); column groups
     "<split>, <iterations> it." (a split run on two schedules gets two groups)."""
     v = synthetic_values(entries)
     if v.empty:
@@ -149,9 +164,11 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
         cell = f"{r.split}, {r.iterations} it."
         row[(cell, "best")] = fmt(r.best_mean, r.best_std, r.n)
         row[(cell, "last")] = fmt(r.last_mean, r.last_std, r.n)
-        row[(cell, "gain vs supervised")] = "—" if r.method == "supervised" else (
-            NO_PAIR if not r.gain_n else fmt(r.gain_mean, r.gain_std, r.gain_n, signed=True)
-            + f", {r.gain_positive}/{r.gain_n} > 0")
+        row[(cell, "gain vs supervised")] = "—" if r.method == "supervised" else _paired_text(
+            r.gain_mean, r.gain_std, r.gain_n, r.gain_positive, NO_PAIR)
+        row[(cell, "MLCL vs UniMatch")] = "—" if r.method != "mlcl" else _paired_text(
+            r.vs_uni_mean, r.vs_uni_std, r.vs_uni_n, r.vs_uni_positive,
+            "no UniMatch run of the same seed and schedule")
     out = pd.DataFrame.from_dict(table, orient="index")
     out.index = pd.MultiIndex.from_tuples(out.index, names=["data", "method"])
     out.columns = pd.MultiIndex.from_tuples(out.columns, names=["split, schedule", ""])
