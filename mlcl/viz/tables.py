@@ -185,7 +185,7 @@ def ablation_values(entries: list[dict]) -> pd.DataFrame:
     for (preset, split, iters), g in mlcl.groupby(["preset", "split", "iterations"]):
         if (g.ablation == "").all():
             continue
-        full = g[g.ablation == ""].set_index("seed").best_miou
+        full = g[g.ablation == ""]
         uni = df[(df.method == "unimatch") & (df.preset == preset) & (df.split == split)
                  & (df.iterations == iters) & (df.ablation == "")]
         order = [a for a in ABLATION_LABELS if a in set(g.ablation)]
@@ -197,13 +197,11 @@ def ablation_values(entries: list[dict]) -> pd.DataFrame:
                 continue
             bm, bs, n = mean_std(sel.best_miou)
             lm, ls, _ = mean_std(sel.last_miou)
-            diffs = [] if abl == "" else [b - full[s] for s, b in zip(sel.seed, sel.best_miou)
-                                          if s in full.index]
-            dm, ds, dn = mean_std(diffs)
+            delta = _paired(sel, full if abl else full.iloc[:0], "delta")
             rows.append({"preset": preset, "split": split, "iterations": int(iters),
                          "ablation": abl, "label": label, "best_mean": bm, "best_std": bs,
-                         "last_mean": lm, "last_std": ls, "n": n, "delta_mean": dm,
-                         "delta_std": ds, "delta_n": dn, "synthetic": bool(sel.synthetic.any()),
+                         "last_mean": lm, "last_std": ls, "n": n, **delta,
+                         "synthetic": bool(sel.synthetic.any()),
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
