@@ -37,7 +37,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from mlcl.data.datasets import ValDataset
     from mlcl.evaluate import evaluate
-    from mlcl.io import atomic_write_json
+    from mlcl.files import atomic_write_json
     from mlcl.predict import load_weights
     from mlcl.train import make_accelerator
 

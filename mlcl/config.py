@@ -20,7 +20,7 @@ import yaml
 
 from mlcl import paths
 
-METHODS = ("supervised", "unimatch", "mlcl")
+METHOD_NAMES = ("supervised", "unimatch", "mlcl")
 # The released code's deviations from the paper (METHOD.md, "Where the released code and the
 # paper differ"); each is its own switch, and ``mlcl.variant`` picks their defaults.
 RELEASED_QUIRKS = (
@@ -188,7 +188,7 @@ class Config:
 
 
 CHOICES = {
-    "method": METHODS,
+    "method": METHOD_NAMES,
     "data.layout": ("voc", "cityscapes"),
     "train.optimizer": ("sgd", "adamw"),
     "train.loss": ("ce", "ohem"),
@@ -431,7 +431,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from mlcl.io import atomic_write_text
+    from mlcl.files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mlcl.config import Config, ConfigError, config_from_dict, parse_overrides, set_key, resolve
-from mlcl.io import atomic_write
+from mlcl.files import atomic_write
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

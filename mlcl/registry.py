@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mlcl import paths
-from mlcl.io import atomic_write_json
+from mlcl.files import atomic_write_json
 
 RUN_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
 

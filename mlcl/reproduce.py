@@ -70,13 +70,13 @@ def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> 
             "--mixed_precision", "no", "--dynamo_backend", "no", *train]
 
 
-def train(preset: str, overrides: list[str], num_processes: int = 1) -> dict[str, Any]:
+def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict[str, Any]:
     """Train (or resume) a run and return its metrics: in this process with
     mlcl.train.fit, or with ``num_processes > 1`` through ``accelerate launch`` in a
     subprocess whose output is streamed here (the run notebook calls this). A relative
     data.root that does not exist from the current folder is taken from the checkout."""
     from mlcl.config import load_config
-    from mlcl.inspect import fix_data_root
+    from mlcl.explore import fix_data_root
 
     cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
     root = cfg.data.root

@@ -35,7 +35,7 @@ from mlcl import paths
 from mlcl.config import Config, ConfigError, save_config
 from mlcl.data.datasets import build_datasets, class_names
 from mlcl.evaluate import evaluate
-from mlcl.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from mlcl.methods import STEPS, StepContext, make_bank
 from mlcl.model import build_model
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from mlcl.prepare import cli
 from mlcl.prepare.cityscapes import PASSWORD_ENV, USER_ENV
-from mlcl.prepare.fakes import (LocalServer, cityscapes_ids, make_cityscapes_zips,
+from fakes import (LocalServer, cityscapes_ids, make_cityscapes_zips,
                                 serve_cityscapes, unimatch_lists)
 from mlcl.prepare.split_lists import UNIMATCH_COMMIT, UNIMATCH_REPO
 

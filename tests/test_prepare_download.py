@@ -12,7 +12,7 @@ import pytest
 
 from mlcl.prepare.download import (ChecksumError, DownloadError, PrepareError, extract, fetch,
                                    marker_path)
-from mlcl.prepare.fakes import LocalServer
+from fakes import LocalServer
 
 DATA = bytes(range(256)) * 4000  # ~1 MB: several CHUNKs
 MD5 = hashlib.md5(DATA).hexdigest()

@@ -12,7 +12,7 @@ import torch
 from mlcl.model import BACKBONES, ResNetBackbone
 from mlcl.prepare import cli
 from mlcl.prepare.download import ChecksumError, PrepareError
-from mlcl.prepare.fakes import LocalServer
+from fakes import LocalServer
 from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
 
 

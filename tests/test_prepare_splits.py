@@ -8,7 +8,7 @@ import pytest
 from mlcl.data.splits import read_split
 from mlcl.data.synthetic import make_synthetic
 from mlcl.prepare.download import ChecksumError, PrepareError
-from mlcl.prepare.fakes import LocalServer, unimatch_lists
+from fakes import LocalServer, unimatch_lists
 from mlcl.prepare.split_lists import (NON_STANDARD, SPLITS, UNIMATCH_COMMIT, UNIMATCH_REPO,
                                       check_lists, fetch_splits, generate_splits, get_splits,
                                       standard_size)

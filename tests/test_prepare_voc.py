@@ -14,7 +14,7 @@ import scipy.io
 from PIL import Image
 
 from mlcl.prepare import cli
-from mlcl.prepare.fakes import LocalServer, make_sbd_tgz, make_voc_tar, unimatch_lists, voc_ids
+from fakes import LocalServer, make_sbd_tgz, make_voc_tar, unimatch_lists, voc_ids
 from mlcl.prepare.split_lists import SPLITS, UNIMATCH_COMMIT, UNIMATCH_REPO
 
 TRAIN, VAL = voc_ids(4), voc_ids(3, start=4)

@@ -126,7 +126,7 @@ def test_train_with_two_processes_streams_and_returns_metrics(synth_root, tmp_pa
     """num_processes > 1 (the run notebook's multi-GPU path) through `accelerate launch`,
     here two CPU processes."""
     out = tmp_path / "two"
-    metrics = reproduce.train("synthetic", [f"data.root={synth_root}", "split=1_8",
+    metrics = reproduce.train_run("synthetic", [f"data.root={synth_root}", "split=1_8",
                                             f"output_dir={out}", *TINY], num_processes=2)
     assert metrics["complete"] and metrics["num_processes"] == 2
     assert "mIoU" in capfd.readouterr().out  # the launched run's output is streamed

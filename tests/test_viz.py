@@ -1,4 +1,4 @@
-"""mlcl.viz tables and plots, mlcl.paper, mlcl.registry and mlcl.inspect on small inputs.
+"""mlcl.viz tables and plots, mlcl.paper, mlcl.registry and mlcl.explore on small inputs.
 
 ``fake_entry`` / ``write_registry`` build plausible registry entries (also used by the
 notebook tests)."""
@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mlcl import inspect as mi
+from mlcl import explore as mi
 from mlcl import paper, paths, registry, viz
 from mlcl.grids import Run
 

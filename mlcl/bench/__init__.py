@@ -40,10 +40,10 @@ from mlcl.bench.fka_sai import Decoder, Released, bench_fka_sai, fka_inputs
 from mlcl.bench.memory import CHILD_TAG, VOC, bench_memory, child_memory
 from mlcl.bench.pipeline import bench_pipeline
 from mlcl.bench.report import TARGETS, machine, print_table, summarise
-from mlcl.bench.steps import METHODS, bench_steps
+from mlcl.bench.steps import BENCH_METHODS, bench_steps
 from mlcl.bench.timing import interleaved
 
-__all__ = ["METHODS", "SECTIONS", "TARGETS", "VOC", "Decoder", "Released", "fka_inputs",
+__all__ = ["BENCH_METHODS", "SECTIONS", "TARGETS", "VOC", "Decoder", "Released", "fka_inputs",
            "interleaved", "build_parser", "main"]
 SECTIONS = ("steps", "memory", "fka_sai", "pipeline")
 
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-DEVICE.json)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {', '.join(SECTIONS)}")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(BENCH_METHODS),
+                   help=f"comma-separated subset of {', '.join(BENCH_METHODS)}")
     g = p.add_argument_group("training step (defaults: cpu resnet50/64 crop 129 batch 2; "
                              "cuda resnet50/64 crop 321 batch 8, bf16)")
     g.add_argument("--backbone", default="resnet50")
@@ -117,7 +117,7 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
         a.methods = [m for m in a.methods.split(",") if m]
     if isinstance(a.sections, str):
         a.sections = [s for s in a.sections.split(",") if s]
-    bad = [m for m in a.methods if m not in METHODS] + [s for s in a.sections
+    bad = [m for m in a.methods if m not in BENCH_METHODS] + [s for s in a.sections
                                                           if s not in SECTIONS]
     if bad:
         raise SystemExit(f"error: unknown method/section {', '.join(bad)}")
@@ -132,7 +132,7 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from mlcl import paths
-    from mlcl.io import atomic_write_json
+    from mlcl.files import atomic_write_json
     from mlcl.train import git_commit
 
     a = resolve_args(build_parser().parse_args(argv))
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "fka_batch", "fka_size", "fka_channels", "fka_classes", "fka_repeats",
         "fka_released_repeats", "fka_released_warmup")}
     settings["optimizer"] = "sgd (momentum 0.9)"
-    settings["method_overrides"] = {m: METHODS[m] for m in a.methods}
+    settings["method_overrides"] = {m: BENCH_METHODS[m] for m in a.methods}
     settings["mlcl_iteration"] = "500 of 1000 (SAI on)"
     r: dict[str, Any] = {"machine": machine(device), "settings": settings,
                          "git_commit": git_commit(),

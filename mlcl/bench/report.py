@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mlcl.bench.memory import VOC
-from mlcl.bench.steps import METHODS
+from mlcl.bench.steps import BENCH_METHODS
 
 TARGETS = {  # key -> (bound, "max" | "min")
     "ratio_mlcl_over_unimatch": (1.3, "max"),
@@ -106,7 +106,7 @@ def print_table(r: dict[str, Any]) -> None:
               f"{'x uni':>7}{'fwd s':>7}{'bwd s':>7}{'peak MB':>9}{'x uni':>7}")
     uni_t, uni_m = r["step_s"].get("unimatch"), r["peak_mem_mb"].get("unimatch")
     uni_w = r["step_wall_s"].get("unimatch")
-    for m in METHODS:
+    for m in BENCH_METHODS:
         st, mem = r.get("step", {}).get(m), r["peak_mem_mb"].get(m)
         if st is None and mem is None:
             continue

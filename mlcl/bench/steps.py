@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mlcl.bench.timing import Clock, interleaved, lap_stats
 
-METHODS = {  # benchmark name -> config overrides
+BENCH_METHODS = {  # benchmark name -> config overrides
     "supervised": ["method=supervised"],
     "unimatch": ["method=unimatch"],
     "mlcl": ["method=mlcl"],
@@ -25,7 +25,7 @@ def method_config(name: str, a: argparse.Namespace, backbone: str | None = None,
     from mlcl.config import load_config
 
     return load_config(None, [
-        *METHODS[name], f"model.backbone={backbone or a.backbone}", f"model.width={a.width}",
+        *BENCH_METHODS[name], f"model.backbone={backbone or a.backbone}", f"model.width={a.width}",
         "model.pretrained=false", f"data.crop_size={crop or a.crop}",
         f"data.num_classes={a.classes}", f"train.batch_size={batch or a.batch}",
         f"train.mixed_precision={a.mixed_precision}", f"train.channels_last={a.channels_last}",

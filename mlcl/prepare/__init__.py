@@ -12,6 +12,6 @@ counts), and a re-run skips it. The run-book is docs/real_data.md.
 
 Modules: ``download`` (resumable, checksum-verified HTTP; safe archive extraction),
 ``voc``, ``cityscapes``, ``split_lists`` (UniMatch's lists pinned to a commit, or seeded
-stand-ins marked NON-STANDARD), ``verify``, ``pretrained``, ``fakes`` (tiny fake archives and
-a loopback HTTP server for the tests), ``cli``.
+stand-ins marked NON-STANDARD), ``verify``, ``pretrained``, ``cli``. (The tests' fake archives
+and loopback HTTP server live in tests/fakes.py.)
 """

@@ -93,7 +93,7 @@ def read_marker(path: Path) -> Optional[dict]:
 
 
 def write_marker(path: Path, info: dict) -> None:
-    from mlcl.io import atomic_write_json
+    from mlcl.files import atomic_write_json
 
     atomic_write_json(path, info)
 

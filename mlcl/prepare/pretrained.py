@@ -62,7 +62,7 @@ def backbone_for(path: Path) -> str:
 def check_checkpoint(path: str | Path, backbone: Optional[str] = None, width: int = 64,
                      log: Log = say) -> dict:
     """Size, sha256 and an exact load of a deep-stem checkpoint; return what was recorded."""
-    from mlcl.io import atomic_write_json
+    from mlcl.files import atomic_write_json
     from mlcl.model import (BACKBONES, PretrainedWeightsError, ResNetBackbone,
                             load_backbone_weights)
 

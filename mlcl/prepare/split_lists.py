@@ -121,7 +121,7 @@ def _provenance(out: Path) -> dict:
 
 
 def _write_provenance(out: Path, prov: dict) -> None:
-    from mlcl.io import atomic_write_json
+    from mlcl.files import atomic_write_json
 
     atomic_write_json(out / "PROVENANCE.json", prov)
 

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from mlcl.io import atomic_write
+from mlcl.files import atomic_write
 from mlcl.prepare.download import Log, PrepareError, Resource, Steps, extract, fetch, say
 
 VOC = Resource(

@@ -2,7 +2,7 @@
 pandas DataFrames (a display table of strings; ``*_values`` the numbers behind it), and
 ``save_figure`` / ``save_table`` write them into ``figures/`` with a caption that names the
 runs they came from. Results come from the registry (mlcl.registry) only; checkpoint-based
-figures (predictions, perturbations, prototypes) take what mlcl.inspect computed.
+figures (predictions, perturbations, prototypes) take what mlcl.explore computed.
 
 Conventions: mIoU in %; "mean ± std (n=k)" over seeds (sample std, ddof=1); "not run" where
 the registry has no complete entry; "†" where a number comes from synthetic data (the
@@ -16,14 +16,14 @@ from mlcl.viz.plots import (compactness_table, plot_compactness, plot_embeddings
                             plot_sai_response, plot_synthetic_study, plot_training_curves,
                             sai_table)
 from mlcl.viz.save import save_figure, save_table, write_index
-from mlcl.viz.tables import (ABLATION_LABELS, COLOURS, METHODS, NO_PAIR, NOT_RUN,
+from mlcl.viz.tables import (ABLATION_LABELS, COLOURS, METHOD_LABELS, NO_PAIR, NOT_RUN,
                              SYNTHETIC_MARK, SYNTHETIC_NOTE, ablation_table, ablation_values,
                              fmt, mean_std, method_label, paper_table, paper_table_caption,
                              paper_table_values, qualitative_runs, synthetic_table,
                              synthetic_values)
 
 __all__ = [
-    "ABLATION_LABELS", "COLOURS", "METHODS", "NO_PAIR", "NOT_RUN", "SYNTHETIC_MARK",
+    "ABLATION_LABELS", "COLOURS", "METHOD_LABELS", "NO_PAIR", "NOT_RUN", "SYNTHETIC_MARK",
     "SYNTHETIC_NOTE", "ablation_table", "ablation_values", "compactness_table", "fmt",
     "mean_std", "method_label", "paper_table", "paper_table_caption", "paper_table_values",
     "plot_compactness", "plot_embeddings", "plot_perturbations", "plot_prediction_grid",

@@ -1,6 +1,6 @@
 """Plots: training curves, the synthetic-study bars, the Fig. 6-style prediction grid, the
 SAI perturbations and response, prototypes, embeddings and intra-class compactness (the
-checkpoint-based ones take what mlcl.inspect computed)."""
+checkpoint-based ones take what mlcl.explore computed)."""
 from __future__ import annotations
 
 from typing import Any
@@ -77,7 +77,7 @@ def _colour(mask: np.ndarray, dataset: str) -> np.ndarray:
 
 def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
     """Rows: images; columns: image, each model's prediction, ground truth (Fig. 6 layout).
-    ``samples`` as returned by mlcl.inspect.predict_val."""
+    ``samples`` as returned by mlcl.explore.predict_val."""
     columns = ["Image", *samples["preds"], "Ground truth"]
     n = len(samples["images"])
     fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 1.9 * n),
@@ -102,7 +102,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "") -> plt.Figur
     """Per image (rows): weak and strong views, the attention map A, the SAI keep mask, the
     features F_w, F_s, F_mk, F_ne (one shared channel PCA -> RGB per image) and the
     predictions p_w, p_m, p_n; the row label gives v, r, a and the dropped fraction."""
-    from mlcl.inspect import denormalise, pca_rgb
+    from mlcl.explore import denormalise, pca_rgb
 
     cols = ["weak u_w", "strong s1", "attention A", "keep mask", "F_w", "F_s", "F_mk", "F_ne",
             "p_w", "p_m", "p_n"]
@@ -238,7 +238,7 @@ def compactness_table(sets: list) -> pd.DataFrame:
     """Per class (rows, then their mean): mean cosine of the class's pixel features to its
     prototype, for every checkpoint, against its own prototypes (bank, or class means where
     there is no bank) and against the class means (comparable across methods)."""
-    from mlcl.inspect import compactness
+    from mlcl.explore import compactness
 
     cols = {}
     for fs in sets:

@@ -23,7 +23,7 @@ def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
 
 
 def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, files) -> None:
-    from mlcl.io import atomic_write_json
+    from mlcl.files import atomic_write_json
 
     atomic_write_json(directory / f"{name}.json", {
         "name": name, "caption": caption, "runs": sorted(set(runs)), "synthetic": synthetic,
@@ -78,7 +78,7 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
 
 def write_index(directory: str | Path | None = None, extra: dict | None = None) -> Path:
     """``figures.json``: every sidecar (figure or table) in the directory, for the README."""
-    from mlcl.io import atomic_write_json
+    from mlcl.files import atomic_write_json
 
     d = Path(directory) if directory else paths.figures_dir()
     items = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))

@@ -18,7 +18,7 @@ SYNTHETIC_MARK = "†"
 SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CPU schedules): "
                   "not comparable with the published VOC / Cityscapes numbers.")
 # (method, variant) -> label, in table order
-METHODS = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
+METHOD_LABELS = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
            ("mlcl", "paper"): "MLCL (paper variant)",
            ("mlcl", "released"): "MLCL (released variant)"}
 COLOURS = {"Supervised": "#7f7f7f", "UniMatch": "#1f77b4", "MLCL (paper variant)": "#d62728",
@@ -29,7 +29,7 @@ ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
 
 
 def method_label(method: str, variant: str = "") -> str:
-    return METHODS.get((method, variant if method == "mlcl" else ""), f"{method} {variant}".strip())
+    return METHOD_LABELS.get((method, variant if method == "mlcl" else ""), f"{method} {variant}".strip())
 
 
 # --------------------------------------------------------------------------- numbers
@@ -61,7 +61,7 @@ def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
     df = _complete(entries)
     rows = []
     for col in t.columns:
-        for (method, variant), label in METHODS.items():
+        for (method, variant), label in METHOD_LABELS.items():
             sel = df[(df.preset == col.preset) & (df.split == col.split) & (df.method == method)
                      & (df.variant == variant) & (df.ablation == "")]
             bm, bs, n = mean_std(sel.best_miou)
@@ -120,7 +120,7 @@ def synthetic_values(entries: list[dict]) -> pd.DataFrame:
     for (preset, split, iters), g in df.groupby(["preset", "split", "iterations"], sort=True):
         sup = g[g.method == "supervised"]
         uni = g[g.method == "unimatch"]
-        for (method, variant), label in METHODS.items():
+        for (method, variant), label in METHOD_LABELS.items():
             sel = g[(g.method == method) & (g.variant == variant)]
             if sel.empty:
                 continue
