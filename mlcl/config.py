@@ -21,15 +21,17 @@ import yaml
 from mlcl import paths
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
-# The released code's deviations from the paper (METHOD.md, "Where the released code and the
-# paper differ"); each is its own switch, and ``mlcl.variant`` picks their defaults.
+# The released code's deviations from the paper (docs/method.md, "Paper versus release"); each
+# is its own switch, and ``mlcl.variant`` picks their defaults (True for released).
 RELEASED_QUIRKS = (
-    "double_transform",  # 2: mask ratio from a twice-transformed similarity
-    "pair_by_position",  # 3: prototype anchors/candidates paired by list position
-    "duplicate_top_anchor",  # 4: top anchor taken twice, 16th dropped
-    "normalise_by_candidates",  # 5: L_dt divided by the number of candidates
-    "bank_early_stop",  # 6: bank update stops after the first initialised class
-    "bilinear_ignore",  # 7: ignore map resized bilinearly
+    "double_transform",  # mask ratio from a twice-transformed similarity
+    "pair_by_position",  # prototype anchors/candidates paired by list position
+    "duplicate_top_anchor",  # top anchor taken twice, 16th dropped
+    "normalise_by_candidates",  # L_dt divided by the number of candidates
+    "bank_early_stop",  # bank update stops after the first initialised class
+    "bilinear_ignore",  # ignore map resized bilinearly, only exact 255 stays ignored
+    "dt_uninitialised",  # L_dt also selects for classes whose prototype is still all zeros
+    "bank_local_update",  # each process updates its bank from its local batch, then average
 )
 
 
@@ -39,7 +41,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class AugmentConfig:
-    """UniMatch's augmentation strengths (METHOD.md, "Augmentations")."""
+    """UniMatch's augmentation strengths (docs/method.md, "Augmentations")."""
 
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip_p: float = 0.5
@@ -126,7 +128,7 @@ class UniMatchConfig:
 
 @dataclass
 class MLCLConfig:
-    """FKA + SAI (METHOD.md sections 2-4)."""
+    """FKA + SAI (docs/method.md, "MLCL"; the switches: "Paper versus release")."""
 
     variant: str = "paper"  # paper | released
     alpha: Union[float, None] = None  # L_p2p weight; None: 0.1 (paper) / 0 (released)
@@ -144,15 +146,17 @@ class MLCLConfig:
     use_dt: bool = True
     use_mask: bool = True
     use_noise: bool = True
-    sai_ignore_mask: bool = False  # ablation: exclude padding from the SAI MSE (item 8)
-    released_passes: bool = False  # item 9: the released 7-pass structure
-    # items 2-7; None follows the variant (resolved at load time)
+    sai_ignore_mask: bool = False  # ablation: exclude padding from the SAI MSE
+    released_passes: bool = False  # the released 7-pass structure ("Forward passes")
+    # RELEASED_QUIRKS; None follows the variant (resolved at load time)
     double_transform: Union[bool, None] = None
     pair_by_position: Union[bool, None] = None
     duplicate_top_anchor: Union[bool, None] = None
     normalise_by_candidates: Union[bool, None] = None
     bank_early_stop: Union[bool, None] = None
     bilinear_ignore: Union[bool, None] = None
+    dt_uninitialised: Union[bool, None] = None
+    bank_local_update: Union[bool, None] = None
 
 
 @dataclass

@@ -1,18 +1,16 @@
-"""Losses of UniMatch and MLCL as pure functions of tensors (METHOD.md sections 1-3).
+"""Losses of UniMatch and MLCL as pure functions of tensors (docs/method.md, "One training
+step"; how the vectorised forms are derived: docs/method.md, "Implementation notes").
 
-Every function is vectorised over images, pixels and classes and never waits on the device:
-no value-dependent shapes, no tensor-to-Python conversions; selections use fixed-size
-``topk`` with ``-inf`` masking and validity masks instead. Shapes: ``B`` images, ``K``
-classes, ``C`` feature channels, ``H x W`` input resolution, ``h x w`` feature resolution,
-``N = B*h*w`` feature rows.
-
-The ``released`` variant's quirks (METHOD.md, "Where the released code and the paper
-differ") are plain boolean arguments here; the step passes ``cfg.mlcl.<quirk>``. The released
-code is ``MLCL.py`` and ``prote.py`` of github.com/MKSAQW/MCCL.
+Shapes: ``B`` images, ``K`` classes, ``C`` feature channels, ``H x W`` input resolution,
+``h x w`` feature resolution, ``N = B*h*w`` feature rows. Nothing here waits on the device (no
+value-dependent shapes, no tensor-to-Python conversions). The released code's quirks are plain
+boolean arguments; the step passes ``cfg.mlcl.<switch>`` (docs/method.md, "Paper versus
+release").
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +36,9 @@ def ohem_ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255,
     """L_x with online hard example mining (UniMatch's ``ProbOhemCrossEntropy2d``, Cityscapes).
 
     logits (B, K, H, W), target (B, H, W). p = softmax probability of the true class. Keeps
-    the non-ignored pixels with p <= max(thresh, the min_kept-th smallest p), i.e. the pixels
-    below ``thresh`` but at least ``min_kept`` of them; when fewer than ``min_kept`` pixels
-    are labeled (or min_kept <= 0), all of them. Mean CE over the kept pixels (0 when none).
+    the non-ignored pixels with p <= max(thresh, the min_kept-th smallest p); all of them when
+    fewer than ``min_kept`` pixels are labeled (or min_kept <= 0). Mean CE over the kept
+    pixels (0 when none).
     """
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
@@ -64,10 +62,10 @@ def pseudo_label_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, ignore: Tensor
                     tau: float, ignore_index: int = 255) -> Tensor:
     """L_s1 / L_s2 / L_fp: cross-entropy against (CutMixed) pseudo-labels.
 
-    logits (B, K, H, W); pseudo (B, H, W) long; conf (B, H, W) confidences; ignore (B, H, W)
-    with ``ignore_index`` on padding. Sum of CE over pixels with conf >= tau and not ignored,
-    divided by the number of non-ignored pixels (not the number of confident ones), as in
-    UniMatch. 0 when every pixel is ignored.
+    logits (B, K, H, W); pseudo (B, H, W) long; conf (B, H, W); ignore (B, H, W) with
+    ``ignore_index`` on padding. Sum of CE over pixels with conf >= tau and not ignored,
+    divided by the number of non-ignored pixels (UniMatch's normalisation); 0 when every
+    pixel is ignored.
     """
     valid = ignore != ignore_index
     ce = F.cross_entropy(logits.float(), pseudo.long(), ignore_index=ignore_index,
@@ -76,45 +74,46 @@ def pseudo_label_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, ignore: Tensor
     return (ce * mask).sum() / valid.sum().clamp(min=1)
 
 
-def apply_cutmix(box: Tensor, mix: Tensor, own: Tensor) -> Tensor:
-    """CutMix a target: ``mix`` inside the box (B, H, W), ``own`` elsewhere. ``own``/``mix``
-    are (B, H, W) (pseudo-label, confidence, ignore) or (B, K, H, W) (probabilities)."""
-    box = box.bool()
-    if own.dim() == 4:
-        box = box.unsqueeze(1)
-    return torch.where(box, mix, own)
+# --------------------------------------------------------------------------- resolution
+def feature_pixel_index(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
+    """(n_out,) long: the input pixel under each of ``n_out`` feature positions along an axis
+    of ``n_in`` pixels, as the model's upsampling (bilinear, align_corners=True) places them:
+    round(i (n_in - 1) / (n_out - 1)), halves rounded up; 0 when n_out = 1."""
+    i = torch.arange(n_out, device=device)
+    if n_out == 1:
+        return i
+    return (2 * i * (n_in - 1) + (n_out - 1)) // (2 * (n_out - 1))
 
 
-def cutmix_targets(box: Tensor, own: tuple[Tensor, ...], mix: tuple[Tensor, ...]
-                   ) -> tuple[Tensor, ...]:
-    """:func:`apply_cutmix` over matching tuples, e.g. (pseudo, conf, ignore, probs) of the
-    batch and of the CutMix source: the targets of a strong view CutMixed with ``box``."""
-    return tuple(apply_cutmix(box, m, o) for o, m in zip(own, mix))
+def at_feature_pixels(t: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H, W) -> (B, h, w), ``size`` = (h, w): the value of ``t`` at the input pixel under
+    each feature position (:func:`feature_pixel_index`); any dtype."""
+    rows = feature_pixel_index(t.shape[-2], size[0], t.device)
+    cols = feature_pixel_index(t.shape[-1], size[1], t.device)
+    return t.index_select(-2, rows).index_select(-1, cols)
 
 
 def resize_ignore(ignore: Tensor, size: tuple[int, int], bilinear: bool = False,
                   ignore_index: int = 255) -> Tensor:
-    """The ignore map (B, H, W) at feature resolution ``size`` as a validity mask (B, h, w).
+    """The ignore map (B, H, W) at feature resolution ``size`` as a validity mask (B, h, w) bool.
 
-    ``bilinear=False`` (paper): nearest resize, a pixel is valid where its nearest source
-    pixel is not ``ignore_index``. ``bilinear=True`` (released item 7, ``prote.py``): the
-    batch is treated as channels of one image, resized bilinearly with align_corners=True
-    and truncated to integers, so only pixels whose interpolated value is exactly
-    ``ignore_index`` stay ignored; the border of every padded region becomes valid.
+    ``bilinear=False`` (paper): valid where the pixel under the feature position
+    (:func:`at_feature_pixels`) is not ``ignore_index``. ``bilinear=True`` (switch
+    ``mlcl.bilinear_ignore``, released): the batch resized as the channels of one image,
+    bilinearly with align_corners=True, truncated to integers; only exact ``ignore_index``
+    values stay ignored. Both agree where (H - 1) / (h - 1) is an integer (321 -> 81).
     """
     if bilinear:
         x = F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
                           align_corners=True).squeeze(0)
         return x.long() != ignore_index
-    x = F.interpolate(ignore.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1)
-    return x != ignore_index
+    return at_feature_pixels(ignore, size) != ignore_index
 
 
 # --------------------------------------------------------------------------- FKA
 def _maps(f: Tensor) -> Tensor:
-    """(B, C, h, w) -> (B, C, h*w); rows (N, C) -> (1, C, N) (views, no copy). Row n of the
-    flattened batch is pixel n % (h*w) of image n // (h*w). The channel-first layout is kept
-    on purpose: permuting 256-channel maps to rows costs more than the whole loss."""
+    """(B, C, h, w) -> (B, C, h*w); rows (N, C) -> (1, C, N); views, no copy. Pixel p of
+    image b is flat index b*h*w + p."""
     if f.dim() == 4:
         return f.reshape(f.shape[0], f.shape[1], -1)
     return f.t().unsqueeze(0)
@@ -122,48 +121,43 @@ def _maps(f: Tensor) -> Tensor:
 
 def _channel_cos(a: Tensor, b: Tensor) -> Tensor:
     """Per-pixel cosine over channels of (B, C, h, w) maps -> (B, h, w), each norm clamped at
-    COS_EPS (the value of F.cosine_similarity at about half its cost; ``a`` is used as is)."""
+    COS_EPS; ``a`` is treated as a constant."""
     dot = (a * b).sum(1)
     na = a.detach().norm(dim=1).clamp(min=COS_EPS)
     return dot / (na * b.norm(dim=1).clamp(min=COS_EPS))
 
 
 def p2p_loss(f_w: Tensor, f_s: Tensor) -> Tensor:
-    """L_p2p (point-to-point alignment): mean over B*h*w pixels of 1 - cos(F_1, F_s1), the
-    cosine taken over channels. f_w (B, C, h, w) is the weak (CutMixed like ``f_s``) view and
-    is detached here; f_s (B, C, h, w) receives the gradient."""
+    """L_p2p (point-to-point alignment of FKA): mean over B*h*w pixels of 1 - cos(F_1, F_s1).
+
+    f_w (B, C, h, w) the weak view CutMixed like ``f_s`` (detached here); f_s (B, C, h, w)
+    receives the gradient. 0-dim."""
     return 1.0 - _channel_cos(f_w.detach().float(), f_s.float()).mean()
 
 
 @torch.no_grad()
 def per_image_similarity(f_w: Tensor, f_s: Tensor) -> Tensor:
-    """v_i of SAI: per image, the mean over pixels of cos(F_1,i, F_s1,i). (B, C, h, w) x 2 ->
-    (B,) in [-1, 1], without gradient."""
+    """v of SAI: (B, C, h, w) x 2 -> (B,), per image the mean over pixels of cos(F_1, F_s1);
+    no gradient."""
     return _channel_cos(f_w.float(), f_s.float()).flatten(1).mean(1)
 
 
 def p2p_and_similarity(f_w: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
-    """(:func:`p2p_loss`, :func:`per_image_similarity`) from one cosine map: the MLCL step
-    needs both for every strong view, and the cosine over 256 channels is the costly part."""
+    """(:func:`p2p_loss`, :func:`per_image_similarity`) from one cosine map (the costly part)."""
     cos = _channel_cos(f_w.detach().float(), f_s.float())  # (B, h, w)
     return 1.0 - cos.mean(), cos.detach().flatten(1).mean(1)
 
 
 def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
-    """(B, C, P) x (K, C) -> (B, K, P) cosines (norms clamped at COS_EPS like
-    nn.CosineSimilarity)."""
+    """(B, C, P) x (K, C) -> (B, K, P) cosines, norms clamped at COS_EPS."""
     pn = protos / protos.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
     return (pn @ maps) / maps.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
 
 
 def _topk_per_class(score: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Per class, the flat indices n = b*P + p of the (at most) ``k`` eligible pixels with the
-    highest score.
-
-    score, eligible (B, K, P) (eligible only for the pixel's own class) -> idx (K, k) long,
-    ok (K, k) bool (False on padding slots, which hold arbitrary indices). Sorted by
-    decreasing score.
-    """
+    """score, eligible (B, K, P) -> per class the flat indices b*P + p of the (at most) ``k``
+    eligible pixels of highest score, sorted: idx (K, k) long, ok (K, k) bool (False on
+    padding slots, whose indices are arbitrary)."""
     K = score.shape[1]
     masked = score.masked_fill(~eligible, float("-inf")).transpose(0, 1).reshape(K, -1)
     k = min(k, masked.shape[1])
@@ -177,83 +171,91 @@ def _gather(maps: Tensor, idx: Tensor) -> Tensor:
     return maps[idx // P, :, idx % P]
 
 
+class DtSelection(NamedTuple):
+    """Which features L_dt compares: anchors a_idx/a_ok (K, A), candidates c_idx/c_ok (K, S),
+    partner (K,) the class whose candidates class k's anchors meet, paired (K,) bool."""
+
+    a_idx: Tensor
+    a_ok: Tensor
+    c_idx: Tensor
+    c_ok: Tensor
+    partner: Tensor
+    paired: Tensor
+
+
+def _pairing(has_a: Tensor, has_c: Tensor, by_position: bool) -> tuple[Tensor, Tensor]:
+    """(partner, paired) (K,) from which classes have anchors / candidates. By class, or
+    (``by_position``) the i-th class with anchors meets the i-th class with candidates."""
+    K = has_a.shape[0]
+    ks = torch.arange(K, device=has_a.device)
+    if not by_position:
+        return ks, has_a & has_c
+    pos = torch.cumsum(has_a.long(), 0) - 1  # position of class k in the anchor list
+    order = torch.sort((~has_c).long() * K + ks).indices  # the candidate list, then the rest
+    return order[pos.clamp(0, K - 1)], has_a & (pos < has_c.sum())
+
+
+@torch.no_grad()
+def dt_selection(fw: Tensor, fs: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
+                 valid_s: Tensor, protos: Tensor, *, conf_thresh: float, num_anchors: int,
+                 num_candidates: int, pair_by_position: bool, duplicate_top_anchor: bool,
+                 keep_uninitialised: bool) -> DtSelection:
+    """The anchors and candidates of :func:`dt_loss`; fw, fs (B, C, P) float, the masks
+    (B, h, w) with h*w = P, protos (K, C) float."""
+    B, P, K = fw.shape[0], fw.shape[2], protos.shape[0]
+    own = label_w.reshape(B, 1, P).long() == torch.arange(K, device=fw.device).view(1, K, 1)
+    if not keep_uninitialised:  # classes whose prototype is still all zeros sit out
+        own = own & protos.ne(0).any(1).view(1, K, 1)
+    conf_ok = (conf_w.reshape(B, 1, P) > conf_thresh) & valid_w.reshape(B, 1, P)
+    a_idx, a_ok = _topk_per_class(_cos_to_protos(fw, protos), own & conf_ok, num_anchors)
+    c_idx, c_ok = _topk_per_class(-_cos_to_protos(fs, protos), own & valid_s.reshape(B, 1, P),
+                                  num_candidates)
+    if duplicate_top_anchor:  # [t1, t1, t2, ..., t(m-1)]: the top one twice
+        n_a = a_ok.sum(1, keepdim=True)
+        a_idx = torch.cat([a_idx[:, :1], a_idx[:, :-1]], dim=1)
+        a_ok = torch.arange(a_idx.shape[1], device=fw.device) < n_a
+    partner, paired = _pairing(a_ok.any(1), c_ok.any(1), pair_by_position)
+    return DtSelection(a_idx, a_ok & paired.unsqueeze(1), c_idx, c_ok, partner, paired)
+
+
 def dt_loss(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
             f_s: Tensor, valid_s: Tensor, protos: Tensor, *,
             conf_thresh: float = 0.95, num_anchors: int = 16, num_candidates: int = 256,
             pair_by_position: bool = False, duplicate_top_anchor: bool = False,
-            normalise_by_candidates: bool = False) -> Tensor:
-    """L_dt (prototype-based intra-class compactness of FKA).
+            normalise_by_candidates: bool = False, keep_uninitialised: bool = False) -> Tensor:
+    """L_dt (prototype-based intra-class compactness of FKA), 0-dim.
 
     f_w (B, C, h, w) weak features (detached here); conf_w, label_w (B, h, w) the weak
-    pseudo-label confidence and class at feature resolution; valid_w (B, h, w) bool (not
-    ignored); f_s (B, C, h, w) strong features (receive the gradient); valid_s (B, h, w) bool;
-    protos (K, C) the memory bank (read only). For each class k:
+    confidence and class at feature resolution; valid_w (B, h, w) bool; f_s (B, C, h, w)
+    strong features (receive the gradient); valid_s (B, h, w) bool; protos (K, C) the bank
+    (read only). Per class k: anchors = the ``num_anchors`` valid weak features of label k
+    with conf > ``conf_thresh`` closest to rho_k; candidates = the ``num_candidates`` valid
+    strong features of weak label k farthest from rho_k; m(a) = max over candidates of
+    cos(a, s). Paper: mean over all anchors of 1 - m(a); 0 when no class has both.
 
-    - anchors A_k: the (at most) ``num_anchors`` weak features with label k, conf >
-      ``conf_thresh`` and valid, of highest cosine to rho_k;
-    - candidates S_k: the (at most) ``num_candidates`` valid strong features whose weak label
-      is k (no confidence filter), of lowest cosine to rho_k;
-    - for every anchor, m(a) = max_{s in S_k} cos(a, s).
-
-    Paper: mean over all anchors (all classes) of 1 - m(a). Released quirks:
-    ``pair_by_position`` (item 3): the anchor list holds the classes (ascending) that have
-    anchors, the candidate list the classes that have candidates; the i-th anchor group is
-    matched with the i-th candidate group, whatever its class; ``duplicate_top_anchor``
-    (item 4): the anchors are [top1, top1, top2, ..., top(m-1)], m = min(num_anchors, n_k);
-    ``normalise_by_candidates`` (item 5): 1 - (sum of m(a)) / (sum of |S| over the paired
-    candidate groups). Returns a 0-dim tensor; 0 when no class has anchors.
-
-    In the released step (``MLCL.py``) f_w is a train-mode pass over u_w, label_w/conf_w come
-    from that pass's logits before upsampling (feature resolution), f_s is a pass over the
-    un-mixed s1, valid_w = valid_s = the ignore map resized bilinearly (``resize_ignore``),
-    and the loss reads the bank before the step's ``update``.
+    Released quirks (docs/method.md, "Paper versus release"): ``pair_by_position``,
+    ``duplicate_top_anchor``, ``normalise_by_candidates`` (1 - sum m(a) / sum |S|),
+    ``keep_uninitialised`` (classes whose prototype is all zeros take part).
     """
-    K = protos.shape[0]
-    dev = f_s.device
-    with torch.autocast(device_type=dev.type, enabled=False):
-        fw = _maps(f_w.detach()).float()  # (B, C, P)
-        fs = _maps(f_s).float()
-        B, P = fw.shape[0], fw.shape[2]
-        own = label_w.reshape(B, 1, P).long() == torch.arange(K, device=dev).view(1, K, 1)
-        protos = protos.detach().float()
-
-        # ---- selection (no gradient): fixed-size per-class top-k with -inf masking
-        with torch.no_grad():
-            conf_ok = (conf_w.reshape(B, 1, P) > conf_thresh) & valid_w.reshape(B, 1, P)
-            elig_c = own & valid_s.reshape(B, 1, P)
-            a_idx, a_ok = _topk_per_class(_cos_to_protos(fw, protos), own & conf_ok,
-                                          num_anchors)
-            c_idx, c_ok = _topk_per_class(-_cos_to_protos(fs.detach(), protos), elig_c,
-                                          num_candidates)
-            n_a = a_ok.sum(1)  # (K,) = min(num_anchors, n_k)
-            if duplicate_top_anchor:  # [t1, t1, t2, ..., t(m-1)]: the top one twice
-                a_idx = torch.cat([a_idx[:, :1], a_idx[:, :-1]], dim=1)
-                a_ok = torch.arange(a_idx.shape[1], device=dev) < n_a.unsqueeze(1)
-            n_c = c_ok.sum(1)  # (K,)
-            has_a, has_c = n_a > 0, n_c > 0
-            if pair_by_position:
-                # position of class k in the anchor list -> class at that position of the
-                # candidate list (classes with candidates first, ascending)
-                pos = torch.cumsum(has_a.long(), 0) - 1
-                order = torch.sort((~has_c).long() * K + torch.arange(K, device=dev)).indices
-                partner = order[pos.clamp(0, K - 1)]
-                paired = has_a & (pos < has_c.sum())
-            else:
-                partner = torch.arange(K, device=dev)
-                paired = has_a & has_c
-            a_ok = a_ok & paired.unsqueeze(1)
-
-        # ---- loss: anchors detached, candidates carry the gradient
-        anchors = F.normalize(_gather(fw, a_idx), dim=2)  # (K, A, C)
-        cands = F.normalize(_gather(fs, c_idx), dim=2)[partner]  # (K, S, C), partner's
+    with torch.autocast(device_type=f_s.device.type, enabled=False):
+        fw, fs = _maps(f_w.detach()).float(), _maps(f_s).float()  # (B, C, P)
+        sel = dt_selection(fw, fs.detach(), conf_w, label_w, valid_w, valid_s,
+                           protos.detach().float(), conf_thresh=conf_thresh,
+                           num_anchors=num_anchors, num_candidates=num_candidates,
+                           pair_by_position=pair_by_position,
+                           duplicate_top_anchor=duplicate_top_anchor,
+                           keep_uninitialised=keep_uninitialised)
+        anchors = F.normalize(_gather(fw, sel.a_idx), dim=2)  # (K, A, C), detached
+        cands = F.normalize(_gather(fs, sel.c_idx), dim=2)[sel.partner]  # (K, S, C)
         cos = torch.bmm(anchors, cands.transpose(1, 2))  # (K, A, S)
-        cos = cos.masked_fill(~c_ok[partner].unsqueeze(1), float("-inf"))
+        cos = cos.masked_fill(~sel.c_ok[sel.partner].unsqueeze(1), float("-inf"))
         best = cos.amax(dim=2)  # (K, A)
-        total = torch.where(a_ok, best, torch.zeros_like(best)).sum()
+        total = torch.where(sel.a_ok, best, torch.zeros_like(best)).sum()
         if normalise_by_candidates:
-            den = torch.where(paired, n_c[partner], torch.zeros_like(n_c)).sum()
+            n_c = sel.c_ok.sum(1)[sel.partner]
+            den = torch.where(sel.paired, n_c, torch.zeros_like(n_c)).sum()
         else:
-            den = a_ok.sum()
+            den = sel.a_ok.sum()
         loss = 1.0 - total / den.clamp(min=1)
         return torch.where(den > 0, loss, torch.zeros_like(loss))
 
@@ -265,10 +267,9 @@ def sai_amplitude(v: Tensor, kappa: float) -> Tensor:
 
 
 def sai_mask_ratio(v: Tensor, kappa: float, double_transform: bool = False) -> Tensor:
-    """r_i = 1 - kappa (v_i + 1), the centre of the masking threshold. With
-    ``double_transform`` (released item 2) the transform is applied to a_i = kappa (v_i + 1)
-    again: r_i = 1 - kappa (a_i + 1), in [1 - kappa(1 + 2 kappa), 1 - kappa]
-    ([0.805, 0.85] for kappa = 0.15)."""
+    """r_i = 1 - kappa (v_i + 1), the centre of the masking threshold; with
+    ``double_transform`` (switch ``mlcl.double_transform``, released) r_i = 1 - kappa (a_i + 1)
+    with a_i = kappa (v_i + 1)."""
     s = sai_amplitude(v, kappa)
     if double_transform:
         s = sai_amplitude(s, kappa)
@@ -277,26 +278,23 @@ def sai_mask_ratio(v: Tensor, kappa: float, double_transform: bool = False) -> T
 
 def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | None = None
               ) -> Tensor:
-    """F_ne (SAI noise injection) = F + F * eps, eps ~ U(-a_i, a_i) elementwise over (C, h, w)
-    with a_i = kappa (v_i + 1). f (B, C, h, w) keeps its gradient; v (B,) is used detached.
-    Draws one ``torch.rand(f.shape)`` from ``generator``."""
+    """F_ne (SAI noise injection) = F + F * eps, eps ~ U(-a_i, a_i) elementwise over (C, h, w),
+    a_i = kappa (v_i + 1). f (B, C, h, w) keeps its gradient; v (B,) is used detached. Draws
+    one ``torch.rand(f.shape)`` from ``generator``."""
     a = sai_amplitude(v.detach().to(f.dtype), kappa).view(-1, 1, 1, 1)
     u = torch.rand(f.shape, generator=generator, device=f.device, dtype=f.dtype)
-    # F + F*eps = F * (1 + eps), 1 + eps = (1 - a) + 2a u: one pass to build, one multiply
-    return f * torch.addcmul(1.0 - a, u, 2.0 * a)
+    return f * torch.addcmul(1.0 - a, u, 2.0 * a)  # F (1 + eps), 1 + eps = (1 - a) + 2a u
 
 
 def sai_mask(f: Tensor, v: Tensor, kappa: float, jitter: float = 0.1,
              double_transform: bool = False, generator: torch.Generator | None = None
              ) -> tuple[Tensor, Tensor]:
-    """F_mk (SAI self-adaptive masking) and its keep mask.
+    """(F_mk, keep) of SAI self-adaptive masking.
 
-    f (B, C, h, w), v (B,) (detached). Attention A_i = channel mean of f_i (h, w);
-    r_i = :func:`sai_mask_ratio`; t_i ~ U(r_i - jitter, r_i + jitter) (one
-    ``torch.rand(B)`` from ``generator``); keep (B, h, w) bool = A_i < t_i max(A_i), so the
-    highest activations are dropped; F_mk = f * keep (gradient flows through the kept
-    positions). Note: the released ``MLCL.py`` only transforms twice when its noise branch
-    (F-Noise) ran first and overwrote v in place; with the mask branch alone it uses r_i.
+    f (B, C, h, w), v (B,) (detached). Attention A_i = channel mean of f_i; r_i =
+    :func:`sai_mask_ratio`; t_i ~ U(r_i - jitter, r_i + jitter) (one ``torch.rand(B)`` from
+    ``generator``); keep (B, h, w) bool = A_i < t_i max(A_i), so the highest activations are
+    dropped; F_mk = f * keep (the gradient flows through the kept positions).
     """
     B = f.shape[0]
     r = sai_mask_ratio(v.detach().float(), kappa, double_transform)
@@ -310,12 +308,12 @@ def sai_mask(f: Tensor, v: Tensor, kappa: float, jitter: float = 0.1,
 
 
 def sai_mse(prob: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
-    """L_m / L_n: MSE between the decoder's probabilities on a perturbed map (upsampled to
-    the input size) and the weak view's CutMixed probabilities.
+    """L_m / L_n: MSE between the decoder's probabilities on a perturbed map (upsampled to the
+    input size) and the weak view's CutMixed probabilities.
 
     prob, target (B, K, H, W) (target detached by the caller). Mean over all B*K*H*W
-    elements, padding included (item 8, both variants). ``valid`` (B, H, W) bool, for the
-    ablation only: mean over the K values of the valid pixels.
+    elements, padding included (both variants). ``valid`` (B, H, W) bool (switch
+    ``mlcl.sai_ignore_mask``, an ablation): mean over the K values of the valid pixels.
     """
     if valid is None:
         return F.mse_loss(prob.float(), target.float(), reduction="mean")
@@ -325,9 +323,8 @@ def sai_mse(prob: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor
 
 
 class _UpsampledSoftmaxMSE(torch.autograd.Function):
-    """mean((softmax(upsample(z)) - target)^2), a chunk of images at a time; each chunk's
-    gradient is taken (by autograd, through the same ops) while its probabilities are at
-    hand, so nothing at the input resolution outlives its chunk (see sai_upsampled_mse)."""
+    """mean((softmax(upsample(z)) - target)^2), ``chunk`` images at a time, each chunk's
+    gradient for z taken in the forward (docs/method.md, "Implementation notes")."""
 
     @staticmethod
     def forward(ctx, z: Tensor, target: Tensor, chunk: int) -> Tensor:
@@ -356,15 +353,12 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
 
 
 def sai_upsampled_mse(logits: Tensor, target: Tensor, chunk: int | None = None) -> Tensor:
-    """L_m / L_n from the decoder's logits at feature resolution: the value of
-    ``sai_mse(upsample(logits, target's size).float().softmax(1), target)`` (bilinear,
-    align_corners=True, as model.upsample) and its gradient for ``logits``, at lower cost.
+    """L_m / L_n from the decoder's logits at feature resolution: the value and gradient of
+    ``sai_mse(upsample(logits, target's size).float().softmax(1), target)`` without keeping any
+    input-resolution tensor for the backward.
 
-    logits (N, K, h, w); target (N, K, H, W) (detached). The probabilities at the input
-    resolution are the bulk of the SAI memory traffic; here they are computed ``chunk``
-    images at a time (default: 1 on CPU, where a chunk then stays in cache; all at once on
-    GPU), and each chunk's gradient for ``logits`` (autograd through the same upsample,
-    softmax and MSE) is taken at once, so the backward keeps only a logits-sized tensor.
+    logits (N, K, h, w); target (N, K, H, W) (detached). ``chunk`` images at a time (default:
+    1 on CPU, all on GPU). 0-dim float32.
     """
     if chunk is None:
         chunk = 1 if logits.device.type == "cpu" else logits.shape[0]

@@ -1,24 +1,17 @@
-"""One step function per method: ``step(model, batch, ctx) -> {'loss': total, <named terms>}``.
+"""One step function per method: ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
+(what each computes: docs/method.md, "One training step").
 
 Vocabulary (UniMatch's): ``x``/``y`` labeled images and masks; ``u`` the unlabeled batch with
 views ``w`` (weak), ``s1``/``s2`` (two independent strong views), ``ignore`` (255 where the
-crop was padded) and CutMix boxes ``box1``/``box2``; ``mix`` the CutMix source batch (the
-unlabeled batch rolled by one image, or an independently shuffled loader); ``fp`` the
-feature-perturbation branch.
+crop was padded) and CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner batch
+(``mix_source``); ``fp`` the feature-perturbation branch.
 
-Forward passes (image-batches through the backbone) per step:
+Image-batches through the backbone per step (docs/method.md, "Forward passes"):
 
     supervised            1   x
     unimatch              5   mix_w (eval, no grad) | x, u_w (+fp copy of c1/c4) | s1, s2
     mlcl (default)        7   unimatch's 5 + the CutMixed weak views w1, w2 under no_grad
     mlcl (released)       9   7 train-mode passes: mix_w | x, u_w | s1, s2 | w1 | w2 | u_w | s1
-
-In the default MLCL step F_1/F_2 (features of the weak images CutMixed like s1/s2) are only
-ever used detached, so they come from one no-grad pass; F_w is the clean branch of the
-cat(x, u_w) pass UniMatch already runs; F_s is the CutMixed strong features F_s1 outside the
-box (inside it the pixels belong to the mix partner). ``mlcl.released_passes=true`` runs the
-released structure instead (separate train-mode passes with graphs; batch-norm statistics
-differ accordingly).
 """
 from __future__ import annotations
 
@@ -26,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mlcl import losses
 from mlcl.config import Config
+from mlcl.model import upsample
+from mlcl.prototypes import PrototypeBank
 
 
 @dataclass
@@ -44,12 +38,10 @@ class StepContext:
     epoch: int = 0
 
 
-def make_bank(cfg: Config):
+def make_bank(cfg: Config) -> PrototypeBank | None:
     """The prototype memory bank for MLCL (None for the other methods)."""
     if cfg.method != "mlcl":
         return None
-    from mlcl.prototypes import PrototypeBank
-
     return PrototypeBank(cfg.data.num_classes, cfg.model.feature_channels,
                          momentum=cfg.mlcl.bank_momentum, conf_thresh=cfg.mlcl.bank_conf)
 
@@ -80,10 +72,13 @@ def mix_source(batch: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def paste(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
-    """CutMix: ``inside`` where box (B, H, W) is set, ``outside`` elsewhere. Works for
-    (B, H, W) and (B, C, H, W) tensors."""
+    """CutMix, the one helper: ``inside`` where ``box`` is set, ``outside`` elsewhere.
+
+    inside, outside (B, H, W) (labels, confidences, ignore maps) or (B, K, H, W) (images,
+    probabilities); box (B, H, W) bool, or (n, B, H, W) for n boxes at once (the result then
+    has a leading n)."""
     if inside.dim() == 4:
-        box = box.unsqueeze(1)
+        box = box.unsqueeze(-3)
     return torch.where(box, inside, outside)
 
 
@@ -162,89 +157,132 @@ def step_unimatch(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, T
 
 
 # --------------------------------------------------------------------------- mlcl
-def weak_at_feature_resolution(logits_w_feat: Tensor) -> tuple[Tensor, Tensor]:
-    """(conf, label) of u_w at feature resolution from the classifier's logits there."""
-    conf, label = logits_w_feat.detach().float().softmax(1).max(1)
-    return conf, label
+@dataclass
+class MLCLInputs:
+    """What the MLCL part of a step reads: B images, C channels, K classes, h x w feature and
+    H x W input resolution."""
+
+    f_w: Tensor  # (B, C, h, w) features of u_w, detached
+    logits_w: Tensor  # (B, K, h, w) the classifier on f_w (weak pseudo-labels at h x w)
+    f1: Tensor  # (B, C, h, w) F_1: the weak images CutMixed like s1, detached
+    f2: Tensor  # (B, C, h, w) F_2: likewise for s2
+    f_s1: Tensor  # (B, C, h, w) F_s1: features of the CutMixed s1, with gradient
+    f_s2: Tensor  # (B, C, h, w) F_s2
+    f_dt: Tensor  # (B, C, h, w) the strong features L_dt pulls, with gradient
+    dt_box: Tensor | None  # (B, H, W) bool: where f_dt shows the partner (skipped), or None
+    ignore: Tensor  # (B, H, W) u's ignore map
+    ignore_mix: Tensor  # (B, H, W) the CutMix partner's ignore map
+    box1: Tensor  # (B, H, W) bool: the CutMix box of s1
+    box2: Tensor  # (B, H, W) bool: the CutMix box of s2
+    prob_w: Tensor  # (B, K, H, W) softmax of u_w (train mode, detached)
+    prob_mix: Tensor  # (B, K, H, W) softmax of the partner (eval mode)
 
 
-def downsample_box(box: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(box.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).bool()
-
-
-def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
-    cfg, m = ctx.cfg, ctx.cfg.mlcl
-    net = ctx.accelerator.unwrap_model(model) if ctx.accelerator is not None else model
-    p = unimatch_passes(model, batch, ctx)
-    u, mix, (box1, box2) = batch["u"], p.mix, p.boxes
-    f_s1, f_s2 = p.out_s.features.chunk(2)  # (B, C, h, w), CutMixed strong views, with grad
-
-    # F_1 / F_2: the weak images CutMixed like s1 / s2 -- used only detached
-    w1, w2 = paste(box1, mix["w"], u["w"]), paste(box2, mix["w"], u["w"])
-    if m.released_passes:  # separate train-mode passes whose graphs are never used
+def mlcl_inputs(model, net, p: UniMatchPasses, u: dict[str, Tensor],
+                released_passes: bool) -> MLCLInputs:
+    """The MLCL passes on top of UniMatch's (docs/method.md, "Forward passes"): F_1/F_2 under
+    no_grad, F_w from the clean u_w branch and L_dt on the CutMixed s1 outside its box; or,
+    with ``released_passes``, separate train-mode passes (graphs built) over w1, w2, u_w, s1."""
+    box1, box2 = p.boxes
+    f_s1, f_s2 = p.out_s.features.chunk(2)
+    w1, w2 = paste(box1, p.mix["w"], u["w"]), paste(box2, p.mix["w"], u["w"])
+    if released_passes:
         f1 = model(w1, return_features=True).features.detach()
         f2 = model(w2, return_features=True).features.detach()
         f_w = model(u["w"], return_features=True).features
-        f_s_dt = model(u["s1"], return_features=True).features  # un-mixed s1
+        f_dt, dt_box = model(u["s1"], return_features=True).features, None  # un-mixed s1
     else:
         with torch.no_grad():  # train mode, as the released passes (BN batch statistics)
             f1, f2 = model(torch.cat([w1, w2]), return_features=True).features.chunk(2)
-        f_w = p.out_xw.features[p.n_x:]  # clean branch of the cat(x, u_w) pass
-        f_s_dt = f_s1  # outside box1 the CutMixed s1 is the strong view of u_w
+        f_w, f_dt, dt_box = p.out_xw.features[p.n_x:], f_s1, box1
     f_w = f_w.detach()
-    size = tuple(f_w.shape[-2:])
+    with torch.no_grad():
+        logits_w = net.decode(f_w)
+    return MLCLInputs(f_w=f_w, logits_w=logits_w, f1=f1, f2=f2, f_s1=f_s1, f_s2=f_s2,
+                      f_dt=f_dt, dt_box=dt_box, ignore=u["ignore"], ignore_mix=p.mix["ignore"],
+                      box1=box1, box2=box2, prob_w=p.prob_w, prob_mix=p.prob_mix)
 
-    # weak pseudo-labels at feature resolution and the ignore map resized there
-    conf_f, label_f = weak_at_feature_resolution(net.decode(f_w))
-    valid_w = losses.resize_ignore(u["ignore"], size, bilinear=m.bilinear_ignore,
+
+def feature_targets(x: MLCLInputs, cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(conf, label, valid_w, valid_s), each (B, h, w): the weak confidence and class at
+    feature resolution, the ignore map there as a validity mask (switch
+    ``mlcl.bilinear_ignore``), and that mask without ``x.dt_box``."""
+    size = tuple(x.f_w.shape[-2:])
+    conf, label = x.logits_w.detach().float().softmax(1).max(1)
+    valid_w = losses.resize_ignore(x.ignore, size, bilinear=cfg.mlcl.bilinear_ignore,
                                    ignore_index=cfg.data.ignore_index)
-    valid_s = valid_w if m.released_passes else valid_w & ~downsample_box(box1, size)
+    if x.dt_box is None:
+        return conf, label, valid_w, valid_w
+    return conf, label, valid_w, valid_w & ~losses.at_feature_pixels(x.dt_box, size)
 
-    zero = f_s1.new_zeros(())
-    # FKA: point-to-point alignment and prototype compactness (train the encoder); the same
-    # cosine map gives SAI's per-image similarity v
-    p2p1, v1 = losses.p2p_and_similarity(f1, f_s1)
-    p2p2, v2 = losses.p2p_and_similarity(f2, f_s2)
+
+def prototype_branch(x: MLCLInputs, bank: PrototypeBank, cfg: Config) -> Tensor:
+    """L_dt against the bank as it stands (0-dim; 0 with ``mlcl.use_dt`` off), then the bank's
+    EMA update from this step's weak features (docs/method.md, "Prototype memory bank")."""
+    m = cfg.mlcl
+    conf, label, valid_w, valid_s = feature_targets(x, cfg)
+    dt = x.f_dt.new_zeros(())
+    if m.use_dt:
+        dt = losses.dt_loss(x.f_w, conf, label, valid_w, x.f_dt, valid_s, bank.protos,
+                            conf_thresh=m.bank_conf, num_anchors=m.num_anchors,
+                            num_candidates=m.num_candidates, pair_by_position=m.pair_by_position,
+                            duplicate_top_anchor=m.duplicate_top_anchor,
+                            normalise_by_candidates=m.normalise_by_candidates,
+                            keep_uninitialised=m.dt_uninitialised)
+    bank.update(x.f_w, label, conf, valid_w, early_stop=m.bank_early_stop,
+                average_banks=m.bank_local_update)
+    return dt
+
+
+def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: float
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The MLCL part of the loss, alpha L_p2p + omega L_dt + w(t) (L_m + L_n) (0-dim), and its
+    terms (detached), for the weight ``sai_w`` = w(t); updates the bank. ``net`` needs only
+    ``decode`` (the 1x1 classifier). The training step and ``bench`` both call this."""
+    m = cfg.mlcl
+    # FKA (trains the encoder); the same cosine map gives SAI's per-image similarity v
+    p2p1, v1 = losses.p2p_and_similarity(x.f1, x.f_s1)
+    p2p2, v2 = losses.p2p_and_similarity(x.f2, x.f_s2)
     p2p = (p2p1 + p2p2) / 2  # logged even when switched off
-    dt = losses.dt_loss(f_w, conf_f, label_f, valid_w, f_s_dt, valid_s, ctx.bank.protos,
-                        conf_thresh=m.bank_conf, num_anchors=m.num_anchors,
-                        num_candidates=m.num_candidates, pair_by_position=m.pair_by_position,
-                        duplicate_top_anchor=m.duplicate_top_anchor,
-                        normalise_by_candidates=m.normalise_by_candidates) if m.use_dt else zero
+    dt = prototype_branch(x, bank, cfg)
+    # SAI: perturb the strong features by how well the views already agree
+    l_m = l_n = x.f_s1.new_zeros(())
+    if sai_w > 0 and (m.use_mask or m.use_noise):
+        l_m, l_n = sai_losses(net, [(x.f_s1, v1, x.box1), (x.f_s2, v2, x.box2)], x.prob_w,
+                              x.prob_mix, x.ignore, x.ignore_mix, cfg)
+    alpha = m.alpha if m.use_p2p else 0.0
+    loss = alpha * p2p + m.omega * dt + sai_w * (l_m + l_n)
+    return loss, {"p2p": p2p.detach(), "dt": dt.detach(), "mask": l_m.detach(),
+                  "noise": l_n.detach(), "sai_w": torch.tensor(sai_w, device=x.f_s1.device),
+                  "sim_v": torch.cat([v1, v2]).mean()}
 
-    # SAI: perturb the strong features by how well the views already agree (train the decoder)
+
+def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
+    """UniMatch's step plus FKA and SAI (docs/method.md, "MLCL")."""
+    m = ctx.cfg.mlcl
+    net = ctx.accelerator.unwrap_model(model) if ctx.accelerator is not None else model
+    p = unimatch_passes(model, batch, ctx)
+    x = mlcl_inputs(model, net, p, batch["u"], m.released_passes)
     sai_w = 0.0 if ctx.epoch < m.warmup_epochs else losses.sai_weight(
         ctx.iteration, ctx.total_iters, m.beta, m.rampup_k)
-    loss_mask, loss_noise = zero, zero
-    if sai_w > 0 and (m.use_mask or m.use_noise):
-        loss_mask, loss_noise = sai_losses(net, p, [(f_s1, v1, box1), (f_s2, v2, box2)], cfg)
-
-    alpha = m.alpha if m.use_p2p else 0.0
-    total = p.total + alpha * p2p + m.omega * dt + sai_w * (loss_mask + loss_noise)
-    ctx.bank.update(f_w, label_f, conf_f, valid_w, early_stop=m.bank_early_stop)
-    return {"loss": total, **p.terms, "p2p": p2p.detach(), "dt": dt.detach(),
-            "mask": loss_mask.detach(), "noise": loss_noise.detach(),
-            "sai_w": torch.tensor(sai_w, device=f_s1.device), "sim_v": torch.cat([v1, v2]).mean()}
+    loss, terms = mlcl_losses(net, x, ctx.bank, ctx.cfg, sai_w)
+    return {"loss": p.total + loss, **p.terms, **terms}
 
 
-def sai_losses(net, p: UniMatchPasses, branches, cfg: Config) -> tuple[Tensor, Tensor]:
-    """L_m and L_n, each averaged over the s1 and s2 branches: the masked / noised strong
-    features are decoded by the classifier alone, upsampled to the input size and pulled
-    (MSE) towards the weak probabilities CutMixed with the partner's (eval-mode) ones.
+def sai_losses(net, branches: list[tuple[Tensor, Tensor, Tensor]], prob_w: Tensor,
+               prob_mix: Tensor, ignore: Tensor, ignore_mix: Tensor, cfg: Config
+               ) -> tuple[Tensor, Tensor]:
+    """(L_m, L_n) of SAI, each averaged over the branches (0-dim).
 
-    The cost is at the input resolution (B*K*H*W values per map), so nothing that size is
-    concatenated or chunked (a chunk's backward concatenates the gradients again): each
-    perturbed map is decoded on its own (its K-channel logits, not its C-channel features,
-    are concatenated), and each kind (mask, noise) is upsampled, soft-maxed and compared for
-    all branches at once against one CutMixed target (losses.sai_upsampled_mse, which does it
-    image by image on CPU and keeps no full-resolution tensor for the backward). With
-    equal-size branches the mean over all of them is the mean of the per-branch means.
-    Random draws keep their order (per branch: the mask threshold, then the noise)."""
-    from mlcl.model import upsample
-
+    branches: per strong view (f_s (B, C, h, w) with gradient, v (B,), box (B, H, W) bool).
+    prob_w, prob_mix (B, K, H, W): the weak view's and the partner's probabilities (the
+    target is prob_w with the box taken from prob_mix). ignore, ignore_mix (B, H, W): read
+    only with ``mlcl.sai_ignore_mask``. The masked / noised maps go through ``net.decode``
+    alone, are upsampled to H x W and compared by MSE. Random draws, per branch: the mask
+    threshold, then the noise.
+    """
     m = cfg.mlcl
-    # released item 2: the second transform of v happens only where the noise branch ran
-    double = m.double_transform and m.use_noise
+    double = m.double_transform and m.use_noise  # the noise branch transformed v first
     logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
     for f_s, v, _ in branches:
         if m.use_mask:
@@ -254,24 +292,20 @@ def sai_losses(net, p: UniMatchPasses, branches, cfg: Config) -> tuple[Tensor, T
             logits["noise"].append(net.decode(losses.sai_noise(f_s, v, m.kappa)))
     n = len(branches)
     boxes = torch.stack([box for _, _, box in branches]).bool()  # (n, B, H, W)
-    # the CutMixed targets of all branches: (n, B, K, H, W) -> (n*B, K, H, W)
-    target = torch.where(boxes.unsqueeze(2), p.prob_mix, p.prob_w).flatten(0, 1)
+    target = paste(boxes, prob_mix, prob_w).flatten(0, 1)  # (n*B, K, H, W)
     valid = None
-    if m.sai_ignore_mask:  # ablation: (n, B, H, W)
-        valid = torch.where(boxes, p.mix["ignore"], p.batch_ignore) != cfg.data.ignore_index
-    zero = target.new_zeros((), dtype=torch.float32)
+    if m.sai_ignore_mask:  # (n, B, H, W)
+        valid = paste(boxes, ignore_mix, ignore) != cfg.data.ignore_index
     out = []
     for kind in ("mask", "noise"):
         if not logits[kind]:
-            out.append(zero)
-            continue
-        if valid is None:  # = sai_mse(upsample(logits).float().softmax(1), target)
+            out.append(target.new_zeros((), dtype=torch.float32))
+        elif valid is None:  # = sai_mse(upsample(logits).float().softmax(1), target)
             out.append(losses.sai_upsampled_mse(torch.cat(logits[kind]), target))
-            continue
-        # per-branch means over different pixel counts, then their mean
-        prob = upsample(torch.cat(logits[kind]), p.prob_w.shape[-2:]).float().softmax(1)
-        out.append(sum(losses.sai_mse(q, t, ok) for q, t, ok in
-                       zip(prob.chunk(n), target.chunk(n), valid)) / n)
+        else:  # per-branch means over different pixel counts, then their mean
+            prob = upsample(torch.cat(logits[kind]), prob_w.shape[-2:]).float().softmax(1)
+            out.append(sum(losses.sai_mse(q, t, ok) for q, t, ok in
+                           zip(prob.chunk(n), target.chunk(n), valid)) / n)
     return out[0], out[1]
 
 

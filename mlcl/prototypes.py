@@ -1,16 +1,13 @@
-"""The class-prototype memory bank of FKA (METHOD.md section 2, "Prototype memory bank").
+"""The class-prototype memory bank of FKA (docs/method.md, "Prototype memory bank").
 
-``PrototypeBank`` is an ``nn.Module`` whose (K, C) buffer ``protos`` is part of its
-``state_dict``, so checkpoints carry it (the released code kept it outside the model and never
-saved it, item 10). The update is vectorised (per-class sums and counts as one-hot matrix
-products) and synchronised: the sums and counts are summed over processes before the update,
-so every process applies the identical update computed from the global batch and the bank
-stays identical everywhere. (The released ``prote.py`` instead updates each process's bank from its
-local batch and then averages the banks; with one process the two are the same.)
+``PrototypeBank`` is an ``nn.Module`` whose (K, C) buffer ``protos`` is in its ``state_dict``,
+so checkpoints carry it. The update is vectorised (per-class sums and counts as one-hot matrix
+products) and keeps the bank identical on every process.
 """
 from __future__ import annotations
 
 import torch
+from accelerate.utils import reduce
 from torch import Tensor, nn
 
 
@@ -39,10 +36,7 @@ class PrototypeBank(nn.Module):
     def class_sums(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor
                    ) -> tuple[Tensor, Tensor]:
         """Per-class sums (K, C) and counts (K,) of the features with conf > conf_thresh and
-        valid. feats (B, C, h, w) or rows (N, C); labels, conf, valid (B, h, w) or (N,).
-
-        A one-hot matrix product in the channel-first layout (the features are never permuted
-        to rows, which would copy the whole map)."""
+        valid. feats (B, C, h, w) or rows (N, C); labels, conf, valid (B, h, w) or (N,)."""
         if feats.dim() == 4:
             maps = feats.reshape(feats.shape[0], feats.shape[1], -1)  # (B, C, P)
         else:
@@ -58,38 +52,40 @@ class PrototypeBank(nn.Module):
         return sums, counts
 
     @torch.no_grad()
-    def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor, *,
-               early_stop: bool = False) -> None:
-        """One EMA step from the weak features of this step (global batch over processes).
+    def stepped(self, sums: Tensor, counts: Tensor, early_stop: bool = False) -> Tensor:
+        """The bank (K, C) after one EMA step from class sums (K, C) and counts (K,); not stored.
 
-        For each class k with at least one feature of label k, conf > conf_thresh and valid
-        (anywhere in the global batch): mean_k = their mean; if rho_k is still all zeros,
-        rho_k <- mean_k, else rho_k <- m rho_k + (1 - m) mean_k. Other classes are unchanged.
-
-        ``early_stop`` (released item 6, ``prote.py: update_memory``): the classes are visited
-        in ascending order with a flag that is set when a class is initialised and never reset
-        within the call; once set, the EMA update of every later (already initialised) class
-        is skipped. Later classes that are still all zeros are still initialised, and the flag
-        does not persist to the next step (it is re-created on every call).
+        For each class with counts > 0: mean_k = sums_k / counts_k; rho_k <- mean_k if rho_k is
+        all zeros, else m rho_k + (1 - m) mean_k. ``early_stop`` (switch
+        ``mlcl.bank_early_stop``, released): once a class is initialised in this step, the EMA
+        of every later (higher-index) class is skipped; later all-zero classes are still
+        initialised.
         """
-        sums, counts = self.class_sums(feats, labels, conf, valid)
-        try:
-            from accelerate.utils import reduce
-        except ImportError:  # pragma: no cover - accelerate is a dependency
-            reduce = None
-        if reduce is not None:
-            packed = reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), reduction="sum")
-            sums, counts = packed[:, :-1], packed[:, -1]
         present = counts > 0
         mean = sums / counts.clamp(min=1).unsqueeze(1)
         zero = self.protos.eq(0).all(dim=1)
         init = present & zero
         ema = present & ~zero
-        if early_stop:
-            # an earlier class (lower index) was initialised in this call -> skip the EMA
-            earlier_init = (torch.cumsum(init.long(), 0) - init.long()) > 0
-            ema = ema & ~earlier_init
+        if early_stop:  # an earlier (lower-index) class was initialised in this step
+            ema = ema & ~((torch.cumsum(init.long(), 0) - init.long()) > 0)
         m = self.momentum
         new = torch.where(init.unsqueeze(1), mean, self.protos)
-        new = torch.where(ema.unsqueeze(1), m * self.protos + (1.0 - m) * mean, new)
-        self.protos.copy_(new)
+        return torch.where(ema.unsqueeze(1), m * self.protos + (1.0 - m) * mean, new)
+
+    @torch.no_grad()
+    def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor, *,
+               early_stop: bool = False, average_banks: bool = False) -> None:
+        """One EMA step (:meth:`stepped`) from this step's weak features, in place.
+
+        feats (B, C, h, w) or (N, C); labels, conf, valid (B, h, w) or (N,). Default: the class
+        sums and counts are summed over processes first, so every process applies the step of
+        the global batch. ``average_banks`` (switch ``mlcl.bank_local_update``, released): each
+        process steps its bank from its local batch, then the banks are averaged. With one
+        process both are the same.
+        """
+        sums, counts = self.class_sums(feats, labels, conf, valid)
+        if average_banks:
+            self.protos.copy_(reduce(self.stepped(sums, counts, early_stop), reduction="mean"))
+            return
+        packed = reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), reduction="sum")
+        self.protos.copy_(self.stepped(packed[:, :-1], packed[:, -1], early_stop))

@@ -1,10 +1,11 @@
 """Slow, obvious reference implementations (loops over images, pixels and classes) written
-from METHOD.md's words and the released code's control flow (MKSAQW/MCCL: MLCL.py, prote.py;
+from docs/method.md's words and the released code's control flow (MKSAQW/MCCL: MCCL.py, prote.py;
 UniMatch's util/ohem.py). The tests compare mlcl.losses / mlcl.prototypes against these on
 small random inputs. Nothing here is fast or used outside the tests."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,7 @@ def _rows(f):
 
 def ref_dt(f_w, conf_w, label_w, valid_w, f_s, valid_s, protos, conf_thresh=0.95,
            num_anchors=16, num_candidates=256, pair_by_position=False,
-           duplicate_top_anchor=False, normalise_by_candidates=False):
+           duplicate_top_anchor=False, normalise_by_candidates=False, keep_uninitialised=False):
     """L_dt with a loop over the classes, in the released code's list structure."""
     fw, fs = _rows(f_w).detach(), _rows(f_s)
     lab, conf = label_w.reshape(-1), conf_w.reshape(-1)
@@ -127,6 +128,8 @@ def ref_dt(f_w, conf_w, label_w, valid_w, f_s, valid_s, protos, conf_thresh=0.95
     K = protos.shape[0]
     anchor_groups, cand_groups = {}, {}
     for k in range(K):
+        if not keep_uninitialised and bool((protos[k] == 0).all()):
+            continue  # paper: a class without a prototype yet sits out of this step
         # anchors: confident, valid weak features of class k, most similar to rho_k
         rows = [i for i in range(fw.shape[0]) if lab[i] == k and conf[i] > conf_thresh and vw[i]]
         if rows:
@@ -192,3 +195,36 @@ def ref_resize_ignore_released(ignore, size):
     x = F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
                       align_corners=True).squeeze(0).long()
     return x != 255
+
+
+def ref_resize_ignore_paper(ignore, size, ignore_index=255):
+    """Per feature pixel (i, j): the input pixel under it when the model upsamples with
+    align_corners=True, round(i (H - 1) / (h - 1)) (halves up), in exact fractions."""
+    B, H, W = ignore.shape
+    h, w = size
+
+    def src(i, n_in, n_out):
+        if n_out == 1:
+            return 0
+        return math.floor(Fraction(i * (n_in - 1), n_out - 1) + Fraction(1, 2))
+
+    out = torch.zeros(B, h, w, dtype=torch.bool)
+    for b in range(B):
+        for i in range(h):
+            for j in range(w):
+                out[b, i, j] = int(ignore[b, src(i, H, h), src(j, W, w)]) != ignore_index
+    return out
+
+
+def ref_bank_processes(protos, shards, momentum, conf_thresh, early_stop, average_banks):
+    """The bank after one step on n processes, shard r = (feats, labels, conf, valid) of
+    process r. average_banks: each process runs prote.py's loop on its shard, then the banks
+    are averaged; else the loop runs once on all shards' features together."""
+    if average_banks:
+        banks = [ref_bank_update(protos, *shard, momentum, conf_thresh, early_stop)
+                 for shard in shards]
+        return torch.stack(banks).mean(0)
+    rows = [(_rows(f) if f.dim() == 4 else f, lab.reshape(-1), c.reshape(-1), v.reshape(-1))
+            for f, lab, c, v in shards]
+    joined = [torch.cat([r[i] for r in rows]) for i in range(4)]
+    return ref_bank_update(protos, *joined, momentum, conf_thresh, early_stop)

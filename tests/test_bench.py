@@ -11,8 +11,9 @@ import sys
 
 import torch
 
-from mlcl import bench, losses
-from mlcl.methods import weak_at_feature_resolution
+from mlcl import bench, losses, methods
+from mlcl.config import load_config
+from mlcl.model import upsample
 from mlcl.prototypes import PrototypeBank
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -75,7 +76,7 @@ def test_released_recreation_computes_the_project_loss_and_bank():
     torch.manual_seed(0)
     protos = torch.randn(5, 16)
     released = bench.Released(protos)
-    conf, label = weak_at_feature_resolution(x.logits)
+    conf, label = x.logits_w.softmax(1).max(1)
     valid = torch.ones_like(label, dtype=torch.bool)
     ours = losses.dt_loss(x.f_w, conf, label, valid, x.f_s1, valid, protos,
                           num_candidates=20)
@@ -116,8 +117,6 @@ def test_loaders_honour_the_performance_options(synth_cfg):
 def test_sai_upsampled_mse_equals_the_plain_chain():
     """The chunked, recomputing L_m / L_n gives the value and gradient of
     sai_mse(upsample(logits).float().softmax(1), target), also under bf16 autocast."""
-    from mlcl.model import upsample
-
     g = torch.Generator().manual_seed(0)
     z0, t = torch.randn(4, 5, 9, 9, generator=g), torch.rand(4, 5, 33, 33, generator=g)
     t = t / t.sum(1, keepdim=True)
@@ -141,34 +140,28 @@ def test_sai_losses_equal_the_plain_computation():
     """methods.sai_losses (per-map decode, batched per kind, chunked MSE) computes what the
     straightforward version computes: per branch, mask and noise maps decoded, upsampled,
     soft-maxed and compared with the CutMixed target, averaged over the branches."""
-    from types import SimpleNamespace
-
-    from mlcl.config import load_config
-    from mlcl.methods import sai_losses
-    from mlcl.model import upsample
-
     x = bench.fka_inputs(3, 16, 9, 5, torch.device("cpu"), seed=2)
     x.box2[0] = False
     dec = bench.Decoder(16, 5)
-    p = SimpleNamespace(prob_mix=x.prob_mix, prob_w=x.prob_w, mix={"ignore": x.ignore_mix},
-                        batch_ignore=x.ignore)
     branches = [(x.f_s1, losses.per_image_similarity(x.f1, x.f_s1), x.box1),
                 (x.f_s2, losses.per_image_similarity(x.f2, x.f_s2), x.box2)]
 
     def plain(cfg):
         m, maps, targets = cfg.mlcl, [], []
         for f_s, v, box in branches:
-            t = losses.apply_cutmix(box, p.prob_mix, p.prob_w)
+            t = torch.where(box.unsqueeze(1), x.prob_mix, x.prob_w)
             maps.append(losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, False)[0])
             maps.append(losses.sai_noise(f_s, v, m.kappa))
             targets += [t, t]
-        prob = upsample(dec.decode(torch.cat(maps)), p.prob_w.shape[-2:]).softmax(1).chunk(4)
+        prob = upsample(dec.decode(torch.cat(maps)), x.prob_w.shape[-2:]).softmax(1).chunk(4)
         mse = [losses.sai_mse(q, t) for q, t in zip(prob, targets)]
         return (mse[0] + mse[2]) / 2, (mse[1] + mse[3]) / 2
 
     cfg = load_config(None, ["method=mlcl"])
+    ours = lambda cfg: methods.sai_losses(dec, branches, x.prob_w, x.prob_mix,  # noqa: E731
+                                          x.ignore, x.ignore_mix, cfg)
     grads = []
-    for f in (plain, lambda cfg: sai_losses(dec, p, branches, cfg)):
+    for f in (plain, ours):
         x.f_s1.grad = x.f_s2.grad = None
         torch.manual_seed(5)
         lm, ln = f(cfg)

@@ -1,5 +1,5 @@
 """mlcl.losses against the slow references in tests/reference.py, plus the properties and the
-released quirks of METHOD.md (items 2-5, 7, 8)."""
+released quirks (docs/method.md, "Paper versus release")."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from mlcl import losses as L
 from reference import (ref_ce, ref_dt, ref_ohem, ref_p2p, ref_pseudo_label_ce,
-                       ref_resize_ignore_released, ref_sai_mse, ref_sai_weight, ref_similarity)
+                       ref_resize_ignore_paper, ref_resize_ignore_released, ref_sai_mse,
+                       ref_sai_weight, ref_similarity)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,16 +63,6 @@ def test_ohem_matches_unimatch_reference(thresh, min_kept):
     target[torch.rand(2, 6, 5, generator=g) < 0.15] = 255
     got = L.ohem_ce_loss(logits, target, 255, thresh, min_kept)
     assert got.item() == pytest.approx(ref_ohem(logits, target, 255, thresh, min_kept), rel=1e-5)
-
-
-def test_cutmix_targets():
-    g = _gen(0)
-    box = torch.rand(2, 4, 4, generator=g) < 0.5
-    own = (torch.zeros(2, 4, 4), torch.zeros(2, 3, 4, 4))
-    mix = (torch.ones(2, 4, 4), torch.ones(2, 3, 4, 4))
-    a, p = L.cutmix_targets(box, own, mix)
-    assert torch.equal(a, box.float())
-    assert torch.equal(p, box.unsqueeze(1).expand(2, 3, 4, 4).float())
 
 
 # --------------------------------------------------------------------------- p2p and v
@@ -150,9 +141,35 @@ def test_dt_loss_zero_when_no_class_qualifies():
         loss = L.dt_loss(f_w, conf * 0, label, valid_w, f_s, valid_s, protos,
                          normalise_by_candidates=norm)
         assert loss.item() == 0.0 and loss.dim() == 0
-    # zero (uninitialised) prototypes still give a finite loss
-    loss = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, torch.zeros_like(protos))
-    assert torch.isfinite(loss)
+    # an all-zero bank: no class takes part (paper), or an arbitrary selection (released)
+    zeros = torch.zeros_like(protos)
+    assert L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, zeros).item() == 0.0
+    loss = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, zeros, keep_uninitialised=True)
+    assert torch.isfinite(loss) and loss.item() != 0.0
+
+
+@pytest.mark.parametrize("K,B,C,h,w", [(4, 1, 5, 4, 4), (5, 2, 4, 3, 2)])
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("pair", [False, True])
+def test_dt_loss_uninitialised_classes_match_reference(K, B, C, h, w, keep, pair):
+    """Switch mlcl.dt_uninitialised: classes whose prototype is still all zeros sit out of
+    L_dt (paper) or take part (released, keep=True). With fewer pixels than 16 anchors /
+    256 candidates every eligible feature is selected, so the released selection among equal
+    (zero) cosines is not arbitrary here and can be compared."""
+    f_w, conf, label, valid_w, f_s, valid_s, protos = _dt_inputs(K, B, C, h, w, 40 + K,
+                                                                  zero_protos=(0, 2))
+    assert B * h * w <= 16 and {0, 2} <= set(label.unique().tolist())
+    conf = torch.ones_like(conf)  # every valid weak feature is eligible as an anchor
+    kw = dict(pair_by_position=pair, keep_uninitialised=keep)
+    got = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
+    want = ref_dt(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
+    assert got.item() == pytest.approx(float(want.detach()), abs=1e-5)
+    (g_got,) = torch.autograd.grad(got, f_s)
+    (g_want,) = torch.autograd.grad(want, f_s)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
+    other = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, protos,
+                      **{**kw, "keep_uninitialised": not keep})
+    assert abs(other.item() - got.item()) > 1e-4  # the switch matters on these inputs
 
 
 def _onehot_features(classes, C, hw):
@@ -217,12 +234,12 @@ def test_quirk5_normalise_by_candidates():
 
 # --------------------------------------------------------------------------- ignore resize
 def test_quirk7_bilinear_ignore_keeps_only_exact_255():
-    # (4, 4) -> (3, 3), align_corners: rows sample 0, 1.5, 3; nearest samples rows 0, 1, 2.
+    # (4, 4) -> (3, 3), align_corners: rows sit at 0, 1.5, 3; the paper samples rows 0, 2, 3.
     ign = torch.zeros(1, 4, 4, dtype=torch.long)
     ign[:, 2] = 255  # one padded row
-    near = L.resize_ignore(ign, (3, 3), bilinear=False)
+    paper = L.resize_ignore(ign, (3, 3), bilinear=False)
     bil = L.resize_ignore(ign, (3, 3), bilinear=True)
-    assert (~near[0, 2]).all() and near[0, :2].all()  # nearest keeps the padded row
+    assert (~paper[0, 1]).all() and paper[0, 0].all() and paper[0, 2].all()
     assert bil.all()  # bilinear: 127.5 and 0 -> nothing ignored
     ign[:, 1] = 255  # rows 1 and 2 padded: row 1.5 interpolates to exactly 255
     bil = L.resize_ignore(ign, (3, 3), bilinear=True)
@@ -231,6 +248,42 @@ def test_quirk7_bilinear_ignore_keeps_only_exact_255():
     ign = torch.where(torch.rand(3, 11, 9, generator=g) < 0.4, 255, 0)
     assert torch.equal(L.resize_ignore(ign, (4, 3), bilinear=True),
                        ref_resize_ignore_released(ign, (4, 3)))
+
+
+@pytest.mark.parametrize("H,W,h,w", [(11, 9, 4, 3), (32, 32, 8, 8), (33, 20, 9, 6),
+                                     (5, 7, 1, 2), (64, 48, 16, 12)])
+def test_paper_ignore_samples_the_pixel_under_each_feature(H, W, h, w):
+    """The paper variant's ignore map at feature resolution against a per-pixel loop that
+    takes round(i (H - 1) / (h - 1)) in exact fractions."""
+    ign = torch.where(torch.rand(2, H, W, generator=_gen(H * W)) < 0.4, 255, 0)
+    assert torch.equal(L.resize_ignore(ign, (h, w)), ref_resize_ignore_paper(ign, (h, w)))
+
+
+@pytest.mark.parametrize("crop,feat", [(321, 81), (801, 201)])
+def test_both_ignore_resizes_are_the_stride4_subsample_at_the_released_crops(crop, feat):
+    ign = torch.where(torch.rand(2, crop, crop, generator=_gen(crop)) < 0.5, 255, 0)
+    want = ign[:, ::4, ::4] != 255
+    assert want.shape[-1] == feat
+    for bilinear in (False, True):
+        assert torch.equal(L.resize_ignore(ign, (feat, feat), bilinear=bilinear), want)
+
+
+def test_where_the_resizes_differ_bilinear_unignores_the_padded_border():
+    # crop 32 -> 8: feature row i sits at input row i*31/7 (row 6 at 26.57). The crop is
+    # padded from input row 27 (and column 27) on.
+    ign = torch.zeros(2, 32, 32, dtype=torch.long)
+    ign[:, 27:] = 255
+    ign[:, :, 27:] = 255
+    paper = L.resize_ignore(ign, (8, 8), bilinear=False)
+    released = L.resize_ignore(ign, (8, 8), bilinear=True)
+    assert torch.equal(paper, ref_resize_ignore_paper(ign, (8, 8)))
+    assert (~paper[:, 6:]).all() and (~paper[:, :, 6:]).all() and paper[:, :6, :6].all()
+    # released: the border row/column (between a valid and a padded pixel) is valid again
+    assert released[:, 6, :6].all() and released[:, :6, 6].all()
+    assert (~released[:, 7]).all() and (~released[:, :, 7]).all()
+    # F.interpolate(mode="nearest") samples input row floor(6*32/8) = 24: valid, off by 3
+    nearest = F.interpolate(ign.unsqueeze(1).float(), size=(8, 8), mode="nearest")[:, 0]
+    assert (nearest[:, 6, :6] != 255).all()
 
 
 # --------------------------------------------------------------------------- SAI

@@ -2,14 +2,19 @@
 tiny batch lower the loss."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mlcl.config import load_config
+from mlcl import methods
+from mlcl.bench import fka_sai
+from mlcl.config import RELEASED_QUIRKS, load_config
 from mlcl.data.datasets import build_datasets
-from mlcl.methods import STEPS, StepContext, make_bank
+from mlcl.methods import STEPS, StepContext, make_bank, paste
 from mlcl.model import build_model
+from mlcl.prototypes import PrototypeBank
 
 
 def setup(synth_root, method, *extra, batch=4):
@@ -101,3 +106,79 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(synth_root, method):
         opt.step()
         losses.append(float(terms["loss"].detach()))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_paste_is_cutmix_for_every_shape_it_takes():
+    g = torch.Generator().manual_seed(0)
+    box = torch.rand(2, 4, 5, generator=g) < 0.5  # (B, H, W)
+    boxes = torch.rand(3, 2, 4, 5, generator=g) < 0.5  # (n, B, H, W)
+    a, b = torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    pa, pb = torch.randn(2, 6, 4, 5, generator=g), torch.randn(2, 6, 4, 5, generator=g)
+    got, got_p = paste(box, a, b), paste(box, pa, pb)
+    got_n, got_np = paste(boxes, a, b), paste(boxes, pa, pb)
+    assert got_np.shape == (3, 2, 6, 4, 5)
+    for i in range(2):
+        for y in range(4):
+            for x in range(5):
+                inside = bool(box[i, y, x])
+                assert got[i, y, x] == (a if inside else b)[i, y, x]
+                assert torch.equal(got_p[i, :, y, x], (pa if inside else pb)[i, :, y, x])
+                for n in range(3):
+                    inside = bool(boxes[n, i, y, x])
+                    assert got_n[n, i, y, x] == (a if inside else b)[i, y, x]
+                    assert torch.equal(got_np[n, i, :, y, x], (pa if inside else pb)[i, :, y, x])
+
+
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_variant_sets_every_released_switch_unless_given(variant):
+    cfg = load_config(None, ["method=mlcl", f"mlcl.variant={variant}"])
+    assert {"dt_uninitialised", "bank_local_update", "bilinear_ignore"} <= set(RELEASED_QUIRKS)
+    for quirk in RELEASED_QUIRKS:
+        assert getattr(cfg.mlcl, quirk) is (variant == "released"), quirk
+    flipped = load_config(None, ["method=mlcl", f"mlcl.variant={variant}",
+                                 f"mlcl.dt_uninitialised={variant == 'paper'}",
+                                 f"mlcl.bank_local_update={variant == 'paper'}"])
+    assert flipped.mlcl.dt_uninitialised is flipped.mlcl.bank_local_update is (variant == "paper")
+
+
+@pytest.mark.parametrize("extra", [(), ("mlcl.variant=released",)])
+def test_benchmark_times_what_the_training_step_runs(synth_root, monkeypatch, extra):
+    """bench's fka_sai jobs, replayed on the inputs a real step_mlcl built (same bank, same
+    random state), give exactly the step's MLCL part: its loss beyond UniMatch's, its L_dt
+    and the bank afterwards. Fails when the step computes something the benchmark does not."""
+    cfg, model, bank, batch, ctx = setup(synth_root, "mlcl", "mlcl.bank_conf=0.0", *extra)
+    bank.protos.normal_()
+    bank.protos[1] = 0  # one class not seen yet
+    ctx.iteration = ctx.total_iters  # w(t) = beta, the weight the benchmark uses
+    seen = {}
+    passes, part = methods.unimatch_passes, methods.mlcl_losses
+
+    def spy_passes(*a):
+        seen["p"] = passes(*a)
+        return seen["p"]
+
+    def spy_part(net, x, bank, cfg, sai_w):
+        seen.update(x=x, protos=bank.protos.clone(), rng=torch.get_rng_state(), sai_w=sai_w)
+        return part(net, x, bank, cfg, sai_w)
+
+    monkeypatch.setattr(methods, "unimatch_passes", spy_passes)
+    monkeypatch.setattr(methods, "mlcl_losses", spy_part)
+    terms = STEPS["mlcl"](model, batch, ctx)
+    monkeypatch.undo()
+    assert seen["sai_w"] == cfg.mlcl.beta and terms["mask"] > 0 and terms["dt"] > 0
+    leaves: dict[int, torch.Tensor] = {}  # the step's graph cut (f_dt may be f_s1 itself)
+    x = dataclasses.replace(seen["x"], **{
+        f.name: leaves.setdefault(id(t), t.detach().requires_grad_())
+        for f in dataclasses.fields(seen["x"])
+        if (t := getattr(seen["x"], f.name)) is not None and t.requires_grad})
+    replays = [PrototypeBank(bank.num_classes, bank.channels, bank.momentum, bank.conf_thresh)
+               for _ in range(2)]
+    for r in replays:
+        r.protos.copy_(seen["protos"])
+    dt = fka_sai.vectorised_proto(x, replays[0], cfg)
+    torch.set_rng_state(seen["rng"])
+    whole = fka_sai.vectorised_whole(x, replays[1], model, cfg)
+    assert torch.equal(dt, terms["dt"])
+    assert torch.allclose(seen["p"].total.detach() + whole, terms["loss"].detach(), rtol=1e-6)
+    for r in replays:
+        assert torch.equal(r.protos, bank.protos)

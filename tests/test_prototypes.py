@@ -1,12 +1,24 @@
 """mlcl.prototypes.PrototypeBank: EMA update against the released loop (tests/reference.py),
-absent classes, state_dict, and the early-stop quirk (METHOD.md item 6)."""
+absent classes, state_dict, the early-stop quirk and the update under several processes
+(docs/method.md, "Paper versus release")."""
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from mlcl.prototypes import PrototypeBank
-from reference import ref_bank_update
+from reference import ref_bank_processes, ref_bank_update
+from two_process_bank import start_and_shards
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)
 
@@ -103,3 +115,89 @@ def test_state_dict_round_trip_and_no_grad():
     other.load_state_dict(sd)
     assert torch.equal(other.protos, bank.protos)
     assert list(bank.parameters()) == []
+
+
+# --------------------------------------------------------------------------- several processes
+class ThreadedAllReduce:
+    """n threads standing for n processes: ``reduce`` is an all-reduce over them."""
+
+    def __init__(self, n: int):
+        self.n, self.slots = n, [None] * n
+        self.barrier = threading.Barrier(n)
+        self.rank = threading.local()
+
+    def reduce(self, tensor, reduction="mean"):
+        self.slots[self.rank.value] = tensor.clone()
+        self.barrier.wait()
+        total = torch.stack(self.slots).sum(0)
+        self.barrier.wait()  # every thread has read the slots before any writes again
+        return total / self.n if reduction == "mean" else total
+
+
+def _update_on_processes(start, shards, **kw):
+    """Each shard's update on its own thread ("process"); the banks afterwards."""
+    group = ThreadedAllReduce(len(shards))
+    banks = [PrototypeBank(start.shape[0], start.shape[1], 0.9, 0.95) for _ in shards]
+
+    def run(r):
+        group.rank.value = r
+        banks[r].protos.copy_(start)
+        banks[r].update(*shards[r], **kw)
+
+    with mock.patch("mlcl.prototypes.reduce", group.reduce):
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(len(shards))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return [b.protos for b in banks]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("early_stop", [False, True])
+@pytest.mark.parametrize("average", [False, True])
+def test_update_on_several_processes_matches_reference(n, early_stop, average):
+    """Switch mlcl.bank_local_update: summed class statistics (default) = prote.py's loop on
+    the global batch; averaged banks (released) = the loop per process, then the mean."""
+    start = torch.randn(6, 4, generator=torch.Generator().manual_seed(n))
+    start[[1, 4]] = 0
+    shards = [_batch(6, 2, 4, 3, 3, 10 * n + r) for r in range(n)]
+    banks = _update_on_processes(start, shards, early_stop=early_stop, average_banks=average)
+    want = ref_bank_processes(start, shards, 0.9, 0.95, early_stop, average)
+    for bank in banks:
+        assert torch.allclose(bank, want, atol=1e-6)
+
+
+def test_averaged_banks_differ_from_summed_statistics():
+    """A class first seen on one of two processes becomes mean/2 with averaged banks."""
+    start, shards = start_and_shards(2)
+    summed = _update_on_processes(start, shards)[0]
+    averaged = _update_on_processes(start, shards, average_banks=True)[0]
+    only_0 = shards[0][0][0, :, 0, :2].mean(1)  # class 3: two features on process 0 only
+    assert torch.allclose(summed[3], only_0, atol=1e-6)
+    assert torch.allclose(averaged[3], only_0 / 2, atol=1e-6)
+    assert torch.equal(summed[4], start[4]) and torch.equal(averaged[4], start[4])  # absent
+
+
+@pytest.mark.slow
+def test_two_real_processes_over_gloo(tmp_path):
+    """The same two updates in two real processes (torch.distributed over gloo)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_bank.py"),
+                               str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-3000:]
+    start, shards = start_and_shards(2)
+    for average in (False, True):
+        want = ref_bank_processes(start, shards, 0.9, 0.95, False, average)
+        for r in range(2):
+            got = torch.load(tmp_path / f"rank{r}-average{int(average)}.pt", weights_only=True)
+            assert torch.allclose(got, want, atol=1e-6), (r, average)

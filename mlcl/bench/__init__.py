@@ -18,7 +18,7 @@ memory    the peak memory of one steady-state step per method, each in a fresh s
 fka_sai   the MLCL-specific computation alone, given features: the project's vectorised code
           (losses.dt_loss, p2p_and_similarity, methods.sai_losses, PrototypeBank.update)
           against :class:`Released`, a re-creation of the released algorithm (MKSAQW/MCCL,
-          ``prote.py`` / ``MLCL.py``), for the prototype branch and for the whole.
+          ``prote.py`` / ``MCCL.py``), for the prototype branch and for the whole.
 pipeline  unlabeled samples (w, s1, s2, ignore, boxes) per second through one loader worker
           (the real UnlabeledDataset + DataLoader in-process) at the training crop, from
           ~500 px JPEGs written by make_synthetic into a temporary folder.

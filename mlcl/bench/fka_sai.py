@@ -1,18 +1,22 @@
-"""The ``fka_sai`` section: the MLCL-specific computation alone, given features: the
-project's vectorised code against :class:`Released`, a re-creation of the released
-algorithm, for the prototype branch and for the whole of FKA + SAI."""
+"""The ``fka_sai`` section: the MLCL-specific computation alone, given features, as the
+training step runs it (``methods.prototype_branch`` / ``methods.mlcl_losses``) against
+:class:`Released`, a re-creation of the released algorithm, for the prototype branch and for
+the whole of FKA + SAI."""
 from __future__ import annotations
 
 import argparse
 import random
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlcl import methods
 from mlcl.bench.timing import Clock, interleaved, lap_stats
+from mlcl.config import Config, load_config
+from mlcl.methods import MLCLInputs
+from mlcl.prototypes import PrototypeBank
 
 
 class Decoder(nn.Module):
@@ -26,13 +30,12 @@ class Decoder(nn.Module):
         return self.classifier(f)
 
 
-def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int
-               ) -> SimpleNamespace:
-    """What the MLCL part of a step receives: weak / CutMixed-weak / strong features at
-    1/4 resolution, the weak logits there, the ignore map, CutMix boxes and the weak and
-    mix-source probabilities at the input resolution H = 4 (h - 1) + 1 (81 -> 321). The
-    weak pseudo-labels are VOC-like: ~60% background, two object classes per image in
-    blobs, about half the pixels above the 0.95 confidence."""
+def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int) -> MLCLInputs:
+    """What the MLCL part of a default step receives: weak / CutMixed-weak / strong features at
+    h x h, the weak logits there, the ignore map, CutMix boxes and the weak and partner
+    probabilities at the input resolution H = 4 (h - 1) + 1 (81 -> 321). The weak
+    pseudo-labels are VOC-like: ~60% background, two object classes per image in blobs, about
+    half the pixels above the 0.95 confidence. L_dt pulls the CutMixed s1 outside box1."""
     g = torch.Generator().manual_seed(seed)
     H = 4 * (h - 1) + 1
     cells = torch.rand(B, 1, 6, 6, generator=g)
@@ -49,57 +52,28 @@ def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int
     feat = lambda: torch.randn(B, C, h, h, generator=g)  # noqa: E731
     f_w = feat()
     prob_w = F.interpolate(logits, size=(H, H), mode="bilinear", align_corners=True).softmax(1)
-    x = SimpleNamespace(
-        f_w=f_w, f1=f_w + 0.5 * feat(), f2=f_w + 0.5 * feat(), logits=logits, ignore=ignore,
-        ignore_mix=ignore.roll(1, 0), box1=box[0], box2=box[1], prob_w=prob_w,
-        prob_mix=prob_w.roll(1, 0))
-    for k, v in vars(x).items():
-        setattr(x, k, v.to(device))
-    base = (f_w + 0.5 * feat()).to(device)
-    x.f_s1 = base.clone().requires_grad_()
-    x.f_s2 = (f_w + 0.5 * feat()).to(device).requires_grad_()
-    return x
+    f1, f2, s1, s2 = f_w + 0.5 * feat(), f_w + 0.5 * feat(), f_w + 0.5 * feat(), f_w + 0.5 * feat()
+    on = lambda t: t.to(device)  # noqa: E731
+    f_s1, f_s2 = on(s1).requires_grad_(), on(s2).requires_grad_()
+    return MLCLInputs(f_w=on(f_w), logits_w=on(logits), f1=on(f1), f2=on(f2), f_s1=f_s1,
+                      f_s2=f_s2, f_dt=f_s1, dt_box=on(box[0]), ignore=on(ignore),
+                      ignore_mix=on(ignore.roll(1, 0)), box1=on(box[0]), box2=on(box[1]),
+                      prob_w=on(prob_w), prob_mix=on(prob_w.roll(1, 0)))
 
 
-def vectorised_proto(x, bank, cfg) -> None:
-    """L_dt forward + backward and the bank update, as step_mlcl calls them."""
-    from mlcl import losses
-    from mlcl.methods import downsample_box, weak_at_feature_resolution
-
-    m = cfg.mlcl
-    size = tuple(x.f_w.shape[-2:])
-    conf, label = weak_at_feature_resolution(x.logits)
-    valid_w = losses.resize_ignore(x.ignore, size, bilinear=m.bilinear_ignore)
-    valid_s = valid_w & ~downsample_box(x.box1, size)
-    dt = losses.dt_loss(x.f_w, conf, label, valid_w, x.f_s1, valid_s, bank.protos,
-                        conf_thresh=m.bank_conf, num_anchors=m.num_anchors,
-                        num_candidates=m.num_candidates)
+def vectorised_proto(x: MLCLInputs, bank: PrototypeBank, cfg: Config) -> Tensor:
+    """L_dt forward + backward and the bank update, as the training step runs them."""
+    dt = methods.prototype_branch(x, bank, cfg)
     dt.backward()
-    bank.update(x.f_w, label, conf, valid_w, early_stop=m.bank_early_stop)
+    return dt.detach()
 
 
-def vectorised_whole(x, bank, decoder, cfg) -> None:
-    """p2p + v, L_dt, SAI (L_m, L_n on s1 and s2), backward, bank update (step_mlcl's code
-    after the passes)."""
-    from mlcl import losses
-    from mlcl.methods import downsample_box, sai_losses, weak_at_feature_resolution
-
-    m = cfg.mlcl
-    size = tuple(x.f_w.shape[-2:])
-    conf, label = weak_at_feature_resolution(x.logits)
-    valid_w = losses.resize_ignore(x.ignore, size, bilinear=m.bilinear_ignore)
-    valid_s = valid_w & ~downsample_box(x.box1, size)
-    p2p1, v1 = losses.p2p_and_similarity(x.f1, x.f_s1)
-    p2p2, v2 = losses.p2p_and_similarity(x.f2, x.f_s2)
-    dt = losses.dt_loss(x.f_w, conf, label, valid_w, x.f_s1, valid_s, bank.protos,
-                        conf_thresh=m.bank_conf, num_anchors=m.num_anchors,
-                        num_candidates=m.num_candidates)
-    p = SimpleNamespace(prob_mix=x.prob_mix, prob_w=x.prob_w, mix={"ignore": x.ignore_mix},
-                        batch_ignore=x.ignore)
-    lm, ln = sai_losses(decoder, p, [(x.f_s1, v1, x.box1), (x.f_s2, v2, x.box2)], cfg)
-    total = m.alpha * (p2p1 + p2p2) / 2 + m.omega * dt + m.beta * (lm + ln)
-    total.backward()
-    bank.update(x.f_w, label, conf, valid_w, early_stop=m.bank_early_stop)
+def vectorised_whole(x: MLCLInputs, bank: PrototypeBank, decoder, cfg: Config) -> Tensor:
+    """p2p + v, L_dt, SAI (L_m, L_n on s1 and s2) at the end of the ramp-up (w = beta),
+    backward, bank update: ``methods.mlcl_losses``, as the training step calls it."""
+    loss, _ = methods.mlcl_losses(decoder, x, bank, cfg, cfg.mlcl.beta)
+    loss.backward()
+    return loss.detach()
 
 
 class Released:
@@ -113,7 +87,7 @@ class Released:
     picked from the (B*h*w, C) feature rows with a boolean mask, sorted by cosine to the
     prototype, and the anchors (16) / candidates (256) are taken one row at a time from the
     re-indexed class features and concatenated; the loss loops over the classes; the bank
-    update loops over the classes. SAI (``MLCL.py``): per image a Python loop draws the noise
+    update loops over the classes. SAI (``MCCL.py``): per image a Python loop draws the noise
     and the masking threshold and writes the perturbed map into a zero buffer; each of the
     four perturbed maps is decoded, upsampled and compared separately; targets are CutMixed
     by boolean-mask assignment."""
@@ -195,7 +169,7 @@ class Released:
                             self.candidates_of(x.f_s1, label, x.ignore))
 
     def proto(self, x) -> None:
-        conf, label = x.logits.softmax(1).max(1)
+        conf, label = x.logits_w.softmax(1).max(1)
         self.dt(x, label, conf).backward()
         self.update(x.f_w, label, conf, x.ignore)
 
@@ -231,7 +205,7 @@ class Released:
             p2p.append(1 - F.cosine_similarity(f.detach(), fs, dim=1, eps=1e-6).mean())
             sims.append(F.cosine_similarity(f.detach(), fs, dim=1, eps=1e-6)
                         .reshape(f.shape[0], -1).mean(1))
-        conf, label = x.logits.softmax(1).max(1)
+        conf, label = x.logits_w.softmax(1).max(1)
         dt = self.dt(x, label, conf)
         sai = 0
         for fs, v, box in ((x.f_s1, sims[0], x.box1), (x.f_s2, sims[1], x.box2)):
@@ -246,9 +220,6 @@ class Released:
 
 
 def bench_fka_sai(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from mlcl.config import load_config
-    from mlcl.prototypes import PrototypeBank
-
     B, C, h, K = a.fka_batch, a.fka_channels, a.fka_size, a.fka_classes
     cfg = load_config(None, ["method=mlcl", f"data.num_classes={K}",
                              f"model.feature_channels={C}"])
