@@ -15,9 +15,9 @@ memory    the peak memory of one steady-state step per method, each in a fresh s
           (CPU: the rise of the resident set over the state after a warm-up step, via the
           kernel's peak-RSS counter; GPU: max_memory_allocated over what was allocated
           before the step), and the VOC estimate (ResNet-50 deep stem, crop 321, 8 + 8).
-fka_sai   the MLCL-specific computation alone, given features: the project's vectorised code
-          (losses.dt_loss, p2p_and_similarity, methods.sai_losses, PrototypeBank.update)
-          against :class:`Released`, a re-creation of the released algorithm (MKSAQW/MCCL,
+fka_sai   the MLCL-specific computation alone, given features: the functions the training
+          step calls (methods.prototype_branch, methods.mlcl_losses) against
+          :class:`Released`, a re-creation of the released algorithm (MKSAQW/MCCL,
           ``prote.py`` / ``MCCL.py``), for the prototype branch and for the whole.
 pipeline  unlabeled samples (w, s1, s2, ignore, boxes) per second through one loader worker
           (the real UnlabeledDataset + DataLoader in-process) at the training crop, from
@@ -36,12 +36,15 @@ from typing import Any
 
 import torch
 
+from mlcl import paths
 from mlcl.bench.fka_sai import Decoder, Released, bench_fka_sai, fka_inputs
 from mlcl.bench.memory import CHILD_TAG, VOC, bench_memory, child_memory
 from mlcl.bench.pipeline import bench_pipeline
 from mlcl.bench.report import TARGETS, machine, print_table, summarise
 from mlcl.bench.steps import BENCH_METHODS, bench_steps
 from mlcl.bench.timing import interleaved
+from mlcl.files import atomic_write_json
+from mlcl.train import git_commit
 
 __all__ = ["BENCH_METHODS", "SECTIONS", "TARGETS", "VOC", "Decoder", "Released", "fka_inputs",
            "interleaved", "build_parser", "main"]
@@ -131,10 +134,6 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlcl import paths
-    from mlcl.files import atomic_write_json
-    from mlcl.train import git_commit
-
     a = resolve_args(build_parser().parse_args(argv))
     device = torch.device(a.device)
     if a.child_memory:

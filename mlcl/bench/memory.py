@@ -3,6 +3,7 @@ fresh subprocess, and the VOC estimate (or measurement, on a GPU)."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -53,8 +54,6 @@ def _reset_peak_rss() -> bool:
 
 def _malloc_trim() -> None:
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

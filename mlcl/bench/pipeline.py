@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
+from mlcl.config import load_config
+from mlcl.data.datasets import UnlabeledDataset
+from mlcl.data.synthetic import make_synthetic
+from mlcl.train import make_loader
+
 
 def bench_pipeline(a: argparse.Namespace) -> dict[str, Any]:
-    from mlcl.config import load_config
-    from mlcl.data.datasets import UnlabeledDataset
-    from mlcl.data.synthetic import make_synthetic
-    from mlcl.train import make_loader
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what a DataLoader worker runs with
     try:

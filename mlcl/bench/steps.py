@@ -10,7 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mlcl import augment
 from mlcl.bench.timing import Clock, interleaved, lap_stats
+from mlcl.config import load_config
+from mlcl.methods import STEPS, StepContext, make_bank
+from mlcl.model import build_model
+from mlcl.train import make_accelerator, make_optimizer
 
 BENCH_METHODS = {  # benchmark name -> config overrides
     "supervised": ["method=supervised"],
@@ -22,8 +27,6 @@ BENCH_METHODS = {  # benchmark name -> config overrides
 
 def method_config(name: str, a: argparse.Namespace, backbone: str | None = None,
                   crop: int | None = None, batch: int | None = None):
-    from mlcl.config import load_config
-
     return load_config(None, [
         *BENCH_METHODS[name], f"model.backbone={backbone or a.backbone}", f"model.width={a.width}",
         "model.pretrained=false", f"data.crop_size={crop or a.crop}",
@@ -36,8 +39,6 @@ def synthetic_batch(cfg, device: torch.device, seed: int) -> dict[str, dict[str,
     """Random tensors shaped like the loaders' batches: x = {'x','y'},
     u = {'w','s1','s2','ignore','box1','box2'}; a padded strip on the last rows is
     ignored, the CutMix boxes come from augment.cutmix_box."""
-    from mlcl import augment
-
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     B, S, K, ig = cfg.train.batch_size, cfg.data.crop_size, cfg.data.num_classes, \
@@ -61,10 +62,6 @@ class MethodRun:
     """One method ready to step: model, optimiser, bank, context, batch (as train.fit)."""
 
     def __init__(self, name: str, cfg, acc, device: torch.device, seed: int):
-        from mlcl.methods import STEPS, StepContext, make_bank
-        from mlcl.model import build_model
-        from mlcl.train import make_optimizer
-
         torch.manual_seed(seed)
         self.name, self.acc, self.device = name, acc, device
         model = build_model(cfg)
@@ -108,8 +105,6 @@ class MethodRun:
 
 
 def make_acc(a: argparse.Namespace):
-    from mlcl.train import make_accelerator
-
     return make_accelerator(method_config("supervised", a))
 
 
