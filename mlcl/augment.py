@@ -1,4 +1,4 @@
-"""Paired (image, mask) augmentations: UniMatch's pipeline (METHOD.md, "Augmentations").
+"""Paired (image, mask) augmentations: UniMatch's pipeline (docs/method.md, "Augmentations").
 
 Geometry (shared by every view of a sample): rescale the long side by a random factor in
 ``aug.scale_range``, pad to the crop (image 0; mask ``ignore_index`` for labeled samples,

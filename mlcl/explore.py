@@ -161,7 +161,8 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
     the mask ratio r and noise amplitude a it implies, the attention map, the keep mask,
     the features F_w, F_s, F_mk, F_ne and the decoder's probabilities on each.
 
-    ``double_transform`` selects the released code's mask ratio (item 2). With ``cutmix`` the
+    ``double_transform`` selects the released code's mask ratio (docs/method.md, "Paper versus
+    release"). With ``cutmix`` the
     strong view s1 takes its box from the batch rolled by one and the weak view compared
     with it does too (F_1, as in training); otherwise the plain views are shown. The random
     draws (mask threshold, noise) come from ``seed``, so two calls differing only in

@@ -1,5 +1,5 @@
 """The published numbers (mIoU %, single runs) of the MLCL/MCCL paper's Tables I-III, as data
-(shared/PAPER.md: the tables as shown in the authors' repository README).
+(as shown in the authors' repository README; restated in docs/method.md, "Published numbers").
 
 Each table column is a cell of a preset (``mlcl/configs``) and a split name, so a results
 registry entry (run.preset, run.split) lands in its column. ``mlcl.viz.paper_table`` puts the

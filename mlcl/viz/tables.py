@@ -104,7 +104,7 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
 def paper_table_caption(entries: list[dict], key: str) -> str:
     t = paper.TABLES[key]
     return (f"Table {key}: {t.title}. mIoU (%). 'published': the paper's single runs "
-            f"(shared/PAPER.md). 'ours': mean ± std over seeds (n = runs) at the best and at "
+            f"(docs/method.md). 'ours': mean ± std over seeds (n = runs) at the best and at "
             f"the last evaluated epoch, from the results registry. '{NOT_RUN}': no complete "
             f"run in the registry. {SYNTHETIC_NOTE}")
 
