@@ -29,6 +29,9 @@ from mlcl.prototypes import PrototypeBank
 
 @dataclass
 class StepContext:
+    """What a step function needs besides the model and the batch; the loop advances
+    ``iteration`` (global, from 0) and ``epoch``."""
+
     cfg: Config
     bank: Any
     accelerator: Any
@@ -56,6 +59,7 @@ def labeled_loss(logits: Tensor, y: Tensor, cfg: Config) -> Tensor:
 
 # --------------------------------------------------------------------------- supervised
 def step_supervised(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
+    """L_x on the labeled batch (docs/method.md, "Supervised"): {'loss', 'x'}."""
     x, y = batch["x"]["x"], batch["x"]["y"]
     loss = labeled_loss(model(x), y, ctx.cfg)
     return {"loss": loss, "x": loss.detach()}
@@ -86,20 +90,20 @@ def paste(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
 class UniMatchPasses:
     """What the UniMatch passes computed; the MLCL step reuses it."""
 
-    terms: dict[str, Tensor]
-    total: Tensor
+    terms: dict[str, Tensor]  # detached terms for logging
+    total: Tensor  # 0-dim: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, with gradient
     out_xw: Any  # SegOutput of the cat(x, u_w) pass (clean + fp)
     out_s: Any  # SegOutput of the cat(s1, s2) pass
     prob_w: Tensor  # (B, K, H, W) softmax of u_w (train mode, detached)
     prob_mix: Tensor  # (B, K, H, W) softmax of the mix source (eval mode)
-    targets: list[tuple[Tensor, Tensor, Tensor]]  # per strong view: (label, conf, ignore)
-    boxes: list[Tensor]
-    mix: dict[str, Tensor]
-    batch_ignore: Tensor  # (B, H, W) u's ignore map
-    n_x: int
+    boxes: list[Tensor]  # box1, box2 (B, H, W) bool
+    mix: dict[str, Tensor]  # the CutMix partner batch (mix_source)
+    n_x: int  # labeled images at the front of the cat(x, u_w) pass
 
 
 def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchPasses:
+    """UniMatch's passes and losses (docs/method.md, "UniMatch"). batch: {'x': {'x', 'y'},
+    'u': {'w', 's1', 's2', 'ignore', 'box1', 'box2'}, optionally 'mix'}; 5 image-batches."""
     cfg = ctx.cfg
     x, y = batch["x"]["x"], batch["x"]["y"]
     u = batch["u"]
@@ -147,11 +151,11 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     terms = {"x": loss_x.detach(), "s": (loss_s1.detach() + loss_s2.detach()) / 2,
              "fp": loss_fp.detach(), "conf_ratio": conf_ratio.detach().float()}
     return UniMatchPasses(terms=terms, total=total, out_xw=out_xw, out_s=out_s, prob_w=prob_w,
-                          prob_mix=prob_mix, targets=targets, boxes=boxes, mix=mix,
-                          batch_ignore=u["ignore"], n_x=n_x)
+                          prob_mix=prob_mix, boxes=boxes, mix=mix, n_x=n_x)
 
 
 def step_unimatch(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
+    """UniMatch's step: {'loss', 'x', 's', 'fp', 'conf_ratio'}."""
     p = unimatch_passes(model, batch, ctx)
     return {"loss": p.total, **p.terms}
 
