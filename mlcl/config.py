@@ -290,6 +290,12 @@ CHOICES = {
                        "resnet50_deepstem", "resnet101_deepstem"),
 }
 
+# Keys that do not change a run's results (workers, logging, where files go): two runs that
+# differ only in these are the same run (mlcl.reproduce, the registry's tables).
+RESULT_NEUTRAL = ("output_dir", "data.root", "data.num_workers", "data.pin_memory",
+                  "data.persistent_workers", "train.log_every", "train.cpu", "train.compile",
+                  "train.channels_last")
+
 
 # --------------------------------------------------------------------------- overlays
 def _fields(obj) -> dict[str, dataclasses.Field]:
@@ -533,6 +539,27 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any],
+                   ignore: tuple[str, ...] = RESULT_NEUTRAL) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs between two config trees (as
+    from ``to_dict()`` or a saved config.yaml), keys in ``ignore`` (an entry ending in "."
+    ignores a whole section) and keys missing from either (a config written before the key
+    existed) left out."""
+    a, b = flatten(before), flatten(after)
+    sections = tuple(k for k in ignore if k.endswith("."))
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
+            if k in b and k not in ignore and not k.startswith(sections)
+            and _differs(a[k], b[k])]
+
+
+def _differs(x: Any, y: Any) -> bool:
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) != len(y) or any(_differs(u, v) for u, v in zip(x, y))
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+        return not math.isclose(x, y, rel_tol=1e-12, abs_tol=0.0)
+    return x != y
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
