@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write image/prediction blends")
     p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
                    help="larger images are skipped (default %(default)s)")
-    p.add_argument("--tile", type=positive_int, default=TILE, help="images above TILE x TILE pixels "
-                   "are predicted in overlapping TILE x TILE windows (default %(default)s)")
+    p.add_argument("--tile", type=positive_int, default=TILE,
+                   help="images above TILE x TILE pixels are predicted in overlapping "
+                        "TILE x TILE windows (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_predict)
 
