@@ -109,7 +109,7 @@ def test_evaluate_and_predict_cli(synth_root, tmp_path):
     assert len(pngs) == len(list((synth_root / "JPEGImages").glob("*.jpg")))
     mask = Image.open(pngs[0])
     assert mask.mode == "P" and np.asarray(mask).max() < 7
-    assert list(pred_dir.glob("*_overlay.jpg"))
+    assert list(pred_dir.glob("*.jpg.overlay.jpg"))
 
 
 def test_cli_bad_input_is_one_line(synth_root, tmp_path):
