@@ -86,7 +86,7 @@ def _check_value(key: str, value: Any, spec: str) -> None:
     items = value if isinstance(value, list) else [value]
     for v in items:
         if not (isinstance(v, (int, float)) and not math.isnan(v) and in_range(v, spec)):
-            shown = f"{v!r} (in {value!r})" if pair else f"{v!r}"
+            shown = f"{v!r} (in {value!r})" if isinstance(value, list) else f"{v!r}"
             raise ConfigError(f"config key '{key}': {shown} is out of range; allowed: {spec}")
     if pair and (len(value) != 2 or value[0] > value[1]):
         raise ConfigError(f"config key '{key}': {value!r} must be [low, high] with "

@@ -21,7 +21,7 @@ from PIL import Image
 
 from mlcl import registry
 from mlcl.__main__ import main
-from mlcl.config import load_config
+from mlcl.config import in_range, load_config
 from mlcl.data import DataError, ValDataset, preflight
 from mlcl.data.synthetic import make_synthetic
 from mlcl.files import atomic_write_text
@@ -146,6 +146,18 @@ def test_every_range_names_a_field():
     for section in sections:
         names = {f.name for f in dataclasses.fields(section)}
         assert set(type(section).RANGES) <= names, type(section).__name__
+        for spec in type(section).RANGES.values():  # every spec parses
+            if not spec.startswith("len "):
+                in_range(0.5, spec.removesuffix(" pair"))
+
+
+@pytest.mark.parametrize("spec, inside, outside", [
+    ("> 0", [1e-9, 5], [0, -1]), (">= 1", [1, 2], [0.999]), ("< 1", [0.5], [1]),
+    ("[0, 1]", [0, 1, 0.5], [-0.1, 1.1]), ("(0, 1]", [1, 0.1], [0]),
+    ("[0, 1)", [0, 0.99], [1]), ("[0, 0.5]", [0.5], [0.51])])
+def test_range_specs(spec, inside, outside):
+    assert all(in_range(v, spec) for v in inside)
+    assert not any(in_range(v, spec) for v in outside)
 
 
 def test_mix_partner_hint_has_its_prefix(capsys):
