@@ -361,23 +361,25 @@ def test_predict_skips_an_unreadable_image_and_exits_non_zero(run7, images, tmp_
 
 def test_predict_very_large_image_refused_or_tiled(run7, images, tmp_path, capsys):
     big = images / "a.png"
-    rc, _, err = _predict(capsys, run7, big, tmp_path / "refused", "--max-pixels", "500")
-    assert rc == 1 and "is 30x24 = 720 pixels, over the limit of 500 (--max-pixels)" in err
-    assert not (tmp_path / "refused").exists()  # nothing written: no folder
-    rc, _, _ = _predict(capsys, run7, big, tmp_path / "tiled", "--tile", "16")
+    with unchanged(images, run7):
+        rc, _, err = _predict(capsys, run7, big, tmp_path / "refused", "--max-pixels", "500")
+        assert rc == 1 and "is 30x24 = 720 pixels, over the limit of 500 (--max-pixels)" in err
+        assert not (tmp_path / "refused").exists()  # nothing written: no folder
+        rc, _, _ = _predict(capsys, run7, big, tmp_path / "tiled", "--tile", "16")
     assert rc == 0 and Image.open(tmp_path / "tiled" / "a.png.png").size == (30, 24)
 
 
 def test_predict_file_recursive_and_run_folder(run7, images, tmp_path, capsys):
     (images / "sub").mkdir()
     shutil.copy(images / "b.jpg", images / "sub" / "b.jpg")
-    rc, _, _ = _predict(capsys, run7, images / "b.jpg", tmp_path / "one")
-    assert rc == 0 and (tmp_path / "one" / "b.jpg.png").is_file()
-    rc, _, _ = _predict(capsys, run7, images, tmp_path / "all", "--recursive")
-    assert rc == 0 and (tmp_path / "all" / "sub" / "b.jpg.png").is_file()
     empty = tmp_path / "emptyrun"
     empty.mkdir()
-    rc, _, err = _predict(capsys, empty, images, tmp_path / "none")
+    with unchanged(images, run7):
+        rc, _, _ = _predict(capsys, run7, images / "b.jpg", tmp_path / "one")
+        assert rc == 0 and (tmp_path / "one" / "b.jpg.png").is_file()
+        rc, _, _ = _predict(capsys, run7, images, tmp_path / "all", "--recursive")
+        assert rc == 0 and (tmp_path / "all" / "sub" / "b.jpg.png").is_file()
+        rc, _, err = _predict(capsys, empty, images, tmp_path / "none")
     assert rc == 2 and f"run folder {empty} has no best.pt" in one_line_error(err)
     assert not (tmp_path / "none").exists()
 
