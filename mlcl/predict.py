@@ -90,7 +90,9 @@ def read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ValueError(f"checkpoint {path} cannot be read ({e.__class__.__name__}: {e})") from e
+        raise ValueError(f"checkpoint {path} cannot be read as weights "
+                         f"({e.__class__.__name__}): give a best.pt / last.pt written by "
+                         "training") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an mlcl weights file (no 'model'/'config')")
     return ckpt

@@ -435,3 +435,12 @@ def test_result_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
 
+
+
+def test_checkpoint_that_is_not_weights(run7, images, tmp_path, capsys):
+    with unchanged(run7, images):
+        rc, _, err = _predict(capsys, run7 / "config.yaml", images, tmp_path / "pred")
+    line = one_line_error(err)
+    assert rc == 2 and f"checkpoint {run7 / 'config.yaml'} cannot be read as weights" in line
+    assert "weights_only" not in line  # torch's advice to unpickle untrusted files is not ours
+    assert not (tmp_path / "pred").exists()
