@@ -15,6 +15,28 @@ import sys
 from mlcl.config import ConfigError
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def error_line(e: BaseException) -> str:
+    """The one line shown for a bad-input error: the message (the original one for an
+    error re-raised from a loader worker), or for an OS error the file and the reason."""
+    from mlcl.data.splits import original_message
+
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = original_message(str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="synthetic",
                    help="preset name (mlcl/configs/NAME.yaml) or a YAML file")
@@ -34,17 +56,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def is_evaluation(path) -> bool:
+    """Whether ``path`` is a result JSON that ``evaluate --out`` wrote (so may be replaced)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"miou", "confusion", "checkpoint"} <= set(data)
+
+
 def cmd_evaluate(args) -> int:
+    from mlcl.data import preflight
     from mlcl.data.datasets import ValDataset
     from mlcl.evaluate import evaluate
-    from mlcl.files import atomic_write_json
+    from mlcl.files import atomic_write_json, check_output_file
     from mlcl.predict import load_weights
     from mlcl.train import make_accelerator
 
-    model, cfg, names = load_weights(args.checkpoint, args.overrides)
+    if args.out:
+        check_output_file(args.out, "--out", is_evaluation)
+    model, cfg, names = load_weights(args.checkpoint, args.overrides, use_data=True)
     acc = make_accelerator(cfg)
     model = model.to(acc.device)
-    result = evaluate(model, ValDataset(cfg, cfg.split_path("val_split")), cfg, acc)
+    val = {"val": ValDataset(cfg, cfg.split_path("val_split"))}
+    preflight.check(cfg, val, acc)
+    result = evaluate(model, val["val"], cfg, acc)
     if acc.is_main_process:
         names = names or [f"class_{i}" for i in range(cfg.data.num_classes)]
         print(f"mIoU {result['miou']:.2f} over {result['num_images']} images "
@@ -59,11 +95,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from mlcl.predict import load_weights, predict_folder
+    from mlcl.predict import load_weights, predict_images
 
-    model, cfg, _ = load_weights(args.checkpoint, args.overrides)
-    written = predict_folder(model, cfg, args.images, args.out, overlay=args.overlay)
-    print(f"wrote {len(written)} files to {args.out}")
+    model, cfg, names = load_weights(args.checkpoint, args.overrides)
+    result = predict_images(model, cfg, names, args.images, args.out, overlay=args.overlay,
+                            recursive=args.recursive, max_pixels=args.max_pixels,
+                            tile=args.tile)
+    print(f"wrote {len(result.written)} files to {args.out}")
+    if result.failed:
+        print(f"error: {len(result.failed)} image(s) skipped, the first: {result.failed[0]}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -96,16 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="mIoU of a checkpoint on the validation split")
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt from a run")
-    p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or a run folder "
+                   "(its best.pt)")
+    p.add_argument("--out", help="also write the result as JSON here (a new file, or one an "
+                   "earlier evaluate wrote)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_evaluate)
 
+    from mlcl.predict import MAX_PIXELS, TILE
+
     p = sub.add_parser("predict", help="palette PNG predictions for a folder of images")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--out", required=True, help="folder for the predictions")
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or a run folder "
+                   "(its best.pt)")
+    p.add_argument("--images", required=True, help="an image, or a folder of images")
+    p.add_argument("--recursive", action="store_true", help="also the images of sub-folders")
+    p.add_argument("--out", required=True, help="a new (or empty) folder for the predictions: "
+                   "<image name>.png, legend.png, legend.txt")
     p.add_argument("--overlay", action="store_true", help="also write image/prediction blends")
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                   help="larger images are skipped (default %(default)s)")
+    p.add_argument("--tile", type=positive_int, default=TILE,
+                   help="images above TILE x TILE pixels are predicted in overlapping "
+                        "TILE x TILE windows (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_predict)
 
@@ -138,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError, PretrainedWeightsError) as e:
+    except (ConfigError, OSError, ValueError, PretrainedWeightsError) as e:
         # Bad input: one line naming the culprit, no traceback (MLCL_DEBUG=1 shows it).
         if os.environ.get("MLCL_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
 
 

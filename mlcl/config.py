@@ -10,11 +10,13 @@ unknown key or a value of the wrong type is a :class:`ConfigError` that names th
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import yaml
 
@@ -39,9 +41,70 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and says how to fix it."""
 
 
+# --------------------------------------------------------------------------- value ranges
+_RANGE = re.compile(r"^\s*(?:(?P<op>>=|<=|>|<)\s*(?P<bound>\S+)|(?P<lb>[\[(])\s*(?P<lo>[^,]+),"
+                    r"\s*(?P<hi>[^\])]+)(?P<rb>[\])]))\s*$")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether ``value`` lies in ``spec``: ``"> 0"``, ``">= 1"``, ``"< 1"``, ``"[0, 1]"``,
+    ``"(0, 1]"``, ``"[0, 1)"`` (inf allowed as a bound)."""
+    m = _RANGE.match(spec)
+    if m is None:
+        raise ValueError(f"bad range spec {spec!r}")  # a programming error, not user input
+    if m["op"]:
+        b = float(m["bound"])
+        return {">": value > b, ">=": value >= b, "<": value < b, "<=": value <= b}[m["op"]]
+    lo, hi = float(m["lo"]), float(m["hi"])
+    return ((value >= lo if m["lb"] == "[" else value > lo)
+            and (value <= hi if m["rb"] == "]" else value < hi))
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Check every field named in the ``RANGES`` table of ``obj``'s dataclass (and of its
+    sub-sections): ``{"key": "spec"}`` for a number (None is always allowed where the
+    type allows it), ``{"key": "spec pair"}`` for a [low, high] list checked element-wise
+    and for low <= high, ``{"key": "len N"}`` for a list of N values."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        spec = type(obj).RANGES.get(f.name) if hasattr(type(obj), "RANGES") else None
+        if spec is None or value is None:
+            continue
+        _check_value(key, value, spec)
+
+
+def _check_value(key: str, value: Any, spec: str) -> None:
+    if spec.startswith("len "):
+        n = int(spec[4:])
+        if len(value) != n:
+            raise ConfigError(f"config key '{key}': {value!r} has {len(value)} values, "
+                              f"expected {n}")
+        return
+    pair = spec.endswith(" pair")
+    spec = spec.removesuffix(" pair")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if not (isinstance(v, (int, float)) and not math.isnan(v) and in_range(v, spec)):
+            shown = f"{v!r} (in {value!r})" if isinstance(value, list) else f"{v!r}"
+            raise ConfigError(f"config key '{key}': {shown} is out of range; allowed: {spec}")
+    if pair and (len(value) != 2 or value[0] > value[1]):
+        raise ConfigError(f"config key '{key}': {value!r} must be [low, high] with "
+                          f"low <= high, each {spec}")
+
+
 @dataclass
 class AugmentConfig:
     """UniMatch's augmentation strengths (docs/method.md, "Augmentations")."""
+
+    RANGES: ClassVar[dict[str, str]] = {  # allowed values (see check_ranges)
+        "scale_range": "> 0 pair", "hflip_p": "[0, 1]", "jitter_p": "[0, 1]",
+        "brightness": ">= 0", "contrast": ">= 0", "saturation": ">= 0", "hue": "[0, 0.5]",
+        "grayscale_p": "[0, 1]", "blur_p": "[0, 1]", "blur_sigma": "> 0 pair",
+        "cutmix_p": "[0, 1]", "cutmix_area": "(0, 1] pair", "cutmix_ratio": "> 0 pair",
+        "mean": "len 3", "std": "len 3"}
 
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip_p: float = 0.5
@@ -62,6 +125,10 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "crop_size": ">= 1", "num_classes": "[2, 255]", "ignore_index": "[0, 255]",
+        "num_workers": ">= 0"}
+
     dataset: str = "synthetic"  # synthetic | pascal | cityscapes (names and reporting)
     layout: str = "voc"  # voc | cityscapes: folder structure and split-file conventions
     root: str = ""
@@ -80,6 +147,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "width": ">= 1", "aspp_dilations": ">= 1", "low_level_channels": ">= 1",
+        "feature_channels": ">= 1", "fp_dropout": "[0, 1)"}
+
     # resnet18 | resnet34 | resnet50 | resnet101 | resnet50_deepstem | resnet101_deepstem
     backbone: str = "resnet50"
     width: int = 64  # channels of the ResNet stem (64 standard; 32 = half width for CPU work)
@@ -93,6 +164,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "epochs": ">= 1", "max_iters": ">= 0", "batch_size": ">= 1", "lr": "> 0",
+        "lr_multi": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0", "poly_power": ">= 0",
+        "ohem_thresh": "[0, 1]", "ohem_min_kept": ">= 0", "conf_thresh": "[0, 1]",
+        "eval_every": ">= 1", "log_every": ">= 1"}
+
     epochs: int = 80
     max_iters: int = 0  # > 0 caps the total number of iterations (short runs, tests)
     batch_size: int = 4  # per process and per view (labeled and unlabeled alike)
@@ -119,6 +196,9 @@ class TrainConfig:
 class UniMatchConfig:
     """Weights of the UniMatch total (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2."""
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "w_x": ">= 0", "w_s1": ">= 0", "w_s2": ">= 0", "w_fp": ">= 0", "scale": "> 0"}
+
     w_x: float = 1.0
     w_s1: float = 0.25
     w_s2: float = 0.25
@@ -129,6 +209,12 @@ class UniMatchConfig:
 @dataclass
 class MLCLConfig:
     """FKA + SAI (docs/method.md, "MLCL"; the switches: "Paper versus release")."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "alpha": ">= 0", "omega": ">= 0", "beta": ">= 0", "rampup_k": ">= 0",
+        "num_anchors": ">= 1", "num_candidates": ">= 1", "bank_momentum": "[0, 1]",
+        "bank_conf": "[0, 1]", "kappa": "[0, 0.5]", "mask_jitter": "[0, 1]",
+        "warmup_epochs": ">= 0"}
 
     variant: str = "paper"  # paper | released
     alpha: Union[float, None] = None  # L_p2p weight; None: 0.1 (paper) / 0 (released)
@@ -161,6 +247,8 @@ class MLCLConfig:
 
 @dataclass
 class EvalConfig:
+    RANGES: ClassVar[dict[str, str]] = {"crop_size": ">= 0", "stride_ratio": "(0, 1]"}
+
     mode: str = "whole"  # whole | center_crop | sliding
     crop_size: int = 0  # 0: data.crop_size
     stride_ratio: float = 2 / 3  # sliding window stride = crop * ratio
@@ -168,6 +256,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 4294967295]"}
+
     method: str = "supervised"  # supervised | unimatch | mlcl
     seed: int = 0
     output_dir: str = "runs/{dataset}/{split}/{tag}-s{seed}"  # placeholders: format_output_dir
@@ -203,6 +293,12 @@ CHOICES = {
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
                        "resnet50_deepstem", "resnet101_deepstem"),
 }
+
+# Keys that do not change a run's results (workers, logging, where files go): two runs that
+# differ only in these are the same run (mlcl.reproduce, the registry's tables).
+RESULT_NEUTRAL = ("output_dir", "data.root", "data.num_workers", "data.pin_memory",
+                  "data.persistent_workers", "train.log_every", "train.cpu", "train.compile",
+                  "train.channels_last")
 
 
 # --------------------------------------------------------------------------- overlays
@@ -379,7 +475,15 @@ def load_config(preset: str | Path | None = None,
         apply_mapping(cfg, cells[cfg.split] or {})
     for k, v in over.items():
         set_key(cfg, k, v)
+    cfg.__dict__["_overridden"] = frozenset(over)  # not a field: never saved
     return resolve(cfg)
+
+
+def overridden_keys(cfg: Config) -> frozenset[str]:
+    """The keys given as overrides (command line, notebook parameters) to the
+    :func:`load_config` that made ``cfg``, as opposed to preset values; empty for a config
+    made any other way."""
+    return cfg.__dict__.get("_overridden", frozenset())
 
 
 def resolve(cfg: Config) -> Config:
@@ -396,18 +500,25 @@ def resolve(cfg: Config) -> Config:
     if m.alpha is None:
         m.alpha = 0.0 if released else 0.1
     cfg.output_dir = format_output_dir(cfg)
-    if cfg.data.num_classes < 2:
-        raise ConfigError("config key 'data.num_classes': needs at least 2 classes")
-    if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
-        raise ConfigError(
-            f"config key 'data.class_names': {len(cfg.data.class_names)} names for "
-            f"data.num_classes={cfg.data.num_classes}")
-    if cfg.train.batch_size < 1:
-        raise ConfigError("config key 'train.batch_size': must be at least 1")
+    check_ranges(cfg)
+    check_relations(cfg)
+    return cfg
+
+
+def check_relations(cfg: Config) -> None:
+    """The checks that involve two keys."""
+    d = cfg.data
+    if d.class_names and len(d.class_names) != d.num_classes:
+        raise ConfigError(f"config key 'data.class_names': {len(d.class_names)} names for "
+                          f"data.num_classes={d.num_classes}")
+    if d.ignore_index < d.num_classes:
+        raise ConfigError(f"config key 'data.ignore_index': {d.ignore_index} is a class index "
+                          f"(data.num_classes={d.num_classes}); allowed: "
+                          f"{d.num_classes}..255")
     if cfg.method != "supervised" and cfg.train.mix_partner == "roll" and cfg.train.batch_size < 2:
         raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
-                          "(the CutMix partner must be another image); use mix_partner=loader")
-    return cfg
+                          "(the CutMix partner must be another image); use "
+                          "train.mix_partner=loader")
 
 
 def format_output_dir(cfg: Config) -> str:
@@ -432,6 +543,27 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any],
+                   ignore: tuple[str, ...] = RESULT_NEUTRAL) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs between two config trees (as
+    from ``to_dict()`` or a saved config.yaml), keys in ``ignore`` (an entry ending in "."
+    ignores a whole section) and keys missing from either (a config written before the key
+    existed) left out."""
+    a, b = flatten(before), flatten(after)
+    sections = tuple(k for k in ignore if k.endswith("."))
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
+            if k in b and k not in ignore and not k.startswith(sections)
+            and _differs(a[k], b[k])]
+
+
+def _differs(x: Any, y: Any) -> bool:
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return len(x) != len(y) or any(_differs(u, v) for u, v in zip(x, y))
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+        return not math.isclose(x, y, rel_tol=1e-12, abs_tol=0.0)
+    return x != y
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -8,14 +8,31 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def current_umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+    The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask),
+    not mkstemp's private 0600, so collaborators can read results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -35,3 +52,89 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda p: torch.save(obj, p))
+
+
+# --------------------------------------------------------------------------- output folders
+class OutputFolder:
+    """A folder that receives a command's results and never anything else's: a manifest
+    (``.mlcl-written``, one relative path a line, appended before each file is written)
+    lists what the command wrote there, so it may rewrite those files in a later run, and
+    refuses a folder that holds any other file. The folder is made at the first write, so
+    a run that fails before leaves nothing behind.
+
+        folder = OutputFolder(out, "--out")   # checks now, raises ValueError naming ``flag``
+        folder.write("a.jpg.png", lambda p: mask.save(p, format="PNG"))
+    """
+
+    MANIFEST = ".mlcl-written"
+
+    def __init__(self, path: str | Path, flag: str = "--out", inputs: tuple[Path, ...] = ()):
+        self.path, self.flag = Path(path), flag
+        self.manifest = self.path / self.MANIFEST
+        self.listed = self._check(inputs)
+
+    def _check(self, inputs: tuple[Path, ...]) -> set[str]:
+        p, flag = self.path, self.flag
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{flag} {p} is a file: give a folder for the results")
+        here = p.resolve()
+        inside = [i for i in inputs if i.resolve().is_relative_to(here)]
+        if inside:
+            raise ValueError(f"{flag} {p} holds the inputs (e.g. {inside[0]}): give a folder "
+                             "of its own, so that no input is overwritten")
+        if not p.is_dir():
+            check_creatable(p, flag)
+            return set()
+        listed = set(self.manifest.read_text().splitlines()) if self.manifest.is_file() else set()
+        foreign = sorted(str(f.relative_to(p)) for f in p.rglob("*")
+                         if not f.is_dir() and f != self.manifest
+                         and str(f.relative_to(p)) not in listed)
+        if foreign:
+            raise ValueError(f"{flag} {p} holds files this command did not write (e.g. "
+                             f"{foreign[0]}): give an empty or new folder")
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{flag} {p} is not writable: give a folder you can write to")
+        return listed
+
+    def make(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create {self.flag} {self.path} ({e.strerror}): give a "
+                             "folder you can write to") from None
+
+    def write(self, rel: str | Path, write: Callable[[Path], None]) -> Path:
+        """Write ``self.path / rel`` atomically, recording it in the manifest first."""
+        rel = str(rel)
+        if rel not in self.listed:
+            self.make()
+            with open(self.manifest, "a") as fh:
+                fh.write(rel + "\n")
+            self.listed.add(rel)
+        return atomic_write(self.path / rel, write)
+
+
+def check_output_file(path: str | Path, flag: str, is_ours: Callable[[Path], bool]) -> Path:
+    """``path`` as a Path if a result may be written there: its folder exists or can be made
+    and is writable, and any file already there passes ``is_ours`` (was written by this
+    command); otherwise a ValueError naming ``flag`` and the fix."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {p} is a folder: give a file name, e.g. {p / 'result.json'}")
+    if p.exists() and not is_ours(p):
+        raise ValueError(f"{flag} {p} exists and was not written by this command: give a "
+                         "new file name")
+    check_creatable(p, flag)
+    return p
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """A ValueError naming ``flag`` unless ``path`` (which does not exist) can be made: its
+    nearest existing ancestor must be a writable folder."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path} cannot be made: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path} cannot be made: {parent} is not writable")

@@ -23,3 +23,11 @@ def data_dir() -> Path:
 def figures_dir() -> Path:
     """Where the figures notebook writes (MLCL_FIGURES overrides)."""
     return Path(os.environ.get("MLCL_FIGURES", REPO / "figures"))
+
+
+def cache_dir() -> Path:
+    """Caches that only save time (e.g. the data pre-flight's results); MLCL_CACHE
+    overrides, else $XDG_CACHE_HOME/mlcl or ~/.cache/mlcl."""
+    if os.environ.get("MLCL_CACHE"):
+        return Path(os.environ["MLCL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlcl"

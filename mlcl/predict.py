@@ -1,16 +1,31 @@
-"""Loading trained weights, and writing predictions for a folder of images as palette PNGs."""
+"""Loading trained weights, and writing predictions for images as palette PNGs.
+
+    python -m mlcl predict --checkpoint RUN_DIR_OR_best.pt --images DIR_OR_FILE --out DIR
+
+Nothing of the user's is overwritten: the output folder must be new, empty, or hold only
+files an earlier ``predict`` wrote there (its manifest, :class:`mlcl.files.OutputFolder`),
+and must not hold the inputs. An output keeps its input's whole name (``a.jpg`` ->
+``a.jpg.png``, ``sub/a.png`` -> ``sub/a.png.png`` with ``--recursive``), so inputs that share
+a stem never overwrite each other. An unreadable or oversized image is reported and skipped;
+images larger than ``tile`` x ``tile`` pixels are predicted in overlapping tiles (the
+sliding-window code of evaluation). ``legend.png`` / ``legend.txt`` give the class colours.
+"""
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from mlcl.config import Config, ConfigError, config_from_dict, parse_overrides, set_key, resolve
-from mlcl.files import atomic_write
+from mlcl.config import Config, config_from_dict, parse_overrides, resolve, set_key
+from mlcl.files import OutputFolder
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 25_000_000  # images above this are refused (the class scores alone take K*4*N bytes)
+TILE = 1024  # images above TILE*TILE pixels are predicted in windows of this size
 
 # Cityscapes' 19 trainId colours (from the dataset's label definitions).
 CITYSCAPES_COLOURS = [
@@ -37,69 +52,163 @@ def colourise(mask: np.ndarray, dataset: str) -> Image.Image:
     return img
 
 
-def load_weights(path: str | Path, overrides: list[str] | None = None):
-    """(model, cfg, class_names) from a ``best.pt``/``last.pt`` written by training. The
-    checkpoint's config is the base; ``overrides`` (key=value) go on top. A class count that
-    differs between the checkpoint and the config is an error."""
-    from mlcl.model import build_model
+def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
+    """A picture (a colour swatch and the name per class) and a text table
+    ('index<TAB>name<TAB>r,g,b' per line) of the class colours."""
+    pal = palette_for(dataset)
+    row = 18
+    img = Image.new("RGB", (220, row * len(names) + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for i, name in enumerate(names):
+        top = 2 + i * row
+        draw.rectangle([4, top, 4 + row - 4, top + row - 4], fill=tuple(int(c) for c in pal[i]),
+                       outline="black")
+        draw.text((row + 8, top + 2), f"{i} {name}", fill="black")
+    text = "".join(f"{i}\t{n}\t{','.join(str(int(c)) for c in pal[i])}\n"
+                   for i, n in enumerate(names))
+    return img, text
 
+
+# --------------------------------------------------------------------------- weights
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself, or for a run folder its ``best.pt``; a FileNotFoundError saying
+    what is missing otherwise."""
     path = Path(path)
+    if path.is_dir():
+        best = path / "best.pt"
+        if not best.is_file():
+            raise FileNotFoundError(f"run folder {path} has no best.pt (training writes it at "
+                                    "the first validation); give a .pt file with --checkpoint")
+        return best
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (training writes best.pt "
                                 "and last.pt into its output_dir)")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
-        raise ValueError(f"checkpoint {path} cannot be read ({e.__class__.__name__}: {e})") from e
+        raise ValueError(f"checkpoint {path} cannot be read as weights "
+                         f"({e.__class__.__name__}): give a best.pt / last.pt written by "
+                         "training") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"checkpoint {path} is not an mlcl weights file (no 'model'/'config')")
+    return ckpt
+
+
+def load_weights(path: str | Path, overrides: list[str] | None = None, use_data: bool = False):
+    """(model, cfg, class_names) from a ``best.pt``/``last.pt`` written by training, or a
+    run folder (its best.pt). The checkpoint's config is the base; ``overrides`` (key=value)
+    go on top. A class count that differs between the checkpoint, the config and (with
+    ``use_data``) the data's classes.txt is an error naming all three."""
+    from mlcl.data.classes import check_classes
+    from mlcl.model import build_model
+
+    path = checkpoint_file(path)
+    ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     for key, value in parse_overrides(overrides).items():
         set_key(cfg, key, value)
     resolve(cfg)
-    classes = ckpt["model"]["classifier.weight"].shape[0] if "classifier.weight" in ckpt["model"] \
-        else len(ckpt.get("class_names") or [])
-    if classes and classes != cfg.data.num_classes:
-        raise ConfigError(f"checkpoint {path} predicts {classes} classes but config key "
-                          f"'data.num_classes' is {cfg.data.num_classes}")
+    state = ckpt["model"]
+    classes = state["classifier.weight"].shape[0] if "classifier.weight" in state \
+        else len(ckpt.get("class_names") or []) or cfg.data.num_classes
+    check_classes(cfg, f"checkpoint {path}", classes, use_data)
     cfg.model.pretrained = False  # the checkpoint provides every weight
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"], strict=True)
+    model.load_state_dict(state, strict=True)
     model.eval()
     return model, cfg, ckpt.get("class_names") or []
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+# --------------------------------------------------------------------------- images
+def list_images(images: str | Path, recursive: bool = False) -> tuple[Path, list[Path]]:
+    """(base folder, image files): a single image file, or the images of a folder (and of
+    its sub-folders with ``recursive``), sorted."""
+    images = Path(images)
+    if images.is_file():
+        if images.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"--images {images} is not an image ({', '.join(IMAGE_SUFFIXES)})")
+        return images.parent, [images]
+    if not images.is_dir():
+        raise FileNotFoundError(f"--images {images} does not exist")
+    found = sorted(p for p in (images.rglob("*") if recursive else images.iterdir())
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        more = "" if recursive else " (sub-folders are read with --recursive)"
+        raise ValueError(f"--images {images} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                         f"{more}")
+    return images, found
+
+
+def read_image(path: Path, max_pixels: int) -> Image.Image:
+    """The RGB image, or a ValueError naming the file (unreadable, or over ``max_pixels``)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of "
+                                 f"{max_pixels:,} (--max-pixels)")
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to open ({e})") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path} ({e})") from None
 
 
 @torch.no_grad()
-def predict_folder(model, cfg: Config, images: str | Path, out: str | Path,
-                   overlay: bool = False, alpha: float = 0.5) -> list[Path]:
-    """Predict every image in ``images``; write ``<stem>.png`` palette masks (and
-    ``<stem>_overlay.jpg`` blends when asked) into ``out``."""
-    from mlcl.evaluate import predict_logits
+def predict_image(model, cfg: Config, rgb: Image.Image, tile: int = TILE) -> np.ndarray:
+    """(H, W) uint8 class indices; images over ``tile``^2 pixels in tile windows moved by
+    2/3 of a tile (evaluate.sliding_window_logits), others as the config's eval mode says."""
+    from mlcl.evaluate import predict_logits, sliding_window_logits
 
     mean = torch.tensor(cfg.data.aug.mean).view(3, 1, 1)
     std = torch.tensor(cfg.data.aug.std).view(3, 1, 1)
-    written = []
-    out = Path(out)
-    for path in list_images(images):
+    x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div(255)
+    x = ((x - mean) / std).unsqueeze(0)
+    if rgb.width * rgb.height > tile * tile:
+        scores = sliding_window_logits(model, x, cfg.data.num_classes, tile,
+                                       max(tile * 2 // 3, 1))
+    else:
+        scores = predict_logits(model, x, cfg)
+    return scores.argmax(1)[0].numpy().astype(np.uint8)
+
+
+@dataclass
+class Prediction:
+    written: list[Path] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # one message per skipped image
+
+
+def predict_images(model, cfg: Config, names: list[str], images: str | Path, out: str | Path,
+                   overlay: bool = False, alpha: float = 0.5, recursive: bool = False,
+                   max_pixels: int = MAX_PIXELS, tile: int = TILE) -> Prediction:
+    """Predict ``images`` (a file or folder); write ``<name>.png`` palette masks (and
+    ``<name>.overlay.jpg`` blends when asked) into ``out`` beside the legend. Unreadable
+    or oversized images are reported on stderr and listed in ``failed``."""
+    base, files = list_images(images, recursive)
+    folder = OutputFolder(out, "--out", tuple(files))
+    result = Prediction()
+    for path in files:
         try:
-            rgb = Image.open(path).convert("RGB")
-        except OSError as e:
-            raise ValueError(f"cannot read image {path} ({e})") from e
-        x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div(255)
-        x = ((x - mean) / std).unsqueeze(0)
-        pred = predict_logits(model, x, cfg).argmax(1)[0].numpy().astype(np.uint8)
-        mask = colourise(pred, cfg.data.dataset)
-        target = out / f"{path.stem}.png"
-        written.append(atomic_write(target, lambda p: mask.save(p, format="PNG")))
+            rgb = read_image(path, max_pixels)
+        except ValueError as e:
+            print(f"skipped: {e}", file=sys.stderr, flush=True)
+            result.failed.append(str(e))
+            continue
+        mask = colourise(predict_image(model, cfg, rgb, tile), cfg.data.dataset)
+        rel = path.relative_to(base)
+        result.written.append(folder.write(f"{rel}.png", lambda p: mask.save(p, format="PNG")))
         if overlay:
             blend = Image.blend(rgb, mask.convert("RGB"), alpha)
-            written.append(atomic_write(out / f"{path.stem}_overlay.jpg",
-                                        lambda p: blend.save(p, format="JPEG", quality=90)))
-    return written
+            result.written.append(folder.write(
+                f"{rel}.overlay.jpg", lambda p: blend.save(p, format="JPEG", quality=90)))
+    if result.written:
+        picture, text = legend(names or [f"class_{i}" for i in range(cfg.data.num_classes)],
+                               cfg.data.dataset)
+        result.written.append(folder.write("legend.png", lambda p: picture.save(p, "PNG")))
+        result.written.append(folder.write("legend.txt", lambda p: p.write_text(text)))
+    return result
+

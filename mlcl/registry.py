@@ -144,10 +144,52 @@ def entry_output_dir(entry: dict[str, Any]) -> Path | None:
     return path
 
 
+# What the runs of one table differ in by design: the methods and variants compared, the
+# seeds, the label split, the MLCL switches of the ablations. Any other setting must agree.
+TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_split",
+              "mlcl.")
+
+
+def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
+    """For complete entries of one preset and dataset (the runs a table puts side by side),
+    one line per entry whose configuration differs from the group's first in anything but
+    TABLE_AXES and mlcl.config.RESULT_NEUTRAL: ``"B vs A (key: a -> b; ...)"``."""
+    from mlcl.config import RESULT_NEUTRAL, config_changes
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for e in entries:
+        if (e.get("metrics") or {}).get("complete"):
+            dataset = ((e.get("config") or {}).get("data") or {}).get("dataset")
+            groups.setdefault((run_fields(e)["preset"], dataset), []).append(e)
+    out = []
+    for group in groups.values():
+        first = group[0]
+        for e in group[1:]:
+            changes = config_changes(first.get("config") or {}, e.get("config") or {},
+                                     RESULT_NEUTRAL + TABLE_AXES)
+            if changes:
+                out.append(f"{e.get('name')} vs {first.get('name')} ({'; '.join(changes)})")
+    return out
+
+
+def check_comparable(entries: list[dict[str, Any]]) -> None:
+    """A ValueError naming the runs and keys when the entries mix settings in one table."""
+    problems = settings_conflicts(entries)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"the registry mixes runs of different settings: {problems[0]}{more}; "
+                         "keep them in separate registries (reproduce --runs DIR) or train "
+                         "the old ones again (reproduce --rerun-changed)")
+
+
 def runs_frame(entries: list[dict[str, Any]]):
     """One row per entry: name, preset, dataset, split, method, variant, ablation, seed,
-    best/last mIoU and epoch, iterations, complete, synthetic, wall time, output_dir, grid."""
+    best/last mIoU and epoch, iterations, complete, synthetic, wall time, output_dir, grid.
+    Entries that a table would put side by side must share their settings
+    (:func:`check_comparable`)."""
     import pandas as pd
+
+    check_comparable(entries)
 
     rows = []
     for e in entries:

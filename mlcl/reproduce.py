@@ -8,7 +8,13 @@ Executors: ``papermill`` (default) executes ``notebooks/run.ipynb`` once per run
 own kernel, and keeps the executed notebook as ``runs/cells/<name>/run.ipynb``; ``cli`` trains
 through ``python -m mlcl train`` in a subprocess. Either way a run's output dir is
 ``<runs>/cells/<Run.name>`` and its registry entry ``<runs>/registry/<Run.name>.json``; a run
-whose metrics.json says complete is skipped (and recorded if its entry is missing). Runs
+whose metrics.json says complete is skipped (and recorded if its entry is missing). Before
+anything trains, every cell's configuration is resolved: a bad key stops the grid at once
+with its cause, and so does a cell trained before with other settings than requested now
+(``--rerun-changed`` trains those again; a run's identity is its resolved configuration,
+less the keys in ``mlcl.config.RESULT_NEUTRAL``). A failed run is listed with the last
+error line of its log; one that failed before its first checkpoint leaves no cell folder
+(its executed notebook moves beside the log). Runs
 execute ``jobs`` at a time with one OpenMP thread each. With ``num_processes > 1`` every run
 trains through ``accelerate launch`` (multi-GPU). Finally ``notebooks/figures.ipynb`` is
 executed (into ``<runs>/notebooks/``) and writes into figures/ (or ``--figures DIR``).
@@ -18,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -141,13 +149,132 @@ def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "f
     return rc, out
 
 
+# --------------------------------------------------------------------------- cell checks
+def cell_config(run: Run, out: Path, overrides: list[str]):
+    """The resolved configuration a cell will train with (as train_run / run_cli build it,
+    with the data's classes); a ConfigError / DataError when it cannot be built."""
+    from mlcl.config import load_config
+    from mlcl.data.classes import reconcile_classes
+    from mlcl.data.splits import check_root
+    from mlcl.explore import fix_data_root
+
+    cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
+                                                 *overrides]))
+    if not is_complete(out):  # a complete cell is skipped: its data need not be here
+        check_root(cfg.data.root, cfg.data.dataset)
+    return reconcile_classes(cfg, log=lambda msg: None)
+
+
+def stored_changes(out: Path, cfg) -> list[str]:
+    """How the configuration stored in ``out/config.yaml`` (a cell trained before, complete
+    or not) differs from ``cfg``: ``"key: stored -> requested"``; empty when the same run."""
+    import yaml
+
+    from mlcl.config import config_changes
+
+    path = out / "config.yaml"
+    if not path.is_file():
+        return []
+    stored = yaml.safe_load(path.read_text()) or {}
+    changes = config_changes(stored, cfg.to_dict())
+    root = (stored.get("data") or {}).get("root")
+    if root is not None and Path(root).expanduser().resolve() != \
+            Path(cfg.data.root).expanduser().resolve():
+        changes.append(f"data.root: {root!r} -> {cfg.data.root!r}")
+    return changes
+
+
+def check_cells(todo: list[Run], root: Path, overrides: list[str],
+                rerun_changed: bool = False) -> list[str]:
+    """Before anything trains: every cell's configuration must build, and a cell trained
+    before must have been trained with the configuration requested now. Raises one
+    ConfigError (a bad key fails once, with its cause; changed cells are listed with the
+    keys that changed) unless ``rerun_changed``, which moves each changed cell aside to
+    ``<name>.replaced-<time>`` (and drops its registry entry) so it trains again. Returns
+    the names of the cells moved aside."""
+    from mlcl.config import ConfigError
+    from mlcl.data.splits import DataError
+
+    errors: dict[str, list[str]] = {}
+    changed: dict[str, list[str]] = {}
+    for run in todo:
+        out = root / "cells" / run.name
+        try:
+            changes = stored_changes(out, cell_config(run, out, overrides))
+        except (ConfigError, DataError) as e:
+            errors.setdefault(str(e), []).append(run.name)
+            continue
+        if changes:
+            changed[run.name] = changes
+    if errors:
+        msg, names = next(iter(errors.items()))
+        where = "every cell" if len(names) == len(todo) else f"cell {names[0]}"
+        more = f" (and {len(errors) - 1} other error(s))" if len(errors) > 1 else ""
+        raise ConfigError(f"{msg} [{where}; nothing was trained]{more}")
+    if changed and not rerun_changed:
+        name, changes = next(iter(changed.items()))
+        more = f" (and {len(changed) - 1} more cell(s))" if len(changed) > 1 else ""
+        raise ConfigError(
+            f"cell {name} in {root / 'cells'} was trained with other settings "
+            f"({'; '.join(changes)}){more}: use another --runs folder, or --rerun-changed "
+            "to train the changed cells again (the old ones are kept as <name>.replaced-*)")
+    for name in changed:
+        move_aside(root, name)
+    return list(changed)
+
+
+def move_aside(root: Path, name: str) -> Path:
+    """Rename ``cells/<name>`` to ``cells/<name>.replaced-<time>`` and drop its registry
+    entry, so the cell trains anew and no table shows the old run."""
+    cell = root / "cells" / name
+    target = cell.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    cell.rename(target)
+    (root / "registry" / f"{name}.json").unlink(missing_ok=True)
+    print(f"  moved   {name} (other settings) to {target}", flush=True)
+    return target
+
+
+ERROR_LINE = re.compile(r"^\s*((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit))|error): (.+)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def cause_line(log: Path) -> str:
+    """The last error line of a run's log (e.g. ``DataError: mask ... has values 9``), or an
+    empty string."""
+    try:
+        lines = ANSI.sub("", log.read_text(errors="replace")).splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        m = ERROR_LINE.match(line)
+        if m and not m.group(1).startswith("papermill."):
+            return line.strip()
+    return ""
+
+
+def tidy_failed_cell(out: Path, existed: bool, notebook: Path | None) -> Path | None:
+    """A run that failed before its first checkpoint in a cell folder made for it leaves no
+    folder behind: its executed notebook moves beside the log (returned), the rest goes."""
+    if existed or not out.is_dir() or (out / "checkpoints" / "LATEST").exists():
+        return notebook
+    kept = None
+    if notebook is not None and notebook.is_file():
+        kept = notebook.replace(out.parent / f"{out.name}.ipynb")
+    shutil.rmtree(out, ignore_errors=True)
+    return kept
+
+
 # --------------------------------------------------------------------------- the grid
 def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] | None = None,
               jobs: int = 1, only: str | None = None, executor: str = "papermill",
               figures: bool = True, figures_dir: Path | None = None, num_processes: int = 1,
-              runs: list[Run] | None = None) -> dict[str, list[str]]:
+              runs: list[Run] | None = None, rerun_changed: bool = False
+              ) -> dict[str, list[str]]:
     """Run the grid (or the given ``runs``); returns {'done', 'skipped', 'failed'} (run
-    names) and 'figures' (the executed figures notebook, when it ran and succeeded)."""
+    names) and 'figures' (the executed figures notebook, when it ran and succeeded). Every
+    cell's configuration is checked first (:func:`check_cells`): nothing trains when one
+    is bad or when a cell was trained with other settings (``rerun_changed``: train those
+    again)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     root = Path(runs_root) if runs_root else paths.runs_dir()
@@ -158,6 +285,7 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     overrides = list(overrides or [])
     result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
     logs: dict[str, Path] = {}
+    causes: dict[str, str] = {}
 
     def record(run: Run, out: Path, notebook: Path | None) -> None:
         record_output_dir(run.name, out, registry, grid=grid, run=run_record(run),
@@ -170,6 +298,7 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
                 record(run, out, None)
             result["skipped"].append(run.name)
             return
+        existed = out.exists()
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
         log = logs[run.name] = out.parent / f"{run.name}.log"
@@ -189,10 +318,14 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
                   f"{metrics['best_miou']:.2f})", flush=True)
         else:
             result["failed"].append(run.name)
+            notebook = tidy_failed_cell(out, existed, notebook)
+            causes[run.name] = cause_line(log)
             print(f"  FAILED  {run.name} (exit {rc}; log {log}"
-                  f"{'; notebook ' + str(notebook) if notebook else ''})", flush=True)
+                  f"{'; notebook ' + str(notebook) if notebook else ''})"
+                  f"{': ' + causes[run.name] if causes[run.name] else ''}", flush=True)
 
     print(f"grid {grid}: {len(todo)} runs, {jobs} at a time, executor {executor}", flush=True)
+    check_cells(todo, root, overrides, rerun_changed)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         list(pool.map(one, todo))
     order = {r.name: i for i, r in enumerate(todo)}  # report in grid order, whatever finished first
@@ -205,12 +338,15 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
             print(f"figures written to {figures_dir or paths.figures_dir()} (notebook {nb})")
         else:
             result["failed"].append("figures")
-            print(f"  FAILED  figures notebook (exit {rc}; log {nb.with_suffix('.log')})")
+            cause = cause_line(nb.with_suffix(".log"))
+            print(f"  FAILED  figures notebook (exit {rc}; log {nb.with_suffix('.log')})"
+                  f"{': ' + cause if cause else ''}")
     print(f"{len(result['done'])} done, {len(result['skipped'])} skipped (complete), "
           f"{len(result['failed'])} failed", flush=True)
     if result["failed"]:
         print("failed:\n  " + "\n  ".join(
-            f"{n}  (log {logs[n]})" if n in logs else n for n in result["failed"]), flush=True)
+            f"{n}  (log {logs[n]})" + (f"\n      {causes[n]}" if causes.get(n) else "")
+            if n in logs else n for n in result["failed"]), flush=True)
     return result
 
 
@@ -226,6 +362,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures", default=None,
                    help="folder for the figures notebook's output (default: figures/)")
     p.add_argument("--no-figures", action="store_true", help="do not run the figures notebook")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="train again the cells trained with other settings than requested now "
+                        "(the old runs are kept as cells/<name>.replaced-<time>); without it "
+                        "such cells stop the grid before anything trains")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every run, e.g. data.root=DIR")
 
@@ -235,5 +375,5 @@ def main(args) -> int:
                        jobs=args.jobs, only=args.only, executor=args.executor,
                        figures=not args.no_figures,
                        figures_dir=Path(args.figures) if args.figures else None,
-                       num_processes=args.num_processes)
+                       num_processes=args.num_processes, rerun_changed=args.rerun_changed)
     return 1 if result["failed"] else 0

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from mlcl import paths
 from mlcl.config import Config, ConfigError, save_config
+from mlcl.data import preflight
 from mlcl.data.datasets import build_datasets, class_names
 from mlcl.evaluate import evaluate
 from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -186,6 +187,7 @@ def fit(cfg: Config) -> dict[str, Any]:
 
     semi = cfg.method != "supervised"
     sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
+    preflight.check(cfg, sets, acc)  # the data's classes; every file opens, before step 1
     names = class_names(cfg)
     # One epoch = one pass over the unlabeled set (the labeled set is repeated to its length),
     # for every method, so supervised and semi-supervised runs take the same number of steps.

@@ -2,6 +2,7 @@
 session) and a config that points at the VOC-layout one."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ from mlcl.data.synthetic import make_synthetic
 
 SYNTH_SIZE = 32  # pixels; VOC-layout images are 32 x 32, Cityscapes-layout 32 x 64
 SYNTH_CLASSES = 7
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """MLCL_CACHE (the data pre-flight's cache) in a temporary folder, for this process and
+    the subprocesses the tests start."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MLCL_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 
 from mlcl import demo, grids, registry, reproduce
-from mlcl.__main__ import build_parser
+from mlcl.__main__ import build_parser, main
+from mlcl.config import ConfigError
 from mlcl.grids import Run
 
 TINY = ("data.crop_size=32", "train.batch_size=4", "model.width=16", "data.num_workers=0",
         "train.max_iters=2", "train.epochs=1")
 OK = [Run("synthetic", "1_8", "supervised", 0), Run("synthetic", "1_8", "mlcl", 0)]
-BAD = Run("synthetic", "1_8", "supervised", 7, overrides=("train.lrr=1",))  # unknown key
+# a cell that fails in training (its validation split does not exist)
+BAD = Run("synthetic", "1_8", "supervised", 7, overrides=("data.val_split=nope.txt",))
 
 
 def snapshot(root: Path) -> dict[str, float]:
@@ -34,14 +36,18 @@ def test_papermill_grid_failure_report_figures_and_rerun(synth_root, tmp_path, m
     assert result["failed"] == [BAD.name] and result["skipped"] == []
     report = capsys.readouterr().out
     assert f"FAILED  {BAD.name}" in report and "failed:" in report.split("FAILED")[-1]
+    cause = f"DataError: split file {synth_root / 'nope.txt'} does not exist"
+    assert report.count(cause) == 2  # in the FAILED line and in the summary
     runs = tmp_path / "runs"
     for run in OK:  # executed notebook kept beside the run; the notebook recorded the run
         assert (runs / "cells" / run.name / "run.ipynb").is_file()
         entry = registry.load_entry(run.name, runs / "registry")
         assert entry["executor"] == "papermill" and entry["grid"] == "tiny"
         assert entry["notebook"] == str(runs / "cells" / run.name / "run.ipynb")
-    bad_nb = json.loads((runs / "cells" / BAD.name / "run.ipynb").read_text())
-    assert "train.lrr" in json.dumps(bad_nb["cells"])  # the error is in the executed notebook
+    # no checkpoint: no cell folder left; the executed notebook (with the error) beside the log
+    assert not (runs / "cells" / BAD.name).exists()
+    bad_nb = json.loads((runs / "cells" / f"{BAD.name}.ipynb").read_text())
+    assert "nope.txt" in json.dumps(bad_nb["cells"])
     assert registry.load_entry(BAD.name, runs / "registry") is None
     assert result["figures"] and (figures / "table_I.csv").is_file()
     side = json.loads((figures / "curves_synthetic_1_8.json").read_text())
@@ -69,10 +75,45 @@ def test_cli_executor_records_and_goes_on(synth_root, tmp_path, monkeypatch):
     (runs / "registry" / f"{OK[0].name}.json").unlink()
     mtime = (runs / "cells" / OK[0].name / "metrics.json").stat().st_mtime
     again = reproduce.reproduce("tiny", runs_root=runs, executor="cli", figures=False,
-                                only="supervised-s0")
+                                only="supervised-s0",
+                                overrides=[f"data.root={synth_root}", *TINY])
     assert again["skipped"] == [OK[0].name]
     assert registry.load_entry(OK[0].name, runs / "registry")["metrics"]["complete"]
     assert (runs / "cells" / OK[0].name / "metrics.json").stat().st_mtime == mtime
+
+
+def test_misspelt_override_fails_once_before_any_training(synth_root, tmp_path, monkeypatch,
+                                                         capsys):
+    monkeypatch.setattr(grids, "build_grid", lambda name: OK)
+    rc = main(["reproduce", "--grid", "demo", "--runs", str(tmp_path / "runs"), "--no-figures",
+               f"data.root={synth_root}", *TINY, "train.lrr=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown config key 'train.lrr'" in err[0]
+    assert "every cell; nothing was trained" in err[0]
+    assert not (tmp_path / "runs" / "cells").exists()
+
+
+def test_changed_settings_refused_then_rerun(synth_root, tmp_path, monkeypatch):
+    """A cell trained with other settings is never skipped as complete: refused (naming the
+    keys) before anything trains, or trained again with --rerun-changed."""
+    monkeypatch.setattr(grids, "build_grid", lambda name: OK[:1])
+    runs, base = tmp_path / "runs", [f"data.root={synth_root}", *TINY]
+    reproduce.reproduce("tiny", runs_root=runs, executor="cli", figures=False, overrides=base)
+    cell = runs / "cells" / OK[0].name
+    before = snapshot(runs)
+    changed = [*base, "model.width=32", "train.lr=0.5"]
+    with pytest.raises(ConfigError) as e:
+        reproduce.reproduce("tiny", runs_root=runs, executor="cli", figures=False,
+                            overrides=changed)
+    assert "model.width: 16 -> 32" in str(e.value) and "train.lr: 0.001 -> 0.5" in str(e.value)
+    assert snapshot(runs) == before
+    again = reproduce.reproduce("tiny", runs_root=runs, executor="cli", figures=False,
+                                overrides=changed, rerun_changed=True)
+    assert again["done"] == [OK[0].name]
+    entry = registry.load_entry(OK[0].name, runs / "registry")
+    assert entry["config"]["model"]["width"] == 32
+    old = [p for p in (runs / "cells").iterdir() if p.name.startswith(f"{cell.name}.replaced-")]
+    assert len(old) == 1 and (old[0] / "metrics.json").is_file()  # the old run is kept
 
 
 def test_commands_and_cli_flags():

@@ -105,11 +105,11 @@ def test_evaluate_and_predict_cli(synth_root, tmp_path):
     pred_dir = tmp_path / "pred"
     mlcl_cli("predict", "--checkpoint", str(ckpt), "--images", str(synth_root / "JPEGImages"),
              "--out", str(pred_dir), "--overlay")
-    pngs = sorted(pred_dir.glob("*.png"))
+    pngs = sorted(pred_dir.glob("*.jpg.png"))  # <image name>.png, beside legend.png
     assert len(pngs) == len(list((synth_root / "JPEGImages").glob("*.jpg")))
     mask = Image.open(pngs[0])
     assert mask.mode == "P" and np.asarray(mask).max() < 7
-    assert list(pred_dir.glob("*_overlay.jpg"))
+    assert list(pred_dir.glob("*.jpg.overlay.jpg"))
 
 
 def test_cli_bad_input_is_one_line(synth_root, tmp_path):

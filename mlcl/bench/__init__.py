@@ -124,6 +124,12 @@ def resolve_args(a: argparse.Namespace) -> argparse.Namespace:
                                                           if s not in SECTIONS]
     if bad:
         raise SystemExit(f"error: unknown method/section {', '.join(bad)}")
+    stepping = {"steps", "memory"} & set(a.sections)  # the sections that build method steps
+    paired = [m for m in a.methods if m != "supervised"] if stepping else []
+    if a.batch < 2 and paired:
+        raise SystemExit(f"error: --batch {a.batch}: the {'/'.join(paired)} steps pair each "
+                         "image with another image of the batch (the CutMix partner); give "
+                         "--batch 2 or more, or --methods supervised")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.clock == "auto":

@@ -123,7 +123,7 @@ class ValDataset(_SplitDataset):
 def build_datasets(cfg: Config, with_unlabeled: bool) -> dict[str, Dataset]:
     """'labeled', 'val' and (with_unlabeled) 'unlabeled'; the labeled set is repeated to the
     unlabeled set's length when there is one."""
-    check_root(cfg.data.root)
+    check_root(cfg.data.root, cfg.data.dataset)
     out: dict[str, Dataset] = {}
     nsample = None
     if with_unlabeled:

@@ -17,14 +17,32 @@ split fails at start-up with the split file, the line and the missing path in on
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 LAYOUTS = ("voc", "cityscapes")
 
 
+def original_message(text: str) -> str:
+    """The one-line message inside a DataLoader worker's re-raised error ("Caught X in
+    DataLoader worker process 0. Original Traceback ...": the traceback's last line without
+    its exception type), or ``text`` itself."""
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    head, sep, rest = last.partition(": ")
+    return rest if sep and re.fullmatch(r"[\w.]+", head) else last
+
+
 class DataError(ValueError):
-    """Bad input data; the one-line message names the file at fault."""
+    """Bad input data; the one-line message names the file at fault. Raised in a loader
+    worker, it reaches the main process with the same one line (torch re-creates the error
+    there from a message holding the worker's traceback; the constructor keeps its last
+    line)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(original_message(str(message)))
 
 
 class Sample(NamedTuple):
@@ -33,16 +51,22 @@ class Sample(NamedTuple):
     mask: Optional[Path]  # None where no mask is needed and none exists
 
 
-def check_root(root: str | Path) -> Path:
-    """``root`` as a Path, or a DataError that says how to get one."""
+# The command that makes a dataset of each kind (data.dataset) at a root.
+MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
+                "cityscapes": "python -m mlcl data cityscapes --root {root}",
+                "synthetic": "python -m mlcl synth --out {root}"}
+
+
+def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
+    """``root`` as a Path, or a DataError that says how to get one (the command that makes
+    a ``dataset`` there: ``data voc``, ``data cityscapes`` or ``synth``)."""
     if not str(root).strip():
         raise DataError("data.root is empty: set data.root=DIR (e.g. data.root=data/synthetic "
                         "after `python -m mlcl synth --out data/synthetic`)")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(
-            f"data root {root} does not exist: set data.root=... or run "
-            f"`python -m mlcl synth --out {root}`")
+        make = MAKE_DATASET.get(dataset, MAKE_DATASET["synthetic"]).format(root=root)
+        raise DataError(f"data root {root} does not exist: set data.root=... or run `{make}`")
     return root
 
 

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="*", default=None,
                    help="split files, relative to ROOT or absolute (default: ROOT/splits/**/*.txt)")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="K (default: 21 voc, 19 cityscapes)")
+                   help="K (default: ROOT/classes.txt, else 21 voc, 19 cityscapes)")
     p.add_argument("--no-values", action="store_true",
                    help="skip decoding masks (existence and sizes only; faster)")
     p.add_argument("--workers", type=int, default=4, help="threads (default 4)")

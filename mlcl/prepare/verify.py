@@ -1,7 +1,9 @@
 """Check a prepared dataset against its split files, naming every missing or bad file.
 
-For each split file: its line count; that every listed image and mask exists; that image and
-mask have the same size; that the mask is single-channel with values in {0..K-1, 255}.
+For each split file: its line count; that every listed image and mask exists; that the
+image decodes in full (a truncated JPEG fails); that image and mask have the same size; that
+the mask is single-channel with values in {0..K-1, 255} (``--no-values``: sizes only, no
+decoding).
 Lines are resolved the way the loaders resolve them (:mod:`mlcl.data.splits`: an id, or an
 ``image mask`` pair relative to the root); unlike the loaders, which stop at the first bad
 line, every problem is collected. Each distinct file is checked once however many lists
@@ -18,7 +20,9 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from mlcl.data.splits import parse_split
+from mlcl.data.classes import data_classes
+from mlcl.data.preflight import decode_image
+from mlcl.data.splits import DataError, parse_split
 from mlcl.prepare.download import Log, say
 
 IGNORE = 255
@@ -73,6 +77,11 @@ def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True) -
         problems.append(f"missing mask {mask}")
     if problems:
         return problems
+    if values:  # decode the whole image: a truncated file fails here, not in training
+        try:
+            decode_image(image)
+        except DataError as e:
+            return [str(e)]
     try:
         with Image.open(image) as im:
             isize = im.size
@@ -108,9 +117,12 @@ def default_splits(root: Path) -> list[Path]:
 def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Path]] = None,
                    num_classes: Optional[int] = None, values: bool = True, workers: int = 4,
                    log: Log = say) -> Report:
-    """Check ``splits`` (default: every ``*.txt`` under ``root/splits``) of the dataset."""
+    """Check ``splits`` (default: every ``*.txt`` under ``root/splits``) of the dataset, with
+    ``num_classes`` classes (default: the root's classes.txt, else 21 for voc and 19 for
+    cityscapes)."""
     root = Path(root)
-    k = num_classes or DEFAULT_CLASSES[layout]
+    found = data_classes(root) if root.is_dir() else None
+    k = num_classes or (len(found[1]) if found else DEFAULT_CLASSES[layout])
     report = Report(root)
     if not root.is_dir():
         report.splits.append(SplitReport(root, problems=[f"data root {root} does not exist"]))

@@ -1,0 +1,75 @@
+"""The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order;
+``python -m mlcl synth`` writes one) supplies the class names and count when present. A
+preset's ``data.num_classes`` / ``data.class_names`` are defaults for data without one; a
+value given explicitly (an override) that disagrees with the data is an error, and so is a
+checkpoint trained for another class count.
+
+    reconcile_classes(cfg)                      # training: cfg takes the data's classes
+    check_classes(cfg, "checkpoint runs/x/best.pt", 7, use_data=True)   # evaluation
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from mlcl.config import Config, ConfigError, check_relations, overridden_keys
+from mlcl.data.splits import DataError
+
+CLASSES_FILE = "classes.txt"
+
+
+def data_classes(root: str | Path) -> Optional[tuple[Path, list[str]]]:
+    """(path, names) of ``root/classes.txt`` (blank lines skipped), or None without one."""
+    if not str(root).strip():
+        return None
+    path = Path(root).expanduser() / CLASSES_FILE
+    if not path.is_file():
+        return None
+    names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
+    if len(names) < 2:
+        raise DataError(f"{path} lists {len(names)} class(es): a segmentation dataset needs "
+                        "at least 2 (one name a line, background first)")
+    return path, names
+
+
+def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config:
+    """Give ``cfg`` the data's class count and names (in place; returns it). An override of
+    ``data.num_classes`` or ``data.class_names`` that disagrees with the data is a
+    ConfigError naming both; a preset value that disagrees is replaced (with a note)."""
+    found = data_classes(cfg.data.root)
+    if found is None:
+        return cfg
+    path, names = found
+    d, pinned = cfg.data, overridden_keys(cfg)
+    if "data.num_classes" in pinned and d.num_classes != len(names):
+        raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, config "
+                          f"key 'data.num_classes' is {d.num_classes}: drop the override or "
+                          f"point data.root at the data you mean")
+    if "data.class_names" in pinned and d.class_names and len(d.class_names) != len(names):
+        raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, config "
+                          f"key 'data.class_names' has {len(d.class_names)}")
+    keep_names = "data.class_names" in pinned and d.class_names
+    if d.num_classes != len(names):
+        log(f"note: {len(names)} classes from {path} (the preset's data.num_classes was "
+            f"{d.num_classes})")
+    d.num_classes = len(names)
+    d.class_names = list(d.class_names) if keep_names else names
+    check_relations(cfg)
+    return cfg
+
+
+def check_classes(cfg: Config, source: str, count: int, use_data: bool = True) -> None:
+    """Raise a ConfigError naming all three values when the data's class count (its
+    classes.txt; with ``use_data``), the config's ``data.num_classes`` and ``count`` (what
+    ``source``, e.g. "checkpoint runs/x/best.pt", predicts) are not all equal."""
+    found = data_classes(cfg.data.root) if use_data else None
+    values = {cfg.data.num_classes, count} | ({len(found[1])} if found else set())
+    if len(values) == 1:
+        return
+    data = (f"data {found[0]} lists {len(found[1])}" if found else
+            f"data {cfg.data.root or '(no data.root)'} has no {CLASSES_FILE}" if use_data
+            else None)
+    parts = [p for p in (data, f"config data.num_classes={cfg.data.num_classes}",
+                         f"{source} predicts {count}") if p]
+    raise ConfigError(f"classes disagree: {', '.join(parts)}; use the data and config the "
+                      "checkpoint was trained with")

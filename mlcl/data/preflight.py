@@ -1,0 +1,149 @@
+"""Pre-flight: before the first training step, every file the run will read is opened once,
+so that a bad file fails the run in seconds instead of after an epoch.
+
+    preflight.check(cfg, sets, accelerator)   # sets = build_datasets(cfg, ...)
+
+Per sample of every set (labeled, unlabeled, val): the image decodes in full (a truncated
+JPEG fails); for labeled and val samples the mask decodes, has the image's size and holds
+only 0..K-1 and the ignore index. Every problem is collected; the run stops with one line
+naming the first and how many there are. Samples that passed are remembered in a cache
+(``mlcl.paths.cache_dir()/preflight``) keyed by each file's path, size and modification
+time and by K and the ignore index, so a resumed run, or another run on the same data, does
+not pay twice. With several processes each checks its share.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+from PIL import Image
+
+from mlcl import paths
+from mlcl.config import Config
+from mlcl.data.classes import reconcile_classes
+from mlcl.data.datasets import load_mask
+from mlcl.data.splits import DataError
+from mlcl.files import atomic_write_json
+
+Item = tuple[Path, Optional[Path]]  # (image, mask or None when the mask is not read)
+
+
+def decode_image(path: Path) -> tuple[int, int]:
+    """Decode ``path`` in full and return its (width, height); a DataError naming the file
+    when it cannot be read. JPEGs decode at reduced scale (every byte is still read)."""
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (max(size[0] // 8, 1), max(size[1] // 8, 1)))
+            im.load()
+            return size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]:
+    """The problem with one sample (None when fine)."""
+    image, mask = item
+    try:
+        width, height = decode_image(image)
+        if mask is not None:
+            m = load_mask(mask, num_classes, ignore_index)
+            if m.shape != (height, width):
+                return (f"mask {mask} is {m.shape[1]}x{m.shape[0]} but image {image} is "
+                        f"{width}x{height}")
+    except DataError as e:
+        return str(e)
+    return None
+
+
+def items_of(sets: dict) -> list[Item]:
+    """The distinct (image, mask) pairs the sets read; masks of unlabeled samples are not."""
+    items: dict[Item, None] = {}
+    for name, ds in sets.items():
+        for s in ds.samples:
+            items[(s.image, None if name == "unlabeled" else s.mask)] = None
+    return list(items)
+
+
+class Cache:
+    """Keys of the samples that passed, one JSON file per data root."""
+
+    def __init__(self, root: str | Path, num_classes: int, ignore_index: int):
+        digest = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()
+        self.path = paths.cache_dir() / "preflight" / f"{digest[:16]}.json"
+        self.tag = f"{num_classes}|{ignore_index}"
+        self.keys = self._read()
+
+    def _read(self) -> set[str]:
+        try:
+            return set(json.loads(self.path.read_text())["passed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+
+    def key(self, item: Item) -> str:
+        parts = [self.tag]
+        for p in item:
+            if p is not None:
+                st = p.stat()
+                parts.append(f"{p}|{st.st_size}|{st.st_mtime_ns}")
+        return "\n".join(parts)
+
+    def save(self, passed: list[str]) -> None:
+        """Add ``passed`` (merged with what another process may have written meanwhile);
+        a cache that cannot be written only costs time."""
+        if not passed:
+            return
+        try:
+            atomic_write_json(self.path, {"passed": sorted(self._read() | self.keys
+                                                           | set(passed))})
+        except OSError:
+            pass
+
+
+def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] = print) -> None:
+    """Reconcile the classes with the data (:func:`mlcl.data.classes.reconcile_classes`), then
+    check every sample of ``sets`` (this process's share of them); raise one DataError
+    naming the first bad file and the number of problems."""
+    if accelerator is not None:
+        log = accelerator.print
+    reconcile_classes(cfg, log)
+    rank, world = ((accelerator.process_index, accelerator.num_processes)
+                   if accelerator is not None else (0, 1))
+    started = time.time()
+    items = items_of(sets)[rank::world]
+    cache = Cache(cfg.data.root, cfg.data.num_classes, cfg.data.ignore_index)
+    try:
+        keys = [cache.key(item) for item in items]
+    except OSError as e:  # a file vanished since the split was read
+        raise DataError(f"data pre-flight: {e}") from None
+    todo = [(item, k) for item, k in zip(items, keys) if k not in cache.keys]
+    if todo:
+        log(f"pre-flight: checking {len(todo)} of {len(items)} samples "
+            f"({len(items) - len(todo)} known good)")
+    workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        found = list(pool.map(lambda t: check_item(t[0], cfg.data.num_classes,
+                                                   cfg.data.ignore_index), todo))
+    cache.save([k for (_, k), problem in zip(todo, found) if problem is None])
+    problems = [p for p in found if p is not None]
+    if problems:
+        raise DataError(problem_line(problems, sets, cfg))
+    if todo:
+        log(f"pre-flight: {len(items)} samples OK ({time.time() - started:.1f} s)")
+
+
+def problem_line(problems: list[str], sets: dict, cfg: Config) -> str:
+    """One line: the first problem, and for several the command that lists them all."""
+    if len(problems) == 1:
+        return f"data pre-flight: {problems[0]}"
+    splits = " ".join(sorted({str(ds.split_file) for ds in sets.values()}))
+    return (f"data pre-flight: {len(problems)} bad samples, the first: {problems[0]} (all of "
+            f"them: python -m mlcl data verify --root {cfg.data.root} --layout "
+            f"{cfg.data.layout} --num-classes {cfg.data.num_classes} --splits {splits})")

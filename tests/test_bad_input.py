@@ -1,0 +1,446 @@
+"""Bad input, case by case: each ends in one line naming the culprit and a non-zero exit
+status, fails before any training step, and changes no file that existed before. (Bad
+config keys, split files and masks read in the main process are also tested in
+test_config.py, test_data.py and test_train.py.)"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import stat
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlcl import registry
+from mlcl.__main__ import main
+from mlcl.config import in_range, load_config
+from mlcl.data import DataError, ValDataset, preflight
+from mlcl.data.synthetic import make_synthetic
+from mlcl.files import atomic_write_text
+from mlcl.train import fit
+
+TINY = ["model.width=16", "data.crop_size=32", "train.batch_size=4", "data.num_workers=0",
+        "train.max_iters=1", "train.epochs=1", "split=1_8"]
+
+
+def hashes(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (files or folders) by path."""
+    files = [p for r in roots for p in ([r] if r.is_file() else sorted(r.rglob("*")))
+             if p.is_file()]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@contextmanager
+def unchanged(*roots: Path):
+    """Assert that no file under ``roots`` that existed before the block was changed or
+    removed by it."""
+    before = hashes(*roots)
+    yield
+    after = hashes(*[r for r in roots if r.exists()])
+    changed = [p for p, h in before.items() if after.get(p) != h]
+    assert not changed, f"changed or removed: {changed}"
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m mlcl ARGS`` in this process: (exit status, stdout, stderr)."""
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse, bench: a message exits with status 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        rc = 1 if isinstance(e.code, str) else e.code or 0
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def data(synth_root, tmp_path) -> Path:
+    """A writable copy of the session's synthetic dataset."""
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run7(synth_root, tmp_path_factory) -> Path:
+    """A one-step run (7 classes) with best.pt."""
+    out = tmp_path_factory.mktemp("run7") / "run"
+    fit(load_config("synthetic", [f"data.root={synth_root}", f"output_dir={out}", *TINY]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data5(tmp_path_factory) -> Path:
+    """Synthetic data with 5 classes (its classes.txt lists 5 names)."""
+    return make_synthetic(tmp_path_factory.mktemp("s5"), num_train=16, num_val=4, size=32,
+                          classes=5)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A folder with a.png and a.jpg (same stem, different pictures) and b.jpg."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "a.jpg", "b.jpg"):
+        Image.fromarray(rng.integers(0, 255, (24, 30, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def readonly_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into (root ignores permission bits: then /proc/1)."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.access(folder, os.W_OK):
+        folder = Path("/proc/1")
+        if not folder.is_dir() or os.access(folder, os.W_OK):
+            pytest.skip("no unwritable folder available")
+    return folder
+
+
+# --------------------------------------------------------------------------- config values
+@pytest.mark.parametrize("override, says", [
+    ("train.conf_thresh=1.5", "'train.conf_thresh': 1.5 is out of range; allowed: [0, 1]"),
+    ("train.lr=0", "'train.lr': 0.0 is out of range; allowed: > 0"),
+    ("train.lr=-0.01", "'train.lr': -0.01 is out of range; allowed: > 0"),
+    ("train.epochs=0", "'train.epochs': 0 is out of range; allowed: >= 1"),
+    ("train.max_iters=-5", "'train.max_iters': -5 is out of range; allowed: >= 0"),
+    ("data.crop_size=0", "'data.crop_size': 0 is out of range; allowed: >= 1"),
+    ("mlcl.alpha=-1", "'mlcl.alpha': -1.0 is out of range; allowed: >= 0"),
+    ("mlcl.bank_momentum=1.2", "'mlcl.bank_momentum': 1.2 is out of range; allowed: [0, 1]"),
+    ("data.aug.scale_range=[2.0,0.5]", "'data.aug.scale_range': [2.0, 0.5] must be [low, high]"),
+    ("data.aug.mean=[0.5,0.5]", "'data.aug.mean': [0.5, 0.5] has 2 values, expected 3"),
+    ("eval.stride_ratio=1.5", "'eval.stride_ratio': 1.5 is out of range; allowed: (0, 1]"),
+    ("data.ignore_index=3", "'data.ignore_index': 3 is a class index"),
+    ("seed=-1", "'seed': -1 is out of range"),
+])
+def test_values_out_of_range_name_key_and_range(synth_root, tmp_path, capsys, override, says):
+    out = tmp_path / "run"
+    with unchanged(synth_root):
+        rc, _, err = run_cli(capsys, "train", "--config", "synthetic",
+                             f"data.root={synth_root}", f"output_dir={out}", override)
+    assert rc == 2 and says in one_line_error(err)
+    assert not out.exists()  # refused before anything was made
+
+
+def test_every_range_names_a_field():
+    cfg = load_config("synthetic")
+    sections = [cfg] + [getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                        if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    sections.append(cfg.data.aug)
+    for section in sections:
+        names = {f.name for f in dataclasses.fields(section)}
+        assert set(type(section).RANGES) <= names, type(section).__name__
+        for spec in type(section).RANGES.values():  # every spec parses
+            if not spec.startswith("len "):
+                in_range(0.5, spec.removesuffix(" pair"))
+
+
+@pytest.mark.parametrize("spec, inside, outside", [
+    ("> 0", [1e-9, 5], [0, -1]), (">= 1", [1, 2], [0.999]), ("< 1", [0.5], [1]),
+    ("[0, 1]", [0, 1, 0.5], [-0.1, 1.1]), ("(0, 1]", [1, 0.1], [0]),
+    ("[0, 1)", [0, 0.99], [1]), ("[0, 0.5]", [0.5], [0.51])])
+def test_range_specs(spec, inside, outside):
+    assert all(in_range(v, spec) for v in inside)
+    assert not any(in_range(v, spec) for v in outside)
+
+
+def test_mix_partner_hint_has_its_prefix(capsys):
+    rc, _, err = run_cli(capsys, "train", "--config", "synthetic", "method=unimatch",
+                         "train.batch_size=1")
+    assert rc == 2 and "use train.mix_partner=loader" in one_line_error(err)
+
+
+# --------------------------------------------------------------------------- data roots
+@pytest.mark.parametrize("preset, hint", [
+    ("pascal", "python -m mlcl data voc --root"),
+    ("cityscapes", "python -m mlcl data cityscapes --root"),
+    ("synthetic", "python -m mlcl synth --out")])
+def test_missing_root_hint_fits_the_dataset(tmp_path, capsys, preset, hint):
+    missing = tmp_path / "nowhere"
+    rc, _, err = run_cli(capsys, "train", "--config", preset, f"data.root={missing}",
+                         f"output_dir={tmp_path / 'run'}")
+    line = one_line_error(err)
+    assert rc == 2 and hint in line and str(missing) in line
+
+
+# --------------------------------------------------------------------------- classes
+def test_preset_classes_yield_to_the_data(data5, tmp_path, capsys):
+    """synth --classes 5, then the 7-class synthetic preset: a 5-class model, named classes."""
+    out = tmp_path / "run"
+    with unchanged(data5):
+        metrics = fit(load_config("synthetic", [f"data.root={data5}", f"output_dir={out}",
+                                                *TINY]))
+    assert "5 classes from" in capsys.readouterr().out
+    assert metrics["class_names"] == (data5 / "classes.txt").read_text().split()
+    state = torch.load(out / "best.pt", weights_only=True)["model"]
+    assert state["classifier.weight"].shape[0] == 5
+
+
+def test_explicit_class_count_against_the_data(data5, tmp_path, capsys):
+    out = tmp_path / "run"
+    with unchanged(data5):
+        rc, _, err = run_cli(capsys, "train", "--config", "synthetic", f"data.root={data5}",
+                             f"output_dir={out}", "data.num_classes=7", *TINY)
+    line = one_line_error(err)
+    assert rc == 2 and "lists 5 classes" in line and "'data.num_classes' is 7" in line
+    assert str(data5 / "classes.txt") in line
+
+
+def test_evaluate_7_class_checkpoint_on_5_class_data(run7, data5, capsys):
+    with unchanged(run7, data5):
+        rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(run7 / "best.pt"),
+                             f"data.root={data5}")
+    line = one_line_error(err)
+    assert rc == 2 and "lists 5" in line and "data.num_classes=7" in line
+    assert f"checkpoint {run7 / 'best.pt'} predicts 7" in line
+
+
+# --------------------------------------------------------------------------- pre-flight
+def _train(capsys, root: Path, out: Path, *extra: str) -> tuple[int, str]:
+    rc, _, err = run_cli(capsys, "train", "--config", "synthetic", f"data.root={root}",
+                         f"output_dir={out}", *TINY, *extra)
+    return rc, err
+
+
+def test_truncated_jpeg_fails_before_the_first_step(data, tmp_path, capsys):
+    bad = data / "JPEGImages" / "train_000020.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    out = tmp_path / "run"
+    with unchanged(data):
+        rc, err = _train(capsys, data, out)
+    line = one_line_error(err)
+    assert rc == 2 and "data pre-flight" in line and str(bad) in line
+    assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
+
+
+def test_bad_validation_mask_fails_before_the_first_step(data, tmp_path, capsys):
+    mask = data / "SegmentationClass" / "val_000003.png"
+    arr = np.array(Image.open(mask))
+    arr[0, 0] = 9  # not a class of 7, not ignore
+    Image.fromarray(arr).save(mask)
+    out = tmp_path / "run"
+    with unchanged(data):
+        rc, err = _train(capsys, data, out)
+    line = one_line_error(err)
+    assert rc == 2 and f"mask {mask} has values 9" in line
+    assert not (out / "checkpoints").exists()
+
+
+def test_several_bad_files_counted_with_the_verify_command(data, tmp_path, capsys):
+    Image.new("L", (10, 10)).save(data / "SegmentationClass" / "val_000001.png")  # size
+    (data / "JPEGImages" / "val_000002.jpg").write_bytes(b"not a jpeg")
+    with unchanged(data):
+        rc, err = _train(capsys, data, tmp_path / "run")
+    line = one_line_error(err)
+    assert rc == 2 and "2 bad samples" in line and "python -m mlcl data verify" in line
+    assert "val_000001.png is 10x10" in line
+
+
+def test_preflight_cache_spares_a_second_pass(data, monkeypatch, capsys):
+    cfg = load_config("synthetic", [f"data.root={data}", *TINY])
+    from mlcl.data import build_datasets
+
+    sets = build_datasets(cfg, with_unlabeled=True)
+    preflight.check(cfg, sets, log=print)
+    assert "checking 56 of 56" in capsys.readouterr().out
+    calls = []
+    original = preflight.check_item
+    monkeypatch.setattr(preflight, "check_item", lambda *a: calls.append(a) or original(*a))
+    preflight.check(cfg, sets, log=print)
+    assert calls == []  # every sample known good
+    image = data / "JPEGImages" / "val_000000.jpg"
+    image.write_bytes(image.read_bytes()[:200])  # changed since: checked again, and fails
+    with pytest.raises(DataError, match="val_000000.jpg"):
+        preflight.check(cfg, sets, log=print)
+    assert len(calls) == 1
+
+
+def test_loader_worker_error_keeps_its_one_line(data):
+    (data / "JPEGImages" / "val_000001.jpg").write_bytes(b"broken")
+    cfg = load_config("synthetic", [f"data.root={data}"])
+    ds = ValDataset(cfg, cfg.split_path("val_split"))
+    with pytest.raises(DataError) as in_main:
+        ds[1]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as in_worker:
+        list(loader)
+    assert str(in_worker.value) == str(in_main.value)
+    assert "\n" not in str(in_worker.value) and "val_000001.jpg" in str(in_worker.value)
+
+
+def test_data_verify_decodes_every_image(data, capsys):
+    bad = data / "JPEGImages" / "train_000005.jpg"
+    bad.write_bytes(bad.read_bytes()[:-200])
+    with unchanged(data):
+        rc, out, _ = run_cli(capsys, "data", "verify", "--root", str(data), "--layout", "voc",
+                             "--splits", "splits/train.txt")
+    assert rc == 1 and f"cannot read image {bad}" in out and out.strip().endswith("FAILED")
+
+
+# --------------------------------------------------------------------------- predict
+def _predict(capsys, run7: Path, images: Path, out: Path, *extra: str):
+    return run_cli(capsys, "predict", "--checkpoint", str(run7), "--images", str(images),
+                   "--out", str(out), *extra)
+
+
+def test_predict_into_its_input_folder_is_refused(run7, images, capsys):
+    with unchanged(images):
+        rc, _, err = _predict(capsys, run7, images, images)
+    line = one_line_error(err)
+    assert rc == 2 and f"--out {images} holds the inputs" in line
+    assert sorted(p.name for p in images.iterdir()) == ["a.jpg", "a.png", "b.jpg"]
+
+
+def test_predict_names_never_collide_and_legend(run7, images, tmp_path, capsys):
+    out = tmp_path / "pred"
+    with unchanged(images):
+        rc, stdout, _ = _predict(capsys, run7, images, out, "--overlay")
+    assert rc == 0 and "wrote 8 files" in stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".mlcl-written", "a.jpg.overlay.jpg", "a.jpg.png", "a.png.overlay.jpg",
+                     "a.png.png", "b.jpg.overlay.jpg", "b.jpg.png", "legend.png", "legend.txt"]
+    assert Image.open(out / "a.png.png").mode == "P"
+    assert (out / "legend.txt").read_text().splitlines()[1] == "1\tdisc\t128,0,0"
+    # the same command again rewrites only its own files
+    rc, _, _ = _predict(capsys, run7, images, out)
+    assert rc == 0
+
+
+def test_predict_refuses_a_folder_with_files_it_did_not_write(run7, images, tmp_path, capsys):
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "a.jpg.png").write_bytes(b"the user's own file")
+    with unchanged(images, out):
+        rc, _, err = _predict(capsys, run7, images, out)
+    assert rc == 2 and "did not write (e.g. a.jpg.png)" in one_line_error(err)
+
+
+def test_predict_out_is_a_file(run7, images, tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    with unchanged(images, target):
+        rc, _, err = _predict(capsys, run7, images, target)
+    assert rc == 2 and f"--out {target} is a file" in one_line_error(err)
+    with unchanged(images, target):
+        rc, _, err = _predict(capsys, run7, images, target / "sub")
+    assert rc == 2 and f"{target} is a file, not a folder" in one_line_error(err)
+
+
+def test_predict_out_not_writable(run7, images, tmp_path, capsys):
+    folder = readonly_folder(tmp_path)
+    with unchanged(images):
+        rc, _, err = _predict(capsys, run7, images, folder / "pred")
+    assert rc == 2 and f"{folder} is not writable" in one_line_error(err)
+
+
+def test_predict_skips_an_unreadable_image_and_exits_non_zero(run7, images, tmp_path, capsys):
+    (images / "c.jpg").write_bytes(b"\xff\xd8 not really")
+    out = tmp_path / "pred"
+    with unchanged(images):
+        rc, _, err = _predict(capsys, run7, images, out)
+    assert rc == 1 and err.strip().splitlines()[-1].startswith("error: 1 image(s) skipped")
+    assert f"cannot read image {images / 'c.jpg'}" in err
+    assert {"a.png.png", "a.jpg.png", "b.jpg.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_predict_very_large_image_refused_or_tiled(run7, images, tmp_path, capsys):
+    big = images / "a.png"
+    with unchanged(images, run7):
+        rc, _, err = _predict(capsys, run7, big, tmp_path / "refused", "--max-pixels", "500")
+        assert rc == 1 and "is 30x24 = 720 pixels, over the limit of 500 (--max-pixels)" in err
+        assert not (tmp_path / "refused").exists()  # nothing written: no folder
+        rc, _, _ = _predict(capsys, run7, big, tmp_path / "tiled", "--tile", "16")
+    assert rc == 0 and Image.open(tmp_path / "tiled" / "a.png.png").size == (30, 24)
+
+
+def test_predict_file_recursive_and_run_folder(run7, images, tmp_path, capsys):
+    (images / "sub").mkdir()
+    shutil.copy(images / "b.jpg", images / "sub" / "b.jpg")
+    empty = tmp_path / "emptyrun"
+    empty.mkdir()
+    with unchanged(images, run7):
+        rc, _, _ = _predict(capsys, run7, images / "b.jpg", tmp_path / "one")
+        assert rc == 0 and (tmp_path / "one" / "b.jpg.png").is_file()
+        rc, _, _ = _predict(capsys, run7, images, tmp_path / "all", "--recursive")
+        assert rc == 0 and (tmp_path / "all" / "sub" / "b.jpg.png").is_file()
+        rc, _, err = _predict(capsys, empty, images, tmp_path / "none")
+    assert rc == 2 and f"run folder {empty} has no best.pt" in one_line_error(err)
+    assert not (tmp_path / "none").exists()
+
+
+# --------------------------------------------------------------------------- evaluate --out
+def test_evaluate_out_checked_before_evaluating(run7, tmp_path, capsys):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"not": "an evaluation"}')
+    with unchanged(mine, run7):
+        for out, says in ((tmp_path, "is a folder"), (mine, "was not written by this command"),
+                          (mine / "r.json", "is a file, not a folder")):
+            rc, stdout, err = run_cli(capsys, "evaluate", "--checkpoint", str(run7 / "best.pt"),
+                                      "--out", str(out))
+            assert rc == 2 and says in one_line_error(err) and "mIoU" not in stdout
+    folder = readonly_folder(tmp_path)
+    rc, _, err = run_cli(capsys, "evaluate", "--checkpoint", str(run7), "--out",
+                         str(folder / "r.json"))
+    assert rc == 2 and "is not writable" in one_line_error(err)
+    result = tmp_path / "result.json"  # an evaluation may replace its own result
+    for _ in range(2):
+        rc, _, _ = run_cli(capsys, "evaluate", "--checkpoint", str(run7), "--out", str(result))
+        assert rc == 0 and json.loads(result.read_text())["num_images"] == 8
+
+
+# --------------------------------------------------------------------------- others
+def test_bench_batch_of_one_names_the_flag(capsys):
+    rc, _, err = run_cli(capsys, "bench", "--batch", "1", "--sections", "steps")
+    assert rc == 1 and "--batch 1" in err and "--batch 2 or more" in err
+    assert "mix_partner" not in err  # not a key the user set
+
+
+def test_registry_refuses_tables_of_mixed_settings():
+    def entry(name, method, width):
+        return {"name": name, "metrics": {"complete": True, "best_miou": 1.0},
+                "run": {"preset": "synthetic", "split": "1_8", "method": method, "seed": 0},
+                "config": {"method": method, "seed": 0, "data": {"dataset": "synthetic",
+                                                                 "num_workers": 4},
+                           "model": {"width": width}}}
+    same = [entry("a", "supervised", 16), entry("b", "mlcl", 16)]
+    same[1]["config"]["data"]["num_workers"] = 0  # does not change results
+    assert len(registry.runs_frame(same)) == 2
+    with pytest.raises(ValueError, match=r"b vs a \(model.width: 16 -> 32\)"):
+        registry.runs_frame([same[0], entry("b", "mlcl", 32)])
+
+
+def test_result_files_follow_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        path = atomic_write_text(tmp_path / "r.txt", "x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o664
+        os.umask(0o077)
+        assert stat.S_IMODE(atomic_write_text(tmp_path / "s.txt", "x").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+
+def test_checkpoint_that_is_not_weights(run7, images, tmp_path, capsys):
+    with unchanged(run7, images):
+        rc, _, err = _predict(capsys, run7 / "config.yaml", images, tmp_path / "pred")
+    line = one_line_error(err)
+    assert rc == 2 and f"checkpoint {run7 / 'config.yaml'} cannot be read as weights" in line
+    assert "weights_only" not in line  # torch's advice to unpickle untrusted files is not ours
+    assert not (tmp_path / "pred").exists()
