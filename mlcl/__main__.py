@@ -13,6 +13,7 @@ import os
 import sys
 
 from mlcl.config import ConfigError
+from mlcl.stopping import RunInterrupted, RunStopped
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except RunStopped as e:  # interrupted (checkpoint written), diverged, checkpoint not written
+        print(f"error: {e}" if not isinstance(e, RunInterrupted) else str(e), file=sys.stderr)
+        return e.exit_code
     except (ConfigError, FileNotFoundError, ValueError, PretrainedWeightsError) as e:
         # Bad input: one line naming the culprit, no traceback (MLCL_DEBUG=1 shows it).
         if os.environ.get("MLCL_DEBUG"):

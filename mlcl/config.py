@@ -107,10 +107,20 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
-    mix_partner: str = "roll"  # roll (batch rolled by one) | loader (independently shuffled)
+    # CutMix partner: roll (the batch rolled by one) | loader (an independently shuffled
+    # loader) | same (UniMatch / released: a second view of the same image); None follows
+    # the variant (same for mlcl.variant=released, else roll)
+    mix_partner: Union[str, None] = None
+    # the lr of step t is lr(t - 1), as when it is set after the optimiser step (UniMatch /
+    # released); None follows the variant (true for mlcl.variant=released, else false)
+    lr_lag: Union[bool, None] = None
     cpu: bool = False  # force CPU even where a GPU is visible
     eval_every: int = 1  # epochs between validations (the last epoch is always evaluated)
-    log_every: int = 20  # iterations between progress-bar / TensorBoard updates
+    # iterations between progress updates, logged values and the divergence check
+    log_every: int = 20
+    # iterations between mid-epoch checkpoints (0: only at the end of every epoch); 1000
+    # VOC/Cityscapes steps take roughly 10-25 min on one GPU (an estimate: docs/clusters.md)
+    checkpoint_every: int = 1000
 
 
 @dataclass
@@ -193,7 +203,7 @@ CHOICES = {
     "train.optimizer": ("sgd", "adamw"),
     "train.loss": ("ce", "ohem"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.mix_partner": ("roll", "loader"),
+    "train.mix_partner": ("roll", "loader", "same"),
     "mlcl.variant": ("paper", "released"),
     "eval.mode": ("whole", "center_crop", "sliding"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
@@ -380,6 +390,11 @@ def load_config(preset: str | Path | None = None,
 
 def resolve(cfg: Config) -> Config:
     """Validate choices and fill the values that follow from others (variant defaults)."""
+    released_mlcl = cfg.method == "mlcl" and cfg.mlcl.variant == "released"
+    if cfg.train.mix_partner is None:
+        cfg.train.mix_partner = "same" if released_mlcl else "roll"
+    if cfg.train.lr_lag is None:
+        cfg.train.lr_lag = released_mlcl
     flat = flatten(cfg.to_dict())
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
@@ -400,6 +415,11 @@ def resolve(cfg: Config) -> Config:
             f"data.num_classes={cfg.data.num_classes}")
     if cfg.train.batch_size < 1:
         raise ConfigError("config key 'train.batch_size': must be at least 1")
+    if cfg.train.log_every < 1:
+        raise ConfigError("config key 'train.log_every': must be at least 1 (iterations)")
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError("config key 'train.checkpoint_every': must be >= 0 (iterations; "
+                          "0 = only at the end of every epoch)")
     if cfg.method != "supervised" and cfg.train.mix_partner == "roll" and cfg.train.batch_size < 2:
         raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
                           "(the CutMix partner must be another image); use mix_partner=loader")
