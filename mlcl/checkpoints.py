@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mlcl.config import Config, ConfigError, flatten
@@ -71,10 +72,17 @@ def incomplete_because(path: Path) -> str | None:
 
 class Checkpoints:
     """Save / find / load the checkpoints of one output_dir (every process calls each
-    method together; only the main process writes the shared files)."""
+    method together; only the main process writes the shared files).
 
-    def __init__(self, out: Path, accelerator):
-        self.root, self.acc = Path(out) / "checkpoints", accelerator
+    Under several processes each one also keeps its own copy of the model's buffers
+    (``buffers_<process>.pt``): batch-norm running statistics are per process without
+    SyncBatchNorm (CPU), and accelerate saves the main process's model only."""
+
+    def __init__(self, out: Path, accelerator, model):
+        self.root, self.acc, self.model = Path(out) / "checkpoints", accelerator, model
+
+    def buffers_file(self, path: Path) -> Path:
+        return path / f"buffers_{self.acc.process_index}.pt"
 
     def save(self, state: TrainerState) -> Path:
         path = self.root / checkpoint_name(state)
@@ -86,6 +94,9 @@ class Checkpoints:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(path))
+            if acc.num_processes > 1:
+                torch.save(dict(acc.unwrap_model(self.model).named_buffers()),
+                           self.buffers_file(path))
             acc.wait_for_everyone()
             if acc.is_main_process:
                 files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
@@ -158,11 +169,19 @@ class Checkpoints:
                 "processes changed): resume with the run's settings or choose another output_dir")
         try:
             self.acc.load_state(str(path))
+            if self.acc.num_processes > 1:
+                self.load_buffers(path)
         except Exception as e:  # noqa: BLE001 - any unreadable part: one line, what to delete
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"checkpoint {path} cannot be loaded ({first}): delete {path} to "
                               f"resume from an earlier one, or {self.root} to start over") from e
         return state
+
+    def load_buffers(self, path: Path) -> None:
+        saved = torch.load(self.buffers_file(path), map_location="cpu",
+                           weights_only=True)
+        for name, buf in self.acc.unwrap_model(self.model).named_buffers():
+            buf.copy_(saved[name])
 
 
 # Settings that make a checkpoint belong to a different experiment: resuming across them

@@ -209,7 +209,7 @@ def setup(cfg: Config) -> Run:
               total_iters=total, epochs=epochs, created_out=created)
     run.ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total,
                           iters_per_epoch=ipe)
-    run.ckpt, run.guard = Checkpoints(out, acc), NonFiniteGuard(acc.device)
+    run.ckpt, run.guard = Checkpoints(out, acc, model), NonFiniteGuard(acc.device)
     resume(run)
     open_output(run)
     return run
