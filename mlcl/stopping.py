@@ -14,6 +14,7 @@ anything is saved, and raises :class:`RunDiverged` naming the first bad iteratio
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -45,8 +46,8 @@ class StopSignals:
     """Context manager: SIGINT / SIGTERM handlers for the training loop (main thread only;
     elsewhere, e.g. a notebook's worker thread, signals keep their previous handling)."""
 
-    def __init__(self, accelerator):
-        self.acc = accelerator
+    def __init__(self, accelerator, on_abort=None):
+        self.acc, self.on_abort = accelerator, on_abort  # on_abort(): before an exit at once
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
         self.pending: Tensor | None = None
@@ -67,6 +68,9 @@ class StopSignals:
         if self.signum is not None:
             print(f"{name} again: stopping at once; the last complete checkpoint stays usable",
                   file=sys.stderr, flush=True)
+            if self.on_abort is not None:
+                with contextlib.suppress(Exception):
+                    self.on_abort()
             os._exit(128 + signum)
         self.signum = signum
         if self.acc.is_main_process:

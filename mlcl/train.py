@@ -178,7 +178,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     """Train ``cfg.method`` and return the metrics written to output_dir/metrics.json
     (resuming from output_dir's checkpoint when there is one)."""
     run = setup(cfg)
-    with StopSignals(run.acc) as stop, stop_status(run):
+    with StopSignals(run.acc, on_abort=lambda: abandon(run)) as stop, stop_status(run):
         for epoch in range(run.state.epoch, run.epochs):
             train_epoch(run, epoch, stop)
             end_of_epoch(run, epoch, stop)
@@ -277,13 +277,13 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     done = run.state.iteration - epoch * run.iters_per_epoch
     n = run.steps_in(epoch)
     run.model.train()
-    bar = tqdm(total=n, initial=done, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
-               disable=not run.acc.is_local_main_process)
-    for batch in itertools.islice(epoch_batches(run.loaders, epoch, done, run.acc), n - done):
-        terms = train_step(run, batch, epoch)
-        bar.update()
-        after_step(run, terms, bar, stop)
-    bar.close()
+    batches = itertools.islice(epoch_batches(run.loaders, epoch, done, run.acc), n - done)
+    with tqdm(total=n, initial=done, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
+              disable=not run.acc.is_local_main_process) as bar:
+        for batch in batches:
+            terms = train_step(run, batch, epoch)
+            bar.update()
+            after_step(run, terms, bar, stop)
 
 
 def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
@@ -416,6 +416,14 @@ def stop_status(run: Run) -> Iterator[None]:
         with contextlib.suppress(Exception):
             run.acc.end_training()
         raise
+
+
+def abandon(run: Run) -> None:
+    """A second stop signal, just before exiting at once: progress.json says so, or the
+    output_dir this run created goes when it holds no checkpoint yet."""
+    if run.acc.is_main_process and not (run.created_out and
+                                        remove_fresh_output(run.out, run.ckpt.root)):
+        write_progress(run, "interrupted")
 
 
 def finish(run: Run) -> dict[str, Any]:

@@ -61,8 +61,9 @@ class MethodRun:
     """One method ready to step: model, optimiser, bank, context, batch (as train.fit)."""
 
     def __init__(self, name: str, cfg, acc, device: torch.device, seed: int):
-        from mlcl.methods import STEPS, StepContext, make_bank
+        from mlcl.methods import StepContext, make_bank
         from mlcl.model import build_model
+        from mlcl.stopping import NonFiniteGuard
         from mlcl.train import make_optimizer
 
         torch.manual_seed(seed)
@@ -77,26 +78,27 @@ class MethodRun:
             self.bank.to(device)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.step_fn = STEPS[cfg.method]
+        self.guard = NonFiniteGuard(device)
         # mid-schedule, so the SAI weight is non-zero and every branch runs
         self.ctx = StepContext(cfg=cfg, bank=self.bank, accelerator=acc, total_iters=1000,
                                iters_per_epoch=1000, iteration=500)
         self.batch = synthetic_batch(cfg, device, seed)
         self.model.train()
 
-    def step(self, clock: Clock | None = None) -> None:
-        """forward (the step function) | backward + optimiser step, as train.fit runs them."""
+    def step(self, clock: Clock | None = None) -> dict[str, Tensor]:
+        """forward (the step function) | backward, divergence guard and optimiser step: the
+        functions train.fit runs. Returns the step's terms."""
+        from mlcl.train import backward_and_step, forward_terms
+
         if clock:
             clock.mark()
-        with self.acc.autocast():
-            terms = self.step_fn(self.model, self.batch, self.ctx)
+        terms = forward_terms(self.model, self.batch, self.ctx)
         if clock:
             clock.mark()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.acc.backward(terms["loss"])
-        self.optimizer.step()
+        backward_and_step(self.model, self.optimizer, terms, self.ctx, self.guard)
         if clock:
             clock.mark()
+        return terms
 
     def timed(self) -> dict[str, float | None]:
         """Seconds: the step (wall), its forward and its backward + optimiser step, and its
