@@ -253,7 +253,12 @@ def resume(run: Run) -> None:
         run.state.iters_per_epoch = run.iters_per_epoch
         return
     check_resumable(run.out, run.cfg)
+    # the optimiser's settings come from the configuration given now (e.g. a changed
+    # train.lr applies), its state (momenta) from the checkpoint
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     run.state = run.ckpt.load(path, run.iters_per_epoch)
+    for group, setting in zip(run.optimizer.param_groups, settings):
+        group.update(setting)
     run.sums.restore(run.acc, run.state)
     run.started = time.time() - run.state.wall_time_s
     run.last_checkpoint = path
