@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except RunStopped as e:  # interrupted (checkpoint written), diverged, checkpoint not written
-        print(f"error: {e}" if not isinstance(e, RunInterrupted) else str(e), file=sys.stderr)
+        if e.report:
+            print(str(e) if isinstance(e, RunInterrupted) else f"error: {e}", file=sys.stderr)
         return e.exit_code
     except (ConfigError, FileNotFoundError, ValueError, PretrainedWeightsError) as e:
         # Bad input: one line naming the culprit, no traceback (MLCL_DEBUG=1 shows it).

@@ -27,9 +27,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class RunStopped(RuntimeError):
-    """The run stopped before its end; the message is one line, ``exit_code`` the status."""
+    """The run stopped before its end; the message is one line, ``exit_code`` the status;
+    ``report`` is false on all processes but the main one (one line per run, not per
+    process)."""
 
     exit_code = 1
+    report = True
 
 
 class RunInterrupted(RunStopped):

@@ -43,7 +43,7 @@ from mlcl.methods import STEPS, StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
                           remove_fresh_output, run_bytes, write_metrics, write_progress)
-from mlcl.stopping import (NonFiniteGuard, RunDiverged, RunInterrupted, StopSignals,
+from mlcl.stopping import (NonFiniteGuard, RunDiverged, RunInterrupted, RunStopped, StopSignals,
                            gradient_norm)
 
 __all__ = ["fit", "make_accelerator", "make_optimizer", "make_loader", "poly_lr", "git_commit",
@@ -412,6 +412,8 @@ def stop_status(run: Run) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
+        if isinstance(e, RunStopped):
+            e.report = run.acc.is_main_process
         status = {RunInterrupted: "interrupted", RunDiverged: "diverged"}.get(type(e), "failed")
         fresh = run.created_out and status == "failed" and run.acc.is_main_process
         if not (fresh and remove_fresh_output(run.out, run.ckpt.root)):

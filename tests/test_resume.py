@@ -286,3 +286,35 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(synth_root, 
     with pytest.raises(RuntimeError, match="boom"):
         fit(load_config("synthetic", overrides(synth_root, mine)))
     assert json.loads((mine / "metrics.json").read_text())["status"] == "failed"
+
+
+# --------------------------------------------------------------------------- two processes
+def launch(root: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """`accelerate launch` of two CPU processes training into ``out``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "mlcl", "train", "--config", "synthetic", *overrides(root, out, *extra)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_sigterm_and_resume_exactly(synth_root, tmp_path):
+    extra = ("method=mlcl", "train.checkpoint_every=0")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = launch(synth_root, whole, *extra)
+    assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
+    metrics = json.loads((whole / "metrics.json").read_text())
+    # 42 unlabeled images / 2 processes / batch 4 -> 5 steps per process and epoch
+    assert metrics["complete"] and metrics["num_processes"] == 2 and metrics["iterations"] == 10
+    assert metrics["bank_spread_across_processes"] == 0.0  # one bank on both processes
+    proc = launch(synth_root, cut, *extra)
+    wait_for(progress_at_least(cut, 2), proc)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to both processes
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("stopped at iteration") == 1, err[-3000:]  # the main process's line
+    assert json.loads((cut / "metrics.json").read_text())["status"] == "interrupted"
+    proc = launch(synth_root, cut, *extra)
+    assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
+    assert_same_run(whole, cut)
