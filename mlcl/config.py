@@ -118,9 +118,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validations (the last epoch is always evaluated)
     # iterations between progress updates, logged values and the divergence check
     log_every: int = 20
-    # iterations between mid-epoch checkpoints (0: only at the end of every epoch); 1000
-    # VOC/Cityscapes steps take roughly 10-25 min on one GPU (an estimate: docs/clusters.md)
-    checkpoint_every: int = 1000
+    # iterations between mid-epoch checkpoints (0: only at the end of every epoch); 500 VOC
+    # steps are roughly 5-15 min on one GPU, an estimate (docs/clusters.md)
+    checkpoint_every: int = 500
 
 
 @dataclass

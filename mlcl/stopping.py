@@ -2,8 +2,9 @@
 
 :class:`StopSignals` turns the first SIGTERM or SIGINT (a cluster's notice, Ctrl-C) into a
 request that the loop honours after the current step: it writes a checkpoint and raises
-:class:`RunInterrupted`. A second signal exits at once (``os._exit``); the checkpoint scheme
-(mlcl.checkpoints) keeps the previous complete checkpoint usable whatever is being written.
+:class:`RunInterrupted`. A second signal (a second later or more) exits at once
+(``os._exit``); the checkpoint scheme (mlcl.checkpoints) keeps the previous complete
+checkpoint usable whatever is being written.
 With several processes they must stop at the same step (a checkpoint is collective), so the
 request is summed over processes, one step late: the sum started after step t is read after
 step t + 1, by which time the device has finished it, so no step waits for the host.
@@ -19,11 +20,16 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 from torch import Tensor
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A scheduler that signals every process of a job while `accelerate launch` forwards its own
+# copy delivers one notice twice within milliseconds; only a signal this much later is a
+# second request (a second Ctrl-C).
+REPEAT_AFTER_S = 1.0
 
 
 class RunStopped(RuntimeError):
@@ -52,6 +58,7 @@ class StopSignals:
     def __init__(self, accelerator, on_abort=None):
         self.acc, self.on_abort = accelerator, on_abort  # on_abort(): before an exit at once
         self.signum: int | None = None
+        self.first_at = 0.0
         self.previous: dict[int, object] = {}
         self.pending: Tensor | None = None
 
@@ -69,13 +76,15 @@ class StopSignals:
     def handle(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if self.signum is not None:
+            if time.monotonic() - self.first_at < REPEAT_AFTER_S:
+                return  # the same notice, delivered twice
             print(f"{name} again: stopping at once; the last complete checkpoint stays usable",
                   file=sys.stderr, flush=True)
             if self.on_abort is not None:
                 with contextlib.suppress(Exception):
                     self.on_abort()
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self.first_at = signum, time.monotonic()
         if self.acc.is_main_process:
             print(f"{name}: finishing this step, then writing a checkpoint (send it again to "
                   "stop at once)", file=sys.stderr, flush=True)
