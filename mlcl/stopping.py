@@ -145,7 +145,8 @@ class NonFiniteGuard:
 
 def gradient_norm(model) -> Tensor:
     """The 2-norm of all gradients of ``model`` as a 0-d device tensor (no host sync)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=params[0].device if params else None)
     return torch.nn.utils.get_total_norm(grads)

@@ -158,9 +158,9 @@ class Run:
     total_iters: int
     epochs: int
     created_out: bool
-    ctx: StepContext = None
-    ckpt: Checkpoints = None
-    guard: NonFiniteGuard = None
+    ctx: StepContext | None = None  # the next three: filled in by setup
+    ckpt: Checkpoints | None = None
+    guard: NonFiniteGuard | None = None
     state: TrainerState = field(default_factory=TrainerState)
     sums: EpochSums = field(default_factory=EpochSums)
     last_checkpoint: Path | None = None
