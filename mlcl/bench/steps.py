@@ -88,7 +88,7 @@ class MethodRun:
     def step(self, clock: Clock | None = None) -> dict[str, Tensor]:
         """forward (the step function) | backward, divergence guard and optimiser step: the
         functions train.fit runs. Returns the step's terms."""
-        from mlcl.train import backward_and_step, forward_terms
+        from mlcl.engine import backward_and_step, forward_terms
 
         if clock:
             clock.mark()
