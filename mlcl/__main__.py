@@ -13,6 +13,7 @@ import os
 import sys
 
 from mlcl.config import ConfigError
+from mlcl.stopping import RunInterrupted, RunStopped
 
 
 def positive_int(text: str) -> int:
@@ -192,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except RunStopped as e:  # interrupted (checkpoint written), diverged, checkpoint not written
+        if e.report:
+            print(str(e) if isinstance(e, RunInterrupted) else f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, OSError, ValueError, PretrainedWeightsError) as e:
         # Bad input: one line naming the culprit, no traceback (MLCL_DEBUG=1 shows it).
         if os.environ.get("MLCL_DEBUG"):

@@ -168,7 +168,7 @@ class TrainConfig:
         "epochs": ">= 1", "max_iters": ">= 0", "batch_size": ">= 1", "lr": "> 0",
         "lr_multi": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0", "poly_power": ">= 0",
         "ohem_thresh": "[0, 1]", "ohem_min_kept": ">= 0", "conf_thresh": "[0, 1]",
-        "eval_every": ">= 1", "log_every": ">= 1"}
+        "eval_every": ">= 1", "log_every": ">= 1", "checkpoint_every": ">= 0"}
 
     epochs: int = 80
     max_iters: int = 0  # > 0 caps the total number of iterations (short runs, tests)
@@ -186,10 +186,20 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
-    mix_partner: str = "roll"  # roll (batch rolled by one) | loader (independently shuffled)
+    # CutMix partner: roll (the batch rolled by one) | loader (an independently shuffled
+    # loader) | same (UniMatch / released: a second view of the same image); None follows
+    # the variant (same for mlcl.variant=released, else roll)
+    mix_partner: Union[str, None] = None
+    # the lr of step t is lr(t - 1), as when it is set after the optimiser step (UniMatch /
+    # released); None follows the variant (true for mlcl.variant=released, else false)
+    lr_lag: Union[bool, None] = None
     cpu: bool = False  # force CPU even where a GPU is visible
     eval_every: int = 1  # epochs between validations (the last epoch is always evaluated)
-    log_every: int = 20  # iterations between progress-bar / TensorBoard updates
+    # iterations between progress updates, logged values and the divergence check
+    log_every: int = 20
+    # iterations between mid-epoch checkpoints (0: only at the end of every epoch); 500 VOC
+    # steps are roughly 5-15 min on one GPU, an estimate (docs/clusters.md)
+    checkpoint_every: int = 500
 
 
 @dataclass
@@ -287,7 +297,7 @@ CHOICES = {
     "train.optimizer": ("sgd", "adamw"),
     "train.loss": ("ce", "ohem"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.mix_partner": ("roll", "loader"),
+    "train.mix_partner": ("roll", "loader", "same"),
     "mlcl.variant": ("paper", "released"),
     "eval.mode": ("whole", "center_crop", "sliding"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
@@ -297,8 +307,8 @@ CHOICES = {
 # Keys that do not change a run's results (workers, logging, where files go): two runs that
 # differ only in these are the same run (mlcl.reproduce, the registry's tables).
 RESULT_NEUTRAL = ("output_dir", "data.root", "data.num_workers", "data.pin_memory",
-                  "data.persistent_workers", "train.log_every", "train.cpu", "train.compile",
-                  "train.channels_last")
+                  "data.persistent_workers", "train.log_every", "train.checkpoint_every",
+                  "train.cpu", "train.compile", "train.channels_last")
 
 
 # --------------------------------------------------------------------------- overlays
@@ -488,6 +498,11 @@ def overridden_keys(cfg: Config) -> frozenset[str]:
 
 def resolve(cfg: Config) -> Config:
     """Validate choices and fill the values that follow from others (variant defaults)."""
+    released_mlcl = cfg.method == "mlcl" and cfg.mlcl.variant == "released"
+    if cfg.train.mix_partner is None:
+        cfg.train.mix_partner = "same" if released_mlcl else "roll"
+    if cfg.train.lr_lag is None:
+        cfg.train.lr_lag = released_mlcl
     flat = flatten(cfg.to_dict())
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:

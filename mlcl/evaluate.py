@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from mlcl.loaders import ignore_stop_signals
+
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
                      ignore_index: int = 255) -> Tensor:
@@ -83,7 +85,9 @@ def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     part = shard(dataset, accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers)
+    workers = cfg.data.num_workers
+    loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=workers,
+                        worker_init_fn=ignore_stop_signals if workers > 0 else None)
     k = cfg.data.num_classes
     cm = torch.zeros(k, k, dtype=torch.long, device=accelerator.device)
     n = torch.zeros((), dtype=torch.long, device=accelerator.device)

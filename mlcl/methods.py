@@ -67,8 +67,9 @@ def step_supervised(model, batch: dict[str, Any], ctx: StepContext) -> dict[str,
 
 # --------------------------------------------------------------------------- unimatch
 def mix_source(batch: dict[str, Any]) -> dict[str, Tensor]:
-    """The CutMix partner of every unlabeled image: a different image (the batch rolled by
-    one), or the independently shuffled 'mix' loader's batch when configured."""
+    """The CutMix partner of every unlabeled image (``train.mix_partner``): the batch rolled by
+    one (``roll``), else the 'mix' loader's batch: an independently shuffled one (``loader``)
+    or a second, independently augmented view of the same images (``same``)."""
     if "mix" in batch:
         return batch["mix"]
     u = batch["u"]

@@ -1,26 +1,29 @@
 """fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one CPU
 process, one GPU, or many GPUs through `accelerate launch`).
 
-Per iteration the loop hands a batch to ``STEPS[cfg.method]`` (mlcl.methods), which returns
-a dict of named loss terms with 'loss' the total; the loop does backward, the optimiser step,
-the poly learning rate, logging, evaluation and checkpoints. Nothing else holds state.
+    fit(cfg)
+      setup            output_dir checks, accelerator, data, model, optimiser, resume
+      train_epoch      the steps of an epoch: lr, forward (STEPS[cfg.method]), backward,
+                       divergence guard, optimiser; every log_every steps: guard, log,
+                       progress; a stop request or checkpoint_every: a checkpoint
+      end_of_epoch     evaluate, best.pt / last.pt, checkpoint, metrics.json
+      finish           trackers closed, the metrics returned
 
-``output_dir`` receives:
-    config.yaml       the resolved configuration
-    metrics.json      method, dataset, split, seed, best/last mIoU, per-class IoU, per-epoch
-                      losses, wall time, git commit (rewritten atomically after every epoch)
-    checkpoints/      accelerate state of the last epoch (model, optimiser, prototype bank,
-                      RNG) + trainer.json; LATEST names the newest complete one
-    best.pt, last.pt  model weights + config, for `mlcl evaluate` / `mlcl predict`
-    tensorboard/
-A second run with the same output_dir resumes from the newest complete checkpoint.
+The step itself (lr, forward, backward, guard, optimiser) is mlcl.engine's.
+``output_dir`` receives config.yaml, metrics.json and progress.json (mlcl.outputs),
+checkpoints/ (mlcl.checkpoints), best.pt / last.pt and tensorboard/ (accelerate's tracker).
+A second run with the same output_dir resumes exactly where the first stopped: data order and
+augmentation are pure functions of (seed, epoch, sample) (mlcl.loaders) and the checkpoint
+holds model, optimiser, bank, every RNG state and the sums of the epoch in progress.
+SIGTERM / SIGINT checkpoint and exit; a non-finite loss or gradient stops the run without
+saving (mlcl.stopping).
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import itertools
 import math
-import shutil
-import subprocess
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,178 +31,108 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-from torch.utils.data import DataLoader
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
-from mlcl import paths
+from mlcl.checkpoints import (RUN_IDENTITY, Checkpoints, TrainerState, check_resumable,
+                              save_weights)
 from mlcl.config import Config, ConfigError, save_config
 from mlcl.data import preflight
 from mlcl.data.datasets import build_datasets, class_names
+from mlcl.engine import (EpochSums, backward_and_step, forward_terms, make_accelerator,
+                         make_optimizer, poly_lr)
 from mlcl.evaluate import evaluate
-from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text
-from mlcl.methods import STEPS, StepContext, make_bank
+from mlcl.loaders import epoch_batches, make_loader, prepare_loaders, train_loaders
+from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
+from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
+                          remove_fresh_output, run_bytes, write_metrics, write_progress)
+from mlcl.stopping import NonFiniteGuard, RunDiverged, RunInterrupted, RunStopped, StopSignals
+
+# also importable from here (the loop's parts live in engine, checkpoints, loaders, outputs)
+__all__ = ["fit", "make_accelerator", "make_optimizer", "make_loader", "poly_lr", "git_commit",
+           "forward_terms", "backward_and_step", "Checkpoints", "TrainerState",
+           "check_resumable", "RUN_IDENTITY"]
 
 
-# --------------------------------------------------------------------------- helpers
-def make_accelerator(cfg: Config) -> Accelerator:
-    cpu = cfg.train.cpu or not torch.cuda.is_available()
-    mp = cfg.train.mixed_precision
-    if cpu and mp == "fp16":
-        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU (use bf16 or no)")
-    # broadcast_buffers=False: batch-norm statistics stay per process (SyncBatchNorm on GPU
-    # handles them), as in UniMatch; several forward passes precede one backward.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    # batches from pinned host memory (data.pin_memory, GPU only) are copied without blocking,
-    # so the copy overlaps the step; without pinning, non_blocking would buy nothing
-    loading = DataLoaderConfiguration(non_blocking=not cpu and cfg.data.pin_memory)
-    return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp],
-                       dataloader_config=loading)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float) -> None:
-    """lr = base_lr * (1 - it/total)^power, per parameter group."""
-    factor = (1 - it / total) ** power
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
-
-
-def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    groups = model.param_groups(cfg.train.lr, cfg.train.lr_multi)
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def make_loader(dataset, cfg: Config, *, shuffle: bool, seed: int) -> DataLoader:
-    gpu = torch.cuda.is_available() and not cfg.train.cpu
-    workers = cfg.data.num_workers
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=shuffle, drop_last=True,
-                      num_workers=workers, pin_memory=gpu and cfg.data.pin_memory,
-                      persistent_workers=workers > 0 and cfg.data.persistent_workers,
-                      generator=g)
-
-
-def cycle(loader: DataLoader) -> Iterator[Any]:
-    while True:
-        yield from loader
-
-
+# --------------------------------------------------------------------------- the run
 @dataclass
-class TrainerState:
-    """What the loop needs to resume besides the accelerate state."""
+class Run:
+    """Everything a training run holds, built by :func:`setup`."""
 
-    epoch: int = 0  # epochs completed
-    iteration: int = 0
-    best_miou: float = -1.0
-    best_epoch: int = -1
-    history: list[dict[str, Any]] = field(default_factory=list)
-    wall_time_s: float = 0.0
+    cfg: Config
+    acc: Accelerator
+    out: Path
+    model: Any
+    optimizer: torch.optim.Optimizer
+    bank: Any
+    loaders: dict[str, Any]
+    val_set: Any
+    names: list[str]
+    iters_per_epoch: int
+    total_iters: int
+    epochs: int
+    created_out: bool
+    ctx: StepContext | None = None  # the next three: filled in by setup
+    ckpt: Checkpoints | None = None
+    guard: NonFiniteGuard | None = None
+    state: TrainerState = field(default_factory=TrainerState)
+    sums: EpochSums = field(default_factory=EpochSums)
+    last_checkpoint: Path | None = None
+    bank_spread: float | None = None
+    started: float = field(default_factory=time.time)
 
+    def steps_in(self, epoch: int) -> int:
+        return min(self.iters_per_epoch, self.total_iters - epoch * self.iters_per_epoch)
 
-# --------------------------------------------------------------------------- checkpoints
-class Checkpoints:
-    """accelerate ``save_state`` folders under output_dir/checkpoints; a LATEST file, written
-    atomically after the folder is complete, names the one to resume from."""
-
-    def __init__(self, root: Path, accelerator: Accelerator):
-        self.root, self.acc = root / "checkpoints", accelerator
-
-    def latest(self) -> Path | None:
-        pointer = self.root / "LATEST"
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / "trainer.json").is_file() else None
-
-    def save(self, state: TrainerState) -> None:
-        name = f"epoch-{state.epoch:04d}"
-        path = self.root / name
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(path))
-        if self.acc.is_main_process:
-            atomic_write_json(path / "trainer.json", state.__dict__)
-            previous = self.latest()
-            atomic_write_text(self.root / "LATEST", name + "\n")
-            if previous is not None and previous != path:
-                shutil.rmtree(previous, ignore_errors=True)
-        self.acc.wait_for_everyone()
-
-    def load(self, path: Path) -> TrainerState:
-        self.acc.load_state(str(path))
-        return TrainerState(**json.loads((path / "trainer.json").read_text()))
+    def elapsed(self) -> float:
+        return time.time() - self.started
 
 
-# Settings that make a checkpoint belong to a different experiment: resuming across them
-# would silently mix two runs.
-RUN_IDENTITY = ("method", "seed", "split", "data.dataset", "data.num_classes", "model.backbone",
-                "model.width", "mlcl.variant")
-
-
-def check_resumable(checkpoint: Path, cfg: Config) -> None:
-    """Refuse to resume a checkpoint written by a different experiment."""
-    from mlcl.config import flatten
-
-    saved_path = checkpoint.parent.parent / "config.yaml"
-    if not saved_path.is_file():
-        return
-    import yaml
-
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = flatten(cfg.to_dict())
-    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RUN_IDENTITY
-            if k in saved and saved[k] != now[k]]
-    if diff:
-        raise ConfigError(f"output_dir {cfg.output_dir} holds a checkpoint of another run "
-                          f"({'; '.join(diff)}): choose another output_dir or delete it")
-
-
-def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,
-                 bank=None) -> None:
-    """A self-contained weights file for `mlcl evaluate` / `mlcl predict` (and the prototype
-    bank, for the notebooks)."""
-    atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.to_dict(),
-                             "class_names": names, "epoch": epoch, "miou": miou,
-                             "bank": bank.state_dict() if bank is not None else None})
-
-
-# --------------------------------------------------------------------------- the loop
 def fit(cfg: Config) -> dict[str, Any]:
-    """Train ``cfg.method`` and return the metrics written to output_dir/metrics.json."""
-    acc = make_accelerator(cfg)
-    set_seed(cfg.seed, device_specific=True)
-    out = Path(cfg.output_dir)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    """Train ``cfg.method`` and return the metrics written to output_dir/metrics.json
+    (resuming from output_dir's checkpoint when there is one)."""
+    run = setup(cfg)
+    with StopSignals(run.acc, on_abort=lambda: abandon(run)) as stop, stop_status(run):
+        for epoch in range(run.state.epoch, run.epochs):
+            train_epoch(run, epoch, stop)
+            end_of_epoch(run, epoch, stop)
+    return finish(run)
 
-    semi = cfg.method != "supervised"
+
+# --------------------------------------------------------------------------- set-up
+def setup(cfg: Config) -> Run:
+    """Everything before the first step. Bad input fails here, in one line, before
+    output_dir is created."""
+    out = Path(cfg.output_dir)
+    created = not out.exists()
+    check_output_place(out)
+    acc = make_accelerator(cfg, project_dir=out)
+    set_seed(cfg.seed, device_specific=True)
     sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
     preflight.check(cfg, sets, acc)  # the data's classes; every file opens, before step 1
-    names = class_names(cfg)
-    # One epoch = one pass over the unlabeled set (the labeled set is repeated to its length),
-    # for every method, so supervised and semi-supervised runs take the same number of steps.
-    labeled = make_loader(sets["labeled"], cfg, shuffle=True, seed=cfg.seed)
-    loaders = {"x": labeled}
-    if semi:
-        if "unlabeled" not in sets:
-            raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
-                              "an unlabeled split")
-        loaders["u"] = make_loader(sets["unlabeled"], cfg, shuffle=True, seed=cfg.seed + 1)
-        if cfg.train.mix_partner == "loader":
-            loaders["mix"] = make_loader(sets["unlabeled"], cfg, shuffle=True, seed=cfg.seed + 2)
+    if cfg.method != "supervised" and "unlabeled" not in sets:
+        raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
+                          "an unlabeled split")
+    model, optimizer, bank = build_trainables(cfg, acc)
+    check_free_space(out, run_bytes(acc.unwrap_model(model), cfg.train.optimizer))
+    loaders = prepare_loaders(train_loaders(sets, cfg), acc)
+    ipe, total, epochs = schedule(cfg, loaders)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    run = Run(cfg=cfg, acc=acc, out=out, model=model, optimizer=optimizer, bank=bank,
+              loaders=loaders, val_set=sets["val"], names=class_names(cfg), iters_per_epoch=ipe,
+              total_iters=total, epochs=epochs, created_out=created)
+    run.ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total,
+                          iters_per_epoch=ipe)
+    run.ckpt, run.guard = Checkpoints(out, acc, model), NonFiniteGuard(acc.device)
+    resume(run)
+    open_output(run)
+    return run
+
+
+def build_trainables(cfg: Config, acc: Accelerator):
+    """(prepared model, prepared optimiser, prototype bank or None)."""
     model = build_model(cfg)
     if acc.num_processes > 1 and acc.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -208,143 +141,221 @@ def fit(cfg: Config) -> dict[str, Any]:
     optimizer = make_optimizer(cfg, model)
     bank = make_bank(cfg)
     model, optimizer = acc.prepare(model, optimizer)
-    for key in loaders:
-        loaders[key] = acc.prepare(loaders[key])
-    # per process: with N processes each prepared loader yields 1/N of the batches
-    iters_per_epoch = min(len(v) for v in loaders.values())
-    if iters_per_epoch == 0:
-        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
-                          "is larger than the training set's share of a process")
-    total_iters = cfg.train.epochs * iters_per_epoch
-    if cfg.train.max_iters > 0:
-        total_iters = min(total_iters, cfg.train.max_iters)
-    epochs = math.ceil(total_iters / iters_per_epoch)
     if bank is not None:
         bank.to(acc.device)
         acc.register_for_checkpointing(bank)
-    if cfg.train.compile:
-        model = torch.compile(model)
+    return model, optimizer, bank
 
-    ckpt = Checkpoints(out, acc)
-    state = TrainerState()
-    resume_from = ckpt.latest()
-    if resume_from is not None:
-        check_resumable(resume_from, cfg)
-        state = ckpt.load(resume_from)
-        acc.print(f"resuming from {resume_from} (epoch {state.epoch}, iteration {state.iteration})")
 
-    if acc.is_main_process:
-        save_config(cfg, out / "config.yaml")
-    writer = None
-    if acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
+def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
+    """(iterations per epoch, total iterations, epochs). One epoch = one pass over the
+    unlabeled set (the labeled set is repeated to its length) for every method, so
+    supervised and semi-supervised runs take the same number of steps; per process, as each
+    prepared loader yields 1/N of the batches."""
+    ipe = min(len(v) for v in loaders.values())
+    if ipe == 0:
+        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
+                          "is larger than the training set's share of a process")
+    total = cfg.train.epochs * ipe
+    if cfg.train.max_iters > 0:
+        total = min(total, cfg.train.max_iters)
+    return ipe, total, math.ceil(total / ipe)
 
-        writer = SummaryWriter(str(out / "tensorboard"))
-    step_fn = STEPS[cfg.method]
-    ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total_iters,
-                      iters_per_epoch=iters_per_epoch)
-    unwrapped = acc.unwrap_model(model)
-    started = time.time() - state.wall_time_s
-    metrics: dict[str, Any] = {}
 
-    from tqdm.auto import tqdm
+def resume(run: Run) -> None:
+    """Load output_dir's checkpoint, if any, after checking that it belongs to this run."""
+    path = run.ckpt.resume_point()
+    if path is None:
+        run.state.iters_per_epoch = run.iters_per_epoch
+        return
+    check_resumable(run.out, run.cfg)
+    # the optimiser's settings come from the configuration given now (e.g. a changed
+    # train.lr applies), its state (momenta) from the checkpoint
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    run.state = run.ckpt.load(path, run.iters_per_epoch)
+    for group, setting in zip(run.optimizer.param_groups, settings):
+        group.update(setting)
+    run.sums.restore(run.acc, run.state)
+    run.started = time.time() - run.state.wall_time_s
+    run.last_checkpoint = path
+    run.acc.print(f"resuming from {path} (iteration {run.state.iteration} of "
+                  f"{run.total_iters})")
 
-    for epoch in range(state.epoch, epochs):
-        model.train()
-        for loader in loaders.values():
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-        iters = {k: iter(v) for k, v in loaders.items()}
-        n_iters = min(iters_per_epoch, total_iters - state.iteration)
-        sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(range(n_iters), desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=not acc.is_local_main_process, leave=False)
-        for _ in bar:
-            batch = {k: next(it) for k, it in iters.items()}
-            ctx.iteration, ctx.epoch = state.iteration, epoch
-            poly_lr(optimizer, state.iteration, total_iters, cfg.train.poly_power)
-            with acc.autocast():
-                terms = step_fn(model, batch, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(terms["loss"])
-            optimizer.step()
-            state.iteration += 1
-            for k, v in terms.items():
-                if torch.is_tensor(v) and v.dim() == 0:
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-            if state.iteration % cfg.train.log_every == 0 or state.iteration == total_iters:
-                logged = {k: float(v) / (bar.n + 1) for k, v in sums.items()}
-                bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.3f}")
-                if writer is not None:
-                    for k, v in terms.items():
-                        if torch.is_tensor(v) and v.dim() == 0:
-                            writer.add_scalar(f"train/{k}", float(v.detach()), state.iteration)
-                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.iteration)
-        bar.close()
-        epoch_terms = {k: float(acc.reduce(v, reduction="mean")) / n_iters for k, v in sums.items()}
-        state.epoch = epoch + 1
-        record: dict[str, Any] = {"epoch": state.epoch, "iteration": state.iteration, **epoch_terms}
-        last = state.epoch == epochs
-        if last or state.epoch % cfg.train.eval_every == 0:
-            result = evaluate(model, sets["val"], cfg, acc)
-            record["miou"] = result["miou"]
-            record["iou"] = result["iou"]
-            acc.print(f"epoch {state.epoch}/{epochs}: loss {epoch_terms.get('loss', 0):.4f} "
-                      f"mIoU {result['miou']:.2f}")
-            if result["miou"] > state.best_miou:
-                state.best_miou, state.best_epoch = result["miou"], state.epoch
-                if acc.is_main_process:
-                    save_weights(out / "best.pt", unwrapped, cfg, names, state.epoch,
-                                 result["miou"], bank)
-            if acc.is_main_process:
-                save_weights(out / "last.pt", unwrapped, cfg, names, state.epoch, result["miou"],
-                             bank)
-        state.history.append(record)
-        state.wall_time_s = time.time() - started
-        if writer is not None:
-            for k, v in record.items():
-                if isinstance(v, float):
-                    writer.add_scalar(f"epoch/{k}", v, state.epoch)
-        ckpt.save(state)
-        metrics = build_metrics(cfg, state, names, acc, total_iters)
-        if bank is not None:  # every process must hold the same bank; record the spread
-            banks = acc.gather(bank.protos.unsqueeze(0))
-            metrics["bank_spread_across_processes"] = float((banks - banks[:1]).abs().max())
+
+def open_output(run: Run) -> None:
+    """Create output_dir, write config.yaml and progress.json, start the tracker."""
+    if run.acc.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, run.out / "config.yaml")
+    run.acc.wait_for_everyone()
+    run.acc.init_trackers("tensorboard")
+    write_progress(run, "running")
+
+
+# --------------------------------------------------------------------------- one epoch
+def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
+    """The steps of ``epoch`` from where the run stands (mid-epoch after a resume)."""
+    done = run.state.iteration - epoch * run.iters_per_epoch
+    n = run.steps_in(epoch)
+    run.model.train()
+    batches = itertools.islice(epoch_batches(run.loaders, epoch, done, run.acc), n - done)
+    with tqdm(total=n, initial=done, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
+              disable=not run.acc.is_local_main_process) as bar:
+        for batch in batches:
+            terms = train_step(run, batch, epoch)
+            bar.update()
+            after_step(run, terms, bar, stop)
+
+
+def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+    ctx, t = run.ctx, run.cfg.train
+    ctx.iteration, ctx.epoch = run.state.iteration, epoch
+    poly_lr(run.optimizer, ctx.iteration, run.total_iters, t.poly_power, t.lr_lag)
+    terms = forward_terms(run.model, batch, ctx)
+    backward_and_step(run.model, run.optimizer, terms, ctx, run.guard)
+    run.state.iteration += 1
+    run.sums.add(terms)
+    return terms
+
+
+def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
+    """Every log_every steps: the guard, the logs, progress.json; then a stop request or a
+    mid-epoch checkpoint (the end of an epoch checkpoints in end_of_epoch)."""
+    it, t = run.state.iteration, run.cfg.train
+    if it % t.log_every == 0:
+        check_finite(run)
+        log_step(run, terms, bar)
+        write_progress(run, "running")
+    if stop.poll():
+        interrupt(run, stop)
+    epoch_end = it % run.iters_per_epoch == 0 or it == run.total_iters
+    if t.checkpoint_every and it % t.checkpoint_every == 0 and not epoch_end:
+        save_checkpoint(run)
+
+
+def log_step(run: Run, terms: dict[str, Any], bar) -> None:
+    values = {f"train/{k}": float(v.detach()) for k, v in terms.items()
+              if torch.is_tensor(v) and v.dim() == 0}
+    values["train/lr"] = run.optimizer.param_groups[0]["lr"]
+    run.acc.log(values, step=run.state.iteration)
+    if "loss" in run.sums.values:  # the epoch's running mean (bar.n: its steps so far)
+        bar.set_postfix(loss=f"{float(run.sums.values['loss']) / max(bar.n, 1):.3f}")
+
+
+# --------------------------------------------------------------------------- end of epoch
+def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
+    """Evaluate (every eval_every epochs and at the end), keep the weights, checkpoint and
+    write metrics.json and progress.json."""
+    check_finite(run)
+    if stop.poll(now=True):  # before a possibly long evaluation
+        interrupt(run, stop)
+    s = run.state
+    record = {"epoch": epoch + 1, "iteration": s.iteration,
+              **run.sums.means(run.acc, run.steps_in(epoch))}
+    if epoch + 1 == run.epochs or (epoch + 1) % run.cfg.train.eval_every == 0:
+        evaluate_and_keep(run, record, epoch + 1)
+    s.history.append(record)
+    s.epoch = epoch + 1
+    run.sums = EpochSums()
+    run.acc.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)},
+                step=s.iteration)
+    if run.bank is not None:  # every process must hold the same bank; record the spread
+        banks = run.acc.gather(run.bank.protos.unsqueeze(0))
+        run.bank_spread = float((banks - banks[:1]).abs().max())
+    save_checkpoint(run)
+    status = "complete" if s.iteration >= run.total_iters else "running"
+    write_metrics(run, status)
+    write_progress(run, status)
+
+
+def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
+    """mIoU on the validation set into ``record``; best.pt when it is the best so far,
+    last.pt always."""
+    s, acc = run.state, run.acc
+    result = evaluate(run.model, run.val_set, run.cfg, acc)
+    record["miou"], record["iou"] = result["miou"], result["iou"]
+    acc.print(f"epoch {epoch}/{run.epochs}: loss {record.get('loss', 0):.4f} "
+              f"mIoU {result['miou']:.2f}")
+    net = acc.unwrap_model(run.model)
+    if result["miou"] > s.best_miou:
+        s.best_miou, s.best_epoch = result["miou"], epoch
         if acc.is_main_process:
-            atomic_write_json(out / "metrics.json", metrics)
-    if not metrics:  # already complete: re-read what the finished run wrote
-        metrics = json.loads((out / "metrics.json").read_text())
-    if writer is not None:
-        writer.close()
-    acc.wait_for_everyone()
-    acc.end_training()
+            save_weights(run.out / "best.pt", net, run.cfg, run.names, epoch, result["miou"],
+                         run.bank)
+    if acc.is_main_process:
+        save_weights(run.out / "last.pt", net, run.cfg, run.names, epoch, result["miou"],
+                     run.bank)
+
+
+# --------------------------------------------------------------------------- stopping
+def save_checkpoint(run: Run) -> Path:
+    """A checkpoint of the run as it stands (the guard is read first: nothing non-finite is
+    ever saved)."""
+    check_finite(run)
+    run.state.wall_time_s = run.elapsed()
+    run.sums.save(run.acc, run.state)
+    run.last_checkpoint = run.ckpt.save(run.state)
+    return run.last_checkpoint
+
+
+def check_finite(run: Run) -> None:
+    """Raise RunDiverged if a step since the start had a non-finite loss term or gradient
+    norm (a host synchronisation: every log_every steps and before saving)."""
+    bad = run.guard.first_failure(run.acc)
+    if bad is None:
+        return
+    it, names = bad
+    kept = (f"the last checkpoint ({run.last_checkpoint}), best.pt and last.pt are from "
+            "before it" if run.last_checkpoint else "no checkpoint was written")
+    raise RunDiverged(
+        f"training diverged: non-finite {', '.join(names)} at iteration {it + 1} (epoch "
+        f"{it // run.iters_per_epoch + 1}); stopped without saving, {kept}; try a lower "
+        "train.lr")
+
+
+def interrupt(run: Run, stop: StopSignals) -> None:
+    path = save_checkpoint(run)
+    name = signal.Signals(stop.exit_signal()).name
+    raise RunInterrupted(
+        f"{name}: stopped at iteration {run.state.iteration} of {run.total_iters}; checkpoint "
+        f"{path}; run the same command again to resume", stop.exit_signal())
+
+
+@contextlib.contextmanager
+def stop_status(run: Run) -> Iterator[None]:
+    """Record why a run stopped early in metrics.json / progress.json; a run that failed
+    before its first checkpoint removes the output_dir it created instead."""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, RunStopped):
+            e.report = run.acc.is_main_process
+        status = {RunInterrupted: "interrupted", RunDiverged: "diverged"}.get(type(e), "failed")
+        fresh = run.created_out and status == "failed" and run.acc.is_main_process
+        if not (fresh and remove_fresh_output(run.out, run.ckpt.root)):
+            with contextlib.suppress(Exception):  # e.g. a full disk: keep the first error
+                write_metrics(run, status, None if status == "interrupted" else str(e))
+                write_progress(run, status)
+        with contextlib.suppress(Exception):
+            run.acc.end_training()
+        raise
+
+
+def abandon(run: Run) -> None:
+    """A second stop signal, just before exiting at once: progress.json says so, or the
+    output_dir this run created goes when it holds no checkpoint yet."""
+    if run.acc.is_main_process and not (run.created_out and
+                                        remove_fresh_output(run.out, run.ckpt.root)):
+        write_progress(run, "interrupted")
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The metrics of the finished run (re-read when it was already complete)."""
+    metrics = read_metrics(run.out) if run.acc.is_main_process else None
+    if metrics is None or not metrics.get("complete"):
+        metrics = write_metrics(run, "complete")
+    write_progress(run, "complete")
+    run.acc.wait_for_everyone()
+    run.acc.end_training()
     return metrics
 
-
-def build_metrics(cfg: Config, state: TrainerState, names: list[str], acc,
-                  total_iters: int) -> dict[str, Any]:
-    evaluated = [r for r in state.history if "miou" in r]
-    last = evaluated[-1] if evaluated else {}
-    best = max(evaluated, key=lambda r: r["miou"]) if evaluated else {}
-    return {
-        "method": cfg.method,
-        "variant": cfg.mlcl.variant if cfg.method == "mlcl" else None,
-        "dataset": cfg.data.dataset,
-        "split": cfg.split,
-        "seed": cfg.seed,
-        "complete": state.iteration >= total_iters,
-        "best_miou": best.get("miou"),
-        "best_epoch": best.get("epoch"),
-        "last_miou": last.get("miou"),
-        "last_epoch": last.get("epoch"),
-        "class_names": names,
-        "best_iou": dict(zip(names, best.get("iou", []))),
-        "last_iou": dict(zip(names, last.get("iou", []))),
-        "epochs": state.history,
-        "iterations": state.iteration,
-        "wall_time_s": state.wall_time_s,
-        "num_processes": acc.num_processes,
-        "device": str(acc.device),
-        "git_commit": git_commit(),
-        "output_dir": str(cfg.output_dir),
-    }

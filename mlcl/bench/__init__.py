@@ -22,6 +22,9 @@ fka_sai   the MLCL-specific computation alone, given features: the functions the
 pipeline  unlabeled samples (w, s1, s2, ignore, boxes) per second through one loader worker
           (the real UnlabeledDataset + DataLoader in-process) at the training crop, from
           ~500 px JPEGs written by make_synthetic into a temporary folder.
+guard     the divergence guard's per-step work (gradient norm, finiteness folded into device
+          tensors) and its read every train.log_every steps, on the gradients of a real
+          mlcl step, against that step's time (mlcl/bench/guard.py).
 
 Modules: timing, steps, memory, fka_sai, pipeline, report; this one holds the CLI.
 """
@@ -38,6 +41,7 @@ import torch
 
 from mlcl import paths
 from mlcl.bench.fka_sai import Decoder, Released, bench_fka_sai, fka_inputs
+from mlcl.bench.guard import bench_guard
 from mlcl.bench.memory import CHILD_TAG, VOC, bench_memory, child_memory
 from mlcl.bench.pipeline import bench_pipeline
 from mlcl.bench.report import TARGETS, machine, print_table, summarise
@@ -48,7 +52,7 @@ from mlcl.train import git_commit
 
 __all__ = ["BENCH_METHODS", "SECTIONS", "TARGETS", "VOC", "Decoder", "Released", "fka_inputs",
            "interleaved", "build_parser", "main"]
-SECTIONS = ("steps", "memory", "fka_sai", "pipeline")
+SECTIONS = ("steps", "memory", "fka_sai", "pipeline", "guard")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,11 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         r["fka_sai"] = bench_fka_sai(a, device)
     if "pipeline" in a.sections:
         r["pipeline"] = bench_pipeline(a)
+    if "guard" in a.sections:
+        r["guard"] = bench_guard(a, device)
     r["bench_wall_s"] = time.time() - started
     r["machine"]["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     summarise(r)
     out = Path(a.out) if a.out else paths.runs_dir() / "bench" / f"bench_{a.device}.json"
     atomic_write_json(out, r)
     print_table(r)
+    if "guard" in r:
+        g = r["guard"]
+        print(f"divergence guard: {g['observe_s'] * 1e3:.3f} ms per step + {g['read_s'] * 1e3:.3f}"
+              f" ms per read = {100 * g['fraction_with_read_every_20']:.2f}% of an mlcl step "
+              f"({g['step_s']:.3f} s, {g['clock']} clock) with a read every 20 steps")
     print(f"wrote {out}")
     return 0

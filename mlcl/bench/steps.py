@@ -13,8 +13,10 @@ from torch import Tensor
 from mlcl import augment
 from mlcl.bench.timing import Clock, interleaved, lap_stats
 from mlcl.config import load_config
-from mlcl.methods import STEPS, StepContext, make_bank
+from mlcl.engine import backward_and_step, forward_terms
+from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
+from mlcl.stopping import NonFiniteGuard
 from mlcl.train import make_accelerator, make_optimizer
 
 BENCH_METHODS = {  # benchmark name -> config overrides
@@ -74,26 +76,25 @@ class MethodRun:
             self.bank.to(device)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        self.step_fn = STEPS[cfg.method]
+        self.guard = NonFiniteGuard(device)
         # mid-schedule, so the SAI weight is non-zero and every branch runs
         self.ctx = StepContext(cfg=cfg, bank=self.bank, accelerator=acc, total_iters=1000,
                                iters_per_epoch=1000, iteration=500)
         self.batch = synthetic_batch(cfg, device, seed)
         self.model.train()
 
-    def step(self, clock: Clock | None = None) -> None:
-        """forward (the step function) | backward + optimiser step, as train.fit runs them."""
+    def step(self, clock: Clock | None = None) -> dict[str, Tensor]:
+        """forward (the step function) | backward, divergence guard and optimiser step: the
+        functions train.fit runs. Returns the step's terms."""
         if clock:
             clock.mark()
-        with self.acc.autocast():
-            terms = self.step_fn(self.model, self.batch, self.ctx)
+        terms = forward_terms(self.model, self.batch, self.ctx)
         if clock:
             clock.mark()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.acc.backward(terms["loss"])
-        self.optimizer.step()
+        backward_and_step(self.model, self.optimizer, terms, self.ctx, self.guard)
         if clock:
             clock.mark()
+        return terms
 
     def timed(self) -> dict[str, float | None]:
         """Seconds: the step (wall), its forward and its backward + optimiser step, and its

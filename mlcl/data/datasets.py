@@ -14,7 +14,9 @@ mask of another size than its image, a mask value that is neither a class nor ig
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -69,6 +71,15 @@ def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- datasets
+def index_and_rng(key: int | tuple[int, int]) -> tuple[int, Any]:
+    """A sample key -> (index, source of the augmentation draws): a training sampler's
+    ``(index, draw_seed)`` gives ``random.Random(draw_seed)``, so the views are a pure
+    function of the key (mlcl.loaders); a plain index draws from the ``random`` module."""
+    if isinstance(key, tuple):
+        return key[0], random.Random(key[1])
+    return key, random
+
+
 class _SplitDataset(Dataset):
     require_mask = True
 
@@ -91,11 +102,12 @@ class LabeledDataset(_SplitDataset):
         if nsample is not None and nsample > len(self.samples):
             self.samples = (self.samples * math.ceil(nsample / len(self.samples)))[:nsample]
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, rng = index_and_rng(key)
         s = self.samples[i]
         image, mask = load_pair(s, self.cfg)
         x, y = augment.labeled_views(image, mask, self.cfg.data.crop_size, self.cfg.data.aug,
-                                     self.cfg.data.ignore_index)
+                                     self.cfg.data.ignore_index, rng)
         return {"x": x, "y": y, "id": s.id}
 
 
@@ -104,10 +116,11 @@ class UnlabeledDataset(_SplitDataset):
 
     require_mask = False
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, rng = index_and_rng(key)
         s = self.samples[i]
         views = augment.unlabeled_views(load_image(s.image), self.cfg.data.crop_size,
-                                        self.cfg.data.aug, self.cfg.data.ignore_index)
+                                        self.cfg.data.aug, self.cfg.data.ignore_index, rng)
         return {**views, "id": s.id}
 
 

@@ -1,0 +1,214 @@
+"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``.
+
+A folder ``iter-<iteration>-epoch-<epochs done>`` holds the model, optimiser, prototype bank
+(registered for checkpointing), every process's RNG states and ``trainer.json`` (the loop's
+:class:`TrainerState` and a manifest of the folder's files and sizes). ``trainer.json`` is
+written last, so a folder is complete when it exists and the manifest matches; ``LATEST``
+(written atomically after that) names the folder to resume from, and only then is the
+previous folder deleted. A kill at any moment therefore leaves a complete checkpoint behind;
+a broken ``LATEST`` or a truncated folder falls back to the newest complete folder, or fails
+with one line saying what to delete.
+
+Also here: the weights files ``best.pt`` / ``last.pt`` and the check that a checkpoint
+belongs to the run being resumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mlcl.config import Config, ConfigError, flatten
+from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from mlcl.stopping import RunStopped
+
+MANIFEST = "trainer.json"
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs to resume besides the accelerate state."""
+
+    epoch: int = 0  # epochs completed (their evaluation, weights and metrics done)
+    iteration: int = 0  # optimiser steps completed
+    iters_per_epoch: int = 0
+    best_miou: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    # running sums of the epoch in progress, one row per process (exact float32 values)
+    sum_names: list[str] = field(default_factory=list)
+    sums: list[list[float]] = field(default_factory=list)
+
+
+class CheckpointWriteError(RunStopped):
+    exit_code = 1
+
+
+def checkpoint_name(state: TrainerState) -> str:
+    return f"iter-{state.iteration:08d}-epoch-{state.epoch:04d}"
+
+
+def incomplete_because(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint folder, or None when it is."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path.name} has no readable {MANIFEST} (its writing was interrupted)"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            found = f.stat().st_size if f.is_file() else "missing"
+            return f"{path.name}/{name} is {found} bytes, the manifest says {size}"
+    return None
+
+
+class Checkpoints:
+    """Save / find / load the checkpoints of one output_dir (every process calls each
+    method together; only the main process writes the shared files).
+
+    Under several processes each one also keeps its own copy of the model's buffers
+    (``buffers_<process>.pt``): batch-norm running statistics are per process without
+    SyncBatchNorm (CPU), and accelerate saves the main process's model only."""
+
+    def __init__(self, out: Path, accelerator, model):
+        self.root, self.acc, self.model = Path(out) / "checkpoints", accelerator, model
+
+    def buffers_file(self, path: Path) -> Path:
+        return path / f"buffers_{self.acc.process_index}.pt"
+
+    def save(self, state: TrainerState) -> Path:
+        path = self.root / checkpoint_name(state)
+        if incomplete_because(path) is None:  # the same point of the run, already saved
+            return path
+        acc = self.acc
+        if acc.is_main_process and path.exists():
+            shutil.rmtree(path)  # an interrupted write of this very checkpoint
+        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(path))
+            if acc.num_processes > 1:
+                torch.save(dict(acc.unwrap_model(self.model).named_buffers()),
+                           self.buffers_file(path))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
+                atomic_write_json(path / MANIFEST, {**dataclasses.asdict(state), "files": files})
+                atomic_write_text(self.root / "LATEST", path.name + "\n")
+        except (OSError, RuntimeError) as e:
+            self.abandon(path, e)
+        if acc.is_main_process:
+            self.prune(keep=path)
+        acc.wait_for_everyone()
+        return path
+
+    def abandon(self, path: Path, error: Exception) -> None:
+        if self.acc.is_main_process:
+            shutil.rmtree(path, ignore_errors=True)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path} ({first}); the previous checkpoint is intact: "
+            "free disk space (or fix the folder) and run the same command again") from error
+
+    def prune(self, keep: Path) -> None:
+        """Delete every other folder (older checkpoints, interrupted writes) and the
+        temporary files of interrupted atomic writes."""
+        for p in self.root.iterdir():
+            if p.is_dir() and p != keep:
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint to resume from: LATEST's, else the newest complete folder (with a
+        one-line note), else None for a fresh run; a ConfigError when folders exist but none
+        is complete."""
+        if not self.root.is_dir():
+            return None
+        named, why = self.named_by_latest()
+        if named is not None and why is None:
+            return named
+        complete = [p for p in self.root.iterdir() if p.is_dir() and incomplete_because(p) is None]
+        if complete:
+            best = max(complete, key=lambda p: p.name)  # zero-padded: newest last
+            print(f"note: {why}; resuming from {best}", file=sys.stderr, flush=True)
+            return best
+        if named is not None or (self.root / "LATEST").exists() or any(
+                p.is_dir() for p in self.root.iterdir()):
+            raise ConfigError(f"{self.root} holds no complete checkpoint ({why}): delete "
+                              f"{self.root} to start this run over")
+        return None
+
+    def named_by_latest(self) -> tuple[Path | None, str | None]:
+        """(LATEST's folder, why it cannot be used or None)."""
+        pointer = self.root / "LATEST"
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None, f"{pointer} is missing or unreadable"
+        path = self.root / name
+        if not name or "/" in name or not path.is_dir():
+            return None, f"{pointer} names {name[:40]!r}, which is not a checkpoint folder"
+        return path, incomplete_because(path)
+
+    def load(self, path: Path, iters_per_epoch: int) -> TrainerState:
+        saved = json.loads((path / MANIFEST).read_text())
+        known = {f.name for f in dataclasses.fields(TrainerState)}
+        state = TrainerState(**{k: v for k, v in saved.items() if k in known})
+        if state.iters_per_epoch != iters_per_epoch:
+            raise ConfigError(
+                f"checkpoint {path} was written with {state.iters_per_epoch} iterations per "
+                f"epoch and this run has {iters_per_epoch} (train.batch_size or the number of "
+                "processes changed): resume with the run's settings or choose another output_dir")
+        try:
+            self.acc.load_state(str(path))
+            if self.acc.num_processes > 1:
+                self.load_buffers(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable part: one line, what to delete
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"checkpoint {path} cannot be loaded ({first}): delete {path} to "
+                              f"resume from an earlier one, or {self.root} to start over") from e
+        return state
+
+    def load_buffers(self, path: Path) -> None:
+        saved = torch.load(self.buffers_file(path), map_location="cpu",
+                           weights_only=True)
+        for name, buf in self.acc.unwrap_model(self.model).named_buffers():
+            buf.copy_(saved[name])
+
+
+# Settings that make a checkpoint belong to a different experiment: resuming across them
+# would silently mix two runs.
+RUN_IDENTITY = ("method", "seed", "split", "data.dataset", "data.num_classes", "model.backbone",
+                "model.width", "mlcl.variant")
+
+
+def check_resumable(out: Path, cfg: Config) -> None:
+    """Refuse to resume a checkpoint in ``out`` written by a different experiment (its
+    config.yaml differs from ``cfg`` in a RUN_IDENTITY key)."""
+    saved_path = Path(out) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = flatten(cfg.to_dict())
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RUN_IDENTITY
+            if k in saved and saved[k] != now[k]]
+    if diff:
+        raise ConfigError(f"output_dir {cfg.output_dir} holds a checkpoint of another run "
+                          f"({'; '.join(diff)}): choose another output_dir or delete it")
+
+
+def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,
+                 bank=None) -> None:
+    """A self-contained weights file for `mlcl evaluate` / `mlcl predict` (and the prototype
+    bank, for the notebooks)."""
+    atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.to_dict(),
+                             "class_names": names, "epoch": epoch, "miou": miou,
+                             "bank": bank.state_dict() if bank is not None else None})

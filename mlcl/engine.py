@@ -1,0 +1,105 @@
+"""The pieces every training step is made of, shared by the loop (mlcl.train) and the
+benchmark (mlcl.bench): the Accelerator, the optimiser and its poly learning rate, the
+forward / backward / divergence guard / optimiser step, and the running sums of the loss
+terms over an epoch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+
+from mlcl.checkpoints import TrainerState
+from mlcl.config import Config, ConfigError
+from mlcl.methods import STEPS, StepContext
+from mlcl.stopping import NonFiniteGuard, gradient_norm
+
+
+def make_accelerator(cfg: Config, project_dir: Path | None = None) -> Accelerator:
+    """The Accelerator of a run; with ``project_dir``, TensorBoard logging into
+    project_dir/tensorboard through accelerate's tracker (``accelerator.log``)."""
+    cpu = cfg.train.cpu or not torch.cuda.is_available()
+    mp = cfg.train.mixed_precision
+    if cpu and mp == "fp16":
+        raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU (use bf16 or no)")
+    # broadcast_buffers=False: batch-norm statistics stay per process (SyncBatchNorm on GPU
+    # handles them), as in UniMatch; several forward passes precede one backward.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # batches from pinned host memory (data.pin_memory, GPU only) are copied without blocking,
+    # so the copy overlaps the step; without pinning, non_blocking would buy nothing
+    loading = DataLoaderConfiguration(non_blocking=not cpu and cfg.data.pin_memory)
+    tracking = {"log_with": "tensorboard", "project_dir": str(project_dir)} if project_dir else {}
+    return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp],
+                       dataloader_config=loading, **tracking)
+
+
+def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float,
+            lag: bool = False) -> None:
+    """lr = base_lr * (1 - t/total)^power per parameter group, for step ``it``: t = it, or
+    with ``lag`` t = max(it - 1, 0) -- the values UniMatch and the released code use, where
+    lr(t) is set after the optimiser step of iteration t (train.lr_lag)."""
+    t = max(it - 1, 0) if lag else it
+    factor = (1 - t / total) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    groups = model.param_groups(cfg.train.lr, cfg.train.lr_multi)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def forward_terms(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
+    """The method's step under autocast: {'loss': total, <named terms>} (mlcl.methods)."""
+    with ctx.accelerator.autocast():
+        return STEPS[ctx.cfg.method](model, batch, ctx)
+
+
+def backward_and_step(model, optimizer, terms: dict[str, torch.Tensor], ctx: StepContext,
+                      guard: NonFiniteGuard) -> None:
+    """Backward of terms['loss'], the divergence guard's look at the terms and the gradient
+    norm (on the device; none under fp16, whose loss scaler skips overflowing steps itself),
+    then the optimiser step."""
+    acc = ctx.accelerator
+    optimizer.zero_grad(set_to_none=True)
+    acc.backward(terms["loss"])
+    norm = None if ctx.cfg.train.mixed_precision == "fp16" else gradient_norm(model)
+    guard.observe(ctx.iteration, terms, norm)
+    optimizer.step()
+
+
+class EpochSums:
+    """Running sums of the scalar loss terms over the epoch in progress (this process)."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+
+    def add(self, terms: dict[str, Any]) -> None:
+        for k, v in terms.items():
+            if torch.is_tensor(v) and v.dim() == 0:
+                self.values[k] = self.values.get(k, 0) + v.detach().float()
+
+    def means(self, acc, steps: int) -> dict[str, float]:
+        """Per-term means over ``steps`` and over processes."""
+        return {k: float(acc.reduce(v, reduction="mean")) / steps for k, v in self.values.items()}
+
+    def save(self, acc, state: TrainerState) -> None:
+        """Every process's sums into ``state`` (exact float32 values; collective)."""
+        state.sum_names = list(self.values)
+        if self.values:
+            rows = torch.stack(list(self.values.values())).unsqueeze(0)
+            state.sums = (acc.gather(rows) if acc.num_processes > 1 else rows).tolist()
+        else:
+            state.sums = []
+
+    def restore(self, acc, state: TrainerState) -> None:
+        row = state.sums[acc.process_index] if state.sums else []
+        self.values = {k: torch.tensor(v, dtype=torch.float32, device=acc.device)
+                       for k, v in zip(state.sum_names, row)}

@@ -1,0 +1,137 @@
+"""Training loaders whose every random draw is a pure function of (seed, epoch, sample, stream).
+
+A :class:`DrawSampler` yields keys ``(index, draw_seed)``: the order of an epoch is a
+permutation drawn from (order seed, epoch), and each sample's ``draw_seed`` is derived from
+(draw stream, epoch, index). The datasets build ``random.Random(draw_seed)`` for their
+augmentations (scale, crop, flip, colour, blur, CutMix boxes). So neither loader workers,
+nor the number of processes (accelerate shards the batches of the one permutation), nor a
+resume can change what a sample looks like, and resuming in the middle of an epoch only has
+to skip the first batches of the sampler (accelerate's ``skip_first_batches``, which skips
+index lists, not loaded batches).
+
+Streams, one per loader of a step: ``x`` labeled, ``u`` unlabeled, ``mix`` the CutMix
+partner. ``train.mix_partner``: ``roll`` (no partner loader: the unlabeled batch rolled by one
+inside the step), ``loader`` (an independently shuffled partner loader), ``same`` (UniMatch and
+the released code: the partner loader walks the *same* permutation as ``u`` with its own draws,
+so every image is mixed with a second, independently augmented view of itself).
+"""
+from __future__ import annotations
+
+import signal
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mlcl.config import Config
+
+STREAMS = {"x": 1, "u": 2, "mix": 3}  # draw streams; also the order streams of x, u, mix
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of the integers ``parts`` (numpy's SeedSequence
+    mixes them, so nearby inputs give unrelated seeds)."""
+    words = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class DrawSampler(Sampler):
+    """Keys ``(index, draw_seed)`` over ``range(n)``, an epoch at a time.
+
+    order: ``torch.randperm(n)`` seeded by derive_seed(order_seed, epoch) (``shuffle``) or
+    0..n-1; draw_seed = derive_seed(draw_seed_base, epoch, index). Two samplers with the same
+    ``order_seed`` and different ``draw_seed_base`` yield the same images, augmented apart."""
+
+    def __init__(self, n: int, order_seed: int, draw_seed_base: int, shuffle: bool = True):
+        self.n, self.order_seed, self.draw_seed_base = n, order_seed, draw_seed_base
+        self.shuffle, self.epoch = shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(derive_seed(self.order_seed, self.epoch))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for i in self.order():
+            yield i, derive_seed(self.draw_seed_base, self.epoch, i)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes its step,
+    checkpoints and shuts them down (a Ctrl-C reaches the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, cfg: Config, *, shuffle: bool = True, seed: int,
+                stream: int | None = None) -> DataLoader:
+    """A training DataLoader over ``dataset`` (full batches of train.batch_size) whose
+    sampler is a :class:`DrawSampler` with order seed ``seed`` and draw stream ``stream``
+    (default: ``seed``). Its own generator, so creating an iterator never touches the
+    global torch RNG (the model's dropout and SAI draws)."""
+    gpu = torch.cuda.is_available() and not cfg.train.cpu
+    workers = cfg.data.num_workers
+    sampler = DrawSampler(len(dataset), seed, seed if stream is None else stream, shuffle)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=workers, pin_memory=gpu and cfg.data.pin_memory,
+                      persistent_workers=workers > 0 and cfg.data.persistent_workers,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))
+    loader.draw_sampler = sampler  # reachable after accelerate wraps the loader
+    return loader
+
+
+def train_loaders(sets: dict[str, Dataset], cfg: Config) -> dict[str, DataLoader]:
+    """'x' (labeled) and, for the semi-supervised methods, 'u' and the CutMix partner 'mix'
+    (absent for mix_partner=roll). Order seeds: x and u their own; mix the same as u for
+    mix_partner=same, its own for loader."""
+    def order(name: str) -> int:
+        return derive_seed(cfg.seed, 0, STREAMS[name])
+
+    def draws(name: str) -> int:
+        return derive_seed(cfg.seed, 1, STREAMS[name])
+
+    loaders = {"x": make_loader(sets["labeled"], cfg, seed=order("x"), stream=draws("x"))}
+    if cfg.method == "supervised":
+        return loaders
+    loaders["u"] = make_loader(sets["unlabeled"], cfg, seed=order("u"), stream=draws("u"))
+    partner = cfg.train.mix_partner
+    if partner in ("loader", "same"):
+        seed = order("u") if partner == "same" else order("mix")
+        loaders["mix"] = make_loader(sets["unlabeled"], cfg, seed=seed, stream=draws("mix"))
+    return loaders
+
+
+def prepare_loaders(loaders: dict[str, DataLoader], accelerator) -> dict[str, Any]:
+    """accelerate-prepared copies of :func:`make_loader` loaders (each process gets every
+    N-th batch of the one permutation), still carrying their ``draw_sampler``."""
+    prepared = {}
+    for name, loader in loaders.items():
+        prepared[name] = accelerator.prepare(loader)
+        prepared[name].draw_sampler = loader.draw_sampler
+    return prepared
+
+
+def epoch_batches(loaders: dict[str, Any], epoch: int, skip: int, accelerator) -> Iterator[dict]:
+    """Batches ``{name: batch}`` of ``epoch`` from its ``skip``-th step on (per process);
+    ``loaders`` as returned by :func:`prepare_loaders`."""
+    iters = {}
+    for name, loader in loaders.items():
+        loader.draw_sampler.set_epoch(epoch)
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+        loader.set_epoch(epoch)  # keeps accelerate's own epoch counter in step
+        iters[name] = iter(loader)
+    while True:
+        try:
+            yield {name: next(it) for name, it in iters.items()}
+        except StopIteration:
+            return

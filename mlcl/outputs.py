@@ -1,0 +1,146 @@
+"""The files a run writes besides its checkpoints, and the checks that output_dir can hold them.
+
+``progress.json`` (rewritten atomically every ``train.log_every`` iterations, after every
+validation and at the end; read by progress displays)::
+
+    {"iteration", "total_iters", "epoch", "epochs", "miou" (latest validation or null),
+     "best_miou" (or null), "elapsed_s", "status", "updated" (unix time)}
+
+``metrics.json`` (after every epoch and when the run stops): method, dataset, split, seed,
+best / last mIoU and per-class IoU, per-epoch history, iterations, wall time, git commit and
+``status``. Both use one vocabulary: running | complete | failed | interrupted | diverged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from mlcl import paths
+from mlcl.config import ConfigError
+from mlcl.files import atomic_write_json
+
+STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
+
+
+# --------------------------------------------------------------------------- bad places
+def check_output_place(out: Path) -> None:
+    """Refuse, before any work, an output_dir that is a file, lies under a file, or cannot
+    be written (read-only folder or file system). Writes nothing."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_file() or (existing.exists() and not existing.is_dir()):
+        what = "is a file" if existing == out else f"lies under the file {existing}"
+        raise ConfigError(f"output_dir {out} {what}: choose a folder (output_dir=PATH)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == out else f" (its nearest existing folder {existing} is not)"
+        raise ConfigError(f"output_dir {out} is not writable{where}: fix its permissions or "
+                          "choose another output_dir")
+
+
+def check_free_space(out: Path, need_bytes: int) -> None:
+    """Refuse an output_dir whose disk cannot hold ``need_bytes`` (two checkpoints while one
+    is written, best.pt and last.pt)."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < need_bytes:
+        raise ConfigError(f"output_dir {out}: {free / 2**20:.0f} MiB free on its disk, a run "
+                          f"needs about {need_bytes / 2**20:.0f} MiB (checkpoints and weights): "
+                          "free space or choose another output_dir")
+
+
+def run_bytes(model, optimizer_name: str) -> int:
+    """What a run keeps on disk at most: two checkpoints (weights + optimiser state: one
+    momentum buffer for SGD, two moments for AdamW) while the newer is written, plus best.pt
+    and last.pt, plus 64 MiB for logs and metrics."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 if optimizer_name == "adamw" else 1
+    return 2 * weights * (1 + moments) + 2 * weights + 64 * 2**20
+
+
+def remove_fresh_output(out: Path, checkpoints: Path) -> bool:
+    """Delete ``out`` (created by this run) when it holds no checkpoint folder yet, so a run
+    that failed early leaves nothing behind. Returns whether it was removed."""
+    if checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir()):
+        return False
+    shutil.rmtree(out, ignore_errors=True)
+    return True
+
+
+# --------------------------------------------------------------------------- progress, metrics
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_progress(run, status: str) -> None:
+    """progress.json of ``run`` (a mlcl.train.Run); main process only."""
+    if not run.acc.is_main_process:
+        return
+    s = run.state
+    evaluated = [r["miou"] for r in s.history if "miou" in r]
+    epoch = min(s.iteration // run.iters_per_epoch + 1, run.epochs) if status == "running" \
+        else s.epoch
+    atomic_write_json(run.out / "progress.json", {
+        "iteration": s.iteration, "total_iters": run.total_iters, "epoch": epoch,
+        "epochs": run.epochs, "miou": evaluated[-1] if evaluated else None,
+        "best_miou": s.best_miou if s.best_epoch >= 0 else None,
+        "elapsed_s": run.elapsed(), "status": status, "updated": time.time()})
+
+
+def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
+    """The content of metrics.json for ``run`` (a mlcl.train.Run) in ``status``."""
+    cfg, s, acc, names = run.cfg, run.state, run.acc, run.names
+    evaluated = [r for r in s.history if "miou" in r]
+    last = evaluated[-1] if evaluated else {}
+    best = max(evaluated, key=lambda r: r["miou"]) if evaluated else {}
+    return {
+        "method": cfg.method,
+        "variant": cfg.mlcl.variant if cfg.method == "mlcl" else None,
+        "dataset": cfg.data.dataset,
+        "split": cfg.split,
+        "seed": cfg.seed,
+        "status": status,
+        "complete": status == "complete",
+        "error": error,
+        "best_miou": best.get("miou"),
+        "best_epoch": best.get("epoch"),
+        "last_miou": last.get("miou"),
+        "last_epoch": last.get("epoch"),
+        "class_names": names,
+        "best_iou": dict(zip(names, best.get("iou", []))),
+        "last_iou": dict(zip(names, last.get("iou", []))),
+        "epochs": s.history,
+        "iterations": s.iteration,
+        "wall_time_s": run.elapsed(),
+        "num_processes": acc.num_processes,
+        "device": str(acc.device),
+        "git_commit": git_commit(),
+        "output_dir": str(cfg.output_dir),
+        # MLCL: every process must hold the same bank (largest difference at the last epoch)
+        **({"bank_spread_across_processes": run.bank_spread} if run.bank is not None else {}),
+    }
+
+
+def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
+    metrics = build_metrics(run, status, error)
+    if run.acc.is_main_process:
+        atomic_write_json(run.out / "metrics.json", metrics)
+    return metrics
+
+
+def read_metrics(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,152 @@
+"""Stopping a run on purpose: pre-emption signals and the divergence guard.
+
+:class:`StopSignals` turns the first SIGTERM or SIGINT (a cluster's notice, Ctrl-C) into a
+request that the loop honours after the current step: it writes a checkpoint and raises
+:class:`RunInterrupted`. A second signal (a second later or more) exits at once
+(``os._exit``); the checkpoint scheme (mlcl.checkpoints) keeps the previous complete
+checkpoint usable whatever is being written.
+With several processes they must stop at the same step (a checkpoint is collective), so the
+request is summed over processes, one step late: the sum started after step t is read after
+step t + 1, by which time the device has finished it, so no step waits for the host.
+
+:class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device (no
+host synchronisation per step); the loop reads it every ``train.log_every`` steps and before
+anything is saved, and raises :class:`RunDiverged` naming the first bad iteration and terms.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+from torch import Tensor
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A scheduler that signals every process of a job while `accelerate launch` forwards its own
+# copy delivers one notice twice within milliseconds; only a signal this much later is a
+# second request (a second Ctrl-C).
+REPEAT_AFTER_S = 1.0
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its end; the message is one line, ``exit_code`` the status;
+    ``report`` is false on all processes but the main one (one line per run, not per
+    process)."""
+
+    exit_code = 1
+    report = True
+
+
+class RunInterrupted(RunStopped):
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
+
+
+class RunDiverged(RunStopped):
+    exit_code = 3
+
+
+class StopSignals:
+    """Context manager: SIGINT / SIGTERM handlers for the training loop (main thread only;
+    elsewhere, e.g. a notebook's worker thread, signals keep their previous handling)."""
+
+    def __init__(self, accelerator, on_abort=None):
+        self.acc, self.on_abort = accelerator, on_abort  # on_abort(): before an exit at once
+        self.signum: int | None = None
+        self.first_at = 0.0
+        self.previous: dict[int, object] = {}
+        self.pending: Tensor | None = None
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            if time.monotonic() - self.first_at < REPEAT_AFTER_S:
+                return  # the same notice, delivered twice
+            print(f"{name} again: stopping at once; the last complete checkpoint stays usable",
+                  file=sys.stderr, flush=True)
+            if self.on_abort is not None:
+                with contextlib.suppress(Exception):
+                    self.on_abort()
+            os._exit(128 + signum)
+        self.signum, self.first_at = signum, time.monotonic()
+        if self.acc.is_main_process:
+            print(f"{name}: finishing this step, then writing a checkpoint (send it again to "
+                  "stop at once)", file=sys.stderr, flush=True)
+
+    def poll(self, now: bool = False) -> bool:
+        """Whether every process should stop here. One process: its own request. Several:
+        the request summed over them, from the previous call (``now``: from this one, a
+        host synchronisation). Every process must call this at the same points."""
+        if self.acc.num_processes == 1:
+            return self.signum is not None
+        mine = torch.full((), float(self.signum is not None), device=self.acc.device)
+        total = self.acc.reduce(mine, reduction="sum")
+        seen, self.pending = (total if now else self.pending), total
+        return seen is not None and bool(seen > 0)
+
+    def exit_signal(self) -> int:
+        """The signal to report (SIGTERM when another process received it)."""
+        return self.signum or int(signal.SIGTERM)
+
+
+class NonFiniteGuard:
+    """The first iteration with a non-finite loss term or gradient norm, and which were
+    non-finite then, kept as device tensors: :meth:`observe` never synchronises."""
+
+    def __init__(self, device: torch.device):
+        self.names: list[str] | None = None
+        self.first_iter = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_bad: Tensor | None = None
+
+    def observe(self, iteration: int, terms: dict[str, Tensor], grad_norm: Tensor | None) -> None:
+        """terms: the step's 0-d tensors; grad_norm: 0-d (None: not checked)."""
+        scalars = {k: v for k, v in terms.items() if torch.is_tensor(v) and v.dim() == 0}
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm
+        if self.names is None:
+            self.names = list(scalars)
+            self.first_bad = torch.zeros(len(self.names), dtype=torch.bool,
+                                         device=self.first_iter.device)
+        bad = ~torch.isfinite(torch.stack([scalars[k].detach().float() for k in self.names]))
+        first = bad.any() & (self.first_iter < 0)
+        self.first_bad = torch.where(first, bad, self.first_bad)
+        self.first_iter = torch.where(first, iteration, self.first_iter)
+
+    def first_failure(self, accelerator) -> tuple[int, list[str]] | None:
+        """(iteration index, names of the non-finite terms) of the first bad step on any
+        process, or None. A host synchronisation; every process must call it together."""
+        if self.names is None:
+            return None
+        row = torch.cat([self.first_iter.view(1), self.first_bad.long()]).unsqueeze(0)
+        rows = (accelerator.gather(row) if accelerator.num_processes > 1 else row).cpu()
+        hit = rows[rows[:, 0] >= 0]
+        if len(hit) == 0:
+            return None
+        first = int(hit[:, 0].min())
+        flags = hit[hit[:, 0] == first, 1:].any(0)
+        return first, [n for n, bad in zip(self.names, flags.tolist()) if bad]
+
+
+def gradient_norm(model) -> Tensor:
+    """The 2-norm of all gradients of ``model`` as a 0-d device tensor (no host sync)."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    return torch.nn.utils.get_total_norm(grads)

@@ -1,0 +1,344 @@
+"""Runs you can trust: a killed, pre-empted or interrupted run started again with the same
+command ends bitwise equal to the same run left alone (weights, optimiser state, prototype
+bank, RNG states, per-epoch history, metrics, best.pt / last.pt); a diverging run stops
+without touching what it wrote before; bad output places are refused before any work.
+
+Every run here: synthetic 1_8 (42 unlabeled images, batch 4: 10 steps per epoch), 2 epochs,
+a checkpoint every 3 steps, so a run killed after its first checkpoint resumes mid-epoch."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlcl.checkpoints import Checkpoints
+from mlcl.config import ConfigError, load_config
+from mlcl.stopping import REPEAT_AFTER_S, RunInterrupted, StopSignals
+from mlcl.train import fit
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+RUN = ["data.crop_size=32", "split=1_8", "train.batch_size=4", "train.log_every=2",
+       "model.width=8", "train.epochs=2", "train.checkpoint_every=3", "data.num_workers=0"]
+IGNORED = ("wall_time_s", "output_dir", "git_commit", "files")  # differ by nature
+
+
+def overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.root={root}", f"output_dir={out}", *RUN, *extra]
+
+
+def train_cli(root: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlcl", "train", "--config", "synthetic",
+         *overrides(root, out, *extra)], env=ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended first:\n{proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def progress_at_least(out: Path, iteration: int):
+    def check() -> bool:
+        try:
+            return json.loads((out / "progress.json").read_text())["iteration"] >= iteration
+        except (OSError, ValueError, KeyError):
+            return False
+    return check
+
+
+# --------------------------------------------------------------------------- equality
+def latest(out: Path) -> Path:
+    root = out / "checkpoints"
+    return root / (root / "LATEST").read_text().strip()
+
+
+def drop(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in IGNORED}
+
+
+def equal(a, b) -> bool:
+    """Bitwise equality of nested tensors / floats (NaN equals NaN: a class never seen)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b) or (a.is_floating_point() and bool(
+            ((a == b) | (a.isnan() & b.isnan())).all()))
+    if isinstance(a, np.ndarray):  # numpy's RNG state
+        return np.array_equal(a, b)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """The final checkpoints, metrics and weights files of two output dirs are identical."""
+    ca, cb = latest(a), latest(b)
+    assert ca.name == cb.name
+    parts = {"model": lambda c: load_file(c / "model.safetensors"),
+             "trainer": lambda c: drop(json.loads((c / "trainer.json").read_text()))}
+    for f in sorted(p.name for p in ca.iterdir()):
+        if f.endswith((".bin", ".pkl", ".pt")):  # optimiser, bank, RNG states, buffers
+            # files these tests wrote; the RNG states hold numpy's, which weights_only refuses
+            parts[f] = lambda c, f=f: torch.load(c / f, weights_only=False)
+    for name, read in parts.items():
+        assert equal(read(ca), read(cb)), f"{name} differs"
+    assert equal(drop(json.loads((a / "metrics.json").read_text())),
+                 drop(json.loads((b / "metrics.json").read_text())))
+    for w in ("best.pt", "last.pt"):
+        assert equal(torch.load(a / w, weights_only=True)["model"],
+                     torch.load(b / w, weights_only=True)["model"]), w
+
+
+@pytest.fixture(scope="module")
+def reference(synth_root, tmp_path_factory):
+    """Uninterrupted runs, one per method, made on first use."""
+    made: dict[str, Path] = {}
+
+    def get(method: str) -> Path:
+        if method not in made:
+            out = tmp_path_factory.mktemp("reference") / method
+            fit(load_config("synthetic", overrides(synth_root, out, f"method={method}")))
+            made[method] = out
+        return made[method]
+    return get
+
+
+# --------------------------------------------------------------------------- kills
+def test_sigkill_then_resume_equals_the_uninterrupted_run(synth_root, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = train_cli(synth_root, out, "method=mlcl")
+    wait_for(lambda: (out / "checkpoints" / "LATEST").is_file(), proc)
+    proc.kill()  # SIGKILL: no handler runs, wherever the run was (a step, a checkpoint)
+    proc.communicate()
+    assert json.loads((latest(out) / "trainer.json").read_text())["iteration"] % 10, \
+        "the kill should land in the first epoch, after a mid-epoch checkpoint"
+    fit(load_config("synthetic", overrides(synth_root, out, "method=mlcl")))
+    assert_same_run(reference("mlcl"), out)
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(synth_root, tmp_path, reference,
+                                                           monkeypatch):
+    import mlcl.train
+
+    out = tmp_path / "run"
+    extra = ("method=unimatch", "train.checkpoint_every=0")  # no checkpoint but the signal's
+    step = mlcl.train.train_step
+
+    def noticed_during_step_4(run, batch, epoch):
+        if run.state.iteration == 3:
+            signal.raise_signal(signal.SIGTERM)  # the handler notes it; the step goes on
+        return step(run, batch, epoch)
+
+    monkeypatch.setattr(mlcl.train, "train_step", noticed_during_step_4)
+    with pytest.raises(RunInterrupted) as e:
+        fit(load_config("synthetic", overrides(synth_root, out, *extra)))
+    monkeypatch.undo()
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    message = str(e.value)
+    assert message.startswith("SIGTERM: stopped at iteration 4 of 20") and "\n" not in message
+    assert str(latest(out)) in message and "run the same command again" in message
+    assert latest(out).name == "iter-00000004-epoch-0000"  # mid-epoch
+    for f in ("metrics.json", "progress.json"):
+        assert json.loads((out / f).read_text())["status"] == "interrupted"
+    fit(load_config("synthetic", overrides(synth_root, out, *extra)))
+    assert_same_run(reference("unimatch"), out)
+
+
+def test_ctrl_c_twice_with_workers_then_resume_equals_the_uninterrupted_run(synth_root,
+                                                                            tmp_path, reference):
+    out = tmp_path / "run"
+    # loader workers; a checkpoint every step, so the second signal often lands in a write
+    extra = ("method=supervised", "data.num_workers=2", "train.checkpoint_every=1")
+    proc = train_cli(synth_root, out, *extra)
+    wait_for(lambda: (out / "checkpoints" / "LATEST").is_file(), proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(REPEAT_AFTER_S + 0.1)
+    if proc.poll() is None:  # still finishing its step / checkpoint: now at once
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    # 130: stopped (at once, or cleanly before the second signal); killed by SIGINT: the
+    # second one came while the finished process was exiting
+    assert proc.returncode in (128 + signal.SIGINT, -signal.SIGINT), err[-2000:]
+    fit(load_config("synthetic", overrides(synth_root, out, *extra)))
+    assert_same_run(reference("supervised"), out)
+
+
+def test_a_second_signal_exits_at_once_a_duplicate_does_not(monkeypatch):
+    import mlcl.stopping
+
+    exits, aborted = [], []
+    monkeypatch.setattr(mlcl.stopping.os, "_exit", exits.append)
+    now = [100.0]
+    monkeypatch.setattr(mlcl.stopping.time, "monotonic", lambda: now[0])
+    acc = type("Acc", (), {"is_main_process": True, "num_processes": 1})()
+    stop = StopSignals(acc, on_abort=lambda: aborted.append(True))
+    assert not stop.poll()
+    stop.handle(signal.SIGTERM, None)
+    assert stop.poll() and stop.exit_signal() == signal.SIGTERM and not exits
+    now[0] += 0.01  # the scheduler's and the launcher's copies of one notice
+    stop.handle(signal.SIGTERM, None)
+    assert not exits and not aborted
+    now[0] += REPEAT_AFTER_S
+    stop.handle(signal.SIGINT, None)  # a second request: exit at once, after the clean-up
+    assert exits == [128 + signal.SIGINT] and aborted == [True]
+
+
+# --------------------------------------------------------------------------- divergence
+def test_divergence_stops_without_touching_earlier_files(synth_root, tmp_path):
+    out = tmp_path / "run"
+    fit(load_config("synthetic", overrides(synth_root, out, "train.epochs=1")))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()
+              and p.suffix in (".pt", ".pkl", ".bin", ".safetensors") or p.name == "LATEST"}
+    # resumes into epoch 2 and diverges (no checkpoint_every: nothing may be written)
+    proc = train_cli(synth_root, out, "train.lr=1e9", "train.checkpoint_every=0")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3
+    line = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert line.startswith("error: training diverged: non-finite")
+    assert re.search(r"at iteration 1[1-9] \(epoch 2\)", line) or "iteration 20 " in line
+    assert "grad_norm" in line and "Traceback" not in err
+    assert {p: p.read_bytes() for p in before} == before  # byte-identical
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "diverged" and not metrics["complete"]
+    assert metrics["error"] in line
+    assert json.loads((out / "progress.json").read_text())["status"] == "diverged"
+
+
+# --------------------------------------------------------------------------- bad places
+def test_output_dir_that_is_a_file_or_unwritable_is_refused(synth_root, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for out, words in ((afile, "is a file"), (afile / "run", "lies under the file")):
+        with pytest.raises(ConfigError, match=words) as e:
+            fit(load_config("synthetic", overrides(synth_root, out)))
+        assert str(out) in str(e.value)
+    assert afile.read_text() == "mine"
+    with read_only_folder(tmp_path / "ro") as ro:
+        with pytest.raises(ConfigError, match="not writable") as e:
+            fit(load_config("synthetic", overrides(synth_root, ro / "run")))
+        assert str(ro / "run") in str(e.value) and not (ro / "run").exists()
+
+
+class read_only_folder:
+    """A folder the process cannot write to: chmod for users; for root (whom permissions do
+    not stop) a read-only tmpfs, or skip where mounting is not allowed."""
+
+    def __init__(self, path: Path):
+        self.path, self.mounted = path, False
+
+    def __enter__(self) -> Path:
+        self.path.mkdir()
+        if os.geteuid() != 0:
+            self.path.chmod(0o555)
+            return self.path
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                           str(self.path)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without permission to mount a read-only tmpfs")
+        self.mounted = True
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self.mounted:
+            subprocess.run(["umount", str(self.path)], check=True)
+        self.path.chmod(0o755)
+
+
+def test_a_full_disk_is_refused_before_training(synth_root, tmp_path, monkeypatch):
+    import mlcl.outputs
+
+    out = tmp_path / "run"
+    real = shutil.disk_usage
+    monkeypatch.setattr(mlcl.outputs.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=2 * 2**20))
+    with pytest.raises(ConfigError, match="2 MiB free") as e:
+        fit(load_config("synthetic", overrides(synth_root, out)))
+    assert str(out) in str(e.value) and not out.exists()
+
+
+def test_broken_latest_and_truncated_folders_fall_back_or_say_what_to_delete(synth_root,
+                                                                              tmp_path):
+    out = tmp_path / "run"
+    fit(load_config("synthetic", overrides(synth_root, out, "train.epochs=1")))
+    good = latest(out)
+    ckpt = Checkpoints(out, None, None)
+    (out / "checkpoints" / "LATEST").write_bytes(b"\xff\x00garbage")
+    assert ckpt.resume_point() == good
+    newer = good.with_name("iter-00000013-epoch-0001")  # as if killed while writing it
+    shutil.copytree(good, newer)
+    weights = newer / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (out / "checkpoints" / "LATEST").write_text(newer.name + "\n")
+    assert ckpt.resume_point() == good
+    shutil.rmtree(good)
+    with pytest.raises(ConfigError, match="no complete checkpoint") as e:
+        ckpt.resume_point()
+    assert f"delete {out / 'checkpoints'}" in str(e.value) and "model.safetensors" in str(e.value)
+
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(synth_root, tmp_path,
+                                                                    monkeypatch):
+    import mlcl.train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(mlcl.train, "train_step", broken)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(load_config("synthetic", overrides(synth_root, out)))
+    assert not out.exists()
+    mine = tmp_path / "mine"  # a folder the user made is kept, with the failure recorded
+    mine.mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(load_config("synthetic", overrides(synth_root, mine)))
+    assert json.loads((mine / "metrics.json").read_text())["status"] == "failed"
+
+
+# --------------------------------------------------------------------------- two processes
+def launch(root: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """`accelerate launch` of two CPU processes training into ``out``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "mlcl", "train", "--config", "synthetic", *overrides(root, out, *extra)],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_sigterm_and_resume_exactly(synth_root, tmp_path):
+    extra = ("method=mlcl", "train.checkpoint_every=0")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    proc = launch(synth_root, whole, *extra)
+    assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
+    metrics = json.loads((whole / "metrics.json").read_text())
+    # 42 unlabeled images / 2 processes / batch 4 -> 5 steps per process and epoch
+    assert metrics["complete"] and metrics["num_processes"] == 2 and metrics["iterations"] == 10
+    assert metrics["bank_spread_across_processes"] == 0.0  # one bank on both processes
+    proc = launch(synth_root, cut, *extra)
+    wait_for(progress_at_least(cut, 2), proc)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to both processes
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.count("stopped at iteration") == 1, err[-3000:]  # the main process's line
+    assert json.loads((cut / "metrics.json").read_text())["status"] == "interrupted"
+    proc = launch(synth_root, cut, *extra)
+    assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
+    assert_same_run(whole, cut)
