@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mlcl import grids, paths
+from mlcl import grids, paths, progress
 from mlcl.grids import GRIDS, Run
-from mlcl.registry import load_entry, record_output_dir
+from mlcl.registry import find_registry, load_entry, record_output_dir
 
 EXECUTORS = ("papermill", "cli")
 RUN_NOTEBOOK = paths.NOTEBOOKS / "run.ipynb"
@@ -96,14 +96,21 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
     return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
 
 
-def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
-            num_processes: int = 1) -> int:
-    cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
-                        num_processes)
+def run_logged(cmd: list[str], log: Path, poll=None) -> int:
+    """Run ``cmd`` with one thread per library, its output into ``log``; ``poll()`` is called
+    every second while it runs (the live progress display). Returns its exit status."""
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
-        return subprocess.call(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+        return progress.wait(proc, poll)
+
+
+def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
+            num_processes: int = 1, poll=None) -> int:
+    cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
+                        num_processes)
+    return run_logged(cmd, log, poll)
 
 
 def run_parameters(run: Run, out: Path, registry: Path, overrides: list[str], grid: str | None,
@@ -117,17 +124,15 @@ def run_parameters(run: Run, out: Path, registry: Path, overrides: list[str], gr
 
 
 def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log: Path,
-                  cwd: str | Path | None = None) -> int:
+                  cwd: str | Path | None = None, poll=None) -> int:
     """Execute ``notebook`` with papermill in a fresh kernel (its own process) into
-    ``output``; cell outputs go to ``log``. Returns papermill's exit status."""
+    ``output``; cell outputs go to ``log``; ``poll`` as in :func:`run_logged`. Returns
+    papermill's exit status."""
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(output),
            "-y", json.dumps(parameters), "--kernel", "python3", "--no-progress-bar",
            "--log-output", "--cwd", str(cwd or os.getcwd())]
-    with open(log, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        return subprocess.call(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+    return run_logged(cmd, log, poll)
 
 
 def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "figures",
@@ -141,13 +146,38 @@ def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "f
     return rc, out
 
 
+def figures_main(args) -> int:
+    """``python -m mlcl figures [--registry DIR] [--out DIR]`` (= `make figures`): the
+    figures notebook on the registry that exists (mlcl.registry.find_registry), saying
+    which; exit 1 with one line when there is no registry with runs."""
+    reg = find_registry(args.registry)
+    count = len(list(reg.glob("*.json")))
+    if count == 0:
+        looked = ", ".join(str(p) for p in ([reg] if args.registry else paths.registry_dirs()))
+        print(f"error: no results registry with runs (looked in {looked}): run `make demo` "
+              "or `python -m mlcl reproduce` first, or give --registry DIR", file=sys.stderr)
+        return 1
+    out = paths.resolve(args.out, output=True) if args.out else paths.figures_for(reg)
+    nb = paths.runs_dir() / "notebooks" / "figures.ipynb"
+    print(f"reading the registry {reg} ({count} runs); writing figures and tables into "
+          f"{out} ...", flush=True)
+    rc = run_papermill(FIGURES_NOTEBOOK, nb, {"registry_dir": str(reg), "figures_dir": str(out)},
+                       nb.with_suffix(".log"))
+    print(f"{'done' if rc == 0 else 'FAILED'}: executed notebook {nb}"
+          + ("" if rc == 0 else f" (log {nb.with_suffix('.log')})"), flush=True)
+    return rc
+
+
 # --------------------------------------------------------------------------- the grid
 def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] | None = None,
               jobs: int = 1, only: str | None = None, executor: str = "papermill",
               figures: bool = True, figures_dir: Path | None = None, num_processes: int = 1,
-              runs: list[Run] | None = None) -> dict[str, list[str]]:
-    """Run the grid (or the given ``runs``); returns {'done', 'skipped', 'failed'} (run
-    names) and 'figures' (the executed figures notebook, when it ran and succeeded)."""
+              runs: list[Run] | None = None,
+              board: progress.Board | None = None) -> dict[str, list[str]]:
+    """Run the grid (or the given ``runs``), showing each running run's progress on
+    ``board`` (default: a new mlcl.progress.Board on stdout); returns {'done', 'skipped',
+    'failed'} (run names) and 'figures' (the executed figures notebook, when it ran and
+    succeeded)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     root = Path(runs_root) if runs_root else paths.runs_dir()
@@ -158,6 +188,7 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     overrides = list(overrides or [])
     result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
     logs: dict[str, Path] = {}
+    board = board or progress.Board()
 
     def record(run: Run, out: Path, notebook: Path | None) -> None:
         record_output_dir(run.name, out, registry, grid=grid, run=run_record(run),
@@ -174,23 +205,25 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
         started = time.time()
         log = logs[run.name] = out.parent / f"{run.name}.log"
         notebook = None
-        if executor == "cli":
-            rc = run_cli(run, out, overrides, log, num_processes)
-        else:
-            notebook = out / "run.ipynb"
-            params = run_parameters(run, out, registry, overrides, grid, num_processes, notebook)
-            rc = run_papermill(RUN_NOTEBOOK, notebook, params, log)
+        with board.track(run.name, out) as tracker:
+            if executor == "cli":
+                rc = run_cli(run, out, overrides, log, num_processes, tracker.poll)
+            else:
+                notebook = out / "run.ipynb"
+                params = run_parameters(run, out, registry, overrides, grid, num_processes,
+                                        notebook)
+                rc = run_papermill(RUN_NOTEBOOK, notebook, params, log, poll=tracker.poll)
         if rc == 0 and is_complete(out):
             if executor == "cli" or load_entry(run.name, registry) is None:
                 record(run, out, notebook)
             metrics = json.loads((out / "metrics.json").read_text())
             result["done"].append(run.name)
-            print(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
-                  f"{metrics['best_miou']:.2f})", flush=True)
+            board.write(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
+                        f"{metrics['best_miou']:.2f}, last {metrics['last_miou']:.2f})")
         else:
             result["failed"].append(run.name)
-            print(f"  FAILED  {run.name} (exit {rc}; log {log}"
-                  f"{'; notebook ' + str(notebook) if notebook else ''})", flush=True)
+            board.write(f"  FAILED  {run.name} (exit {rc}; log {log}"
+                        f"{'; notebook ' + str(notebook) if notebook else ''})")
 
     print(f"grid {grid}: {len(todo)} runs, {jobs} at a time, executor {executor}", flush=True)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
@@ -228,6 +261,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-figures", action="store_true", help="do not run the figures notebook")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every run, e.g. data.root=DIR")
+
+
+def add_figures_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=None,
+                   help="registry folder (default: runs/registry when it has runs, else the "
+                        "demo's runs/demo/registry)")
+    p.add_argument("--out", default=None,
+                   help="figures folder (default: figures/, or figures/demo/ for the demo's)")
 
 
 def main(args) -> int:
