@@ -92,8 +92,8 @@ def _colour(mask: np.ndarray, dataset: str) -> np.ndarray:
 IGNORE_LABEL = "ignore (255): object edges, not scored"
 
 
-def class_legend(fig: plt.Figure, class_names: list[str], dataset: str,
-                 ignore: bool = True) -> None:
+def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
+                 title: str = "class colours") -> None:
     """A legend below the panels: the colour of every class (mlcl.predict's palette) and,
     with ``ignore``, the colour of the ignore label in ground-truth masks."""
     from matplotlib.patches import Patch
@@ -104,7 +104,7 @@ def class_legend(fig: plt.Figure, class_names: list[str], dataset: str,
     if ignore:
         handles.append(Patch(facecolor=colours[255], edgecolor="0.4", label=IGNORE_LABEL))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7,
-               ncol=min(len(handles), 5), frameon=False, title="colours", title_fontsize=7)
+               ncol=min(len(handles), 5), frameon=False, title=title, title_fontsize=7)
 
 
 def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
@@ -127,7 +127,8 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
         axes[i, 0].set_ylabel(str(samples["ids"][i]).split("/")[-1], fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    class_legend(fig, samples["class_names"], samples["dataset"])
+    class_legend(fig, samples["class_names"], samples["dataset"],
+                 title="class colours (predictions and ground truth)")
     return fig
 
 
@@ -139,7 +140,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
     the row label gives v, r, a and the dropped fraction."""
     from mlcl.explore import denormalise, pca_rgb
 
-    cols = ["weak u_w", "strong s1", "attention A", "keep mask", "F_w", "F_s", "F_mk", "F_ne",
+    cols = ["weak u_w", "strong s1", "attention A", "keep (white)", "F_w", "F_s", "F_mk", "F_ne",
             "p_w", "p_m", "p_n"]
     n = views["w"].shape[0]
     fig, axes = plt.subplots(n, len(cols), figsize=(1.45 * len(cols), 1.6 * n), squeeze=False)
@@ -165,7 +166,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
     fig.tight_layout()
     names = class_names or cfg.data.class_names or [f"class_{k}" for k in
                                                     range(cfg.data.num_classes)]
-    class_legend(fig, names, ds, ignore=False)
+    class_legend(fig, names, ds, ignore=False, title="class colours of p_w, p_m, p_n")
     return fig
 
 
