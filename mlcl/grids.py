@@ -52,10 +52,11 @@ def _methods_grid(preset: str, splits, seeds, overrides=()) -> list[Run]:
 
 
 # `make demo`: one seed at 1/32 labels (31 images), 400 iterations with a validation every
-# epoch (121 iterations) and 64 feature channels instead of 256 (the fused 3x3 convolutions
-# were 2/3 of a step). Measured on 2 cores (CPU seconds): MLCL ~215, UniMatch ~190,
-# supervised ~57 per run, so the whole demo fits in about 6 minutes; at 1/32 the
-# semi-supervised methods lead supervised more clearly than at 1/16 on such a short schedule.
+# epoch (121 iterations) and 64 fused feature channels instead of 256 (the 3x3 fusion convs
+# at 1/4 resolution were about 2/3 of a step's CPU time). CPU seconds per run on a busy
+# 2-core machine: UniMatch 188, supervised 58, MLCL about 15% more than UniMatch; the whole
+# `make demo` 460. At 1/32 the semi-supervised runs lead supervised by 2-3 points on this
+# short schedule; at 1/16 the lead was about 1 point.
 DEMO_SPLIT = "1_32"
 DEMO_SCHEDULE = ("train.max_iters=400", "train.eval_every=1", "model.feature_channels=64")
 

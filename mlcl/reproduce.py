@@ -169,6 +169,68 @@ def figures_main(args) -> int:
 
 
 # --------------------------------------------------------------------------- the grid
+class GridRunner:
+    """What the worker threads of one :func:`reproduce` call share: where runs and the
+    registry go, how runs execute, the progress board, and the results so far."""
+
+    def __init__(self, grid: str, root: Path, overrides: list[str], executor: str,
+                 num_processes: int, board: progress.Board):
+        self.grid, self.root, self.overrides = grid, root, overrides
+        self.executor, self.num_processes, self.board = executor, num_processes, board
+        self.registry = root / "registry"
+        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [],
+                                             "figures": []}
+        self.logs: dict[str, Path] = {}
+
+    def record(self, run: Run, out: Path, notebook: Path | None) -> None:
+        record_output_dir(run.name, out, self.registry, grid=self.grid, run=run_record(run),
+                          executor=self.executor, notebook=str(notebook) if notebook else None)
+
+    def execute(self, run: Run, out: Path, log: Path) -> tuple[int, Path | None]:
+        """Train ``run`` into ``out`` (its progress on the board); (exit status, the
+        executed run notebook or None)."""
+        with self.board.track(run.name, out) as tracker:
+            if self.executor == "cli":
+                return run_cli(run, out, self.overrides, log, self.num_processes,
+                               tracker.poll), None
+            notebook = out / "run.ipynb"
+            params = run_parameters(run, out, self.registry, self.overrides, self.grid,
+                                    self.num_processes, notebook)
+            return run_papermill(RUN_NOTEBOOK, notebook, params, log, poll=tracker.poll), notebook
+
+    def one(self, run: Run) -> None:
+        out = self.root / "cells" / run.name  # shared by every grid that holds the run
+        if is_complete(out):
+            if load_entry(run.name, self.registry) is None:  # trained, never recorded
+                self.record(run, out, None)
+            self.result["skipped"].append(run.name)
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        log = self.logs[run.name] = out.parent / f"{run.name}.log"
+        rc, notebook = self.execute(run, out, log)
+        if rc == 0 and is_complete(out):
+            if self.executor == "cli" or load_entry(run.name, self.registry) is None:
+                self.record(run, out, notebook)
+            metrics = json.loads((out / "metrics.json").read_text())
+            self.result["done"].append(run.name)
+            self.board.write(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
+                             f"{metrics['best_miou']:.2f}, last {metrics['last_miou']:.2f})")
+        else:
+            self.result["failed"].append(run.name)
+            self.board.write(f"  FAILED  {run.name} (exit {rc}; log {log}"
+                             f"{'; notebook ' + str(notebook) if notebook else ''})")
+
+    def report(self) -> None:
+        r = self.result
+        print(f"{len(r['done'])} done, {len(r['skipped'])} skipped (complete), "
+              f"{len(r['failed'])} failed", flush=True)
+        if r["failed"]:
+            print("failed:\n  " + "\n  ".join(
+                f"{n}  (log {self.logs[n]})" if n in self.logs else n for n in r["failed"]),
+                flush=True)
+
+
 def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] | None = None,
               jobs: int = 1, only: str | None = None, executor: str = "papermill",
               figures: bool = True, figures_dir: Path | None = None, num_processes: int = 1,
@@ -180,54 +242,15 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     succeeded)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    root = Path(runs_root) if runs_root else paths.runs_dir()
-    root = root.resolve()
-    registry = root / "registry"
+    root = (Path(runs_root) if runs_root else paths.runs_dir()).resolve()
     todo = [r for r in (runs if runs is not None else grids.build_grid(grid))
             if not only or only in r.name]
-    overrides = list(overrides or [])
-    result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
-    logs: dict[str, Path] = {}
-    board = board or progress.Board()
-
-    def record(run: Run, out: Path, notebook: Path | None) -> None:
-        record_output_dir(run.name, out, registry, grid=grid, run=run_record(run),
-                          executor=executor, notebook=str(notebook) if notebook else None)
-
-    def one(run: Run) -> None:
-        out = root / "cells" / run.name  # shared by every grid that holds the run
-        if is_complete(out):
-            if load_entry(run.name, registry) is None:  # trained, never recorded
-                record(run, out, None)
-            result["skipped"].append(run.name)
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        started = time.time()
-        log = logs[run.name] = out.parent / f"{run.name}.log"
-        notebook = None
-        with board.track(run.name, out) as tracker:
-            if executor == "cli":
-                rc = run_cli(run, out, overrides, log, num_processes, tracker.poll)
-            else:
-                notebook = out / "run.ipynb"
-                params = run_parameters(run, out, registry, overrides, grid, num_processes,
-                                        notebook)
-                rc = run_papermill(RUN_NOTEBOOK, notebook, params, log, poll=tracker.poll)
-        if rc == 0 and is_complete(out):
-            if executor == "cli" or load_entry(run.name, registry) is None:
-                record(run, out, notebook)
-            metrics = json.loads((out / "metrics.json").read_text())
-            result["done"].append(run.name)
-            board.write(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
-                        f"{metrics['best_miou']:.2f}, last {metrics['last_miou']:.2f})")
-        else:
-            result["failed"].append(run.name)
-            board.write(f"  FAILED  {run.name} (exit {rc}; log {log}"
-                        f"{'; notebook ' + str(notebook) if notebook else ''})")
-
+    runner = GridRunner(grid, root, list(overrides or []), executor, num_processes,
+                        board or progress.Board())
+    result = runner.result
     print(f"grid {grid}: {len(todo)} runs, {jobs} at a time, executor {executor}", flush=True)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(runner.one, todo))
     order = {r.name: i for i, r in enumerate(todo)}  # report in grid order, whatever finished first
     for key in ("done", "skipped", "failed"):
         result[key].sort(key=lambda n: order.get(n, len(order)))
@@ -239,11 +262,7 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
         else:
             result["failed"].append("figures")
             print(f"  FAILED  figures notebook (exit {rc}; log {nb.with_suffix('.log')})")
-    print(f"{len(result['done'])} done, {len(result['skipped'])} skipped (complete), "
-          f"{len(result['failed'])} failed", flush=True)
-    if result["failed"]:
-        print("failed:\n  " + "\n  ".join(
-            f"{n}  (log {logs[n]})" if n in logs else n for n in result["failed"]), flush=True)
+    runner.report()
     return result
 
 

@@ -294,3 +294,19 @@ def test_prediction_grid_explains_its_colours():
     fig = viz.plot_prediction_grid(samples, "t")
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["background", "disc", "rectangle", IGNORE_LABEL]
+
+
+def test_checkpoint_paths_are_taken_from_the_repository_root(tiny_model, tmp_path, monkeypatch):
+    """A notebook's kernel runs in notebooks/: 'runs/...' still means the checkout's runs/."""
+    from mlcl.train import save_weights
+
+    model, cfg = tiny_model
+    repo, kernel_dir = tmp_path / "repo", tmp_path / "repo" / "notebooks"
+    kernel_dir.mkdir(parents=True)
+    save_weights(repo / "runs" / "demo" / "best.pt", model, cfg, cfg.data.class_names, 1, 50.0)
+    monkeypatch.setattr(paths, "REPO", repo)
+    monkeypatch.chdir(kernel_dir)
+    ck = mi.load_checkpoint("runs/demo/best.pt", device="cpu")
+    assert ck.path == repo / "runs" / "demo" / "best.pt" and ck.miou == 50.0
+    with pytest.raises(FileNotFoundError, match="runs/missing/best.pt"):
+        mi.load_checkpoint("runs/missing/best.pt")
