@@ -75,7 +75,7 @@ def describe(p: dict[str, Any] | None) -> str:
     """``val mIoU 45.21 (best 46.03), ETA 1:40`` for a progress record; ``starting`` when
     there is none yet."""
     if p is None:
-        return "starting (kernel, data, model)"
+        return "starting (Python, data, model)"
     miou, best = p.get("miou"), p.get("best_miou")
     val = "val mIoU -" if miou is None else f"val mIoU {miou:.2f}"
     if best is not None and miou is not None and best != miou:

@@ -9,7 +9,9 @@ own kernel, and keeps the executed notebook as ``runs/cells/<name>/run.ipynb``; 
 through ``python -m mlcl train`` in a subprocess. Either way a run's output dir is
 ``<runs>/cells/<Run.name>`` and its registry entry ``<runs>/registry/<Run.name>.json``; a run
 whose metrics.json says complete is skipped (and recorded if its entry is missing). Runs
-execute ``jobs`` at a time with one OpenMP thread each. With ``num_processes > 1`` every run
+execute ``jobs`` at a time with one OpenMP thread each; while they train, each shows its
+iteration, latest validation mIoU and ETA from its ``progress.json`` (mlcl.progress: a bar
+per run on a terminal, plain lines in a log). With ``num_processes > 1`` every run
 trains through ``accelerate launch`` (multi-GPU). Finally ``notebooks/figures.ipynb`` is
 executed (into ``<runs>/notebooks/``) and writes into figures/ (or ``--figures DIR``).
 """
