@@ -24,8 +24,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mlcl demo
 
+# JupyterLab on notebooks/; as root (containers) Jupyter needs --allow-root, added here.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # make reproduce GRID=synthetic-study JOBS=2 ARGS="--executor cli data.root=data/synthetic"
 GRID ?= synthetic-study
@@ -33,10 +34,10 @@ JOBS ?= 2
 reproduce: $(STAMP)
 	$(PY) -m mlcl reproduce --grid $(GRID) --jobs $(JOBS) $(ARGS)
 
-# Rebuild figures/ from the results registry (runs/registry) alone.
+# Rebuild the figures from a results registry alone: runs/registry -> figures/, or, when only
+# the demo has run, runs/demo/registry -> figures/demo/ (it says which).
 figures: $(STAMP)
-	mkdir -p runs/notebooks
-	$(PY) -m papermill notebooks/figures.ipynb runs/notebooks/figures.ipynb --no-progress-bar
+	$(PY) -m mlcl figures
 
 bench: $(STAMP)
 	$(PY) -m mlcl bench --device cpu --out runs/bench/bench_cpu.json

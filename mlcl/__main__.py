@@ -1,4 +1,4 @@
-"""Command line: python -m mlcl {synth,train,evaluate,predict,data,demo,...} [options] [key=value ...]
+"""Command line: python -m mlcl {synth,train,evaluate,predict,data,demo,figures,...} [options] [key=value ...]
 
     python -m mlcl synth --out data/synthetic
     python -m mlcl train --config synthetic data.root=data/synthetic method=mlcl
@@ -54,6 +54,8 @@ def cmd_train(args) -> int:
     print(json.dumps({k: metrics.get(k) for k in
                       ("method", "dataset", "split", "seed", "best_miou", "last_miou",
                        "wall_time_s")}))
+    print(f"wrote {os.path.abspath(cfg.output_dir)}/ (best.pt, last.pt, metrics.json, "
+          "config.yaml, checkpoints/, tensorboard/)")
     return 0
 
 
@@ -173,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)
+
+    p = sub.add_parser("figures", help="figures and tables from the results registry "
+                                       "(notebooks/figures.ipynb)")
+    reproduce.add_figures_arguments(p)
+    p.set_defaults(func=reproduce.figures_main)
 
     p = sub.add_parser("demo", help="the short CPU demo: synthetic data, train, evaluate")
     p.add_argument("--out", default=None, help="runs folder (default runs/demo)")

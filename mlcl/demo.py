@@ -1,12 +1,17 @@
-"""`make demo`: a short CPU demonstration on the synthetic dataset, through the notebooks.
+"""`make demo` (= ``python -m mlcl demo``): a short CPU demonstration on the synthetic data,
+through the notebooks.
 
-Generates the dataset (once), runs the ``demo`` grid (supervised / UniMatch / MLCL at 1/16
-labels, 600 iterations, one seed; mlcl.grids) with the run notebook under papermill, two runs
-at a time with one thread each, then the figures notebook and, when the time budget allows,
-the perturbation and prototype notebooks on the demo's MLCL (and UniMatch) checkpoints. Prints
-the three methods' mIoU side by side. A short demo, not the study: see the
-``synthetic-study`` grid. Runs go under runs/demo/, figures and tables into figures/demo/;
-a second `make demo` trains nothing and only rebuilds the figures.
+1. writes the synthetic dataset into data/synthetic/ (once);
+2. trains the ``demo`` grid (mlcl.grids: supervised, UniMatch and MLCL at 1/16 labels, one
+   seed, a short schedule) with notebooks/run.ipynb under papermill, two runs at a time with
+   one thread each, showing each run's progress (mlcl.progress);
+3. runs the three other notebooks on the results, two at a time: prototypes (UniMatch and
+   MLCL checkpoints), perturbations (the MLCL checkpoint), then figures (the demo's registry);
+4. prints the three methods' mIoU side by side and where everything landed.
+
+Runs go under runs/demo/ (cells/<run>/, registry/, notebooks/), figures and tables into
+figures/demo/. A second `make demo` trains nothing (complete runs are skipped) and only
+rebuilds the figures. A short demo on synthetic data, not the study and not VOC results.
 """
 from __future__ import annotations
 
@@ -14,14 +19,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mlcl import grids, paths
+from mlcl import grids, paths, progress
 from mlcl.registry import load_entry
 
 DEMO_METHODS = ("supervised", "unimatch", "mlcl")
-# Validate every epoch (about 117 iterations at 1/16), so the curves have points.
-DEMO_OVERRIDES = ["train.eval_every=1"]
-BUDGET_S = 600  # the demo's target wall time on 2 cores
-INSPECT_NEEDS_S = 100  # the perturbation + prototype notebooks, roughly, on a busy 2-core box
+SYNTHETIC = {"num_train": 1000, "num_val": 200, "size": 64, "classes": 7, "seed": 0}
 
 
 def ensure_synthetic(root: Path) -> Path:
@@ -30,7 +32,7 @@ def ensure_synthetic(root: Path) -> Path:
 
     if not (root / "ImageSets" / "Segmentation" / "val.txt").is_file():
         print(f"writing the synthetic dataset to {root} ...", flush=True)
-        make_synthetic(root, num_train=1000, num_val=200, size=64, classes=7, seed=0)
+        make_synthetic(root, **SYNTHETIC)
     return root
 
 
@@ -39,78 +41,103 @@ def demo_runs() -> dict[str, grids.Run]:
     return {r.method: r for r in grids.build_grid("demo")}
 
 
-def run_inspection(runs: Path, figures: Path, cells: dict[str, Path]) -> list[str]:
-    """The perturbation notebook on the MLCL checkpoint, then the prototype notebook on the
-    UniMatch and MLCL ones; returns the names of the notebooks that failed."""
-    from mlcl.reproduce import run_papermill
+def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[list[tuple]]:
+    """The post-training notebooks as two chains run side by side: [prototypes] and
+    [perturbations, figures]; each job is (name, notebook, executed copy, parameters)."""
+    from mlcl.reproduce import FIGURES_NOTEBOOK
 
     nb_dir = runs / "notebooks"
-    jobs = [("perturbations", {"checkpoint": str(cells["mlcl"] / "best.pt"),
-                               "out_dir": str(figures)})]
-    protos = {label: str(cells[m] / "best.pt") for label, m in
-              (("UniMatch", "unimatch"), ("MLCL", "mlcl")) if (cells[m] / "best.pt").is_file()}
-    jobs.append(("prototypes", {"checkpoints": protos, "out_dir": str(figures)}))
+    best = {m: str(cells[m] / "best.pt") for m in cells}
+    protos = ("prototypes", paths.NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
+              {"checkpoints": {"UniMatch": best["unimatch"], "MLCL": best["mlcl"]},
+               "out_dir": str(figures)})
+    perts = ("perturbations", paths.NOTEBOOKS / "perturbations.ipynb",
+             nb_dir / "perturbations-demo.ipynb",
+             {"checkpoint": best["mlcl"], "out_dir": str(figures)})
+    figs = ("figures", FIGURES_NOTEBOOK, nb_dir / "figures-demo.ipynb",
+            {"registry_dir": str(runs / "registry"), "figures_dir": str(figures)})
+    return [[protos], [perts, figs]]
+
+
+def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
+    """Execute the notebooks of a chain in order; returns the names of those that failed."""
+    from mlcl.reproduce import run_papermill
+
     failed = []
-    for name, params in jobs:
-        out = nb_dir / f"{name}-demo.ipynb"
-        rc = run_papermill(paths.NOTEBOOKS / f"{name}.ipynb", out, params, out.with_suffix(".log"))
-        print(f"  {name} notebook {'done' if rc == 0 else 'FAILED'} ({out})", flush=True)
+    for name, notebook, out, params in chain:
+        started = time.time()
+        rc = run_papermill(notebook, out, params, out.with_suffix(".log"))
+        state = "done  " if rc == 0 else "FAILED"
+        board.write(f"  {state}  {name} notebook ({time.time() - started:.0f} s) -> {out}"
+                    + ("" if rc == 0 else f" (log {out.with_suffix('.log')})"))
         if rc != 0:
             failed.append(name)
     return failed
 
 
-def print_summary(runs: Path, seconds: float) -> None:
-    print(f"\nShort demo on SYNTHETIC data (1/16 labels, 600 iterations, one seed; "
-          f"{seconds:.0f} s) - not the study, not VOC results:")
-    print(f"  {'method':<10s} {'best mIoU':>9s} {'last mIoU':>9s}")
-    runs_by_method = demo_runs()
-    for method in DEMO_METHODS:
-        run = runs_by_method[method]
+def summary_lines(runs: Path) -> list[str]:
+    """The demo's table: best and last validation mIoU and training time per method."""
+    run = demo_runs()["mlcl"]
+    lines = [f"Short demo on SYNTHETIC data ({run.split.replace('_', '/')} labels, one seed, "
+             f"{schedule_text()}) - not the study, not VOC results:",
+             f"  {'method':<11s} {'best mIoU':>9s} {'last mIoU':>9s} {'train (wall s)':>14s}"]
+    for method, run in sorted(demo_runs().items(), key=lambda kv: DEMO_METHODS.index(kv[0])):
         entry = load_entry(run.name, runs / "registry")
         if entry is None:
-            print(f"  {method:<10s} FAILED (see {runs / 'cells' / (run.name + '.log')})")
+            lines.append(f"  {method:<11s} FAILED (see {runs / 'cells' / (run.name + '.log')})")
             continue
         m = entry["metrics"]
-        print(f"  {method:<10s} {m['best_miou']:9.2f} {m['last_miou']:9.2f}")
+        lines.append(f"  {method:<11s} {m['best_miou']:9.2f} {m['last_miou']:9.2f} "
+                     f"{m.get('wall_time_s') or 0:14.0f}")
+    return lines
+
+
+def schedule_text() -> str:
+    """e.g. '400 iterations, validation every epoch' from the demo grid's overrides."""
+    ov = dict(o.split("=", 1) for o in demo_runs()["mlcl"].overrides)
+    return f"{ov.get('train.max_iters', '?')} iterations, validation every epoch"
+
+
+def where_lines(runs: Path, figures: Path) -> list[str]:
+    """Where the demo's outputs are, and what to try next."""
+    mlcl = runs / "cells" / demo_runs()["mlcl"].name
+    return [
+        "", "Where everything is:",
+        f"  runs (best.pt, last.pt, metrics.json, tensorboard/, run.ipynb): {runs / 'cells'}/<run>/",
+        f"  results registry (one JSON per run):  {runs / 'registry'}",
+        f"  executed notebooks:                   {runs / 'notebooks'}",
+        f"  figures and tables (synthetic data):  {figures}",
+        "", "Next:",
+        f"  python -m mlcl evaluate --checkpoint {mlcl / 'best.pt'}",
+        f"  .venv/bin/tensorboard --logdir {runs / 'cells'}",
+        "  make lab          # the notebooks, with these runs as their defaults",
+        "  README.md, 'What next': the synthetic study, real data"]
 
 
 def run_demo(args) -> int:
-    from mlcl.reproduce import reproduce, run_figures
-
-    started = time.time()
-    runs = (Path(args.out) if getattr(args, "out", None) else paths.runs_dir() / "demo").resolve()
-    figures = paths.figures_dir() / "demo"  # the study's figures stay in figures/ itself
-    data_root = ensure_synthetic(paths.data_dir() / "synthetic").resolve()
-    print(f"training {', '.join(DEMO_METHODS)} (the 'demo' grid) through notebooks/run.ipynb, "
-          f"2 at a time, into {runs / 'cells'} ...", flush=True)
-    result = reproduce("demo", runs_root=runs, overrides=[f"data.root={data_root}",
-                                                          *DEMO_OVERRIDES],
-                       jobs=2, figures=False)
-    cells = {m: runs / "cells" / r.name for m, r in demo_runs().items()}
-    failed = list(result["failed"])
-    left = BUDGET_S - (time.time() - started)
-    inspect = (cells["mlcl"] / "best.pt").is_file() and left > INSPECT_NEEDS_S
-    print(f"figures notebook{' + perturbation and prototype notebooks' if inspect else ''} "
-          f"-> {figures} ...", flush=True)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        fig = pool.submit(run_figures, runs, figures, "figures-demo")
-        extra = pool.submit(run_inspection, runs, figures, cells) if inspect else None
-        rc, nb = fig.result()
-        print(f"  figures notebook {'done' if rc == 0 else 'FAILED'} ({nb})", flush=True)
-        if rc != 0:
-            failed.append("figures")
-        if extra is not None:
-            failed += extra.result()
-    if not inspect:
-        print(f"  (perturbation / prototype notebooks skipped: {max(left, 0):.0f} s of the "
-              f"{BUDGET_S} s budget left; run them from JupyterLab: make lab)")
+    """`python -m mlcl demo [--out DIR]`; returns the exit status (1 if anything failed)."""
+    from mlcl.reproduce import reproduce
     from mlcl.viz import write_index
 
+    started = time.time()
+    runs = (Path(args.out) if getattr(args, "out", None) else paths.demo_dir()).resolve()
+    figures = paths.figures_dir() / "demo"  # the study's figures stay in figures/ itself
+    data_root = ensure_synthetic(paths.data_dir() / "synthetic").resolve()
+    board = progress.Board()
+    print(f"training {', '.join(DEMO_METHODS)} (grid 'demo': {schedule_text()}) through "
+          f"notebooks/run.ipynb, 2 at a time, into {runs / 'cells'} ...", flush=True)
+    result = reproduce("demo", runs_root=runs, overrides=[f"data.root={data_root}"], jobs=2,
+                       figures=False, board=board)
+    failed = list(result["failed"])
+    cells = {m: runs / "cells" / r.name for m, r in demo_runs().items()}
+    print(f"notebooks: prototypes | perturbations, then figures -> {figures} ...", flush=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for names in pool.map(lambda c: run_chain(c, board), notebook_jobs(runs, figures, cells)):
+            failed += names
     write_index(figures, {"registry": str(runs / "registry")})
-    print_summary(runs, time.time() - started)
-    print(f"\nFigures and tables (synthetic-data results): {figures}\n"
-          f"Executed notebooks: {runs / 'cells'}/*/run.ipynb and {runs / 'notebooks'}/")
+    print("\n" + "\n".join(summary_lines(runs)))
+    print("\n".join(where_lines(runs, figures)))
+    print(f"\nmake demo took {time.time() - started:.0f} s")
     if failed:
         print("failed: " + ", ".join(failed))
     return 1 if failed else 0

@@ -52,13 +52,12 @@ class Checkpoint:
 
 
 def fix_data_root(cfg: Config) -> Config:
-    """A relative data.root is taken from the current folder, else from the checkout (runs
-    launched from the repository root store ``data/synthetic``)."""
-    root = Path(cfg.data.root).expanduser()
-    if cfg.data.root and not root.is_absolute() and not root.exists():
-        candidate = paths.REPO / root
-        if candidate.exists():
-            cfg.data.root = str(candidate)
+    """A relative data.root is taken from the current folder, else from the repository root
+    (mlcl.paths.resolve; runs launched from the repository root store ``data/synthetic``)."""
+    if cfg.data.root:
+        root = paths.resolve(cfg.data.root)
+        if root != Path(cfg.data.root).expanduser():
+            cfg.data.root = str(root)
     return cfg
 
 
@@ -72,10 +71,12 @@ def device_of(model) -> torch.device:
 
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
                     device: str | torch.device | None = None) -> Checkpoint:
-    """A ``best.pt``/``last.pt`` with its config, class names and prototype bank; the model
-    on ``device`` (default: the GPU if there is one). Results come back on the CPU."""
+    """A ``best.pt``/``last.pt`` (a relative path: from the current folder, else from the
+    repository root) with its config, class names and prototype bank; the model on
+    ``device`` (default: the GPU if there is one). Results come back on the CPU."""
     from mlcl.predict import load_weights
 
+    path = paths.resolve(path)  # "runs/demo/..." works from notebooks/ too
     model, cfg, names = load_weights(path, overrides)
     model = model.to(device or default_device())
     raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -161,10 +162,11 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
     the mask ratio r and noise amplitude a it implies, the attention map, the keep mask,
     the features F_w, F_s, F_mk, F_ne and the decoder's probabilities on each.
 
-    ``double_transform`` selects the released code's mask ratio (docs/method.md, "Paper versus
-    release"). With ``cutmix`` the
-    strong view s1 takes its box from the batch rolled by one and the weak view compared
-    with it does too (F_1, as in training); otherwise the plain views are shown. The random
+    ``double_transform`` selects the released code's mask ratio (the config switch
+    ``mlcl.double_transform``; docs/method.md, the paper-versus-release differences). With
+    ``cutmix`` the strong view s1 takes its box from the batch rolled by one and the weak
+    view compared with it does too (F_1, as in training); otherwise the plain views are
+    shown. The random
     draws (mask threshold, noise) come from ``seed``, so two calls differing only in
     ``double_transform`` draw the same numbers.
     """

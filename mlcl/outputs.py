@@ -16,11 +16,10 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-from mlcl import paths
+from mlcl import paths, progress
 from mlcl.config import ConfigError
 from mlcl.files import atomic_write_json
 
@@ -83,19 +82,20 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_progress(run, status: str) -> None:
-    """progress.json of ``run`` (a mlcl.train.Run); main process only."""
+def save_progress(run, status: str) -> None:
+    """progress.json of ``run`` (a mlcl.train.Run) in the format of mlcl.progress; main
+    process only."""
     if not run.acc.is_main_process:
         return
     s = run.state
     evaluated = [r["miou"] for r in s.history if "miou" in r]
     epoch = min(s.iteration // run.iters_per_epoch + 1, run.epochs) if status == "running" \
         else s.epoch
-    atomic_write_json(run.out / "progress.json", {
-        "iteration": s.iteration, "total_iters": run.total_iters, "epoch": epoch,
-        "epochs": run.epochs, "miou": evaluated[-1] if evaluated else None,
-        "best_miou": s.best_miou if s.best_epoch >= 0 else None,
-        "elapsed_s": run.elapsed(), "status": status, "updated": time.time()})
+    progress.write_progress(run.out, iteration=s.iteration, total_iters=run.total_iters,
+                            epoch=epoch, epochs=run.epochs,
+                            miou=evaluated[-1] if evaluated else None,
+                            best_miou=s.best_miou if s.best_epoch >= 0 else None,
+                            elapsed_s=run.elapsed(), status=status)
 
 
 def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:

@@ -31,3 +31,32 @@ def cache_dir() -> Path:
     if os.environ.get("MLCL_CACHE"):
         return Path(os.environ["MLCL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlcl"
+def demo_dir() -> Path:
+    """The runs folder of `make demo` (its cells, registry and executed notebooks)."""
+    return runs_dir() / "demo"
+
+
+def resolve(path: str | Path, output: bool = False) -> Path:
+    """``path`` as given when it is absolute or exists from the current folder; otherwise
+    taken from the repository root when it exists there. Commands and presets write paths
+    relative to the repository root, and a notebook's kernel runs in ``notebooks/``, so
+    "runs/demo/..." must mean the same from both. A path found nowhere is returned as
+    given (``~`` expanded), so the error that follows names what the user typed; with
+    ``output`` (a folder about to be written) it is taken from the repository root."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not str(path):
+        return p
+    return REPO / p if output or (REPO / p).exists() else p
+
+
+def registry_dirs() -> list[Path]:
+    """Where a results registry may be, in the order readers look: the study's
+    ``<runs>/registry`` (reproduce, the run notebook), then the demo's."""
+    return [runs_dir() / "registry", demo_dir() / "registry"]
+
+
+def figures_for(registry: Path) -> Path:
+    """The figures folder that goes with a registry: figures/demo/ for the demo's, so the
+    demo never overwrites the study's figures in figures/."""
+    demo = (demo_dir() / "registry").resolve()
+    return figures_dir() / "demo" if Path(registry).resolve() == demo else figures_dir()

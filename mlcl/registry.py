@@ -31,7 +31,20 @@ RUN_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
 
 
 def registry_dir(root: str | Path | None = None) -> Path:
-    return Path(root) if root else paths.runs_dir() / "registry"
+    """``root``, or the study's registry ``<runs>/registry`` (where runs are recorded)."""
+    return paths.resolve(root) if root else paths.registry_dirs()[0]
+
+
+def find_registry(root: str | Path | None = None) -> Path:
+    """The registry to read: ``root`` when given, else the first of
+    mlcl.paths.registry_dirs() that holds an entry (the study's, then the demo's), else
+    the study's (empty)."""
+    if root:
+        return paths.resolve(root)
+    for candidate in paths.registry_dirs():
+        if any(candidate.glob("*.json")):
+            return candidate
+    return paths.registry_dirs()[0]
 
 
 def environment() -> dict[str, Any]:
@@ -133,15 +146,10 @@ def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
 def entry_output_dir(entry: dict[str, Any]) -> Path | None:
     """The run's output folder (best.pt, last.pt, metrics.json): the entry's ``output_dir``,
     else the one in its metrics or config; a relative path is taken from the current
-    folder, else from the checkout."""
+    folder, else from the repository root (mlcl.paths.resolve)."""
     raw = (entry.get("output_dir") or (entry.get("metrics") or {}).get("output_dir")
            or (entry.get("config") or {}).get("output_dir"))
-    if not raw:
-        return None
-    path = Path(raw).expanduser()
-    if not path.is_absolute() and not path.exists() and (paths.REPO / path).exists():
-        path = paths.REPO / path
-    return path
+    return paths.resolve(raw) if raw else None
 
 
 # What the runs of one table differ in by design: the methods and variants compared, the

@@ -15,7 +15,9 @@ with its cause, and so does a cell trained before with other settings than reque
 less the keys in ``mlcl.config.RESULT_NEUTRAL``). A failed run is listed with the last
 error line of its log; one that failed before its first checkpoint leaves no cell folder
 (its executed notebook moves beside the log). Runs
-execute ``jobs`` at a time with one OpenMP thread each. With ``num_processes > 1`` every run
+execute ``jobs`` at a time with one OpenMP thread each; while they train, each shows its
+iteration, latest validation mIoU and ETA from its ``progress.json`` (mlcl.progress: a bar
+per run on a terminal, plain lines in a log). With ``num_processes > 1`` every run
 trains through ``accelerate launch`` (multi-GPU). Finally ``notebooks/figures.ipynb`` is
 executed (into ``<runs>/notebooks/``) and writes into figures/ (or ``--figures DIR``).
 """
@@ -33,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mlcl import grids, paths
+from mlcl import grids, paths, progress
 from mlcl.grids import GRIDS, Run
-from mlcl.registry import load_entry, record_output_dir
+from mlcl.registry import find_registry, load_entry, record_output_dir
 
 EXECUTORS = ("papermill", "cli")
 RUN_NOTEBOOK = paths.NOTEBOOKS / "run.ipynb"
@@ -104,14 +106,21 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
     return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
 
 
-def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
-            num_processes: int = 1) -> int:
-    cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
-                        num_processes)
+def run_logged(cmd: list[str], log: Path, poll=None) -> int:
+    """Run ``cmd`` with one thread per library, its output into ``log``; ``poll()`` is called
+    every second while it runs (the live progress display). Returns its exit status."""
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
-        return subprocess.call(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+        return progress.wait(proc, poll)
+
+
+def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
+            num_processes: int = 1, poll=None) -> int:
+    cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
+                        num_processes)
+    return run_logged(cmd, log, poll)
 
 
 def run_parameters(run: Run, out: Path, registry: Path, overrides: list[str], grid: str | None,
@@ -125,17 +134,15 @@ def run_parameters(run: Run, out: Path, registry: Path, overrides: list[str], gr
 
 
 def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log: Path,
-                  cwd: str | Path | None = None) -> int:
+                  cwd: str | Path | None = None, poll=None) -> int:
     """Execute ``notebook`` with papermill in a fresh kernel (its own process) into
-    ``output``; cell outputs go to ``log``. Returns papermill's exit status."""
+    ``output``; cell outputs go to ``log``; ``poll`` as in :func:`run_logged`. Returns
+    papermill's exit status."""
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(output),
            "-y", json.dumps(parameters), "--kernel", "python3", "--no-progress-bar",
            "--log-output", "--cwd", str(cwd or os.getcwd())]
-    with open(log, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        return subprocess.call(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
+    return run_logged(cmd, log, poll)
 
 
 def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "figures",
@@ -147,6 +154,28 @@ def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "f
               "figures_dir": str(figures_dir or paths.figures_dir()), **(parameters or {})}
     rc = run_papermill(FIGURES_NOTEBOOK, out, params, out.with_suffix(".log"))
     return rc, out
+
+
+def figures_main(args) -> int:
+    """``python -m mlcl figures [--registry DIR] [--out DIR]`` (= `make figures`): the
+    figures notebook on the registry that exists (mlcl.registry.find_registry), saying
+    which; exit 1 with one line when there is no registry with runs."""
+    reg = find_registry(args.registry)
+    count = len(list(reg.glob("*.json")))
+    if count == 0:
+        looked = ", ".join(str(p) for p in ([reg] if args.registry else paths.registry_dirs()))
+        print(f"error: no results registry with runs (looked in {looked}): run `make demo` "
+              "or `python -m mlcl reproduce` first, or give --registry DIR", file=sys.stderr)
+        return 1
+    out = paths.resolve(args.out, output=True) if args.out else paths.figures_for(reg)
+    nb = paths.runs_dir() / "notebooks" / "figures.ipynb"
+    print(f"reading the registry {reg} ({count} runs); writing figures and tables into "
+          f"{out} ...", flush=True)
+    rc = run_papermill(FIGURES_NOTEBOOK, nb, {"registry_dir": str(reg), "figures_dir": str(out)},
+                       nb.with_suffix(".log"))
+    print(f"{'done' if rc == 0 else 'FAILED'}: executed notebook {nb}"
+          + ("" if rc == 0 else f" (log {nb.with_suffix('.log')})"), flush=True)
+    return rc
 
 
 # --------------------------------------------------------------------------- cell checks
@@ -265,69 +294,97 @@ def tidy_failed_cell(out: Path, existed: bool, notebook: Path | None) -> Path | 
 
 
 # --------------------------------------------------------------------------- the grid
-def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] | None = None,
-              jobs: int = 1, only: str | None = None, executor: str = "papermill",
-              figures: bool = True, figures_dir: Path | None = None, num_processes: int = 1,
-              runs: list[Run] | None = None, rerun_changed: bool = False
-              ) -> dict[str, list[str]]:
-    """Run the grid (or the given ``runs``); returns {'done', 'skipped', 'failed'} (run
-    names) and 'figures' (the executed figures notebook, when it ran and succeeded). Every
-    cell's configuration is checked first (:func:`check_cells`): nothing trains when one
-    is bad or when a cell was trained with other settings (``rerun_changed``: train those
-    again)."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    root = Path(runs_root) if runs_root else paths.runs_dir()
-    root = root.resolve()
-    registry = root / "registry"
-    todo = [r for r in (runs if runs is not None else grids.build_grid(grid))
-            if not only or only in r.name]
-    overrides = list(overrides or [])
-    result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
-    logs: dict[str, Path] = {}
-    causes: dict[str, str] = {}
+class GridRunner:
+    """What the worker threads of one :func:`reproduce` call share: where runs and the
+    registry go, how runs execute, the progress board, and the results so far."""
 
-    def record(run: Run, out: Path, notebook: Path | None) -> None:
-        record_output_dir(run.name, out, registry, grid=grid, run=run_record(run),
-                          executor=executor, notebook=str(notebook) if notebook else None)
+    def __init__(self, grid: str, root: Path, overrides: list[str], executor: str,
+                 num_processes: int, board: progress.Board):
+        self.grid, self.root, self.overrides = grid, root, overrides
+        self.executor, self.num_processes, self.board = executor, num_processes, board
+        self.registry = root / "registry"
+        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [],
+                                             "figures": []}
+        self.logs: dict[str, Path] = {}
+        self.causes: dict[str, str] = {}
 
-    def one(run: Run) -> None:
-        out = root / "cells" / run.name  # shared by every grid that holds the run
+    def record(self, run: Run, out: Path, notebook: Path | None) -> None:
+        record_output_dir(run.name, out, self.registry, grid=self.grid, run=run_record(run),
+                          executor=self.executor, notebook=str(notebook) if notebook else None)
+
+    def execute(self, run: Run, out: Path, log: Path) -> tuple[int, Path | None]:
+        """Train ``run`` into ``out`` (its progress on the board); (exit status, the
+        executed run notebook or None)."""
+        with self.board.track(run.name, out) as tracker:
+            if self.executor == "cli":
+                return run_cli(run, out, self.overrides, log, self.num_processes,
+                               tracker.poll), None
+            notebook = out / "run.ipynb"
+            params = run_parameters(run, out, self.registry, self.overrides, self.grid,
+                                    self.num_processes, notebook)
+            return run_papermill(RUN_NOTEBOOK, notebook, params, log, poll=tracker.poll), notebook
+
+    def one(self, run: Run) -> None:
+        out = self.root / "cells" / run.name  # shared by every grid that holds the run
         if is_complete(out):
-            if load_entry(run.name, registry) is None:  # trained, never recorded
-                record(run, out, None)
-            result["skipped"].append(run.name)
+            if load_entry(run.name, self.registry) is None:  # trained, never recorded
+                self.record(run, out, None)
+            self.result["skipped"].append(run.name)
             return
         existed = out.exists()
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        log = logs[run.name] = out.parent / f"{run.name}.log"
-        notebook = None
-        if executor == "cli":
-            rc = run_cli(run, out, overrides, log, num_processes)
-        else:
-            notebook = out / "run.ipynb"
-            params = run_parameters(run, out, registry, overrides, grid, num_processes, notebook)
-            rc = run_papermill(RUN_NOTEBOOK, notebook, params, log)
+        log = self.logs[run.name] = out.parent / f"{run.name}.log"
+        rc, notebook = self.execute(run, out, log)
         if rc == 0 and is_complete(out):
-            if executor == "cli" or load_entry(run.name, registry) is None:
-                record(run, out, notebook)
+            if self.executor == "cli" or load_entry(run.name, self.registry) is None:
+                self.record(run, out, notebook)
             metrics = json.loads((out / "metrics.json").read_text())
-            result["done"].append(run.name)
-            print(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
-                  f"{metrics['best_miou']:.2f})", flush=True)
+            self.result["done"].append(run.name)
+            self.board.write(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
+                             f"{metrics['best_miou']:.2f}, last {metrics['last_miou']:.2f})")
         else:
-            result["failed"].append(run.name)
+            self.result["failed"].append(run.name)
             notebook = tidy_failed_cell(out, existed, notebook)
-            causes[run.name] = cause_line(log)
-            print(f"  FAILED  {run.name} (exit {rc}; log {log}"
-                  f"{'; notebook ' + str(notebook) if notebook else ''})"
-                  f"{': ' + causes[run.name] if causes[run.name] else ''}", flush=True)
+            cause = self.causes[run.name] = cause_line(log)
+            self.board.write(f"  FAILED  {run.name} (exit {rc}; log {log}"
+                             f"{'; notebook ' + str(notebook) if notebook else ''})"
+                             f"{': ' + cause if cause else ''}")
 
+    def report(self) -> None:
+        r = self.result
+        print(f"{len(r['done'])} done, {len(r['skipped'])} skipped (complete), "
+              f"{len(r['failed'])} failed", flush=True)
+        if r["failed"]:
+            print("failed:\n  " + "\n  ".join(
+                f"{n}  (log {self.logs[n]})"
+                + (f"\n      {self.causes[n]}" if self.causes.get(n) else "")
+                if n in self.logs else n for n in r["failed"]), flush=True)
+
+
+def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] | None = None,
+              jobs: int = 1, only: str | None = None, executor: str = "papermill",
+              figures: bool = True, figures_dir: Path | None = None, num_processes: int = 1,
+              runs: list[Run] | None = None, board: progress.Board | None = None,
+              rerun_changed: bool = False) -> dict[str, list[str]]:
+    """Run the grid (or the given ``runs``), showing each running run's progress on
+    ``board`` (default: a new mlcl.progress.Board on stdout); returns {'done', 'skipped',
+    'failed'} (run names) and 'figures' (the executed figures notebook, when it ran and
+    succeeded). Every cell's configuration is checked first (:func:`check_cells`): nothing
+    trains when one is bad or when a cell was trained with other settings
+    (``rerun_changed``: train those again)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    root = (Path(runs_root) if runs_root else paths.runs_dir()).resolve()
+    todo = [r for r in (runs if runs is not None else grids.build_grid(grid))
+            if not only or only in r.name]
+    runner = GridRunner(grid, root, list(overrides or []), executor, num_processes,
+                        board or progress.Board())
+    result = runner.result
     print(f"grid {grid}: {len(todo)} runs, {jobs} at a time, executor {executor}", flush=True)
-    check_cells(todo, root, overrides, rerun_changed)
+    check_cells(todo, root, runner.overrides, rerun_changed)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(runner.one, todo))
     order = {r.name: i for i, r in enumerate(todo)}  # report in grid order, whatever finished first
     for key in ("done", "skipped", "failed"):
         result[key].sort(key=lambda n: order.get(n, len(order)))
@@ -341,12 +398,7 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
             cause = cause_line(nb.with_suffix(".log"))
             print(f"  FAILED  figures notebook (exit {rc}; log {nb.with_suffix('.log')})"
                   f"{': ' + cause if cause else ''}")
-    print(f"{len(result['done'])} done, {len(result['skipped'])} skipped (complete), "
-          f"{len(result['failed'])} failed", flush=True)
-    if result["failed"]:
-        print("failed:\n  " + "\n  ".join(
-            f"{n}  (log {logs[n]})" + (f"\n      {causes[n]}" if causes.get(n) else "")
-            if n in logs else n for n in result["failed"]), flush=True)
+    runner.report()
     return result
 
 
@@ -368,6 +420,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "such cells stop the grid before anything trains")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every run, e.g. data.root=DIR")
+
+
+def add_figures_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", default=None,
+                   help="registry folder (default: runs/registry when it has runs, else the "
+                        "demo's runs/demo/registry)")
+    p.add_argument("--out", default=None,
+                   help="figures folder (default: figures/, or figures/demo/ for the demo's)")
 
 
 def main(args) -> int:

@@ -46,7 +46,7 @@ from mlcl.loaders import epoch_batches, make_loader, prepare_loaders, train_load
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
-                          remove_fresh_output, run_bytes, write_metrics, write_progress)
+                          remove_fresh_output, run_bytes, write_metrics, save_progress)
 from mlcl.stopping import NonFiniteGuard, RunDiverged, RunInterrupted, RunStopped, StopSignals
 
 # also importable from here (the loop's parts live in engine, checkpoints, loaders, outputs)
@@ -189,7 +189,7 @@ def open_output(run: Run) -> None:
         save_config(run.cfg, run.out / "config.yaml")
     run.acc.wait_for_everyone()
     run.acc.init_trackers("tensorboard")
-    write_progress(run, "running")
+    save_progress(run, "running")
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -225,7 +225,7 @@ def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
     if it % t.log_every == 0:
         check_finite(run)
         log_step(run, terms, bar)
-        write_progress(run, "running")
+        save_progress(run, "running")
     if stop.poll():
         interrupt(run, stop)
     epoch_end = it % run.iters_per_epoch == 0 or it == run.total_iters
@@ -265,7 +265,7 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     save_checkpoint(run)
     status = "complete" if s.iteration >= run.total_iters else "running"
     write_metrics(run, status)
-    write_progress(run, status)
+    save_progress(run, status)
 
 
 def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
@@ -335,7 +335,7 @@ def stop_status(run: Run) -> Iterator[None]:
         if not (fresh and remove_fresh_output(run.out, run.ckpt.root)):
             with contextlib.suppress(Exception):  # e.g. a full disk: keep the first error
                 write_metrics(run, status, None if status == "interrupted" else str(e))
-                write_progress(run, status)
+                save_progress(run, status)
         with contextlib.suppress(Exception):
             run.acc.end_training()
         raise
@@ -346,7 +346,7 @@ def abandon(run: Run) -> None:
     output_dir this run created goes when it holds no checkpoint yet."""
     if run.acc.is_main_process and not (run.created_out and
                                         remove_fresh_output(run.out, run.ckpt.root)):
-        write_progress(run, "interrupted")
+        save_progress(run, "interrupted")
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -354,7 +354,7 @@ def finish(run: Run) -> dict[str, Any]:
     metrics = read_metrics(run.out) if run.acc.is_main_process else None
     if metrics is None or not metrics.get("complete"):
         metrics = write_metrics(run, "complete")
-    write_progress(run, "complete")
+    save_progress(run, "complete")
     run.acc.wait_for_everyone()
     run.acc.end_training()
     return metrics

@@ -157,9 +157,16 @@ def test_demo_on_a_tiny_grid(synth_root, tmp_path, monkeypatch, capsys):
     for run in tiny:
         best = registry.load_entry(run.name, out / "registry")["metrics"]["best_miou"]
         assert f"{best:9.2f}" in text
-    for name in ("table_I.csv", "qualitative.png", "perturbations_paper.png", "embedding.png",
-                 "compactness.csv", "figures.json"):
+    for name in ("synthetic_study_bars.png", "qualitative.png", "curves_synthetic_1_8.png",
+                 "perturbations_paper.png", "sai_response.png", "embedding.png",
+                 "prototypes.png", "compactness_bars.png", "table_I.csv", "figures.json"):
         assert (figs / name).is_file(), name
+    for name in ("prototypes", "perturbations", "figures"):  # always all four notebooks
+        assert f"done    {name} notebook" in text
+        assert (out / "notebooks" / f"{name}-demo.ipynb").is_file()
+    assert f"python -m mlcl evaluate --checkpoint {out / 'cells' / tiny[2].name / 'best.pt'}" in text
+    progress = json.loads((out / "cells" / tiny[2].name / "progress.json").read_text())
+    assert progress["status"] == "complete" and progress["iteration"] == progress["total_iters"] == 2
 
 
 @pytest.mark.slow

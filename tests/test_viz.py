@@ -252,3 +252,61 @@ def test_compactness_and_embeddings():
     for method in ("pca", "tsne"):
         xy, pxy = mi.embed_2d(noisy, means, method)
         assert xy.shape == (60, 2) and np.isfinite(pxy[:3]).all() and np.isnan(pxy[3]).all()
+
+
+# --------------------------------------------------------------------------- self-explaining
+def test_study_bars_start_at_zero_and_say_how_many_seeds():
+    from matplotlib.container import ErrorbarContainer
+
+    one = [fake_entry("synthetic", "1_16", m, 0, b, variant=v or "paper")
+           for (m, v), b in zip(SYN, (55.0, 60.0, 61.0))]
+    ax = viz.plot_synthetic_study(viz.synthetic_values(one), "Short demo").axes[0]
+    assert ax.get_ylim()[0] == 0 and "Short demo" in ax.get_title()
+    assert "1 seed" in ax.get_title()
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]  # n = 1
+    assert viz.results_kind([{**e, "grid": "demo"} for e in one]) == "Short demo"
+    ax = viz.plot_synthetic_study(viz.synthetic_values(study_entries())).axes[0]
+    assert "mean ± std over 1-3 seeds" in ax.get_title() and ax.get_ylim()[0] == 0  # 732: n=1
+    assert [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert viz.results_kind(study_entries()) == "Synthetic study"
+
+
+def test_synthetic_figures_carry_the_mark_on_the_picture(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, _ = plt.subplots()
+    viz.save_figure(fig, "a", "A.", synthetic=True, directory=tmp_path)
+    viz.save_figure(fig, "b", "B.", synthetic=True, directory=tmp_path)
+    assert [t.get_text() for t in fig.texts] == [viz.SYNTHETIC_STAMP]  # once, even saved twice
+    real, _ = plt.subplots()
+    viz.save_figure(real, "c", "C.", synthetic=False, directory=tmp_path)
+    assert not real.texts
+
+
+def test_prediction_grid_explains_its_colours():
+    from mlcl.viz.plots import IGNORE_LABEL
+
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:4] = 255
+    samples = {"images": [np.zeros((8, 8, 3), np.uint8)], "targets": [mask],
+               "preds": {"MLCL": [mask.clip(0, 2)]}, "ids": ["val_000000"],
+               "dataset": "synthetic", "class_names": ["background", "disc", "rectangle"]}
+    fig = viz.plot_prediction_grid(samples, "t")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["background", "disc", "rectangle", IGNORE_LABEL]
+
+
+def test_checkpoint_paths_are_taken_from_the_repository_root(tiny_model, tmp_path, monkeypatch):
+    """A notebook's kernel runs in notebooks/: 'runs/...' still means the checkout's runs/."""
+    from mlcl.train import save_weights
+
+    model, cfg = tiny_model
+    repo, kernel_dir = tmp_path / "repo", tmp_path / "repo" / "notebooks"
+    kernel_dir.mkdir(parents=True)
+    save_weights(repo / "runs" / "demo" / "best.pt", model, cfg, cfg.data.class_names, 1, 50.0)
+    monkeypatch.setattr(paths, "REPO", repo)
+    monkeypatch.chdir(kernel_dir)
+    ck = mi.load_checkpoint("runs/demo/best.pt", device="cpu")
+    assert ck.path == repo / "runs" / "demo" / "best.pt" and ck.miou == 50.0
+    with pytest.raises(FileNotFoundError, match="runs/missing/best.pt"):
+        mi.load_checkpoint("runs/missing/best.pt")

@@ -39,6 +39,10 @@ def main(out: Path) -> None:
         bank.protos.copy_(start)
         bank.update(*shards[state.process_index], average_banks=average)
         torch.save(bank.protos, out / f"rank{state.process_index}-average{int(average)}.pt")
+    # leave together and tear the group down: a process exiting while the other still talks
+    # to the store can abort in gloo's threads ("terminate called without an active exception")
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

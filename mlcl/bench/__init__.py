@@ -53,10 +53,25 @@ from mlcl.train import git_commit
 __all__ = ["BENCH_METHODS", "SECTIONS", "TARGETS", "VOC", "Decoder", "Released", "fka_inputs",
            "interleaved", "build_parser", "main"]
 SECTIONS = ("steps", "memory", "fka_sai", "pipeline", "guard")
+HELP = """What a training step, the FKA + SAI computation and the data pipeline cost, measured
+in one run, on one machine, with the same inputs; writes a JSON report and prints a table
+(docs/performance.md explains every number).
+
+    python -m mlcl bench --device cpu --out runs/bench/bench_cpu.json
+
+Sections (--sections, default all):
+  steps     forward + backward + optimiser step of supervised, unimatch, mlcl and
+            mlcl_released (the released pass structure), on synthetic batches
+  memory    peak memory of one steady-state step per method, and the VOC estimate
+  fka_sai   the MLCL-specific computation alone, this project's code against a
+            re-creation of the released algorithm
+  pipeline  unlabeled samples per second through one data-loader worker
+  guard     the divergence guard's cost per training step
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlcl bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mlcl bench", description=HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")

@@ -11,22 +11,23 @@ synthetic shapes set, not VOC / Cityscapes).
 Modules: tables (numbers and display tables), plots, save (files and captions); every
 public name is re-exported here.
 """
-from mlcl.viz.plots import (compactness_table, plot_compactness, plot_embeddings,
+from mlcl.viz.plots import (class_legend, compactness_table, plot_compactness, plot_embeddings,
                             plot_perturbations, plot_prediction_grid, plot_prototypes,
                             plot_sai_response, plot_synthetic_study, plot_training_curves,
-                            sai_table)
-from mlcl.viz.save import save_figure, save_table, write_index
+                            sai_table, seeds_text)
+from mlcl.viz.save import save_figure, save_table, stamp_synthetic, write_index
 from mlcl.viz.tables import (ABLATION_LABELS, COLOURS, METHOD_LABELS, NO_PAIR, NOT_RUN,
-                             SYNTHETIC_MARK, SYNTHETIC_NOTE, ablation_table, ablation_values,
-                             fmt, mean_std, method_label, paper_table, paper_table_caption,
-                             paper_table_values, qualitative_runs, synthetic_table,
-                             synthetic_values)
+                             SYNTHETIC_MARK, SYNTHETIC_NOTE, SYNTHETIC_STAMP, ablation_table,
+                             ablation_values, fmt, mean_std, method_label, paper_table,
+                             paper_table_caption, paper_table_values, qualitative_runs,
+                             results_kind, synthetic_table, synthetic_values)
 
 __all__ = [
     "ABLATION_LABELS", "COLOURS", "METHOD_LABELS", "NO_PAIR", "NOT_RUN", "SYNTHETIC_MARK",
-    "SYNTHETIC_NOTE", "ablation_table", "ablation_values", "compactness_table", "fmt",
-    "mean_std", "method_label", "paper_table", "paper_table_caption", "paper_table_values",
-    "plot_compactness", "plot_embeddings", "plot_perturbations", "plot_prediction_grid",
-    "plot_prototypes", "plot_sai_response", "plot_synthetic_study", "plot_training_curves",
-    "qualitative_runs", "sai_table", "save_figure", "save_table", "synthetic_table",
-    "synthetic_values", "write_index"]
+    "SYNTHETIC_NOTE", "SYNTHETIC_STAMP", "ablation_table", "ablation_values",
+    "class_legend", "compactness_table", "fmt", "mean_std", "method_label", "paper_table",
+    "paper_table_caption", "paper_table_values", "plot_compactness", "plot_embeddings",
+    "plot_perturbations", "plot_prediction_grid", "plot_prototypes", "plot_sai_response",
+    "plot_synthetic_study", "plot_training_curves", "qualitative_runs", "results_kind",
+    "sai_table", "save_figure", "save_table", "seeds_text", "stamp_synthetic",
+    "synthetic_table", "synthetic_values", "write_index"]

@@ -42,8 +42,18 @@ def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
     return fig
 
 
+def seeds_text(n: pd.Series) -> str:
+    """How many seeds stand behind each bar: '1 seed' or 'mean ± std over 3 seeds'."""
+    lo, hi = int(n.min()), int(n.max())
+    if hi == 1:
+        return "1 seed"
+    return f"mean ± std over {lo}{'' if lo == hi else f'-{hi}'} seeds"
+
+
 def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Best-epoch mIoU (mean ± std over seeds) per split, one bar per method."""
+    """Best-epoch mIoU per split, one bar per method, from zero; the mean ± std over seeds
+    where a bar has several (no error bar for a single run). The title says how many seeds
+    (``title`` comes first, e.g. 'Short demo' or 'Synthetic study')."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     if values.empty:
         ax.text(0.5, 0.5, "no synthetic runs in the registry", ha="center", transform=ax.transAxes)
@@ -57,13 +67,17 @@ def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
         v = values[values.label == label]
         x = [cells.index(name(r)) + (i - (len(labels) - 1) / 2) * width
              for r in v.itertuples()]
-        ax.bar(x, v.best_mean, width, yerr=v.best_std.fillna(0), capsize=3, label=label,
-               color=COLOURS.get(label))
+        bars = ax.bar(x, v.best_mean, width, label=label, color=COLOURS.get(label))
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        several = (v.n > 1).to_numpy()
+        if several.any():
+            ax.errorbar(np.asarray(x)[several], v.best_mean[several], yerr=v.best_std[several],
+                        fmt="none", ecolor="k", capsize=3, lw=1)
     ax.set_xticks(range(len(cells)), cells)
-    ax.set(ylabel="best-epoch mIoU (%)", title=title or "synthetic study")
-    lo = np.nanmin(values.best_mean - values.best_std.fillna(0))
-    ax.set_ylim(max(0, lo - 5), None)
-    ax.legend(fontsize=7)
+    head = f"{title}: " if title else ""
+    ax.set(ylabel="best-epoch mIoU (%)", ylim=(0, 100),
+           title=f"{head}best-epoch validation mIoU ({seeds_text(values.n)})")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -73,6 +87,24 @@ def _colour(mask: np.ndarray, dataset: str) -> np.ndarray:
     from mlcl.predict import colourise
 
     return np.asarray(colourise(mask, dataset).convert("RGB"))
+
+
+IGNORE_LABEL = "ignore (255): object edges, not scored"
+
+
+def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
+                 title: str = "class colours") -> None:
+    """A legend below the panels: the colour of every class (mlcl.predict's palette) and,
+    with ``ignore``, the colour of the ignore label in ground-truth masks."""
+    from matplotlib.patches import Patch
+
+    colours = _class_colours(dataset, 256)
+    handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
+               for k, name in enumerate(class_names)]
+    if ignore:
+        handles.append(Patch(facecolor=colours[255], edgecolor="0.4", label=IGNORE_LABEL))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7,
+               ncol=min(len(handles), 5), frameon=False, title=title, title_fontsize=7)
 
 
 def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
@@ -95,16 +127,20 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
         axes[i, 0].set_ylabel(str(samples["ids"][i]).split("/")[-1], fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    class_legend(fig, samples["class_names"], samples["dataset"],
+                 title="class colours (predictions and ground truth)")
     return fig
 
 
-def plot_perturbations(views: dict[str, Any], cfg, title: str = "") -> plt.Figure:
+def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
+                       class_names: list[str] | None = None) -> plt.Figure:
     """Per image (rows): weak and strong views, the attention map A, the SAI keep mask, the
     features F_w, F_s, F_mk, F_ne (one shared channel PCA -> RGB per image) and the
-    predictions p_w, p_m, p_n; the row label gives v, r, a and the dropped fraction."""
+    predictions p_w, p_m, p_n (class colours in the legend; default names: the config's);
+    the row label gives v, r, a and the dropped fraction."""
     from mlcl.explore import denormalise, pca_rgb
 
-    cols = ["weak u_w", "strong s1", "attention A", "keep mask", "F_w", "F_s", "F_mk", "F_ne",
+    cols = ["weak u_w", "strong s1", "attention A", "keep (white)", "F_w", "F_s", "F_mk", "F_ne",
             "p_w", "p_m", "p_n"]
     n = views["w"].shape[0]
     fig, axes = plt.subplots(n, len(cols), figsize=(1.45 * len(cols), 1.6 * n), squeeze=False)
@@ -128,6 +164,9 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "") -> plt.Figur
                               f"{100 * views['dropped'][i]:.0f}%", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    names = class_names or cfg.data.class_names or [f"class_{k}" for k in
+                                                    range(cfg.data.num_classes)]
+    class_legend(fig, names, ds, ignore=False, title="class colours of p_w, p_m, p_n")
     return fig
 
 

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from mlcl import paths
-from mlcl.viz.tables import SYNTHETIC_MARK
+from mlcl.viz.tables import SYNTHETIC_MARK, SYNTHETIC_STAMP
 
 
 def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
@@ -30,11 +30,23 @@ def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, fi
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
+def stamp_synthetic(fig: plt.Figure) -> None:
+    """Put the synthetic-data mark on the picture itself (above everything, the saved
+    bounding box grows to hold it), so that a PNG shown or pasted anywhere says what it is."""
+    if any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
+        return  # saved twice
+    fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
+             fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
+
+
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """Write ``<name>.png`` and ``<name>.pdf`` (caption in their metadata) and
-    ``<name>.json`` (caption, runs) into ``directory`` (default: mlcl.paths.figures_dir())."""
+    """Write ``<name>.png`` and ``<name>.pdf`` (caption in their metadata; a synthetic
+    figure also gets the mark on the picture) and ``<name>.json`` (caption, runs) into
+    ``directory`` (default: mlcl.paths.figures_dir())."""
     runs = list(runs)
+    if synthetic:
+        stamp_synthetic(fig)
     d = Path(directory) if directory else paths.figures_dir()
     d.mkdir(parents=True, exist_ok=True)
     text = _caption(caption, runs, synthetic)
@@ -73,7 +85,6 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
         values.to_csv(files[-1], index=False)
     _sidecar(d, name, text, runs, synthetic, files)
     return files
-
 
 
 def write_index(directory: str | Path | None = None, extra: dict | None = None) -> Path:

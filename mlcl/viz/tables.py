@@ -15,6 +15,7 @@ from mlcl.registry import runs_frame
 NOT_RUN = "not run"
 NO_PAIR = "no supervised run of the same seed and schedule"
 SYNTHETIC_MARK = "†"
+SYNTHETIC_STAMP = "SYNTHETIC DATA (shapes set): not Pascal VOC / Cityscapes results"
 SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CPU schedules): "
                   "not comparable with the published VOC / Cityscapes numbers.")
 # (method, variant) -> label, in table order
@@ -26,6 +27,13 @@ COLOURS = {"Supervised": "#7f7f7f", "UniMatch": "#1f77b4", "MLCL (paper variant)
 ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
                    "no_dt": "without L_dt", "no_mask": "without F_mk (SAI masking)",
                    "no_noise": "without F_ne (SAI noise)", "no_sai": "without SAI"}
+
+
+def results_kind(entries: list[dict]) -> str:
+    """'Short demo' when every synthetic-data entry comes from the ``demo`` grid, else
+    'Synthetic study': the figures' titles say which they show."""
+    grids = {e.get("grid") for e in entries if e.get("synthetic")}
+    return "Short demo" if grids == {"demo"} else "Synthetic study"
 
 
 def method_label(method: str, variant: str = "") -> str:

@@ -1,0 +1,173 @@
+"""Live progress of the runs that `make demo` and `python -m mlcl reproduce` train.
+
+Training writes ``output_dir/progress.json`` atomically (every ``train.log_every``
+iterations, after each validation and at the end)::
+
+    {"iteration": int, "total_iters": int, "epoch": int, "epochs": int,
+     "miou": float | null (latest validation), "best_miou": float | null,
+     "elapsed_s": float, "status": "running" | "complete" | "failed" | "interrupted"
+     | "diverged", "updated": unix time}
+
+The worker thread that waits for a run's subprocess polls that file (:func:`wait`) and
+shows it on a :class:`Board`: on a terminal one tqdm bar per running run (``position`` =
+the run's slot), redrawn in place; otherwise (a log file, CI) one plain line per running
+run every ``every`` seconds. Every other message goes through :meth:`Board.write`, which
+clears the bars first, so that no message lands on a bar's line.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from tqdm import tqdm
+
+from mlcl.files import atomic_write_json
+
+PROGRESS_FILE = "progress.json"
+STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
+PLAIN_EVERY_S = 30.0  # plain-text mode: seconds between two lines about the same run
+POLL_S = 1.0  # how often a waiting worker reads progress.json
+
+
+def write_progress(output_dir: str | Path, *, iteration: int, total_iters: int, epoch: int,
+                   epochs: int, miou: float | None, best_miou: float | None,
+                   elapsed_s: float, status: str = "running") -> Path:
+    """Write ``output_dir/progress.json`` (atomically) in the format above."""
+    if status not in STATUSES:
+        raise ValueError(f"progress status must be one of {', '.join(STATUSES)}, got {status!r}")
+    return atomic_write_json(Path(output_dir) / PROGRESS_FILE, {
+        "iteration": int(iteration), "total_iters": int(total_iters), "epoch": int(epoch),
+        "epochs": int(epochs), "miou": miou, "best_miou": best_miou,
+        "elapsed_s": float(elapsed_s), "status": status, "updated": time.time()})
+
+
+def read_progress(output_dir: str | Path) -> dict[str, Any] | None:
+    """The run's progress.json, or None while there is none (or it cannot be read)."""
+    try:
+        data = json.loads((Path(output_dir) / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "iteration" in data else None
+
+
+def eta_s(p: dict[str, Any]) -> float | None:
+    """Seconds left at the run's average pace so far (None before the first iteration)."""
+    it, total, elapsed = p.get("iteration") or 0, p.get("total_iters") or 0, p.get("elapsed_s")
+    if it <= 0 or not total or elapsed is None:
+        return None
+    return max(total - it, 0) * float(elapsed) / it
+
+
+def clock(seconds: float | None) -> str:
+    """``m:ss`` (``h:mm:ss`` from an hour on); ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def describe(p: dict[str, Any] | None) -> str:
+    """``val mIoU 45.21 (best 46.03), ETA 1:40`` for a progress record; ``starting`` when
+    there is none yet."""
+    if p is None:
+        return "starting (Python, data, model)"
+    miou, best = p.get("miou"), p.get("best_miou")
+    val = "val mIoU -" if miou is None else f"val mIoU {miou:.2f}"
+    if best is not None and miou is not None and best != miou:
+        val += f" (best {best:.2f})"
+    status = p.get("status", "running")
+    return f"{val}, ETA {clock(eta_s(p))}" if status == "running" else f"{val}, {status}"
+
+
+class Tracker:
+    """The display of one running run; :meth:`poll` reads its progress.json and updates it."""
+
+    def __init__(self, board: "Board", name: str, output_dir: Path, position: int):
+        self.board, self.name, self.output_dir, self.position = board, name, output_dir, position
+        self.last_line = -float("inf")
+        self.bar = None
+        if board.tty:
+            self.bar = tqdm(total=1, desc=name, position=position, leave=False,
+                            file=board.stream, dynamic_ncols=True, mininterval=0,
+                            bar_format="{desc} {bar:20} {n}/{total} it{postfix}")
+            self.bar.set_postfix_str(describe(None), refresh=True)
+
+    def poll(self) -> None:
+        p = read_progress(self.output_dir)
+        if self.bar is not None:
+            if p is not None:
+                self.bar.total = max(int(p.get("total_iters") or 1), 1)
+                self.bar.n = int(p.get("iteration") or 0)
+            self.bar.set_postfix_str(describe(p), refresh=True)
+            return
+        now = time.monotonic()
+        if p is not None and now - self.last_line >= self.board.every:
+            self.last_line = now
+            self.board.write(f"  ...     {self.name}: iteration {p.get('iteration')}/"
+                             f"{p.get('total_iters')}, {describe(p)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.board.release(self.position)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Board:
+    """What the terminal shows while runs train; shared by reproduce's worker threads.
+
+    ``tty``: bars (default: whether ``stream`` is a terminal); ``every``: seconds between
+    two plain lines about the same run when it is not."""
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
+                 every: float = PLAIN_EVERY_S):
+        self._stream = stream
+        self.tty = bool(self.stream.isatty()) if tty is None else tty
+        self.every = every
+        self._lock = threading.Lock()
+        self._taken: set[int] = set()
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout  # looked up late: tests capture sys.stdout
+
+    def track(self, name: str, output_dir: str | Path) -> Tracker:
+        """A tracker in the lowest free bar position (close it, or use it as a context)."""
+        with self._lock:
+            position = next(i for i in range(len(self._taken) + 1) if i not in self._taken)
+            self._taken.add(position)
+        return Tracker(self, name, Path(output_dir), position)
+
+    def release(self, position: int) -> None:
+        with self._lock:
+            self._taken.discard(position)
+
+    def write(self, message: str) -> None:
+        """Print a message on its own line, above the bars."""
+        with self._lock:
+            if self.tty:
+                tqdm.write(message, file=self.stream)
+            else:
+                print(message, file=self.stream, flush=True)
+
+
+def wait(proc: subprocess.Popen, poll: Callable[[], None] | None = None,
+         interval: float = POLL_S) -> int:
+    """Wait for ``proc`` to exit, calling ``poll()`` every ``interval`` seconds meanwhile;
+    returns its exit status."""
+    while True:
+        try:
+            return proc.wait(timeout=interval)
+        except subprocess.TimeoutExpired:
+            if poll is not None:
+                poll()

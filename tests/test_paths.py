@@ -1,0 +1,44 @@
+"""mlcl.paths.resolve (relative paths work from any folder, e.g. a kernel in notebooks/), the
+registry a reader picks, and `python -m mlcl figures` without any registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlcl import paths, registry
+from mlcl.__main__ import main
+from mlcl.registry import find_registry, registry_dir
+
+
+def test_resolve_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here.txt").write_text("x")
+    assert paths.resolve("mlcl/paths.py") == paths.REPO / "mlcl" / "paths.py"  # from the root
+    assert paths.resolve("here.txt") == Path("here.txt")  # the current folder wins
+    assert paths.resolve(tmp_path / "x") == tmp_path / "x"  # absolute: as given
+    assert paths.resolve("nowhere/best.pt") == Path("nowhere/best.pt")  # named as typed
+    assert paths.resolve("nowhere/out", output=True) == paths.REPO / "nowhere" / "out"
+    assert paths.resolve("~/x") == Path.home() / "x"
+
+
+def test_the_registry_that_exists(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLCL_RUNS", str(tmp_path))
+    study, demo = tmp_path / "registry", tmp_path / "demo" / "registry"
+    assert paths.registry_dirs() == [study, demo]
+    assert find_registry() == study == registry_dir()  # nothing yet: the study's
+    demo.mkdir(parents=True)
+    (demo / "synthetic-1_16-mlcl-paper-s0.json").write_text("{}")
+    assert find_registry() == demo  # only the demo has run
+    assert paths.figures_for(demo) == paths.figures_dir() / "demo"
+    study.mkdir()
+    (study / "pascal-183-mlcl-paper-s0.json").write_text("{}")
+    assert find_registry() == study and paths.figures_for(study) == paths.figures_dir()
+    assert find_registry(str(demo)) == demo
+    assert registry.registry_dir() == study  # records always go to the study's
+
+
+def test_figures_command_without_a_registry(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLCL_RUNS", str(tmp_path))
+    assert main(["figures"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no results registry" in err[0] and "make demo" in err[0]
+    assert str(tmp_path / "demo" / "registry") in err[0]
