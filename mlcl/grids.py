@@ -74,6 +74,11 @@ def build_grid(name: str) -> list[Run]:
         return runs
     if name == "synthetic-study-1_16":  # the first half of the study (one split)
         return [r for r in build_grid("synthetic-study") if r.split == "1_16" and not r.ablation]
+    if name == "mix-partner":  # the CutMix partner: a different image vs the same raw image
+        return [Run("synthetic", "1_16", m, seed, v, f"mix_{partner}",
+                    (f"train.mix_partner={partner}",))
+                for seed in (0, 1, 2) for m, v in (("mlcl", "released"), ("unimatch", "paper"))
+                for partner in ("roll", "same")]
     if name == "voc-original":
         return _methods_grid("pascal", ("92", "183", "366", "732", "1464"), (0,))
     if name == "voc-blended":
@@ -84,5 +89,5 @@ def build_grid(name: str) -> list[Run]:
     raise ValueError(f"unknown grid '{name}' (available: {', '.join(GRIDS)})")
 
 
-GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "voc-original", "voc-blended",
-         "cityscapes")
+GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "mix-partner", "voc-original",
+         "voc-blended", "cityscapes")
