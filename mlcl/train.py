@@ -46,7 +46,7 @@ from mlcl.loaders import epoch_batches, make_loader, prepare_loaders, train_load
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
-                          remove_fresh_output, run_bytes, write_metrics, save_progress)
+                          remove_fresh_output, run_bytes, save_progress, write_metrics)
 from mlcl.stopping import NonFiniteGuard, RunDiverged, RunInterrupted, RunStopped, StopSignals
 
 # also importable from here (the loop's parts live in engine, checkpoints, loaders, outputs)
