@@ -210,7 +210,8 @@ def dt_loss(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     """
     K = protos.shape[0]
     dev = f_s.device
-    with torch.autocast(device_type=dev.type, enabled=False):
+    # fp32 inside; any device that is not CUDA (CPU, or 'meta' when counting FLOPs) is CPU's
+    with torch.autocast("cuda" if dev.type == "cuda" else "cpu", enabled=False):
         fw = _maps(f_w.detach()).float()  # (B, C, P)
         fs = _maps(f_s).float()
         B, P = fw.shape[0], fw.shape[2]
