@@ -86,12 +86,12 @@ def costs(preset: str, o: Options) -> list[str]:
         plan = make_plan(preset, Options(**{**o.__dict__, "overrides": [*o.overrides,
                                                                           f"split={cell}"]}))
         for m in o.methods:
-            rows.append({"cell": cell, "method": m, **flops_stage(plan, m, None)[1]})
+            rows.append({"cell": cell, "method": m, **flops_stage(plan, m, None, False)[1]})
     return cost_table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    a = build_parser().parse_intermixed_args(argv)  # key=value before or after the options
     try:
         o = options(a)
         if a.costs:

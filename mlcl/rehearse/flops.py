@@ -16,6 +16,7 @@ Projection of a whole run (docs/real_data.md, "What a table cell costs")::
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlcl.bench.steps import synthetic_batch
-from mlcl.config import Config
+from mlcl.config import Config, flatten
 from mlcl.evaluate import predict_logits
 from mlcl.methods import STEPS, StepContext, make_bank
 from mlcl.model import DeepLabV3Plus
@@ -62,10 +63,31 @@ def step_flops(model, batch: dict, ctx: StepContext) -> int:
     return count_flops(run)
 
 
+# keys that cannot change the arithmetic of one step (cells of a preset share their counts)
+NOT_IN_A_STEP = ("split", "output_dir", "data.root", "data.labeled_split",
+                 "data.unlabeled_split", "data.val_split", "model.pretrained", "train.epochs",
+                 "train.max_iters", "train.cpu", "data.num_workers")
+_counted: dict[str, int] = {}
+
+
+def _once(key: Any, count: Callable[[], int]) -> int:
+    """``count()``, computed once per ``key`` (JSON-able)."""
+    text = json.dumps(key, sort_keys=True, default=str)
+    if text not in _counted:
+        _counted[text] = count()
+    return _counted[text]
+
+
 def preset_step_flops(cfg: Config, seed: int = 0) -> int:
     """FLOPs of one training step of ``cfg`` at its crop and per-process batch, counted on
-    the meta device (model, prototype bank and a loader-shaped batch without data). The step
-    is taken mid-schedule, so every term (SAI included) is on."""
+    the meta device (model, prototype bank and a loader-shaped batch without data; once per
+    distinct step configuration). The step is taken mid-schedule, so every term (SAI
+    included) is on."""
+    key = {k: v for k, v in flatten(cfg.to_dict()).items() if k not in NOT_IN_A_STEP}
+    return _once(["step", seed, key], lambda: _count_step(cfg, seed))
+
+
+def _count_step(cfg: Config, seed: int) -> int:
     with META:
         model = DeepLabV3Plus(cfg.model, cfg.data.num_classes)
         bank = make_bank(cfg)
@@ -77,6 +99,12 @@ def preset_step_flops(cfg: Config, seed: int = 0) -> int:
 def eval_flops(cfg: Config, height: int, width: int) -> int:
     """FLOPs of evaluating one (height x width) image in ``cfg.eval.mode`` (whole image,
     centre crop or sliding window), counted on the meta device."""
+    key = ["eval", height, width, cfg.data.num_classes, cfg.data.crop_size, asdict(cfg.model),
+           asdict(cfg.eval)]
+    return _once(key, lambda: _count_eval(cfg, height, width))
+
+
+def _count_eval(cfg: Config, height: int, width: int) -> int:
     with META:
         model = DeepLabV3Plus(cfg.model, cfg.data.num_classes).eval()
     if cfg.eval.mode == "center_crop":

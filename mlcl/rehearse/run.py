@@ -185,13 +185,15 @@ def run_config(plan: Plan, method: str, data: Data, weights: str, iters: int) ->
     return load_config(plan.preset, over)
 
 
-def flops_stage(plan: Plan, method: str, data: Optional[Data]) -> tuple[str, dict]:
-    """FLOPs of a step at the preset's batch (and at the run's), an evaluation, the run."""
+def flops_stage(plan: Plan, method: str, data: Optional[Data],
+                run_batch: bool = True) -> tuple[str, dict]:
+    """FLOPs of a step at the preset's batch (and, with ``run_batch``, at the rehearsal's),
+    of an evaluation, and of the whole run."""
     cfg = load_config(plan.preset, [*plan.opts.overrides, f"method={method}"])
     step = F.preset_step_flops(cfg)
-    run_step = step if plan.batch == cfg.train.batch_size else F.preset_step_flops(
-        load_config(plan.preset, [*plan.opts.overrides, f"method={method}",
-                                  f"train.batch_size={plan.batch}"]))
+    run_step = step if plan.batch == cfg.train.batch_size or not run_batch else \
+        F.preset_step_flops(load_config(plan.preset, [*plan.opts.overrides, f"method={method}",
+                                                      f"train.batch_size={plan.batch}"]))
     per_image = F.eval_flops(cfg, *EVAL_IMAGE[cfg.data.dataset])
     unl, val = (data.unlabeled, data.val) if data else F.real_sizes(cfg)
     gpus = plan.opts.gpus or F.REFERENCE_GPUS[cfg.data.dataset]
