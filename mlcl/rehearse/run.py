@@ -126,8 +126,9 @@ def data_stage(plan: Plan) -> tuple[str, dict]:
         root = fabricate_dataset(cfg.data.dataset, o.out / "data" / cfg.data.dataset,
                                  labeled=plan.batch, unlabeled=n_unl, val=o.val_images)
         data = Data(root, [], *F.real_sizes(cfg), fabricated=True)
-    lists = [str(Path(v.split("=", 1)[1])) for v in data.overrides] or [
-        str(cfg.split_path(k).relative_to(cfg.data.root)) for k in SPLIT_KEYS]
+    # the cut copies (absolute), or the cell's own lists (relative to the root, as configured)
+    lists = [v.split("=", 1)[1] for v in data.overrides] or [getattr(cfg.data, k)
+                                                              for k in SPLIT_KEYS]
     report = verify_dataset(data.root, cfg.data.layout, lists, cfg.data.num_classes,
                             log=lambda msg: None)
     expect(report.ok, "verify: " + "; ".join(p for s in report.splits for p in s.problems[:3]))
@@ -269,8 +270,9 @@ def evaluate_stage(cfg: Config, trained: dict, plan: Plan) -> tuple[str, dict]:
     want = trained["last_miou"]
     expect(abs(result["miou"] - want) <= MIOU_TOLERANCE,
            f"mIoU {result['miou']:.3f} from last.pt, {want:.3f} in training's evaluation")
-    return (f"{wcfg.eval.mode} on {result['num_images']} images: mIoU {result['miou']:.2f} "
-            f"= training's {want:.2f}", {"miou": result["miou"]})
+    n = result["num_images"]
+    return (f"{wcfg.eval.mode} on {n} image{'s' * (n != 1)}: mIoU {result['miou']:.2f} = "
+            f"training's {want:.2f}", {"miou": result["miou"]})
 
 
 def rehearse_method(book: StageBook, plan: Plan, method: str, data: Optional[Data],
