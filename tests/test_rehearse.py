@@ -338,3 +338,12 @@ def test_gpu_check_plans_the_gpu_parts_within_8_minutes(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         gpu_check.main([])
+
+
+@pytest.mark.parametrize("command", ["rehearse", "gpu-check"])
+def test_the_subcommands_answer_help(command, capsys):
+    from mlcl.__main__ import main as cli
+
+    with pytest.raises(SystemExit) as done:
+        cli([command, "--help"])
+    assert done.value.code == 0 and "usage: python -m mlcl" in capsys.readouterr().out

@@ -165,7 +165,8 @@ def projection(sched: Schedule, step: int, per_image: int, tflops: float) -> dic
 
 def human_flops(n: float) -> str:
     """1.23e15 -> '1.23 PFLOP'."""
-    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9),
+                        ("MFLOP", 1e6)):
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n:.3g} FLOP" if n else "0 FLOP"

@@ -217,15 +217,22 @@ def summary(check: dict[str, Any]) -> list[str]:
                      f"{_g(b.get('mem_ratio_mlcl_over_unimatch'))}")
     for preset, r in check["rehearsals"].items():
         per = ", ".join(f"{k} {_g(n.get('seconds_per_step'))} s/step, "
-                        f"{_g(n.get('peak_mb'))} MB, {_g(n.get('achieved_tflops'))} TFLOP/s"
+                        f"{_mb(n.get('peak_mb'))}, {_g(n.get('achieved_tflops'))} TFLOP/s"
                         for k, n in r.get("methods", {}).items())
         lines.append(f"\nrehearse {preset}: {'ALL PASS' if r.get('ok') else 'FAILED'}; {per}")
         lines += [f"- FAIL {f}" for f in r.get("failed", [])]
+    two = next((p["result"] for p in check["parts"] if p["name"] == "two_process"), None)
+    if two:
+        lines.append(f"\ntwo processes: {two}")
     v = check["memory_voc"]
-    lines.append(f"\nVOC preset peak memory per process: MLCL {_g(v['peak_mb']['mlcl'])} MB, "
-                 f"UniMatch {_g(v['peak_mb']['unimatch'])} MB, ratio "
+    lines.append(f"\nVOC preset peak memory per process: MLCL {_mb(v['peak_mb']['mlcl'])}, "
+                 f"UniMatch {_mb(v['peak_mb']['unimatch'])}, ratio "
                  f"{_g(v['mlcl_over_unimatch'])} ({v['what']})")
     return lines
+
+
+def _mb(x: Any) -> str:
+    return "- MB" if x is None else f"{x:.0f} MB"
 
 
 def _g(x: Any) -> str:

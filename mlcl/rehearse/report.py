@@ -17,10 +17,12 @@ def _method_numbers(book: StageBook, method: str) -> dict[str, Any]:
     got = {s.name: s.data for s in book.stages if s.method == method and s.status == PASS}
     fits = [got[n] for n in ("train", "resume") if n in got]
     steps = [t for f in fits for t in f["intervals"]]
+    cpu = [t for f in fits for t in f["cpu_intervals"]]
     mems = [f["memory"] for f in fits]
     out: dict[str, Any] = {
         "stages": {s.name: s.status for s in book.stages if s.method == method},
         "seconds_per_step": statistics.median(steps) if steps else None,
+        "cpu_seconds_per_step": statistics.median(cpu) if cpu else None,
         "step_samples": len(steps),
         "peak_mb": max(m["peak_mb"] for m in mems) if mems else None,
         "reserved_mb": max((m.get("reserved_mb", 0) for m in mems), default=None),
@@ -61,7 +63,7 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
             f"process (preset {r['preset_batch']}), precision {r['mixed_precision']}, "
             f"{r['eval_mode']} evaluation")
     lines = [head, *[f"  note: {n}" for n in r["notes"]]]
-    lines.append(f"  {'method':<11s}{'stages':>8s}{'s/step':>9s}{'peak MB':>9s}"
+    lines.append(f"  {'method':<11s}{'stages':>8s}{'s/step':>9s}{'CPU s':>8s}{'peak MB':>9s}"
                  f"{'FLOPs/step':>13s}{'TFLOP/s':>9s}{'full run':>12s}{'GPU-h':>9s}"
                  f"{'wall h':>8s}")
     for m, n in r["methods"].items():
@@ -69,7 +71,7 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
         passed = sum(v == PASS for v in n["stages"].values())
         lines.append(
             f"  {m:<11s}{passed:>4d}/{len(n['stages']):<3d}{_fmt(n['seconds_per_step'], '9.2f')}"
-            f"{_fmt(n['peak_mb'], '9.0f')}"
+            f"{_fmt(n['cpu_seconds_per_step'], '8.2f')}{_fmt(n['peak_mb'], '9.0f')}"
             f"{human_flops(n['step_flops']) if 'step_flops' in n else '-':>13s}"
             f"{_fmt(n.get('achieved_tflops'), '9.3g')}"
             f"{human_flops(p['total_flops']) if p else '-':>12s}"
@@ -83,8 +85,8 @@ def summary_lines(r: dict[str, Any]) -> list[str]:
 def _legend(r: dict[str, Any]) -> list[str]:
     p = next((n["projection"] for n in r["methods"].values() if n.get("projection")), None)
     mem = next((n["memory_what"] for n in r["methods"].values() if n.get("memory_what")), "")
-    out = [f"  s/step: median full iteration (loading included) at batch {r['batch']}; "
-           f"peak: {mem}",
+    out = [f"  s/step: median full iteration (loading included) at batch {r['batch']}, wall "
+           f"clock; CPU s: the main process's CPU time per step; peak: {mem}",
            f"  FLOPs/step: FlopCounterMode (matmuls + convolutions, forward + backward) at "
            f"the preset's batch {r['preset_batch']} per GPU; TFLOP/s: achieved in this run"]
     if p:

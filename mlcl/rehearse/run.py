@@ -226,7 +226,8 @@ def train_stage(cfg: Config, plan: Plan) -> tuple[str, dict]:
     expect(metrics.get("last_miou") is not None, "fit did not evaluate at the end of the run")
     return (f"{n} steps, loss {probe.losses[0]:.3f} -> {probe.losses[-1]:.3f}, "
             f"{median_or_nan(probe.intervals()):.2f} s/step, peak {mem['peak_mb']:.0f} MB",
-            {"intervals": probe.intervals(), "memory": mem})
+            {"intervals": probe.intervals(), "cpu_intervals": probe.intervals(cpu=True),
+             "memory": mem})
 
 
 def _finite(x: float) -> bool:
@@ -254,7 +255,8 @@ def resume_stage(cfg: Config, plan: Plan, before: str) -> tuple[str, dict]:
     expect(after != before, f"checkpoints/LATEST still names {before}")
     return (f"from {before}: {n} more steps to {2 * n}, LATEST -> {after}, "
             f"{median_or_nan(probe.intervals()):.2f} s/step, peak {mem['peak_mb']:.0f} MB",
-            {"intervals": probe.intervals(), "memory": mem, "metrics": metrics})
+            {"intervals": probe.intervals(), "cpu_intervals": probe.intervals(cpu=True),
+             "memory": mem, "metrics": metrics})
 
 
 def evaluate_stage(cfg: Config, trained: dict, plan: Plan) -> tuple[str, dict]:

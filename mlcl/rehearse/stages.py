@@ -11,6 +11,7 @@ evaluation).
 """
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -105,7 +106,8 @@ class StepProbe:
 
     def __init__(self, method: str, device: torch.device):
         self.method, self.device = method, device
-        self.starts: list[float] = []
+        self.starts: list[float] = []  # wall clock
+        self.cpu_starts: list[float] = []  # this process's CPU time (not its loader workers')
         self.losses: list[float] = []
 
     def __enter__(self) -> "StepProbe":
@@ -114,6 +116,7 @@ class StepProbe:
         def probe(model, batch, ctx):
             _sync(self.device)
             self.starts.append(time.perf_counter())
+            self.cpu_starts.append(time.process_time())
             terms = self.original(model, batch, ctx)
             self.losses.append(float(terms["loss"].detach()))
             return terms
@@ -128,10 +131,11 @@ class StepProbe:
     def calls(self) -> int:
         return len(self.starts)
 
-    def intervals(self) -> list[float]:
-        """Seconds between consecutive steps, the first (warm-up) left out when there are
-        more: one full iteration each (loading included)."""
-        gaps = [b - a for a, b in zip(self.starts, self.starts[1:])]
+    def intervals(self, cpu: bool = False) -> list[float]:
+        """Seconds (wall, or this process's CPU) between consecutive steps, the first
+        (warm-up) left out when there are more: one full iteration each."""
+        t = self.cpu_starts if cpu else self.starts
+        gaps = [b - a for a, b in zip(t, t[1:])]
         return gaps[1:] if len(gaps) > 1 else gaps
 
 
@@ -148,8 +152,11 @@ class PeakMemory:
         self.device = device
 
     def reset(self) -> None:
+        gc.collect()  # what an earlier stage left behind is not this stage's
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb = torch.cuda.memory_allocated(self.device) / MiB
         else:
             _reset_peak_rss()
 
@@ -157,6 +164,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             return {"peak_mb": torch.cuda.max_memory_allocated(self.device) / MiB,
                     "reserved_mb": torch.cuda.max_memory_reserved(self.device) / MiB,
+                    "base_mb": self.base_mb,
                     "what": "GPU: torch.cuda.max_memory_allocated (reserved beside it)"}
         kib = _status_kib("VmHWM")
         return {"peak_mb": kib / 1024 if kib is not None else math.nan,
