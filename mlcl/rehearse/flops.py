@@ -6,7 +6,7 @@ softmax, normalisation and the optimiser are not counted (they are a small share
 convolutional network's arithmetic). The preset-sized counts run on the ``meta`` device:
 shapes only, so counting the real crop and batch of every preset takes seconds and no memory.
 
-Projection of a whole run (docs/real_data.md, "What a table cell costs")::
+Projection of a whole run (docs/real_data.md, section 9, "what a table cell costs")::
 
     iterations  = epochs * floor(unlabeled images / (batch per GPU * GPUs))
     train FLOPs = iterations * GPUs * FLOPs of one step at the per-GPU batch
@@ -31,7 +31,7 @@ from mlcl.model import DeepLabV3Plus
 from mlcl.prepare.split_lists import STANDARD_POOLS, UNLABELED_POOL, standard_size
 
 META = torch.device("meta")
-# The global batch of the presets (docs/real_data.md, "The table cells"): VOC 2 GPUs x 4,
+# The global batch of the presets (docs/real_data.md, section 7): VOC 2 GPUs x 4,
 # Cityscapes 4 GPUs x 4.
 REFERENCE_GPUS = {"pascal": 2, "cityscapes": 4}
 # Default sustained throughput per GPU (TFLOP/s, FLOPs as counted here): what UniMatch's own

@@ -172,7 +172,6 @@ def weights_stage(plan: Plan) -> tuple[str, dict]:
             {"path": str(path.resolve())})
 
 
-
 # --------------------------------------------------------------------------- per method
 def run_config(plan: Plan, method: str, data: Data, weights: str, iters: int) -> Config:
     """The preset's config for ``method`` with only the rehearsal's keys changed."""
@@ -282,7 +281,8 @@ def rehearse_method(book: StageBook, plan: Plan, method: str, data: Optional[Dat
     book.run("flops", method, lambda: flops_stage(plan, method, data))
     if data is None or weights is None:
         for name in ("train", "checkpoint", "resume", "evaluate"):
-            book.run(name, method, _never, needs=(("data", None), ("weights", None)))
+            book.skip(name, method, "needs " + " and ".join(
+                n for n, ok in (("data", data), ("weights", weights)) if ok is None))
         return
     run_dir = plan.dir / method
     if run_dir.exists():
@@ -295,10 +295,6 @@ def rehearse_method(book: StageBook, plan: Plan, method: str, data: Optional[Dat
         ck["latest"] if ck else ""), (("checkpoint", method),))
     book.run("evaluate", method, lambda: evaluate_stage(cfg, resumed["metrics"], plan),
              (("resume", method),))
-
-
-def _never() -> tuple[str, dict]:  # pragma: no cover - only called when its needs passed
-    raise AssertionError("unreachable")
 
 
 def rehearse(preset: str, opts: Options, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -52,7 +52,7 @@ class Stage:
 
     def line(self) -> str:
         who = f"{self.preset}/{self.method}" if self.method else self.preset
-        return f"{self.status}  {who:<28s} {self.name:<10s} {self.detail}"
+        return f"{self.status}  {who:<32s} {self.name:<10s} {self.detail}"
 
 
 class StageBook:
@@ -72,20 +72,26 @@ class StageBook:
         """Run ``fn`` -> (detail, data) unless a stage in ``needs`` did not pass; return
         ``data`` on PASS, None otherwise."""
         missing = [f"{n}{'/' + m if m else ''}" for n, m in needs if self.status(n, m) != PASS]
-        t0 = time.perf_counter()
         if missing:
-            stage = Stage(self.preset, name, method, SKIP, f"needs {', '.join(missing)}", 0.0)
-        else:
-            try:
-                detail, data = fn()
-                stage = Stage(self.preset, name, method, PASS, detail,
-                              time.perf_counter() - t0, data)
-            except Exception as e:  # noqa: BLE001 - any failure is this stage's FAIL line
-                stage = Stage(self.preset, name, method, FAIL, reason(e),
-                              time.perf_counter() - t0, {"traceback": traceback.format_exc()})
+            self.skip(name, method, f"needs {', '.join(missing)}")
+            return None
+        t0 = time.perf_counter()
+        try:
+            detail, data = fn()
+            stage = Stage(self.preset, name, method, PASS, detail, time.perf_counter() - t0,
+                          data)
+        except Exception as e:  # noqa: BLE001 - any failure is this stage's FAIL line
+            stage = Stage(self.preset, name, method, FAIL, reason(e), time.perf_counter() - t0,
+                          {"traceback": traceback.format_exc()})
+        self._add(stage)
+        return stage.data if stage.status == PASS else None
+
+    def skip(self, name: str, method: Optional[str], why: str) -> None:
+        self._add(Stage(self.preset, name, method, SKIP, why, 0.0))
+
+    def _add(self, stage: Stage) -> None:
         self.stages.append(stage)
         self.log(stage.line())
-        return stage.data if stage.status == PASS else None
 
     @property
     def ok(self) -> bool:
