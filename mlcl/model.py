@@ -1,4 +1,4 @@
-"""DeepLabV3+ on a ResNet, split the way MLCL needs it (docs/method.md, encoder and decoder):
+"""DeepLabV3+ on a ResNet, split the way MLCL needs it (docs/method.md: encoder, decoder):
 
     x ──backbone──► (c1, c4) ──fuse: ASPP(c4) ⊕ reduce(c1), two 3×3 convs──► F ──classifier──► logits
       └──────────────────────── encode(x) ─────────────────────────────────┘   └── decode(F) ──┘
@@ -224,7 +224,7 @@ class DeepLabV3Plus(nn.Module):
         return self.fuse(*self.backbone_features(x))
 
     def decode(self, features: Tensor) -> Tensor:
-        """The decoder, the 1×1 classifier alone (docs/method.md): F (B, C, h, w) -> (B, K, h, w)."""
+        """The decoder, the 1×1 classifier alone (docs/method.md): F (B, C, h, w) -> (B, K, h, w)"""
         return self.classifier(features)
 
     # ---- the whole model
