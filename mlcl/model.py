@@ -1,4 +1,4 @@
-"""DeepLabV3+ on a ResNet, split the way MLCL needs it (docs/method.md: encoder, decoder):
+"""DeepLabV3+ on a ResNet, split the way MLCL needs it (METHOD.md):
 
     x ──backbone──► (c1, c4) ──fuse: ASPP(c4) ⊕ reduce(c1), two 3×3 convs──► F ──classifier──► logits
       └──────────────────────── encode(x) ─────────────────────────────────┘   └── decode(F) ──┘
@@ -185,7 +185,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ with the encoder/decoder split of docs/method.md; see the module docstring.
+    """DeepLabV3+ with the encoder/decoder split of METHOD.md; see the module docstring.
 
     The ASPP width follows UniMatch's rule, c4 channels // 8: 256 for ResNet-50/101 at width 64
     (UniMatch's and the MLCL release's head), and proportionally smaller for the narrow CPU
@@ -220,11 +220,11 @@ class DeepLabV3Plus(nn.Module):
         return self.fusion(torch.cat([self.reduce(c1), high], dim=1))  # (B, C, H/4, W/4)
 
     def encode(self, x: Tensor) -> Tensor:
-        """The encoder (docs/method.md): x (B, 3, H, W) -> F (B, C, H/4, W/4)."""
+        """The encoder of METHOD.md: x (B, 3, H, W) -> F (B, C, H/4, W/4)."""
         return self.fuse(*self.backbone_features(x))
 
     def decode(self, features: Tensor) -> Tensor:
-        """The decoder, the 1×1 classifier alone (docs/method.md): F (B, C, h, w) -> (B, K, h, w)"""
+        """The decoder of METHOD.md (the 1×1 classifier only): F (B, C, h, w) -> (B, K, h, w)."""
         return self.classifier(features)
 
     # ---- the whole model
