@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: install test demo lab reproduce figures bench clean-runs
+.PHONY: install test demo lab reproduce figures bench gpu-check clean-runs
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ figures: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m mlcl bench --device cpu --out runs/bench/bench_cpu.json
+
+# On a CUDA machine, < 8 min on one GPU: bench in fp32 and bf16, every paper preset rehearsed
+# at its batch in bf16, 2 processes when there are 2 GPUs, MLCL vs UniMatch memory at the VOC
+# preset -> runs/gpu-check/{gpu_check.json,SUMMARY.md} (docs/performance.md).
+gpu-check: $(STAMP)
+	$(PY) -m mlcl gpu-check --out runs/gpu-check
 
 clean-runs:
 	rm -rf runs/

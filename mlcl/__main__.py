@@ -166,9 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_predict)
 
-    # `data` and `bench` hand their whole argument list to their own parsers (see main)
+    # these hand their whole argument list to their own parsers (see main)
     sub.add_parser("data", help="download / prepare / verify real datasets (data --help)")
     sub.add_parser("bench", help="time training steps, FKA/SAI and the data pipeline")
+    sub.add_parser("rehearse", help="every stage of a preset on fabricated full-size data; "
+                                    "FLOPs and projected cost (rehearse --help)")
+    sub.add_parser("gpu-check", help="the GPU acceptance check: bench, rehearsals, memory")
 
     p = sub.add_parser("reproduce", help="run a grid of runs (skips complete ones)")
     from mlcl import reproduce
@@ -187,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"data": "mlcl.prepare.cli", "bench": "mlcl.bench"}
+PASS_THROUGH = {"data": "mlcl.prepare.cli", "bench": "mlcl.bench", "rehearse": "mlcl.rehearse",
+                "gpu-check": "mlcl.rehearse.gpu_check"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlcl.model import PretrainedWeightsError
+    from mlcl.prepare.pretrained import PretrainedWeightsError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASS_THROUGH:

@@ -466,6 +466,14 @@ def _preset_chain(name: str | Path) -> list[dict[str, Any]]:
     return chain
 
 
+def preset_splits(preset: str | Path) -> list[str]:
+    """The names of the preset's cells (its ``splits:`` and its bases'), in file order."""
+    cells: dict[str, Any] = {}
+    for layer in _preset_chain(preset):
+        cells.update(layer.get("splits") or {})
+    return [str(c) for c in cells]
+
+
 def load_config(preset: str | Path | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
     cfg = Config()

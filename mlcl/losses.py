@@ -237,7 +237,8 @@ def dt_loss(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     ``duplicate_top_anchor``, ``normalise_by_candidates`` (1 - sum m(a) / sum |S|),
     ``keep_uninitialised`` (classes whose prototype is all zeros take part).
     """
-    with torch.autocast(device_type=f_s.device.type, enabled=False):
+    # autocast knows cuda and cpu only (the FLOP counter runs the step on 'meta')
+    with torch.autocast("cuda" if f_s.device.type == "cuda" else "cpu", enabled=False):
         fw, fs = _maps(f_w.detach()).float(), _maps(f_s).float()  # (B, C, P)
         sel = dt_selection(fw, fs.detach(), conf_w, label_w, valid_w, valid_s,
                            protos.detach().float(), conf_thresh=conf_thresh,

@@ -15,27 +15,20 @@ instead of strided (output stride 16 or 8), and optionally the three-conv "deep 
 (ResNet-C) of UniMatch and the MLCL release. Parameter names follow torchvision's (and, for the
 deep stem, UniMatch's ``pretrained/resnet50.pth``), so ImageNet checkpoints load strictly.
 
-Pretrained weights (``model.pretrained``) are explicit: ``false`` is the only random init,
-``true`` means torchvision's ImageNet file from the torch hub cache, a string is a checkpoint
-file. Anything that cannot be loaded exactly is a :class:`PretrainedWeightsError`.
+This module is the architecture only: :func:`build_model` hands ``model.pretrained`` to
+:mod:`mlcl.prepare.pretrained`, the one module that finds, downloads, checks and loads weights.
 """
 from __future__ import annotations
 
-import os
-
-import re
-import socket
-from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from mlcl.config import ConfigError, ModelConfig
+from mlcl.prepare.pretrained import check_pretrained_config, load_pretrained
 
 if TYPE_CHECKING:
     from mlcl.config import Config
@@ -49,20 +42,7 @@ BACKBONES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], bool]] = 
     "resnet50_deepstem": (Bottleneck, (3, 4, 6, 3), True),
     "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True),
 }
-# torchvision's ImageNet weights for ``model.pretrained: true``. IMAGENET1K_V1 (the original
-# 76.1% ResNet-50) is what DeepLab-style segmentation code has used; V2 is a different recipe.
-TORCHVISION_WEIGHTS = {
-    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": tvm.ResNet101_Weights.IMAGENET1K_V1,
-}
 OUTPUT_STRIDES = (8, 16, 32)
-DOWNLOAD_PROBE_TIMEOUT_S = 3.0  # the download is tried only if the host answers this fast
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights could not be found or loaded exactly; the message says what to do."""
 
 
 class SegOutput(NamedTuple):
@@ -215,11 +195,7 @@ class DeepLabV3Plus(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int, aspp_channels: int | None = None):
         super().__init__()
-        if cfg.backbone not in BACKBONES:
-            raise ConfigError(f"config key 'model.backbone': {cfg.backbone!r} is not one of "
-                              f"{', '.join(BACKBONES)}")
-        block, layers, deep_stem = BACKBONES[cfg.backbone]
-        self.backbone = ResNetBackbone(block, layers, cfg.width, deep_stem, cfg.output_stride)
+        self.backbone = build_backbone(cfg.backbone, cfg.width, cfg.output_stride)
         high, low = self.backbone.out_channels, self.backbone.low_level_channels
         aspp_channels = aspp_channels or max(high // 8, 1)
         self.aspp = ASPP(high, aspp_channels, cfg.aspp_dilations)
@@ -287,118 +263,21 @@ class DeepLabV3Plus(nn.Module):
         ]
 
 
-# --------------------------------------------------------------------------- pretrained
-def _state_dict_of(obj, path: Path) -> dict[str, Tensor]:
-    """A plain state dict, or one nested under 'state_dict' / 'model'."""
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise PretrainedWeightsError(
-            f"{path}: not a state dict (expected name -> tensor, or one under 'state_dict' "
-            f"or 'model')")
-    return obj
-
-
-def _first(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint file strictly into ``backbone``; only the classifier keys ``fc.*``
-    are dropped. A missing file, a missing or unexpected key or a shape mismatch raises
-    :class:`PretrainedWeightsError` naming the file and the keys.
-
-    The keys are copied into a fresh dict, so the file's module-version metadata is not used:
-    like any pre-1.0 checkpoint, a file without BN ``num_batches_tracked`` counters loads (the
-    counters stay at their defaults); every weight and running statistic must be present.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise PretrainedWeightsError(f"model.pretrained: checkpoint file {path.resolve()} "
-                                     f"does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with non-tensor objects ...
-        raise PretrainedWeightsError(f"{path}: cannot be read as a weights-only checkpoint "
-                                     f"({type(e).__name__}: {e})") from e
-    state = {k: v for k, v in _state_dict_of(obj, path).items() if not k.startswith("fc.")}
-    expected = backbone.state_dict()
-    missing = {k for k in expected if k not in state and not k.endswith("num_batches_tracked")}
-    unexpected = set(state) - set(expected)
-    if missing or unexpected:
-        parts = [f"missing keys: {_first(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_first(unexpected)}"] if unexpected else []
-        raise PretrainedWeightsError(
-            f"{path} does not match the backbone ({'; '.join(parts)}); is it the checkpoint "
-            f"of this model.backbone (and width 64)?")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-           for k, v in state.items() if v.shape != expected[k].shape]
-    if bad:
-        raise PretrainedWeightsError(f"{path}: shape mismatch: {_first(bad, 3)}")
-    backbone.load_state_dict(state, strict=True)
-
-
-def torchvision_weights_file(backbone: str) -> tuple[str, Path]:
-    """(URL, hub-cache path) of torchvision's ImageNet weights for ``backbone``."""
-    url = TORCHVISION_WEIGHTS[backbone].url
-    return url, Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-
-
-def _download(url: str, dest: Path) -> None:
-    """Fetch ``url`` to ``dest`` if the host answers at once; raise otherwise."""
-    host = urlparse(url).hostname
-    socket.create_connection((host, 443), timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = re.search(r"-([a-f0-9]+)\.", dest.name)  # torchvision names carry a sha256 prefix
-    torch.hub.download_url_to_file(url, str(dest), hash_prefix=digest and digest.group(1),
-                                   progress=False)
-
-
-def fetch_torchvision_weights(backbone: str) -> Path:
-    """The hub-cache file of torchvision's ImageNet weights, downloaded if possible."""
-    url, path = torchvision_weights_file(backbone)
-    if path.is_file():
-        return path
-    try:
-        if os.environ.get("MLCL_OFFLINE"):
-            raise RuntimeError("downloads disabled by MLCL_OFFLINE")
-        _download(url, path)
-    except Exception as e:
-        raise PretrainedWeightsError(
-            f"ImageNet weights for {backbone} not found: put {path.name} at {path} (fetch it "
-            f"from {url} on a connected machine); download failed: {type(e).__name__}: {e}"
-        ) from e
-    return path
+# --------------------------------------------------------------------------- builders
+def build_backbone(name: str, width: int = 64, output_stride: int = 16) -> ResNetBackbone:
+    """The ``name`` backbone of :data:`BACKBONES` (random init), e.g. to load a checkpoint into."""
+    if name not in BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': {name!r} is not one of "
+                          f"{', '.join(BACKBONES)}")
+    block, layers, deep_stem = BACKBONES[name]
+    return ResNetBackbone(block, layers, width, deep_stem, output_stride)
 
 
 def build_model(cfg: Config) -> DeepLabV3Plus:
     """DeepLabV3+ for ``cfg.model`` and ``cfg.data.num_classes``, with the backbone weights
     that ``cfg.model.pretrained`` names (false: random init; true: torchvision ImageNet;
-    a path: that checkpoint)."""
-    m = cfg.model
-    pretrained = m.pretrained
-    if pretrained is True:
-        if m.backbone not in TORCHVISION_WEIGHTS:
-            raise ConfigError(
-                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
-                f"which do not exist for the deep-stem {m.backbone}; give the checkpoint file "
-                f"instead (UniMatch's pretrained/{m.backbone.removesuffix('_deepstem')}.pth): "
-                f"model.pretrained=PATH")
-        if m.width != 64:
-            raise ConfigError(
-                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
-                f"which exist only for model.width=64 (got {m.width}); use width 64 or "
-                f"pretrained=false")
-    elif isinstance(pretrained, str) and not pretrained.strip():
-        raise ConfigError("config key 'model.pretrained': empty path; give a checkpoint file, "
-                          "true (torchvision ImageNet) or false (random init)")
-    model = DeepLabV3Plus(m, cfg.data.num_classes)
-    if pretrained is True:
-        load_backbone_weights(model.backbone, fetch_torchvision_weights(m.backbone))
-    elif pretrained is not False:
-        load_backbone_weights(model.backbone, pretrained)
+    a path: that checkpoint), loaded by :func:`mlcl.prepare.pretrained.load_pretrained`."""
+    check_pretrained_config(cfg.model)  # a bad value fails before the model is built
+    model = DeepLabV3Plus(cfg.model, cfg.data.num_classes)
+    load_pretrained(model.backbone, cfg.model)
     return model

@@ -26,6 +26,9 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 from PIL import Image
 
+# ids and UniMatch-format lists are the package's (the rehearsal fabricates datasets with them)
+from mlcl.rehearse.fabricate import cityscapes_ids, unimatch_lists, voc_ids  # noqa: F401
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -212,10 +215,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def voc_ids(n: int, start: int = 0, year: int = 2007) -> list[str]:
-    return [f"{year}_{start + i:06d}" for i in range(n)]
-
-
 def make_voc_tar(path: str | Path, train: list[str], val: list[str], extra: list[str] = (),
                  size: tuple[int, int] = (24, 32), seed: int = 0) -> Path:
     """VOCtrainval-style tar: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass,
@@ -259,11 +258,6 @@ def make_sbd_tgz(path: str | Path, train: list[str], val: list[str],
     return path
 
 
-def cityscapes_ids(split: str, cities: tuple[str, ...], per_city: int) -> list[str]:
-    """Ids like ``train/aachen/aachen_000000_000019`` (split/city/city_seq_frame)."""
-    return [f"{split}/{c}/{c}_{k:06d}_000019" for c in cities for k in range(per_city)]
-
-
 def make_cityscapes_zips(out_dir: str | Path, train: list[str], val: list[str],
                          test: list[str] = (), size: tuple[int, int] = (16, 32),
                          seed: int = 2) -> dict[str, Path]:
@@ -294,20 +288,3 @@ def make_cityscapes_zips(out_dir: str | Path, train: list[str], val: list[str],
                         json.dumps({"imgHeight": h, "imgWidth": w, "objects": objects}))
             zf.writestr(f"gtFine/{sid}_gtFine_labelIds.png", _png(np.zeros((h, w), np.uint8)))
     return {left.name: left, fine.name: fine}
-
-
-def unimatch_lists(layout: str, train: list[str], val: list[str],
-                   sizes: dict[str, int], extra_train: list[str] = ()) -> dict[str, str]:
-    """Split files in UniMatch's format, keyed by their path under ``splits/<dataset>/``:
-    ``NAME/labeled.txt`` (the first ``sizes[NAME]`` of ``train``), ``NAME/unlabeled.txt`` (the
-    rest of ``train`` plus ``extra_train``) and ``val.txt``."""
-    def line(i: str) -> str:
-        if layout == "voc":
-            return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n"
-        return f"leftImg8bit/{i}_leftImg8bit.png gtFine/{i}_gtFine_labelTrainIds.png\n"
-
-    out = {"val.txt": "".join(map(line, val))}
-    for name, n in sizes.items():
-        out[f"{name}/labeled.txt"] = "".join(map(line, train[:n]))
-        out[f"{name}/unlabeled.txt"] = "".join(map(line, list(train[n:]) + list(extra_train)))
-    return out

@@ -7,7 +7,9 @@ import torchvision
 
 from mlcl import model as M
 from mlcl.config import Config, ConfigError, ModelConfig
-from mlcl.model import DeepLabV3Plus, PretrainedWeightsError, SegOutput, build_model
+from mlcl.model import DeepLabV3Plus, SegOutput, build_model
+from mlcl.prepare import pretrained as W
+from mlcl.prepare.pretrained import PretrainedWeightsError
 
 torch.set_num_threads(1)
 K = 5
@@ -169,8 +171,8 @@ def test_pretrained_true_without_cache_raises(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network disabled in tests")
 
-    monkeypatch.setattr(M.socket, "create_connection", no_network)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(W.socket, "create_connection", no_network)
+    monkeypatch.setattr(W, "fetch", no_network)
     with pytest.raises(PretrainedWeightsError) as err:
         build_model(config(backbone="resnet18", width=64, pretrained=True))
     msg = str(err.value)
@@ -181,7 +183,7 @@ def test_pretrained_true_without_cache_raises(tmp_path, monkeypatch):
 def test_pretrained_true_from_hub_cache(tmp_path, monkeypatch):
     """A file already in the hub cache is used (here a width-64 ResNet-18 of our own)."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    url, path = M.torchvision_weights_file("resnet18")
+    url, path = W.torchvision_file("resnet18")
     assert path.name == "resnet18-f37072fd.pth"
     path.parent.mkdir(parents=True)
     state = torchvision.models.resnet18().state_dict()

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from mlcl.model import BACKBONES, ResNetBackbone
+from mlcl.model import build_backbone
 from mlcl.prepare import cli
 from mlcl.prepare.download import ChecksumError, PrepareError
 from fakes import LocalServer
@@ -46,33 +46,35 @@ def test_torchvision_weights_with_a_wrong_hash_prefix_are_removed(server, tmp_pa
 
 
 def small_deepstem(path, arch="resnet50_deepstem", width=8):
-    block, layers, deep = BACKBONES[arch]
-    torch.save(ResNetBackbone(block, layers, width, deep, 16).state_dict(), path)
+    torch.save(build_backbone(arch, width).state_dict(), path)
     return path
+
+
+def check(path, arch="resnet50_deepstem"):
+    return check_checkpoint(path, build_backbone(arch, width=8), arch, log=quiet)
 
 
 def test_deepstem_check_records_then_enforces_the_sha256(tmp_path):
     ckpt = small_deepstem(tmp_path / "resnet50.pth")
-    entry = check_checkpoint(ckpt, width=8, log=quiet)
+    entry = check(ckpt)
     prov = json.loads((tmp_path / "PROVENANCE.json").read_text())
     assert prov["resnet50.pth"]["sha256"] == entry["sha256"] == hashlib.sha256(
         ckpt.read_bytes()).hexdigest()
     assert entry["checksum"] == "recorded on first check"
     assert entry["backbone"] == "resnet50_deepstem"
-    check_checkpoint(ckpt, width=8, log=quiet)  # unchanged: fine
+    check(ckpt)  # unchanged: fine
     small_deepstem(ckpt)  # a different file under the same name
     with pytest.raises(ChecksumError, match="differs from the one recorded"):
-        check_checkpoint(ckpt, width=8, log=quiet)
+        check(ckpt)
 
 
 def test_deepstem_check_refuses_a_checkpoint_of_another_backbone(tmp_path):
     ckpt = tmp_path / "resnet101.pth"
-    block, layers, deep = BACKBONES["resnet50"]  # plain stem, ResNet-50 depth
-    buf = io.BytesIO()
-    torch.save(ResNetBackbone(block, layers, 8, deep, 16).state_dict(), buf)
+    buf = io.BytesIO()  # plain stem, ResNet-50 depth
+    torch.save(build_backbone("resnet50", 8).state_dict(), buf)
     ckpt.write_bytes(buf.getvalue())
     with pytest.raises(PrepareError, match="does not load into resnet101_deepstem"):
-        check_checkpoint(ckpt, width=8, log=quiet)
+        check(ckpt, "resnet101_deepstem")
 
 
 def test_missing_deepstem_file_says_where_to_get_it(tmp_path, capsys):

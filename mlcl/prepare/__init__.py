@@ -12,6 +12,7 @@ counts), and a re-run skips it. The run-book is docs/real_data.md.
 
 Modules: ``download`` (resumable, checksum-verified HTTP; safe archive extraction),
 ``voc``, ``cityscapes``, ``split_lists`` (UniMatch's lists pinned to a commit, or seeded
-stand-ins marked NON-STANDARD), ``verify``, ``pretrained``, ``cli``. (The tests' fake archives
+stand-ins marked NON-STANDARD), ``verify``, ``pretrained`` (backbone weights: download, check,
+and the strict load that training uses), ``cli``. (The tests' fake archives
 and loopback HTTP server live in tests/fakes.py.)
 """

@@ -173,6 +173,29 @@ def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
     return 0 if report.ok else 1
 
 
+def _pretrained(args) -> int:
+    from pathlib import Path
+
+    from mlcl.config import ConfigError
+    from mlcl.model import build_backbone
+    from mlcl.prepare.pretrained import backbone_for, check_checkpoint, fetch_torchvision
+
+    if not args.torchvision and not args.check:
+        raise PrepareError("nothing to do: give --torchvision ARCH ... and/or --check PATH ...")
+    if args.url and len(args.torchvision) != 1:
+        raise PrepareError("--url replaces the URL of one --torchvision ARCH only")
+    for arch in args.torchvision:
+        fetch_torchvision(arch, url=args.url, **_fetch_kw(args))
+    for path in args.check:
+        name = args.backbone or backbone_for(Path(path))
+        try:
+            backbone = build_backbone(name)
+        except ConfigError as e:
+            raise PrepareError(f"--backbone: {e}") from None
+        check_checkpoint(path, backbone, name)
+    return 0
+
+
 def run(args) -> int:
     if args.cmd == "voc":
         from mlcl.prepare import voc
@@ -203,17 +226,7 @@ def run(args) -> int:
         return _verify(args.root, args.layout, args.splits, args.num_classes,
                        not args.no_values, args.workers, args.max_listed)
     if args.cmd == "pretrained":
-        from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
-
-        if not args.torchvision and not args.check:
-            raise PrepareError("nothing to do: give --torchvision ARCH ... and/or --check PATH ...")
-        if args.url and len(args.torchvision) != 1:
-            raise PrepareError("--url replaces the URL of one --torchvision ARCH only")
-        for arch in args.torchvision:
-            fetch_torchvision(arch, url=args.url, **_fetch_kw(args))
-        for path in args.check:
-            check_checkpoint(path, args.backbone)
-        return 0
+        return _pretrained(args)
     raise AssertionError(args.cmd)  # pragma: no cover
 
 

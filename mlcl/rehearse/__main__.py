@@ -1,0 +1,5 @@
+import sys
+
+from mlcl.rehearse import main
+
+sys.exit(main())
