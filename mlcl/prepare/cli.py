@@ -16,7 +16,10 @@ import argparse
 import sys
 from typing import Optional
 
+from mlcl.prepare import cityscapes, voc
 from mlcl.prepare.download import PrepareError, Resource
+from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
+from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
 
 
 def _counts(text: str) -> dict[str, int]:
@@ -38,8 +41,6 @@ def _download_args(p: argparse.ArgumentParser) -> None:
 
 
 def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
-    from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT
-
     if dataset is None:
         p.add_argument("--dataset", choices=("pascal", "cityscapes"), required=True)
     p.add_argument("--split-source", dest="split_mode", default="auto",
@@ -153,8 +154,6 @@ def _fetch_kw(args) -> dict:
 
 
 def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) -> int:
-    from mlcl.prepare.split_lists import get_splits
-
     if args.split_mode != "none":
         get_splits(dataset, args.root, mode=args.split_mode, commit=args.commit,
                    base_url=args.split_base_url, pools=pools, seed=args.seed,
@@ -166,7 +165,7 @@ def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) 
 
 def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
             max_listed=20) -> int:
-    from mlcl.prepare.verify import verify_dataset
+    from mlcl.prepare.verify import verify_dataset  # lazy: loads torch through mlcl.data
 
     report = verify_dataset(root, layout, splits, num_classes, values, workers)
     print("\n".join(report.lines(max_listed)), flush=True)
@@ -175,8 +174,6 @@ def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
 
 def run(args) -> int:
     if args.cmd == "voc":
-        from mlcl.prepare import voc
-
         vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename,
                         md5=args.voc_md5 or voc.VOC.md5)
         sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename,
@@ -185,16 +182,12 @@ def run(args) -> int:
                                  args.keep_staging, args.force, _fetch_kw(args))
         return _splits_then_verify(args, "pascal", "voc", counts if args.expect else None)
     if args.cmd == "cityscapes":
-        from mlcl.prepare import cityscapes
-
         counts = cityscapes.prepare_cityscapes(
             args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
             with_test=args.with_test, expected=args.expect, force=args.force)
         return _splits_then_verify(args, "cityscapes", "cityscapes",
                                    counts if args.expect else None)
     if args.cmd == "splits":
-        from mlcl.prepare.split_lists import get_splits
-
         get_splits(args.dataset, args.root, mode=args.split_mode, names=args.names,
                    commit=args.commit, base_url=args.split_base_url, pools=args.expect,
                    seed=args.seed, force=args.force, fetch_kw=_fetch_kw(args))
@@ -203,8 +196,6 @@ def run(args) -> int:
         return _verify(args.root, args.layout, args.splits, args.num_classes,
                        not args.no_values, args.workers, args.max_listed)
     if args.cmd == "pretrained":
-        from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
-
         if not args.torchvision and not args.check:
             raise PrepareError("nothing to do: give --torchvision ARCH ... and/or --check PATH ...")
         if args.url and len(args.torchvision) != 1:

@@ -26,7 +26,6 @@ PROVENANCE.json says ``"standard": false``. Results on them are not comparable w
 """
 from __future__ import annotations
 
-import json
 import math
 import urllib.error
 from pathlib import Path
@@ -34,7 +33,8 @@ from typing import Optional
 
 import numpy as np
 
-from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fetch, now, say)
+from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fetch, now,
+                                   read_marker, say, write_marker)
 
 UNIMATCH_REPO = "LiheYoung/UniMatch"
 UNIMATCH_COMMIT = "818609d195fa1079fbb67589299d9aec07acac46"
@@ -114,16 +114,11 @@ def check_lists(out: Path, dataset: str, names: list[str],
 
 
 def _provenance(out: Path) -> dict:
-    try:
-        return json.loads((out / "PROVENANCE.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_marker(out / "PROVENANCE.json") or {}
 
 
 def _write_provenance(out: Path, prov: dict) -> None:
-    from mlcl.files import atomic_write_json
-
-    atomic_write_json(out / "PROVENANCE.json", prov)
+    write_marker(out / "PROVENANCE.json", prov)
 
 
 def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = None,
