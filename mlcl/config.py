@@ -352,6 +352,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as ``tp`` (bool, int, float or str, no silent truncation) or ConfigError."""
     if tp is bool:
         if isinstance(value, bool):
             return value
