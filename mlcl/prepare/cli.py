@@ -55,6 +55,15 @@ def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of generated lists (default 0)")
 
 
+def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: str) -> None:
+    """The options a dataset command shares: expected counts, verify, downloads, splits."""
+    p.add_argument("--expect", type=_counts, default=None, metavar=counts,
+                   help=f"expected counts (default: {real}; for tests)")
+    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
+    _download_args(p)
+    _split_args(p, dataset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m mlcl data",
@@ -77,11 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbd-url", default=None, help="mirror of SBD's benchmark.tgz")
     p.add_argument("--sbd-md5", default=None, help="md5 of that tgz (default: the official)")
     p.add_argument("--keep-staging", action="store_true", help="keep the extracted SBD .mat files")
-    p.add_argument("--expect", type=_counts, default=None, metavar="train_aug=N,train=N,val=N",
-                   help="expected counts (default: 10582, 1464, 1449; for tests)")
-    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
-    _download_args(p)
-    _split_args(p, "pascal")
+    _dataset_args(p, "pascal", "train_aug=N,train=N,val=N", "10582, 1464, 1449")
 
     p = sub.add_parser("cityscapes",
                        help="Cityscapes fine: zips or account, trainIds, splits, verify",
@@ -97,11 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None,
                    help="Cityscapes server (default: the official; for mirrors and tests)")
     p.add_argument("--with-test", action="store_true", help="also extract the test images")
-    p.add_argument("--expect", type=_counts, default=None, metavar="train=N,val=N",
-                   help="expected counts (default: 2975, 500; for tests)")
-    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
-    _download_args(p)
-    _split_args(p, "cityscapes")
+    _dataset_args(p, "cityscapes", "train=N,val=N", "2975, 500")
 
     p = sub.add_parser("splits", help="UniMatch's split lists (pinned commit) or seeded stand-ins",
                        description="Write ROOT/splits/DATASET/{NAME/labeled.txt, "
