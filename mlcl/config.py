@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from mlcl import paths
+from mlcl.files import atomic_write_text
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
 # The released code's deviations from the paper (docs/method.md, "Paper versus release"); each
@@ -587,8 +588,6 @@ def _differs(x: Any, y: Any) -> bool:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from mlcl.files import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

@@ -49,7 +49,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
-    import torch
+    import torch  # here: config, progress, the registry and data preparation use this module
 
     return atomic_write(path, lambda p: torch.save(obj, p))
 

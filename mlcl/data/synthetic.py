@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mlcl.data.palette import voc_palette
+
 FAMILIES = ("disc", "rectangle", "triangle", "ring", "star", "cross")
 TEXTURES = ("flat", "stripes", "checker", "spots", "gradient")
 FRACTIONS = {"1_32": 32, "1_16": 16, "1_8": 8, "1_4": 4, "1_2": 2}
@@ -61,21 +63,6 @@ def sample_paths(sid: str, layout: str) -> tuple[str, str]:
     if layout == "cityscapes":
         return f"leftImg8bit/{sid}_leftImg8bit.png", f"gtFine/{sid}_gtFine_labelTrainIds.png"
     return f"JPEGImages/{sid}.jpg", f"SegmentationClass/{sid}.png"
-
-
-def voc_palette() -> list[int]:
-    """Pascal VOC's colour map (bit-interleaved), 256 RGB entries; 255 is cream."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 # --------------------------------------------------------------------------- drawing helpers

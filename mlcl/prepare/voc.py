@@ -25,6 +25,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
+from mlcl.data.palette import voc_palette
 from mlcl.files import atomic_write
 from mlcl.prepare.download import (Log, PrepareError, Resource, Steps, check_counts,
                                    fetch_resource, say)
@@ -172,9 +173,6 @@ def build_masks(root: Path, wanted: list[str], val: set[str], source: AugSource,
         log("[skip] SegmentationClass already built")
         return
     out, fine_dir = root / "SegmentationClass", root / "SegmentationClassVOC"
-    # lazy: mlcl.data's package init loads torch, which preparing data does not need
-    from mlcl.data.synthetic import voc_palette
-
     out.mkdir(parents=True, exist_ok=True)
     palette = voc_palette()
     made = {"voc": 0, "aug": 0, "kept": 0}
