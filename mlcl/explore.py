@@ -38,6 +38,8 @@ from mlcl.predict import load_weights
 # --------------------------------------------------------------------------- checkpoints
 @dataclass
 class Checkpoint:
+    """A loaded best.pt / last.pt: the model (eval mode) with the config it was trained with."""
+
     model: Any  # DeepLabV3Plus in eval mode
     cfg: Config
     class_names: list[str]

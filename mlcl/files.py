@@ -49,6 +49,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    """``torch.save(obj)`` at ``path`` atomically (a temporary file, then a rename)."""
     import torch  # here: config, progress, the registry and data preparation use this module
 
     return atomic_write(path, lambda p: torch.save(obj, p))
@@ -97,6 +98,7 @@ class OutputFolder:
         return listed
 
     def make(self) -> None:
+        """Create the folder (at the first write); a ValueError naming the flag if it cannot."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:

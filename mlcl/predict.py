@@ -68,6 +68,8 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
+    """The dict of a weights file written by training (with 'model' and 'config'), or a
+    ValueError naming the file."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message

@@ -55,6 +55,7 @@ def find_registry(root: str | Path | None = None) -> Path:
 
 
 def environment() -> dict[str, Any]:
+    """Python, torch, platform and host, and the GPU when there is one."""
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
@@ -112,6 +113,7 @@ def record_output_dir(name: str, output_dir: str | Path, root: str | Path | None
 
 
 def load_entry(name: str, root: str | Path | None = None) -> dict[str, Any] | None:
+    """The entry of run ``name``, or None when it is missing or unreadable."""
     path = registry_dir(root) / f"{name}.json"
     try:
         return json.loads(path.read_text())

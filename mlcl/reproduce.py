@@ -61,6 +61,7 @@ def thread_env() -> dict[str, str]:
 
 
 def is_complete(out: Path) -> bool:
+    """Whether ``out/metrics.json`` says the run finished."""
     path = Path(out) / "metrics.json"
     if not path.is_file():
         return False
@@ -71,6 +72,7 @@ def is_complete(out: Path) -> bool:
 
 
 def run_record(run: Run) -> dict[str, Any]:
+    """The registry's ``run`` field of a grid cell."""
     return {"preset": run.preset, "split": run.split, "method": run.method,
             "variant": run.variant, "ablation": run.ablation, "seed": run.seed,
             "overrides": list(run.overrides)}
@@ -123,6 +125,8 @@ def run_logged(cmd: list[str], log: Path, poll=None) -> int:
 
 def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
             num_processes: int = 1, poll=None) -> int:
+    """Train ``run`` into ``out`` with ``python -m mlcl train`` (output into ``log``); its
+    exit status."""
     cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
                         num_processes)
     return run_logged(cmd, log, poll)
@@ -318,6 +322,7 @@ class GridRunner:
             return run_papermill(RUN_NOTEBOOK, notebook, params, log, poll=tracker.poll), notebook
 
     def one(self, run: Run) -> None:
+        """Train one cell unless it is complete, record it, and say how it went."""
         out = self.root / "cells" / run.name  # shared by every grid that holds the run
         if is_complete(out):
             if load_entry(run.name, self.registry) is None:  # trained, never recorded
@@ -345,6 +350,7 @@ class GridRunner:
                              f"{': ' + cause if cause else ''}")
 
     def report(self) -> None:
+        """Print the counts and each failed run with its log and cause."""
         r = self.result
         print(f"{len(r['done'])} done, {len(r['skipped'])} skipped (complete), "
               f"{len(r['failed'])} failed", flush=True)
@@ -424,6 +430,7 @@ def add_figures_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    """``python -m mlcl reproduce``: 1 when a run or the figures failed, else 0."""
     result = reproduce(args.grid, runs_root=args.runs, overrides=args.overrides,
                        jobs=args.jobs, only=args.only, executor=args.executor,
                        figures=not args.no_figures,

@@ -7,9 +7,8 @@ Each image shows 2-5 rotated, occluding shapes (class 1..K-1; K counts the backg
 textured, cluttered background. A class has its own hue (jittered, sigma 0.05 of the hue
 circle; with probability 0.15 a random colour instead) and a texture prior that overlaps the
 other classes' priors, so colour is a strong but imperfect cue and shape has to carry the
-rest. Masks have a 255 ignore band about 2 px wide along every object edge. This is the
-setting that learned in the project's first CPU trials; with heavier colour overlap (hue
-jitter 0.10, 30% random colours) nothing learned.
+rest. Masks have a 255 ignore band about 2 px wide along every object edge. Why these
+colour settings: docs/synthetic_study.md, "The data".
 
 Deterministic: the same arguments give byte-identical files (each image draws from its own
 numpy Generator seeded by (seed, split, index); PIL writes no time stamps).
@@ -32,7 +31,7 @@ CITIES = {"train": ("aachen", "bochum", "bremen", "cologne"),
           "val": ("frankfurt", "lindau", "munster")}
 IGNORE = 255
 
-# The setting that worked in the first CPU trials; heavier colour overlap learned nothing.
+# Colour overlap between classes (docs/synthetic_study.md, "The data").
 HUE_JITTER = 0.05  # sigma, as a fraction of the hue circle
 RANDOM_COLOUR_P = 0.15
 NUM_OBJECTS = (2, 5)  # per square of side `size`
@@ -347,6 +346,7 @@ def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_synth(args: argparse.Namespace) -> Path:
+    """``python -m mlcl synth``: :func:`make_synthetic` with the parsed arguments."""
     out = make_synthetic(args.out, args.num_train, args.num_val, args.size, args.classes,
                          args.seed, args.layout)
     print(f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout, "

@@ -166,7 +166,7 @@ def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) 
 
 def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
             max_listed=20) -> int:
-    from mlcl.prepare.verify import verify_dataset  # lazy: loads torch through mlcl.data
+    from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
     report = verify_dataset(root, layout, splits, num_classes, values, workers)
     print("\n".join(report.lines(max_listed)), flush=True)
@@ -174,6 +174,7 @@ def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
 
 
 def run(args) -> int:
+    """Run the parsed command; its exit status (PrepareError propagates)."""
     if args.cmd == "voc":
         vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename,
                         md5=args.voc_md5 or voc.VOC.md5)
@@ -210,6 +211,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Parse ``argv`` and run it: 0 done, 1 a failed step (one line on stderr), 130 Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         return run(args)

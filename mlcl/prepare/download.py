@@ -66,6 +66,7 @@ def now() -> str:
 
 
 def human(n: float) -> str:
+    """A byte count for messages: ``512 B``, ``1.5 MB``."""
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -88,6 +89,7 @@ def marker_path(path: Path) -> Path:
 
 
 def read_marker(path: Path) -> Optional[dict]:
+    """The JSON at ``path``, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

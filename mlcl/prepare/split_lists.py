@@ -14,10 +14,9 @@ Each line is ``image-path mask-path`` relative to the data root (``JPEGImages/x.
 SegmentationClass/x.png``; ``leftImg8bit/train/c/x_leftImg8bit.png
 gtFine/train/c/x_gtFine_labelTrainIds.png``). They are written to
 ``<root>/splits/<dataset>/...`` with ``PROVENANCE.json`` beside them (URL, commit, sha256,
-lines, date). Checksums: :data:`KNOWN_SHA256` pins the files whose hashes were known when
-this was written (none yet: they could not be fetched where this code was written), and the
-rest are recorded on first fetch in PROVENANCE.json ("checksum": "recorded on first fetch")
-and enforced on every later fetch. Every fetched list is also checked for its line count,
+lines, date). Checksums: :data:`KNOWN_SHA256` pins the files whose hashes are known in code
+(none yet); the others are recorded on first fetch in PROVENANCE.json ("checksum":
+"recorded on first fetch") and enforced on every later fetch. Every fetched list is also checked for its line count,
 labeled ∩ unlabeled = ∅ and labeled + unlabeled = the whole training pool.
 
 Offline, :func:`generate_splits` writes seeded lists of the same sizes from the prepared

@@ -31,6 +31,8 @@ DEFAULT_CLASSES = {"voc": 21, "cityscapes": 19}
 
 @dataclass
 class SplitReport:
+    """The result for one split file: its sample count and every problem found."""
+
     path: Path
     count: int = 0
     problems: list[str] = field(default_factory=list)
@@ -38,6 +40,8 @@ class SplitReport:
 
 @dataclass
 class Report:
+    """The result for a dataset: one SplitReport per split file checked."""
+
     root: Path
     splits: list[SplitReport] = field(default_factory=list)
 
@@ -46,6 +50,7 @@ class Report:
         return bool(self.splits) and not any(s.problems for s in self.splits)
 
     def lines(self, max_per_split: int = 20) -> list[str]:
+        """The report as printed: a line per split, its first problems, then OK / FAILED."""
         out = [f"dataset {self.root}"]
         for s in self.splits:
             rel = s.path.relative_to(self.root) if s.path.is_relative_to(self.root) else s.path
