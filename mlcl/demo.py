@@ -75,6 +75,7 @@ def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
 
 def summary_lines(runs: Path) -> list[str]:
     """The demo's table: best and last validation mIoU and training time per method."""
+    # f-strings, not pandas' to_string: a failed run is a line naming its log, not a row
     run = demo_runs()["mlcl"]
     lines = [f"Short demo on SYNTHETIC data ({run.split.replace('_', '/')} labels, one seed, "
              f"{schedule_text()}) - not the study, not VOC results:",

@@ -134,8 +134,9 @@ def predict_val(checkpoints: dict[str, Checkpoint], num_images: int = 4) -> dict
 
 
 def unlabeled_batch(cfg: Config, num_images: int = 4, seed: int = 0) -> dict[str, Any]:
-    """A batch of unlabeled training samples with their training views (w, s1, s2, ignore,
-    box1, box2), the augmentations drawn from ``seed``."""
+    """``num_images`` unlabeled training samples (spread over the split) collated with their
+    training views: 'w', 's1', 's2' (B, 3, S, S), 'ignore' (B, S, S), 'box1', 'box2'
+    (B, S, S) bool; the augmentations drawn from ``seed``."""
     ds = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split"))
     random.seed(seed)
     torch.manual_seed(seed)
@@ -146,17 +147,18 @@ def unlabeled_batch(cfg: Config, num_images: int = 4, seed: int = 0) -> dict[str
 @torch.no_grad()
 def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool = False,
               seed: int = 0, cutmix: bool = False) -> dict[str, Tensor]:
-    """What SAI does to a batch: per image the similarity v of the weak and strong features,
-    the mask ratio r and noise amplitude a it implies, the attention map, the keep mask,
-    the features F_w, F_s, F_mk, F_ne and the decoder's probabilities on each.
+    """What SAI does to ``batch`` (an :func:`unlabeled_batch` of B images, S x S), on the CPU:
+    'w', 's' (B, 3, S, S) the weak and strong views compared; 'f_w', 'f_s', 'f_mk', 'f_ne'
+    (B, C, h, w) their features and the masked / noised strong features; 'attention' (B, h, w)
+    and 'keep' (B, h, w) bool of the mask; 'p_w', 'p_s', 'p_m', 'p_n' (B, K, S, S) the
+    decoder's probabilities on each map; per image (B,): 'v' (weak-strong similarity),
+    'mask_ratio' r, 'amplitude' a, 'dropped' (fraction masked), 'mse_m', 'mse_n' (L_m, L_n).
 
-    ``double_transform`` selects the released code's mask ratio (the config switch
-    ``mlcl.double_transform``; docs/method.md, the paper-versus-release differences). With
-    ``cutmix`` the strong view s1 takes its box from the batch rolled by one and the weak
-    view compared with it does too (F_1, as in training); otherwise the plain views are
-    shown. The random
-    draws (mask threshold, noise) come from ``seed``, so two calls differing only in
-    ``double_transform`` draw the same numbers.
+    ``double_transform``: the released code's mask ratio (``mlcl.double_transform``;
+    docs/method.md, "Paper versus release"). ``cutmix``: s1 with its box pasted from the
+    batch rolled by one, against the weak view mixed the same way (F_1, as in training).
+    The random draws come from ``seed``, so calls that differ only in ``double_transform``
+    draw the same numbers.
     """
     m = cfg.mlcl
     dev = device_of(model)
