@@ -42,6 +42,7 @@ from mlcl.config import ConfigError, config_changes, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
 from mlcl.grids import GRIDS, Run
+from mlcl.outputs import read_metrics
 from mlcl.registry import find_registry, load_entry, record_output_dir
 
 # mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
@@ -62,13 +63,7 @@ def thread_env() -> dict[str, str]:
 
 def is_complete(out: Path) -> bool:
     """Whether ``out/metrics.json`` says the run finished."""
-    path = Path(out) / "metrics.json"
-    if not path.is_file():
-        return False
-    try:
-        return bool(json.loads(path.read_text()).get("complete"))
-    except json.JSONDecodeError:
-        return False
+    return bool((read_metrics(Path(out)) or {}).get("complete"))
 
 
 def run_record(run: Run) -> dict[str, Any]:

@@ -29,12 +29,16 @@ def _counts(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N...], got {text!r}") from None
 
 
-def _download_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--downloads", default=None,
-                   help="folder for the archives (default: ROOT/../downloads)")
+def _retry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=4, help="attempts per download (default 4)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first retry, doubled each time (default 1)")
+
+
+def _download_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downloads", default=None,
+                   help="folder for the archives (default: ROOT/../downloads)")
+    _retry_args(p)
     p.add_argument("--force", action="store_true",
                    help="forget the .done markers of this dataset and redo every step "
                         "(downloads are still reused when their checksum is right)")
@@ -113,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pool sizes (train[,train_aug],val) when not the real ones; for tests")
     p.add_argument("--force", action="store_true",
                    help="let generated lists replace standard ones")
-    p.add_argument("--retries", type=int, default=4)
-    p.add_argument("--backoff", type=float, default=1.0)
+    _retry_args(p)
     _split_args(p, None)
 
     p = sub.add_parser("verify", help="check a dataset against its split files",
@@ -145,8 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deep-stem checkpoints to check, e.g. pretrained/resnet50.pth")
     p.add_argument("--backbone", default=None,
                    help="backbone of --check files (default: from the file name)")
-    p.add_argument("--retries", type=int, default=4)
-    p.add_argument("--backoff", type=float, default=1.0)
+    _retry_args(p)
     return ap
 
 
