@@ -3,6 +3,8 @@
 Public names: Config, ConfigError, load_config, build_model, fit (the last two are imported on
 first use, so that light commands such as `synth` do not load torch's stack); evaluation is
 ``mlcl.evaluate.evaluate``."""
+import importlib
+
 from mlcl.config import Config, ConfigError, load_config
 
 __all__ = ["Config", "ConfigError", "load_config", "build_model", "fit"]
@@ -13,7 +15,5 @@ _LAZY = {"build_model": "mlcl.model", "fit": "mlcl.train"}
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mlcl' has no attribute {name!r}")

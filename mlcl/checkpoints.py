@@ -49,10 +49,13 @@ class TrainerState:
 
 
 class CheckpointWriteError(RunStopped):
+    """A checkpoint could not be written (a full disk); the previous one is intact."""
+
     exit_code = 1
 
 
 def checkpoint_name(state: TrainerState) -> str:
+    """The folder name of a checkpoint; zero-padded, so names sort by iteration."""
     return f"iter-{state.iteration:08d}-epoch-{state.epoch:04d}"
 
 
@@ -85,6 +88,8 @@ class Checkpoints:
         return path / f"buffers_{self.acc.process_index}.pt"
 
     def save(self, state: TrainerState) -> Path:
+        """Write the checkpoint of ``state`` (collective), point LATEST at it, delete the
+        older ones; return its folder. Already saved at this point: nothing is written."""
         path = self.root / checkpoint_name(state)
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path
@@ -110,6 +115,7 @@ class Checkpoints:
         return path
 
     def abandon(self, path: Path, error: Exception) -> None:
+        """Remove the half-written ``path`` and raise CheckpointWriteError for ``error``."""
         if self.acc.is_main_process:
             shutil.rmtree(path, ignore_errors=True)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -159,6 +165,9 @@ class Checkpoints:
         return path, incomplete_because(path)
 
     def load(self, path: Path, iters_per_epoch: int) -> TrainerState:
+        """Restore the accelerate state of ``path`` (model, optimiser, bank, RNGs; per-process
+        buffers) and return its TrainerState; a ConfigError when the run's iterations per
+        epoch differ or a part cannot be read."""
         saved = json.loads((path / MANIFEST).read_text())
         known = {f.name for f in dataclasses.fields(TrainerState)}
         state = TrainerState(**{k: v for k, v in saved.items() if k in known})
@@ -178,6 +187,7 @@ class Checkpoints:
         return state
 
     def load_buffers(self, path: Path) -> None:
+        """This process's own model buffers (batch-norm statistics) from ``path``."""
         saved = torch.load(self.buffers_file(path), map_location="cpu",
                            weights_only=True)
         for name, buf in self.acc.unwrap_model(self.model).named_buffers():

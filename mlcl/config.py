@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from mlcl import paths
+from mlcl.files import atomic_write_text
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
 # The released code's deviations from the paper (docs/method.md, "Paper versus release"); each
@@ -125,6 +126,8 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    """Where the data is and how it is read: root, layout, split files, crop, classes."""
+
     RANGES: ClassVar[dict[str, str]] = {
         "crop_size": ">= 1", "num_classes": "[2, 255]", "ignore_index": "[0, 255]",
         "num_workers": ">= 0"}
@@ -147,6 +150,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The DeepLabV3+ network: backbone, width, output stride, pretrained weights."""
+
     RANGES: ClassVar[dict[str, str]] = {
         "width": ">= 1", "aspp_dilations": ">= 1", "low_level_channels": ">= 1",
         "feature_channels": ">= 1", "fp_dropout": "[0, 1)"}
@@ -164,6 +169,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """The schedule, optimiser, precision, CutMix partner, logging and checkpoints."""
+
     RANGES: ClassVar[dict[str, str]] = {
         "epochs": ">= 1", "max_iters": ">= 0", "batch_size": ">= 1", "lr": "> 0",
         "lr_multi": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0", "poly_power": ">= 0",
@@ -257,6 +264,8 @@ class MLCLConfig:
 
 @dataclass
 class EvalConfig:
+    """How validation images are predicted: whole, centre crop or sliding window."""
+
     RANGES: ClassVar[dict[str, str]] = {"crop_size": ">= 0", "stride_ratio": "(0, 1]"}
 
     mode: str = "whole"  # whole | center_crop | sliding
@@ -266,6 +275,9 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """A run's whole configuration: the method, seed, output folder and named cell, and one
+    section per part (data, model, train, unimatch, mlcl, eval)."""
+
     RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 4294967295]"}
 
     method: str = "supervised"  # supervised | unimatch | mlcl
@@ -280,6 +292,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The tree as nested dicts (what config.yaml and checkpoints store)."""
         return dataclasses.asdict(self)
 
     def split_path(self, name: str) -> Path:
@@ -352,6 +365,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as ``tp`` (bool, int, float or str, no silent truncation) or ConfigError."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -427,6 +445,8 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- presets
 def preset_path(name: str | Path) -> Path:
+    """A YAML file given by path, or the preset ``mlcl/configs/<name>.yaml``; a ConfigError
+    listing the presets when there is neither."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml"):
         if not p.is_file():
@@ -476,6 +496,9 @@ def preset_splits(preset: str | Path) -> list[str]:
 
 def load_config(preset: str | Path | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """The resolved Config of ``preset`` (name or YAML path; None: the defaults) with
+    ``overrides`` (``["key=value", ...]`` or a mapping) on top, in the order of the module
+    docstring. Raises ConfigError naming the key for anything unknown or out of range."""
     cfg = Config()
     over = parse_overrides(overrides)
     cells: dict[str, Any] = {}
@@ -559,6 +582,7 @@ def format_output_dir(cfg: Config) -> str:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": value}`` (lists stay values)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -590,8 +614,7 @@ def _differs(x: Any, y: Any) -> bool:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from mlcl.files import atomic_write_text
-
+    """``cfg`` as YAML at ``path`` (atomically); :func:`config_from_dict` reads it back."""
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

@@ -20,7 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlcl import grids, paths, progress
+from mlcl.data.synthetic import make_synthetic
 from mlcl.registry import load_entry
+from mlcl.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
+
+# mlcl.viz (matplotlib, pandas: about 1.5 s) is imported inside run_demo for its last step.
 
 DEMO_METHODS = ("supervised", "unimatch", "mlcl")
 SYNTHETIC = {"num_train": 1000, "num_val": 200, "size": 64, "classes": 7, "seed": 0}
@@ -28,8 +32,6 @@ SYNTHETIC = {"num_train": 1000, "num_val": 200, "size": 64, "classes": 7, "seed"
 
 def ensure_synthetic(root: Path) -> Path:
     """The default synthetic dataset (1000 train / 200 val at 64 px), written once."""
-    from mlcl.data.synthetic import make_synthetic
-
     if not (root / "ImageSets" / "Segmentation" / "val.txt").is_file():
         print(f"writing the synthetic dataset to {root} ...", flush=True)
         make_synthetic(root, **SYNTHETIC)
@@ -44,8 +46,6 @@ def demo_runs() -> dict[str, grids.Run]:
 def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[list[tuple]]:
     """The post-training notebooks as two chains run side by side: [prototypes] and
     [perturbations, figures]; each job is (name, notebook, executed copy, parameters)."""
-    from mlcl.reproduce import FIGURES_NOTEBOOK
-
     nb_dir = runs / "notebooks"
     best = {m: str(cells[m] / "best.pt") for m in cells}
     protos = ("prototypes", paths.NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
@@ -61,8 +61,6 @@ def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[lis
 
 def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
     """Execute the notebooks of a chain in order; returns the names of those that failed."""
-    from mlcl.reproduce import run_papermill
-
     failed = []
     for name, notebook, out, params in chain:
         started = time.time()
@@ -77,6 +75,7 @@ def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
 
 def summary_lines(runs: Path) -> list[str]:
     """The demo's table: best and last validation mIoU and training time per method."""
+    # f-strings, not pandas' to_string: a failed run is a line naming its log, not a row
     run = demo_runs()["mlcl"]
     lines = [f"Short demo on SYNTHETIC data ({run.split.replace('_', '/')} labels, one seed, "
              f"{schedule_text()}) - not the study, not VOC results:",
@@ -116,7 +115,6 @@ def where_lines(runs: Path, figures: Path) -> list[str]:
 
 def run_demo(args) -> int:
     """`python -m mlcl demo [--out DIR]`; returns the exit status (1 if anything failed)."""
-    from mlcl.reproduce import reproduce
     from mlcl.viz import write_index
 
     started = time.time()

@@ -47,6 +47,8 @@ def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float,
 
 
 def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over the model's parameter groups (backbone at train.lr, the
+    rest at train.lr * train.lr_multi); each group keeps its ``base_lr`` for :func:`poly_lr`."""
     groups = model.param_groups(cfg.train.lr, cfg.train.lr_multi)
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -82,6 +84,7 @@ class EpochSums:
         self.values: dict[str, torch.Tensor] = {}
 
     def add(self, terms: dict[str, Any]) -> None:
+        """Add the 0-d tensors of ``terms`` (on the device, no host synchronisation)."""
         for k, v in terms.items():
             if torch.is_tensor(v) and v.dim() == 0:
                 self.values[k] = self.values.get(k, 0) + v.detach().float()
@@ -100,6 +103,7 @@ class EpochSums:
             state.sums = []
 
     def restore(self, acc, state: TrainerState) -> None:
+        """This process's sums from ``state`` (as :meth:`save` wrote them), on the device."""
         row = state.sums[acc.process_index] if state.sums else []
         self.values = {k: torch.tensor(v, dtype=torch.float32, device=acc.device)
                        for k, v in zip(state.sum_names, row)}

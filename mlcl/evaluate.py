@@ -17,7 +17,8 @@ from mlcl.loaders import ignore_stop_signals
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
                      ignore_index: int = 255) -> Tensor:
-    """(K, K) counts, rows = ground truth, columns = prediction; ignored pixels dropped."""
+    """(K, K) counts of ``pred`` and ``target`` (class indices of one shape), rows = ground
+    truth, columns = prediction; pixels where ``target`` is ``ignore_index`` are dropped."""
     valid = target != ignore_index
     idx = target[valid].long() * num_classes + pred[valid].long()
     return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)

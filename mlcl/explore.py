@@ -21,14 +21,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from mlcl import losses, paths
 from mlcl.config import Config
+from mlcl.data.datasets import UnlabeledDataset, ValDataset
+from mlcl.engine import make_accelerator
+from mlcl.evaluate import evaluate, predict_logits
+from mlcl.methods import mix_source, paste
+from mlcl.model import upsample
+from mlcl.predict import load_weights
+
+# sklearn (about 2 s to import) is imported inside embed_2d, the one function that uses it.
 
 
 # --------------------------------------------------------------------------- checkpoints
 @dataclass
 class Checkpoint:
+    """A loaded best.pt / last.pt: the model (eval mode) with the config it was trained with."""
+
     model: Any  # DeepLabV3Plus in eval mode
     cfg: Config
     class_names: list[str]
@@ -51,16 +62,6 @@ class Checkpoint:
         return self.cfg.data.dataset == "synthetic"
 
 
-def fix_data_root(cfg: Config) -> Config:
-    """A relative data.root is taken from the current folder, else from the repository root
-    (mlcl.paths.resolve; runs launched from the repository root store ``data/synthetic``)."""
-    if cfg.data.root:
-        root = paths.resolve(cfg.data.root)
-        if root != Path(cfg.data.root).expanduser():
-            cfg.data.root = str(root)
-    return cfg
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -74,24 +75,18 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
     """A ``best.pt``/``last.pt`` (a relative path: from the current folder, else from the
     repository root) with its config, class names and prototype bank; the model on
     ``device`` (default: the GPU if there is one). Results come back on the CPU."""
-    from mlcl.predict import load_weights
-
     path = paths.resolve(path)  # "runs/demo/..." works from notebooks/ too
     model, cfg, names = load_weights(path, overrides)
     model = model.to(device or default_device())
     raw = torch.load(path, map_location="cpu", weights_only=True)
     bank = (raw.get("bank") or {}).get("protos")
     names = names or [f"class_{i}" for i in range(cfg.data.num_classes)]
-    return Checkpoint(model.eval(), fix_data_root(cfg), names, bank, raw.get("epoch"),
+    return Checkpoint(model.eval(), paths.fix_data_root(cfg), names, bank, raw.get("epoch"),
                       raw.get("miou"), Path(path))
 
 
 def evaluate_checkpoint(ck: Checkpoint) -> dict[str, Any]:
     """mIoU of the checkpoint on its validation split (mlcl.evaluate, one process)."""
-    from mlcl.data.datasets import ValDataset
-    from mlcl.evaluate import evaluate
-    from mlcl.train import make_accelerator
-
     acc = make_accelerator(ck.cfg)
     home = device_of(ck.model)
     model = ck.model.to(acc.device)
@@ -122,9 +117,6 @@ def predict_val(checkpoints: dict[str, Checkpoint], num_images: int = 4) -> dict
 
     Returns {'images': [uint8 (H, W, 3)], 'targets': [(H, W)], 'preds': {label: [(H, W)]},
     'ids', 'dataset', 'class_names'}."""
-    from mlcl.data.datasets import ValDataset
-    from mlcl.evaluate import predict_logits
-
     first = next(iter(checkpoints.values()))
     ds = ValDataset(first.cfg, first.cfg.split_path("val_split"))
     idx = spread_indices(len(ds), num_images)
@@ -142,12 +134,9 @@ def predict_val(checkpoints: dict[str, Checkpoint], num_images: int = 4) -> dict
 
 
 def unlabeled_batch(cfg: Config, num_images: int = 4, seed: int = 0) -> dict[str, Any]:
-    """A batch of unlabeled training samples with their training views (w, s1, s2, ignore,
-    box1, box2), the augmentations drawn from ``seed``."""
-    from torch.utils.data import default_collate
-
-    from mlcl.data.datasets import UnlabeledDataset
-
+    """``num_images`` unlabeled training samples (spread over the split) collated with their
+    training views: 'w', 's1', 's2' (B, 3, S, S), 'ignore' (B, S, S), 'box1', 'box2'
+    (B, S, S) bool; the augmentations drawn from ``seed``."""
     ds = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split"))
     random.seed(seed)
     torch.manual_seed(seed)
@@ -158,21 +147,19 @@ def unlabeled_batch(cfg: Config, num_images: int = 4, seed: int = 0) -> dict[str
 @torch.no_grad()
 def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool = False,
               seed: int = 0, cutmix: bool = False) -> dict[str, Tensor]:
-    """What SAI does to a batch: per image the similarity v of the weak and strong features,
-    the mask ratio r and noise amplitude a it implies, the attention map, the keep mask,
-    the features F_w, F_s, F_mk, F_ne and the decoder's probabilities on each.
+    """What SAI does to ``batch`` (an :func:`unlabeled_batch` of B images, S x S), on the CPU:
+    'w', 's' (B, 3, S, S) the weak and strong views compared; 'f_w', 'f_s', 'f_mk', 'f_ne'
+    (B, C, h, w) their features and the masked / noised strong features; 'attention' (B, h, w)
+    and 'keep' (B, h, w) bool of the mask; 'p_w', 'p_s', 'p_m', 'p_n' (B, K, S, S) the
+    decoder's probabilities on each map; per image (B,): 'v' (weak-strong similarity),
+    'mask_ratio' r, 'amplitude' a, 'dropped' (fraction masked), 'mse_m', 'mse_n' (L_m, L_n).
 
-    ``double_transform`` selects the released code's mask ratio (the config switch
-    ``mlcl.double_transform``; docs/method.md, the paper-versus-release differences). With
-    ``cutmix`` the strong view s1 takes its box from the batch rolled by one and the weak
-    view compared with it does too (F_1, as in training); otherwise the plain views are
-    shown. The random
-    draws (mask threshold, noise) come from ``seed``, so two calls differing only in
-    ``double_transform`` draw the same numbers.
+    ``double_transform``: the released code's mask ratio (``mlcl.double_transform``;
+    docs/method.md, "Paper versus release"). ``cutmix``: s1 with its box pasted from the
+    batch rolled by one, against the weak view mixed the same way (F_1, as in training).
+    The random draws come from ``seed``, so calls that differ only in ``double_transform``
+    draw the same numbers.
     """
-    from mlcl.methods import mix_source, paste
-    from mlcl.model import upsample
-
     m = cfg.mlcl
     dev = device_of(model)
     w, s = batch["w"].to(dev), batch["s1"].to(dev)
@@ -244,8 +231,6 @@ def pixel_features(ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
     """Features F (eval mode) of validation pixels and their ground-truth classes at feature
     resolution, at most ``max_pixels`` of them, balanced over classes (at most
     max_pixels / K per class, drawn with ``seed``)."""
-    from mlcl.data.datasets import ValDataset
-
     cfg = ck.cfg
     ds = ValDataset(cfg, cfg.split_path("val_split"))
     feats, labels = [], []

@@ -26,6 +26,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
     The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask),
     not mkstemp's private 0600, so collaborators can read results."""
+    # tempfile + os.replace, no package: atomicwrites, the usual one, is archived and itself
+    # points to os.replace.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,15 +43,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``text`` into ``path`` atomically; returns ``path``."""
     return atomic_write(path, lambda p: p.write_text(text))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented JSON (anything else as ``str``) into ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
-    import torch
+    """``torch.save(obj)`` at ``path`` atomically (a temporary file, then a rename)."""
+    import torch  # here: config, progress, the registry and data preparation use this module
 
     return atomic_write(path, lambda p: torch.save(obj, p))
 
@@ -97,6 +102,7 @@ class OutputFolder:
         return listed
 
     def make(self) -> None:
+        """Create the folder (at the first write); a ValueError naming the flag if it cannot."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -8,6 +8,9 @@ from itertools import product
 
 @dataclass(frozen=True)
 class Run:
+    """One cell of a grid: a preset trained with one split, method (variant), seed and
+    extra overrides; its :attr:`name` names its output folder and registry entry."""
+
     preset: str
     split: str
     method: str
@@ -18,6 +21,7 @@ class Run:
 
     @property
     def name(self) -> str:
+        """``<preset>-<split>-<method>[-<variant>][-<ablation>]-s<seed>``."""
         parts = [self.preset, self.split, self.method]
         if self.method == "mlcl":
             parts.append(self.variant)
@@ -27,6 +31,7 @@ class Run:
         return "-".join(parts)
 
     def config_overrides(self) -> list[str]:
+        """The ``key=value`` overrides that make the preset this run."""
         out = [f"split={self.split}", f"method={self.method}", f"seed={self.seed}"]
         if self.method == "mlcl":
             out.append(f"mlcl.variant={self.variant}")
@@ -51,17 +56,16 @@ def _methods_grid(preset: str, splits, seeds, overrides=()) -> list[Run]:
             for s, (m, v), seed in product(splits, METHOD_VARIANTS, seeds)]
 
 
-# `make demo`: one seed at 1/32 labels (31 images), 400 iterations with a validation every
-# epoch (121 iterations) and 64 fused feature channels instead of 256 (the 3x3 fusion convs
-# at 1/4 resolution were about 2/3 of a step's CPU time). CPU seconds per run on a busy
-# 2-core machine: UniMatch 188, supervised 58, MLCL about 15% more than UniMatch; the whole
-# `make demo` 460. At 1/32 the semi-supervised runs lead supervised by 2-3 points on this
-# short schedule; at 1/16 the lead was about 1 point.
+# `make demo`: one seed at 1/32 labels (31 images; there the semi-supervised runs lead
+# supervised visibly on this short schedule), 400 iterations with a validation every epoch
+# (121 iterations) and 64 fused feature channels instead of 256 (the 3x3 fusion convs at 1/4
+# resolution were about 2/3 of a step's CPU time). Measured times: README.md, "Status".
 DEMO_SPLIT = "1_32"
 DEMO_SCHEDULE = ("train.max_iters=400", "train.eval_every=1", "model.feature_channels=64")
 
 
 def build_grid(name: str) -> list[Run]:
+    """The runs of grid ``name`` (one of :data:`GRIDS`), in the order they are started."""
     if name == "demo":
         # the longest run first: MLCL on one worker, UniMatch then supervised on the other
         return [Run("synthetic", DEMO_SPLIT, m, 0, overrides=DEMO_SCHEDULE)

@@ -51,6 +51,7 @@ class DrawSampler(Sampler):
         self.epoch = epoch
 
     def order(self) -> list[int]:
+        """The indices of the current epoch, in the order they are yielded."""
         if not self.shuffle:
             return list(range(self.n))
         g = torch.Generator().manual_seed(derive_seed(self.order_seed, self.epoch))

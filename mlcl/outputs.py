@@ -23,8 +23,6 @@ from mlcl import paths, progress
 from mlcl.config import ConfigError
 from mlcl.files import atomic_write_json
 
-STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
-
 
 # --------------------------------------------------------------------------- bad places
 def check_output_place(out: Path) -> None:
@@ -75,6 +73,7 @@ def remove_fresh_output(out: Path, checkpoints: Path) -> bool:
 
 # --------------------------------------------------------------------------- progress, metrics
 def git_commit() -> str:
+    """The checkout's HEAD commit, or "unknown" outside a git checkout."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.REPO, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
@@ -133,6 +132,7 @@ def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
 
 
 def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
+    """metrics.json of ``run`` in ``status`` (main process writes; all return it)."""
     metrics = build_metrics(run, status, error)
     if run.acc.is_main_process:
         atomic_write_json(run.out / "metrics.json", metrics)
@@ -140,6 +140,7 @@ def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
 
 
 def read_metrics(out: Path) -> dict[str, Any] | None:
+    """``out/metrics.json``, or None when it is missing or unreadable."""
     try:
         return json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Column:
+    """A column of a published table: the preset and split that reproduce it."""
+
     preset: str  # the preset a reproduction of this column runs (mlcl/configs/NAME.yaml)
     split: str  # the preset's split name
     label: str  # as the paper heads the column
@@ -19,12 +21,15 @@ class Column:
 
 @dataclass(frozen=True)
 class PaperTable:
+    """One of the paper's Tables I-III: its columns and the published mIoU per method."""
+
     key: str  # "I", "II", "III"
     title: str
     columns: tuple[Column, ...]
     published: dict[str, tuple[float, ...]]  # method key -> one value per column
 
     def value(self, method: str, preset: str, split: str) -> float | None:
+        """The published mIoU of ``method`` in the column of (preset, split), if any."""
         for col, v in zip(self.columns, self.published.get(method, ())):
             if (col.preset, col.split) == (preset, split):
                 return v

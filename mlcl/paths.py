@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # mlcl.config imports this module
+    from mlcl.config import Config
 
 PACKAGE = Path(__file__).resolve().parent
 REPO = PACKAGE.parent  # the checkout (meaningful for an editable install)
@@ -31,6 +35,8 @@ def cache_dir() -> Path:
     if os.environ.get("MLCL_CACHE"):
         return Path(os.environ["MLCL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlcl"
+
+
 def demo_dir() -> Path:
     """The runs folder of `make demo` (its cells, registry and executed notebooks)."""
     return runs_dir() / "demo"
@@ -47,6 +53,17 @@ def resolve(path: str | Path, output: bool = False) -> Path:
     if p.is_absolute() or p.exists() or not str(path):
         return p
     return REPO / p if output or (REPO / p).exists() else p
+
+
+def fix_data_root(cfg: "Config") -> "Config":
+    """``cfg`` with a relative data.root that is not found from the current folder taken
+    from the repository root (:func:`resolve`; runs launched from the repository root store
+    ``data/synthetic``, and a notebook runs in ``notebooks/``). Changes ``cfg`` in place."""
+    if cfg.data.root:
+        root = resolve(cfg.data.root)
+        if root != Path(cfg.data.root).expanduser():
+            cfg.data.root = str(root)
+    return cfg
 
 
 def registry_dirs() -> list[Path]:

@@ -21,37 +21,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from mlcl.config import Config, config_from_dict, parse_overrides, resolve, set_key
+from mlcl.data.classes import check_classes
+from mlcl.data.palette import colourise, palette_for
+from mlcl.evaluate import predict_logits, sliding_window_logits
 from mlcl.files import OutputFolder
+from mlcl.model import build_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 25_000_000  # images above this are refused (the class scores alone take K*4*N bytes)
 TILE = 1024  # images above TILE*TILE pixels are predicted in windows of this size
 
-# Cityscapes' 19 trainId colours (from the dataset's label definitions).
-CITYSCAPES_COLOURS = [
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)]
 
-
-def palette_for(dataset: str) -> np.ndarray:
-    """(256, 3) uint8 colours: the VOC colour map, with Cityscapes' trainId colours first."""
-    from mlcl.data.synthetic import voc_palette
-
-    pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-    if dataset == "cityscapes":
-        pal[: len(CITYSCAPES_COLOURS)] = CITYSCAPES_COLOURS
-    return pal
-
-
-def colourise(mask: np.ndarray, dataset: str) -> Image.Image:
-    """(H, W) class indices -> palette ('P' mode) image; 255 keeps the VOC border colour."""
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")
-    img.putpalette(palette_for(dataset).reshape(-1).tolist())
-    return img
-
-
+# --------------------------------------------------------------------------- colours
 def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
     """A picture (a colour swatch and the name per class) and a text table
     ('index<TAB>name<TAB>r,g,b' per line) of the class colours."""
@@ -87,6 +68,8 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
+    """The dict of a weights file written by training (with 'model' and 'config'), or a
+    ValueError naming the file."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
@@ -103,9 +86,6 @@ def load_weights(path: str | Path, overrides: list[str] | None = None, use_data:
     run folder (its best.pt). The checkpoint's config is the base; ``overrides`` (key=value)
     go on top. A class count that differs between the checkpoint, the config and (with
     ``use_data``) the data's classes.txt is an error naming all three."""
-    from mlcl.data.classes import check_classes
-    from mlcl.model import build_model
-
     path = checkpoint_file(path)
     ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
@@ -162,8 +142,6 @@ def read_image(path: Path, max_pixels: int) -> Image.Image:
 def predict_image(model, cfg: Config, rgb: Image.Image, tile: int = TILE) -> np.ndarray:
     """(H, W) uint8 class indices; images over ``tile``^2 pixels in tile windows moved by
     2/3 of a tile (evaluate.sliding_window_logits), others as the config's eval mode says."""
-    from mlcl.evaluate import predict_logits, sliding_window_logits
-
     mean = torch.tensor(cfg.data.aug.mean).view(3, 1, 1)
     std = torch.tensor(cfg.data.aug.std).view(3, 1, 1)
     x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div(255)

@@ -98,6 +98,8 @@ class Tracker:
             self.bar.set_postfix_str(describe(None), refresh=True)
 
     def poll(self) -> None:
+        """Show the run's latest progress.json: redraw its bar, or (no terminal) print a
+        line when ``board.every`` seconds have passed since the last one."""
         p = read_progress(self.output_dir)
         if self.bar is not None:
             if p is not None:
@@ -112,6 +114,7 @@ class Tracker:
                              f"{p.get('total_iters')}, {describe(p)}")
 
     def close(self) -> None:
+        """Remove the bar and free its position for the next run."""
         if self.bar is not None:
             self.bar.close()
         self.board.release(self.position)

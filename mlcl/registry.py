@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mlcl import paths
+from mlcl.config import RESULT_NEUTRAL, config_changes
 from mlcl.files import atomic_write_json
+
+# torch (environment) and pandas (runs_frame) are imported where they are used: reproduce and
+# the demo record runs and read entries without loading either.
 
 RUN_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
 
@@ -48,6 +55,7 @@ def find_registry(root: str | Path | None = None) -> Path:
 
 
 def environment() -> dict[str, Any]:
+    """Python, torch, platform and host, and the GPU when there is one."""
     import torch
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
@@ -62,8 +70,6 @@ def environment() -> dict[str, Any]:
 def git_dirty() -> bool | None:
     """Whether the checkout has uncommitted changes to tracked files (None: not a git
     checkout), so an entry says when its git commit alone does not pin the code."""
-    import subprocess
-
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                              cwd=paths.REPO, capture_output=True, text=True, timeout=20)
@@ -99,8 +105,6 @@ def record_output_dir(name: str, output_dir: str | Path, root: str | Path | None
                       **extra: Any) -> Path:
     """Record a finished run from what training left in ``output_dir`` (metrics.json and
     config.yaml); the output dir is stored as an absolute path."""
-    import yaml
-
     out = Path(output_dir).resolve()
     metrics = json.loads((out / "metrics.json").read_text())
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -109,6 +113,7 @@ def record_output_dir(name: str, output_dir: str | Path, root: str | Path | None
 
 
 def load_entry(name: str, root: str | Path | None = None) -> dict[str, Any] | None:
+    """The entry of run ``name``, or None when it is missing or unreadable."""
     path = registry_dir(root) / f"{name}.json"
     try:
         return json.loads(path.read_text())
@@ -162,8 +167,6 @@ def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
     """For complete entries of one preset and dataset (the runs a table puts side by side),
     one line per entry whose configuration differs from the group's first in anything but
     TABLE_AXES and mlcl.config.RESULT_NEUTRAL: ``"B vs A (key: a -> b; ...)"``."""
-    from mlcl.config import RESULT_NEUTRAL, config_changes
-
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for e in entries:
         if (e.get("metrics") or {}).get("complete"):

@@ -35,9 +35,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mlcl import grids, paths, progress
+from mlcl.config import ConfigError, config_changes, load_config
+from mlcl.data.classes import reconcile_classes
+from mlcl.data.splits import DataError, check_root
 from mlcl.grids import GRIDS, Run
+from mlcl.outputs import read_metrics
 from mlcl.registry import find_registry, load_entry, record_output_dir
+
+# mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
+# this process: reproduce itself only launches runs in subprocesses and reads their files.
 
 EXECUTORS = ("papermill", "cli")
 RUN_NOTEBOOK = paths.NOTEBOOKS / "run.ipynb"
@@ -53,16 +62,12 @@ def thread_env() -> dict[str, str]:
 
 
 def is_complete(out: Path) -> bool:
-    path = Path(out) / "metrics.json"
-    if not path.is_file():
-        return False
-    try:
-        return bool(json.loads(path.read_text()).get("complete"))
-    except json.JSONDecodeError:
-        return False
+    """Whether ``out/metrics.json`` says the run finished."""
+    return bool((read_metrics(Path(out)) or {}).get("complete"))
 
 
 def run_record(run: Run) -> dict[str, Any]:
+    """The registry's ``run`` field of a grid cell."""
     return {"preset": run.preset, "split": run.split, "method": run.method,
             "variant": run.variant, "ablation": run.ablation, "seed": run.seed,
             "overrides": list(run.overrides)}
@@ -85,12 +90,9 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
     mlcl.train.fit, or with ``num_processes > 1`` through ``accelerate launch`` in a
     subprocess whose output is streamed here (the run notebook calls this). A relative
     data.root that does not exist from the current folder is taken from the checkout."""
-    from mlcl.config import load_config
-    from mlcl.explore import fix_data_root
-
     cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
     root = cfg.data.root
-    if fix_data_root(cfg).data.root != root:  # relative to the checkout, not to notebooks/
+    if paths.fix_data_root(cfg).data.root != root:  # relative to the checkout, not to notebooks/
         overrides = [*overrides, f"data.root={cfg.data.root}"]
     if num_processes <= 1:
         from mlcl.train import fit
@@ -118,6 +120,8 @@ def run_logged(cmd: list[str], log: Path, poll=None) -> int:
 
 def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
             num_processes: int = 1, poll=None) -> int:
+    """Train ``run`` into ``out`` with ``python -m mlcl train`` (output into ``log``); its
+    exit status."""
     cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
                         num_processes)
     return run_logged(cmd, log, poll)
@@ -182,12 +186,7 @@ def figures_main(args) -> int:
 def cell_config(run: Run, out: Path, overrides: list[str]):
     """The resolved configuration a cell will train with (as train_run / run_cli build it,
     with the data's classes); a ConfigError / DataError when it cannot be built."""
-    from mlcl.config import load_config
-    from mlcl.data.classes import reconcile_classes
-    from mlcl.data.splits import check_root
-    from mlcl.explore import fix_data_root
-
-    cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
+    cfg = paths.fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
                                                  *overrides]))
     if not is_complete(out):  # a complete cell is skipped: its data need not be here
         check_root(cfg.data.root, cfg.data.dataset)
@@ -197,10 +196,6 @@ def cell_config(run: Run, out: Path, overrides: list[str]):
 def stored_changes(out: Path, cfg) -> list[str]:
     """How the configuration stored in ``out/config.yaml`` (a cell trained before, complete
     or not) differs from ``cfg``: ``"key: stored -> requested"``; empty when the same run."""
-    import yaml
-
-    from mlcl.config import config_changes
-
     path = out / "config.yaml"
     if not path.is_file():
         return []
@@ -221,9 +216,6 @@ def check_cells(todo: list[Run], root: Path, overrides: list[str],
     keys that changed) unless ``rerun_changed``, which moves each changed cell aside to
     ``<name>.replaced-<time>`` (and drops its registry entry) so it trains again. Returns
     the names of the cells moved aside."""
-    from mlcl.config import ConfigError
-    from mlcl.data.splits import DataError
-
     errors: dict[str, list[str]] = {}
     changed: dict[str, list[str]] = {}
     for run in todo:
@@ -325,6 +317,7 @@ class GridRunner:
             return run_papermill(RUN_NOTEBOOK, notebook, params, log, poll=tracker.poll), notebook
 
     def one(self, run: Run) -> None:
+        """Train one cell unless it is complete, record it, and say how it went."""
         out = self.root / "cells" / run.name  # shared by every grid that holds the run
         if is_complete(out):
             if load_entry(run.name, self.registry) is None:  # trained, never recorded
@@ -352,6 +345,7 @@ class GridRunner:
                              f"{': ' + cause if cause else ''}")
 
     def report(self) -> None:
+        """Print the counts and each failed run with its log and cause."""
         r = self.result
         print(f"{len(r['done'])} done, {len(r['skipped'])} skipped (complete), "
               f"{len(r['failed'])} failed", flush=True)
@@ -431,6 +425,7 @@ def add_figures_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
+    """``python -m mlcl reproduce``: 1 when a run or the figures failed, else 0."""
     result = reproduce(args.grid, runs_root=args.runs, overrides=args.overrides,
                        jobs=args.jobs, only=args.only, executor=args.executor,
                        figures=not args.no_figures,

@@ -42,12 +42,16 @@ class RunStopped(RuntimeError):
 
 
 class RunInterrupted(RunStopped):
+    """A stop signal ended the run after a checkpoint; the same command resumes it."""
+
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
 
 
 class RunDiverged(RunStopped):
+    """A non-finite loss term or gradient norm; nothing after it was saved."""
+
     exit_code = 3
 
 
@@ -74,6 +78,7 @@ class StopSignals:
         self.previous.clear()
 
     def handle(self, signum: int, _frame) -> None:
+        """The signal handler: record the first request; exit at once on a later one."""
         name = signal.Signals(signum).name
         if self.signum is not None:
             if time.monotonic() - self.first_at < REPEAT_AFTER_S:

@@ -208,6 +208,9 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
 
 
 def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
+    """One optimiser step on ``batch`` ({'x': labeled, 'u': unlabeled, 'mix'?: partner}):
+    the lr of this iteration, forward, backward, step. Returns the step's loss terms
+    ('loss' and the method's named terms, 0-d tensors), also added to the epoch's sums."""
     ctx, t = run.ctx, run.cfg.train
     ctx.iteration, ctx.epoch = run.state.iteration, epoch
     poly_lr(run.optimizer, ctx.iteration, run.total_iters, t.poly_power, t.lr_lag)
@@ -234,6 +237,8 @@ def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
 
 
 def log_step(run: Run, terms: dict[str, Any], bar) -> None:
+    """The step's scalar terms and the lr to the tracker (``train/<name>`` at the
+    iteration), and the epoch's running mean loss on the progress bar."""
     values = {f"train/{k}": float(v.detach()) for k, v in terms.items()
               if torch.is_tensor(v) and v.dim() == 0}
     values["train/lr"] = run.optimizer.param_groups[0]["lr"]
@@ -314,6 +319,7 @@ def check_finite(run: Run) -> None:
 
 
 def interrupt(run: Run, stop: StopSignals) -> None:
+    """Checkpoint, then raise RunInterrupted (exit status 128 + the signal received)."""
     path = save_checkpoint(run)
     name = signal.Signals(stop.exit_signal()).name
     raise RunInterrupted(

@@ -220,7 +220,7 @@ def make_voc_tar(path: str | Path, train: list[str], val: list[str], extra: list
     """VOCtrainval-style tar: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass,
     ImageSets/Segmentation, Annotations}``. ``extra`` ids get an image but no mask (the images
     that only SBD annotates)."""
-    from mlcl.data.synthetic import voc_palette
+    from mlcl.data.palette import voc_palette
 
     path, rng, (h, w) = Path(path), np.random.default_rng(seed), size
     base = "VOCdevkit/VOC2012"

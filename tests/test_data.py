@@ -12,7 +12,7 @@ from PIL import Image
 from mlcl.config import load_config
 from mlcl.data import (DataError, LabeledDataset, UnlabeledDataset, ValDataset, build_datasets,
                        class_names, read_split)
-from mlcl.data.synthetic import voc_palette
+from mlcl.data.palette import voc_palette
 
 
 def _mini_root(tmp_path, n=3, size=(24, 20)):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mlcl import paths, registry
 from mlcl.__main__ import main
+from mlcl.config import Config
 from mlcl.registry import find_registry, registry_dir
 
 
@@ -42,3 +43,13 @@ def test_figures_command_without_a_registry(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no results registry" in err[0] and "make demo" in err[0]
     assert str(tmp_path / "demo" / "registry") in err[0]
+
+
+def test_fix_data_root_takes_a_relative_root_from_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # e.g. a kernel in notebooks/: "mlcl" is not found from here
+    cfg = Config()
+    cfg.data.root = "mlcl"
+    assert paths.fix_data_root(cfg).data.root == str(paths.REPO / "mlcl")
+    (tmp_path / "mlcl").mkdir()  # found from the current folder: kept as given
+    cfg.data.root = "mlcl"
+    assert paths.fix_data_root(cfg).data.root == "mlcl"

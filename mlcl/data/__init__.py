@@ -1,14 +1,27 @@
-"""Data: split files, datasets (labeled / unlabeled / val) and the synthetic generator.
+"""Data: split files, datasets (labeled / unlabeled / val), class names and colours, the
+data pre-flight and the synthetic generator.
 
     from mlcl.data import build_datasets
     sets = build_datasets(cfg, with_unlabeled=cfg.method != "supervised")
-"""
-from mlcl.data.classes import check_classes, reconcile_classes
-from mlcl.data.datasets import (LabeledDataset, UnlabeledDataset, ValDataset, build_datasets,
-                                class_names, load_image, load_mask)
-from mlcl.data.splits import DataError, Sample, check_root, read_split
-from mlcl.data.synthetic import make_synthetic
 
-__all__ = ["DataError", "Sample", "read_split", "check_root", "LabeledDataset",
-           "UnlabeledDataset", "ValDataset", "build_datasets", "class_names", "load_image",
-           "load_mask", "make_synthetic", "check_classes", "reconcile_classes"]
+The names below are imported on first use (as ``mlcl.build_model`` is), so that the modules
+without torch (splits, classes, palette, synthetic) load without it: data preparation, the
+grid's checks and the figures use them.
+"""
+import importlib
+
+_LAZY = {
+    "mlcl.data.classes": ("check_classes", "reconcile_classes"),
+    "mlcl.data.datasets": ("LabeledDataset", "UnlabeledDataset", "ValDataset", "build_datasets",
+                           "class_names", "load_image", "load_mask"),
+    "mlcl.data.splits": ("DataError", "Sample", "check_root", "read_split"),
+    "mlcl.data.synthetic": ("make_synthetic",),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'mlcl.data' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from mlcl import augment
 from mlcl.config import Config
+from mlcl.data.classes import data_classes
 from mlcl.data.splits import DataError, Sample, check_root, read_split
 
 
@@ -60,6 +61,8 @@ def load_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
 
 
 def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
+    """The RGB image and its (H, W) uint8 mask, checked against each other (same size) and
+    the config (values); a DataError naming the file otherwise."""
     image = load_image(sample.image)
     if sample.mask is None:
         raise DataError(f"sample {sample.id} ({sample.image}) has no mask")
@@ -153,10 +156,10 @@ def class_names(cfg: Config) -> list[str]:
     k = cfg.data.num_classes
     if cfg.data.class_names:
         return list(cfg.data.class_names)
-    f = Path(cfg.data.root).expanduser() / "classes.txt"
-    if cfg.data.root and f.is_file():
-        names = [n.strip() for n in f.read_text().splitlines() if n.strip()]
+    found = data_classes(cfg.data.root)
+    if found:
+        path, names = found
         if len(names) != k:
-            raise DataError(f"{f} lists {len(names)} classes but data.num_classes={k}")
+            raise DataError(f"{path} lists {len(names)} classes but data.num_classes={k}")
         return names
     return [f"class_{i}" for i in range(k)]

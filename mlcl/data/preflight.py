@@ -87,6 +87,8 @@ class Cache:
             return set()
 
     def key(self, item: Item) -> str:
+        """What a pass depends on: K, the ignore index, and each file's path, size and
+        modification time (an OSError when a file has gone)."""
         parts = [self.tag]
         for p in item:
             if p is not None:

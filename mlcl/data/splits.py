@@ -46,6 +46,8 @@ class DataError(ValueError):
 
 
 class Sample(NamedTuple):
+    """One line of a split file, resolved: its id and the paths of image and mask."""
+
     id: str
     image: Path
     mask: Optional[Path]  # None where no mask is needed and none exists

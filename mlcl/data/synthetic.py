@@ -7,9 +7,8 @@ Each image shows 2-5 rotated, occluding shapes (class 1..K-1; K counts the backg
 textured, cluttered background. A class has its own hue (jittered, sigma 0.05 of the hue
 circle; with probability 0.15 a random colour instead) and a texture prior that overlaps the
 other classes' priors, so colour is a strong but imperfect cue and shape has to carry the
-rest. Masks have a 255 ignore band about 2 px wide along every object edge. This is the
-setting that learned in the project's first CPU trials; with heavier colour overlap (hue
-jitter 0.10, 30% random colours) nothing learned.
+rest. Masks have a 255 ignore band about 2 px wide along every object edge. Why these
+colour settings: docs/synthetic_study.md, "The data".
 
 Deterministic: the same arguments give byte-identical files (each image draws from its own
 numpy Generator seeded by (seed, split, index); PIL writes no time stamps).
@@ -23,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mlcl.data.palette import voc_palette
+
 FAMILIES = ("disc", "rectangle", "triangle", "ring", "star", "cross")
 TEXTURES = ("flat", "stripes", "checker", "spots", "gradient")
 FRACTIONS = {"1_32": 32, "1_16": 16, "1_8": 8, "1_4": 4, "1_2": 2}
@@ -30,7 +31,7 @@ CITIES = {"train": ("aachen", "bochum", "bremen", "cologne"),
           "val": ("frankfurt", "lindau", "munster")}
 IGNORE = 255
 
-# The setting that worked in the first CPU trials; heavier colour overlap learned nothing.
+# Colour overlap between classes (docs/synthetic_study.md, "The data").
 HUE_JITTER = 0.05  # sigma, as a fraction of the hue circle
 RANDOM_COLOUR_P = 0.15
 NUM_OBJECTS = (2, 5)  # per square of side `size`
@@ -61,21 +62,6 @@ def sample_paths(sid: str, layout: str) -> tuple[str, str]:
     if layout == "cityscapes":
         return f"leftImg8bit/{sid}_leftImg8bit.png", f"gtFine/{sid}_gtFine_labelTrainIds.png"
     return f"JPEGImages/{sid}.jpg", f"SegmentationClass/{sid}.png"
-
-
-def voc_palette() -> list[int]:
-    """Pascal VOC's colour map (bit-interleaved), 256 RGB entries; 255 is cream."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
 
 
 # --------------------------------------------------------------------------- drawing helpers
@@ -200,17 +186,32 @@ def edge_band(instance: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- one sample
 def render(rng: np.random.Generator, h: int, w: int, classes: int
            ) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (0..classes-1, 255 on edges).
 
-    # textured background: a low-saturation colour with smooth hue / value variation
+    Draws from ``rng`` in a fixed order (background, clutter, objects, noise), so one seed
+    gives one image."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    img = _clutter(rng, _background(rng, yy, xx))
+    label, instance = _objects(rng, img, yy, xx, classes)
+    label[edge_band(instance)] = IGNORE
+    img = img + rng.normal(0, 0.02, img.shape)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """A low-saturation colour with smooth hue / value variation and a texture; (h, w, 3)."""
+    h, w = yy.shape
     hue = rng.uniform() + 0.06 * smooth_noise(rng, h, w, 4)
     sat = np.clip(rng.uniform(0.0, 0.35) + 0.1 * smooth_noise(rng, h, w, 3), 0, 1)
     val = rng.uniform(0.35, 0.8) + 0.12 * smooth_noise(rng, h, w, 5) \
         + 0.08 * texture(TEXTURES[rng.integers(len(TEXTURES))], rng, yy, xx)
-    img = hsv_to_rgb(hue, sat, np.clip(val, 0, 1))
+    return hsv_to_rgb(hue, sat, np.clip(val, 0, 1))
 
-    # clutter: small strokes and blobs of any colour, still background
+
+def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """``img`` (h, w, 3) in [0, 1] with small strokes and blobs of any colour (still
+    background); returns a new float array quantised to 8 bits."""
+    h, w = img.shape[:2]
     canvas = Image.fromarray((img * 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(3, 9) * w // h)):
@@ -224,11 +225,17 @@ def render(rng: np.random.Generator, h: int, w: int, classes: int
         else:
             r = rng.uniform(0.5, 0.04 * h)
             draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)
-    img = np.asarray(canvas, dtype=float) / 255
+    return np.asarray(canvas, dtype=float) / 255
 
-    # objects, later ones occluding earlier ones
+
+def _objects(rng: np.random.Generator, img: np.ndarray, yy: np.ndarray, xx: np.ndarray,
+             classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Paint objects into ``img`` (h, w, 3, in place), later ones occluding earlier ones;
+    return the uint8 class map and the int32 instance map (edges between same-class objects
+    count too)."""
+    h, w = yy.shape
     label = np.zeros((h, w), dtype=np.uint8)
-    instance = np.zeros((h, w), dtype=np.int32)  # edges between same-class objects count too
+    instance = np.zeros((h, w), dtype=np.int32)
     lo, hi = NUM_OBJECTS
     for k in range(1, int(rng.integers(lo, hi + 1)) * max(1, w // h) + 1):
         c = int(rng.integers(1, classes))
@@ -245,10 +252,7 @@ def render(rng: np.random.Generator, h: int, w: int, classes: int
         s = np.clip(os_ + 0.1 * tex, 0, 1)
         img[m] = hsv_to_rgb(oh, s[m], v[m])
         label[m], instance[m] = c, k
-
-    label[edge_band(instance)] = IGNORE
-    img = img + rng.normal(0, 0.02, img.shape)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), label
+    return label, instance
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -283,17 +287,30 @@ def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, s
         ids[split] = [sample_id(split, i, layout) for i in range(n)]
         for i, sid in enumerate(ids[split]):
             image, mask = render(np.random.default_rng([seed, split_no, i]), h, w, classes)
-            image_rel, mask_rel = sample_paths(sid, layout)
-            (out / image_rel).parent.mkdir(parents=True, exist_ok=True)
-            (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-            m = Image.fromarray(mask)
-            if layout == "voc":
-                Image.fromarray(image).save(out / image_rel, quality=95)
-                m.putpalette(palette)  # L -> P: VOC's palette PNGs
-            else:
-                Image.fromarray(image).save(out / image_rel)
-            m.save(out / mask_rel)
+            _save_sample(out, sid, layout, image, mask, palette)
+    _write_lists(out, ids, layout, classes, seed)
+    return out
 
+
+def _save_sample(out: Path, sid: str, layout: str, image: np.ndarray, mask: np.ndarray,
+                 palette: list[int]) -> None:
+    """The image (JPEG for voc, PNG for cityscapes) and mask (palette PNG for voc) of ``sid``."""
+    image_rel, mask_rel = sample_paths(sid, layout)
+    (out / image_rel).parent.mkdir(parents=True, exist_ok=True)
+    (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+    m = Image.fromarray(mask)
+    if layout == "voc":
+        Image.fromarray(image).save(out / image_rel, quality=95)
+        m.putpalette(palette)  # L -> P: VOC's palette PNGs
+    else:
+        Image.fromarray(image).save(out / image_rel)
+    m.save(out / mask_rel)
+
+
+def _write_lists(out: Path, ids: dict[str, list[str]], layout: str, classes: int,
+                 seed: int) -> None:
+    """classes.txt, VOC's id lists, splits/{train,val}.txt and the nested labeled /
+    unlabeled lists of every fraction in :data:`FRACTIONS`."""
     def pairs(sids: list[str]) -> list[str]:
         return [" ".join(sample_paths(s, layout)) for s in sids]
 
@@ -303,6 +320,7 @@ def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, s
             _write_lines(out / "ImageSets" / "Segmentation" / f"{split}.txt", ids[split])
     for split in ids:
         _write_lines(out / "splits" / f"{split}.txt", pairs(ids[split]))
+    num_train = len(ids["train"])
     order = np.random.default_rng([seed, 99]).permutation(num_train)
     for name, d in FRACTIONS.items():
         chosen = set(order[:max(1, round(num_train / d))].tolist())
@@ -310,7 +328,6 @@ def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, s
         unlabeled = [s for i, s in enumerate(ids["train"]) if i not in chosen]
         _write_lines(out / "splits" / name / "labeled.txt", pairs(labeled))
         _write_lines(out / "splits" / name / "unlabeled.txt", pairs(unlabeled))
-    return out
 
 
 # --------------------------------------------------------------------------- CLI
@@ -329,6 +346,7 @@ def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_synth(args: argparse.Namespace) -> Path:
+    """``python -m mlcl synth``: :func:`make_synthetic` with the parsed arguments."""
     out = make_synthetic(args.out, args.num_train, args.num_val, args.size, args.classes,
                          args.seed, args.layout)
     print(f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout, "

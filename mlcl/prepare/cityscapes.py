@@ -23,8 +23,14 @@ import zipfile
 from pathlib import Path
 from typing import Mapping, Optional
 
-from mlcl.prepare.download import (DownloadError, Log, PrepareError, Steps, digests, extract,
-                                   marker_path, now, read_marker, say, write_marker)
+import requests
+from requests.adapters import HTTPAdapter
+
+from mlcl.prepare.download import (DownloadError, Log, PrepareError, Steps, check_counts, digests,
+                                   mark_downloaded, marker_path, read_marker, say)
+
+# cityscapesscripts is imported inside the functions that use it: only a download with an
+# account and the trainId step need it.
 
 BASE_URL = "https://www.cityscapes-dataset.com"
 PACKAGES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
@@ -53,9 +59,6 @@ def credentials(env: Mapping[str, str]) -> tuple[str, str]:
 def _session(base_url: str):
     """A requests session; with a non-default ``base_url`` (a mirror, or a test server) every
     request for BASE_URL is sent there instead, so cityscapesscripts' code runs unchanged."""
-    import requests
-    from requests.adapters import HTTPAdapter
-
     session = requests.Session()
     base_url = base_url.rstrip("/")
     if base_url != BASE_URL:
@@ -104,8 +107,7 @@ def download(session, package: str, downloads: Path, log: Log = say) -> Path:
         md5 = _server_md5(session, package)
         if digests(dest, ("md5",))["md5"] == md5:
             log(f"[ok] {package}: present and matches the server's md5")
-            write_marker(marker_path(dest), {"bytes": dest.stat().st_size, "md5": md5,
-                                             "date": now()})
+            mark_downloaded(dest, md5=md5)
             return dest
     log(f"[download] {package} from the Cityscapes server"
         f"{' (resuming)' if dest.is_file() else ''}")
@@ -119,8 +121,7 @@ def download(session, package: str, downloads: Path, log: Log = say) -> Path:
                                 f"removed, run again to download it afresh") from None
         raise DownloadError(f"{package}: download failed ({type(e).__name__}: {e}); run again "
                             f"to resume") from e
-    write_marker(marker_path(dest), {"bytes": dest.stat().st_size,
-                                     **digests(dest, ("md5", "sha256")), "date": now()})
+    mark_downloaded(dest, **digests(dest, ("md5", "sha256")))
     log(f"[ok] {package}")
     return dest
 
@@ -170,17 +171,37 @@ def prepare_cityscapes(root: str | Path, downloads: Optional[str | Path] = None,
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
     expected = dict(COUNTS if expected is None else expected)
-    env = os.environ if env is None else env
     steps = Steps(root)
     if force:
-        for s in ("cityscapes", "trainids", *(f"extract-{p}" for p in PACKAGES)):
-            steps.clear(s)
-    done = steps.get("cityscapes")
-    if done and done.get("counts") == expected:
-        log(f"[skip] Cityscapes already prepared in {root}: {done['counts']}")
-        return done["counts"]
+        steps.clear("cityscapes", "trainids", *(f"extract-{p}" for p in PACKAGES))
+    if done := steps.finished_counts("cityscapes", expected):
+        log(f"[skip] Cityscapes already prepared in {root}: {done}")
+        return done
+    found = find_zips(zips, downloads)
+    if missing := [p for p in PACKAGES if p not in found]:
+        found.update(download_zips(missing, downloads, base_url,
+                                   os.environ if env is None else env, log))
+    for p in found.values():
+        if not zipfile.is_zipfile(p):
+            raise PrepareError(f"{p} is not a complete zip file; delete it and run again")
+    root.mkdir(parents=True, exist_ok=True)
+    extract_zips(found, root, ("train", "val", "test") if with_test else ("train", "val"),
+                 steps, log)
+    if not steps.get("trainids"):
+        make_train_ids(root, log)
+        steps.done("trainids")
+    else:
+        log("[skip] labelTrainIds already made")
+    counts = count(root)
+    check_counts(counts, expected, "Cityscapes")
+    steps.done("cityscapes", counts=counts)
+    log(f"[ok] Cityscapes ready in {root}: {counts['train']} train, {counts['val']} val")
+    return counts
 
-    # 1. the zips: given, already downloaded, or fetched with the user's account
+
+def find_zips(zips: Optional[str | Path], downloads: Path) -> dict[str, Path]:
+    """package name -> its zip in ``zips`` (any file) or ``downloads`` (one we downloaded, or
+    a complete zip), for the packages found."""
     found: dict[str, Path] = {}
     for package in PACKAGES:
         for folder in ([Path(zips)] if zips else []) + [downloads]:
@@ -189,53 +210,31 @@ def prepare_cityscapes(root: str | Path, downloads: Optional[str | Path] = None,
                                 or zipfile.is_zipfile(p)):
                 found[package] = p
                 break
-    missing = [p for p in PACKAGES if p not in found]
-    if missing:
-        user, password = credentials(env)  # before any network call
-        downloads.mkdir(parents=True, exist_ok=True)
-        import requests
+    return found
 
-        try:
-            session = login(user, password, base_url)
-            for package in missing:
-                found[package] = download(session, package, downloads, log)
-        except requests.RequestException as e:
-            raise DownloadError(f"Cityscapes server: {type(e).__name__}: {e}; run again to "
-                                f"resume") from None
-    for package, p in found.items():
-        if not zipfile.is_zipfile(p):
-            raise PrepareError(f"{p} is not a complete zip file; delete it and run again")
 
-    # 2. extract (train and val only, unless with_test)
-    splits = ("train", "val", "test") if with_test else ("train", "val")
-    root.mkdir(parents=True, exist_ok=True)
+def download_zips(packages: list[str], downloads: Path, base_url: str,
+                  env: Mapping[str, str], log: Log = say) -> dict[str, Path]:
+    """Download ``packages`` into ``downloads`` with the account in ``env`` (checked before
+    any network call); package name -> file."""
+    user, password = credentials(env)
+    downloads.mkdir(parents=True, exist_ok=True)
+    try:
+        session = login(user, password, base_url)
+        return {package: download(session, package, downloads, log) for package in packages}
+    except requests.RequestException as e:
+        raise DownloadError(f"Cityscapes server: {type(e).__name__}: {e}; run again to "
+                            f"resume") from None
+
+
+def extract_zips(found: dict[str, Path], root: Path, splits: tuple[str, ...], steps: Steps,
+                 log: Log = say) -> None:
+    """Extract the members of ``splits`` from each zip into ``root``, once per zip; a zip
+    extracted now makes the trainId masks due again."""
+    def select(name: str) -> Optional[str]:
+        m = _MEMBER.match(name)
+        return m.group(1) if m and m.group(2) in splits else None
+
     for package, p in sorted(found.items()):
-        step = f"extract-{package}"
-        if steps.get(step):
-            log(f"[skip] {package} already extracted")
-            continue
-
-        def select(name: str) -> Optional[str]:
-            m = _MEMBER.match(name)
-            return m.group(1) if m and m.group(2) in splits else None
-
-        n = extract(p, root, select, log)
-        steps.done(step, archive=str(p), files=n)
-        steps.clear("trainids")
-
-    # 3. trainId masks
-    if not steps.get("trainids"):
-        make_train_ids(root, log)
-        steps.done("trainids")
-    else:
-        log("[skip] labelTrainIds already made")
-
-    # 4. counts
-    counts = count(root)
-    bad = [f"{k}: {counts.get(k)} (expected {v})" for k, v in expected.items()
-           if counts.get(k) != v]
-    if bad:
-        raise PrepareError(f"Cityscapes counts are wrong: {'; '.join(bad)}")
-    steps.done("cityscapes", counts=counts)
-    log(f"[ok] Cityscapes ready in {root}: {counts['train']} train, {counts['val']} val")
-    return counts
+        if steps.extract_once(f"extract-{package}", p, root, select, log):
+            steps.clear("trainids")

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
+from mlcl.config import ConfigError
+from mlcl.prepare import cityscapes, voc
 from mlcl.prepare.download import PrepareError, Resource
+from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
 
 
 def _counts(text: str) -> dict[str, int]:
@@ -26,20 +30,22 @@ def _counts(text: str) -> dict[str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N...], got {text!r}") from None
 
 
-def _download_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--downloads", default=None,
-                   help="folder for the archives (default: ROOT/../downloads)")
+def _retry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=4, help="attempts per download (default 4)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first retry, doubled each time (default 1)")
+
+
+def _download_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downloads", default=None,
+                   help="folder for the archives (default: ROOT/../downloads)")
+    _retry_args(p)
     p.add_argument("--force", action="store_true",
                    help="forget the .done markers of this dataset and redo every step "
                         "(downloads are still reused when their checksum is right)")
 
 
 def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
-    from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT
-
     if dataset is None:
         p.add_argument("--dataset", choices=("pascal", "cityscapes"), required=True)
     p.add_argument("--split-source", dest="split_mode", default="auto",
@@ -52,6 +58,15 @@ def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
     p.add_argument("--split-base-url", default=RAW_BASE,
                    help="raw-file host (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated lists (default 0)")
+
+
+def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: str) -> None:
+    """The options a dataset command shares: expected counts, verify, downloads, splits."""
+    p.add_argument("--expect", type=_counts, default=None, metavar=counts,
+                   help=f"expected counts (default: {real}; for tests)")
+    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
+    _download_args(p)
+    _split_args(p, dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbd-url", default=None, help="mirror of SBD's benchmark.tgz")
     p.add_argument("--sbd-md5", default=None, help="md5 of that tgz (default: the official)")
     p.add_argument("--keep-staging", action="store_true", help="keep the extracted SBD .mat files")
-    p.add_argument("--expect", type=_counts, default=None, metavar="train_aug=N,train=N,val=N",
-                   help="expected counts (default: 10582, 1464, 1449; for tests)")
-    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
-    _download_args(p)
-    _split_args(p, "pascal")
+    _dataset_args(p, "pascal", "train_aug=N,train=N,val=N", "10582, 1464, 1449")
 
     p = sub.add_parser("cityscapes",
                        help="Cityscapes fine: zips or account, trainIds, splits, verify",
@@ -96,11 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None,
                    help="Cityscapes server (default: the official; for mirrors and tests)")
     p.add_argument("--with-test", action="store_true", help="also extract the test images")
-    p.add_argument("--expect", type=_counts, default=None, metavar="train=N,val=N",
-                   help="expected counts (default: 2975, 500; for tests)")
-    p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
-    _download_args(p)
-    _split_args(p, "cityscapes")
+    _dataset_args(p, "cityscapes", "train=N,val=N", "2975, 500")
 
     p = sub.add_parser("splits", help="UniMatch's split lists (pinned commit) or seeded stand-ins",
                        description="Write ROOT/splits/DATASET/{NAME/labeled.txt, "
@@ -111,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pool sizes (train[,train_aug],val) when not the real ones; for tests")
     p.add_argument("--force", action="store_true",
                    help="let generated lists replace standard ones")
-    p.add_argument("--retries", type=int, default=4)
-    p.add_argument("--backoff", type=float, default=1.0)
+    _retry_args(p)
     _split_args(p, None)
 
     p = sub.add_parser("verify", help="check a dataset against its split files",
@@ -143,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deep-stem checkpoints to check, e.g. pretrained/resnet50.pth")
     p.add_argument("--backbone", default=None,
                    help="backbone of --check files (default: from the file name)")
-    p.add_argument("--retries", type=int, default=4)
-    p.add_argument("--backoff", type=float, default=1.0)
+    _retry_args(p)
     return ap
 
 
@@ -153,8 +158,6 @@ def _fetch_kw(args) -> dict:
 
 
 def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) -> int:
-    from mlcl.prepare.split_lists import get_splits
-
     if args.split_mode != "none":
         get_splits(dataset, args.root, mode=args.split_mode, commit=args.commit,
                    base_url=args.split_base_url, pools=pools, seed=args.seed,
@@ -166,7 +169,7 @@ def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) 
 
 def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
             max_listed=20) -> int:
-    from mlcl.prepare.verify import verify_dataset
+    from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
     report = verify_dataset(root, layout, splits, num_classes, values, workers)
     print("\n".join(report.lines(max_listed)), flush=True)
@@ -174,9 +177,7 @@ def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
 
 
 def _pretrained(args) -> int:
-    from pathlib import Path
-
-    from mlcl.config import ConfigError
+    # torch and torchvision load here only: the data commands and --help need neither
     from mlcl.model import build_backbone
     from mlcl.prepare.pretrained import backbone_for, check_checkpoint, fetch_torchvision
 
@@ -197,9 +198,8 @@ def _pretrained(args) -> int:
 
 
 def run(args) -> int:
+    """Run the parsed command; its exit status (PrepareError propagates)."""
     if args.cmd == "voc":
-        from mlcl.prepare import voc
-
         vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename,
                         md5=args.voc_md5 or voc.VOC.md5)
         sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename,
@@ -208,16 +208,12 @@ def run(args) -> int:
                                  args.keep_staging, args.force, _fetch_kw(args))
         return _splits_then_verify(args, "pascal", "voc", counts if args.expect else None)
     if args.cmd == "cityscapes":
-        from mlcl.prepare import cityscapes
-
         counts = cityscapes.prepare_cityscapes(
             args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
             with_test=args.with_test, expected=args.expect, force=args.force)
         return _splits_then_verify(args, "cityscapes", "cityscapes",
                                    counts if args.expect else None)
     if args.cmd == "splits":
-        from mlcl.prepare.split_lists import get_splits
-
         get_splits(args.dataset, args.root, mode=args.split_mode, names=args.names,
                    commit=args.commit, base_url=args.split_base_url, pools=args.expect,
                    seed=args.seed, force=args.force, fetch_kw=_fetch_kw(args))
@@ -231,6 +227,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Parse ``argv`` and run it: 0 done, 1 a failed step (one line on stderr), 130 Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         return run(args)

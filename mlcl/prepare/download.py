@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
+from mlcl.files import atomic_write_json
+
 Log = Callable[[str], None]
 CHUNK = 1 << 20
 USER_AGENT = "mlcl-prepare/0.1 (+docs/real_data.md)"
@@ -64,6 +66,7 @@ def now() -> str:
 
 
 def human(n: float) -> str:
+    """A byte count for messages: ``512 B``, ``1.5 MB``."""
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -86,6 +89,7 @@ def marker_path(path: Path) -> Path:
 
 
 def read_marker(path: Path) -> Optional[dict]:
+    """The JSON at ``path``, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -93,8 +97,6 @@ def read_marker(path: Path) -> Optional[dict]:
 
 
 def write_marker(path: Path, info: dict) -> None:
-    from mlcl.files import atomic_write_json
-
     atomic_write_json(path, info)
 
 
@@ -171,59 +173,79 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     and :class:`ChecksumError` is raised; network errors are retried ``retries`` times, each
     resuming where the last stopped. ``label`` names the file in messages (default: its name).
     """
+    # Hand-written on purpose: torch.hub.download_url_to_file (and pooch) verify a hash and show
+    # progress but restart a 2 GB archive from byte 0 after a dropped connection; resuming
+    # with an HTTP Range request is the point here.
     dest = Path(dest)
     name = label or dest.name
     expect = (md5, sha256, sha256_prefix)
-    if marker and _marker_ok(dest, *expect):
-        log(f"[skip] {name}: already downloaded and verified")
+    if _usable_as_is(url, dest, name, expect, marker, log):
         return dest
-    if dest.is_file():
-        if not marker and not any(expect):
-            log(f"[skip] {name}: present (no checksum to compare)")
-            return dest
-        try:
-            got = _verify(dest, *expect)
-        except ChecksumError as e:
-            log(f"[redo] {name}: the file on disk fails its checksum ({e}); downloading again")
-            dest.unlink()
-        else:
-            if marker:
-                write_marker(marker_path(dest), {"url": url, "bytes": dest.stat().st_size,
-                                                 **got, "date": now()})
-            log(f"[skip] {name}: present and verified")
-            return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    _download_with_retries(url, part, name, retries, timeout, backoff, log)
+    try:
+        got = _verify(part, *expect)
+    except ChecksumError as e:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(f"{name} from {url}: {e}; the file was removed, run again to "
+                            f"download it afresh") from None
+    os.replace(part, dest)
+    if marker:
+        mark_downloaded(dest, url=url, **got)
+    log(f"[ok] {name}: {human(dest.stat().st_size)}, sha256 {got['sha256'][:16]}...")
+    return dest
+
+
+def fetch_resource(res: Resource, folder: Path, **fetch_kw) -> Path:
+    """:func:`fetch` ``res.url`` into ``folder / res.filename``, checked against its hashes."""
+    return fetch(res.url, Path(folder) / res.filename, md5=res.md5, sha256=res.sha256,
+                 **fetch_kw)
+
+
+def mark_downloaded(dest: Path, **info) -> None:
+    """Write ``dest.done``: ``info`` (url, digests) plus the file's size and today's date."""
+    write_marker(marker_path(dest), {**info, "bytes": dest.stat().st_size, "date": now()})
+
+
+def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
+                  log: Log) -> bool:
+    """True when ``dest`` needs no download: its marker matches ``expect`` (md5, sha256,
+    sha256 prefix), or a file already there verifies (it is adopted, marker written). A file
+    that fails its checksum is removed (False)."""
+    if marker and _marker_ok(dest, *expect):
+        log(f"[skip] {name}: already downloaded and verified")
+        return True
+    if not dest.is_file():
+        return False
+    if not marker and not any(expect):
+        log(f"[skip] {name}: present (no checksum to compare)")
+        return True
+    try:
+        got = _verify(dest, *expect)
+    except ChecksumError as e:
+        log(f"[redo] {name}: the file on disk fails its checksum ({e}); downloading again")
+        dest.unlink()
+        return False
+    if marker:
+        mark_downloaded(dest, url=url, **got)
+    log(f"[skip] {name}: present and verified")
+    return True
+
+
+def _download_with_retries(url: str, part: Path, name: str, retries: int, timeout: float,
+                           backoff: float, log: Log) -> None:
+    """Fill ``part`` with the whole of ``url``: up to ``retries`` attempts, each resuming
+    where the last stopped, ``backoff`` seconds doubling between them; a 4xx other than
+    408/429 fails at once. Raises DownloadError when every attempt failed."""
     last_error: Optional[BaseException] = None
     for attempt in range(1, retries + 1):
-        have = part.stat().st_size if part.is_file() else 0
-        headers = {"User-Agent": USER_AGENT}
-        if have:
-            headers["Range"] = f"bytes={have}-"
-            log(f"[resume] {name}: {human(have)} on disk, asking for the rest")
-        else:
-            log(f"[download] {name} <- {url}")
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                        timeout=timeout) as resp:
-                if have and resp.status == 206:
-                    start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
-                    if start and int(start.group(1)) != have:
-                        raise DownloadError(f"server resumed at byte {start.group(1)}, not {have}")
-                    mode = "ab"
-                else:
-                    if have:
-                        log(f"  {name}: the server ignored the Range request; starting over")
-                    have, mode = 0, "wb"
-                total = _total_from(resp, have)
-                with open(part, mode) as out:
-                    got = _copy(resp, out, have, total, name, log)
-                if total is not None and got < total:
-                    raise DownloadError(f"connection closed at {got} of {total} bytes")
-            break
+            _download_once(url, part, name, timeout, log)
+            return
         except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # nothing left to send: the .part is complete
-                break
+            if e.code == 416 and part.is_file() and part.stat().st_size:
+                return  # nothing left to send: the .part is complete
             if 400 <= e.code < 500 and e.code not in (408, 429):
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
             last_error = e
@@ -233,22 +255,41 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
             wait = backoff * min(2 ** (attempt - 1), 30)
             log(f"  {name}: attempt {attempt} failed ({last_error}); retrying in {wait:.0f} s")
             time.sleep(wait)
+    have = part.stat().st_size if part.is_file() else 0
+    raise DownloadError(f"{url}: gave up after {retries} attempts ({last_error}); "
+                        f"run again to resume from {human(have)}")
+
+
+def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) -> None:
+    """One request: append the rest of ``url`` to ``part`` (a Range request when ``part``
+    has bytes; start over when the server ignores it). Raises on a short or bad answer."""
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        log(f"[resume] {name}: {human(have)} on disk, asking for the rest")
     else:
-        have = part.stat().st_size if part.is_file() else 0
-        raise DownloadError(f"{url}: gave up after {retries} attempts ({last_error}); "
-                            f"run again to resume from {human(have)}")
-    try:
-        got = _verify(part, *expect)
-    except ChecksumError as e:
-        part.unlink(missing_ok=True)
-        raise ChecksumError(f"{name} from {url}: {e}; the file was removed, run again to "
-                            f"download it afresh") from None
-    os.replace(part, dest)
-    if marker:
-        write_marker(marker_path(dest), {"url": url, "bytes": dest.stat().st_size, **got,
-                                         "date": now()})
-    log(f"[ok] {name}: {human(dest.stat().st_size)}, sha256 {got['sha256'][:16]}...")
-    return dest
+        log(f"[download] {name} <- {url}")
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=timeout) as resp:
+        have, mode = _resume_point(resp, have, name, log)
+        total = _total_from(resp, have)
+        with open(part, mode) as out:
+            got = _copy(resp, out, have, total, name, log)
+        if total is not None and got < total:
+            raise DownloadError(f"connection closed at {got} of {total} bytes")
+
+
+def _resume_point(resp, have: int, name: str, log: Log) -> tuple[int, str]:
+    """(bytes kept, file mode): append after a 206 that starts at ``have``, else start over."""
+    if have and resp.status == 206:
+        start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
+        if start and int(start.group(1)) != have:
+            raise DownloadError(f"server resumed at byte {start.group(1)}, not {have}")
+        return have, "ab"
+    if have:
+        log(f"  {name}: the server ignored the Range request; starting over")
+    return 0, "wb"
 
 
 # --------------------------------------------------------------------------- extraction
@@ -263,6 +304,8 @@ def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optio
             log: Log = say) -> int:
     """Copy each file member of ``archive`` (tar, tar.gz or zip) whose name ``select`` maps
     to a relative path to ``dest/<that path>``; return the number of files written."""
+    # Not tarfile's extractall(filter="data"): members are selected and renamed in one
+    # streaming pass over a 2 GB tar, which extractall does not do.
     archive, dest = Path(archive), Path(dest)
     count = 0
 
@@ -312,5 +355,29 @@ class Steps:
     def done(self, step: str, **info) -> None:
         write_marker(self.dir / f"{step}.done", {"step": step, "date": now(), **info})
 
-    def clear(self, step: str) -> None:
-        (self.dir / f"{step}.done").unlink(missing_ok=True)
+    def clear(self, *steps: str) -> None:
+        for step in steps:
+            (self.dir / f"{step}.done").unlink(missing_ok=True)
+
+    def finished_counts(self, step: str, expected: dict[str, int]) -> Optional[dict[str, int]]:
+        """The counts ``step`` recorded when they equal ``expected``, else None (redo it)."""
+        done = self.get(step)
+        return done["counts"] if done and done.get("counts") == expected else None
+
+    def extract_once(self, step: str, archive: Path, dest: Path,
+                     select: Callable[[str], Optional[str]], log: Log = say) -> bool:
+        """:func:`extract` ``archive`` into ``dest`` unless ``step`` is done; True when it ran."""
+        if self.get(step):
+            log(f"[skip] {archive.name} already extracted")
+            return False
+        n = extract(archive, dest, select, log)
+        self.done(step, archive=str(archive), files=n)
+        return True
+
+
+def check_counts(counts: dict[str, int], expected: dict[str, int], what: str) -> None:
+    """Raise PrepareError naming every key of ``expected`` whose count in ``counts`` differs."""
+    bad = [f"{k}: {counts.get(k)} (expected {v})" for k, v in expected.items()
+           if counts.get(k) != v]
+    if bad:
+        raise PrepareError(f"{what} counts are wrong: {'; '.join(bad)}")

@@ -19,7 +19,6 @@ is a :class:`PretrainedWeightsError` naming the file and the keys.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -34,7 +33,7 @@ from torchvision import models as tvm
 from mlcl.config import ConfigError, ModelConfig
 from mlcl.files import atomic_write_json
 from mlcl.prepare.download import (ChecksumError, Log, PrepareError, digests, fetch, human, now,
-                                   say)
+                                   read_marker, say)
 
 DEEPSTEM_SOURCES = {
     "resnet50": "https://drive.google.com/file/d/1mqUrqFvTQ0k5QEotk4oiOFyP6B9dVZXS/view",
@@ -183,13 +182,6 @@ def load_pretrained(backbone: nn.Module, m: ModelConfig) -> None:
 
 
 # --------------------------------------------------------------------------- deep-stem files
-def _provenance(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "PROVENANCE.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def backbone_for(path: Path) -> str:
     """The deep-stem backbone a checkpoint's file name suggests (``resnet101.pth`` -> R101)."""
     return "resnet101_deepstem" if "101" in path.name else "resnet50_deepstem"
@@ -208,7 +200,7 @@ def check_checkpoint(path: str | Path, backbone: nn.Module, name: str, log: Log 
     info = {"bytes": path.stat().st_size, **digests(path)}
     log(f"[check] {path}: {human(info['bytes'])}, sha256 {info['sha256']}")
     known = KNOWN_SHA256.get(path.name)
-    prov = _provenance(path.parent)
+    prov = read_marker(path.parent / "PROVENANCE.json") or {}
     recorded = prov.get(path.name, {}).get("sha256")
     if known and info["sha256"] != known:
         raise ChecksumError(f"{path}: sha256 {info['sha256']} is not the published {known}")

@@ -14,10 +14,9 @@ Each line is ``image-path mask-path`` relative to the data root (``JPEGImages/x.
 SegmentationClass/x.png``; ``leftImg8bit/train/c/x_leftImg8bit.png
 gtFine/train/c/x_gtFine_labelTrainIds.png``). They are written to
 ``<root>/splits/<dataset>/...`` with ``PROVENANCE.json`` beside them (URL, commit, sha256,
-lines, date). Checksums: :data:`KNOWN_SHA256` pins the files whose hashes were known when
-this was written (none yet: they could not be fetched where this code was written), and the
-rest are recorded on first fetch in PROVENANCE.json ("checksum": "recorded on first fetch")
-and enforced on every later fetch. Every fetched list is also checked for its line count,
+lines, date). Checksums: :data:`KNOWN_SHA256` pins the files whose hashes are known in code
+(none yet); the others are recorded on first fetch in PROVENANCE.json ("checksum":
+"recorded on first fetch") and enforced on every later fetch. Every fetched list is also checked for its line count,
 labeled ∩ unlabeled = ∅ and labeled + unlabeled = the whole training pool.
 
 Offline, :func:`generate_splits` writes seeded lists of the same sizes from the prepared
@@ -26,7 +25,6 @@ PROVENANCE.json says ``"standard": false``. Results on them are not comparable w
 """
 from __future__ import annotations
 
-import json
 import math
 import urllib.error
 from pathlib import Path
@@ -34,7 +32,8 @@ from typing import Optional
 
 import numpy as np
 
-from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fetch, now, say)
+from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fetch, now,
+                                   read_marker, say, write_marker)
 
 UNIMATCH_REPO = "LiheYoung/UniMatch"
 UNIMATCH_COMMIT = "818609d195fa1079fbb67589299d9aec07acac46"
@@ -114,16 +113,11 @@ def check_lists(out: Path, dataset: str, names: list[str],
 
 
 def _provenance(out: Path) -> dict:
-    try:
-        return json.loads((out / "PROVENANCE.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_marker(out / "PROVENANCE.json") or {}
 
 
 def _write_provenance(out: Path, prov: dict) -> None:
-    from mlcl.files import atomic_write_json
-
-    atomic_write_json(out / "PROVENANCE.json", prov)
+    write_marker(out / "PROVENANCE.json", prov)
 
 
 def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = None,

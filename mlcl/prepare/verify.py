@@ -31,6 +31,8 @@ DEFAULT_CLASSES = {"voc": 21, "cityscapes": 19}
 
 @dataclass
 class SplitReport:
+    """The result for one split file: its sample count and every problem found."""
+
     path: Path
     count: int = 0
     problems: list[str] = field(default_factory=list)
@@ -38,6 +40,8 @@ class SplitReport:
 
 @dataclass
 class Report:
+    """The result for a dataset: one SplitReport per split file checked."""
+
     root: Path
     splits: list[SplitReport] = field(default_factory=list)
 
@@ -46,6 +50,7 @@ class Report:
         return bool(self.splits) and not any(s.problems for s in self.splits)
 
     def lines(self, max_per_split: int = 20) -> list[str]:
+        """The report as printed: a line per split, its first problems, then OK / FAILED."""
         out = [f"dataset {self.root}"]
         for s in self.splits:
             rel = s.path.relative_to(self.root) if s.path.is_relative_to(self.root) else s.path
@@ -132,6 +137,20 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         report.splits.append(SplitReport(root / "splits", problems=[
             f"no split files under {root / 'splits'}; pass --splits FILE ..."]))
         return report
+    parsed = _parse_all(files, root, layout, report)
+    pairs = sorted({(img, m) for entries in parsed.values() for _, img, m in entries})
+    log(f"[verify] {root}: {len(files)} split files, {len(pairs)} distinct image/mask pairs")
+    results = _check_pairs(pairs, k, values, workers, log)
+    for sr in report.splits:
+        for lineno, img, m in parsed.get(sr.path, []):
+            sr.problems += [f"line {lineno}: {p}" for p in results[(img, m)]]
+    return report
+
+
+def _parse_all(files: list[Path], root: Path, layout: str, report: Report
+               ) -> dict[Path, list[Entry]]:
+    """Entries per readable split file; a SplitReport per file (count, malformed lines) is
+    appended to ``report``."""
     parsed = {}
     for f in files:
         sr = SplitReport(f)
@@ -144,12 +163,17 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         if not entries and not bad:
             sr.problems.append("lists no samples")
         parsed[f] = entries
-    pairs = sorted({(img, m) for entries in parsed.values() for _, img, m in entries})
-    log(f"[verify] {root}: {len(files)} split files, {len(pairs)} distinct image/mask pairs")
+    return parsed
+
+
+def _check_pairs(pairs: list[tuple[Path, Path]], num_classes: int, values: bool, workers: int,
+                 log: Log) -> dict[tuple[Path, Path], list[str]]:
+    """:func:`check_pair` of every pair on ``workers`` threads (decoding releases the GIL);
+    a progress line every tenth (at least every 500 pairs)."""
     done, step, lock = [0], max(len(pairs) // 10, 500), threading.Lock()
 
     def check(pair: tuple[Path, Path]) -> list[str]:
-        problems = check_pair(*pair, k, values)
+        problems = check_pair(*pair, num_classes, values)
         with lock:
             done[0] += 1
             if done[0] % step == 0:
@@ -157,8 +181,4 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         return problems
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = dict(zip(pairs, pool.map(check, pairs)))
-    for sr in report.splits:
-        for lineno, img, m in parsed.get(sr.path, []):
-            sr.problems += [f"line {lineno}: {p}" for p in results[(img, m)]]
-    return report
+        return dict(zip(pairs, pool.map(check, pairs)))

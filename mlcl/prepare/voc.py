@@ -19,13 +19,16 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
+import scipy.io
 from PIL import Image
 
+from mlcl.data.palette import voc_palette
 from mlcl.files import atomic_write
-from mlcl.prepare.download import Log, PrepareError, Resource, Steps, extract, fetch, say
+from mlcl.prepare.download import (Log, PrepareError, Resource, Steps, check_counts,
+                                   fetch_resource, say)
 
 VOC = Resource(
     url="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
@@ -35,6 +38,8 @@ SBD = Resource(
         "semantic_contours/benchmark.tgz",
     filename="benchmark.tgz", md5="82b4d87ceb2ed10f6038a1cba92111cb")
 COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
+STEPS = ("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks")
+SEG_SETS = Path("ImageSets", "Segmentation")
 
 _VOC_MEMBER = re.compile(
     r"^(?:\./)?VOCdevkit/VOC2012/"
@@ -44,7 +49,17 @@ _SBD_MEMBER = re.compile(
 _AUG_MEMBER = re.compile(r"(?:^|/)SegmentationClassAug/([^/]+\.png)$")
 
 
+class AugSource(NamedTuple):
+    """The augmentation label set: its image ids; the mask of id ``i`` is
+    ``folder / f"{i}{suffix}"`` (an SBD ``.mat`` or a SegmentationClassAug ``.png``)."""
+
+    ids: set[str]
+    folder: Path
+    suffix: str
+
+
 def read_ids(path: Path) -> list[str]:
+    """The non-empty lines of an id list (ImageSets/Segmentation/*.txt, SBD's train/val)."""
     if not path.is_file():
         raise PrepareError(f"{path} is missing: the archive did not contain it")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -52,8 +67,6 @@ def read_ids(path: Path) -> list[str]:
 
 def sbd_mat_to_png(mat: Path, png: Path, palette: list[int]) -> None:
     """SBD's ``GTcls.Segmentation`` (class indices 0-20) as a VOC palette PNG."""
-    import scipy.io
-
     try:
         seg = scipy.io.loadmat(mat, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
     except Exception as e:  # noqa: BLE001 - any unreadable .mat is the same problem
@@ -61,13 +74,6 @@ def sbd_mat_to_png(mat: Path, png: Path, palette: list[int]) -> None:
     img = Image.fromarray(np.asarray(seg, dtype=np.uint8))
     img.putpalette(palette)
     atomic_write(png, lambda p: img.save(p, format="PNG"))
-
-
-def _check_counts(counts: dict[str, int], expected: dict[str, int], what: str) -> None:
-    bad = [f"{k}: {counts.get(k)} (expected {v})" for k, v in expected.items()
-           if counts.get(k) != v]
-    if bad:
-        raise PrepareError(f"{what} counts are wrong: {'; '.join(bad)}")
 
 
 def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: str = "sbd",
@@ -83,124 +89,126 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
     expected = dict(COUNTS if expected is None else expected)
-    fetch_kw = dict(fetch_kw or {})
+    fetch_kw = {"log": log, **(fetch_kw or {})}
     steps = Steps(root)
     if force:
-        for s in ("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks"):
-            steps.clear(s)
-    done = steps.get("voc")
-    if done and done.get("counts") == expected:
-        log(f"[skip] VOC 2012 already prepared in {root}: {done['counts']}")
-        return done["counts"]
+        steps.clear(*STEPS)
+    if done := steps.finished_counts("voc", expected):
+        log(f"[skip] VOC 2012 already prepared in {root}: {done}")
+        return done
     root.mkdir(parents=True, exist_ok=True)
-    from mlcl.data.synthetic import voc_palette
-
-    # 1-2. VOC trainval: images, fine masks (kept as SegmentationClassVOC), segmentation lists
-    tar = fetch(voc.url, downloads / voc.filename, md5=voc.md5, sha256=voc.sha256, log=log,
-                **fetch_kw)
-    if not steps.get("voc-extract"):
-        def select_voc(name: str) -> Optional[str]:
-            m = _VOC_MEMBER.match(name)
-            if not m:
-                return None
-            folder = "SegmentationClassVOC" if m.group(1) == "SegmentationClass" else m.group(1)
-            return f"{folder}/{m.group(2)}"
-
-        n = extract(tar, root, select_voc, log)
-        steps.done("voc-extract", archive=tar.name, files=n)
-    else:
-        log(f"[skip] {tar.name} already extracted")
-    seg_sets = root / "ImageSets" / "Segmentation"
-    train, val = read_ids(seg_sets / "train.txt"), read_ids(seg_sets / "val.txt")
-
-    # 3. the augmentation source: SBD's .mat files, or a SegmentationClassAug folder / zip
+    train, val = extract_voc(fetch_resource(voc, downloads, **fetch_kw), root, steps, log)
     staging = root / ".staging"
     if aug == "sbd":
-        tgz = fetch(sbd.url, downloads / sbd.filename, md5=sbd.md5, sha256=sbd.sha256, log=log,
-                    **fetch_kw)
-        sbd_dir = staging / "sbd"
-        if not steps.get("sbd-extract"):
-            n = extract(tgz, sbd_dir, lambda name: (m := _SBD_MEMBER.match(name)) and m.group(1),
-                        log)
-            steps.done("sbd-extract", archive=tgz.name, files=n)
-        else:
-            log(f"[skip] {tgz.name} already extracted")
-        aug_ids = set(read_ids(sbd_dir / "train.txt")) | set(read_ids(sbd_dir / "val.txt"))
-
-        def aug_source(i: str) -> Path:
-            return sbd_dir / "cls" / f"{i}.mat"
+        source = sbd_source(fetch_resource(sbd, downloads, **fetch_kw), staging, steps, log)
     else:
-        src = Path(aug).expanduser()
-        if src.is_file():
-            aug_dir = staging / "aug"
-            if not steps.get("aug-extract"):
-                n = extract(src, aug_dir,
-                            lambda name: (m := _AUG_MEMBER.search(name)) and m.group(1), log)
-                steps.done("aug-extract", archive=src.name, files=n)
-        elif src.is_dir():
-            aug_dir = src
-        else:
-            raise PrepareError(f"--aug {aug}: give 'sbd', a SegmentationClassAug folder or a zip "
-                               f"holding SegmentationClassAug/*.png")
-        aug_ids = {p.stem for p in aug_dir.glob("*.png")}
-        if not aug_ids:
-            raise PrepareError(f"{src}: no SegmentationClassAug/*.png masks found")
-
-        def aug_source(i: str) -> Path:
-            return aug_dir / f"{i}.png"
-
-    # 4. the augmented label set
-    val_set = set(val)
-    train_aug = sorted((set(train) | aug_ids) - val_set)
-    wanted = train_aug + sorted(val_set)
-    no_image = [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
-    if no_image:
-        raise PrepareError(f"{len(no_image)} labelled ids have no JPEGImages/<id>.jpg "
-                           f"(first: {', '.join(no_image[:5])}); is the VOC archive complete?")
-    out, fine_dir = root / "SegmentationClass", root / "SegmentationClassVOC"
-    if not steps.get("voc-masks"):
-        out.mkdir(parents=True, exist_ok=True)
-        palette = voc_palette()
-        made = {"voc": 0, "aug": 0, "kept": 0}
-        for k, i in enumerate(wanted, 1):
-            dst, fine = out / f"{i}.png", fine_dir / f"{i}.png"
-            if dst.is_file():  # written atomically by an interrupted earlier run
-                made["kept"] += 1
-            elif fine.is_file():
-                atomic_write(dst, lambda p: shutil.copyfile(fine, p))
-                made["voc"] += 1
-            elif i in val_set:
-                raise PrepareError(f"val image {i} has no mask in {fine_dir}")
-            else:
-                src = aug_source(i)
-                if not src.is_file():
-                    raise PrepareError(f"{i}: listed by the augmentation set but {src} is missing")
-                if src.suffix == ".mat":
-                    sbd_mat_to_png(src, dst, palette)
-                else:
-                    atomic_write(dst, lambda p: shutil.copyfile(src, p))
-                made["aug"] += 1
-            if k % 2000 == 0:
-                log(f"  masks: {k}/{len(wanted)}")
-        log(f"[ok] SegmentationClass: {made['voc']} VOC fine masks, {made['aug']} from the "
-            f"augmentation set, {made['kept']} already there")
-        steps.done("voc-masks", masks=len(wanted), **made)
-    else:
-        log("[skip] SegmentationClass already built")
-    (seg_sets / "train_aug.txt").write_text("".join(f"{i}\n" for i in train_aug))
-
-    # 5. counts
+        source = aug_folder_source(aug, staging, steps, log)
+    train_aug = sorted((set(train) | source.ids) - set(val))
+    wanted = train_aug + sorted(set(val))
+    build_masks(root, wanted, set(val), source, steps, log)
+    (root / SEG_SETS / "train_aug.txt").write_text("".join(f"{i}\n" for i in train_aug))
     counts = {"train_aug": len(train_aug), "train": len(train), "val": len(val)}
-    _check_counts(counts, expected, "VOC 2012")
-    n_masks = sum(1 for i in wanted if (out / f"{i}.png").is_file())
-    if n_masks != len(wanted):
-        raise PrepareError(f"SegmentationClass holds {n_masks} of {len(wanted)} masks; "
-                           f"run again with --force to rebuild it")
+    check_counts(counts, expected, "VOC 2012")
+    _check_all_masks(root, wanted)
     if staging.exists() and not keep_staging:
         shutil.rmtree(staging)
-        for s in ("sbd-extract", "aug-extract"):
-            steps.clear(s)
+        steps.clear("sbd-extract", "aug-extract")
     steps.done("voc", counts=counts, aug=str(aug))
     log(f"[ok] VOC 2012 ready in {root}: {counts['train_aug']} train_aug, {counts['train']} "
         f"fine train, {counts['val']} val")
     return counts
+
+
+def extract_voc(tar: Path, root: Path, steps: Steps,
+                log: Log = say) -> tuple[list[str], list[str]]:
+    """VOC trainval's images, fine masks (as ``SegmentationClassVOC``) and segmentation lists
+    into ``root``; return the (train, val) ids."""
+    def select(name: str) -> Optional[str]:
+        m = _VOC_MEMBER.match(name)
+        if not m:
+            return None
+        folder = "SegmentationClassVOC" if m.group(1) == "SegmentationClass" else m.group(1)
+        return f"{folder}/{m.group(2)}"
+
+    steps.extract_once("voc-extract", tar, root, select, log)
+    return read_ids(root / SEG_SETS / "train.txt"), read_ids(root / SEG_SETS / "val.txt")
+
+
+def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> AugSource:
+    """SBD's ``cls/*.mat`` and train/val lists extracted under ``staging/sbd``."""
+    sbd_dir = staging / "sbd"
+    steps.extract_once("sbd-extract", tgz, sbd_dir,
+                       lambda name: (m := _SBD_MEMBER.match(name)) and m.group(1), log)
+    ids = set(read_ids(sbd_dir / "train.txt")) | set(read_ids(sbd_dir / "val.txt"))
+    return AugSource(ids, sbd_dir / "cls", ".mat")
+
+
+def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> AugSource:
+    """A SegmentationClassAug folder, or a zip holding one (extracted under ``staging/aug``)."""
+    src = Path(aug).expanduser()
+    if src.is_file():
+        aug_dir = staging / "aug"
+        steps.extract_once("aug-extract", src, aug_dir,
+                           lambda name: (m := _AUG_MEMBER.search(name)) and m.group(1), log)
+    elif src.is_dir():
+        aug_dir = src
+    else:
+        raise PrepareError(f"--aug {aug}: give 'sbd', a SegmentationClassAug folder or a zip "
+                           f"holding SegmentationClassAug/*.png")
+    ids = {p.stem for p in aug_dir.glob("*.png")}
+    if not ids:
+        raise PrepareError(f"{src}: no SegmentationClassAug/*.png masks found")
+    return AugSource(ids, aug_dir, ".png")
+
+
+def build_masks(root: Path, wanted: list[str], val: set[str], source: AugSource, steps: Steps,
+                log: Log = say) -> None:
+    """``root/SegmentationClass/{id}.png`` for every id in ``wanted``: VOC's fine mask where
+    there is one, else the augmentation set's (val ids must have a fine mask)."""
+    no_image = [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
+    if no_image:
+        raise PrepareError(f"{len(no_image)} labelled ids have no JPEGImages/<id>.jpg "
+                           f"(first: {', '.join(no_image[:5])}); is the VOC archive complete?")
+    if steps.get("voc-masks"):
+        log("[skip] SegmentationClass already built")
+        return
+    out, fine_dir = root / "SegmentationClass", root / "SegmentationClassVOC"
+    out.mkdir(parents=True, exist_ok=True)
+    palette = voc_palette()
+    made = {"voc": 0, "aug": 0, "kept": 0}
+    for k, i in enumerate(wanted, 1):
+        made[_one_mask(i, out / f"{i}.png", fine_dir / f"{i}.png", i in val, source, palette)] += 1
+        if k % 2000 == 0:
+            log(f"  masks: {k}/{len(wanted)}")
+    log(f"[ok] SegmentationClass: {made['voc']} VOC fine masks, {made['aug']} from the "
+        f"augmentation set, {made['kept']} already there")
+    steps.done("voc-masks", masks=len(wanted), **made)
+
+
+def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: AugSource,
+              palette: list[int]) -> str:
+    """Write ``dst`` for id ``i``; return where it came from: "kept", "voc" or "aug"."""
+    if dst.is_file():  # written atomically by an interrupted earlier run
+        return "kept"
+    if fine.is_file():
+        atomic_write(dst, lambda p: shutil.copyfile(fine, p))
+        return "voc"
+    if is_val:
+        raise PrepareError(f"val image {i} has no mask in {fine.parent}")
+    src = source.folder / f"{i}{source.suffix}"
+    if not src.is_file():
+        raise PrepareError(f"{i}: listed by the augmentation set but {src} is missing")
+    if src.suffix == ".mat":
+        sbd_mat_to_png(src, dst, palette)
+    else:
+        atomic_write(dst, lambda p: shutil.copyfile(src, p))
+    return "aug"
+
+
+def _check_all_masks(root: Path, wanted: list[str]) -> None:
+    out = root / "SegmentationClass"
+    n_masks = sum(1 for i in wanted if (out / f"{i}.png").is_file())
+    if n_masks != len(wanted):
+        raise PrepareError(f"SegmentationClass holds {n_masks} of {len(wanted)} masks; "
+                           f"run again with --force to rebuild it")
+

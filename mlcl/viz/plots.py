@@ -8,9 +8,14 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.patches import Patch
 
+from mlcl.data.palette import colourise, palette_for
 from mlcl.registry import runs_frame
 from mlcl.viz.tables import COLOURS, method_label
+
+# torch, mlcl.losses and mlcl.explore are imported inside the plots of checkpoint quantities:
+# the figures notebook draws from the registry alone and does not load torch.
 
 
 def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
@@ -84,8 +89,6 @@ def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
 
 
 def _colour(mask: np.ndarray, dataset: str) -> np.ndarray:
-    from mlcl.predict import colourise
-
     return np.asarray(colourise(mask, dataset).convert("RGB"))
 
 
@@ -94,10 +97,8 @@ IGNORE_LABEL = "ignore (255): object edges, not scored"
 
 def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
                  title: str = "class colours") -> None:
-    """A legend below the panels: the colour of every class (mlcl.predict's palette) and,
+    """A legend below the panels: the colour of every class (mlcl.data.palette) and,
     with ``ignore``, the colour of the ignore label in ground-truth masks."""
-    from matplotlib.patches import Patch
-
     colours = _class_colours(dataset, 256)
     handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
                for k, name in enumerate(class_names)]
@@ -222,8 +223,6 @@ def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 def _class_colours(dataset: str, k: int) -> np.ndarray:
-    from mlcl.predict import palette_for
-
     return palette_for(dataset)[:k] / 255.0
 
 

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from mlcl import paths
+from mlcl.files import atomic_write_json
 from mlcl.viz.tables import SYNTHETIC_MARK, SYNTHETIC_STAMP
 
 
@@ -23,8 +24,6 @@ def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
 
 
 def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, files) -> None:
-    from mlcl.files import atomic_write_json
-
     atomic_write_json(directory / f"{name}.json", {
         "name": name, "caption": caption, "runs": sorted(set(runs)), "synthetic": synthetic,
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -89,8 +88,6 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
 
 def write_index(directory: str | Path | None = None, extra: dict | None = None) -> Path:
     """``figures.json``: every sidecar (figure or table) in the directory, for the README."""
-    from mlcl.files import atomic_write_json
-
     d = Path(directory) if directory else paths.figures_dir()
     items = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))
              if p.name != "figures.json"]

@@ -20,8 +20,8 @@ SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CP
                   "not comparable with the published VOC / Cityscapes numbers.")
 # (method, variant) -> label, in table order
 METHOD_LABELS = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
-           ("mlcl", "paper"): "MLCL (paper variant)",
-           ("mlcl", "released"): "MLCL (released variant)"}
+                 ("mlcl", "paper"): "MLCL (paper variant)",
+                 ("mlcl", "released"): "MLCL (released variant)"}
 COLOURS = {"Supervised": "#7f7f7f", "UniMatch": "#1f77b4", "MLCL (paper variant)": "#d62728",
            "MLCL (released variant)": "#ff7f0e"}
 ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
@@ -37,15 +37,25 @@ def results_kind(entries: list[dict]) -> str:
 
 
 def method_label(method: str, variant: str = "") -> str:
-    return METHOD_LABELS.get((method, variant if method == "mlcl" else ""), f"{method} {variant}".strip())
+    """The table label of a method (and variant, for MLCL)."""
+    return METHOD_LABELS.get((method, variant if method == "mlcl" else ""),
+                             f"{method} {variant}".strip())
 
 
 # --------------------------------------------------------------------------- numbers
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, sample std (ddof=1; NaN for one value), n) of the finite values."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     if len(v) == 0:
         return float("nan"), float("nan"), 0
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
+
+
+def _best_last(sel: pd.DataFrame) -> dict[str, float | int]:
+    """best_mean, best_std, last_mean, last_std and n (runs) of the rows ``sel``."""
+    bm, bs, n = mean_std(sel.best_miou)
+    lm, ls, _ = mean_std(sel.last_miou)
+    return {"best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls, "n": n}
 
 
 def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool = False) -> str:
@@ -72,13 +82,10 @@ def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
         for (method, variant), label in METHOD_LABELS.items():
             sel = df[(df.preset == col.preset) & (df.split == col.split) & (df.method == method)
                      & (df.variant == variant) & (df.ablation == "")]
-            bm, bs, n = mean_std(sel.best_miou)
-            lm, ls, _ = mean_std(sel.last_miou)
             rows.append({"table": key, "column": col.label, "preset": col.preset,
                          "split": col.split, "method": method, "variant": variant,
                          "label": label, "published": t.value(method, col.preset, col.split),
-                         "best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls,
-                         "n": n, "synthetic": bool(sel.synthetic.any()),
+                         **_best_last(sel), "synthetic": bool(sel.synthetic.any()),
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
@@ -110,6 +117,7 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
 
 
 def paper_table_caption(entries: list[dict], key: str) -> str:
+    """The caption saved with :func:`paper_table` ``(entries, key)``."""
     t = paper.TABLES[key]
     return (f"Table {key}: {t.title}. mIoU (%). 'published': the paper's single runs "
             f"(docs/method.md). 'ours': mean ± std over seeds (n = runs) at the best and at "
@@ -132,14 +140,11 @@ def synthetic_values(entries: list[dict]) -> pd.DataFrame:
             sel = g[(g.method == method) & (g.variant == variant)]
             if sel.empty:
                 continue
-            bm, bs, n = mean_std(sel.best_miou)
-            lm, ls, _ = mean_std(sel.last_miou)
             gain = _paired(sel, sup if method != "supervised" else sup.iloc[:0], "gain")
             vs_uni = _paired(sel, uni if method == "mlcl" else uni.iloc[:0], "vs_uni")
             rows.append({"preset": preset, "split": split, "iterations": int(iters),
                          "method": method, "variant": variant, "label": label,
-                         "best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls,
-                         "n": n, **gain, **vs_uni, "runs": list(sel.name)})
+                         **_best_last(sel), **gain, **vs_uni, "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
 
@@ -203,18 +208,17 @@ def ablation_values(entries: list[dict]) -> pd.DataFrame:
         for abl, label, sel in groups:
             if sel.empty:
                 continue
-            bm, bs, n = mean_std(sel.best_miou)
-            lm, ls, _ = mean_std(sel.last_miou)
             delta = _paired(sel, full if abl else full.iloc[:0], "delta")
             rows.append({"preset": preset, "split": split, "iterations": int(iters),
-                         "ablation": abl, "label": label, "best_mean": bm, "best_std": bs,
-                         "last_mean": lm, "last_std": ls, "n": n, **delta,
+                         "ablation": abl, "label": label, **_best_last(sel), **delta,
                          "synthetic": bool(sel.synthetic.any()),
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
 
 def ablation_table(entries: list[dict]) -> pd.DataFrame:
+    """The display table of :func:`ablation_values`: best / last mIoU and the paired
+    difference to the full method, rows (cell, variant)."""
     v = ablation_values(entries)
     if v.empty:
         return pd.DataFrame()
