@@ -425,6 +425,35 @@ def test_registry_refuses_tables_of_mixed_settings():
         registry.runs_frame([same[0], entry("b", "mlcl", 32)])
 
 
+def grid_entries(*grids: str) -> list[dict]:
+    """Complete registry entries (resolved configs, no metrics) for the seed-0 runs of the
+    ``grids`` as mlcl.reproduce records them."""
+    from mlcl.grids import build_grid
+
+    runs = {r.name: r for g in grids for r in build_grid(g) if r.seed == 0}
+    return [{"name": name, "metrics": {"complete": True, "best_miou": 0.5},
+             "run": {"preset": r.preset, "split": r.split, "method": r.method,
+                     "variant": r.variant, "ablation": r.ablation, "seed": r.seed},
+             "config": load_config(r.preset, r.config_overrides()).to_dict()}
+            for name, r in runs.items()]
+
+
+def test_registry_compares_variant_decided_keys_within_a_variant():
+    """Paper and released MLCL differ in the keys the variant decides (train.mix_partner,
+    train.lr_lag, the quirks), the mix-partner grid's ablations in train.mix_partner: one
+    table; the same key changed inside one (method, variant, ablation) is a mixed setting."""
+    entries = grid_entries("synthetic-study", "mix-partner")
+    assert {e["config"]["train"]["mix_partner"] for e in entries} == {"roll", "same"}
+    assert {e["run"]["ablation"] for e in entries} >= {"mix_roll", "mix_same", "no_dt"}
+    assert len(registry.runs_frame(entries)) == len(entries)
+    paper = next(e for e in entries if e["name"] == "synthetic-1_16-mlcl-paper-s0")
+    stray = json.loads(json.dumps({**paper, "name": "stray"}))
+    stray["run"]["seed"] = stray["config"]["seed"] = 1
+    stray["config"]["train"]["lr_lag"] = True
+    with pytest.raises(ValueError, match=r"stray vs .*\(train.lr_lag: False -> True\)"):
+        registry.runs_frame(entries + [stray])
+
+
 def test_result_files_follow_the_umask(tmp_path):
     old = os.umask(0o002)
     try:
