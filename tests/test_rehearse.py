@@ -26,6 +26,7 @@ What runs at which size, and why (the file takes about 2.5 minutes of CPU):
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -290,6 +291,33 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not made by `mlcl rehearse`" in err and len(err.strip().splitlines()) == 1
     assert (theirs / "results.csv").read_text() == "keep me"
+    blocked = theirs / "results.csv" / "out"  # an OS error: the file and the reason
+    assert main(["--config", "pascal", "--out", str(blocked), "--methods", "supervised"]) == 2
+    assert capsys.readouterr().err == f"error: {blocked}: Not a directory\n"
+
+
+def test_a_stop_signal_ends_the_rehearsal(tmp_path, capsys, monkeypatch):
+    """Ctrl-C / SIGTERM (the loop's RunInterrupted) is no stage's FAIL: the rehearsal stops
+    with the interruption's line and status; other errors stay the stage's FAIL."""
+    from mlcl.rehearse import run as rehearse_run
+    from mlcl.stopping import RunDiverged, RunInterrupted
+
+    book = StageBook("pascal", quiet)
+    assert book.run("train", "mlcl", lambda: (_ for _ in ()).throw(RunDiverged("nan"))) is None
+    assert book.status("train", "mlcl") == FAIL
+    line = "interrupted at iteration 2 (checkpoint written); the same command resumes it"
+
+    def interrupted(plan):
+        raise RunInterrupted(line, signal.SIGINT)
+
+    later = []
+    monkeypatch.setattr(rehearse_run, "data_stage", interrupted)
+    monkeypatch.setattr(rehearse_run, "weights_stage", lambda plan: later.append(1))
+    code = main(["--config", "pascal", "--out", str(tmp_path), "--methods", "supervised",
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 130 and captured.err.strip() == line and not later
+    assert "FAIL" not in captured.out
 
 
 # --------------------------------------------------------------------------- gpu-check
