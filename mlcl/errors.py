@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from mlcl.config import ConfigError
 from mlcl.stopping import RunInterrupted, RunStopped
