@@ -97,8 +97,9 @@ class OutputFolder:
         if foreign:
             raise ValueError(f"{flag} {p} holds files this command did not write (e.g. "
                              f"{foreign[0]}): give an empty or new folder")
-        if not os.access(p, os.W_OK):
-            raise ValueError(f"{flag} {p} is not writable: give a folder you can write to")
+        why = place_problem(p)
+        if why:
+            raise ValueError(f"{flag} {why}: give a folder you can write to")
         return listed
 
     def make(self) -> None:
@@ -135,12 +136,33 @@ def check_output_file(path: str | Path, flag: str, is_ours: Callable[[Path], boo
 
 
 def check_creatable(path: Path, flag: str) -> None:
-    """A ValueError naming ``flag`` unless ``path`` (which does not exist) can be made: its
-    nearest existing ancestor must be a writable folder."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {path} cannot be made: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"{flag} {path} cannot be made: {parent} is not writable")
+    """A ValueError naming ``flag`` unless a file or folder may be made at ``path``: its
+    folder (or that folder's nearest existing ancestor) is a folder this process can write
+    into (:func:`place_problem`)."""
+    why = place_problem(path.parent)
+    if why:
+        raise ValueError(f"{flag} {path} cannot be made: {why}")
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` if it exists, else its nearest existing ancestor: where ``mkdir -p`` would
+    start, and the disk the path would be on."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def place_problem(path: str | Path) -> str | None:
+    """None if ``path`` can be written or made: it, or if it does not exist its nearest
+    existing ancestor, is a folder this process may write into and enter. Otherwise the
+    reason, naming the culprit: ``"P is a file, not a folder"``, ``"P lies under the file
+    F"`` or ``"F is not writable"``. The one walk-up check of every output place."""
+    p = Path(path)
+    existing = nearest_existing(p)
+    if not existing.is_dir():
+        return (f"{p} is a file, not a folder" if existing == p
+                else f"{p} lies under the file {existing}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

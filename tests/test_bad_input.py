@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -19,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mlcl import registry
+from mlcl import files, outputs, registry
 from mlcl.__main__ import main
-from mlcl.config import in_range, load_config
+from mlcl.config import ConfigError, in_range, load_config
 from mlcl.data import DataError, ValDataset, preflight
 from mlcl.data.synthetic import make_synthetic
 from mlcl.files import atomic_write_text
@@ -382,6 +383,25 @@ def test_predict_file_recursive_and_run_folder(run7, images, tmp_path, capsys):
         rc, _, err = _predict(capsys, empty, images, tmp_path / "none")
     assert rc == 2 and f"run folder {empty} has no best.pt" in one_line_error(err)
     assert not (tmp_path / "none").exists()
+
+
+def test_every_output_place_is_checked_by_one_walk_up(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    folder = readonly_folder(tmp_path)
+    assert files.nearest_existing(tmp_path / "new" / "deeper") == tmp_path
+    assert files.place_problem(tmp_path / "new" / "deeper") is None
+    assert files.place_problem(afile) == f"{afile} is a file, not a folder"
+    assert files.place_problem(afile / "run") == f"{afile / 'run'} lies under the file {afile}"
+    assert files.place_problem(folder / "a" / "b") == f"{folder} is not writable"
+    for place in (afile, afile / "run", folder / "run"):  # output_dir and --out: one reason
+        why = files.place_problem(place)
+        with pytest.raises(ConfigError, match=re.escape(f"output_dir {place}: ")) as e:
+            outputs.check_output_place(place)
+        with pytest.raises(ValueError, match=re.escape(f"--out {place / 'x'} cannot be made: ")) as v:
+            files.check_creatable(place / "x", "--out")
+        assert why in str(e.value) and why in str(v.value)
+    assert afile.read_text() == "mine"
 
 
 # --------------------------------------------------------------------------- evaluate --out
