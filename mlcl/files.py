@@ -42,6 +42,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def temp_target(path: Path) -> Path:
+    """The file an :func:`atomic_write` temporary ``.<name>.<random>.tmp`` was for (left
+    behind when that write was interrupted), or ``path`` itself for any other name."""
+    name = path.name
+    if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
+        return path
+    target = name[1:-len(".tmp")].rsplit(".", 1)[0]
+    return path.with_name(target) if target else path
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``text`` into ``path`` atomically; returns ``path``."""
     return atomic_write(path, lambda p: p.write_text(text))
@@ -64,7 +74,8 @@ class OutputFolder:
     """A folder that receives a command's results and never anything else's: a manifest
     (``.mlcl-written``, one relative path a line, appended before each file is written)
     lists what the command wrote there, so it may rewrite those files in a later run, and
-    refuses a folder that holds any other file. The folder is made at the first write, so
+    refuses a folder that holds any other file (the temporary file of an interrupted write
+    of a listed file is its own, :func:`temp_target`). The folder is made at the first write, so
     a run that fails before leaves nothing behind.
 
         folder = OutputFolder(out, "--out")   # checks now, raises ValueError naming ``flag``
@@ -93,7 +104,8 @@ class OutputFolder:
         listed = set(self.manifest.read_text().splitlines()) if self.manifest.is_file() else set()
         foreign = sorted(str(f.relative_to(p)) for f in p.rglob("*")
                          if not f.is_dir() and f != self.manifest
-                         and str(f.relative_to(p)) not in listed)
+                         and str(f.relative_to(p)) not in listed
+                         and str(temp_target(f).relative_to(p)) not in listed)
         if foreign:
             raise ValueError(f"{flag} {p} holds files this command did not write (e.g. "
                              f"{foreign[0]}): give an empty or new folder")

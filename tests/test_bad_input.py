@@ -332,6 +332,20 @@ def test_predict_refuses_a_folder_with_files_it_did_not_write(run7, images, tmp_
     assert rc == 2 and "did not write (e.g. a.jpg.png)" in one_line_error(err)
 
 
+def test_output_folder_accepts_the_leftover_of_its_own_interrupted_write(tmp_path):
+    out = tmp_path / "pred"
+    folder = files.OutputFolder(out)
+    for rel in ("a.jpg.png", "sub/b.jpg.png"):
+        folder.write(rel, lambda p: p.write_bytes(b"mask"))
+    (out / ".a.jpg.png.k3j_2x9q.tmp").write_bytes(b"half")  # a killed atomic write
+    (out / "sub" / ".b.jpg.png.x7y8z9ab.tmp").write_bytes(b"half")
+    assert files.OutputFolder(out).listed == {"a.jpg.png", "sub/b.jpg.png"}
+    assert files.temp_target(out / "..x.tmp") == out / "..x.tmp"
+    (out / ".c.jpg.png.k3j_2x9q.tmp").write_bytes(b"not ours")  # no write of c was listed
+    with pytest.raises(ValueError, match="did not write"):
+        files.OutputFolder(out)
+
+
 def test_predict_out_is_a_file(run7, images, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
