@@ -154,6 +154,11 @@ def test_commands_and_cli_flags():
 
 
 @pytest.mark.slow
+def test_demo_docstring_names_the_demo_split():
+    labeled, total = grids.DEMO_SPLIT.split("_")
+    assert f"at {labeled}/{total} labels" in " ".join(demo.__doc__.split())
+
+
 def test_demo_on_a_tiny_grid(synth_root, tmp_path, monkeypatch, capsys):
     """`python -m mlcl demo` end to end with the demo grid cut down to tiny runs."""
     data = tmp_path / "data"
