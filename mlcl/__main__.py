@@ -12,8 +12,7 @@ import json
 import os
 import sys
 
-from mlcl.config import ConfigError
-from mlcl.stopping import RunInterrupted, RunStopped
+from mlcl.errors import run_reported
 
 
 def positive_int(text: str) -> int:
@@ -25,17 +24,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
-
-
-def error_line(e: BaseException) -> str:
-    """The one line shown for a bad-input error: the message (the original one for an
-    error re-raised from a loader worker), or for an OS error the file and the reason."""
-    from mlcl.data.splits import original_message
-
-    if isinstance(e, OSError) and e.filename and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    text = original_message(str(e)).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -202,18 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         module = __import__(PASS_THROUGH[argv[0]], fromlist=["main"])
         return module.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except RunStopped as e:  # interrupted (checkpoint written), diverged, checkpoint not written
-        if e.report:
-            print(str(e) if isinstance(e, RunInterrupted) else f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except (ConfigError, OSError, ValueError, PretrainedWeightsError) as e:
-        # Bad input: one line naming the culprit, no traceback (MLCL_DEBUG=1 shows it).
-        if os.environ.get("MLCL_DEBUG"):
-            raise
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        return 2
+    return run_reported(lambda: args.func(args), (PretrainedWeightsError,))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 through the notebooks.
 
 1. writes the synthetic dataset into data/synthetic/ (once);
-2. trains the ``demo`` grid (mlcl.grids: supervised, UniMatch and MLCL at 1/16 labels, one
+2. trains the ``demo`` grid (mlcl.grids: supervised, UniMatch and MLCL at 1/32 labels, one
    seed, a short schedule) with notebooks/run.ipynb under papermill, two runs at a time with
    one thread each, showing each run's progress (mlcl.progress);
 3. runs the three other notebooks on the results, two at a time: prototypes (UniMatch and

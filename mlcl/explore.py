@@ -30,7 +30,7 @@ from mlcl.engine import make_accelerator
 from mlcl.evaluate import evaluate, predict_logits
 from mlcl.methods import mix_source, paste
 from mlcl.model import upsample
-from mlcl.predict import load_weights
+from mlcl.predict import checkpoint_file, model_from_checkpoint, read_checkpoint
 
 # sklearn (about 2 s to import) is imported inside embed_2d, the one function that uses it.
 
@@ -72,17 +72,18 @@ def device_of(model) -> torch.device:
 
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
                     device: str | torch.device | None = None) -> Checkpoint:
-    """A ``best.pt``/``last.pt`` (a relative path: from the current folder, else from the
-    repository root) with its config, class names and prototype bank; the model on
-    ``device`` (default: the GPU if there is one). Results come back on the CPU."""
-    path = paths.resolve(path)  # "runs/demo/..." works from notebooks/ too
-    model, cfg, names = load_weights(path, overrides)
+    """A ``best.pt``/``last.pt`` or a run folder (its best.pt; a relative path: from the
+    current folder, else from the repository root) with its config, class names and
+    prototype bank, the file read once; the model on ``device`` (default: the GPU if there
+    is one). Results come back on the CPU."""
+    path = checkpoint_file(paths.resolve(path))  # "runs/demo/..." works from notebooks/ too
+    raw = read_checkpoint(path)
+    model, cfg, names = model_from_checkpoint(raw, path, overrides)
     model = model.to(device or default_device())
-    raw = torch.load(path, map_location="cpu", weights_only=True)
     bank = (raw.get("bank") or {}).get("protos")
     names = names or [f"class_{i}" for i in range(cfg.data.num_classes)]
     return Checkpoint(model.eval(), paths.fix_data_root(cfg), names, bank, raw.get("epoch"),
-                      raw.get("miou"), Path(path))
+                      raw.get("miou"), path)
 
 
 def evaluate_checkpoint(ck: Checkpoint) -> dict[str, Any]:

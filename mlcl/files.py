@@ -42,6 +42,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def temp_target(path: Path) -> Path:
+    """The file an :func:`atomic_write` temporary ``.<name>.<random>.tmp`` was for (left
+    behind when that write was interrupted), or ``path`` itself for any other name."""
+    name = path.name
+    if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
+        return path
+    target = name[1:-len(".tmp")].rsplit(".", 1)[0]
+    return path.with_name(target) if target else path
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``text`` into ``path`` atomically; returns ``path``."""
     return atomic_write(path, lambda p: p.write_text(text))
@@ -64,7 +74,8 @@ class OutputFolder:
     """A folder that receives a command's results and never anything else's: a manifest
     (``.mlcl-written``, one relative path a line, appended before each file is written)
     lists what the command wrote there, so it may rewrite those files in a later run, and
-    refuses a folder that holds any other file. The folder is made at the first write, so
+    refuses a folder that holds any other file (the temporary file of an interrupted write
+    of a listed file is its own, :func:`temp_target`). The folder is made at the first write, so
     a run that fails before leaves nothing behind.
 
         folder = OutputFolder(out, "--out")   # checks now, raises ValueError naming ``flag``
@@ -93,12 +104,14 @@ class OutputFolder:
         listed = set(self.manifest.read_text().splitlines()) if self.manifest.is_file() else set()
         foreign = sorted(str(f.relative_to(p)) for f in p.rglob("*")
                          if not f.is_dir() and f != self.manifest
-                         and str(f.relative_to(p)) not in listed)
+                         and str(f.relative_to(p)) not in listed
+                         and str(temp_target(f).relative_to(p)) not in listed)
         if foreign:
             raise ValueError(f"{flag} {p} holds files this command did not write (e.g. "
                              f"{foreign[0]}): give an empty or new folder")
-        if not os.access(p, os.W_OK):
-            raise ValueError(f"{flag} {p} is not writable: give a folder you can write to")
+        why = place_problem(p)
+        if why:
+            raise ValueError(f"{flag} {why}: give a folder you can write to")
         return listed
 
     def make(self) -> None:
@@ -135,12 +148,33 @@ def check_output_file(path: str | Path, flag: str, is_ours: Callable[[Path], boo
 
 
 def check_creatable(path: Path, flag: str) -> None:
-    """A ValueError naming ``flag`` unless ``path`` (which does not exist) can be made: its
-    nearest existing ancestor must be a writable folder."""
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{flag} {path} cannot be made: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"{flag} {path} cannot be made: {parent} is not writable")
+    """A ValueError naming ``flag`` unless a file or folder may be made at ``path``: its
+    folder (or that folder's nearest existing ancestor) is a folder this process can write
+    into (:func:`place_problem`)."""
+    why = place_problem(path.parent)
+    if why:
+        raise ValueError(f"{flag} {path} cannot be made: {why}")
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` if it exists, else its nearest existing ancestor: where ``mkdir -p`` would
+    start, and the disk the path would be on."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def place_problem(path: str | Path) -> str | None:
+    """None if ``path`` can be written or made: it, or if it does not exist its nearest
+    existing ancestor, is a folder this process may write into and enter. Otherwise the
+    reason, naming the culprit: ``"P is a file, not a folder"``, ``"P lies under the file
+    F"`` or ``"F is not writable"``. The one walk-up check of every output place."""
+    p = Path(path)
+    existing = nearest_existing(p)
+    if not existing.is_dir():
+        return (f"{p} is a file, not a folder" if existing == p
+                else f"{p} lies under the file {existing}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

@@ -13,7 +13,6 @@ best / last mIoU and per-class IoU, per-epoch history, iterations, wall time, gi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,32 +20,23 @@ from typing import Any
 
 from mlcl import paths, progress
 from mlcl.config import ConfigError
-from mlcl.files import atomic_write_json
+from mlcl.files import atomic_write_json, nearest_existing, place_problem
 
 
 # --------------------------------------------------------------------------- bad places
 def check_output_place(out: Path) -> None:
     """Refuse, before any work, an output_dir that is a file, lies under a file, or cannot
     be written (read-only folder or file system). Writes nothing."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.is_file() or (existing.exists() and not existing.is_dir()):
-        what = "is a file" if existing == out else f"lies under the file {existing}"
-        raise ConfigError(f"output_dir {out} {what}: choose a folder (output_dir=PATH)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == out else f" (its nearest existing folder {existing} is not)"
-        raise ConfigError(f"output_dir {out} is not writable{where}: fix its permissions or "
-                          "choose another output_dir")
+    why = place_problem(out)
+    if why:
+        raise ConfigError(f"output_dir {out}: {why}: choose another output_dir (a folder you "
+                          "can write to)")
 
 
 def check_free_space(out: Path, need_bytes: int) -> None:
     """Refuse an output_dir whose disk cannot hold ``need_bytes`` (two checkpoints while one
     is written, best.pt and last.pt)."""
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing(out)).free
     if free < need_bytes:
         raise ConfigError(f"output_dir {out}: {free / 2**20:.0f} MiB free on its disk, a run "
                           f"needs about {need_bytes / 2**20:.0f} MiB (checkpoints and weights): "

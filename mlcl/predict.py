@@ -83,11 +83,17 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_weights(path: str | Path, overrides: list[str] | None = None, use_data: bool = False):
     """(model, cfg, class_names) from a ``best.pt``/``last.pt`` written by training, or a
-    run folder (its best.pt). The checkpoint's config is the base; ``overrides`` (key=value)
+    run folder (its best.pt): :func:`model_from_checkpoint` of the file, read once."""
+    path = checkpoint_file(path)
+    return model_from_checkpoint(read_checkpoint(path), path, overrides, use_data)
+
+
+def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = None,
+                          use_data: bool = False):
+    """(model in eval mode, cfg, class_names) from ``ckpt``, the dict read from ``path``
+    (:func:`read_checkpoint`). The checkpoint's config is the base; ``overrides`` (key=value)
     go on top. A class count that differs between the checkpoint, the config and (with
     ``use_data``) the data's classes.txt is an error naming all three."""
-    path = checkpoint_file(path)
-    ckpt = read_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
     for key, value in parse_overrides(overrides).items():
         set_key(cfg, key, value)

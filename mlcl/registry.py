@@ -157,29 +157,45 @@ def entry_output_dir(entry: dict[str, Any]) -> Path | None:
     return paths.resolve(raw) if raw else None
 
 
-# What the runs of one table differ in by design: the methods and variants compared, the
-# seeds, the label split, the MLCL switches of the ablations. Any other setting must agree.
-TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_split",
-              "mlcl.")
+# What the runs of one table differ in by design: the methods compared, the seeds, the label
+# split. Any other setting must agree, except VARIANT_AXES.
+TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_split")
+# What a run's method, variant and ablation decide: MLCL's switches and quirks (mlcl.variant
+# and the ablations), the CutMix partner and the lr lag (mlcl.variant=released picks "same"
+# and true; the mix-partner grid's ablations set the partner). They must agree only between
+# runs of one (method, variant, ablation), the runs a table averages into one cell.
+VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
 
 
 def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
     """For complete entries of one preset and dataset (the runs a table puts side by side),
     one line per entry whose configuration differs from the group's first in anything but
-    TABLE_AXES and mlcl.config.RESULT_NEUTRAL: ``"B vs A (key: a -> b; ...)"``."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
+    TABLE_AXES, VARIANT_AXES and mlcl.config.RESULT_NEUTRAL, then per entry whose
+    VARIANT_AXES differ from the first of its (method, variant, ablation) in that group:
+    ``"B vs A (key: a -> b; ...)"``."""
+    tables: dict[tuple, list[dict[str, Any]]] = {}
+    cells: dict[tuple, list[dict[str, Any]]] = {}
     for e in entries:
         if (e.get("metrics") or {}).get("complete"):
-            dataset = ((e.get("config") or {}).get("data") or {}).get("dataset")
-            groups.setdefault((run_fields(e)["preset"], dataset), []).append(e)
+            f = run_fields(e)
+            table = (f["preset"], ((e.get("config") or {}).get("data") or {}).get("dataset"))
+            tables.setdefault(table, []).append(e)
+            cells.setdefault(table + (f["method"], f["variant"], f["ablation"]), []).append(e)
+    return ([line for group in tables.values() for line in _differences(group, False)]
+            + [line for group in cells.values() for line in _differences(group, True)])
+
+
+def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:
+    """``"B vs A (changes)"`` for each entry B of ``group`` whose config differs from the
+    first's, A: in the VARIANT_AXES only (``variant_axes``) or in all keys but them."""
+    ignore = RESULT_NEUTRAL + TABLE_AXES + (() if variant_axes else VARIANT_AXES)
     out = []
-    for group in groups.values():
-        first = group[0]
-        for e in group[1:]:
-            changes = config_changes(first.get("config") or {}, e.get("config") or {},
-                                     RESULT_NEUTRAL + TABLE_AXES)
-            if changes:
-                out.append(f"{e.get('name')} vs {first.get('name')} ({'; '.join(changes)})")
+    for e in group[1:]:
+        changes = [c for c in config_changes(group[0].get("config") or {},
+                                             e.get("config") or {}, ignore)
+                   if not variant_axes or c.split(":")[0].startswith(VARIANT_AXES)]
+        if changes:
+            out.append(f"{e.get('name')} vs {group[0].get('name')} ({'; '.join(changes)})")
     return out
 
 

@@ -12,9 +12,9 @@ whose metrics.json says complete is skipped (and recorded if its entry is missin
 anything trains, every cell's configuration is resolved: a bad key stops the grid at once
 with its cause, and so does a cell trained before with other settings than requested now
 (``--rerun-changed`` trains those again; a run's identity is its resolved configuration,
-less the keys in ``mlcl.config.RESULT_NEUTRAL``). A failed run is listed with the last
-error line of its log; one that failed before its first checkpoint leaves no cell folder
-(its executed notebook moves beside the log). Runs
+less the keys in ``mlcl.config.RESULT_NEUTRAL``: a moved data.root keeps the cells). A failed
+run is listed with the last error line of its log; one that failed before its first
+checkpoint leaves no cell folder (its executed notebook moves beside the log). Runs
 execute ``jobs`` at a time with one OpenMP thread each; while they train, each shows its
 iteration, latest validation mIoU and ETA from its ``progress.json`` (mlcl.progress: a bar
 per run on a terminal, plain lines in a log). With ``num_processes > 1`` every run
@@ -195,17 +195,13 @@ def cell_config(run: Run, out: Path, overrides: list[str]):
 
 def stored_changes(out: Path, cfg) -> list[str]:
     """How the configuration stored in ``out/config.yaml`` (a cell trained before, complete
-    or not) differs from ``cfg``: ``"key: stored -> requested"``; empty when the same run."""
+    or not) differs from ``cfg``, less RESULT_NEUTRAL: ``"key: stored -> requested"``; empty
+    when the same run. A moved dataset (data.root) is the same run; other data shows in
+    data.num_classes / data.class_names, which cell_config reads from the data."""
     path = out / "config.yaml"
     if not path.is_file():
         return []
-    stored = yaml.safe_load(path.read_text()) or {}
-    changes = config_changes(stored, cfg.to_dict())
-    root = (stored.get("data") or {}).get("root")
-    if root is not None and Path(root).expanduser().resolve() != \
-            Path(cfg.data.root).expanduser().resolve():
-        changes.append(f"data.root: {root!r} -> {cfg.data.root!r}")
-    return changes
+    return config_changes(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
 
 
 def check_cells(todo: list[Run], root: Path, overrides: list[str],

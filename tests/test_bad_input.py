@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -19,9 +20,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mlcl import registry
+from mlcl import files, outputs, registry
 from mlcl.__main__ import main
-from mlcl.config import in_range, load_config
+from mlcl.config import ConfigError, in_range, load_config
 from mlcl.data import DataError, ValDataset, preflight
 from mlcl.data.synthetic import make_synthetic
 from mlcl.files import atomic_write_text
@@ -331,6 +332,20 @@ def test_predict_refuses_a_folder_with_files_it_did_not_write(run7, images, tmp_
     assert rc == 2 and "did not write (e.g. a.jpg.png)" in one_line_error(err)
 
 
+def test_output_folder_accepts_the_leftover_of_its_own_interrupted_write(tmp_path):
+    out = tmp_path / "pred"
+    folder = files.OutputFolder(out)
+    for rel in ("a.jpg.png", "sub/b.jpg.png"):
+        folder.write(rel, lambda p: p.write_bytes(b"mask"))
+    (out / ".a.jpg.png.k3j_2x9q.tmp").write_bytes(b"half")  # a killed atomic write
+    (out / "sub" / ".b.jpg.png.x7y8z9ab.tmp").write_bytes(b"half")
+    assert files.OutputFolder(out).listed == {"a.jpg.png", "sub/b.jpg.png"}
+    assert files.temp_target(out / "..x.tmp") == out / "..x.tmp"
+    (out / ".c.jpg.png.k3j_2x9q.tmp").write_bytes(b"not ours")  # no write of c was listed
+    with pytest.raises(ValueError, match="did not write"):
+        files.OutputFolder(out)
+
+
 def test_predict_out_is_a_file(run7, images, tmp_path, capsys):
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
@@ -384,6 +399,25 @@ def test_predict_file_recursive_and_run_folder(run7, images, tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
+def test_every_output_place_is_checked_by_one_walk_up(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    folder = readonly_folder(tmp_path)
+    assert files.nearest_existing(tmp_path / "new" / "deeper") == tmp_path
+    assert files.place_problem(tmp_path / "new" / "deeper") is None
+    assert files.place_problem(afile) == f"{afile} is a file, not a folder"
+    assert files.place_problem(afile / "run") == f"{afile / 'run'} lies under the file {afile}"
+    assert files.place_problem(folder / "a" / "b") == f"{folder} is not writable"
+    for place in (afile, afile / "run", folder / "run"):  # output_dir and --out: one reason
+        why = files.place_problem(place)
+        with pytest.raises(ConfigError, match=re.escape(f"output_dir {place}: ")) as e:
+            outputs.check_output_place(place)
+        with pytest.raises(ValueError, match=re.escape(f"--out {place / 'x'} cannot be made: ")) as v:
+            files.check_creatable(place / "x", "--out")
+        assert why in str(e.value) and why in str(v.value)
+    assert afile.read_text() == "mine"
+
+
 # --------------------------------------------------------------------------- evaluate --out
 def test_evaluate_out_checked_before_evaluating(run7, tmp_path, capsys):
     mine = tmp_path / "notes.json"
@@ -423,6 +457,35 @@ def test_registry_refuses_tables_of_mixed_settings():
     assert len(registry.runs_frame(same)) == 2
     with pytest.raises(ValueError, match=r"b vs a \(model.width: 16 -> 32\)"):
         registry.runs_frame([same[0], entry("b", "mlcl", 32)])
+
+
+def grid_entries(*grids: str) -> list[dict]:
+    """Complete registry entries (resolved configs, no metrics) for the seed-0 runs of the
+    ``grids`` as mlcl.reproduce records them."""
+    from mlcl.grids import build_grid
+
+    runs = {r.name: r for g in grids for r in build_grid(g) if r.seed == 0}
+    return [{"name": name, "metrics": {"complete": True, "best_miou": 0.5},
+             "run": {"preset": r.preset, "split": r.split, "method": r.method,
+                     "variant": r.variant, "ablation": r.ablation, "seed": r.seed},
+             "config": load_config(r.preset, r.config_overrides()).to_dict()}
+            for name, r in runs.items()]
+
+
+def test_registry_compares_variant_decided_keys_within_a_variant():
+    """Paper and released MLCL differ in the keys the variant decides (train.mix_partner,
+    train.lr_lag, the quirks), the mix-partner grid's ablations in train.mix_partner: one
+    table; the same key changed inside one (method, variant, ablation) is a mixed setting."""
+    entries = grid_entries("synthetic-study", "mix-partner")
+    assert {e["config"]["train"]["mix_partner"] for e in entries} == {"roll", "same"}
+    assert {e["run"]["ablation"] for e in entries} >= {"mix_roll", "mix_same", "no_dt"}
+    assert len(registry.runs_frame(entries)) == len(entries)
+    paper = next(e for e in entries if e["name"] == "synthetic-1_16-mlcl-paper-s0")
+    stray = json.loads(json.dumps({**paper, "name": "stray"}))
+    stray["run"]["seed"] = stray["config"]["seed"] = 1
+    stray["config"]["train"]["lr_lag"] = True
+    with pytest.raises(ValueError, match=r"stray vs .*\(train.lr_lag: False -> True\)"):
+        registry.runs_frame(entries + [stray])
 
 
 def test_result_files_follow_the_umask(tmp_path):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import torch
 
 from mlcl import bench, losses, methods
-from mlcl.config import load_config
+from mlcl.config import TrainConfig, load_config
 from mlcl.model import upsample
 from mlcl.prototypes import PrototypeBank
 
@@ -55,6 +56,16 @@ def test_bench_runs_every_section_and_writes_the_keys(tmp_path):
     assert voc["backbone"] == bench.VOC["backbone"] and not voc["measured"] and voc["gib"] > 0
     assert set(bench.TARGETS) <= set(r["targets"]) and "voc_mlcl_memory_gib" in r["targets"]
     assert "mlcl_released" in proc.stdout and "wrote" in proc.stdout
+    every = TrainConfig().log_every  # the guard is read as often as the loop reads it
+    assert r["guard"]["log_every"] == every and r["guard"]["fraction_with_reads"] > 0
+    assert f"with a read every {every} steps" in proc.stdout
+
+
+def test_bench_help_is_the_module_docstring_listing_every_section_once():
+    description = bench.build_parser().description
+    assert description == bench.__doc__  # one section list, not a second copy that drifts
+    entries = re.findall(r"^(\w+) {2,}\S", description, flags=re.MULTILINE)
+    assert sorted(entries) == sorted(bench.SECTIONS)
 
 
 def test_bench_passes_precision_and_channels_last_to_the_step(tmp_path):

@@ -52,11 +52,34 @@ def test_script_reports_each_bad_file_and_exits_1(synth, tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     out = proc.stdout
     assert "missing mask" in out and "train_000001.png" in out
-    assert "size mismatch" in out and "train_000002" in out and "20x16" in out
-    assert "labels [9]" in out and "val_000000.png" in out
+    assert "train_000002.png is 20x16 but image" in out
+    assert "val_000000.png has values 9: expected 0..6 or 255" in out
     assert "missing image" in out and "train_000003.jpg" in out
     assert out.strip().splitlines()[-1] == "FAILED"
     assert "splits/val.txt: 3 samples, 1 problem(s)" in out
+
+
+def test_verify_applies_the_loaders_rules(synth, tmp_path):
+    root = tmp_path / "voc"
+    shutil.copytree(synth["voc"], root)
+    masks = root / "SegmentationClass"
+    Image.fromarray(np.zeros((16, 16), np.float32)).save(masks / "train_000000.tiff")
+    (masks / "train_000000.tiff").rename(masks / "train_000000.png")  # 2-D, but mode F
+    edge = np.asarray(Image.open(masks / "train_000001.png")).copy()
+    edge[edge == 255] = 250  # as in a dataset whose ignore index is 250
+    edge[0, 0] = 250
+    Image.fromarray(edge).save(masks / "train_000001.png")
+    Image.new("L", (20, 16)).save(masks / "train_000002.png")
+
+    def problems(**kw):
+        report = verify_dataset(root, "voc", ["splits/train.txt"], 7, log=quiet, **kw)
+        return " | ".join(report.splits[0].problems)
+
+    found = problems(ignore_index=250)
+    assert "train_000000.png has mode F" in found and "train_000001.png" not in found
+    assert "train_000001.png has values 250" in problems()  # data.ignore_index's default: 255
+    sizes_only = problems(values=False)
+    assert "train_000002.png is 20x16 but image" in sizes_only and "mode F" not in sizes_only
 
 
 def test_malformed_lines_and_missing_split_files(synth, tmp_path, capsys):

@@ -1,5 +1,7 @@
-"""Every cell of PAPER.md Tables I-III has a preset that loads with the released settings of
-METHOD.md, and its split files are the ones the data scripts write."""
+"""Every cell of the paper's Tables I-III (docs/method.md, "Published numbers") has a preset
+that loads with the released settings (docs/method.md, "Released settings"), and its split
+files are the ones the data scripts write. Where the paper's text lies beside the checkout,
+its tables are compared with the cells below."""
 from __future__ import annotations
 
 import re
@@ -12,7 +14,7 @@ from mlcl.paths import REPO
 from mlcl.prepare.pretrained import DEFAULT_PATHS
 from mlcl.prepare.split_lists import split_files, standard_size
 
-# table -> (preset, split, backbone) for each column, in PAPER.md's order
+# table -> (preset, split, backbone) for each column, in the paper's order
 TABLES = {
     "I": [("pascal", s, "resnet50_deepstem") for s in ("183", "366", "732", "1464")],
     "II": [("pascal_blended", s, "resnet50_deepstem") for s in ("1_16", "1_8", "1_4")]
@@ -21,7 +23,7 @@ TABLES = {
 }
 ROWS = ("supervised", "unimatch", "mlcl")
 CELLS = [cell for cells in TABLES.values() for cell in cells]
-# METHOD.md, "Settings of the released configs"
+# docs/method.md, "Released settings" (Hyper-parameters)
 SETTINGS = {
     "pascal": dict(layout="voc", classes=21, crop=321, epochs=80, batch=4, lr=0.001,
                    lr_multi=10.0, loss="ce", tau=0.95, eval="whole"),

@@ -26,8 +26,10 @@ What runs at which size, and why (the file takes about 2.5 minutes of CPU):
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +291,33 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not made by `mlcl rehearse`" in err and len(err.strip().splitlines()) == 1
     assert (theirs / "results.csv").read_text() == "keep me"
+    blocked = theirs / "results.csv" / "out"  # an OS error: the file and the reason
+    assert main(["--config", "pascal", "--out", str(blocked), "--methods", "supervised"]) == 2
+    assert capsys.readouterr().err == f"error: {blocked}: Not a directory\n"
+
+
+def test_a_stop_signal_ends_the_rehearsal(tmp_path, capsys, monkeypatch):
+    """Ctrl-C / SIGTERM (the loop's RunInterrupted) is no stage's FAIL: the rehearsal stops
+    with the interruption's line and status; other errors stay the stage's FAIL."""
+    from mlcl.rehearse import run as rehearse_run
+    from mlcl.stopping import RunDiverged, RunInterrupted
+
+    book = StageBook("pascal", quiet)
+    assert book.run("train", "mlcl", lambda: (_ for _ in ()).throw(RunDiverged("nan"))) is None
+    assert book.status("train", "mlcl") == FAIL
+    line = "interrupted at iteration 2 (checkpoint written); the same command resumes it"
+
+    def interrupted(plan):
+        raise RunInterrupted(line, signal.SIGINT)
+
+    later = []
+    monkeypatch.setattr(rehearse_run, "data_stage", interrupted)
+    monkeypatch.setattr(rehearse_run, "weights_stage", lambda plan: later.append(1))
+    code = main(["--config", "pascal", "--out", str(tmp_path), "--methods", "supervised",
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 130 and captured.err.strip() == line and not later
+    assert "FAIL" not in captured.out
 
 
 # --------------------------------------------------------------------------- gpu-check
@@ -338,6 +367,59 @@ def test_gpu_check_plans_the_gpu_parts_within_8_minutes(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(SystemExit, match="needs a CUDA device"):
         gpu_check.main([])
+
+
+def test_gpu_check_two_process_part_trains_in_a_fresh_folder(tmp_path):
+    """A second gpu-check must not resume (or report) the first one's complete run; a folder
+    that an earlier check did not leave is kept and the part fails."""
+    a = gpu_check.resolve(gpu_check.build_parser().parse_args(
+        ["--dry-run", "--processes", "2", "--out", str(tmp_path)]))
+    two = gpu_check.plan_parts(a)[-1]
+    assert two.name == "two_process" and two.fresh == str(tmp_path / "two_process")
+    stale = tmp_path / "two_process"
+    stale.mkdir()
+    (stale / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(stale)}))
+    (stale / "metrics.json").write_text(json.dumps({"complete": True, "num_processes": 2}))
+    ran = tmp_path / "ran"
+    two.command = [sys.executable, "-c", f"open({str(ran)!r}, 'w')"]  # trains nothing
+    gpu_check.run_part(two, time.monotonic() + 120)
+    gpu_check.collect([two], tmp_path)
+    assert ran.exists() and not stale.exists() and two.status == "FAIL"
+    ran.unlink()
+    stale.mkdir()
+    (stale / "results.csv").write_text("keep me")
+    two.status = "NOT RUN"
+    gpu_check.run_part(two, time.monotonic() + 120)
+    assert two.status == "FAIL" and "not a run an earlier gpu-check left" in two.tail
+    assert (stale / "results.csv").read_text() == "keep me" and not ran.exists()
+
+
+def test_gpu_check_timeout_stops_the_whole_process_group(tmp_path):
+    """A part past its budget is stopped with the workers it started (accelerate launch's
+    children), not only the process it ran."""
+    pid_file = tmp_path / "worker.pid"
+    worker = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    launcher = (f"import subprocess, sys, time, os; subprocess.Popen([sys.executable, '-c', "
+                f"{worker!r}])\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\n"
+                "print('launched', flush=True); time.sleep(120)")
+    part = gpu_check.Part("slow", [sys.executable, "-c", launcher], budget_s=8)
+    gpu_check.run_part(part, time.monotonic() + 120)
+    assert part.status == "TIMEOUT" and "launched" in part.tail
+    pid = int(pid_file.read_text())
+    for _ in range(50):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(pid), "the part's worker outlived its timeout"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.parametrize("command", ["rehearse", "gpu-check"])

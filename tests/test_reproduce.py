@@ -9,10 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mlcl import demo, grids, registry, reproduce
 from mlcl.__main__ import build_parser, main
-from mlcl.config import ConfigError
+from mlcl.config import ConfigError, load_config
+from mlcl.files import atomic_write_text
 from mlcl.grids import Run
 
 TINY = ("data.crop_size=32", "train.batch_size=4", "model.width=16", "data.num_workers=0",
@@ -116,6 +118,18 @@ def test_changed_settings_refused_then_rerun(synth_root, tmp_path, monkeypatch):
     assert len(old) == 1 and (old[0] / "metrics.json").is_file()  # the old run is kept
 
 
+def test_a_moved_dataset_is_the_same_run_other_classes_are_not(tmp_path):
+    """data.root is result-neutral (mlcl.config.RESULT_NEUTRAL) for reproduce as for the
+    registry: moving the dataset keeps the cells; the data's classes are compared."""
+    cfg = load_config("synthetic", ["data.root=/old/place/synthetic", *TINY])
+    atomic_write_text(tmp_path / "config.yaml", yaml.safe_dump(cfg.to_dict()))
+    moved = load_config("synthetic", ["data.root=/new/place/synthetic", *TINY])
+    assert reproduce.stored_changes(tmp_path, moved) == []
+    moved.data.class_names = [*moved.data.class_names[:-1], "other"]
+    assert [c.split(":")[0] for c in reproduce.stored_changes(tmp_path, moved)] == \
+        ["data.class_names"]
+
+
 def test_commands_and_cli_flags():
     cmd = reproduce.train_command("cityscapes", ["split=1_8"], num_processes=4)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
@@ -140,6 +154,11 @@ def test_commands_and_cli_flags():
 
 
 @pytest.mark.slow
+def test_demo_docstring_names_the_demo_split():
+    labeled, total = grids.DEMO_SPLIT.split("_")
+    assert f"at {labeled}/{total} labels" in " ".join(demo.__doc__.split())
+
+
 def test_demo_on_a_tiny_grid(synth_root, tmp_path, monkeypatch, capsys):
     """`python -m mlcl demo` end to end with the demo grid cut down to tiny runs."""
     data = tmp_path / "data"

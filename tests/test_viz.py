@@ -310,3 +310,16 @@ def test_checkpoint_paths_are_taken_from_the_repository_root(tiny_model, tmp_pat
     assert ck.path == repo / "runs" / "demo" / "best.pt" and ck.miou == 50.0
     with pytest.raises(FileNotFoundError, match="runs/missing/best.pt"):
         mi.load_checkpoint("runs/missing/best.pt")
+
+
+def test_load_checkpoint_takes_a_run_folder_and_reads_the_file_once(tiny_model, tmp_path,
+                                                                     monkeypatch):
+    from mlcl.checkpoints import save_weights
+
+    model, cfg = tiny_model
+    save_weights(tmp_path / "run" / "best.pt", model, cfg, cfg.data.class_names, 3, 40.0)
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or load(f, *a, **k))
+    ck = mi.load_checkpoint(tmp_path / "run", device="cpu")
+    assert ck.path == tmp_path / "run" / "best.pt" and (ck.epoch, ck.miou) == (3, 40.0)
+    assert reads == [ck.path]

@@ -26,7 +26,7 @@ guard     the divergence guard's per-step work (gradient norm, finiteness folded
           tensors) and its read every train.log_every steps, on the gradients of a real
           mlcl step, against that step's time (mlcl/bench/guard.py).
 
-Modules: timing, steps, memory, fka_sai, pipeline, report; this one holds the CLI.
+Modules: timing, steps, memory, fka_sai, pipeline, guard, report; this one holds the CLI.
 """
 from __future__ import annotations
 
@@ -53,25 +53,10 @@ from mlcl.train import git_commit
 __all__ = ["BENCH_METHODS", "SECTIONS", "TARGETS", "VOC", "Decoder", "Released", "fka_inputs",
            "interleaved", "build_parser", "main"]
 SECTIONS = ("steps", "memory", "fka_sai", "pipeline", "guard")
-HELP = """What a training step, the FKA + SAI computation and the data pipeline cost, measured
-in one run, on one machine, with the same inputs; writes a JSON report and prints a table
-(docs/performance.md explains every number).
-
-    python -m mlcl bench --device cpu --out runs/bench/bench_cpu.json
-
-Sections (--sections, default all):
-  steps     forward + backward + optimiser step of supervised, unimatch, mlcl and
-            mlcl_released (the released pass structure), on synthetic batches
-  memory    peak memory of one steady-state step per method, and the VOC estimate
-  fka_sai   the MLCL-specific computation alone, this project's code against a
-            re-creation of the released algorithm
-  pipeline  unlabeled samples per second through one data-loader worker
-  guard     the divergence guard's cost per training step
-"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlcl bench", description=HELP,
+    p = argparse.ArgumentParser(prog="python -m mlcl bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
@@ -196,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if "guard" in r:
         g = r["guard"]
         print(f"divergence guard: {g['observe_s'] * 1e3:.3f} ms per step + {g['read_s'] * 1e3:.3f}"
-              f" ms per read = {100 * g['fraction_with_read_every_20']:.2f}% of an mlcl step "
-              f"({g['step_s']:.3f} s, {g['clock']} clock) with a read every 20 steps")
+              f" ms per read = {100 * g['fraction_with_reads']:.2f}% of an mlcl step "
+              f"({g['step_s']:.3f} s, {g['clock']} clock) with a read every {g['log_every']} "
+              "steps")
     print(f"wrote {out}")
     return 0

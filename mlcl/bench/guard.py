@@ -15,6 +15,7 @@ import torch
 
 from mlcl.bench.steps import MethodRun, make_acc, method_config
 from mlcl.bench.timing import Clock
+from mlcl.config import TrainConfig
 from mlcl.stopping import NonFiniteGuard, gradient_norm
 
 CALLS = 20  # guard calls per timed lap (each is far shorter than a step)
@@ -22,7 +23,8 @@ CALLS = 20  # guard calls per timed lap (each is far shorter than a step)
 
 def bench_guard(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Seconds per step of the guard's per-step work and of its read, the step's own time
-    (same clock) and their ratio, for the ``mlcl`` method at the bench settings."""
+    (same clock) and their ratio, alone and with a read every ``log_every`` steps (the
+    default train.log_every), for the ``mlcl`` method at the bench settings."""
     run = MethodRun("mlcl", method_config("mlcl", a), make_acc(a), device, a.seed)
     steps, terms = [], None
     for i in range(a.warmup + max(a.repeats // 2, 1)):
@@ -47,9 +49,10 @@ def bench_guard(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         clock.mark()
         read.append(lap(clock, a.clock))
     step, per_step, per_read = (statistics.median(v) for v in (steps, observe, read))
+    every = TrainConfig().log_every  # the loop reads the guard every train.log_every steps
     return {"step_s": step, "observe_s": per_step, "read_s": per_read,
-            "fraction_of_step": per_step / step, "log_every_default": 20,
-            "fraction_with_read_every_20": (per_step + per_read / 20) / step,
+            "fraction_of_step": per_step / step, "log_every": every,
+            "fraction_with_reads": (per_step + per_read / every) / step,
             "clock": a.clock, "method": "mlcl"}
 
 

@@ -1,9 +1,10 @@
 """Check a prepared dataset against its split files, naming every missing or bad file.
 
-For each split file: its line count; that every listed image and mask exists; that the
-image decodes in full (a truncated JPEG fails); that image and mask have the same size; that
-the mask is single-channel with values in {0..K-1, 255} (``--no-values``: sizes only, no
-decoding).
+For each split file: its line count; that every listed image and mask exists; then the
+training run's own pre-flight check of each pair (:func:`mlcl.data.preflight.check_item`:
+the image decodes in full, so a truncated JPEG fails; the mask is a single-channel map the
+loader accepts, of the image's size, holding only 0..K-1 and the ignore index).
+``--no-values``: sizes only, read from the file headers, no decoding.
 Lines are resolved the way the loaders resolve them (:mod:`mlcl.data.splits`: an id, or an
 ``image mask`` pair relative to the root); unlike the loaders, which stop at the first bad
 line, every problem is collected. Each distinct file is checked once however many lists
@@ -17,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from PIL import Image
 
+from mlcl.config import DataConfig
 from mlcl.data.classes import data_classes
-from mlcl.data.preflight import decode_image
+from mlcl.data.preflight import check_item
 from mlcl.data.splits import DataError, parse_split
 from mlcl.prepare.download import Log, say
 
-IGNORE = 255
+IGNORE = DataConfig().ignore_index
 DEFAULT_CLASSES = {"voc": 21, "cityscapes": 19}
 
 
@@ -73,41 +74,34 @@ def parse_lines(path: Path, root: Path, layout: str) -> tuple[list[Entry], list[
             [f"line {lineno}: {msg}" for lineno, msg in bad])
 
 
-def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True) -> list[str]:
-    """Problems with one image/mask pair (empty when fine)."""
-    problems = []
-    if not image.is_file():
-        problems.append(f"missing image {image}")
-    if not mask.is_file():
-        problems.append(f"missing mask {mask}")
+def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True,
+               ignore_index: int = IGNORE) -> list[str]:
+    """Problems with one image/mask pair (empty when fine): the missing files, else the
+    pre-flight's problem (``values``) or a size mismatch in the headers."""
+    problems = [f"missing {what} {p}" for what, p in (("image", image), ("mask", mask))
+                if not p.is_file()]
     if problems:
         return problems
-    if values:  # decode the whole image: a truncated file fails here, not in training
-        try:
-            decode_image(image)
-        except DataError as e:
-            return [str(e)]
     try:
-        with Image.open(image) as im:
-            isize = im.size
-        with Image.open(mask) as m:
-            msize = m.size
-            arr = np.asarray(m) if values else None
-    except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        return [f"unreadable {image.name} / {mask.name}: {type(e).__name__}: {e}"]
-    if isize != msize:
-        problems.append(f"size mismatch: image {image} is {isize[0]}x{isize[1]}, "
-                        f"mask {mask} is {msize[0]}x{msize[1]}")
-    if arr is not None:
-        if arr.ndim != 2:
-            problems.append(f"mask {mask} is not single-channel (shape {arr.shape})")
-        else:
-            found = np.unique(arr)
-            bad = [int(v) for v in found if v >= num_classes and v != IGNORE]
-            if bad:
-                problems.append(f"mask {mask} has labels {bad} outside 0..{num_classes - 1} "
-                                f"and {IGNORE}")
-    return problems
+        if values:
+            problem = check_item((image, mask), num_classes, ignore_index)
+            return [problem] if problem else []
+        (iw, ih), (mw, mh) = header_size(image, "image"), header_size(mask, "mask")
+    except DataError as e:
+        return [str(e)]
+    if (iw, ih) != (mw, mh):
+        return [f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}"]
+    return []
+
+
+def header_size(path: Path, what: str) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding; a DataError naming
+    ``what`` and the file when it cannot be opened."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
 def _resolve(p: Path, root: Path) -> Path:
@@ -121,10 +115,10 @@ def default_splits(root: Path) -> list[Path]:
 
 def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Path]] = None,
                    num_classes: Optional[int] = None, values: bool = True, workers: int = 4,
-                   log: Log = say) -> Report:
+                   log: Log = say, ignore_index: int = IGNORE) -> Report:
     """Check ``splits`` (default: every ``*.txt`` under ``root/splits``) of the dataset, with
     ``num_classes`` classes (default: the root's classes.txt, else 21 for voc and 19 for
-    cityscapes)."""
+    cityscapes) and ``ignore_index`` (default: data.ignore_index's)."""
     root = Path(root)
     found = data_classes(root) if root.is_dir() else None
     k = num_classes or (len(found[1]) if found else DEFAULT_CLASSES[layout])
@@ -140,7 +134,7 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
     parsed = _parse_all(files, root, layout, report)
     pairs = sorted({(img, m) for entries in parsed.values() for _, img, m in entries})
     log(f"[verify] {root}: {len(files)} split files, {len(pairs)} distinct image/mask pairs")
-    results = _check_pairs(pairs, k, values, workers, log)
+    results = _check_pairs(pairs, (k, values, ignore_index), workers, log)
     for sr in report.splits:
         for lineno, img, m in parsed.get(sr.path, []):
             sr.problems += [f"line {lineno}: {p}" for p in results[(img, m)]]
@@ -166,14 +160,15 @@ def _parse_all(files: list[Path], root: Path, layout: str, report: Report
     return parsed
 
 
-def _check_pairs(pairs: list[tuple[Path, Path]], num_classes: int, values: bool, workers: int,
+def _check_pairs(pairs: list[tuple[Path, Path]], rules: tuple[int, bool, int], workers: int,
                  log: Log) -> dict[tuple[Path, Path], list[str]]:
-    """:func:`check_pair` of every pair on ``workers`` threads (decoding releases the GIL);
-    a progress line every tenth (at least every 500 pairs)."""
+    """:func:`check_pair` of every pair with ``rules`` (num_classes, values, ignore_index) on
+    ``workers`` threads (decoding releases the GIL); a progress line every tenth (at least
+    every 500 pairs)."""
     done, step, lock = [0], max(len(pairs) // 10, 500), threading.Lock()
 
     def check(pair: tuple[Path, Path]) -> list[str]:
-        problems = check_pair(*pair, num_classes, values)
+        problems = check_pair(*pair, *rules)
         with lock:
             done[0] += 1
             if done[0] % step == 0:

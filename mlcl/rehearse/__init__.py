@@ -21,12 +21,11 @@ report, gpu_check (``make gpu-check``).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 from mlcl import paths
 from mlcl.config import METHOD_NAMES, ConfigError, preset_splits
+from mlcl.errors import run_reported
 from mlcl.rehearse.report import cost_table, summary_lines
 from mlcl.rehearse.run import Options, flops_stage, make_plan, rehearse
 
@@ -91,18 +90,18 @@ def costs(preset: str, o: Options) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: exit status 0 all PASS, 1 a stage failed, 2 bad input, 130 / 143
+    interrupted (mlcl.errors)."""
     a = build_parser().parse_intermixed_args(argv)  # key=value before or after the options
-    try:
-        o = options(a)
-        if a.costs:
-            print("\n".join(costs(a.config, o)))
-            return 0
-        report = rehearse(a.config, o)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("MLCL_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reported(lambda: run_command(a))
+
+
+def run_command(a: argparse.Namespace) -> int:
+    o = options(a)
+    if a.costs:
+        print("\n".join(costs(a.config, o)))
+        return 0
+    report = rehearse(a.config, o)
     print("\n".join(summary_lines(report)))
     print(f"wrote {o.out / a.config / 'rehearse.json'}")
     return 0 if report["ok"] else 1

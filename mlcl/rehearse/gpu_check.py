@@ -2,7 +2,8 @@
 in one command, within 8 minutes on one current data-centre GPU.
 
 Parts, each a subprocess with its own time budget (seconds; a part past its budget is stopped
-and marked TIMEOUT, and the whole check never runs past ``--budget-s``):
+with every process it started and marked TIMEOUT, and the whole check never runs past
+``--budget-s``):
 
     bench_fp32       45   python -m mlcl bench --device cuda, fp32: training steps
     bench_bf16      110   the same in bf16, with peak memory, FKA/SAI and the data pipeline
@@ -10,7 +11,8 @@ and marked TIMEOUT, and the whole check never runs past ``--budget-s``):
                           batch, train.mixed_precision=bf16, every method (MLCL alone on
                           pascal_blended); pascal, pascal_blended, pascal_blended_r101, cityscapes
     two_process      90   with two or more GPUs: accelerate launch, 2 processes, MLCL on the
-                          pascal preset's fabricated data (skipped on one GPU)
+                          pascal preset's fabricated data, in OUT/two_process emptied first
+                          (skipped on one GPU)
 
 then, from the rehearsals: MLCL's peak GPU memory against UniMatch's at the VOC preset, and
 the sustained TFLOP/s of each method (FLOPs per step / seconds per step), the number to pass
@@ -25,7 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from mlcl import paths
 from mlcl.config import METHOD_NAMES
@@ -77,6 +83,7 @@ class Part:
     returncode: Optional[int] = None
     tail: str = ""
     result: dict[str, Any] = field(default_factory=dict)
+    fresh: str = ""  # the part's own output folder, removed before it runs (not a resume)
 
 
 def _py(*args: str) -> list[str]:
@@ -102,7 +109,7 @@ def plan_parts(a: argparse.Namespace) -> list[Part]:
             f"train.mixed_precision={precision(a)}", *tiny), PART_BUDGET_S.get(name, 90)))
     if a.processes > 1 and "pascal" in a.presets:
         parts.append(Part("two_process", two_process_command(a, out),
-                          PART_BUDGET_S["two_process"]))
+                          PART_BUDGET_S["two_process"], fresh=str(out / "two_process")))
     if a.tiny:
         for p in parts:
             p.budget_s = TINY_BUDGET_S
@@ -129,22 +136,77 @@ def two_process_command(a: argparse.Namespace, out: Path) -> list[str]:
 
 
 def run_part(part: Part, deadline: float) -> None:
-    """Run ``part`` within its budget and what is left before ``deadline``."""
+    """Run ``part`` within its budget and what is left before ``deadline``, in a folder of
+    its own emptied first (``part.fresh``)."""
     left = deadline - time.monotonic()
     if left < 5:
         part.status, part.tail = "SKIP", "no time left in the check's budget"
         return
+    problem = clear_fresh(Path(part.fresh)) if part.fresh else None
+    if problem:
+        part.status, part.tail = "FAIL", problem
+        return
     t0, cpu0 = time.monotonic(), _children_cpu()
-    try:
-        proc = subprocess.run(part.command, capture_output=True, text=True, env=thread_env(),
-                              timeout=min(part.budget_s, left))
-        part.returncode, part.tail = proc.returncode, (proc.stdout + proc.stderr)[-3000:]
-        part.status = "PASS" if proc.returncode == 0 else "FAIL"
-    except subprocess.TimeoutExpired as e:
-        part.status = "TIMEOUT"
-        part.tail = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes)
-                     else (e.stdout or ""))[-3000:]
+    part.returncode, part.tail = run_group(part.command, min(part.budget_s, left))
+    part.status = ("TIMEOUT" if part.returncode is None
+                   else "PASS" if part.returncode == 0 else "FAIL")
     part.seconds, part.cpu_s = time.monotonic() - t0, _children_cpu() - cpu0
+
+
+def clear_fresh(folder: Path) -> Optional[str]:
+    """Remove ``folder`` when an earlier check left it (a training run whose config.yaml
+    names it as output_dir, or empty), so the part trains anew instead of resuming or
+    reporting the old run; the reason it was kept otherwise (None when cleared)."""
+    if not folder.exists():
+        return None
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        ours = Path(str(saved.get("output_dir"))).resolve() == folder.resolve()
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        ours = folder.is_dir() and not any(folder.iterdir())
+    if not ours:
+        return (f"{folder} exists and is not a run an earlier gpu-check left there; "
+                "remove it or choose another --out")
+    shutil.rmtree(folder)
+    return None
+
+
+def run_group(command: list[str], timeout: float) -> tuple[Optional[int], str]:
+    """Run ``command`` in a process group of its own: (return code, or None when it ran past
+    ``timeout`` seconds, and the last 3000 characters of its output). On a timeout, or when
+    this process is interrupted, the whole group is stopped (accelerate launch's workers
+    too, so none keeps the GPU)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", env=thread_env(),
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out[-3000:]
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        return None, (proc.communicate()[0] or "")[-3000:]
+    except BaseException:
+        stop_group(proc)
+        raise
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """SIGTERM to ``proc``'s process group (a run stops at its next step), SIGKILL to what
+    is left of it after ``grace_s`` seconds."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the whole group has already left
+        pass
 
 
 def _children_cpu() -> float:

@@ -130,7 +130,7 @@ def data_stage(plan: Plan) -> tuple[str, dict]:
     lists = [v.split("=", 1)[1] for v in data.overrides] or [getattr(cfg.data, k)
                                                               for k in SPLIT_KEYS]
     report = verify_dataset(data.root, cfg.data.layout, lists, cfg.data.num_classes,
-                            log=lambda msg: None)
+                            log=lambda msg: None, ignore_index=cfg.data.ignore_index)
     expect(report.ok, "verify: " + "; ".join(p for s in report.splits for p in s.problems[:3]))
     kind = "fabricated" if data.fabricated else "given"
     counts = ", ".join(f"{Path(s.path).name} {s.count}" for s in report.splits)

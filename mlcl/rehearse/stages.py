@@ -24,6 +24,7 @@ import torch
 
 from mlcl import methods
 from mlcl.bench.memory import _reset_peak_rss, _status_kib
+from mlcl.stopping import RunInterrupted
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 MiB = 2 ** 20
@@ -70,7 +71,8 @@ class StageBook:
     def run(self, name: str, method: Optional[str], fn: Callable[[], tuple[str, dict]],
             needs: tuple[tuple[str, Optional[str]], ...] = ()) -> Optional[dict]:
         """Run ``fn`` -> (detail, data) unless a stage in ``needs`` did not pass; return
-        ``data`` on PASS, None otherwise."""
+        ``data`` on PASS, None otherwise. Any error is the stage's FAIL but a stop signal's
+        RunInterrupted (Ctrl-C, SIGTERM), which ends the rehearsal."""
         missing = [f"{n}{'/' + m if m else ''}" for n, m in needs if self.status(n, m) != PASS]
         if missing:
             self.skip(name, method, f"needs {', '.join(missing)}")
@@ -80,6 +82,8 @@ class StageBook:
             detail, data = fn()
             stage = Stage(self.preset, name, method, PASS, detail, time.perf_counter() - t0,
                           data)
+        except RunInterrupted:  # Ctrl-C / SIGTERM during a run: the rehearsal stops
+            raise
         except Exception as e:  # noqa: BLE001 - any failure is this stage's FAIL line
             stage = Stage(self.preset, name, method, FAIL, reason(e), time.perf_counter() - t0,
                           {"traceback": traceback.format_exc()})
