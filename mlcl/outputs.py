@@ -7,8 +7,10 @@ validation and at the end; read by progress displays)::
      "best_miou" (or null), "elapsed_s", "status", "updated" (unix time)}
 
 ``metrics.json`` (after every epoch and when the run stops): method, dataset, split, seed,
-best / last mIoU and per-class IoU, per-epoch history, iterations, wall time, git commit and
-``status``. Both use one vocabulary: running | complete | failed | interrupted | diverged.
+best / last mIoU and per-class IoU, per-epoch history, iterations, the settings changed on
+resuming (``resumes``), wall time, git commit (a list when resumed parts ran different
+checkouts) and ``status``. Both use one vocabulary: running | complete | failed |
+interrupted | diverged.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from accelerate.utils import broadcast_object_list
 
 from mlcl import paths, progress
 from mlcl.config import ConfigError
@@ -81,6 +85,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def note_commit(run) -> None:
+    """Add the checkout's commit, read once at set-up by the main process and shared with the
+    others, to the commits of ``run``'s parts (``run.state.git_commits``, kept in its
+    checkpoints), unless the part before ran the same one."""
+    found = [git_commit() if run.acc.is_main_process else None]
+    if run.acc.num_processes > 1:
+        found = broadcast_object_list(found)
+    if found[0] not in run.state.git_commits[-1:]:
+        run.state.git_commits.append(found[0])
+
+
+def recorded_commit(commits: list[str]) -> str | list[str] | None:
+    """metrics.json's ``git_commit``: the commit, or the list of them when the run was
+    resumed from another checkout."""
+    return commits[0] if len(commits) == 1 else (commits or None)
+
+
 def save_progress(run, status: str) -> None:
     """progress.json of ``run`` (a mlcl.train.Run) in the format of mlcl.progress; main
     process only."""
@@ -121,10 +142,11 @@ def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         "last_iou": dict(zip(names, last.get("iou", []))),
         "epochs": s.history,
         "iterations": s.iteration,
+        "resumes": s.resumes,  # {"iteration", "changes"}: settings changed on resuming
         "wall_time_s": run.elapsed(),
         "num_processes": acc.num_processes,
         "device": str(acc.device),
-        "git_commit": git_commit(),
+        "git_commit": recorded_commit(s.git_commits),
         "output_dir": str(cfg.output_dir),
         # MLCL: every process must hold the same bank (largest difference at the last epoch)
         **({"bank_spread_across_processes": run.bank_spread} if run.bank is not None else {}),
