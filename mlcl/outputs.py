@@ -21,8 +21,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import broadcast_object_list
-
 from mlcl import paths, progress
 from mlcl.config import ConfigError
 from mlcl.files import atomic_write_json
@@ -83,17 +81,6 @@ def git_commit() -> str:
                               text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def note_commit(run) -> None:
-    """Add the checkout's commit, read once at set-up by the main process and shared with the
-    others, to the commits of ``run``'s parts (``run.state.git_commits``, kept in its
-    checkpoints), unless the part before ran the same one."""
-    found = [git_commit() if run.acc.is_main_process else None]
-    if run.acc.num_processes > 1:
-        found = broadcast_object_list(found)
-    if found[0] not in run.state.git_commits[-1:]:
-        run.state.git_commits.append(found[0])
 
 
 def recorded_commit(commits: list[str]) -> str | list[str] | None:

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from mlcl.checkpoints import (Checkpoints, TrainerState, adjustable_settings, check_same_run,
@@ -46,7 +46,7 @@ from mlcl.evaluate import evaluate
 from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
-from mlcl.outputs import (check_free_space, check_output_place, note_commit, read_metrics,
+from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
                           remove_fresh_output, run_bytes, save_progress, write_metrics)
 from mlcl.stopping import NonFiniteGuard, RunDiverged, RunInterrupted, RunStopped, StopSignals
 
@@ -211,6 +211,17 @@ def check_extent(run: Run, path: Path) -> None:
             f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
             f"(train.max_iters): a run continues only from the end of a whole epoch; keep "
             "train.max_iters, or choose another output_dir")
+
+
+def note_commit(run: Run) -> None:
+    """Add the checkout's commit, read once at set-up by the main process and shared with the
+    others, to the commits of ``run``'s parts (``run.state.git_commits``, kept in its
+    checkpoints), unless the part before ran the same one."""
+    found = [git_commit() if run.acc.is_main_process else None]
+    if run.acc.num_processes > 1:
+        found = broadcast_object_list(found)
+    if found[0] not in run.state.git_commits[-1:]:
+        run.state.git_commits.append(found[0])
 
 
 def open_output(run: Run) -> None:

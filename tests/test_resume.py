@@ -263,18 +263,18 @@ def test_an_output_dir_of_another_run_is_refused_before_any_work(synth_root, tmp
 
 def test_a_longer_run_records_what_changed_and_each_parts_commit(synth_root, tmp_path,
                                                                  monkeypatch, capsys):
-    import mlcl.outputs
+    import mlcl.train
 
     out, calls = tmp_path / "run", []
 
     def checkout(name: str):
         return lambda: calls.append(name) or name
 
-    monkeypatch.setattr(mlcl.outputs, "git_commit", checkout("aaa"))
+    monkeypatch.setattr(mlcl.train, "git_commit", checkout("aaa"))
     first = fit(load_config("synthetic", overrides(synth_root, out, "method=supervised",
                                                    "train.epochs=1")))
     assert first["git_commit"] == "aaa" and first["resumes"] == [] and calls == ["aaa"]
-    monkeypatch.setattr(mlcl.outputs, "git_commit", checkout("bbb"))  # HEAD moved since
+    monkeypatch.setattr(mlcl.train, "git_commit", checkout("bbb"))  # HEAD moved since
     capsys.readouterr()
     longer = ("method=supervised", "train.epochs=2", "train.lr=0.0005")
     metrics = fit(load_config("synthetic", overrides(synth_root, out, *longer)))
