@@ -34,11 +34,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
+    from accelerate import PartialState
+
     from mlcl.config import load_config
     from mlcl.train import fit
 
     cfg = load_config(args.config, args.overrides)
     metrics = fit(cfg)
+    if not PartialState().is_main_process:  # under accelerate launch: one summary per run
+        return 0
     print(json.dumps({k: metrics.get(k) for k in
                       ("method", "dataset", "split", "seed", "best_miou", "last_miou",
                        "wall_time_s")}))
@@ -59,10 +63,10 @@ def is_evaluation(path) -> bool:
 def cmd_evaluate(args) -> int:
     from mlcl.data import preflight
     from mlcl.data.datasets import ValDataset
+    from mlcl.engine import make_accelerator
     from mlcl.evaluate import evaluate
     from mlcl.files import atomic_write_json, check_output_file
     from mlcl.predict import load_weights
-    from mlcl.train import make_accelerator
 
     if args.out:
         check_output_file(args.out, "--out", is_evaluation)

@@ -9,8 +9,8 @@ previous folder deleted. A kill at any moment therefore leaves a complete checkp
 a broken ``LATEST`` or a truncated folder falls back to the newest complete folder, or fails
 with one line saying what to delete.
 
-Also here: the weights files ``best.pt`` / ``last.pt`` and the check that a checkpoint
-belongs to the run being resumed.
+Also here: the weights files ``best.pt`` / ``last.pt`` and the check that output_dir holds
+nothing or the run being started (its config.yaml), with the settings a resume may change.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate.utils import gather_object
 
-from mlcl.config import Config, ConfigError, flatten
+from mlcl.config import RESULT_NEUTRAL, Config, ConfigError, config_changes, flatten
 from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from mlcl.stopping import RunStopped
 
@@ -46,12 +47,22 @@ class TrainerState:
     # running sums of the epoch in progress, one row per process (exact float32 values)
     sum_names: list[str] = field(default_factory=list)
     sums: list[list[float]] = field(default_factory=list)
+    # the RESUME_ADJUSTABLE settings in force, and {"iteration", "changes"} per resume
+    # that changed them (metrics.json "resumes")
+    settings: dict[str, Any] = field(default_factory=dict)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    git_commits: list[str] = field(default_factory=list)  # of the run's parts, in order
 
 
 class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written (a full disk); the previous one is intact."""
 
     exit_code = 1
+
+
+def first_line(error: Exception) -> str:
+    """The first line of ``error``'s message, or its type's name."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def checkpoint_name(state: TrainerState) -> str:
@@ -89,7 +100,8 @@ class Checkpoints:
 
     def save(self, state: TrainerState) -> Path:
         """Write the checkpoint of ``state`` (collective), point LATEST at it, delete the
-        older ones; return its folder. Already saved at this point: nothing is written."""
+        older ones; return its folder. Already saved at this point: nothing is written. A
+        write that fails on any process raises CheckpointWriteError on every process."""
         path = self.root / checkpoint_name(state)
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path
@@ -97,30 +109,48 @@ class Checkpoints:
         if acc.is_main_process and path.exists():
             shutil.rmtree(path)  # an interrupted write of this very checkpoint
         acc.wait_for_everyone()
-        try:
-            acc.save_state(str(path))
-            if acc.num_processes > 1:
-                torch.save(dict(acc.unwrap_model(self.model).named_buffers()),
-                           self.buffers_file(path))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
-                atomic_write_json(path / MANIFEST, {**dataclasses.asdict(state), "files": files})
-                atomic_write_text(self.root / "LATEST", path.name + "\n")
-        except (OSError, RuntimeError) as e:
-            self.abandon(path, e)
+        self.agree(path, lambda: self.write_parts(path))  # also the wait for every part
+        self.agree(path, lambda: self.write_pointers(path, state) if acc.is_main_process
+                   else None)
         if acc.is_main_process:
             self.prune(keep=path)
         acc.wait_for_everyone()
         return path
 
-    def abandon(self, path: Path, error: Exception) -> None:
-        """Remove the half-written ``path`` and raise CheckpointWriteError for ``error``."""
+    def write_parts(self, path: Path) -> None:
+        """accelerate's state (and this process's buffers) into ``path``."""
+        self.acc.save_state(str(path))
+        if self.acc.num_processes > 1:
+            torch.save(dict(self.acc.unwrap_model(self.model, keep_torch_compile=False)
+                            .named_buffers()), self.buffers_file(path))
+
+    def write_pointers(self, path: Path, state: TrainerState) -> None:
+        """The manifest of the complete folder ``path``, then LATEST naming it."""
+        files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
+        atomic_write_json(path / MANIFEST, {**dataclasses.asdict(state), "files": files})
+        atomic_write_text(self.root / "LATEST", path.name + "\n")
+
+    def agree(self, path: Path, write) -> None:
+        """Run ``write()`` on every process, then (collective) raise CheckpointWriteError
+        on every process when it failed on any, naming the first failure."""
+        error = None
+        try:
+            write()
+        except (OSError, RuntimeError) as e:
+            error = e
+        failure = None if error is None else first_line(error)
+        if self.acc.num_processes > 1:  # everyone stops, not just the process that failed
+            failure = next((f for f in gather_object([failure]) if f is not None), None)
+        if failure is not None:
+            self.abandon(path, failure, error)
+
+    def abandon(self, path: Path, failure: str, error: Exception | None) -> None:
+        """Remove the half-written ``path`` and raise CheckpointWriteError for ``failure``
+        (this process's ``error``, or another process's)."""
         if self.acc.is_main_process:
             shutil.rmtree(path, ignore_errors=True)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointWriteError(
-            f"could not write checkpoint {path} ({first}); the previous checkpoint is intact: "
+            f"could not write checkpoint {path} ({failure}); the previous checkpoint is intact: "
             "free disk space (or fix the folder) and run the same command again") from error
 
     def prune(self, keep: Path) -> None:
@@ -181,38 +211,80 @@ class Checkpoints:
             if self.acc.num_processes > 1:
                 self.load_buffers(path)
         except Exception as e:  # noqa: BLE001 - any unreadable part: one line, what to delete
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"checkpoint {path} cannot be loaded ({first}): delete {path} to "
-                              f"resume from an earlier one, or {self.root} to start over") from e
+            raise ConfigError(f"checkpoint {path} cannot be loaded ({first_line(e)}): delete "
+                              f"{path} to resume from an earlier one, or {self.root} to start "
+                              "over") from e
         return state
 
     def load_buffers(self, path: Path) -> None:
         """This process's own model buffers (batch-norm statistics) from ``path``."""
         saved = torch.load(self.buffers_file(path), map_location="cpu",
                            weights_only=True)
-        for name, buf in self.acc.unwrap_model(self.model).named_buffers():
+        for name, buf in self.acc.unwrap_model(self.model,
+                                               keep_torch_compile=False).named_buffers():
             buf.copy_(saved[name])
 
 
-# Settings that make a checkpoint belong to a different experiment: resuming across them
-# would silently mix two runs.
-RUN_IDENTITY = ("method", "seed", "split", "data.dataset", "data.num_classes", "model.backbone",
-                "model.width", "mlcl.variant")
+# Settings a run may change when it is started again (each change is recorded in
+# metrics.json, "resumes"): the divergence message suggests a lower train.lr, and a longer
+# run raises train.max_iters or train.epochs. Every other setting but those in
+# mlcl.config.RESULT_NEUTRAL makes it another run, which needs its own output_dir.
+RESUME_ADJUSTABLE = ("train.lr", "train.max_iters", "train.epochs")
+# what a run writes into output_dir after its config.yaml
+RUN_FILES = ("metrics.json", "best.pt", "last.pt", "progress.json", "checkpoints")
 
 
-def check_resumable(out: Path, cfg: Config) -> None:
-    """Refuse to resume a checkpoint in ``out`` written by a different experiment (its
-    config.yaml differs from ``cfg`` in a RUN_IDENTITY key)."""
-    saved_path = Path(out) / "config.yaml"
-    if not saved_path.is_file():
+def saved_config(out: Path) -> dict[str, Any] | None:
+    """``out/config.yaml`` as a nested mapping, None when there is none; a ConfigError when
+    it cannot be read."""
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} cannot be read ({first_line(e)}): choose another "
+                          "output_dir or delete it") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a run's configuration: choose another output_dir "
+                          "or delete it")
+    return saved
+
+
+def check_same_run(out: Path, cfg: Config) -> None:
+    """Refuse, before any work, an output_dir holding another run: its config.yaml differs
+    from ``cfg`` in a key outside RESULT_NEUTRAL and RESUME_ADJUSTABLE, or it holds files
+    with a run's output names (RUN_FILES) but no config.yaml. A ConfigError listing them."""
+    saved = saved_config(out)
+    if saved is None:
+        found = [name for name in RUN_FILES if (Path(out) / name).exists()]
+        if found:
+            raise ConfigError(f"output_dir {out} holds {', '.join(found)} but no config.yaml "
+                              "(not a run of this program, or its config.yaml is gone): "
+                              "choose another output_dir or delete those")
         return
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = flatten(cfg.to_dict())
-    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in RUN_IDENTITY
-            if k in saved and saved[k] != now[k]]
-    if diff:
-        raise ConfigError(f"output_dir {cfg.output_dir} holds a checkpoint of another run "
-                          f"({'; '.join(diff)}): choose another output_dir or delete it")
+    changed = config_changes(saved, cfg.to_dict(), RESULT_NEUTRAL + RESUME_ADJUSTABLE)
+    if changed:
+        raise ConfigError(f"output_dir {out} holds a run with other settings "
+                          f"({'; '.join(changed)}): choose another output_dir or delete it")
+
+
+def adjustable_settings(cfg: Config) -> dict[str, Any]:
+    """The RESUME_ADJUSTABLE keys of ``cfg`` and their values."""
+    flat = flatten(cfg.to_dict())
+    return {k: flat[k] for k in RESUME_ADJUSTABLE}
+
+
+def note_resume(state: TrainerState, cfg: Config, before: dict[str, Any]) -> list[str]:
+    """Record in ``state`` the RESUME_ADJUSTABLE settings of ``cfg`` that differ from
+    ``before`` (the resumed checkpoint's; a flat or nested mapping) as
+    ``{"iteration", "changes"}``, and the settings now in force; return the changes."""
+    now = adjustable_settings(cfg)
+    changes = config_changes(before, now, ignore=())
+    if changes:
+        state.resumes.append({"iteration": state.iteration, "changes": changes})
+    state.settings = now
+    return changes
 
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,

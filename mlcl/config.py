@@ -337,6 +337,12 @@ class CliValue(str):
     """A value typed on the command line: parsed as YAML unless the key wants a string."""
 
 
+def is_none_word(value: Any) -> bool:
+    """Whether ``value`` means None: None, or the text null / none / ~ (any case)."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in
+                             ("none", "null", "~"))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it in that type or raise."""
     if isinstance(value, CliValue) and tp is not str:
@@ -348,6 +354,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = CliValue(value)
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        if type(None) in typing.get_args(tp) and is_none_word(value):
+            return None  # before a str arm could take "none" as a name
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, key)
@@ -355,7 +363,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
     if tp is type(None):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+        if is_none_word(value):
             return None
         raise ConfigError(f"config key '{key}': expected None, got {value!r}")
     if origin is list:

@@ -257,8 +257,10 @@ def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: flo
                               x.prob_mix, x.ignore, x.ignore_mix, cfg)
     alpha = m.alpha if m.use_p2p else 0.0
     loss = alpha * p2p + m.omega * dt + sai_w * (l_m + l_n)
+    # w(t) logged as a fill on the device: a copy from the host would wait for the device
+    weight = p2p.new_full((), sai_w, dtype=torch.float32)
     return loss, {"p2p": p2p.detach(), "dt": dt.detach(), "mask": l_m.detach(),
-                  "noise": l_n.detach(), "sai_w": torch.tensor(sai_w, device=x.f_s1.device),
+                  "noise": l_n.detach(), "sai_w": weight,
                   "sim_v": torch.cat([v1, v2]).mean()}
 
 

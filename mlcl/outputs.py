@@ -7,8 +7,10 @@ validation and at the end; read by progress displays)::
      "best_miou" (or null), "elapsed_s", "status", "updated" (unix time)}
 
 ``metrics.json`` (after every epoch and when the run stops): method, dataset, split, seed,
-best / last mIoU and per-class IoU, per-epoch history, iterations, wall time, git commit and
-``status``. Both use one vocabulary: running | complete | failed | interrupted | diverged.
+best / last mIoU and per-class IoU, per-epoch history, iterations, the settings changed on
+resuming (``resumes``), wall time, git commit (a list when resumed parts ran different
+checkouts) and ``status``. Both use one vocabulary: running | complete | failed |
+interrupted | diverged.
 """
 from __future__ import annotations
 
@@ -71,6 +73,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def recorded_commit(commits: list[str]) -> str | list[str] | None:
+    """metrics.json's ``git_commit``: the commit, or the list of them when the run was
+    resumed from another checkout."""
+    return commits[0] if len(commits) == 1 else (commits or None)
+
+
 def save_progress(run, status: str) -> None:
     """progress.json of ``run`` (a mlcl.train.Run) in the format of mlcl.progress; main
     process only."""
@@ -111,10 +119,11 @@ def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         "last_iou": dict(zip(names, last.get("iou", []))),
         "epochs": s.history,
         "iterations": s.iteration,
+        "resumes": s.resumes,  # {"iteration", "changes"}: settings changed on resuming
         "wall_time_s": run.elapsed(),
         "num_processes": acc.num_processes,
         "device": str(acc.device),
-        "git_commit": git_commit(),
+        "git_commit": recorded_commit(s.git_commits),
         "output_dir": str(cfg.output_dir),
         # MLCL: every process must hold the same bank (largest difference at the last epoch)
         **({"bank_spread_across_processes": run.bank_spread} if run.bank is not None else {}),

@@ -1,17 +1,21 @@
 """Stopping a run on purpose: pre-emption signals and the divergence guard.
 
 :class:`StopSignals` turns the first SIGTERM or SIGINT (a cluster's notice, Ctrl-C) into a
-request that the loop honours after the current step: it writes a checkpoint and raises
-:class:`RunInterrupted`. A second signal (a second later or more) exits at once
-(``os._exit``); the checkpoint scheme (mlcl.checkpoints) keeps the previous complete
-checkpoint usable whatever is being written.
-With several processes they must stop at the same step (a checkpoint is collective), so the
-request is summed over processes, one step late: the sum started after step t is read after
-step t + 1, by which time the device has finished it, so no step waits for the host.
+request that the loop honours after the current step (with several processes, within
+``train.log_every`` steps: below): it writes a checkpoint and raises :class:`RunInterrupted`.
+A second signal (a second later or more) exits at once (``os._exit``); the checkpoint scheme
+(mlcl.checkpoints) keeps the previous complete checkpoint usable whatever is being written.
+One process checks its own request after every step (a Python flag: no device work). With
+several they must stop at the same step (a checkpoint is collective), so the requests are
+shared where the loop synchronises with the device anyway: in the guard's read (below),
+every ``train.log_every`` steps and at the end of an epoch. A request therefore takes up to
+``train.log_every`` steps to be honoured, and no step waits for the host.
 
 :class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device (no
-host synchronisation per step); the loop reads it every ``train.log_every`` steps and before
-anything is saved, and raises :class:`RunDiverged` naming the first bad iteration and terms.
+host synchronisation per step); the loop reads it every ``train.log_every`` steps, at the
+end of an epoch and before anything is saved (:meth:`NonFiniteGuard.read`, one gather that
+also carries the stop requests), and raises :class:`RunDiverged` naming the first bad
+iteration and terms.
 """
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ class StopSignals:
         self.signum: int | None = None
         self.first_at = 0.0
         self.previous: dict[int, object] = {}
-        self.pending: Tensor | None = None
+        self.agreed = False  # several processes: a request was seen by a shared read
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -91,19 +95,27 @@ class StopSignals:
             os._exit(128 + signum)
         self.signum, self.first_at = signum, time.monotonic()
         if self.acc.is_main_process:
-            print(f"{name}: finishing this step, then writing a checkpoint (send it again to "
+            when = ("this step" if self.acc.num_processes == 1 else
+                    "up to train.log_every steps, so that every process stops together")
+            print(f"{name}: finishing {when}, then writing a checkpoint (send it again to "
                   "stop at once)", file=sys.stderr, flush=True)
 
-    def poll(self, now: bool = False) -> bool:
+    def requested(self) -> bool:
+        """Whether this process received a stop signal."""
+        return self.signum is not None
+
+    def agree(self, any_process: bool) -> None:
+        """Note the result of a shared read of the requests (``any_process``: whether some
+        process had one); every process must see the same value."""
+        self.agreed = self.agreed or any_process
+
+    def poll(self) -> bool:
         """Whether every process should stop here. One process: its own request. Several:
-        the request summed over them, from the previous call (``now``: from this one, a
-        host synchronisation). Every process must call this at the same points."""
+        whether a shared read (:meth:`agree`) saw one, so that they all stop at the same
+        step. Never touches the device."""
         if self.acc.num_processes == 1:
-            return self.signum is not None
-        mine = torch.full((), float(self.signum is not None), device=self.acc.device)
-        total = self.acc.reduce(mine, reduction="sum")
-        seen, self.pending = (total if now else self.pending), total
-        return seen is not None and bool(seen > 0)
+            return self.requested()
+        return self.agreed
 
     def exit_signal(self) -> int:
         """The signal to report (SIGTERM when another process received it)."""
@@ -136,16 +148,24 @@ class NonFiniteGuard:
     def first_failure(self, accelerator) -> tuple[int, list[str]] | None:
         """(iteration index, names of the non-finite terms) of the first bad step on any
         process, or None. A host synchronisation; every process must call it together."""
-        if self.names is None:
-            return None
-        row = torch.cat([self.first_iter.view(1), self.first_bad.long()]).unsqueeze(0)
-        rows = (accelerator.gather(row) if accelerator.num_processes > 1 else row).cpu()
-        hit = rows[rows[:, 0] >= 0]
-        if len(hit) == 0:
-            return None
+        return self.read(accelerator)[0]
+
+    def read(self, accelerator, stop_requested: bool = False
+             ) -> tuple[tuple[int, list[str]] | None, bool]:
+        """(:meth:`first_failure`, whether any process had ``stop_requested``): one gather
+        and one host synchronisation for both; every process must call it together."""
+        device = self.first_iter.device
+        row = torch.cat([torch.full((1,), int(stop_requested), device=device),
+                         self.first_iter.view(1)]
+                        + ([self.first_bad.long()] if self.names is not None else []))
+        rows = (accelerator.gather(row.unsqueeze(0)) if accelerator.num_processes > 1
+                else row.unsqueeze(0)).cpu()
+        stop, hit = bool(rows[:, 0].any()), rows[rows[:, 1] >= 0, 1:]
+        if self.names is None or len(hit) == 0:
+            return None, stop
         first = int(hit[:, 0].min())
         flags = hit[hit[:, 0] == first, 1:].any(0)
-        return first, [n for n, bad in zip(self.names, flags.tolist()) if bad]
+        return (first, [n for n, bad in zip(self.names, flags.tolist()) if bad]), stop
 
 
 def gradient_norm(model) -> Tensor:

@@ -31,28 +31,24 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mlcl.checkpoints import (RUN_IDENTITY, Checkpoints, TrainerState, check_resumable,
-                              save_weights)
+from mlcl.checkpoints import (Checkpoints, TrainerState, adjustable_settings, check_same_run,
+                              note_resume, saved_config, save_weights)
 from mlcl.config import Config, ConfigError, save_config
 from mlcl.data import preflight
+from mlcl.data.classes import reconcile_classes
 from mlcl.data.datasets import build_datasets, class_names
 from mlcl.engine import (EpochSums, backward_and_step, forward_terms, make_accelerator,
                          make_optimizer, poly_lr)
 from mlcl.evaluate import evaluate
-from mlcl.loaders import epoch_batches, make_loader, prepare_loaders, train_loaders
+from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
                           remove_fresh_output, run_bytes, save_progress, write_metrics)
 from mlcl.stopping import NonFiniteGuard, RunDiverged, RunInterrupted, RunStopped, StopSignals
-
-# also importable from here (the loop's parts live in engine, checkpoints, loaders, outputs)
-__all__ = ["fit", "make_accelerator", "make_optimizer", "make_loader", "poly_lr", "git_commit",
-           "forward_terms", "backward_and_step", "Checkpoints", "TrainerState",
-           "check_resumable", "RUN_IDENTITY"]
 
 
 # --------------------------------------------------------------------------- the run
@@ -103,20 +99,18 @@ def fit(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- set-up
 def setup(cfg: Config) -> Run:
     """Everything before the first step. Bad input fails here, in one line, before
-    output_dir is created."""
+    output_dir is created or changed."""
     out = Path(cfg.output_dir)
     created = not out.exists()
     check_output_place(out)
     acc = make_accelerator(cfg, project_dir=out)
     set_seed(cfg.seed, device_specific=True)
-    sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
-    preflight.check(cfg, sets, acc)  # the data's classes; every file opens, before step 1
-    if cfg.method != "supervised" and "unlabeled" not in sets:
-        raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
-                          "an unlabeled split")
+    reconcile_classes(cfg, acc.print)  # the data's classes.txt gives the classes
+    check_same_run(out, cfg)  # output_dir holds nothing, or this run
+    sets, plain_loaders = training_data(cfg, acc)
     model, optimizer, bank = build_trainables(cfg, acc)
     check_free_space(out, run_bytes(acc.unwrap_model(model), cfg.train.optimizer))
-    loaders = prepare_loaders(train_loaders(sets, cfg), acc)
+    loaders = prepare_loaders(plain_loaders, acc)
     ipe, total, epochs = schedule(cfg, loaders)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -127,13 +121,30 @@ def setup(cfg: Config) -> Run:
                           iters_per_epoch=ipe)
     run.ckpt, run.guard = Checkpoints(out, acc, model), NonFiniteGuard(acc.device)
     resume(run)
+    note_commit(run)
     open_output(run)
     return run
 
 
+def training_data(cfg: Config, acc: Accelerator) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(datasets, their training loaders before accelerate's prepare), after the pre-flight
+    of the sets the run reads: the loaders' and the validation set (a supervised run counts
+    its epoch in unlabeled images but never reads them)."""
+    sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
+    if cfg.method != "supervised" and "unlabeled" not in sets:
+        raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
+                          "an unlabeled split")
+    loaders = train_loaders(sets, cfg)
+    read = [loader.dataset for loader in loaders.values()]
+    preflight.check(cfg, {k: ds for k, ds in sets.items()
+                          if k == "val" or any(ds is r for r in read)}, acc)  # before step 1
+    return sets, loaders
+
+
 def build_trainables(cfg: Config, acc: Accelerator):
     """(prepared model, prepared optimiser, prototype bank or None)."""
-    model = build_model(cfg)
+    with acc.main_process_first():  # model.pretrained: one download, the others read it
+        model = build_model(cfg)
     if acc.num_processes > 1 and acc.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.train.channels_last:
@@ -163,23 +174,54 @@ def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def resume(run: Run) -> None:
-    """Load output_dir's checkpoint, if any, after checking that it belongs to this run."""
+    """Load output_dir's checkpoint, if any (check_same_run has made sure it is this run's),
+    recording the RESUME_ADJUSTABLE settings changed since."""
     path = run.ckpt.resume_point()
     if path is None:
         run.state.iters_per_epoch = run.iters_per_epoch
+        run.state.settings = adjustable_settings(run.cfg)
         return
-    check_resumable(run.out, run.cfg)
     # the optimiser's settings come from the configuration given now (e.g. a changed
     # train.lr applies), its state (momenta) from the checkpoint
     settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     run.state = run.ckpt.load(path, run.iters_per_epoch)
+    check_extent(run, path)
     for group, setting in zip(run.optimizer.param_groups, settings):
         group.update(setting)
     run.sums.restore(run.acc, run.state)
     run.started = time.time() - run.state.wall_time_s
     run.last_checkpoint = path
+    changes = note_resume(run.state, run.cfg, run.state.settings or saved_config(run.out) or {})
     run.acc.print(f"resuming from {path} (iteration {run.state.iteration} of "
-                  f"{run.total_iters})")
+                  f"{run.total_iters}{'; changed: ' + '; '.join(changes) if changes else ''})")
+
+
+def check_extent(run: Run, path: Path) -> None:
+    """Refuse a resumed checkpoint (at ``path``) that the run's length, as train.epochs /
+    train.max_iters now give it, cannot continue: one past it, or one whose last epoch
+    train.max_iters ended early when more iterations are now asked."""
+    it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
+    if it > total:
+        raise ConfigError(
+            f"checkpoint {path} is at iteration {it}, past the {total} iterations "
+            "train.epochs / train.max_iters now give: raise them back or choose another "
+            "output_dir")
+    if it < total and it < epoch * run.iters_per_epoch:
+        raise ConfigError(
+            f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
+            f"(train.max_iters): a run continues only from the end of a whole epoch; keep "
+            "train.max_iters, or choose another output_dir")
+
+
+def note_commit(run: Run) -> None:
+    """Add the checkout's commit, read once at set-up by the main process and shared with the
+    others, to the commits of ``run``'s parts (``run.state.git_commits``, kept in its
+    checkpoints), unless the part before ran the same one."""
+    found = [git_commit() if run.acc.is_main_process else None]
+    if run.acc.num_processes > 1:
+        found = broadcast_object_list(found)
+    if found[0] not in run.state.git_commits[-1:]:
+        run.state.git_commits.append(found[0])
 
 
 def open_output(run: Run) -> None:
@@ -222,11 +264,12 @@ def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.T
 
 
 def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
-    """Every log_every steps: the guard, the logs, progress.json; then a stop request or a
-    mid-epoch checkpoint (the end of an epoch checkpoints in end_of_epoch)."""
+    """Every log_every steps: the guard and every process's stop request (one host
+    synchronisation), the logs, progress.json; then a stop request or a mid-epoch
+    checkpoint (the end of an epoch checkpoints in end_of_epoch)."""
     it, t = run.state.iteration, run.cfg.train
     if it % t.log_every == 0:
-        check_finite(run)
+        check_finite(run, stop)
         log_step(run, terms, bar)
         save_progress(run, "running")
     if stop.poll():
@@ -251,8 +294,8 @@ def log_step(run: Run, terms: dict[str, Any], bar) -> None:
 def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     """Evaluate (every eval_every epochs and at the end), keep the weights, checkpoint and
     write metrics.json and progress.json."""
-    check_finite(run)
-    if stop.poll(now=True):  # before a possibly long evaluation
+    check_finite(run, stop)
+    if stop.poll():  # before a possibly long evaluation
         interrupt(run, stop)
     s = run.state
     record = {"epoch": epoch + 1, "iteration": s.iteration,
@@ -281,7 +324,7 @@ def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
     record["miou"], record["iou"] = result["miou"], result["iou"]
     acc.print(f"epoch {epoch}/{run.epochs}: loss {record.get('loss', 0):.4f} "
               f"mIoU {result['miou']:.2f}")
-    net = acc.unwrap_model(run.model)
+    net = acc.unwrap_model(run.model, keep_torch_compile=False)  # keys without _orig_mod.
     if result["miou"] > s.best_miou:
         s.best_miou, s.best_epoch = result["miou"], epoch
         if acc.is_main_process:
@@ -303,10 +346,14 @@ def save_checkpoint(run: Run) -> Path:
     return run.last_checkpoint
 
 
-def check_finite(run: Run) -> None:
+def check_finite(run: Run, stop: StopSignals | None = None) -> None:
     """Raise RunDiverged if a step since the start had a non-finite loss term or gradient
-    norm (a host synchronisation: every log_every steps and before saving)."""
-    bad = run.guard.first_failure(run.acc)
+    norm; with ``stop``, also share every process's stop request (:meth:`StopSignals.agree`).
+    The loop's one host synchronisation: every log_every steps, at the end of an epoch and
+    before saving; every process calls it at the same points."""
+    bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.requested())
+    if stop is not None:
+        stop.agree(stop_requested)
     if bad is None:
         return
     it, names = bad

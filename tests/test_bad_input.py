@@ -220,11 +220,11 @@ def _train(capsys, root: Path, out: Path, *extra: str) -> tuple[int, str]:
 
 
 def test_truncated_jpeg_fails_before_the_first_step(data, tmp_path, capsys):
-    bad = data / "JPEGImages" / "train_000020.jpg"
-    bad.write_bytes(bad.read_bytes()[:300])
+    bad = data / "JPEGImages" / "train_000020.jpg"  # unlabeled at 1_8: a semi-supervised
+    bad.write_bytes(bad.read_bytes()[:300])         # run reads it (a supervised one not)
     out = tmp_path / "run"
     with unchanged(data):
-        rc, err = _train(capsys, data, out)
+        rc, err = _train(capsys, data, out, "method=unimatch")
     line = one_line_error(err)
     assert rc == 2 and "data pre-flight" in line and str(bad) in line
     assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()

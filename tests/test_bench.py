@@ -112,7 +112,7 @@ def test_interleaved_runs_each_job_its_warmup_and_repeats():
 
 def test_loaders_honour_the_performance_options(synth_cfg):
     from mlcl.data.datasets import build_datasets
-    from mlcl.train import make_loader
+    from mlcl.loaders import make_loader
 
     ds = build_datasets(synth_cfg, with_unlabeled=False)["labeled"]
     synth_cfg.data.num_workers = 2

@@ -66,3 +66,15 @@ def test_roll_partner_needs_two_images():
     cfg = load_config("synthetic", ["method=unimatch", "train.batch_size=1",
                                     "train.mix_partner=loader"])
     assert cfg.train.mix_partner == "loader"
+
+
+@pytest.mark.parametrize("word", ["null", "none", "None", "~"])
+def test_a_none_word_on_the_command_line_unsets_an_optional_key(word):
+    """`train.mix_partner=null` (or none / ~) gives None, so the variant decides, instead
+    of the text being taken as a partner's name."""
+    released = load_config("synthetic", ["method=mlcl", "mlcl.variant=released",
+                                         f"train.mix_partner={word}"])
+    assert released.train.mix_partner == "same"  # the released variant's own
+    paper = load_config("synthetic", ["method=mlcl", f"train.mix_partner={word}"])
+    assert paper.train.mix_partner == "roll"
+    assert load_config("synthetic", [f"mlcl.alpha={word}"]).mlcl.alpha == pytest.approx(0.1)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,14 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mlcl.checkpoints import Checkpoints
 from mlcl.config import ConfigError, load_config
-from mlcl.stopping import REPEAT_AFTER_S, RunInterrupted, StopSignals
+from mlcl.stopping import REPEAT_AFTER_S, NonFiniteGuard, RunInterrupted, StopSignals
 from mlcl.train import fit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ROOT = Path(__file__).resolve().parents[1]
 RUN = ["data.crop_size=32", "split=1_8", "train.batch_size=4", "train.log_every=2",
        "model.width=8", "train.epochs=2", "train.checkpoint_every=3", "data.num_workers=0"]
 IGNORED = ("wall_time_s", "output_dir", "git_commit", "files")  # differ by nature
@@ -201,6 +204,91 @@ def test_a_second_signal_exits_at_once_a_duplicate_does_not(monkeypatch):
     assert exits == [128 + signal.SIGINT] and aborted == [True]
 
 
+def test_several_processes_share_stop_requests_only_in_the_guards_read():
+    """With two processes no step runs a collective for the stop request: poll() reads what
+    the guard's read (every log_every steps, one gather) last saw of every process's request
+    and non-finite terms."""
+    class TwoProcesses:
+        is_main_process, num_processes, gathers = True, 2, 0
+        other = None  # the other process's row: stop request, first bad iteration, flags
+
+        def gather(self, rows):
+            self.gathers += 1
+            return torch.cat([rows, self.other])
+
+        def reduce(self, *args, **kwargs):
+            raise AssertionError("a collective outside the guard's read")
+
+    acc, guard = TwoProcesses(), NonFiniteGuard(torch.device("cpu"))
+    stop = StopSignals(acc)
+    guard.observe(0, {"loss": torch.tensor(1.0)}, None)
+    acc.other = torch.tensor([[1, -1, 0]])  # the other process was signalled; all finite
+    assert not stop.poll() and not stop.requested()  # not seen before a shared read
+    bad, anyone = guard.read(acc, stop.requested())
+    stop.agree(anyone)
+    assert bad is None and stop.poll() and acc.gathers == 1
+    acc.other = torch.tensor([[0, 5, 1]])  # no request there; a non-finite loss at step 5
+    assert guard.read(acc, stop.requested()) == ((5, ["loss"]), False)
+    assert stop.poll()  # a request once seen stays
+
+
+# --------------------------------------------------------------------------- other runs
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_an_output_dir_of_another_run_is_refused_before_any_work(synth_root, tmp_path):
+    out = tmp_path / "run"
+    short = ("method=supervised", "train.max_iters=2")
+    fit(load_config("synthetic", overrides(synth_root, out, *short)))
+    before = files_of(out)
+    with pytest.raises(ConfigError, match=r"other settings \(mlcl.use_dt: True -> False\): "
+                                          "choose another output_dir") as e:
+        fit(load_config("synthetic", overrides(synth_root, out, *short, "mlcl.use_dt=false")))
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
+    # a longer train.max_iters cannot extend an epoch that the shorter one ended
+    with pytest.raises(ConfigError, match="ended epoch 1 early at iteration 2"):
+        fit(load_config("synthetic", overrides(synth_root, out, "method=supervised",
+                                               "train.max_iters=4")))
+    assert files_of(out) == before  # config.yaml still describes the run it holds
+    foreign = tmp_path / "foreign"  # another program's results: no config.yaml of ours
+    foreign.mkdir()
+    for name in ("metrics.json", "best.pt"):
+        (foreign / name).write_text("theirs")
+    with pytest.raises(ConfigError, match="holds metrics.json, best.pt but no config.yaml"):
+        fit(load_config("synthetic", overrides(synth_root, foreign, *short)))
+    assert sorted(p.name for p in foreign.iterdir()) == ["best.pt", "metrics.json"]
+    assert (foreign / "best.pt").read_text() == "theirs"
+
+
+def test_a_longer_run_records_what_changed_and_each_parts_commit(synth_root, tmp_path,
+                                                                 monkeypatch, capsys):
+    import mlcl.train
+
+    out, calls = tmp_path / "run", []
+
+    def checkout(name: str):
+        return lambda: calls.append(name) or name
+
+    monkeypatch.setattr(mlcl.train, "git_commit", checkout("aaa"))
+    first = fit(load_config("synthetic", overrides(synth_root, out, "method=supervised",
+                                                   "train.epochs=1")))
+    assert first["git_commit"] == "aaa" and first["resumes"] == [] and calls == ["aaa"]
+    monkeypatch.setattr(mlcl.train, "git_commit", checkout("bbb"))  # HEAD moved since
+    capsys.readouterr()
+    longer = ("method=supervised", "train.epochs=2", "train.lr=0.0005")
+    metrics = fit(load_config("synthetic", overrides(synth_root, out, *longer)))
+    assert calls == ["aaa", "bbb"]  # read once per part, at its set-up
+    changes = ["train.lr: 0.001 -> 0.0005", "train.epochs: 1 -> 2"]
+    assert metrics["complete"] and metrics["iterations"] == 20
+    assert metrics["resumes"] == [{"iteration": 10, "changes": changes}]
+    assert metrics["git_commit"] == ["aaa", "bbb"]
+    assert json.loads((out / "metrics.json").read_text())["resumes"] == metrics["resumes"]
+    assert f"changed: {'; '.join(changes)})" in capsys.readouterr().out
+    saved = yaml.safe_load((out / "config.yaml").read_text())["train"]  # now in force
+    assert saved["epochs"] == 2 and saved["lr"] == 0.0005
+
+
 # --------------------------------------------------------------------------- divergence
 def test_divergence_stops_without_touching_earlier_files(synth_root, tmp_path):
     out = tmp_path / "run"
@@ -327,10 +415,13 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(synth_root, t
     extra = ("method=mlcl", "train.checkpoint_every=0")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     proc = launch(synth_root, whole, *extra)
-    assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
+    printed, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert printed.count("wrote ") == 1 and printed.count('"best_miou"') == 1  # main only
     metrics = json.loads((whole / "metrics.json").read_text())
     # 42 unlabeled images / 2 processes / batch 4 -> 5 steps per process and epoch
     assert metrics["complete"] and metrics["num_processes"] == 2 and metrics["iterations"] == 10
+    assert isinstance(metrics["git_commit"], str)  # the main process's, read once
     assert metrics["bank_spread_across_processes"] == 0.0  # one bank on both processes
     proc = launch(synth_root, cut, *extra)
     wait_for(progress_at_least(cut, 2), proc)
@@ -342,3 +433,40 @@ def test_two_processes_stop_together_on_sigterm_and_resume_exactly(synth_root, t
     proc = launch(synth_root, cut, *extra)
     assert proc.wait(timeout=400) == 0, proc.communicate()[1][-3000:]
     assert_same_run(whole, cut)
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_process_ends_both_with_the_same_line(synth_root, tmp_path):
+    """A bad sample in process 1's share of the pre-flight, then a checkpoint write that
+    fails on process 1 only: both processes raise the same error (neither waits for ever in
+    a collective)."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    broken = data / "JPEGImages" / "val_000001.jpg"  # the 2nd sample: process 1's share
+    broken.write_bytes(b"not a jpeg")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "two_process_agree.py"),
+                               str(data), str(tmp_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=180)  # a process left waiting times out here
+            assert p.returncode == 0, out[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    said = {part: [(tmp_path / f"rank{r}-{part}.txt").read_text() for r in range(2)]
+            for part in ("preflight", "checkpoint")}
+    assert said["preflight"][0] == said["preflight"][1]
+    assert said["preflight"][0].startswith(f"DataError: data pre-flight: cannot read image "
+                                           f"{broken}")
+    assert said["checkpoint"][0] == said["checkpoint"][1]
+    assert said["checkpoint"][0].startswith("CheckpointWriteError: could not write checkpoint")
+    assert "No space left on device" in said["checkpoint"][0]
+    assert not (tmp_path / "run" / "checkpoints" / "LATEST").exists()

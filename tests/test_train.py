@@ -164,13 +164,76 @@ def test_bank_round_trips_through_resume(synth_root, tmp_path, monkeypatch):
     assert torch.equal(seen[0], saved)  # the resumed run starts from the saved bank
 
 
-def test_resume_refuses_another_experiment(synth_root, tmp_path):
-    from mlcl.config import ConfigError
+def test_preflight_reads_only_the_sets_the_loaders_use(synth_root, tmp_path):
+    """A supervised run with data.unlabeled_split set never reads the unlabeled images, so
+    their pre-flight is skipped; a semi-supervised run checks them."""
+    from mlcl.data.splits import DataError
+    from mlcl.engine import make_accelerator
+    from mlcl.train import training_data
 
+    root = tmp_path / "data"
+    shutil.copytree(synth_root, root)
+    image = (root / "splits" / "1_8" / "unlabeled.txt").read_text().split()[0]
+    (root / image).write_bytes(b"not a jpeg")
+    cfg = tiny_cfg(root, tmp_path / "run", "method=supervised")
+    sets, loaders = training_data(cfg, make_accelerator(cfg))
+    assert "unlabeled" in sets and list(loaders) == ["x"]
+    cfg = tiny_cfg(root, tmp_path / "run", "method=unimatch")
+    with pytest.raises(DataError, match=image):
+        training_data(cfg, make_accelerator(cfg))
+
+
+def test_preflight_leaves_the_classes_to_set_up(synth_root):
+    """preflight.check checks against the config's classes and changes nothing; set-up
+    reconciles them with the data's classes.txt first."""
+    from mlcl.data import build_datasets, preflight
+
+    cfg = tiny_cfg(synth_root, Path("unused"))
+    cfg.data.class_names = [f"c{i}" for i in range(cfg.data.num_classes)]  # not the data's
+    preflight.check(cfg, build_datasets(cfg, with_unlabeled=False), log=lambda _: None)
+    assert cfg.data.class_names == [f"c{i}" for i in range(cfg.data.num_classes)]
+
+
+def test_the_model_is_built_main_process_first(synth_root, tmp_path, monkeypatch):
+    """model.pretrained downloads in build_model: the main process first, the others then
+    read its file (never several writers of one .part file)."""
+    import contextlib
+
+    import mlcl.train
+    from mlcl.engine import make_accelerator
+
+    cfg = tiny_cfg(synth_root, tmp_path / "run")
+    acc, inside, built = make_accelerator(cfg), [], []
+
+    @contextlib.contextmanager
+    def first():
+        inside.append(True)
+        yield
+        inside.pop()
+
+    monkeypatch.setattr(acc, "main_process_first", first)
+    real = mlcl.train.build_model
+    monkeypatch.setattr(mlcl.train, "build_model", lambda c: built.append(bool(inside)) or real(c))
+    mlcl.train.build_trainables(cfg, acc)
+    assert built == [True]
+
+
+def test_a_compiled_model_saves_weights_without_the_compile_wrapper(synth_root, tmp_path,
+                                                                   monkeypatch):
+    """train.compile=true: best.pt / last.pt hold the model's own keys (no ``_orig_mod.``),
+    so evaluate and predict load them strictly. (Dynamo is switched off: the wrapper is
+    there, its compilation is not, which would take minutes on a CPU.)"""
+    import torch._dynamo
+
+    from mlcl.predict import load_weights
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     out = tmp_path / "run"
-    fit(tiny_cfg(synth_root, out, "train.epochs=1", "train.max_iters=1"))
-    with pytest.raises(ConfigError, match="method"):
-        fit(tiny_cfg(synth_root, out, "method=unimatch", "train.epochs=2"))
+    fit(tiny_cfg(synth_root, out, "train.compile=true", "train.epochs=1", "train.max_iters=1"))
+    for name in ("best.pt", "last.pt"):
+        keys = torch.load(out / name, weights_only=True)["model"]
+        assert keys and not any(k.startswith("_orig_mod.") for k in keys), name
+        load_weights(out / name)  # strict
 
 
 @pytest.mark.parametrize("command", ["data", "bench", "reproduce", "train", "synth"])
@@ -204,7 +267,7 @@ def unimatch_order_lrs(base: float, total: int, power: float) -> list[float]:
 
 
 def test_lr_lag_gives_the_unimatch_order_of_learning_rates():
-    from mlcl.train import poly_lr
+    from mlcl.engine import poly_lr
 
     opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": 0.01,
                             "base_lr": 0.01}])

@@ -298,7 +298,7 @@ def test_prediction_grid_explains_its_colours():
 
 def test_checkpoint_paths_are_taken_from_the_repository_root(tiny_model, tmp_path, monkeypatch):
     """A notebook's kernel runs in notebooks/: 'runs/...' still means the checkout's runs/."""
-    from mlcl.train import save_weights
+    from mlcl.checkpoints import save_weights
 
     model, cfg = tiny_model
     repo, kernel_dir = tmp_path / "repo", tmp_path / "repo" / "notebooks"

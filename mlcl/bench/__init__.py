@@ -48,7 +48,7 @@ from mlcl.bench.report import TARGETS, machine, print_table, summarise
 from mlcl.bench.steps import BENCH_METHODS, bench_steps
 from mlcl.bench.timing import interleaved
 from mlcl.files import atomic_write_json
-from mlcl.train import git_commit
+from mlcl.outputs import git_commit
 
 __all__ = ["BENCH_METHODS", "SECTIONS", "TARGETS", "VOC", "Decoder", "Released", "fka_inputs",
            "interleaved", "build_parser", "main"]

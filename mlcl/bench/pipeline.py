@@ -12,7 +12,7 @@ import torch
 from mlcl.config import load_config
 from mlcl.data.datasets import UnlabeledDataset
 from mlcl.data.synthetic import make_synthetic
-from mlcl.train import make_loader
+from mlcl.loaders import make_loader
 
 
 def bench_pipeline(a: argparse.Namespace) -> dict[str, Any]:

@@ -13,11 +13,10 @@ from torch import Tensor
 from mlcl import augment
 from mlcl.bench.timing import Clock, interleaved, lap_stats
 from mlcl.config import load_config
-from mlcl.engine import backward_and_step, forward_terms
+from mlcl.engine import backward_and_step, forward_terms, make_accelerator, make_optimizer
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.stopping import NonFiniteGuard
-from mlcl.train import make_accelerator, make_optimizer
 
 BENCH_METHODS = {  # benchmark name -> config overrides
     "supervised": ["method=supervised"],

@@ -9,7 +9,9 @@ only 0..K-1 and the ignore index. Every problem is collected; the run stops with
 naming the first and how many there are. Samples that passed are remembered in a cache
 (``mlcl.paths.cache_dir()/preflight``) keyed by each file's path, size and modification
 time and by K and the ignore index, so a resumed run, or another run on the same data, does
-not pay twice. With several processes each checks its share.
+not pay twice. With several processes each checks its share, and every process stops with the
+same line. The classes are not decided here: the caller reconciles them with the data first
+(:func:`mlcl.data.classes.reconcile_classes`).
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
+from accelerate.utils import gather_object
 from PIL import Image
 
 from mlcl import paths
 from mlcl.config import Config
-from mlcl.data.classes import reconcile_classes
 from mlcl.data.datasets import load_mask
 from mlcl.data.splits import DataError
 from mlcl.files import atomic_write_json
@@ -109,21 +111,37 @@ class Cache:
 
 
 def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] = print) -> None:
-    """Reconcile the classes with the data (:func:`mlcl.data.classes.reconcile_classes`), then
-    check every sample of ``sets`` (this process's share of them); raise one DataError
-    naming the first bad file and the number of problems."""
+    """Check every sample of ``sets`` (this process's share of them) against ``cfg``'s
+    classes; raise one DataError naming the first bad file and the number of problems. With
+    several processes (a collective) every process raises the same DataError, the count
+    summed over them, so none is left waiting for the others."""
     if accelerator is not None:
         log = accelerator.print
-    reconcile_classes(cfg, log)
     rank, world = ((accelerator.process_index, accelerator.num_processes)
                    if accelerator is not None else (0, 1))
     started = time.time()
     items = items_of(sets)[rank::world]
+    count, first, checked = share_problems(cfg, items, log)
+    if world > 1:  # every process learns every process's problems
+        shares = gather_object([(count, first)])
+        count = sum(c for c, _ in shares)
+        first = next((f for _, f in shares if f is not None), None)
+    if count:
+        raise DataError(problem_line(count, first, sets, cfg))
+    if checked:
+        log(f"pre-flight: {len(items)} samples OK ({time.time() - started:.1f} s)")
+
+
+def share_problems(cfg: Config, items: list[Item], log: Callable[[str], None]
+                   ) -> tuple[int, Optional[str], int]:
+    """(number of problems, the first or None, number of samples decoded) among ``items``:
+    those the cache does not know as good are decoded in threads; the good ones join the
+    cache."""
     cache = Cache(cfg.data.root, cfg.data.num_classes, cfg.data.ignore_index)
     try:
         keys = [cache.key(item) for item in items]
     except OSError as e:  # a file vanished since the split was read
-        raise DataError(f"data pre-flight: {e}") from None
+        return 1, str(e), 0
     todo = [(item, k) for item, k in zip(items, keys) if k not in cache.keys]
     if todo:
         log(f"pre-flight: checking {len(todo)} of {len(items)} samples "
@@ -135,17 +153,15 @@ def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] 
                                                    cfg.data.ignore_index), todo))
     cache.save([k for (_, k), problem in zip(todo, found) if problem is None])
     problems = [p for p in found if p is not None]
-    if problems:
-        raise DataError(problem_line(problems, sets, cfg))
-    if todo:
-        log(f"pre-flight: {len(items)} samples OK ({time.time() - started:.1f} s)")
+    return len(problems), (problems[0] if problems else None), len(todo)
 
 
-def problem_line(problems: list[str], sets: dict, cfg: Config) -> str:
-    """One line: the first problem, and for several the command that lists them all."""
-    if len(problems) == 1:
-        return f"data pre-flight: {problems[0]}"
+def problem_line(count: int, first: str, sets: dict, cfg: Config) -> str:
+    """One line: the first problem, and for several (``count``) the command that lists them
+    all."""
+    if count == 1:
+        return f"data pre-flight: {first}"
     splits = " ".join(sorted({str(ds.split_file) for ds in sets.values()}))
-    return (f"data pre-flight: {len(problems)} bad samples, the first: {problems[0]} (all of "
+    return (f"data pre-flight: {count} bad samples, the first: {first} (all of "
             f"them: python -m mlcl data verify --root {cfg.data.root} --layout "
             f"{cfg.data.layout} --num-classes {cfg.data.num_classes} --splits {splits})")

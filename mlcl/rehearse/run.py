@@ -20,6 +20,7 @@ import torch
 
 from mlcl.config import METHOD_NAMES, Config, ConfigError, load_config
 from mlcl.data.datasets import ValDataset
+from mlcl.engine import make_accelerator
 from mlcl.evaluate import evaluate
 from mlcl.files import atomic_write_json
 from mlcl.model import build_backbone
@@ -32,7 +33,7 @@ from mlcl.rehearse.fabricate import (LAYOUT, fabricate_backbone, fabricate_datas
 from mlcl.rehearse.report import build_report
 from mlcl.rehearse.stages import (MiB, PeakMemory, StageBook, StepProbe, expect,
                                   latest_checkpoint, median_or_nan)
-from mlcl.train import fit, make_accelerator
+from mlcl.train import fit
 
 OUT_MARKER = ".mlcl-rehearse"  # an output folder holding it was made by a rehearsal
 CPU_BATCH = 2  # the smallest batch ASPP's image-pooling batch norm and the CutMix roll allow
