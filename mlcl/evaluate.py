@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from mlcl.loaders import ignore_stop_signals
+from mlcl.loaders import worker_init
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
@@ -88,7 +88,7 @@ def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
     part = shard(dataset, accelerator.process_index, accelerator.num_processes)
     workers = cfg.data.num_workers
     loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=workers,
-                        worker_init_fn=ignore_stop_signals if workers > 0 else None)
+                        worker_init_fn=worker_init(workers))
     k = cfg.data.num_classes
     cm = torch.zeros(k, k, dtype=torch.long, device=accelerator.device)
     n = torch.zeros((), dtype=torch.long, device=accelerator.device)

@@ -17,12 +17,18 @@ so every image is mixed with a second, independently augmented view of itself).
 """
 from __future__ import annotations
 
+import atexit
+import functools
+import gc
 import signal
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+# the iterator class of a loader with workers: the only way to reach the workers of an
+# iterator an error left alive (see stop_loader_workers)
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from mlcl.config import Config
 
@@ -72,6 +78,36 @@ def ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_loader_workers() -> None:
+    """Shut down the workers of every loader iterator still alive, the way torch does when
+    an iterator is released (a stop message to each worker, then a join).
+
+    Run at exit: an error raised through a loop can leave its iterator referenced until the
+    interpreter ends, and multiprocessing's own exit handler then terminates the workers
+    with SIGTERM, which they ignore, and waits for them for ever."""
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance asks some lazy modules for __class__,
+        # which prints their deprecation warnings
+        if type(obj) is _MultiProcessingDataLoaderIter:
+            obj._shutdown_workers()  # a no-op for an iterator already shut down
+
+
+@functools.cache
+def stop_workers_at_exit() -> None:
+    """Register :func:`stop_loader_workers` once. atexit runs handlers last-registered
+    first, so it runs before multiprocessing's and torch's own (registered at import)."""
+    atexit.register(stop_loader_workers)
+
+
+def worker_init(workers: int) -> Callable[[int], None] | None:
+    """The ``worker_init_fn`` of a loader with ``workers`` worker processes (None for none):
+    workers that ignore stop signals, and shut down at exit whatever happened."""
+    if workers == 0:
+        return None
+    stop_workers_at_exit()
+    return ignore_stop_signals
+
+
 def make_loader(dataset: Dataset, cfg: Config, *, shuffle: bool = True, seed: int,
                 stream: int | None = None) -> DataLoader:
     """A training DataLoader over ``dataset`` (full batches of train.batch_size) whose
@@ -84,7 +120,7 @@ def make_loader(dataset: Dataset, cfg: Config, *, shuffle: bool = True, seed: in
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
                       num_workers=workers, pin_memory=gpu and cfg.data.pin_memory,
                       persistent_workers=workers > 0 and cfg.data.persistent_workers,
-                      worker_init_fn=ignore_stop_signals if workers > 0 else None,
+                      worker_init_fn=worker_init(workers),
                       generator=torch.Generator().manual_seed(seed))
     loader.draw_sampler = sampler  # reachable after accelerate wraps the loader
     return loader

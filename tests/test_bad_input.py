@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -283,6 +284,25 @@ def test_loader_worker_error_keeps_its_one_line(data):
         list(loader)
     assert str(in_worker.value) == str(in_main.value)
     assert "\n" not in str(in_worker.value) and "val_000001.jpg" in str(in_worker.value)
+
+
+def corrupt_keep_stat(p: Path) -> None:
+    """Break an image but keep its size and mtime (the pre-flight cache still says good)."""
+    st = p.stat()
+    p.write_bytes(b"NOT-AN-IMAGE" + p.read_bytes()[12:])
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_worker_error_ends_the_command(run7, data, capsys):
+    """The workers ignore SIGTERM (a cluster's notice is the main process's to handle), so
+    without mlcl.loaders.stop_loader_workers the interpreter's exit would wait for them
+    for ever after the error line."""
+    assert run_cli(capsys, "evaluate", "--checkpoint", str(run7), f"data.root={data}")[0] == 0
+    corrupt_keep_stat(data / "JPEGImages" / "val_000001.jpg")  # the cached pre-flight passes
+    proc = subprocess.run([sys.executable, "-m", "mlcl", "evaluate", "--checkpoint", str(run7),
+                           f"data.root={data}", "data.num_workers=2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "val_000001.jpg" in one_line_error(proc.stderr)
 
 
 def test_data_verify_decodes_every_image(data, capsys):
