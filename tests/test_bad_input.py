@@ -499,6 +499,20 @@ def test_result_files_follow_the_umask(tmp_path):
         os.umask(old)
 
 
+def test_every_file_of_a_run_follows_the_umask(synth_root, tmp_path):
+    """Checkpoints included: safetensors writes model.safetensors 0600 whatever the umask."""
+    out, old = tmp_path / "run", os.umask(0o027)
+    try:
+        fit(load_config("synthetic", [f"data.root={synth_root}", f"output_dir={out}",
+                                      "method=supervised", *TINY]))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in out.rglob("*") if p.is_file()}
+    assert any(name.endswith("model.safetensors") for name in modes), modes
+    assert {name: mode for name, mode in modes.items() if mode != oct(0o640)} == {}
+
+
 
 def test_checkpoint_that_is_not_weights(run7, images, tmp_path, capsys):
     with unchanged(run7, images):
