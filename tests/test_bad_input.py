@@ -180,6 +180,17 @@ def test_missing_root_hint_fits_the_dataset(tmp_path, capsys, preset, hint):
     assert rc == 2 and hint in line and str(missing) in line
 
 
+def test_root_that_is_a_file_says_so(tmp_path, capsys):
+    root = tmp_path / "a_file.txt"
+    root.write_text("not a dataset")
+    rc, _, err = run_cli(capsys, "train", "--config", "synthetic", f"data.root={root}",
+                         f"output_dir={tmp_path / 'run'}", *TINY)
+    line = one_line_error(err)
+    assert rc == 2 and f"data root {root} is a file, not a folder" in line
+    assert "synth --out" not in line and root.read_text() == "not a dataset"
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------- classes
 def test_preset_classes_yield_to_the_data(data5, tmp_path, capsys):
     """synth --classes 5, then the 7-class synthetic preset: a 5-class model, named classes."""
