@@ -293,6 +293,18 @@ def note_resume(state: TrainerState, cfg: Config, before: dict[str, Any]) -> lis
     return changes
 
 
+def check_not_finished(out: Path, state: TrainerState, total_iters: int,
+                       changes: list[str]) -> None:
+    """Refuse RESUME_ADJUSTABLE ``changes`` (as from :func:`note_resume`) to the run of
+    ``out`` when ``state`` has done all ``total_iters`` steps: no step would run with them,
+    yet config.yaml would claim them for the stored result. A ConfigError; a longer run
+    (more iterations left) or an unchanged one passes."""
+    if changes and state.iteration >= total_iters:
+        raise ConfigError(f"output_dir {out} holds a complete run, which a changed setting "
+                          f"cannot change ({'; '.join(changes)}): choose another output_dir, "
+                          "or raise train.epochs / train.max_iters to continue it")
+
+
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,
                  bank=None) -> None:
     """A self-contained weights file for `mlcl evaluate` / `mlcl predict` (and the prototype
