@@ -27,7 +27,7 @@ import yaml
 from accelerate.utils import gather_object
 
 from mlcl.config import RESULT_NEUTRAL, Config, ConfigError, config_changes, flatten
-from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text, plain_mode
 from mlcl.stopping import RunStopped
 
 MANIFEST = "trainer.json"
@@ -125,7 +125,13 @@ class Checkpoints:
                             .named_buffers()), self.buffers_file(path))
 
     def write_pointers(self, path: Path, state: TrainerState) -> None:
-        """The manifest of the complete folder ``path``, then LATEST naming it."""
+        """The manifest of the complete folder ``path``, then LATEST naming it. Every file
+        of the folder first gets the mode a plain open() gives (safetensors writes 0600
+        whatever the umask), so collaborators can read a checkpoint as they read results."""
+        mode = plain_mode()
+        for p in path.rglob("*"):
+            if p.is_file():
+                p.chmod(mode)
         files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
         atomic_write_json(path / MANIFEST, {**dataclasses.asdict(state), "files": files})
         atomic_write_text(self.root / "LATEST", path.name + "\n")
@@ -285,6 +291,18 @@ def note_resume(state: TrainerState, cfg: Config, before: dict[str, Any]) -> lis
         state.resumes.append({"iteration": state.iteration, "changes": changes})
     state.settings = now
     return changes
+
+
+def check_not_finished(out: Path, state: TrainerState, total_iters: int,
+                       changes: list[str]) -> None:
+    """Refuse RESUME_ADJUSTABLE ``changes`` (as from :func:`note_resume`) to the run of
+    ``out`` when ``state`` has done all ``total_iters`` steps: no step would run with them,
+    yet config.yaml would claim them for the stored result. A ConfigError; a longer run
+    (more iterations left) or an unchanged one passes."""
+    if changes and state.iteration >= total_iters:
+        raise ConfigError(f"output_dir {out} holds a complete run, which a changed setting "
+                          f"cannot change ({'; '.join(changes)}): choose another output_dir, "
+                          "or raise train.epochs / train.max_iters to continue it")
 
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,

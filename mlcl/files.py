@@ -22,6 +22,11 @@ def current_umask() -> int:
     return mask
 
 
+def plain_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
     The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask),
@@ -34,7 +39,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, plain_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

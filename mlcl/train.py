@@ -34,8 +34,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mlcl.checkpoints import (Checkpoints, TrainerState, adjustable_settings, check_same_run,
-                              note_resume, saved_config, save_weights)
+from mlcl.checkpoints import (Checkpoints, TrainerState, adjustable_settings, check_not_finished,
+                              check_same_run, note_resume, saved_config, save_weights)
 from mlcl.config import Config, ConfigError, save_config
 from mlcl.data import preflight
 from mlcl.data.classes import reconcile_classes
@@ -175,7 +175,7 @@ def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
 
 def resume(run: Run) -> None:
     """Load output_dir's checkpoint, if any (check_same_run has made sure it is this run's),
-    recording the RESUME_ADJUSTABLE settings changed since."""
+    recording the RESUME_ADJUSTABLE settings changed since (refused when it is complete)."""
     path = run.ckpt.resume_point()
     if path is None:
         run.state.iters_per_epoch = run.iters_per_epoch
@@ -192,6 +192,7 @@ def resume(run: Run) -> None:
     run.started = time.time() - run.state.wall_time_s
     run.last_checkpoint = path
     changes = note_resume(run.state, run.cfg, run.state.settings or saved_config(run.out) or {})
+    check_not_finished(run.out, run.state, run.total_iters, changes)
     run.acc.print(f"resuming from {path} (iteration {run.state.iteration} of "
                   f"{run.total_iters}{'; changed: ' + '; '.join(changes) if changes else ''})")
 

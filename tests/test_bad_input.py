@@ -181,6 +181,17 @@ def test_missing_root_hint_fits_the_dataset(tmp_path, capsys, preset, hint):
     assert rc == 2 and hint in line and str(missing) in line
 
 
+def test_root_that_is_a_file_says_so(tmp_path, capsys):
+    root = tmp_path / "a_file.txt"
+    root.write_text("not a dataset")
+    rc, _, err = run_cli(capsys, "train", "--config", "synthetic", f"data.root={root}",
+                         f"output_dir={tmp_path / 'run'}", *TINY)
+    line = one_line_error(err)
+    assert rc == 2 and f"data root {root} is a file, not a folder" in line
+    assert "synth --out" not in line and root.read_text() == "not a dataset"
+    assert not (tmp_path / "run").exists()
+
+
 # --------------------------------------------------------------------------- classes
 def test_preset_classes_yield_to_the_data(data5, tmp_path, capsys):
     """synth --classes 5, then the 7-class synthetic preset: a 5-class model, named classes."""
@@ -517,6 +528,20 @@ def test_result_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE(atomic_write_text(tmp_path / "s.txt", "x").stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+def test_every_file_of_a_run_follows_the_umask(synth_root, tmp_path):
+    """Checkpoints included: safetensors writes model.safetensors 0600 whatever the umask."""
+    out, old = tmp_path / "run", os.umask(0o027)
+    try:
+        fit(load_config("synthetic", [f"data.root={synth_root}", f"output_dir={out}",
+                                      "method=supervised", *TINY]))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in out.rglob("*") if p.is_file()}
+    assert any(name.endswith("model.safetensors") for name in modes), modes
+    assert {name: mode for name, mode in modes.items() if mode != oct(0o640)} == {}
 
 
 

@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mlcl.__main__ import main
 from mlcl.checkpoints import Checkpoints
 from mlcl.config import ConfigError, load_config
 from mlcl.stopping import REPEAT_AFTER_S, NonFiniteGuard, RunInterrupted, StopSignals
@@ -287,6 +288,29 @@ def test_a_longer_run_records_what_changed_and_each_parts_commit(synth_root, tmp
     assert f"changed: {'; '.join(changes)})" in capsys.readouterr().out
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]  # now in force
     assert saved["epochs"] == 2 and saved["lr"] == 0.0005
+
+
+def test_a_complete_run_is_not_relabelled_by_a_changed_setting(synth_root, tmp_path, capsys):
+    """A complete run started again: the same settings give its stored result; a changed
+    train.lr, or a schedule no longer than it ran, is refused and config.yaml still says
+    what the result was made with."""
+    out = tmp_path / "run"
+    done = ("method=supervised", "train.max_iters=2")
+    fit(load_config("synthetic", overrides(synth_root, out, *done)))
+    stored = json.loads((out / "metrics.json").read_text())
+    assert fit(load_config("synthetic", overrides(synth_root, out, *done))) == stored
+    before = files_of(out)
+    for changed, what in (("train.lr=0.5", "train.lr: 0.001 -> 0.5"),
+                          ("train.epochs=1", "train.epochs: 2 -> 1")):  # still 2 steps
+        with pytest.raises(ConfigError, match=f"holds a complete run, .*{re.escape(what)}"):
+            fit(load_config("synthetic", overrides(synth_root, out, *done, changed)))
+    capsys.readouterr()
+    assert main(["train", "--config", "synthetic",
+                 *overrides(synth_root, out, *done, "train.lr=0.5")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and str(out) in err[0] and "choose another output_dir" in err[0]
+    assert files_of(out) == before
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.001
 
 
 # --------------------------------------------------------------------------- divergence

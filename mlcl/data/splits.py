@@ -66,6 +66,9 @@ def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
         raise DataError("data.root is empty: set data.root=DIR (e.g. data.root=data/synthetic "
                         "after `python -m mlcl synth --out data/synthetic`)")
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a folder: set data.root to the "
+                        "dataset's folder")
     if not root.is_dir():
         make = MAKE_DATASET.get(dataset, MAKE_DATASET["synthetic"]).format(root=root)
         raise DataError(f"data root {root} does not exist: set data.root=... or run `{make}`")
