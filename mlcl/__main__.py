@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from mlcl.config import CommandLineParser
 from mlcl.errors import run_reported
 
 
@@ -118,7 +119,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlcl", description=__doc__,
+    parser = CommandLineParser(prog="python -m mlcl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -9,6 +9,7 @@ unknown key or a value of the wrong type is a :class:`ConfigError` that names th
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import re
@@ -40,6 +41,14 @@ RELEASED_QUIRKS = (
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and says how to fix it."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one line,
+    ``error: <command>: <why> (see <command> --help)``, exit status 2 (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- value ranges

@@ -162,6 +162,16 @@ def test_range_specs(spec, inside, outside):
     assert not any(in_range(v, spec) for v in outside)
 
 
+@pytest.mark.parametrize("args", [
+    ("predict", "--tile", "0", "--images", "x", "--checkpoint", "y", "--out", "z"),
+    ("bench", "--batch", "two"), ("data", "frobnicate"), ("synth", "--size", "big"),
+    ("rehearse", "--steps", "-"), ("train", "--no-such-flag")])
+def test_a_bad_flag_is_one_line_not_the_usage_block(args, capsys):
+    rc, out, err = run_cli(capsys, *args)
+    line = one_line_error(err)
+    assert rc == 2 and not out and args[1] in line and "(see python -m mlcl" in line
+
+
 def test_mix_partner_hint_has_its_prefix(capsys):
     rc, _, err = run_cli(capsys, "train", "--config", "synthetic", "method=unimatch",
                          "train.batch_size=1")

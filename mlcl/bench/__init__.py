@@ -47,6 +47,7 @@ from mlcl.bench.pipeline import bench_pipeline
 from mlcl.bench.report import TARGETS, machine, print_table, summarise
 from mlcl.bench.steps import BENCH_METHODS, bench_steps
 from mlcl.bench.timing import interleaved
+from mlcl.config import CommandLineParser
 from mlcl.files import atomic_write_json
 from mlcl.outputs import git_commit
 
@@ -56,7 +57,7 @@ SECTIONS = ("steps", "memory", "fka_sai", "pipeline", "guard")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlcl bench", description=__doc__,
+    p = CommandLineParser(prog="python -m mlcl bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mlcl.config import CommandLineParser
 from mlcl.data.palette import voc_palette
 
 FAMILIES = ("disc", "rectangle", "triangle", "ring", "star", "cross")
@@ -355,7 +356,7 @@ def run_synth(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_synth_args(argparse.ArgumentParser(
+    parser = add_synth_args(CommandLineParser(
         prog="python -m mlcl synth", description="Write the synthetic shapes dataset."))
     run_synth(parser.parse_args(argv))
     return 0

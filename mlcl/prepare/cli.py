@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from mlcl.config import ConfigError
+from mlcl.config import CommandLineParser, ConfigError
 from mlcl.prepare import cityscapes, voc
 from mlcl.prepare.download import PrepareError, Resource
 from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
@@ -70,7 +70,7 @@ def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = CommandLineParser(
         prog="python -m mlcl data",
         description="Download, prepare and verify Pascal VOC 2012 (+SBD) and Cityscapes, the "
                     "standard split lists and the backbone checkpoints. Every step is "

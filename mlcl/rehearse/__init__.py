@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 
 from mlcl import paths
-from mlcl.config import METHOD_NAMES, ConfigError, preset_splits
+from mlcl.config import METHOD_NAMES, CommandLineParser, ConfigError, preset_splits
 from mlcl.errors import run_reported
 from mlcl.rehearse.report import cost_table, summary_lines
 from mlcl.rehearse.run import Options, flops_stage, make_plan, rehearse
@@ -33,7 +33,7 @@ __all__ = ["Options", "rehearse", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlcl rehearse", description=__doc__,
+    p = CommandLineParser(prog="python -m mlcl rehearse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a paper preset: pascal, pascal_blended, "
                                                    "pascal_blended_r101, cityscapes")

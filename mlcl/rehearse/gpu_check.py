@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from mlcl import paths
-from mlcl.config import METHOD_NAMES
+from mlcl.config import METHOD_NAMES, CommandLineParser
 from mlcl.files import atomic_write_json, atomic_write_text
 from mlcl.rehearse.fabricate import weights_name
 from mlcl.reproduce import thread_env, train_command
@@ -303,7 +303,7 @@ def _g(x: Any) -> str:
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlcl gpu-check", description=__doc__,
+    p = CommandLineParser(prog="python -m mlcl gpu-check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="folder (default runs/gpu-check)")
     p.add_argument("--budget-s", type=int, default=BUDGET_S,
