@@ -142,8 +142,8 @@ class Checkpoints:
         error = None
         try:
             write()
-        except (OSError, RuntimeError) as e:
-            error = e
+        except Exception as e:  # noqa: BLE001 - any failure (safetensors raises its own
+            error = e          # SafetensorError on a full disk) must reach every process
         failure = None if error is None else first_line(error)
         if self.acc.num_processes > 1:  # everyone stops, not just the process that failed
             failure = next((f for f in gather_object([failure]) if f is not None), None)
@@ -236,6 +236,8 @@ class Checkpoints:
 # run raises train.max_iters or train.epochs. Every other setting but those in
 # mlcl.config.RESULT_NEUTRAL makes it another run, which needs its own output_dir.
 RESUME_ADJUSTABLE = ("train.lr", "train.max_iters", "train.epochs")
+# keys every config.yaml this program writes has (another program's config.yaml lacks them)
+RUN_KEYS = {"method", "seed", "split", "output_dir", "data.dataset", "model.backbone"}
 # what a run writes into output_dir after its config.yaml
 RUN_FILES = ("metrics.json", "best.pt", "last.pt", "progress.json", "checkpoints")
 
@@ -251,9 +253,9 @@ def saved_config(out: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path} cannot be read ({first_line(e)}): choose another "
                           "output_dir or delete it") from e
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} is not a run's configuration: choose another output_dir "
-                          "or delete it")
+    if not isinstance(saved, dict) or not RUN_KEYS <= set(flatten(saved)):
+        raise ConfigError(f"{path} is not a run's configuration (written by another program?): "
+                          "choose another output_dir or delete it")
     return saved
 
 

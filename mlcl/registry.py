@@ -167,22 +167,35 @@ TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_s
 VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
 
 
+def resume_changes(metrics: dict[str, Any]) -> list[str]:
+    """The settings a run changed when it was resumed (metrics.json ``resumes``), one
+    ``"resumed at iteration N with key: a -> b"`` each: its result was made partly with other
+    settings than its config.yaml says, so it is not the same run as a fresh one."""
+    return [f"resumed at iteration {r.get('iteration')} with {change}"
+            for r in metrics.get("resumes") or [] for change in r.get("changes") or []]
+
+
 def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
     """For complete entries of one preset and dataset (the runs a table puts side by side),
     one line per entry whose configuration differs from the group's first in anything but
     TABLE_AXES, VARIANT_AXES and mlcl.config.RESULT_NEUTRAL, then per entry whose
     VARIANT_AXES differ from the first of its (method, variant, ablation) in that group:
-    ``"B vs A (key: a -> b; ...)"``."""
+    ``"B vs A (key: a -> b; ...)"``; and one per entry resumed with changed settings
+    (:func:`resume_changes`)."""
     tables: dict[tuple, list[dict[str, Any]]] = {}
     cells: dict[tuple, list[dict[str, Any]]] = {}
+    resumed = []
     for e in entries:
+        if changes := resume_changes(e.get("metrics") or {}):
+            resumed.append(f"{e.get('name')} ({'; '.join(changes)})")
         if (e.get("metrics") or {}).get("complete"):
             f = run_fields(e)
             table = (f["preset"], ((e.get("config") or {}).get("data") or {}).get("dataset"))
             tables.setdefault(table, []).append(e)
             cells.setdefault(table + (f["method"], f["variant"], f["ablation"]), []).append(e)
     return ([line for group in tables.values() for line in _differences(group, False)]
-            + [line for group in cells.values() for line in _differences(group, True)])
+            + [line for group in cells.values() for line in _differences(group, True)]
+            + resumed)
 
 
 def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:

@@ -43,7 +43,7 @@ from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
 from mlcl.grids import GRIDS, Run
 from mlcl.outputs import read_metrics
-from mlcl.registry import find_registry, load_entry, record_output_dir
+from mlcl.registry import find_registry, load_entry, record_output_dir, resume_changes
 
 # mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
 # this process: reproduce itself only launches runs in subprocesses and reads their files.
@@ -197,11 +197,13 @@ def stored_changes(out: Path, cfg) -> list[str]:
     """How the configuration stored in ``out/config.yaml`` (a cell trained before, complete
     or not) differs from ``cfg``, less RESULT_NEUTRAL: ``"key: stored -> requested"``; empty
     when the same run. A moved dataset (data.root) is the same run; other data shows in
-    data.num_classes / data.class_names, which cell_config reads from the data."""
+    data.num_classes / data.class_names, which cell_config reads from the data. A cell
+    resumed with changed settings (its metrics.json ``resumes``) is never the same run."""
     path = out / "config.yaml"
     if not path.is_file():
         return []
-    return config_changes(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
+    return (config_changes(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
+            + resume_changes(read_metrics(out) or {}))
 
 
 def check_cells(todo: list[Run], root: Path, overrides: list[str],

@@ -172,6 +172,13 @@ def test_a_bad_flag_is_one_line_not_the_usage_block(args, capsys):
     assert rc == 2 and not out and args[1] in line and "(see python -m mlcl" in line
 
 
+def test_gpu_check_out_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    rc, _, err = run_cli(capsys, "gpu-check", "--tiny", "--out", str(tmp_path / "afile" / "x"))
+    assert rc == 2 and "afile" in one_line_error(err)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_mix_partner_hint_has_its_prefix(capsys):
     rc, _, err = run_cli(capsys, "train", "--config", "synthetic", "method=unimatch",
                          "train.batch_size=1")

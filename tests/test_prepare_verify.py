@@ -80,6 +80,16 @@ def test_verify_applies_the_loaders_rules(synth, tmp_path):
     assert "train_000001.png has values 250" in problems()  # data.ignore_index's default: 255
     sizes_only = problems(values=False)
     assert "train_000002.png is 20x16 but image" in sizes_only and "mode F" not in sizes_only
+    for mask in masks.glob("*.png"):  # the command line's --ignore-index: 250 borders only
+        if mask.name not in ("train_000000.png", "train_000002.png"):
+            values = np.asarray(Image.open(mask)).copy()
+            values[values == 255] = 250
+            Image.fromarray(values).save(mask)
+    for broken in ("train_000000.png", "train_000002.png"):
+        shutil.copy(masks / "train_000001.png", masks / broken)
+    for flags, status in (([], 1), (["--ignore-index", "250"], 0)):
+        assert cli.main(["verify", "--root", str(root), "--layout", "voc", "--num-classes", "7",
+                         "--splits", "splits/train.txt", *flags]) == status, flags
 
 
 def test_malformed_lines_and_missing_split_files(synth, tmp_path, capsys):

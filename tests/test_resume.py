@@ -25,8 +25,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mlcl import registry, reproduce
 from mlcl.__main__ import main
-from mlcl.checkpoints import Checkpoints
+from mlcl.checkpoints import Checkpoints, CheckpointWriteError, TrainerState
 from mlcl.config import ConfigError, load_config
 from mlcl.stopping import REPEAT_AFTER_S, NonFiniteGuard, RunInterrupted, StopSignals
 from mlcl.train import fit
@@ -260,6 +261,12 @@ def test_an_output_dir_of_another_run_is_refused_before_any_work(synth_root, tmp
         fit(load_config("synthetic", overrides(synth_root, foreign, *short)))
     assert sorted(p.name for p in foreign.iterdir()) == ["best.pt", "metrics.json"]
     assert (foreign / "best.pt").read_text() == "theirs"
+    theirs = tmp_path / "theirs"  # another program's config.yaml, no key in common with ours
+    theirs.mkdir()
+    (theirs / "config.yaml").write_text("lr: 0.1\nmodel: resnet\n")
+    with pytest.raises(ConfigError, match="is not a run's configuration"):
+        fit(load_config("synthetic", overrides(synth_root, theirs, *short)))
+    assert (theirs / "config.yaml").read_text() == "lr: 0.1\nmodel: resnet\n"
 
 
 def test_a_longer_run_records_what_changed_and_each_parts_commit(synth_root, tmp_path,
@@ -288,6 +295,12 @@ def test_a_longer_run_records_what_changed_and_each_parts_commit(synth_root, tmp
     assert f"changed: {'; '.join(changes)})" in capsys.readouterr().out
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]  # now in force
     assert saved["epochs"] == 2 and saved["lr"] == 0.0005
+    # not the run a fresh train with these settings makes: reproduce and tables say so
+    said = [f"resumed at iteration 10 with {c}" for c in changes]
+    cfg = load_config("synthetic", overrides(synth_root, out, *longer))
+    assert reproduce.stored_changes(out, cfg) == said
+    with pytest.raises(ValueError, match=re.escape(said[0])):
+        registry.check_comparable([{"name": "run", "config": cfg.to_dict(), "metrics": metrics}])
 
 
 def test_a_complete_run_is_not_relabelled_by_a_changed_setting(synth_root, tmp_path, capsys):
@@ -494,3 +507,24 @@ def test_a_failure_on_one_process_ends_both_with_the_same_line(synth_root, tmp_p
     assert said["checkpoint"][0].startswith("CheckpointWriteError: could not write checkpoint")
     assert "No space left on device" in said["checkpoint"][0]
     assert not (tmp_path / "run" / "checkpoints" / "LATEST").exists()
+
+
+def test_a_checkpoint_write_failing_in_any_library_is_one_line(tmp_path, monkeypatch):
+    """safetensors reports a full disk with its own exception class (not an OSError): the
+    write is still abandoned with CheckpointWriteError, which every process would share."""
+    from accelerate import Accelerator
+
+    acc, model = Accelerator(cpu=True), torch.nn.Linear(2, 2)
+
+    class SafetensorError(Exception):
+        pass
+
+    def full_disk(path, *a, **kw):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(acc, "save_state", full_disk)
+    ckpt = Checkpoints(tmp_path, acc, model)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        ckpt.save(TrainerState(epoch=1, iteration=3, iters_per_epoch=3))
+    assert not any((tmp_path / "checkpoints").glob("iter-*"))  # the half-written one removed

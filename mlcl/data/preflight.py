@@ -164,4 +164,5 @@ def problem_line(count: int, first: str, sets: dict, cfg: Config) -> str:
     splits = " ".join(sorted({str(ds.split_file) for ds in sets.values()}))
     return (f"data pre-flight: {count} bad samples, the first: {first} (all of "
             f"them: python -m mlcl data verify --root {cfg.data.root} --layout "
-            f"{cfg.data.layout} --num-classes {cfg.data.num_classes} --splits {splits})")
+            f"{cfg.data.layout} --num-classes {cfg.data.num_classes} --ignore-index "
+            f"{cfg.data.ignore_index} --splits {splits})")

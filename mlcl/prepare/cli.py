@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from mlcl.config import CommandLineParser, ConfigError
+from mlcl.config import CommandLineParser, ConfigError, DataConfig
 from mlcl.prepare import cityscapes, voc
 from mlcl.prepare.download import PrepareError, Resource
 from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check a dataset against its split files",
                        description="Counts per split, every listed file exists, image and mask "
-                                   "sizes agree, mask values in {0..K-1, 255}. Exit 1 on any "
+                                   "sizes agree, mask values in {0..K-1, --ignore-index}. Exit 1 on any "
                                    "problem, naming each bad file.")
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split files, relative to ROOT or absolute (default: ROOT/splits/**/*.txt)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="K (default: ROOT/classes.txt, else 21 voc, 19 cityscapes)")
+    p.add_argument("--ignore-index", type=int, default=DataConfig().ignore_index,
+                   help="the label of unscored pixels (data.ignore_index; default %(default)s)")
     p.add_argument("--no-values", action="store_true",
                    help="skip decoding masks (existence and sizes only; faster)")
     p.add_argument("--workers", type=int, default=4, help="threads (default 4)")
@@ -168,10 +170,11 @@ def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) 
 
 
 def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
-            max_listed=20) -> int:
+            max_listed=20, ignore_index=DataConfig().ignore_index) -> int:
     from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
-    report = verify_dataset(root, layout, splits, num_classes, values, workers)
+    report = verify_dataset(root, layout, splits, num_classes, values, workers,
+                            ignore_index=ignore_index)
     print("\n".join(report.lines(max_listed)), flush=True)
     return 0 if report.ok else 1
 
@@ -220,7 +223,7 @@ def run(args) -> int:
         return 0
     if args.cmd == "verify":
         return _verify(args.root, args.layout, args.splits, args.num_classes,
-                       not args.no_values, args.workers, args.max_listed)
+                       not args.no_values, args.workers, args.max_listed, args.ignore_index)
     if args.cmd == "pretrained":
         return _pretrained(args)
     raise AssertionError(args.cmd)  # pragma: no cover

@@ -43,6 +43,7 @@ import yaml
 
 from mlcl import paths
 from mlcl.config import METHOD_NAMES, CommandLineParser
+from mlcl.errors import run_reported
 from mlcl.files import atomic_write_json, atomic_write_text
 from mlcl.rehearse.fabricate import weights_name
 from mlcl.reproduce import thread_env, train_command
@@ -346,7 +347,19 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: exit status 0 every part PASS, 1 a part failed, 2 bad input (one line,
+    mlcl.errors), 130 Ctrl-C (the running part's process group stopped first)."""
     a = resolve(build_parser().parse_args(argv))
+    try:
+        return run_reported(lambda: run_check(a))
+    except KeyboardInterrupt:
+        print("gpu-check interrupted: its parts so far are in their folders under "
+              f"{a.out}; no gpu_check.json was written", file=sys.stderr)
+        return 130
+
+
+def run_check(a: argparse.Namespace) -> int:
+    """Every part of the check within the budget, then gpu_check.json and SUMMARY.md."""
     parts = plan_parts(a)
     if a.dry_run:
         for p in parts:
