@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 
 from mlcl.config import RESULT_NEUTRAL, Config, ConfigError, config_changes, flatten
 from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text, plain_mode
-from mlcl.stopping import RunStopped
+from mlcl.errors import RunStopped
 
 MANIFEST = "trainer.json"
 

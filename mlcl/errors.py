@@ -1,7 +1,7 @@
 """How the command line ends on an error: one line on stderr and an exit status, no
 traceback (``MLCL_DEBUG=1`` shows it for bad input).
 
-- A run stopped on purpose or by its guard (mlcl.stopping.RunStopped: interrupted after a
+- A run stopped on purpose or by its guard (:class:`RunStopped`, below: interrupted after a
   checkpoint, diverged, a checkpoint not written): its own line on the main process, its
   ``exit_code`` (130 Ctrl-C, 143 SIGTERM, 3 diverged, 1 otherwise).
 - Bad input (:data:`BAD_INPUT`, and what the caller adds): ``error: <file or key>: <why>``,
@@ -17,7 +17,31 @@ import sys
 from collections.abc import Callable
 
 from mlcl.config import ConfigError
-from mlcl.stopping import RunInterrupted, RunStopped
+
+# The stop exceptions live here, not in mlcl.stopping (which loads torch), so that the
+# command line reports errors without loading torch; mlcl.stopping re-exports them.
+class RunStopped(RuntimeError):
+    """The run stopped before its end; the message is one line, ``exit_code`` the status;
+    ``report`` is false on all processes but the main one (one line per run, not per
+    process)."""
+
+    exit_code = 1
+    report = True
+
+
+class RunInterrupted(RunStopped):
+    """A stop signal ended the run after a checkpoint; the same command resumes it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
+
+
+class RunDiverged(RunStopped):
+    """A non-finite loss term or gradient norm; nothing after it was saved."""
+
+    exit_code = 3
+
 
 BAD_INPUT: tuple[type[BaseException], ...] = (ConfigError, OSError, ValueError)
 

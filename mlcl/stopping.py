@@ -2,7 +2,8 @@
 
 :class:`StopSignals` turns the first SIGTERM or SIGINT (a cluster's notice, Ctrl-C) into a
 request that the loop honours after the current step (with several processes, within
-``train.log_every`` steps: below): it writes a checkpoint and raises :class:`RunInterrupted`.
+``train.log_every`` steps: below): it writes a checkpoint and raises
+:class:`mlcl.errors.RunInterrupted`.
 A second signal (a second later or more) exits at once (``os._exit``); the checkpoint scheme
 (mlcl.checkpoints) keeps the previous complete checkpoint usable whatever is being written.
 One process checks its own request after every step (a Python flag: no device work). With
@@ -14,7 +15,7 @@ every ``train.log_every`` steps and at the end of an epoch. A request therefore 
 :class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device (no
 host synchronisation per step); the loop reads it every ``train.log_every`` steps, at the
 end of an epoch and before anything is saved (:meth:`NonFiniteGuard.read`, one gather that
-also carries the stop requests), and raises :class:`RunDiverged` naming the first bad
+also carries the stop requests), and raises :class:`mlcl.errors.RunDiverged` naming the first bad
 iteration and terms.
 """
 from __future__ import annotations
@@ -34,29 +35,6 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # copy delivers one notice twice within milliseconds; only a signal this much later is a
 # second request (a second Ctrl-C).
 REPEAT_AFTER_S = 1.0
-
-
-class RunStopped(RuntimeError):
-    """The run stopped before its end; the message is one line, ``exit_code`` the status;
-    ``report`` is false on all processes but the main one (one line per run, not per
-    process)."""
-
-    exit_code = 1
-    report = True
-
-
-class RunInterrupted(RunStopped):
-    """A stop signal ended the run after a checkpoint; the same command resumes it."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
-
-
-class RunDiverged(RunStopped):
-    """A non-finite loss term or gradient norm; nothing after it was saved."""
-
-    exit_code = 3
 
 
 class StopSignals:

@@ -48,7 +48,8 @@ from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
                           remove_fresh_output, run_bytes, save_progress, write_metrics)
-from mlcl.stopping import NonFiniteGuard, RunDiverged, RunInterrupted, RunStopped, StopSignals
+from mlcl.errors import RunDiverged, RunInterrupted, RunStopped
+from mlcl.stopping import NonFiniteGuard, StopSignals
 
 
 # --------------------------------------------------------------------------- the run

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-LIGHT = ["mlcl.config", "mlcl.reproduce", "mlcl.demo", "mlcl.registry", "mlcl.prepare.cli",
-         "mlcl.data.splits", "mlcl.data.classes", "mlcl.data.synthetic", "mlcl.data.palette"]
+LIGHT = ["mlcl.config", "mlcl.__main__", "mlcl.errors", "mlcl.reproduce", "mlcl.demo",
+         "mlcl.registry", "mlcl.prepare.cli", "mlcl.data.splits", "mlcl.data.classes",
+         "mlcl.data.synthetic", "mlcl.data.palette"]
 
 
 def loaded_by(modules: list[str]) -> list[str]:

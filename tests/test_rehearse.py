@@ -300,7 +300,7 @@ def test_a_stop_signal_ends_the_rehearsal(tmp_path, capsys, monkeypatch):
     """Ctrl-C / SIGTERM (the loop's RunInterrupted) is no stage's FAIL: the rehearsal stops
     with the interruption's line and status; other errors stay the stage's FAIL."""
     from mlcl.rehearse import run as rehearse_run
-    from mlcl.stopping import RunDiverged, RunInterrupted
+    from mlcl.errors import RunDiverged, RunInterrupted
 
     book = StageBook("pascal", quiet)
     assert book.run("train", "mlcl", lambda: (_ for _ in ()).throw(RunDiverged("nan"))) is None

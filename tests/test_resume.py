@@ -29,7 +29,8 @@ from mlcl import registry, reproduce
 from mlcl.__main__ import main
 from mlcl.checkpoints import Checkpoints, CheckpointWriteError, TrainerState
 from mlcl.config import ConfigError, load_config
-from mlcl.stopping import REPEAT_AFTER_S, NonFiniteGuard, RunInterrupted, StopSignals
+from mlcl.errors import RunInterrupted
+from mlcl.stopping import REPEAT_AFTER_S, NonFiniteGuard, StopSignals
 from mlcl.train import fit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

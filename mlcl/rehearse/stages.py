@@ -24,7 +24,7 @@ import torch
 
 from mlcl import methods
 from mlcl.bench.memory import _reset_peak_rss, _status_kib
-from mlcl.stopping import RunInterrupted
+from mlcl.errors import RunInterrupted
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 MiB = 2 ** 20
