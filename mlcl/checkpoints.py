@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 
 from mlcl.config import RESULT_NEUTRAL, Config, ConfigError, config_changes, flatten
 from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text, plain_mode
-from mlcl.errors import RunStopped
+from mlcl.errors import RunStopped, error_line
 
 MANIFEST = "trainer.json"
 
@@ -58,11 +58,6 @@ class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written (a full disk); the previous one is intact."""
 
     exit_code = 1
-
-
-def first_line(error: Exception) -> str:
-    """The first line of ``error``'s message, or its type's name."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def checkpoint_name(state: TrainerState) -> str:
@@ -144,7 +139,7 @@ class Checkpoints:
             write()
         except Exception as e:  # noqa: BLE001 - any failure (safetensors raises its own
             error = e          # SafetensorError on a full disk) must reach every process
-        failure = None if error is None else first_line(error)
+        failure = None if error is None else error_line(error)
         if self.acc.num_processes > 1:  # everyone stops, not just the process that failed
             failure = next((f for f in gather_object([failure]) if f is not None), None)
         if failure is not None:
@@ -217,7 +212,7 @@ class Checkpoints:
             if self.acc.num_processes > 1:
                 self.load_buffers(path)
         except Exception as e:  # noqa: BLE001 - any unreadable part: one line, what to delete
-            raise ConfigError(f"checkpoint {path} cannot be loaded ({first_line(e)}): delete "
+            raise ConfigError(f"checkpoint {path} cannot be loaded ({error_line(e)}): delete "
                               f"{path} to resume from an earlier one, or {self.root} to start "
                               "over") from e
         return state
@@ -251,7 +246,7 @@ def saved_config(out: Path) -> dict[str, Any] | None:
     try:
         saved = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path} cannot be read ({first_line(e)}): choose another "
+        raise ConfigError(f"{path} cannot be read ({error_line(e)}): choose another "
                           "output_dir or delete it") from e
     if not isinstance(saved, dict) or not RUN_KEYS <= set(flatten(saved)):
         raise ConfigError(f"{path} is not a run's configuration (written by another program?): "
@@ -293,18 +288,6 @@ def note_resume(state: TrainerState, cfg: Config, before: dict[str, Any]) -> lis
         state.resumes.append({"iteration": state.iteration, "changes": changes})
     state.settings = now
     return changes
-
-
-def check_not_finished(out: Path, state: TrainerState, total_iters: int,
-                       changes: list[str]) -> None:
-    """Refuse RESUME_ADJUSTABLE ``changes`` (as from :func:`note_resume`) to the run of
-    ``out`` when ``state`` has done all ``total_iters`` steps: no step would run with them,
-    yet config.yaml would claim them for the stored result. A ConfigError; a longer run
-    (more iterations left) or an unchanged one passes."""
-    if changes and state.iteration >= total_iters:
-        raise ConfigError(f"output_dir {out} holds a complete run, which a changed setting "
-                          f"cannot change ({'; '.join(changes)}): choose another output_dir, "
-                          "or raise train.epochs / train.max_iters to continue it")
 
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mlcl.checkpoints import (Checkpoints, TrainerState, adjustable_settings, check_not_finished,
+from mlcl.checkpoints import (Checkpoints, TrainerState, adjustable_settings,
                               check_same_run, note_resume, saved_config, save_weights)
 from mlcl.config import Config, ConfigError, save_config
 from mlcl.data import preflight
@@ -186,22 +186,23 @@ def resume(run: Run) -> None:
     # train.lr applies), its state (momenta) from the checkpoint
     settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
     run.state = run.ckpt.load(path, run.iters_per_epoch)
-    check_extent(run, path)
     for group, setting in zip(run.optimizer.param_groups, settings):
         group.update(setting)
     run.sums.restore(run.acc, run.state)
     run.started = time.time() - run.state.wall_time_s
     run.last_checkpoint = path
     changes = note_resume(run.state, run.cfg, run.state.settings or saved_config(run.out) or {})
-    check_not_finished(run.out, run.state, run.total_iters, changes)
+    check_extent(run, path, changes)
     run.acc.print(f"resuming from {path} (iteration {run.state.iteration} of "
                   f"{run.total_iters}{'; changed: ' + '; '.join(changes) if changes else ''})")
 
 
-def check_extent(run: Run, path: Path) -> None:
+def check_extent(run: Run, path: Path, changes: list[str]) -> None:
     """Refuse a resumed checkpoint (at ``path``) that the run's length, as train.epochs /
-    train.max_iters now give it, cannot continue: one past it, or one whose last epoch
-    train.max_iters ended early when more iterations are now asked."""
+    train.max_iters now give it, cannot continue: one past it; one whose last epoch
+    train.max_iters ended early when more iterations are now asked; or a complete one with
+    changed RESUME_ADJUSTABLE settings (``changes``, from note_resume): no step would run
+    with them, yet config.yaml would claim them for the stored result."""
     it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
     if it > total:
         raise ConfigError(
@@ -213,6 +214,10 @@ def check_extent(run: Run, path: Path) -> None:
             f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
             f"(train.max_iters): a run continues only from the end of a whole epoch; keep "
             "train.max_iters, or choose another output_dir")
+    if changes and it >= total:
+        raise ConfigError(f"output_dir {run.out} holds a complete run, which a changed setting "
+                          f"cannot change ({'; '.join(changes)}): choose another output_dir, "
+                          "or raise train.epochs / train.max_iters to continue it")
 
 
 def note_commit(run: Run) -> None:
