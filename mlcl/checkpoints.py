@@ -233,8 +233,9 @@ class Checkpoints:
 RESUME_ADJUSTABLE = ("train.lr", "train.max_iters", "train.epochs")
 # keys every config.yaml this program writes has (another program's config.yaml lacks them)
 RUN_KEYS = {"method", "seed", "split", "output_dir", "data.dataset", "model.backbone"}
-# what a run writes into output_dir after its config.yaml
-RUN_FILES = ("metrics.json", "best.pt", "last.pt", "progress.json", "checkpoints")
+# what a run writes into output_dir after its config.yaml: its results, then the rest
+RESULT_FILES = ("metrics.json", "best.pt", "last.pt")
+RUN_FILES = RESULT_FILES + ("progress.json", "checkpoints")
 
 
 def saved_config(out: Path) -> dict[str, Any] | None:

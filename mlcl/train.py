@@ -34,9 +34,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mlcl.checkpoints import (Checkpoints, TrainerState, adjustable_settings,
+from mlcl.checkpoints import (RESULT_FILES, Checkpoints, TrainerState, adjustable_settings,
                               check_same_run, note_resume, saved_config, save_weights)
-from mlcl.config import Config, ConfigError, save_config
+from mlcl.config import Config, ConfigError, config_changes, save_config
 from mlcl.data import preflight
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.datasets import build_datasets, class_names
@@ -179,6 +179,7 @@ def resume(run: Run) -> None:
     recording the RESUME_ADJUSTABLE settings changed since (refused when it is complete)."""
     path = run.ckpt.resume_point()
     if path is None:
+        check_fresh_start(run)
         run.state.iters_per_epoch = run.iters_per_epoch
         run.state.settings = adjustable_settings(run.cfg)
         return
@@ -195,6 +196,19 @@ def resume(run: Run) -> None:
     check_extent(run, path, changes)
     run.acc.print(f"resuming from {path} (iteration {run.state.iteration} of "
                   f"{run.total_iters}{'; changed: ' + '; '.join(changes) if changes else ''})")
+
+
+def check_fresh_start(run: Run) -> None:
+    """Refuse to start over, with RESUME_ADJUSTABLE settings other than config.yaml's, in an
+    output_dir whose earlier run left results but no checkpoint to continue from (deleted by
+    hand): that would be another run written over them."""
+    left = [name for name in RESULT_FILES if (run.out / name).exists()]
+    saved = saved_config(run.out) if left else None
+    changes = config_changes(saved or {}, adjustable_settings(run.cfg), ignore=())
+    if changes:
+        raise ConfigError(f"output_dir {run.out} holds {', '.join(left)} of a run with other "
+                          f"settings ({'; '.join(changes)}) and no checkpoint to continue: "
+                          "choose another output_dir, or delete those files")
 
 
 def check_extent(run: Run, path: Path, changes: list[str]) -> None:

@@ -325,6 +325,14 @@ def test_a_complete_run_is_not_relabelled_by_a_changed_setting(synth_root, tmp_p
     assert len(err) == 1 and str(out) in err[0] and "choose another output_dir" in err[0]
     assert files_of(out) == before
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.001
+    # its checkpoints deleted by hand: a changed setting would be a fresh run over its results
+    shutil.rmtree(out / "checkpoints")
+    before = files_of(out)
+    with pytest.raises(ConfigError, match="holds metrics.json, best.pt, last.pt of a run with "
+                       r"other settings \(train.lr: 0.001 -> 0.5\) and no checkpoint"):
+        fit(load_config("synthetic", overrides(synth_root, out, *done, "train.lr=0.5")))
+    assert files_of(out) == before
+    assert fit(load_config("synthetic", overrides(synth_root, out, *done)))["complete"]
 
 
 # --------------------------------------------------------------------------- divergence
