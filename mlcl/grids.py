@@ -2,7 +2,8 @@
 reproduction (`python -m mlcl reproduce --grid NAME`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 
@@ -91,6 +92,32 @@ def build_grid(name: str) -> list[Run]:
     if name == "cityscapes":
         return _methods_grid("cityscapes", ("1_16", "1_8", "1_4", "1_2"), (0,))
     raise ValueError(f"unknown grid '{name}' (available: {', '.join(GRIDS)})")
+
+
+def with_seeds(runs: list[Run], seeds: tuple[int, ...]) -> list[Run]:
+    """``runs`` with the seed axis replaced by ``seeds``: every distinct cell (a run less its
+    seed, in grid order) once per seed, seed-major, so that a grid stopped part-way leaves
+    every cell with its first seeds (``reproduce --seeds``)."""
+    cells = list(dict.fromkeys(replace(r, seed=0) for r in runs))
+    return [replace(c, seed=s) for s in seeds for c in cells]
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """argparse type for ``--seeds``: ``0,1,2``, ``0-4`` or a mix (``0-2,7``) -> the seeds,
+    each once, in the order given."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            first, last = int(low), int(high or low)
+            if first < 0 or last < first:
+                raise ValueError
+            seeds += [s for s in range(first, last + 1) if s not in seeds]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected seeds as 0,1,2 or 0-4 (integers >= 0, ranges low-high), got {text!r}"
+        ) from None
+    return tuple(seeds)
 
 
 GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "mix-partner", "voc-original",

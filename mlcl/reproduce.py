@@ -358,8 +358,9 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
               jobs: int = 1, only: str | None = None, executor: str = "papermill",
               figures: bool = True, figures_dir: Path | None = None, num_processes: int = 1,
               runs: list[Run] | None = None, board: progress.Board | None = None,
-              rerun_changed: bool = False) -> dict[str, list[str]]:
-    """Run the grid (or the given ``runs``), showing each running run's progress on
+              rerun_changed: bool = False, seeds: tuple[int, ...] | None = None
+              ) -> dict[str, list[str]]:
+    """Run the grid (or the given ``runs``; ``seeds`` replaces their seeds), showing each running run's progress on
     ``board`` (default: a new mlcl.progress.Board on stdout); returns {'done', 'skipped',
     'failed'} (run names) and 'figures' (the executed figures notebook, when it ran and
     succeeded). Every cell's configuration is checked first (:func:`check_cells`): nothing
@@ -368,8 +369,10 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     root = (Path(runs_root) if runs_root else paths.runs_dir()).resolve()
-    todo = [r for r in (runs if runs is not None else grids.build_grid(grid))
-            if not only or only in r.name]
+    todo = runs if runs is not None else grids.build_grid(grid)
+    if seeds:
+        todo = grids.with_seeds(todo, seeds)
+    todo = [r for r in todo if not only or only in r.name]
     runner = GridRunner(grid, root, list(overrides or []), executor, num_processes,
                         board or progress.Board())
     result = runner.result
@@ -399,6 +402,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", default=None, help="runs folder (default: runs/ or $MLCL_RUNS)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     p.add_argument("--only", default=None, help="only runs whose name contains this")
+    p.add_argument("--seeds", type=grids.parse_seeds, default=None,
+                   help="the seeds of every cell instead of the grid's own, e.g. 0-4 or 0,3 "
+                        "(seed-major; runs done before are skipped)")
     p.add_argument("--executor", choices=EXECUTORS, default="papermill",
                    help="papermill: the run notebook per run (default); cli: mlcl train")
     p.add_argument("--num-processes", type=int, default=1,
@@ -425,7 +431,7 @@ def add_figures_arguments(p: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     """``python -m mlcl reproduce``: 1 when a run or the figures failed, else 0."""
     result = reproduce(args.grid, runs_root=args.runs, overrides=args.overrides,
-                       jobs=args.jobs, only=args.only, executor=args.executor,
+                       jobs=args.jobs, only=args.only, executor=args.executor, seeds=args.seeds,
                        figures=not args.no_figures,
                        figures_dir=Path(args.figures) if args.figures else None,
                        num_processes=args.num_processes, rerun_changed=args.rerun_changed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,28 @@ def test_commands_and_cli_flags():
     assert build_parser().parse_args(["reproduce", "--grid", "demo"]).executor == "papermill"
     with pytest.raises(ValueError, match="executor"):
         reproduce.reproduce("demo", executor="bash", runs=[])
+
+
+def test_seeds_replace_a_grids_seed_axis(tmp_path, monkeypatch, capsys):
+    assert grids.parse_seeds("0-2,7,1") == (0, 1, 2, 7)
+    assert build_parser().parse_args(["reproduce", "--grid", "demo", "--seeds", "3"]).seeds == (3,)
+    for bad in ("2-1", "-1", "a", "0,,1"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["reproduce", "--grid", "demo", "--seeds", bad])
+    err = capsys.readouterr().err.strip().splitlines()  # one line per bad value
+    assert len(err) == 4 and all("argument --seeds: expected seeds" in e for e in err)
+    assert "'0,,1'" in err[-1]
+    grid = grids.build_grid("mix-partner")  # seeds 0-2, seed-major
+    more = grids.with_seeds(grid, (0, 1, 2, 3, 4))
+    assert more[:len(grid)] == grid and len(more) == 5 * len(grid) // 3
+    assert [r.seed for r in more[len(grid):]] == [3] * 4 + [4] * 4
+    assert {replace(r, seed=0) for r in more} == {replace(r, seed=0) for r in grid}
+    started = []
+    monkeypatch.setattr(reproduce, "check_cells", lambda *a: None)
+    monkeypatch.setattr(reproduce.GridRunner, "one", lambda self, run: started.append(run.name))
+    reproduce.reproduce("mix-partner", runs_root=tmp_path, seeds=(4,), only="unimatch",
+                        figures=False)
+    assert started == ["synthetic-1_16-unimatch-mix_roll-s4", "synthetic-1_16-unimatch-mix_same-s4"]
 
 
 @pytest.mark.slow
