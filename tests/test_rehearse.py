@@ -240,9 +240,9 @@ def test_a_weights_file_with_a_wrong_key_fails_the_weights_stage(tmp_path, capsy
     assert "1 stage(s) FAILED" in out
 
 
-def test_a_run_that_starts_over_fails_the_resume_stage(tmp_path):
+def test_a_run_that_starts_over_fails_the_resume_stage(tmp_path, monkeypatch):
     """The resume check counts the steps the loop takes: a run that ignored its checkpoint
-    (here: deleted before resuming) takes 2N steps instead of N."""
+    (here: a loop whose resume never loads it) takes 2N steps instead of N."""
     opts = Options(out=tmp_path, steps=2, val_images=1, device="cpu",
                    methods=("supervised",), overrides=TINY)
     plan = make_plan("pascal", opts)
@@ -254,9 +254,14 @@ def test_a_run_that_starts_over_fails_the_resume_stage(tmp_path):
     cfg = run_config(plan, "supervised", data, str(weights), 2)
     book = StageBook("pascal", quiet)
     book.run("train", "supervised", lambda: train_stage(cfg, plan))
-    import shutil
+    from mlcl import train
+    from mlcl.checkpoints import adjustable_settings
 
-    shutil.rmtree(Path(cfg.output_dir) / "checkpoints")
+    def ignore_checkpoint(run):  # what train.resume does when there is no checkpoint
+        run.state.iters_per_epoch = run.iters_per_epoch
+        run.state.settings = adjustable_settings(run.cfg)
+
+    monkeypatch.setattr(train, "resume", ignore_checkpoint)
     book.run("resume", "supervised", lambda: resume_stage(
         run_config(plan, "supervised", data, str(weights), 4), plan, "epoch-0001"))
     assert [s.status for s in book.stages] == [PASS, FAIL]
