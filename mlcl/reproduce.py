@@ -360,12 +360,12 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
               runs: list[Run] | None = None, board: progress.Board | None = None,
               rerun_changed: bool = False, seeds: tuple[int, ...] | None = None
               ) -> dict[str, list[str]]:
-    """Run the grid (or the given ``runs``; ``seeds`` replaces their seeds), showing each running run's progress on
-    ``board`` (default: a new mlcl.progress.Board on stdout); returns {'done', 'skipped',
-    'failed'} (run names) and 'figures' (the executed figures notebook, when it ran and
-    succeeded). Every cell's configuration is checked first (:func:`check_cells`): nothing
-    trains when one is bad or when a cell was trained with other settings
-    (``rerun_changed``: train those again)."""
+    """Run the grid (or the given ``runs``; ``seeds`` replaces their seeds), showing each
+    running run's progress on ``board`` (default: a new mlcl.progress.Board on stdout);
+    returns {'done', 'skipped', 'failed'} (run names) and 'figures' (the executed figures
+    notebook, when it ran and succeeded). Every cell's configuration is checked first
+    (:func:`check_cells`): nothing trains when one is bad or when a cell was trained with
+    other settings (``rerun_changed``: train those again)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     root = (Path(runs_root) if runs_root else paths.runs_dir()).resolve()
