@@ -19,7 +19,7 @@ from collections.abc import Callable
 from mlcl.config import ConfigError
 
 # The stop exceptions live here, not in mlcl.stopping (which loads torch), so that the
-# command line reports errors without loading torch; mlcl.stopping re-exports them.
+# command line reports errors without loading torch.
 class RunStopped(RuntimeError):
     """The run stopped before its end; the message is one line, ``exit_code`` the status;
     ``report`` is false on all processes but the main one (one line per run, not per

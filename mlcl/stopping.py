@@ -15,8 +15,8 @@ every ``train.log_every`` steps and at the end of an epoch. A request therefore 
 :class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device (no
 host synchronisation per step); the loop reads it every ``train.log_every`` steps, at the
 end of an epoch and before anything is saved (:meth:`NonFiniteGuard.read`, one gather that
-also carries the stop requests), and raises :class:`mlcl.errors.RunDiverged` naming the first bad
-iteration and terms.
+also carries the stop requests), and raises :class:`mlcl.errors.RunDiverged` naming the
+first bad iteration and terms.
 """
 from __future__ import annotations
 

@@ -203,8 +203,10 @@ def check_fresh_start(run: Run) -> None:
     output_dir whose earlier run left results but no checkpoint to continue from (deleted by
     hand): that would be another run written over them."""
     left = [name for name in RESULT_FILES if (run.out / name).exists()]
-    saved = saved_config(run.out) if left else None
-    changes = config_changes(saved or {}, adjustable_settings(run.cfg), ignore=())
+    if not left:
+        return
+    changes = config_changes(saved_config(run.out) or {}, adjustable_settings(run.cfg),
+                             ignore=())
     if changes:
         raise ConfigError(f"output_dir {run.out} holds {', '.join(left)} of a run with other "
                           f"settings ({'; '.join(changes)}) and no checkpoint to continue: "

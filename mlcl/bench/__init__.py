@@ -58,7 +58,7 @@ SECTIONS = ("steps", "memory", "fka_sai", "pipeline", "guard")
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandLineParser(prog="python -m mlcl bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="JSON file (default runs/bench/bench-DEVICE.json)")

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check a dataset against its split files",
                        description="Counts per split, every listed file exists, image and mask "
-                                   "sizes agree, mask values in {0..K-1, --ignore-index}. Exit 1 on any "
-                                   "problem, naming each bad file.")
+                                   "sizes agree, mask values in {0..K-1, --ignore-index}. "
+                                   "Exit 1 on any problem, naming each bad file.")
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
     p.add_argument("--splits", nargs="*", default=None,

@@ -34,7 +34,7 @@ __all__ = ["Options", "rehearse", "build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandLineParser(prog="python -m mlcl rehearse", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="a paper preset: pascal, pascal_blended, "
                                                    "pascal_blended_r101, cityscapes")
     p.add_argument("overrides", nargs="*", metavar="key=value",

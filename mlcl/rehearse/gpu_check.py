@@ -305,7 +305,7 @@ def _g(x: Any) -> str:
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = CommandLineParser(prog="python -m mlcl gpu-check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="folder (default runs/gpu-check)")
     p.add_argument("--budget-s", type=int, default=BUDGET_S,
                    help=f"the whole check's time limit (default {BUDGET_S})")
