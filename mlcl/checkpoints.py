@@ -10,7 +10,7 @@ a broken ``LATEST`` or a truncated folder falls back to the newest complete fold
 with one line saying what to delete.
 
 Also here: the weights files ``best.pt`` / ``last.pt`` and the check that output_dir holds
-nothing or the run being started (its config.yaml), with the settings a resume may change.
+nothing or the run being started (its config.yaml; mlcl.outputs.run_changes).
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate.utils import gather_object
 
-from mlcl.config import RESULT_NEUTRAL, Config, ConfigError, config_changes, flatten
+from mlcl.config import Config, ConfigError, config_changes, flatten
 from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text, plain_mode
 from mlcl.errors import RunStopped, error_line
+from mlcl.outputs import GROWABLE, RUN_FILES, run_changes, saved_config
 
 MANIFEST = "trainer.json"
 
@@ -47,7 +47,7 @@ class TrainerState:
     # running sums of the epoch in progress, one row per process (exact float32 values)
     sum_names: list[str] = field(default_factory=list)
     sums: list[list[float]] = field(default_factory=list)
-    # the RESUME_ADJUSTABLE settings in force, and {"iteration", "changes"} per resume
+    # the GROWABLE settings in force, and {"iteration", "changes"} per resume
     # that changed them (metrics.json "resumes")
     settings: dict[str, Any] = field(default_factory=dict)
     resumes: list[dict[str, Any]] = field(default_factory=list)
@@ -226,39 +226,10 @@ class Checkpoints:
             buf.copy_(saved[name])
 
 
-# Settings a run may change when it is started again (each change is recorded in
-# metrics.json, "resumes"): the divergence message suggests a lower train.lr, and a longer
-# run raises train.max_iters or train.epochs. Every other setting but those in
-# mlcl.config.RESULT_NEUTRAL makes it another run, which needs its own output_dir.
-RESUME_ADJUSTABLE = ("train.lr", "train.max_iters", "train.epochs")
-# keys every config.yaml this program writes has (another program's config.yaml lacks them)
-RUN_KEYS = {"method", "seed", "split", "output_dir", "data.dataset", "model.backbone"}
-# what a run writes into output_dir after its config.yaml: its results, then the rest
-RESULT_FILES = ("metrics.json", "best.pt", "last.pt")
-RUN_FILES = RESULT_FILES + ("progress.json", "checkpoints")
-
-
-def saved_config(out: Path) -> dict[str, Any] | None:
-    """``out/config.yaml`` as a nested mapping, None when there is none; a ConfigError when
-    it cannot be read."""
-    path = Path(out) / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path} cannot be read ({error_line(e)}): choose another "
-                          "output_dir or delete it") from e
-    if not isinstance(saved, dict) or not RUN_KEYS <= set(flatten(saved)):
-        raise ConfigError(f"{path} is not a run's configuration (written by another program?): "
-                          "choose another output_dir or delete it")
-    return saved
-
-
 def check_same_run(out: Path, cfg: Config) -> None:
-    """Refuse, before any work, an output_dir holding another run: its config.yaml differs
-    from ``cfg`` in a key outside RESULT_NEUTRAL and RESUME_ADJUSTABLE, or it holds files
-    with a run's output names (RUN_FILES) but no config.yaml. A ConfigError listing them."""
+    """Refuse, before any work, an output_dir holding another run (mlcl.outputs.run_changes
+    between its config.yaml and ``cfg``), or files with a run's output names (RUN_FILES) but
+    no config.yaml. A ConfigError listing them."""
     saved = saved_config(out)
     if saved is None:
         found = [name for name in RUN_FILES if (Path(out) / name).exists()]
@@ -267,23 +238,23 @@ def check_same_run(out: Path, cfg: Config) -> None:
                               "(not a run of this program, or its config.yaml is gone): "
                               "choose another output_dir or delete those")
         return
-    changed = config_changes(saved, cfg.to_dict(), RESULT_NEUTRAL + RESUME_ADJUSTABLE)
+    changed = run_changes(saved, cfg.to_dict())
     if changed:
         raise ConfigError(f"output_dir {out} holds a run with other settings "
                           f"({'; '.join(changed)}): choose another output_dir or delete it")
 
 
-def adjustable_settings(cfg: Config) -> dict[str, Any]:
-    """The RESUME_ADJUSTABLE keys of ``cfg`` and their values."""
+def schedule_settings(cfg: Config) -> dict[str, Any]:
+    """The GROWABLE keys of ``cfg`` and their values."""
     flat = flatten(cfg.to_dict())
-    return {k: flat[k] for k in RESUME_ADJUSTABLE}
+    return {k: flat[k] for k in GROWABLE}
 
 
 def note_resume(state: TrainerState, cfg: Config, before: dict[str, Any]) -> list[str]:
-    """Record in ``state`` the RESUME_ADJUSTABLE settings of ``cfg`` that differ from
-    ``before`` (the resumed checkpoint's; a flat or nested mapping) as
-    ``{"iteration", "changes"}``, and the settings now in force; return the changes."""
-    now = adjustable_settings(cfg)
+    """Record in ``state`` the GROWABLE settings of ``cfg`` that differ from ``before`` (the
+    resumed checkpoint's; a flat or nested mapping) as ``{"iteration", "changes"}``, and the
+    settings now in force; return the changes."""
+    now = schedule_settings(cfg)
     changes = config_changes(before, now, ignore=())
     if changes:
         state.resumes.append({"iteration": state.iteration, "changes": changes})

@@ -17,12 +17,109 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mlcl import paths, progress
-from mlcl.config import ConfigError
+from mlcl.config import RESULT_NEUTRAL, ConfigError, config_changes, flatten
+from mlcl.errors import error_line
 from mlcl.files import atomic_write_json, nearest_existing, place_problem
+
+# what a run writes into output_dir after its config.yaml: its results, then the rest
+RESULT_FILES = ("metrics.json", "best.pt", "last.pt")
+RUN_FILES = RESULT_FILES + ("progress.json", "checkpoints")
+# keys every config.yaml this program writes has (another program's config.yaml lacks them)
+RUN_KEYS = {"method", "seed", "split", "output_dir", "data.dataset", "model.backbone"}
+# The settings a run may change when it continues, and only upwards: a longer schedule.
+GROWABLE = ("train.epochs", "train.max_iters")
+
+
+# --------------------------------------------------------------------------- a run folder
+@dataclass(frozen=True)
+class RunFolder:
+    """What ``train`` left in a run folder: config.yaml and metrics.json as mappings (None
+    when absent; an unreadable metrics.json reads as absent, it is rewritten every epoch)."""
+
+    path: Path
+    config: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+
+    @property
+    def status(self) -> str:
+        """metrics.json's status (running | complete | failed | interrupted | diverged), or
+        "new" when the run has written none."""
+        return (self.metrics or {}).get("status") or "new"
+
+    @property
+    def complete(self) -> bool:
+        return bool((self.metrics or {}).get("complete"))
+
+    @property
+    def resume_changes(self) -> list[str]:
+        """``"resumed at iteration N with key: a -> b"`` per setting changed when the run was
+        continued (metrics.json ``resumes``): its result is not a fresh run's."""
+        return resume_changes(self.metrics or {})
+
+
+def read_run(out: str | Path) -> RunFolder:
+    """The run folder ``out``; a ConfigError when its config.yaml cannot be read or is not a
+    run's (written by another program)."""
+    out = Path(out)
+    return RunFolder(out, saved_config(out), read_metrics(out))
+
+
+def saved_config(out: Path) -> dict[str, Any] | None:
+    """``out/config.yaml`` as a nested mapping, None when there is none; a ConfigError when
+    it cannot be read or is not a run's."""
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} cannot be read ({error_line(e)}): choose another "
+                          "output_dir or delete it") from e
+    if not isinstance(saved, dict) or not RUN_KEYS <= set(flatten(saved)):
+        raise ConfigError(f"{path} is not a run's configuration (written by another program?): "
+                          "choose another output_dir or delete it")
+    return saved
+
+
+def read_metrics(out: Path) -> dict[str, Any] | None:
+    """``out/metrics.json``, or None when it is missing or unreadable."""
+    try:
+        return json.loads((Path(out) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resume_changes(metrics: dict[str, Any]) -> list[str]:
+    """The settings changed when the run of ``metrics`` was continued, one line each."""
+    return [f"resumed at iteration {r.get('iteration')} with {change}"
+            for r in metrics.get("resumes") or [] for change in r.get("changes") or []]
+
+
+def run_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """The one rule for "is this the same run?" (train, reproduce, the registry): how the
+    ``requested`` configuration differs from the ``stored`` one (nested or flat mappings), as
+    ``"key: stored -> requested"``, less RESULT_NEUTRAL and less a longer schedule (GROWABLE
+    keys raised; train.max_iters 0 means no cap). Empty: the same run, possibly continued."""
+    changes = config_changes(stored, requested, RESULT_NEUTRAL + GROWABLE)
+    a, b = flatten(stored), flatten(requested)
+    for key in GROWABLE:
+        if key in a and key in b and _shorter(a[key], b[key]):
+            changes.append(f"{key}: {a[key]!r} -> {b[key]!r} (a run may only grow longer)")
+    return changes
+
+
+def _shorter(before: int, after: int) -> bool:
+    """Whether a schedule bound (epochs, or max_iters with 0 = no cap) went down."""
+    if after == 0:  # no cap
+        return False
+    return before == 0 or after < before
 
 
 # --------------------------------------------------------------------------- bad places
@@ -137,10 +234,3 @@ def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         atomic_write_json(run.out / "metrics.json", metrics)
     return metrics
 
-
-def read_metrics(out: Path) -> dict[str, Any] | None:
-    """``out/metrics.json``, or None when it is missing or unreadable."""
-    try:
-        return json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None

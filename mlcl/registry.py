@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from mlcl import paths
 from mlcl.config import RESULT_NEUTRAL, config_changes
 from mlcl.files import atomic_write_json
+from mlcl.outputs import read_run, resume_changes
 
 # torch (environment) and pandas (runs_frame) are imported where they are used: reproduce and
 # the demo record runs and read entries without loading either.
@@ -105,11 +105,9 @@ def record_output_dir(name: str, output_dir: str | Path, root: str | Path | None
                       **extra: Any) -> Path:
     """Record a finished run from what training left in ``output_dir`` (metrics.json and
     config.yaml); the output dir is stored as an absolute path."""
-    out = Path(output_dir).resolve()
-    metrics = json.loads((out / "metrics.json").read_text())
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    metrics = {**metrics, "output_dir": str(out)}
-    return record_run(name, metrics, config, root, **extra)
+    run = read_run(Path(output_dir).resolve())
+    metrics = {**(run.metrics or {}), "output_dir": str(run.path)}
+    return record_run(name, metrics, run.config, root, **extra)
 
 
 def load_entry(name: str, root: str | Path | None = None) -> dict[str, Any] | None:
@@ -165,14 +163,6 @@ TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_s
 # and true; the mix-partner grid's ablations set the partner). They must agree only between
 # runs of one (method, variant, ablation), the runs a table averages into one cell.
 VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
-
-
-def resume_changes(metrics: dict[str, Any]) -> list[str]:
-    """The settings a run changed when it was resumed (metrics.json ``resumes``), one
-    ``"resumed at iteration N with key: a -> b"`` each: its result was made partly with other
-    settings than its config.yaml says, so it is not the same run as a fresh one."""
-    return [f"resumed at iteration {r.get('iteration')} with {change}"
-            for r in metrics.get("resumes") or [] for change in r.get("changes") or []]
 
 
 def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:

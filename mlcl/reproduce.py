@@ -35,15 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from mlcl import grids, paths, progress
-from mlcl.config import ConfigError, config_changes, load_config
+from mlcl.config import ConfigError, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
 from mlcl.grids import GRIDS, Run
-from mlcl.outputs import read_metrics
-from mlcl.registry import find_registry, load_entry, record_output_dir, resume_changes
+from mlcl.outputs import read_run, run_changes
+from mlcl.registry import find_registry, load_entry, record_output_dir
 
 # mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
 # this process: reproduce itself only launches runs in subprocesses and reads their files.
@@ -63,7 +62,7 @@ def thread_env() -> dict[str, str]:
 
 def is_complete(out: Path) -> bool:
     """Whether ``out/metrics.json`` says the run finished."""
-    return bool((read_metrics(Path(out)) or {}).get("complete"))
+    return read_run(out).complete
 
 
 def run_record(run: Run) -> dict[str, Any]:
@@ -105,7 +104,7 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
     if proc.wait() != 0:
         raise RuntimeError(f"accelerate launch of {num_processes} processes failed "
                            f"(exit {proc.returncode})")
-    return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    return read_run(cfg.output_dir).metrics
 
 
 def run_logged(cmd: list[str], log: Path, poll=None) -> int:
@@ -198,12 +197,12 @@ def stored_changes(out: Path, cfg) -> list[str]:
     or not) differs from ``cfg``, less RESULT_NEUTRAL: ``"key: stored -> requested"``; empty
     when the same run. A moved dataset (data.root) is the same run; other data shows in
     data.num_classes / data.class_names, which cell_config reads from the data. A cell
-    resumed with changed settings (its metrics.json ``resumes``) is never the same run."""
-    path = out / "config.yaml"
-    if not path.is_file():
+    continued with a changed schedule (its metrics.json ``resumes``) is not the run a fresh
+    cell makes either (mlcl.outputs.run_changes, the rule train applies)."""
+    stored = read_run(out)
+    if stored.config is None:
         return []
-    return (config_changes(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
-            + resume_changes(read_metrics(out) or {}))
+    return run_changes(stored.config, cfg.to_dict()) + stored.resume_changes
 
 
 def check_cells(todo: list[Run], root: Path, overrides: list[str],
@@ -330,7 +329,7 @@ class GridRunner:
         if rc == 0 and is_complete(out):
             if self.executor == "cli" or load_entry(run.name, self.registry) is None:
                 self.record(run, out, notebook)
-            metrics = json.loads((out / "metrics.json").read_text())
+            metrics = read_run(out).metrics
             self.result["done"].append(run.name)
             self.board.write(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
                              f"{metrics['best_miou']:.2f}, last {metrics['last_miou']:.2f})")

@@ -34,8 +34,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mlcl.checkpoints import (RESULT_FILES, Checkpoints, TrainerState, adjustable_settings,
-                              check_same_run, note_resume, saved_config, save_weights)
+from mlcl.checkpoints import (Checkpoints, TrainerState, check_same_run, note_resume,
+                              save_weights, schedule_settings)
 from mlcl.config import Config, ConfigError, config_changes, save_config
 from mlcl.data import preflight
 from mlcl.data.classes import reconcile_classes
@@ -46,8 +46,9 @@ from mlcl.evaluate import evaluate
 from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
-from mlcl.outputs import (check_free_space, check_output_place, git_commit, read_metrics,
-                          remove_fresh_output, run_bytes, save_progress, write_metrics)
+from mlcl.outputs import (RESULT_FILES, check_free_space, check_output_place, git_commit,
+                          read_metrics, remove_fresh_output, run_bytes, save_progress,
+                          saved_config, write_metrics)
 from mlcl.errors import RunDiverged, RunInterrupted, RunStopped
 from mlcl.stopping import NonFiniteGuard, StopSignals
 
@@ -176,12 +177,12 @@ def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
 
 def resume(run: Run) -> None:
     """Load output_dir's checkpoint, if any (check_same_run has made sure it is this run's),
-    recording the RESUME_ADJUSTABLE settings changed since (refused when it is complete)."""
+    recording a longer schedule (GROWABLE settings changed since; refused when complete)."""
     path = run.ckpt.resume_point()
     if path is None:
         check_fresh_start(run)
         run.state.iters_per_epoch = run.iters_per_epoch
-        run.state.settings = adjustable_settings(run.cfg)
+        run.state.settings = schedule_settings(run.cfg)
         return
     # the optimiser's settings come from the configuration given now (e.g. a changed
     # train.lr applies), its state (momenta) from the checkpoint
@@ -199,13 +200,13 @@ def resume(run: Run) -> None:
 
 
 def check_fresh_start(run: Run) -> None:
-    """Refuse to start over, with RESUME_ADJUSTABLE settings other than config.yaml's, in an
-    output_dir whose earlier run left results but no checkpoint to continue from (deleted by
-    hand): that would be another run written over them."""
+    """Refuse to start over, with a schedule other than config.yaml's, in an output_dir whose
+    earlier run left results but no checkpoint to continue from (deleted by hand): that would
+    be another run written over them."""
     left = [name for name in RESULT_FILES if (run.out / name).exists()]
     if not left:
         return
-    changes = config_changes(saved_config(run.out) or {}, adjustable_settings(run.cfg),
+    changes = config_changes(saved_config(run.out) or {}, schedule_settings(run.cfg),
                              ignore=())
     if changes:
         raise ConfigError(f"output_dir {run.out} holds {', '.join(left)} of a run with other "
@@ -217,8 +218,8 @@ def check_extent(run: Run, path: Path, changes: list[str]) -> None:
     """Refuse a resumed checkpoint (at ``path``) that the run's length, as train.epochs /
     train.max_iters now give it, cannot continue: one past it; one whose last epoch
     train.max_iters ended early when more iterations are now asked; or a complete one with
-    changed RESUME_ADJUSTABLE settings (``changes``, from note_resume): no step would run
-    with them, yet config.yaml would claim them for the stored result."""
+    a changed schedule (``changes``, from note_resume) that adds no step: config.yaml would
+    claim it for the stored result."""
     it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
     if it > total:
         raise ConfigError(
@@ -385,7 +386,7 @@ def check_finite(run: Run, stop: StopSignals | None = None) -> None:
     raise RunDiverged(
         f"training diverged: non-finite {', '.join(names)} at iteration {it + 1} (epoch "
         f"{it // run.iters_per_epoch + 1}); stopped without saving, {kept}; try a lower "
-        "train.lr")
+        "train.lr in a new output_dir")
 
 
 def interrupt(run: Run, stop: StopSignals) -> None:

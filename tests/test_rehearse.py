@@ -255,11 +255,11 @@ def test_a_run_that_starts_over_fails_the_resume_stage(tmp_path, monkeypatch):
     book = StageBook("pascal", quiet)
     book.run("train", "supervised", lambda: train_stage(cfg, plan))
     from mlcl import train
-    from mlcl.checkpoints import adjustable_settings
+    from mlcl.checkpoints import schedule_settings
 
     def ignore_checkpoint(run):  # what train.resume does when there is no checkpoint
         run.state.iters_per_epoch = run.iters_per_epoch
-        run.state.settings = adjustable_settings(run.cfg)
+        run.state.settings = schedule_settings(run.cfg)
 
     monkeypatch.setattr(train, "resume", ignore_checkpoint)
     book.run("resume", "supervised", lambda: resume_stage(

@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mlcl import registry, reproduce
+from mlcl import outputs, registry, reproduce
 from mlcl.__main__ import main
 from mlcl.checkpoints import Checkpoints, CheckpointWriteError, TrainerState
 from mlcl.config import ConfigError, load_config
@@ -285,17 +285,17 @@ def test_a_longer_run_records_what_changed_and_each_parts_commit(synth_root, tmp
     assert first["git_commit"] == "aaa" and first["resumes"] == [] and calls == ["aaa"]
     monkeypatch.setattr(mlcl.train, "git_commit", checkout("bbb"))  # HEAD moved since
     capsys.readouterr()
-    longer = ("method=supervised", "train.epochs=2", "train.lr=0.0005")
+    longer = ("method=supervised", "train.epochs=2")
     metrics = fit(load_config("synthetic", overrides(synth_root, out, *longer)))
     assert calls == ["aaa", "bbb"]  # read once per part, at its set-up
-    changes = ["train.lr: 0.001 -> 0.0005", "train.epochs: 1 -> 2"]
+    changes = ["train.epochs: 1 -> 2"]
     assert metrics["complete"] and metrics["iterations"] == 20
     assert metrics["resumes"] == [{"iteration": 10, "changes": changes}]
     assert metrics["git_commit"] == ["aaa", "bbb"]
     assert json.loads((out / "metrics.json").read_text())["resumes"] == metrics["resumes"]
     assert f"changed: {'; '.join(changes)})" in capsys.readouterr().out
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]  # now in force
-    assert saved["epochs"] == 2 and saved["lr"] == 0.0005
+    assert saved["epochs"] == 2
     # not the run a fresh train with these settings makes: reproduce and tables say so
     said = [f"resumed at iteration 10 with {c}" for c in changes]
     cfg = load_config("synthetic", overrides(synth_root, out, *longer))
@@ -304,33 +304,55 @@ def test_a_longer_run_records_what_changed_and_each_parts_commit(synth_root, tmp
         registry.check_comparable([{"name": "run", "config": cfg.to_dict(), "metrics": metrics}])
 
 
+def test_a_run_continues_only_with_its_own_settings_and_a_longer_schedule(synth_root, tmp_path):
+    """The one rule of mlcl.outputs.run_changes: another lr or a shorter schedule is another
+    run, refused before any file is touched."""
+    out = tmp_path / "run"
+    fit(load_config("synthetic", overrides(synth_root, out, "method=supervised",
+                                           "train.epochs=2", "train.max_iters=15")))
+    before = files_of(out)
+    for changed, what in (("train.lr=0.0005", "train.lr: 0.001 -> 0.0005"),
+                          ("train.epochs=1", "train.epochs: 2 -> 1 (a run may only grow"),
+                          ("train.max_iters=12", "train.max_iters: 15 -> 12 (a run may")):
+        cfg = load_config("synthetic", overrides(synth_root, out, "method=supervised",
+                                                 "train.epochs=2", "train.max_iters=15",
+                                                 changed))
+        with pytest.raises(ConfigError, match=f"other settings \\({re.escape(what)}"):
+            fit(cfg)
+        assert reproduce.stored_changes(out, cfg)[0].startswith(what)
+    assert files_of(out) == before
+    assert outputs.run_changes({"train": {"max_iters": 15}}, {"train": {"max_iters": 0}}) == []
+    assert outputs.run_changes({"train": {"max_iters": 0}}, {"train": {"max_iters": 9}}) != []
+
+
 def test_a_complete_run_is_not_relabelled_by_a_changed_setting(synth_root, tmp_path, capsys):
     """A complete run started again: the same settings give its stored result; a changed
-    train.lr, or a schedule no longer than it ran, is refused and config.yaml still says
-    what the result was made with."""
+    train.lr is another run, a schedule that adds no step is refused, and config.yaml still
+    says what the result was made with."""
     out = tmp_path / "run"
     done = ("method=supervised", "train.max_iters=2")
     fit(load_config("synthetic", overrides(synth_root, out, *done)))
     stored = json.loads((out / "metrics.json").read_text())
     assert fit(load_config("synthetic", overrides(synth_root, out, *done))) == stored
     before = files_of(out)
-    for changed, what in (("train.lr=0.5", "train.lr: 0.001 -> 0.5"),
-                          ("train.epochs=1", "train.epochs: 2 -> 1")):  # still 2 steps
-        with pytest.raises(ConfigError, match=f"holds a complete run, .*{re.escape(what)}"):
+    for changed, what in (("train.lr=0.5", "other settings (train.lr: 0.001 -> 0.5)"),
+                          ("train.epochs=3", "holds a complete run, which a changed setting "
+                           "cannot change (train.epochs: 2 -> 3)")):  # still 2 steps
+        with pytest.raises(ConfigError, match=re.escape(what)):
             fit(load_config("synthetic", overrides(synth_root, out, *done, changed)))
     capsys.readouterr()
     assert main(["train", "--config", "synthetic",
-                 *overrides(synth_root, out, *done, "train.lr=0.5")]) == 2
+                 *overrides(synth_root, out, *done, "train.epochs=3")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and str(out) in err[0] and "choose another output_dir" in err[0]
     assert files_of(out) == before
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.001
-    # its checkpoints deleted by hand: a changed setting would be a fresh run over its results
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 2
+    # its checkpoints deleted by hand: a longer schedule would be a fresh run over its results
     shutil.rmtree(out / "checkpoints")
     before = files_of(out)
     with pytest.raises(ConfigError, match="holds metrics.json, best.pt, last.pt of a run with "
-                       r"other settings \(train.lr: 0.001 -> 0.5\) and no checkpoint"):
-        fit(load_config("synthetic", overrides(synth_root, out, *done, "train.lr=0.5")))
+                       r"other settings \(train.epochs: 2 -> 3\) and no checkpoint"):
+        fit(load_config("synthetic", overrides(synth_root, out, *done, "train.epochs=3")))
     assert files_of(out) == before
     assert fit(load_config("synthetic", overrides(synth_root, out, *done)))["complete"]
 
@@ -338,16 +360,18 @@ def test_a_complete_run_is_not_relabelled_by_a_changed_setting(synth_root, tmp_p
 # --------------------------------------------------------------------------- divergence
 def test_divergence_stops_without_touching_earlier_files(synth_root, tmp_path):
     out = tmp_path / "run"
-    fit(load_config("synthetic", overrides(synth_root, out, "train.epochs=1")))
+    # an lr that one epoch survives and a longer schedule does not (here: in epoch 2 of 100)
+    diverging = ("train.lr=5e4", "train.checkpoint_every=0")
+    fit(load_config("synthetic", overrides(synth_root, out, "train.epochs=1", *diverging)))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()
               and p.suffix in (".pt", ".pkl", ".bin", ".safetensors") or p.name == "LATEST"}
-    # resumes into epoch 2 and diverges (no checkpoint_every: nothing may be written)
-    proc = train_cli(synth_root, out, "train.lr=1e9", "train.checkpoint_every=0")
+    # continued, it diverges (no checkpoint_every: nothing may be written)
+    proc = train_cli(synth_root, out, *diverging, "train.epochs=100")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3
     line = err.replace("\r", "\n").strip().splitlines()[-1]
     assert line.startswith("error: training diverged: non-finite")
-    assert re.search(r"at iteration 1[1-9] \(epoch 2\)", line) or "iteration 20 " in line
+    assert re.search(r"at iteration \d+ \(epoch ([2-9]|\d\d+)\)", line)
     assert "grad_norm" in line and "Traceback" not in err
     assert {p: p.read_bytes() for p in before} == before  # byte-identical
     metrics = json.loads((out / "metrics.json").read_text())
