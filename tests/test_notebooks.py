@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from mlcl import paper, paths, registry
+from mlcl import paths
+from mlcl.study import paper, registry
 from mlcl.config import load_config
 from mlcl.train import fit
 

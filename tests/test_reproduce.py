@@ -1,4 +1,4 @@
-"""Batch reproduction on tiny grids (mlcl.grids.build_grid monkeypatched): the papermill
+"""Batch reproduction on tiny grids (mlcl.study.grids.build_grid monkeypatched): the papermill
 executor runs the run notebook per cell and then the figures notebook, a failing run does
 not stop the others and is reported, a finished grid trains nothing when run again; the CLI
 executor likewise; the multi-process command; `make demo` on a tiny grid."""
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlcl import demo, grids, registry, reproduce
+from mlcl.study import demo, grids, registry, reproduce
 from mlcl.__main__ import build_parser, main
 from mlcl.config import ConfigError, load_config
 from mlcl.files import atomic_write_text
-from mlcl.grids import Run
+from mlcl.study.grids import Run
 
 TINY = ("data.crop_size=32", "train.batch_size=4", "model.width=16", "data.num_workers=0",
         "train.max_iters=2", "train.epochs=1")

@@ -1,4 +1,4 @@
-"""The synthetic dataset generator (mlcl.data.synthetic)."""
+"""The synthetic dataset generator (mlcl.study.synthetic)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from mlcl.data import read_split
-from mlcl.data.synthetic import FRACTIONS, class_names, edge_band, main, make_synthetic
+from mlcl.study.synthetic import FRACTIONS, class_names, edge_band, main, make_synthetic
 
 
 def _tree_hashes(root):

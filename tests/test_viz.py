@@ -1,4 +1,4 @@
-"""mlcl.viz tables and plots, mlcl.paper, mlcl.registry and mlcl.explore on small inputs.
+"""mlcl.study.viz tables and plots, mlcl.study.paper, mlcl.study.registry and mlcl.study.explore on small inputs.
 
 ``fake_entry`` / ``write_registry`` build plausible registry entries (also used by the
 notebook tests)."""
@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mlcl import explore as mi
-from mlcl import paper, paths, registry, viz
-from mlcl.grids import Run
+from mlcl import paths
+from mlcl.study import explore as mi
+from mlcl.study import paper, registry, viz
+from mlcl.study.grids import Run
 
 matplotlib.use("Agg")
 
@@ -284,7 +285,7 @@ def test_synthetic_figures_carry_the_mark_on_the_picture(tmp_path):
 
 
 def test_prediction_grid_explains_its_colours():
-    from mlcl.viz.plots import IGNORE_LABEL
+    from mlcl.study.viz import IGNORE_LABEL
 
     mask = np.zeros((8, 8), dtype=np.uint8)
     mask[2:4] = 255

@@ -30,7 +30,7 @@ from mlcl.engine import make_accelerator
 from mlcl.evaluate import evaluate, predict_logits
 from mlcl.methods import mix_source, paste
 from mlcl.model import upsample
-from mlcl.predict import checkpoint_file, model_from_checkpoint, read_checkpoint
+from mlcl.study.predict import checkpoint_file, model_from_checkpoint, read_checkpoint
 
 # sklearn (about 2 s to import) is imported inside embed_2d, the one function that uses it.
 

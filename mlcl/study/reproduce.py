@@ -1,4 +1,4 @@
-"""Batch reproduction: run every cell of a grid (mlcl.grids), skipping runs that are already
+"""Batch reproduction: run every cell of a grid (mlcl.study.grids), skipping runs that are already
 complete, going on past a failed run and listing the failures at the end, then build the
 figures from the results registry.
 
@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 
-from mlcl import grids, paths, progress
+from mlcl import paths, progress
+from mlcl.study import grids
 from mlcl.config import ConfigError, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
-from mlcl.grids import GRIDS, Run
+from mlcl.study.grids import GRIDS, Run
 from mlcl.outputs import read_run, run_changes
-from mlcl.registry import find_registry, load_entry, record_output_dir
+from mlcl.study.registry import find_registry, load_entry, record_output_dir
 
 # mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
 # this process: reproduce itself only launches runs in subprocesses and reads their files.
@@ -161,7 +162,7 @@ def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "f
 
 def figures_main(args) -> int:
     """``python -m mlcl figures [--registry DIR] [--out DIR]`` (= `make figures`): the
-    figures notebook on the registry that exists (mlcl.registry.find_registry), saying
+    figures notebook on the registry that exists (mlcl.study.registry.find_registry), saying
     which; exit 1 with one line when there is no registry with runs."""
     reg = find_registry(args.registry)
     count = len(list(reg.glob("*.json")))

@@ -1,5 +1,5 @@
 """The results registry: one JSON per run under ``runs/registry/<name>.json``, written
-atomically. The figures notebook and mlcl.viz read only this.
+atomically. The figures notebook and mlcl.study.viz read only this.
 
 An entry::
 

@@ -2,7 +2,7 @@
 (as shown in the authors' repository README; restated in docs/method.md, "Published numbers").
 
 Each table column is a cell of a preset (``mlcl/configs``) and a split name, so a results
-registry entry (run.preset, run.split) lands in its column. ``mlcl.viz.paper_table`` puts the
+registry entry (run.preset, run.split) lands in its column. ``mlcl.study.viz.paper_table`` puts the
 reproduced numbers beside these.
 """
 from __future__ import annotations

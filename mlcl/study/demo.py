@@ -2,7 +2,7 @@
 through the notebooks.
 
 1. writes the synthetic dataset into data/synthetic/ (once);
-2. trains the ``demo`` grid (mlcl.grids: supervised, UniMatch and MLCL at 1/32 labels, one
+2. trains the ``demo`` grid (mlcl.study.grids: supervised, UniMatch and MLCL at 1/32 labels, one
    seed, a short schedule) with notebooks/run.ipynb under papermill, two runs at a time with
    one thread each, showing each run's progress (mlcl.progress);
 3. runs the three other notebooks on the results, two at a time: prototypes (UniMatch and
@@ -19,12 +19,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mlcl import grids, paths, progress
-from mlcl.data.synthetic import make_synthetic
-from mlcl.registry import load_entry
-from mlcl.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
+from mlcl import paths, progress
+from mlcl.study import grids
+from mlcl.study.synthetic import make_synthetic
+from mlcl.study.registry import load_entry
+from mlcl.study.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
 
-# mlcl.viz (matplotlib, pandas: about 1.5 s) is imported inside run_demo for its last step.
+# mlcl.study.viz (matplotlib, pandas: about 1.5 s) is imported inside run_demo for its last step.
 
 DEMO_METHODS = ("supervised", "unimatch", "mlcl")
 SYNTHETIC = {"num_train": 1000, "num_val": 200, "size": 64, "classes": 7, "seed": 0}
@@ -115,7 +116,7 @@ def where_lines(runs: Path, figures: Path) -> list[str]:
 
 def run_demo(args) -> int:
     """`python -m mlcl demo [--out DIR]`; returns the exit status (1 if anything failed)."""
-    from mlcl.viz import write_index
+    from mlcl.study.viz import write_index
 
     started = time.time()
     runs = (Path(args.out) if getattr(args, "out", None) else paths.demo_dir()).resolve()

@@ -1,0 +1,659 @@
+"""Figures and tables from results: ``plot_*`` return matplotlib Figures, ``*_table`` return
+pandas DataFrames (a display table of strings; ``*_values`` the numbers behind it), and
+``save_figure`` / ``save_table`` write them into ``figures/`` (PNG + PDF, CSV + LaTeX) with a
+JSON sidecar whose caption names the runs they came from; ``figures.json`` indexes them all.
+Results come from the registry (mlcl.study.registry) only; checkpoint-based figures
+(predictions, perturbations, prototypes) take what mlcl.study.explore computed.
+
+Conventions: mIoU in %; "mean ± std (n=k)" over seeds (sample std, ddof=1); "not run" where
+the registry has no complete entry; "†" where a number comes from synthetic data (the
+synthetic shapes set, not VOC / Cityscapes).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
+
+from mlcl import paths
+from mlcl.data.palette import colourise, palette_for
+from mlcl.files import atomic_write_json
+from mlcl.study import paper
+from mlcl.study.registry import runs_frame
+
+# torch, mlcl.losses and mlcl.study.explore are imported inside the plots of checkpoint
+# quantities: the figures notebook draws from the registry alone and does not load torch.
+
+
+# =========================================================================== tables
+NOT_RUN = "not run"
+NO_PAIR = "no supervised run of the same seed and schedule"
+SYNTHETIC_MARK = "†"
+SYNTHETIC_STAMP = "SYNTHETIC DATA (shapes set): not Pascal VOC / Cityscapes results"
+SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CPU schedules): "
+                  "not comparable with the published VOC / Cityscapes numbers.")
+# (method, variant) -> label, in table order
+METHOD_LABELS = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
+                 ("mlcl", "paper"): "MLCL (paper variant)",
+                 ("mlcl", "released"): "MLCL (released variant)"}
+COLOURS = {"Supervised": "#7f7f7f", "UniMatch": "#1f77b4", "MLCL (paper variant)": "#d62728",
+           "MLCL (released variant)": "#ff7f0e"}
+ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
+                   "no_dt": "without L_dt", "no_mask": "without F_mk (SAI masking)",
+                   "no_noise": "without F_ne (SAI noise)", "no_sai": "without SAI"}
+
+
+def results_kind(entries: list[dict]) -> str:
+    """'Short demo' when every synthetic-data entry comes from the ``demo`` grid, else
+    'Synthetic study': the figures' titles say which they show."""
+    grids = {e.get("grid") for e in entries if e.get("synthetic")}
+    return "Short demo" if grids == {"demo"} else "Synthetic study"
+
+
+def method_label(method: str, variant: str = "") -> str:
+    """The table label of a method (and variant, for MLCL)."""
+    return METHOD_LABELS.get((method, variant if method == "mlcl" else ""),
+                             f"{method} {variant}".strip())
+
+
+# --------------------------------------------------------------------------- numbers
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, sample std (ddof=1; NaN for one value), n) of the finite values."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
+
+
+def _best_last(sel: pd.DataFrame) -> dict[str, float | int]:
+    """best_mean, best_std, last_mean, last_std and n (runs) of the rows ``sel``."""
+    bm, bs, n = mean_std(sel.best_miou)
+    lm, ls, _ = mean_std(sel.last_miou)
+    return {"best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls, "n": n}
+
+
+def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool = False) -> str:
+    """'mean ± std (n=k)' (no ± for one run); NOT_RUN when n == 0; † when synthetic."""
+    if n == 0:
+        return NOT_RUN
+    spec = "+.2f" if signed else ".2f"
+    text = f"{mean:{spec}}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
+    return text + (f" {SYNTHETIC_MARK}" if synthetic else "")
+
+
+def _complete(entries: list[dict]) -> pd.DataFrame:
+    df = runs_frame(entries)
+    return df[df["complete"]].copy()
+
+
+def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
+    """Long form of Table ``key``: one row per (column, reproduced method) with the published
+    number and the reproduced best/last mean, std and n, whether synthetic, and the runs."""
+    t = paper.TABLES[key]
+    df = _complete(entries)
+    rows = []
+    for col in t.columns:
+        for (method, variant), label in METHOD_LABELS.items():
+            sel = df[(df.preset == col.preset) & (df.split == col.split) & (df.method == method)
+                     & (df.variant == variant) & (df.ablation == "")]
+            rows.append({"table": key, "column": col.label, "preset": col.preset,
+                         "split": col.split, "method": method, "variant": variant,
+                         "label": label, "published": t.value(method, col.preset, col.split),
+                         **_best_last(sel), "synthetic": bool(sel.synthetic.any()),
+                         "runs": list(sel.name)})
+    return pd.DataFrame(rows)
+
+
+def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
+    """Table ``key`` in the paper's layout (methods as rows, label splits as columns): for
+    each method the published row, then our best-epoch and last-epoch rows."""
+    t = paper.TABLES[key]
+    values = paper_table_values(entries, key)
+    cols = [c.label for c in t.columns]
+    out: dict[tuple[str, str], list[str]] = {}
+    ours = {"supervised": [("supervised", "")], "unimatch": [("unimatch", "")],
+            "augseg": [], "mlcl": [("mlcl", "paper"), ("mlcl", "released")]}
+    for pkey, plabel in paper.PUBLISHED_LABELS.items():
+        if pkey not in t.published:
+            continue
+        group = plabel.split(" (")[0]
+        out[(group, f"published: {plabel}")] = [f"{v:.2f}" for v in t.published[pkey]]
+        for method, variant in ours[pkey]:
+            v = values[(values.method == method) & (values.variant == variant)]
+            v = v.set_index("column").loc[cols]
+            tag = "ours" if method != "mlcl" else f"ours, {variant} variant"
+            for which in ("best", "last"):
+                out[(group, f"{tag}, {which} epoch")] = [
+                    fmt(r[f"{which}_mean"], r[f"{which}_std"], r["n"], r["synthetic"])
+                    for _, r in v.iterrows()]
+    index = pd.MultiIndex.from_tuples(list(out), names=["method", "row"])
+    return pd.DataFrame(list(out.values()), index=index, columns=cols)
+
+
+def paper_table_caption(entries: list[dict], key: str) -> str:
+    """The caption saved with :func:`paper_table` ``(entries, key)``."""
+    t = paper.TABLES[key]
+    return (f"Table {key}: {t.title}. mIoU (%). 'published': the paper's single runs "
+            f"(docs/method.md). 'ours': mean ± std over seeds (n = runs) at the best and at "
+            f"the last evaluated epoch, from the results registry. '{NOT_RUN}': no complete "
+            f"run in the registry. {SYNTHETIC_NOTE}")
+
+
+def synthetic_values(entries: list[dict]) -> pd.DataFrame:
+    """Synthetic-data runs (no ablation) per (preset, split, iterations, method, variant):
+    best/last mean, std, n, the paired gain over supervised (same split, schedule and
+    seed): gain mean, std, number of pairs, pairs with a positive gain; for MLCL rows the
+    same against UniMatch (``vs_uni_*``)."""
+    df = _complete(entries)
+    df = df[df.synthetic & (df.ablation == "")]
+    rows = []
+    for (preset, split, iters), g in df.groupby(["preset", "split", "iterations"], sort=True):
+        sup = g[g.method == "supervised"]
+        uni = g[g.method == "unimatch"]
+        for (method, variant), label in METHOD_LABELS.items():
+            sel = g[(g.method == method) & (g.variant == variant)]
+            if sel.empty:
+                continue
+            gain = _paired(sel, sup if method != "supervised" else sup.iloc[:0], "gain")
+            vs_uni = _paired(sel, uni if method == "mlcl" else uni.iloc[:0], "vs_uni")
+            rows.append({"preset": preset, "split": split, "iterations": int(iters),
+                         "method": method, "variant": variant, "label": label,
+                         **_best_last(sel), **gain, **vs_uni, "runs": list(sel.name)})
+    return pd.DataFrame(rows)
+
+
+def _paired(sel: pd.DataFrame, ref: pd.DataFrame, prefix: str) -> dict[str, float | int]:
+    """Best-epoch differences ``sel - ref`` paired by seed: ``<prefix>_mean/_std/_n`` and
+    ``<prefix>_positive`` (how many pairs are > 0)."""
+    ref_by_seed = ref.set_index("seed").best_miou
+    diffs = [b - ref_by_seed[s] for s, b in zip(sel.seed, sel.best_miou)
+             if s in ref_by_seed.index]
+    m, sd, n = mean_std(diffs)
+    return {f"{prefix}_mean": m, f"{prefix}_std": sd, f"{prefix}_n": n,
+            f"{prefix}_positive": int(sum(d > 0 for d in diffs))}
+
+
+def _paired_text(mean: float, std: float, n: int, positive: int, missing: str) -> str:
+    return missing if not n else fmt(mean, std, n, signed=True) + f", {positive}/{n} > 0"
+
+
+def synthetic_table(entries: list[dict]) -> pd.DataFrame:
+    """Method x split table of the synthetic study: best / last mIoU (mean ± std over seeds),
+    the paired best-epoch gain over supervised and, for MLCL, its paired difference to
+    UniMatch. Rows (preset, method); column groups
+    "<split>, <iterations> it." (a split run on two schedules gets two groups)."""
+    v = synthetic_values(entries)
+    if v.empty:
+        return pd.DataFrame()
+    table: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
+    for r in v.itertuples():
+        row = table.setdefault((r.preset, r.label), {})
+        cell = f"{r.split}, {r.iterations} it."
+        row[(cell, "best")] = fmt(r.best_mean, r.best_std, r.n)
+        row[(cell, "last")] = fmt(r.last_mean, r.last_std, r.n)
+        row[(cell, "gain vs supervised")] = "—" if r.method == "supervised" else _paired_text(
+            r.gain_mean, r.gain_std, r.gain_n, r.gain_positive, NO_PAIR)
+        row[(cell, "MLCL vs UniMatch")] = "—" if r.method != "mlcl" else _paired_text(
+            r.vs_uni_mean, r.vs_uni_std, r.vs_uni_n, r.vs_uni_positive,
+            "no UniMatch run of the same seed and schedule")
+    out = pd.DataFrame.from_dict(table, orient="index")
+    out.index = pd.MultiIndex.from_tuples(out.index, names=["data", "method"])
+    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["split, schedule", ""])
+    return out.fillna(NOT_RUN)
+
+
+def ablation_values(entries: list[dict]) -> pd.DataFrame:
+    """MLCL (paper variant) with each component switched off, per (preset, split,
+    iterations) that has ablation runs: best/last mean ± std and the paired best-epoch
+    difference to the full method; UniMatch of the same cell as the reference."""
+    df = _complete(entries)
+    rows = []
+    mlcl = df[(df.method == "mlcl") & (df.variant == "paper")]
+    for (preset, split, iters), g in mlcl.groupby(["preset", "split", "iterations"]):
+        if (g.ablation == "").all():
+            continue
+        full = g[g.ablation == ""]
+        uni = df[(df.method == "unimatch") & (df.preset == preset) & (df.split == split)
+                 & (df.iterations == iters) & (df.ablation == "")]
+        order = [a for a in ABLATION_LABELS if a in set(g.ablation)]
+        order += sorted(set(g.ablation) - set(order))
+        groups = [(a, ABLATION_LABELS.get(a, a), g[g.ablation == a]) for a in order]
+        groups.append(("unimatch", "UniMatch (reference: neither FKA nor SAI)", uni))
+        for abl, label, sel in groups:
+            if sel.empty:
+                continue
+            delta = _paired(sel, full if abl else full.iloc[:0], "delta")
+            rows.append({"preset": preset, "split": split, "iterations": int(iters),
+                         "ablation": abl, "label": label, **_best_last(sel), **delta,
+                         "synthetic": bool(sel.synthetic.any()),
+                         "runs": list(sel.name)})
+    return pd.DataFrame(rows)
+
+
+def ablation_table(entries: list[dict]) -> pd.DataFrame:
+    """The display table of :func:`ablation_values`: best / last mIoU and the paired
+    difference to the full method, rows (cell, variant)."""
+    v = ablation_values(entries)
+    if v.empty:
+        return pd.DataFrame()
+    out = pd.DataFrame({
+        "best epoch": [fmt(r.best_mean, r.best_std, r.n, r.synthetic) for r in v.itertuples()],
+        "last epoch": [fmt(r.last_mean, r.last_std, r.n, r.synthetic) for r in v.itertuples()],
+        "Δ best vs all components": [
+            "—" if r.ablation == "" else "no full-method run of the same seed"
+            if not r.delta_n else fmt(r.delta_mean, r.delta_std, r.delta_n, signed=True)
+            for r in v.itertuples()]},
+        index=pd.MultiIndex.from_arrays(
+            [[f"{r.preset} {r.split}, {r.iterations} it." for r in v.itertuples()], v.label],
+            names=["cell", "variant"]))
+    return out
+
+
+def qualitative_runs(entries: list[dict], preset: str | None = None, split: str | None = None,
+                     seed: int | None = None) -> dict[str, dict]:
+    """The runs of one (preset, split, seed) cell for a Fig. 6-style grid, as
+    {'Supervised': entry, 'UniMatch': entry, 'MLCL': entry} (those present, each with a
+    best.pt on disk; MLCL = the paper variant, else the released one). Without a cell given,
+    the cell with the most of the three methods, real data before synthetic."""
+    df = _complete(entries)
+    df = df[(df.ablation == "") & df.output_dir.notna()]
+    df = df[[(Path(d) / "best.pt").is_file() for d in df.output_dir]]
+    for col, want in (("preset", preset), ("split", split), ("seed", seed)):
+        if want is not None:
+            df = df[df[col] == want]
+    if df.empty:
+        return {}
+    slot = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
+            ("mlcl", "paper"): "MLCL", ("mlcl", "released"): "MLCL"}
+    df = df.assign(slot=[slot.get((m, v)) for m, v in zip(df.method, df.variant)])
+    df = df[df.slot.notna()]
+    score = df.groupby(["preset", "split", "seed"]).agg(k=("slot", "nunique"),
+                                                        syn=("synthetic", "any"))
+    best = score.assign(syn=score.syn.astype(int)).sort_values(
+        ["k", "syn"], ascending=[False, True]).index[0]
+    cell = df[(df.preset == best[0]) & (df.split == best[1]) & (df.seed == best[2])]
+    by_name = {e["name"]: e for e in entries}
+    out = {}
+    for s in ("Supervised", "UniMatch", "MLCL"):
+        rows = cell[cell.slot == s].sort_values("variant", ascending=True)  # paper < released
+        if not rows.empty:
+            out[s] = by_name[rows.name.iloc[0]]
+    return out
+
+
+# =========================================================================== files
+def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
+    runs = sorted(set(runs))
+    shown = ", ".join(runs[:24]) + (f" and {len(runs) - 24} more" if len(runs) > 24 else "")
+    prefix = "SYNTHETIC-DATA RESULTS. " if synthetic else ""
+    return f"{prefix}{caption} Produced by notebooks/figures.ipynb (mlcl.study.viz) from " \
+           f"{len(runs)} run(s){': ' + shown if runs else ''}."
+
+
+def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, files) -> None:
+    atomic_write_json(directory / f"{name}.json", {
+        "name": name, "caption": caption, "runs": sorted(set(runs)), "synthetic": synthetic,
+        "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def stamp_synthetic(fig: plt.Figure) -> None:
+    """Put the synthetic-data mark on the picture itself (above everything, the saved
+    bounding box grows to hold it), so that a PNG shown or pasted anywhere says what it is."""
+    if any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
+        return  # saved twice
+    fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
+             fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
+
+
+def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
+                synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
+    """Write ``<name>.png`` and ``<name>.pdf`` (caption in their metadata; a synthetic
+    figure also gets the mark on the picture) and ``<name>.json`` (caption, runs) into
+    ``directory`` (default: mlcl.paths.figures_dir())."""
+    runs = list(runs)
+    if synthetic:
+        stamp_synthetic(fig)
+    d = Path(directory) if directory else paths.figures_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    text = _caption(caption, runs, synthetic)
+    files = [d / f"{name}.png", d / f"{name}.pdf"]
+    fig.savefig(files[0], dpi=150, bbox_inches="tight", metadata={"Description": text})
+    fig.savefig(files[1], bbox_inches="tight", metadata={"Subject": text, "Title": name})
+    _sidecar(d, name, text, runs, synthetic, files)
+    return files
+
+
+_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+          "_": r"\_", "{": r"\{", "}": r"\}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX.get(c, c) for c in text)
+
+
+def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = (),
+               synthetic: bool = False, values: pd.DataFrame | None = None,
+               directory: str | Path | None = None) -> list[Path]:
+    """Write ``<name>.csv``, ``<name>.tex`` (with the caption), ``<name>.json`` and, when
+    given, the numbers behind the table as ``<name>_values.csv``."""
+    runs = list(runs)
+    d = Path(directory) if directory else paths.figures_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    text = _caption(caption, runs, synthetic)
+    files = [d / f"{name}.csv", d / f"{name}.tex"]
+    df.to_csv(files[0])
+    tex = df.to_latex(caption=_latex_escape(text), label=f"tab:{name}", escape=True,
+                      multirow=True) if not df.empty else f"% {text}\n% (empty table)\n"
+    files[1].write_text(tex.replace("±", r"$\pm$").replace(SYNTHETIC_MARK, r"\dag{}")
+                        .replace("Δ", r"$\Delta$").replace("—", "--"))
+    if values is not None:
+        files.append(d / f"{name}_values.csv")
+        values.to_csv(files[-1], index=False)
+    _sidecar(d, name, text, runs, synthetic, files)
+    return files
+
+
+def write_index(directory: str | Path | None = None, extra: dict | None = None) -> Path:
+    """``figures.json``: every sidecar (figure or table) in the directory, for the README."""
+    d = Path(directory) if directory else paths.figures_dir()
+    items = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))
+             if p.name != "figures.json"]
+    return atomic_write_json(d / "figures.json", {"items": items, **(extra or {})})
+
+
+# =========================================================================== plots
+
+
+def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
+    """Validation mIoU and training loss against the iteration, one line per run, coloured
+    by method."""
+    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
+    seen = set()
+    for e in sorted(entries, key=lambda e: e.get("name", "")):
+        df = runs_frame([e]).iloc[0]
+        label = method_label(df.method, df.variant)
+        if df.ablation:
+            label += f" [{df.ablation}]"
+        ep = (e.get("metrics") or {}).get("epochs") or []
+        colour = COLOURS.get(label)
+        kw = {"color": colour, "alpha": 0.8, "label": None if label in seen else label}
+        ev = [r for r in ep if "miou" in r]
+        ax_m.plot([r["iteration"] for r in ev], [r["miou"] for r in ev], marker="o", ms=3, **kw)
+        ax_l.plot([r["iteration"] for r in ep], [r.get("loss", np.nan) for r in ep], **kw)
+        seen.add(label)
+    ax_m.set(xlabel="iteration", ylabel="validation mIoU (%)", title="validation mIoU")
+    ax_l.set(xlabel="iteration", ylabel="training loss (epoch mean)", title="training loss",
+             yscale="log")
+    for ax in (ax_m, ax_l):
+        ax.grid(alpha=0.3)
+    if seen:
+        ax_m.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def seeds_text(n: pd.Series) -> str:
+    """How many seeds stand behind each bar: '1 seed' or 'mean ± std over 3 seeds'."""
+    lo, hi = int(n.min()), int(n.max())
+    if hi == 1:
+        return "1 seed"
+    return f"mean ± std over {lo}{'' if lo == hi else f'-{hi}'} seeds"
+
+
+def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Best-epoch mIoU per split, one bar per method, from zero; the mean ± std over seeds
+    where a bar has several (no error bar for a single run). The title says how many seeds
+    (``title`` comes first, e.g. 'Short demo' or 'Synthetic study')."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    if values.empty:
+        ax.text(0.5, 0.5, "no synthetic runs in the registry", ha="center", transform=ax.transAxes)
+        return fig
+    many = values.preset.nunique() > 1
+    name = lambda r: f"{r.preset + ' ' if many else ''}{r.split}\n{r.iterations} it."  # noqa: E731
+    cells = list(dict.fromkeys(name(r) for r in values.itertuples()))
+    labels = list(dict.fromkeys(values.label))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        v = values[values.label == label]
+        x = [cells.index(name(r)) + (i - (len(labels) - 1) / 2) * width
+             for r in v.itertuples()]
+        bars = ax.bar(x, v.best_mean, width, label=label, color=COLOURS.get(label))
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        several = (v.n > 1).to_numpy()
+        if several.any():
+            ax.errorbar(np.asarray(x)[several], v.best_mean[several], yerr=v.best_std[several],
+                        fmt="none", ecolor="k", capsize=3, lw=1)
+    ax.set_xticks(range(len(cells)), cells)
+    head = f"{title}: " if title else ""
+    ax.set(ylabel="best-epoch mIoU (%)", ylim=(0, 100),
+           title=f"{head}best-epoch validation mIoU ({seeds_text(values.n)})")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _colour(mask: np.ndarray, dataset: str) -> np.ndarray:
+    return np.asarray(colourise(mask, dataset).convert("RGB"))
+
+
+IGNORE_LABEL = "ignore (255): object edges, not scored"
+
+
+def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
+                 title: str = "class colours") -> None:
+    """A legend below the panels: the colour of every class (mlcl.data.palette) and,
+    with ``ignore``, the colour of the ignore label in ground-truth masks."""
+    colours = _class_colours(dataset, 256)
+    handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
+               for k, name in enumerate(class_names)]
+    if ignore:
+        handles.append(Patch(facecolor=colours[255], edgecolor="0.4", label=IGNORE_LABEL))
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7,
+               ncol=min(len(handles), 5), frameon=False, title=title, title_fontsize=7)
+
+
+def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
+    """Rows: images; columns: image, each model's prediction, ground truth (Fig. 6 layout).
+    ``samples`` as returned by mlcl.study.explore.predict_val."""
+    columns = ["Image", *samples["preds"], "Ground truth"]
+    n = len(samples["images"])
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 1.9 * n),
+                             squeeze=False)
+    for i in range(n):
+        tiles = [samples["images"][i]]
+        tiles += [_colour(p[i], samples["dataset"]) for p in samples["preds"].values()]
+        tiles.append(_colour(samples["targets"][i], samples["dataset"]))
+        for j, tile in enumerate(tiles):
+            axes[i, j].imshow(tile, interpolation="nearest")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title(columns[j], fontsize=9)
+        axes[i, 0].set_ylabel(str(samples["ids"][i]).split("/")[-1], fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    class_legend(fig, samples["class_names"], samples["dataset"],
+                 title="class colours (predictions and ground truth)")
+    return fig
+
+
+def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
+                       class_names: list[str] | None = None) -> plt.Figure:
+    """Per image (rows): weak and strong views, the attention map A, the SAI keep mask, the
+    features F_w, F_s, F_mk, F_ne (one shared channel PCA -> RGB per image) and the
+    predictions p_w, p_m, p_n (class colours in the legend; default names: the config's);
+    the row label gives v, r, a and the dropped fraction."""
+    from mlcl.study.explore import denormalise, pca_rgb
+
+    cols = ["weak u_w", "strong s1", "attention A", "keep (white)", "F_w", "F_s", "F_mk", "F_ne",
+            "p_w", "p_m", "p_n"]
+    n = views["w"].shape[0]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.45 * len(cols), 1.6 * n), squeeze=False)
+    ds = cfg.data.dataset
+    for i in range(n):
+        feats = pca_rgb([views[k][i] for k in ("f_w", "f_s", "f_mk", "f_ne")])
+        tiles = [denormalise(views["w"][i], cfg), denormalise(views["s"][i], cfg),
+                 views["attention"][i].numpy(), views["keep"][i].float().numpy(), *feats,
+                 *[_colour(views[k][i].argmax(0).numpy(), ds) for k in ("p_w", "p_m", "p_n")]]
+        for j, tile in enumerate(tiles):
+            ax = axes[i, j]
+            cmap = "viridis" if j == 2 else ("gray" if j == 3 else None)
+            ax.imshow(tile, cmap=cmap, interpolation="nearest",
+                      **({"vmin": 0, "vmax": 1} if j == 3 else {}))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(cols[j], fontsize=8)
+        axes[i, 0].set_ylabel(f"v={views['v'][i]:.2f}\nr={views['mask_ratio'][i]:.2f} "
+                              f"a={views['amplitude'][i]:.2f}\ndropped "
+                              f"{100 * views['dropped'][i]:.0f}%", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    names = class_names or cfg.data.class_names or [f"class_{k}" for k in
+                                                    range(cfg.data.num_classes)]
+    class_legend(fig, names, ds, ignore=False, title="class colours of p_w, p_m, p_n")
+    return fig
+
+
+def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
+                      title: str = "") -> plt.Figure:
+    """How SAI's strength follows the similarity v: the mask-ratio centre r(v) and noise
+    amplitude a(v) of each variant (lines, from mlcl.losses) with the batch's images
+    (points), and the fraction of positions each variant's mask actually dropped."""
+    import torch
+
+    from mlcl import losses
+
+    grid = torch.linspace(-1, 1, 201)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    styles = {"paper": ("#d62728", "o"), "released": ("#ff7f0e", "s")}
+    for variant, views in views_by_variant.items():
+        colour, marker = styles.get(variant, ("k", "x"))
+        double = variant == "released"
+        axes[0].plot(grid, losses.sai_mask_ratio(grid, kappa, double), color=colour,
+                     label=f"r(v), {variant}")
+        axes[0].scatter(views["v"], views["mask_ratio"], color=colour, marker=marker, s=18)
+        axes[2].scatter(views["v"], 100 * views["dropped"], color=colour, marker=marker,
+                        s=18, label=variant)
+        if variant == "paper" or len(views_by_variant) == 1:
+            axes[1].plot(grid, losses.sai_amplitude(grid, kappa), color="k",
+                         label="a(v), both variants")
+            axes[1].scatter(views["v"], views["amplitude"], color="k", s=18)
+    axes[0].set(xlabel="similarity v", ylabel="mask threshold centre r",
+                title="masking: keep A < t·max A, t ~ U(r±0.1)")
+    axes[1].set(xlabel="similarity v", ylabel="noise amplitude a", title="noise: ε ~ U(−a, a)")
+    axes[2].set(xlabel="similarity v", ylabel="positions dropped (%)",
+                title="mask actually applied")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Per image: v, and for each variant the mask-ratio centre r, the fraction dropped, the
+    noise amplitude a and the per-image SAI MSEs (L_m on F_mk, L_n on F_ne) against p_w."""
+    cols = {}
+    for variant, v in views_by_variant.items():
+        cols["v"] = v["v"].numpy()
+        for key, name in (("mask_ratio", "r"), ("dropped", "dropped"), ("amplitude", "a"),
+                          ("mse_m", "L_m"), ("mse_n", "L_n")):
+            cols[f"{name} ({variant})"] = v[key].float().numpy()
+    df = pd.DataFrame(cols)
+    df.index.name = "image"
+    return df
+
+
+def _class_colours(dataset: str, k: int) -> np.ndarray:
+    return palette_for(dataset)[:k] / 255.0
+
+
+def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
+    """Per checkpoint (rows): its prototypes (K x C heatmap) and their pairwise cosines."""
+    fig, axes = plt.subplots(len(sets), 2, figsize=(10, 2.6 * len(sets)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1]})
+    for row, fs in zip(axes, sets):
+        p = np.nan_to_num(fs.protos)
+        top = max(float(np.abs(p).max()), 1e-6)
+        signed = bool((p < 0).any())  # features after ReLU are >= 0: a sequential map then
+        im = row[0].imshow(p, aspect="auto", cmap="coolwarm" if signed else "viridis",
+                           vmin=-top if signed else 0, vmax=top, interpolation="nearest")
+        row[0].set_yticks(range(len(fs.class_names)), fs.class_names, fontsize=7)
+        row[0].set(xlabel="channel", title=f"{fs.label}: prototypes ({fs.proto_source})")
+        fig.colorbar(im, ax=row[0], fraction=0.03)
+        unit = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-6)
+        cos = unit @ unit.T
+        im2 = row[1].imshow(cos, vmin=-1, vmax=1, cmap="coolwarm")
+        row[1].set_xticks(range(len(fs.class_names)), fs.class_names, rotation=90, fontsize=6)
+        row[1].set_yticks(range(len(fs.class_names)), fs.class_names, fontsize=6)
+        row[1].set_title("cosine between prototypes", fontsize=9)
+        fig.colorbar(im2, ax=row[1], fraction=0.05)
+    fig.tight_layout()
+    return fig
+
+
+def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
+                    dataset: str = "synthetic") -> plt.Figure:
+    """Scatter plots of 2-D pixel embeddings coloured by class, prototypes as stars.
+    ``panels``: (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2))."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (title, fs, xy, pxy) in zip(axes[0], panels):
+        colours = _class_colours(dataset, len(fs.class_names))
+        for k, name in enumerate(fs.class_names):
+            sel = fs.labels == k
+            if sel.any():
+                ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=colours[k], alpha=0.5, label=name)
+            if np.isfinite(pxy[k]).all():
+                ax.scatter(*pxy[k], marker="*", s=260, color=colours[k], edgecolor="k",
+                           linewidth=1.2, zorder=5)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].legend(fontsize=6, markerscale=3, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def compactness_table(sets: list) -> pd.DataFrame:
+    """Per class (rows, then their mean): mean cosine of the class's pixel features to its
+    prototype, for every checkpoint, against its own prototypes (bank, or class means where
+    there is no bank) and against the class means (comparable across methods)."""
+    from mlcl.study.explore import compactness
+
+    cols = {}
+    for fs in sets:
+        cols[(fs.label, f"to prototypes ({fs.proto_source})")] = compactness(
+            fs.feats, fs.labels, fs.protos)
+        if fs.proto_source != "class means":
+            cols[(fs.label, "to class means")] = compactness(fs.feats, fs.labels,
+                                                             fs.class_means)
+    df = pd.DataFrame(cols, index=sets[0].class_names)
+    df.loc["mean over classes"] = df.mean(0)
+    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["checkpoint", "reference"])
+    return df
+
+
+def plot_compactness(table: pd.DataFrame) -> plt.Figure:
+    """Grouped bars of the compactness table (classes on x)."""
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    n = table.shape[1]
+    width = 0.8 / n
+    for i, col in enumerate(table.columns):
+        ax.bar(np.arange(len(table)) + (i - (n - 1) / 2) * width, table[col], width,
+               label=" / ".join(col))
+    ax.set_xticks(range(len(table)), table.index, rotation=30, fontsize=8)
+    ax.set(ylabel="mean cosine to prototype", title="intra-class compactness")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
