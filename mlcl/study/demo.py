@@ -103,7 +103,8 @@ def where_lines(runs: Path, figures: Path) -> list[str]:
     mlcl = runs / "cells" / demo_runs()["mlcl"].name
     return [
         "", "Where everything is:",
-        f"  runs (best.pt, last.pt, metrics.json, tensorboard/, run.ipynb): {runs / 'cells'}/<run>/",
+        "  runs (best.pt, last.pt, metrics.json, tensorboard/, run.ipynb): "
+        f"{runs / 'cells'}/<run>/",
         f"  results registry (one JSON per run):  {runs / 'registry'}",
         f"  executed notebooks:                   {runs / 'notebooks'}",
         f"  figures and tables (synthetic data):  {figures}",

@@ -81,7 +81,6 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
     model, cfg, names = model_from_checkpoint(raw, path, overrides)
     model = model.to(device or default_device())
     bank = (raw.get("bank") or {}).get("protos")
-    names = names or [f"class_{i}" for i in range(cfg.data.num_classes)]
     return Checkpoint(model.eval(), paths.fix_data_root(cfg), names, bank, raw.get("epoch"),
                       raw.get("miou"), path)
 
@@ -177,8 +176,11 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
     size = w.shape[-2:]
     prob = {name: upsample(model.decode(f), size).softmax(1)
             for name, f in (("p_w", f_w), ("p_s", f_s), ("p_m", f_mk), ("p_n", f_ne))}
-    per_image = lambda p: torch.stack([losses.sai_mse(p[i:i + 1], prob["p_w"][i:i + 1])  # noqa: E731
-                                       for i in range(p.shape[0])])
+
+    def per_image(p: Tensor) -> Tensor:  # (B,) L_m or L_n of each image
+        return torch.stack([losses.sai_mse(p[i:i + 1], prob["p_w"][i:i + 1])
+                            for i in range(p.shape[0])])
+
     out = {"w": w, "s": s, "v": v, "f_w": f_w, "f_s": f_s, "f_mk": f_mk, "f_ne": f_ne,
            "mask_ratio": losses.sai_mask_ratio(v, m.kappa, double_transform),
            "amplitude": losses.sai_amplitude(v, m.kappa),

@@ -74,10 +74,3 @@ def published(table: str, method: str, preset: str, split: str) -> float | None:
     """The published mIoU of ``method`` in the cell (preset, split) of Table ``table``."""
     return TABLES[table].value(method, preset, split)
 
-
-def table_for(preset: str, split: str) -> str | None:
-    """The key of the table with a column for (preset, split), if any."""
-    for key, t in TABLES.items():
-        if any((c.preset, c.split) == (preset, split) for c in t.columns):
-            return key
-    return None

@@ -90,8 +90,8 @@ def load_weights(path: str | Path, overrides: list[str] | None = None, use_data:
 
 def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = None,
                           use_data: bool = False):
-    """(model in eval mode, cfg, class_names) from ``ckpt``, the dict read from ``path``
-    (:func:`read_checkpoint`). The checkpoint's config is the base; ``overrides`` (key=value)
+    """(model in eval mode, cfg, class names: the checkpoint's, else ``class_<i>``) from
+    ``ckpt``, the dict read from ``path`` (:func:`read_checkpoint`). The checkpoint's config is the base; ``overrides`` (key=value)
     go on top. A class count that differs between the checkpoint, the config and (with
     ``use_data``) the data's classes.txt is an error naming all three."""
     cfg = config_from_dict(ckpt["config"])
@@ -106,7 +106,7 @@ def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = 
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
     model.eval()
-    return model, cfg, ckpt.get("class_names") or []
+    return model, cfg, ckpt.get("class_names") or [f"class_{i}" for i in range(classes)]
 
 
 # --------------------------------------------------------------------------- images
@@ -190,8 +190,7 @@ def predict_images(model, cfg: Config, names: list[str], images: str | Path, out
             result.written.append(folder.write(
                 f"{rel}.overlay.jpg", lambda p: blend.save(p, format="JPEG", quality=90)))
     if result.written:
-        picture, text = legend(names or [f"class_{i}" for i in range(cfg.data.num_classes)],
-                               cfg.data.dataset)
+        picture, text = legend(names, cfg.data.dataset)
         result.written.append(folder.write("legend.png", lambda p: picture.save(p, "PNG")))
         result.written.append(folder.write("legend.txt", lambda p: p.write_text(text)))
     return result

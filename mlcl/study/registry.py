@@ -34,7 +34,8 @@ from mlcl.outputs import read_run, resume_changes
 # torch (environment) and pandas (runs_frame) are imported where they are used: reproduce and
 # the demo record runs and read entries without loading either.
 
-RUN_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
+# what names a grid cell (mlcl.study.grids.Run): the registry's ``run`` record and table rows
+CELL_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
 
 
 def registry_dir(root: str | Path | None = None) -> Path:
@@ -234,7 +235,7 @@ def runs_frame(entries: list[dict[str, Any]]):
                      "wall_time_s": e.get("wall_time_s"),
                      "output_dir": str(entry_output_dir(e) or "") or None,
                      "grid": e.get("grid")})
-    columns = ["name", *RUN_KEYS, "dataset", "best_miou", "last_miou", "best_epoch",
+    columns = ["name", *CELL_KEYS, "dataset", "best_miou", "last_miou", "best_epoch",
                "last_epoch", "iterations", "complete", "synthetic", "wall_time_s",
                "output_dir", "grid"]
     df = pd.DataFrame(rows, columns=columns)

@@ -43,7 +43,7 @@ from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
 from mlcl.study.grids import GRIDS, Run
 from mlcl.outputs import read_run, run_changes
-from mlcl.study.registry import find_registry, load_entry, record_output_dir
+from mlcl.study.registry import CELL_KEYS, find_registry, load_entry, record_output_dir
 
 # mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
 # this process: reproduce itself only launches runs in subprocesses and reads their files.
@@ -68,9 +68,7 @@ def is_complete(out: Path) -> bool:
 
 def run_record(run: Run) -> dict[str, Any]:
     """The registry's ``run`` field of a grid cell."""
-    return {"preset": run.preset, "split": run.split, "method": run.method,
-            "variant": run.variant, "ablation": run.ablation, "seed": run.seed,
-            "overrides": list(run.overrides)}
+    return {**{k: getattr(run, k) for k in CELL_KEYS}, "overrides": list(run.overrides)}
 
 
 # --------------------------------------------------------------------------- training
@@ -130,9 +128,7 @@ def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
 def run_parameters(run: Run, out: Path, registry: Path, overrides: list[str], grid: str | None,
                    num_processes: int = 1, notebook: Path | None = None) -> dict[str, Any]:
     """The run notebook's parameters for one grid cell."""
-    return {"preset": run.preset, "split": run.split, "method": run.method,
-            "variant": run.variant, "seed": run.seed, "ablation": run.ablation,
-            "overrides": [*run.overrides, *overrides], "output_dir": str(out),
+    return {**run_record(run), "overrides": [*run.overrides, *overrides], "output_dir": str(out),
             "registry_dir": str(registry), "grid": grid or "", "run_name": run.name,
             "num_processes": num_processes, "executed_notebook": str(notebook or "")}
 
@@ -163,14 +159,13 @@ def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "f
 def figures_main(args) -> int:
     """``python -m mlcl figures [--registry DIR] [--out DIR]`` (= `make figures`): the
     figures notebook on the registry that exists (mlcl.study.registry.find_registry), saying
-    which; exit 1 with one line when there is no registry with runs."""
+    which; a ConfigError when there is no registry with runs."""
     reg = find_registry(args.registry)
     count = len(list(reg.glob("*.json")))
     if count == 0:
         looked = ", ".join(str(p) for p in ([reg] if args.registry else paths.registry_dirs()))
-        print(f"error: no results registry with runs (looked in {looked}): run `make demo` "
-              "or `python -m mlcl reproduce` first, or give --registry DIR", file=sys.stderr)
-        return 1
+        raise ConfigError(f"no results registry with runs (looked in {looked}): run `make demo` "
+                          "or `python -m mlcl reproduce` first, or give --registry DIR")
     out = paths.resolve(args.out, output=True) if args.out else paths.figures_for(reg)
     nb = paths.runs_dir() / "notebooks" / "figures.ipynb"
     print(f"reading the registry {reg} ({count} runs); writing figures and tables into "
