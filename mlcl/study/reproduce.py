@@ -1,25 +1,15 @@
-"""Batch reproduction: run every cell of a grid (mlcl.study.grids), skipping runs that are already
-complete, going on past a failed run and listing the failures at the end, then build the
-figures from the results registry.
+"""Batch reproduction: train every cell of a grid (mlcl.study.grids), ``jobs`` at a time with
+one OpenMP thread each, then execute notebooks/figures.ipynb on the results registry.
 
     python -m mlcl reproduce --grid synthetic-study --jobs 2 data.root=data/synthetic
 
-Executors: ``papermill`` (default) executes ``notebooks/run.ipynb`` once per run, each in its
-own kernel, and keeps the executed notebook as ``runs/cells/<name>/run.ipynb``; ``cli`` trains
-through ``python -m mlcl train`` in a subprocess. Either way a run's output dir is
-``<runs>/cells/<Run.name>`` and its registry entry ``<runs>/registry/<Run.name>.json``; a run
-whose metrics.json says complete is skipped (and recorded if its entry is missing). Before
-anything trains, every cell's configuration is resolved: a bad key stops the grid at once
-with its cause, and so does a cell trained before with other settings than requested now
-(``--rerun-changed`` trains those again; a run's identity is its resolved configuration,
-less the keys in ``mlcl.config.RESULT_NEUTRAL``: a moved data.root keeps the cells). A failed
-run is listed with the last error line of its log; one that failed before its first
-checkpoint leaves no cell folder (its executed notebook moves beside the log). Runs
-execute ``jobs`` at a time with one OpenMP thread each; while they train, each shows its
-iteration, latest validation mIoU and ETA from its ``progress.json`` (mlcl.progress: a bar
-per run on a terminal, plain lines in a log). With ``num_processes > 1`` every run
-trains through ``accelerate launch`` (multi-GPU). Finally ``notebooks/figures.ipynb`` is
-executed (into ``<runs>/notebooks/``) and writes into figures/ (or ``--figures DIR``).
+A cell trains into ``<runs>/cells/<Run.name>`` (executor ``papermill``: notebooks/run.ipynb
+in its own kernel, kept as ``run.ipynb`` there; ``cli``: ``python -m mlcl train``) and is
+recorded as ``<runs>/registry/<Run.name>.json``; a complete cell is skipped. Before anything
+trains every cell's configuration must build and equal the one a cell was trained with
+(mlcl.outputs.run_changes; ``--rerun-changed`` trains changed cells again). A failed run is
+listed with the last error line of its log and, failed before its first checkpoint, leaves no
+cell folder. ``num_processes > 1`` trains through ``accelerate launch``.
 """
 from __future__ import annotations
 
@@ -34,7 +24,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
 
 from mlcl import paths, progress
 from mlcl.study import grids
