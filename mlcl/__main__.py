@@ -67,7 +67,7 @@ def cmd_evaluate(args) -> int:
     from mlcl.engine import make_accelerator
     from mlcl.evaluate import evaluate
     from mlcl.files import atomic_write_json, check_output_file
-    from mlcl.predict import load_weights
+    from mlcl.study.predict import load_weights
 
     if args.out:
         check_output_file(args.out, "--out", is_evaluation)
@@ -91,7 +91,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from mlcl.predict import load_weights, predict_images
+    from mlcl.study.predict import load_weights, predict_images
 
     model, cfg, names = load_weights(args.checkpoint, args.overrides)
     result = predict_images(model, cfg, names, args.images, args.out, overlay=args.overlay,
@@ -106,14 +106,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from mlcl.data.synthetic import run_synth
+    from mlcl.study.synthetic import run_synth
 
     run_synth(args)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from mlcl.demo import run_demo
+    from mlcl.study.demo import run_demo
 
     return run_demo(args)
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic dataset")
-    from mlcl.data.synthetic import add_synth_args
+    from mlcl.study.synthetic import add_synth_args
 
     add_synth_args(p)
     p.set_defaults(func=cmd_synth)
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_evaluate)
 
-    from mlcl.predict import MAX_PIXELS, TILE
+    from mlcl.study.predict import MAX_PIXELS, TILE
 
     p = sub.add_parser("predict", help="palette PNG predictions for a folder of images")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or a run folder "
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("gpu-check", help="the GPU acceptance check: bench, rehearsals, memory")
 
     p = sub.add_parser("reproduce", help="run a grid of runs (skips complete ones)")
-    from mlcl import reproduce
+    from mlcl.study import reproduce
 
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)

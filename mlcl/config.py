@@ -327,7 +327,7 @@ CHOICES = {
 }
 
 # Keys that do not change a run's results (workers, logging, where files go): two runs that
-# differ only in these are the same run (mlcl.reproduce, the registry's tables).
+# differ only in these are the same run (mlcl.study.reproduce, the registry's tables).
 RESULT_NEUTRAL = ("output_dir", "data.root", "data.num_workers", "data.pin_memory",
                   "data.persistent_workers", "train.log_every", "train.checkpoint_every",
                   "train.cpu", "train.compile", "train.channels_last")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlcl.config import load_config
-from mlcl.data.synthetic import make_synthetic
+from mlcl.study.synthetic import make_synthetic
 
 SYNTH_SIZE = 32  # pixels; VOC-layout images are 32 x 32, Cityscapes-layout 32 x 64
 SYNTH_CLASSES = 7

@@ -21,11 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mlcl import files, outputs, registry
+from mlcl import files, outputs
+from mlcl.study import registry
 from mlcl.__main__ import main
 from mlcl.config import ConfigError, in_range, load_config
 from mlcl.data import DataError, ValDataset, preflight
-from mlcl.data.synthetic import make_synthetic
+from mlcl.study.synthetic import make_synthetic
 from mlcl.files import atomic_write_text
 from mlcl.train import fit
 
@@ -509,8 +510,8 @@ def test_registry_refuses_tables_of_mixed_settings():
 
 def grid_entries(*grids: str) -> list[dict]:
     """Complete registry entries (resolved configs, no metrics) for the seed-0 runs of the
-    ``grids`` as mlcl.reproduce records them."""
-    from mlcl.grids import build_grid
+    ``grids`` as mlcl.study.reproduce records them."""
+    from mlcl.study.grids import build_grid
 
     runs = {r.name: r for g in grids for r in build_grid(g) if r.seed == 0}
     return [{"name": name, "metrics": {"complete": True, "best_miou": 0.5},

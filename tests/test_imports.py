@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-LIGHT = ["mlcl.config", "mlcl.__main__", "mlcl.errors", "mlcl.reproduce", "mlcl.demo",
-         "mlcl.registry", "mlcl.prepare.cli", "mlcl.data.splits", "mlcl.data.classes",
-         "mlcl.data.synthetic", "mlcl.data.palette"]
+LIGHT = ["mlcl.config", "mlcl.__main__", "mlcl.errors", "mlcl.study.reproduce", "mlcl.study.demo",
+         "mlcl.study.registry", "mlcl.prepare.cli", "mlcl.data.splits", "mlcl.data.classes",
+         "mlcl.study.synthetic", "mlcl.data.palette"]
 
 
 def loaded_by(modules: list[str]) -> list[str]:
@@ -27,4 +27,4 @@ def test_light_modules_load_no_heavy_library(module):
 
 
 def test_the_figures_code_does_not_load_torch():
-    assert "torch" not in loaded_by(["mlcl.viz"])
+    assert "torch" not in loaded_by(["mlcl.study.viz"])

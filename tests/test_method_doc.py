@@ -1,4 +1,4 @@
-"""docs/method.md against the code: the published numbers equal mlcl/paper.py's (which
+"""docs/method.md against the code: the published numbers equal mlcl/study/paper.py's (which
 tests/test_viz.py compares with the paper's tables), every released switch is documented,
 every `docs/method.md, "<section>"` reference in the package names a real section, and
 nothing in the repository points outside it."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mlcl import paper
+from mlcl.study import paper
 from mlcl.config import RELEASED_QUIRKS
 
 ROOT = Path(__file__).resolve().parents[1]

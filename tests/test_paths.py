@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlcl import paths, registry
+from mlcl import paths
+from mlcl.study import registry
 from mlcl.__main__ import main
 from mlcl.config import Config
-from mlcl.registry import find_registry, registry_dir
+from mlcl.study.registry import find_registry, registry_dir
 
 
 def test_resolve_from_any_folder(tmp_path, monkeypatch):
@@ -39,9 +40,9 @@ def test_the_registry_that_exists(tmp_path, monkeypatch):
 
 def test_figures_command_without_a_registry(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLCL_RUNS", str(tmp_path))
-    assert main(["figures"]) == 1
+    assert main(["figures"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no results registry" in err[0] and "make demo" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: no results registry") and "make demo" in err[0]
     assert str(tmp_path / "demo" / "registry") in err[0]
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mlcl.data.splits import read_split
-from mlcl.data.synthetic import make_synthetic
+from mlcl.study.synthetic import make_synthetic
 from mlcl.prepare.download import ChecksumError, PrepareError
 from fakes import LocalServer, unimatch_lists
 from mlcl.prepare.split_lists import (NON_STANDARD, SPLITS, UNIMATCH_COMMIT, UNIMATCH_REPO,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlcl.data.synthetic import make_synthetic
+from mlcl.study.synthetic import make_synthetic
 from mlcl.paths import REPO
 from mlcl.prepare import cli
 from mlcl.prepare.verify import verify_dataset

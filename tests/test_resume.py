@@ -25,7 +25,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mlcl import outputs, registry, reproduce
+from mlcl import outputs
+from mlcl.study import registry, reproduce
 from mlcl.__main__ import main
 from mlcl.checkpoints import Checkpoints, CheckpointWriteError, TrainerState
 from mlcl.config import ConfigError, load_config

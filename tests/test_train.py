@@ -225,7 +225,7 @@ def test_a_compiled_model_saves_weights_without_the_compile_wrapper(synth_root, 
     there, its compilation is not, which would take minutes on a CPU.)"""
     import torch._dynamo
 
-    from mlcl.predict import load_weights
+    from mlcl.study.predict import load_weights
 
     monkeypatch.setattr(torch._dynamo.config, "disable", True)
     out = tmp_path / "run"

@@ -11,7 +11,7 @@ import torch
 
 from mlcl.config import load_config
 from mlcl.data.datasets import UnlabeledDataset
-from mlcl.data.synthetic import make_synthetic
+from mlcl.study.synthetic import make_synthetic
 from mlcl.loaders import make_loader
 
 

@@ -1,11 +1,11 @@
 """Data: split files, datasets (labeled / unlabeled / val), class names and colours, the
-data pre-flight and the synthetic generator.
+data pre-flight.
 
     from mlcl.data import build_datasets
     sets = build_datasets(cfg, with_unlabeled=cfg.method != "supervised")
 
 The names below are imported on first use (as ``mlcl.build_model`` is), so that the modules
-without torch (splits, classes, palette, synthetic) load without it: data preparation, the
+without torch (splits, classes, palette) load without it: data preparation, the
 grid's checks and the figures use them.
 """
 import importlib
@@ -15,7 +15,6 @@ _LAZY = {
     "mlcl.data.datasets": ("LabeledDataset", "UnlabeledDataset", "ValDataset", "build_datasets",
                            "class_names", "load_image", "load_mask"),
     "mlcl.data.splits": ("DataError", "Sample", "check_root", "read_split"),
-    "mlcl.data.synthetic": ("make_synthetic",),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 __all__ = list(_WHERE)

@@ -12,7 +12,7 @@ its dataset, and split lists in UniMatch's format for every cell of ``mlcl.prepa
                 gtFine/{train,val}/{city}/..._gtFine_labelTrainIds.png          L, 0..18, 255
                 splits/cityscapes/{1_16,1_8,1_4,1_2}/{labeled,unlabeled}.txt, val.txt
 
-Image content comes from :func:`mlcl.data.synthetic.render` (shapes on texture, 255 bands on
+Image content comes from :func:`mlcl.study.synthetic.render` (shapes on texture, 255 bands on
 object edges); Cityscapes frames are rendered at a quarter of the size and enlarged (bilinear
 image, nearest mask), which keeps fabrication to a fraction of a second per frame.
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlcl.data.synthetic import render, voc_palette
+from mlcl.study.synthetic import render, voc_palette
 from mlcl.files import atomic_torch_save, atomic_write_json
 from mlcl.model import build_backbone
 from mlcl.prepare.split_lists import SPLITS

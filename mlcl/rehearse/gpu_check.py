@@ -46,7 +46,7 @@ from mlcl.config import METHOD_NAMES, CommandLineParser
 from mlcl.errors import run_reported
 from mlcl.files import atomic_write_json, atomic_write_text
 from mlcl.rehearse.fabricate import weights_name
-from mlcl.reproduce import thread_env, train_command
+from mlcl.study.reproduce import thread_env, train_command
 
 PRESETS = ("pascal", "pascal_blended", "pascal_blended_r101", "cityscapes")
 BUDGET_S = 480

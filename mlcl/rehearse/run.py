@@ -24,7 +24,7 @@ from mlcl.engine import make_accelerator
 from mlcl.evaluate import evaluate
 from mlcl.files import atomic_write_json
 from mlcl.model import build_backbone
-from mlcl.predict import load_weights
+from mlcl.study.predict import load_weights
 from mlcl.prepare.pretrained import load_pretrained
 from mlcl.prepare.verify import verify_dataset
 from mlcl.rehearse import flops as F
