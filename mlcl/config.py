@@ -159,7 +159,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The DeepLabV3+ network: backbone, width, output stride, pretrained weights."""
+    """The DeepLabV3+ network (output stride 16): backbone, width, pretrained weights."""
 
     RANGES: ClassVar[dict[str, str]] = {
         "width": ">= 1", "aspp_dilations": ">= 1", "low_level_channels": ">= 1",
@@ -167,9 +167,10 @@ class ModelConfig:
 
     # resnet18 | resnet34 | resnet50 | resnet101 | resnet50_deepstem | resnet101_deepstem
     backbone: str = "resnet50"
-    width: int = 64  # channels of the ResNet stem (64 standard; 32 = half width for CPU work)
+    # channels of the first stage (64 standard; 32 = half width for CPU work); the stem gives
+    # width channels, the deep stem 2 x width
+    width: int = 64
     pretrained: Union[bool, str] = False  # false | true (torchvision ImageNet) | file path
-    output_stride: int = 16
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18])
     low_level_channels: int = 48
     feature_channels: int = 256  # C: the fused map F = encode(x)
@@ -219,25 +220,11 @@ class TrainConfig:
 
 
 @dataclass
-class UniMatchConfig:
-    """Weights of the UniMatch total (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2."""
-
-    RANGES: ClassVar[dict[str, str]] = {
-        "w_x": ">= 0", "w_s1": ">= 0", "w_s2": ">= 0", "w_fp": ">= 0", "scale": "> 0"}
-
-    w_x: float = 1.0
-    w_s1: float = 0.25
-    w_s2: float = 0.25
-    w_fp: float = 0.5
-    scale: float = 0.5
-
-
-@dataclass
 class MLCLConfig:
     """FKA + SAI (docs/method.md, "MLCL"; the switches: "Paper versus release")."""
 
     RANGES: ClassVar[dict[str, str]] = {
-        "alpha": ">= 0", "omega": ">= 0", "beta": ">= 0", "rampup_k": ">= 0",
+        "alpha": ">= 0", "omega": ">= 0", "beta": ">= 0",
         "num_anchors": ">= 1", "num_candidates": ">= 1", "bank_momentum": "[0, 1]",
         "bank_conf": "[0, 1]", "kappa": "[0, 0.5]", "mask_jitter": "[0, 1]",
         "warmup_epochs": ">= 0"}
@@ -246,7 +233,6 @@ class MLCLConfig:
     alpha: Union[float, None] = None  # L_p2p weight; None: 0.1 (paper) / 0 (released)
     omega: float = 0.01  # L_dt weight
     beta: float = 0.01  # SAI weight at the end of the ramp-up
-    rampup_k: float = 5.0  # r(t) = exp(-k (1 - t/T)^2)
     num_anchors: int = 16
     num_candidates: int = 256
     bank_momentum: float = 0.99
@@ -258,9 +244,8 @@ class MLCLConfig:
     use_dt: bool = True
     use_mask: bool = True
     use_noise: bool = True
-    sai_ignore_mask: bool = False  # ablation: exclude padding from the SAI MSE
-    released_passes: bool = False  # the released 7-pass structure ("Forward passes")
-    # RELEASED_QUIRKS; None follows the variant (resolved at load time)
+    released_passes: bool = False  # the release's separate passes ("Forward passes")
+    # RELEASED_QUIRKS; None follows the variant (filled in by fill_defaults)
     double_transform: Union[bool, None] = None
     pair_by_position: Union[bool, None] = None
     duplicate_top_anchor: Union[bool, None] = None
@@ -273,19 +258,19 @@ class MLCLConfig:
 
 @dataclass
 class EvalConfig:
-    """How validation images are predicted: whole, centre crop or sliding window."""
+    """How validation images are predicted: whole or sliding window."""
 
     RANGES: ClassVar[dict[str, str]] = {"crop_size": ">= 0", "stride_ratio": "(0, 1]"}
 
-    mode: str = "whole"  # whole | center_crop | sliding
-    crop_size: int = 0  # 0: data.crop_size
+    mode: str = "whole"  # whole | sliding
+    crop_size: int = 0  # the sliding window; 0: data.crop_size
     stride_ratio: float = 2 / 3  # sliding window stride = crop * ratio
 
 
 @dataclass
 class Config:
     """A run's whole configuration: the method, seed, output folder and named cell, and one
-    section per part (data, model, train, unimatch, mlcl, eval)."""
+    section per part (data, model, train, mlcl, eval)."""
 
     RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 4294967295]"}
 
@@ -296,7 +281,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    unimatch: UniMatchConfig = field(default_factory=UniMatchConfig)
     mlcl: MLCLConfig = field(default_factory=MLCLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -321,7 +305,7 @@ CHOICES = {
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.mix_partner": ("roll", "loader", "same"),
     "mlcl.variant": ("paper", "released"),
-    "eval.mode": ("whole", "center_crop", "sliding"),
+    "eval.mode": ("whole", "sliding"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
                        "resnet50_deepstem", "resnet101_deepstem"),
 }
@@ -534,7 +518,7 @@ def load_config(preset: str | Path | None = None,
     for k, v in over.items():
         set_key(cfg, k, v)
     cfg.__dict__["_overridden"] = frozenset(over)  # not a field: never saved
-    return resolve(cfg)
+    return fill_defaults(cfg)
 
 
 def overridden_keys(cfg: Config) -> frozenset[str]:
@@ -544,8 +528,9 @@ def overridden_keys(cfg: Config) -> frozenset[str]:
     return cfg.__dict__.get("_overridden", frozenset())
 
 
-def resolve(cfg: Config) -> Config:
-    """Validate choices and fill the values that follow from others (variant defaults)."""
+def fill_defaults(cfg: Config) -> Config:
+    """Fill the values that follow from others (the variant's defaults, the output folder) and
+    check every choice, range and relation; ``cfg``, changed in place."""
     released_mlcl = cfg.method == "mlcl" and cfg.mlcl.variant == "released"
     if cfg.train.mix_partner is None:
         cfg.train.mix_partner = "same" if released_mlcl else "roll"
@@ -554,7 +539,8 @@ def resolve(cfg: Config) -> Config:
     flat = flatten(cfg.to_dict())
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
-            raise ConfigError(f"config key '{key}': {flat[key]!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{key}': {flat[key]!r} is not one of "
+                              f"{', '.join(allowed)}")
     m = cfg.mlcl
     released = m.variant == "released"
     for quirk in RELEASED_QUIRKS:
@@ -635,8 +621,19 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# Keys a config.yaml or checkpoint written before they were removed may hold; all were fixed
+# at these values, which the code now always uses: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2,
+# k = 5 in w(t), no SAI ignore mask, output stride 16.
+REMOVED_KEYS = ("unimatch", "mlcl.rampup_k", "mlcl.sai_ignore_mask", "model.output_stride")
+
+
 def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.yaml or checkpoint)."""
+    """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.yaml or checkpoint),
+    leaving out :data:`REMOVED_KEYS`."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for key in REMOVED_KEYS:
+        section, _, name = key.rpartition(".")
+        (d.get(section) or {} if section else d).pop(name, None)
     cfg = Config()
     apply_mapping(cfg, d)
-    return resolve(cfg)
+    return fill_defaults(cfg)

@@ -1,7 +1,6 @@
-"""Evaluation: confusion matrix -> mIoU, in three modes (whole image, centre crop, sliding
-window). With several processes every validation image is counted exactly once: each process
-takes every n-th image (no padding, unlike a distributed sampler) and the confusion matrices
-are summed."""
+"""Evaluation: confusion matrix -> mIoU, in two modes (whole image, sliding window). With
+several processes every validation image is counted exactly once: each process takes every
+n-th image (no padding, unlike a distributed sampler) and the confusion matrices are summed."""
 from __future__ import annotations
 
 import math
@@ -21,7 +20,8 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
     truth, columns = prediction; pixels where ``target`` is ``ignore_index`` are dropped."""
     valid = target != ignore_index
     idx = target[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    k = num_classes
+    return torch.bincount(idx, minlength=k * k).reshape(k, k)
 
 
 def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
@@ -33,12 +33,6 @@ def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
     miou = float(torch.nanmean(iou)) if bool((union > 0).any()) else float("nan")
     return miou, [float(v) for v in iou]
-
-
-def _center_crop(x: Tensor, y: Tensor, size: int) -> tuple[Tensor, Tensor]:
-    h, w = y.shape[-2:]
-    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
-    return x[..., top:top + size, left:left + size], y[..., top:top + size, left:left + size]
 
 
 def sliding_window_logits(model, x: Tensor, num_classes: int, window: int, stride: int) -> Tensor:
@@ -65,8 +59,7 @@ def sliding_window_logits(model, x: Tensor, num_classes: int, window: int, strid
 
 
 def predict_logits(model, x: Tensor, cfg) -> Tensor:
-    """Class scores (B, K, H, W) for a whole image in the configured eval mode (centre-crop
-    mode crops before calling this)."""
+    """Class scores (B, K, H, W) for a whole image in the configured eval mode."""
     if cfg.eval.mode == "sliding":
         window = cfg.eval.crop_size or cfg.data.crop_size
         stride = max(int(window * cfg.eval.stride_ratio), 1)
@@ -94,8 +87,6 @@ def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
     n = torch.zeros((), dtype=torch.long, device=accelerator.device)
     for batch in loader:
         x, y = batch["x"].to(accelerator.device), batch["y"].to(accelerator.device)
-        if cfg.eval.mode == "center_crop":
-            x, y = _center_crop(x, y, cfg.eval.crop_size or cfg.data.crop_size)
         with accelerator.autocast():
             pred = predict_logits(model, x, cfg).argmax(1)
         cm += confusion_matrix(pred, y, k, cfg.data.ignore_index)

@@ -1,5 +1,6 @@
 """One step function per method: ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
-(what each computes: docs/method.md, "One training step").
+(what each computes: docs/method.md, "One training step"; each equation's function:
+docs/method.md, "Equations and functions").
 
 Vocabulary (UniMatch's): ``x``/``y`` labeled images and masks; ``u`` the unlabeled batch with
 views ``w`` (weak), ``s1``/``s2`` (two independent strong views), ``ignore`` (255 where the
@@ -8,22 +9,22 @@ crop was padded) and CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner 
 
 Image-batches through the backbone per step (docs/method.md, "Forward passes"):
 
-    supervised            1   x
-    unimatch              5   mix_w (eval, no grad) | x, u_w (+fp copy of c1/c4) | s1, s2
-    mlcl (default)        7   unimatch's 5 + the CutMixed weak views w1, w2 under no_grad
-    mlcl (released)       9   7 train-mode passes: mix_w | x, u_w | s1, s2 | w1 | w2 | u_w | s1
+    supervised              1   x
+    unimatch                5   mix_w (eval, no grad) | x, u_w (+fp copy of c1/c4) | s1, s2
+    mlcl                    7   unimatch's 5 + the CutMixed weak views w1, w2 under no_grad
+    mlcl (released_passes)  9   unimatch's 5 + train-mode passes over w1 | w2 | u_w | s1
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-from mlcl import losses
+from mlcl import losses, released
 from mlcl.config import Config
-from mlcl.model import upsample
 from mlcl.prototypes import PrototypeBank
 
 
@@ -41,12 +42,45 @@ class StepContext:
     epoch: int = 0
 
 
+class MLCLParts(NamedTuple):
+    """The implementation of each part of the MLCL step that the release computes otherwise."""
+
+    passes: Callable  # (model, w1, w2, u, UniMatchPasses, F_s1) -> (F_1, F_2, F_w, f_dt, box)
+    valid_at_features: Callable  # (ignore (B, H, W), (h, w), ignore_index) -> (B, h, w) bool
+    loss_dt: Callable  # as losses.loss_dt
+    mask_ratio: Callable  # (v (B,), kappa) -> r (B,)
+    bank: Callable  # (K, C, momentum, conf_thresh) -> PrototypeBank
+
+
+def mlcl_parts(cfg: Config) -> MLCLParts:
+    """The one place where the configuration chooses between the paper's implementation of
+    each part and the release's (:mod:`mlcl.released`; docs/method.md, "Paper versus
+    release")."""
+    m = cfg.mlcl
+    dt_quirks = {"pair_by_position": m.pair_by_position,
+                 "duplicate_top_anchor": m.duplicate_top_anchor,
+                 "normalise_by_candidates": m.normalise_by_candidates,
+                 "keep_uninitialised": m.dt_uninitialised}
+    bank_quirks = {"early_stop": m.bank_early_stop, "average_banks": m.bank_local_update}
+    return MLCLParts(
+        passes=released.separate_passes if m.released_passes else joint_passes,
+        valid_at_features=(released.valid_bilinear if m.bilinear_ignore
+                           else losses.valid_at_features),
+        loss_dt=(partial(released.loss_dt, **dt_quirks) if any(dt_quirks.values())
+                 else losses.loss_dt),
+        # the release transforms v twice only because its noise loop runs first
+        mask_ratio=(released.sai_mask_ratio_twice if m.double_transform and m.use_noise
+                    else losses.sai_mask_ratio),
+        bank=(partial(released.ReleasedBank, **bank_quirks) if any(bank_quirks.values())
+              else PrototypeBank))
+
+
 def make_bank(cfg: Config) -> PrototypeBank | None:
     """The prototype memory bank for MLCL (None for the other methods)."""
     if cfg.method != "mlcl":
         return None
-    return PrototypeBank(cfg.data.num_classes, cfg.model.feature_channels,
-                         momentum=cfg.mlcl.bank_momentum, conf_thresh=cfg.mlcl.bank_conf)
+    return mlcl_parts(cfg).bank(cfg.data.num_classes, cfg.model.feature_channels,
+                                momentum=cfg.mlcl.bank_momentum, conf_thresh=cfg.mlcl.bank_conf)
 
 
 def labeled_loss(logits: Tensor, y: Tensor, cfg: Config) -> Tensor:
@@ -145,8 +179,7 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     loss_s1 = losses.pseudo_label_ce(pred_s1, *targets[0], tau, ig)
     loss_s2 = losses.pseudo_label_ce(pred_s2, *targets[1], tau, ig)
     loss_fp = losses.pseudo_label_ce(pred_fp, label_w, conf_w, u["ignore"], tau, ig)
-    w = cfg.unimatch
-    total = w.scale * (w.w_x * loss_x + w.w_s1 * loss_s1 + w.w_s2 * loss_s2 + w.w_fp * loss_fp)
+    total = (loss_x + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_fp) / 2
     valid = u["ignore"] != ig
     conf_ratio = ((conf_w >= tau) & valid).sum() / valid.sum().clamp(min=1)
     terms = {"x": loss_x.detach(), "s": (loss_s1.detach() + loss_s2.detach()) / 2,
@@ -167,8 +200,7 @@ class MLCLInputs:
     """What the MLCL part of a step reads: B images, C channels, K classes, h x w feature and
     H x W input resolution."""
 
-    f_w: Tensor  # (B, C, h, w) features of u_w, detached
-    logits_w: Tensor  # (B, K, h, w) the classifier on f_w (weak pseudo-labels at h x w)
+    f_w: Tensor  # (B, C, h, w) F_w: features of u_w, detached
     f1: Tensor  # (B, C, h, w) F_1: the weak images CutMixed like s1, detached
     f2: Tensor  # (B, C, h, w) F_2: likewise for s2
     f_s1: Tensor  # (B, C, h, w) F_s1: features of the CutMixed s1, with gradient
@@ -176,85 +208,92 @@ class MLCLInputs:
     f_dt: Tensor  # (B, C, h, w) the strong features L_dt pulls, with gradient
     dt_box: Tensor | None  # (B, H, W) bool: where f_dt shows the partner (skipped), or None
     ignore: Tensor  # (B, H, W) u's ignore map
-    ignore_mix: Tensor  # (B, H, W) the CutMix partner's ignore map
-    box1: Tensor  # (B, H, W) bool: the CutMix box of s1
-    box2: Tensor  # (B, H, W) bool: the CutMix box of s2
-    prob_w: Tensor  # (B, K, H, W) softmax of u_w (train mode, detached)
-    prob_mix: Tensor  # (B, K, H, W) softmax of the partner (eval mode)
+    sai_target: Tensor  # (2B, K, H, W) SAI's targets of s1 then s2: u_w's probabilities
+    #                     (train mode) with the box taken from the partner's (eval mode)
 
 
-def mlcl_inputs(model, net, p: UniMatchPasses, u: dict[str, Tensor],
-                released_passes: bool) -> MLCLInputs:
-    """The MLCL passes on top of UniMatch's (docs/method.md, "Forward passes"): F_1/F_2 under
-    no_grad, F_w from the clean u_w branch and L_dt on the CutMixed s1 outside its box; or,
-    with ``released_passes``, separate train-mode passes (graphs built) over w1, w2, u_w, s1."""
+def joint_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], p: UniMatchPasses,
+                 f_s1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(F_1, F_2, F_w, the strong features of L_dt, their CutMix box): F_1 and F_2 from one
+    pass over cat(w1, w2) under no_grad, F_w from the clean u_w half of UniMatch's
+    cat(x, u_w) pass, L_dt on F_s1 outside box1 (docs/method.md, "Forward passes")."""
+    with torch.no_grad():  # train mode, as the released passes (BN batch statistics)
+        f1, f2 = model(torch.cat([w1, w2]), return_features=True).features.chunk(2)
+    return f1, f2, p.out_xw.features[p.n_x:], f_s1, p.boxes[0]
+
+
+def mlcl_inputs(model, p: UniMatchPasses, u: dict[str, Tensor], passes: Callable
+                ) -> MLCLInputs:
+    """The MLCL inputs on top of UniMatch's passes; ``passes`` is :func:`joint_passes` or the
+    release's (:attr:`MLCLParts.passes`)."""
     box1, box2 = p.boxes
     f_s1, f_s2 = p.out_s.features.chunk(2)
     w1, w2 = paste(box1, p.mix["w"], u["w"]), paste(box2, p.mix["w"], u["w"])
-    if released_passes:
-        f1 = model(w1, return_features=True).features.detach()
-        f2 = model(w2, return_features=True).features.detach()
-        f_w = model(u["w"], return_features=True).features
-        f_dt, dt_box = model(u["s1"], return_features=True).features, None  # un-mixed s1
-    else:
-        with torch.no_grad():  # train mode, as the released passes (BN batch statistics)
-            f1, f2 = model(torch.cat([w1, w2]), return_features=True).features.chunk(2)
-        f_w, f_dt, dt_box = p.out_xw.features[p.n_x:], f_s1, box1
-    f_w = f_w.detach()
-    with torch.no_grad():
-        logits_w = net.decode(f_w)
-    return MLCLInputs(f_w=f_w, logits_w=logits_w, f1=f1, f2=f2, f_s1=f_s1, f_s2=f_s2,
-                      f_dt=f_dt, dt_box=dt_box, ignore=u["ignore"], ignore_mix=p.mix["ignore"],
-                      box1=box1, box2=box2, prob_w=p.prob_w, prob_mix=p.prob_mix)
+    f1, f2, f_w, f_dt, dt_box = passes(model, w1, w2, u, p, f_s1)
+    target = paste(torch.stack(p.boxes).bool(), p.prob_mix, p.prob_w).flatten(0, 1)
+    return MLCLInputs(f_w=f_w.detach(), f1=f1, f2=f2, f_s1=f_s1, f_s2=f_s2, f_dt=f_dt,
+                      dt_box=dt_box, ignore=u["ignore"], sai_target=target)
 
 
-def feature_targets(x: MLCLInputs, cfg: Config) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(conf, label, valid_w, valid_s), each (B, h, w): the weak confidence and class at
-    feature resolution, the ignore map there as a validity mask (switch
-    ``mlcl.bilinear_ignore``), and that mask without ``x.dt_box``."""
-    size = tuple(x.f_w.shape[-2:])
-    conf, label = x.logits_w.detach().float().softmax(1).max(1)
-    valid_w = losses.resize_ignore(x.ignore, size, bilinear=cfg.mlcl.bilinear_ignore,
-                                   ignore_index=cfg.data.ignore_index)
-    if x.dt_box is None:
-        return conf, label, valid_w, valid_w
-    return conf, label, valid_w, valid_w & ~losses.at_feature_pixels(x.dt_box, size)
-
-
-def prototype_branch(x: MLCLInputs, bank: PrototypeBank, cfg: Config) -> Tensor:
+def prototype_branch(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts: MLCLParts
+                     ) -> Tensor:
     """L_dt against the bank as it stands (0-dim; 0 with ``mlcl.use_dt`` off), then the bank's
-    EMA update from this step's weak features (docs/method.md, "Prototype memory bank")."""
-    m = cfg.mlcl
-    conf, label, valid_w, valid_s = feature_targets(x, cfg)
+    EMA update from this step's weak features and their pseudo-labels at feature resolution
+    (docs/method.md, "Prototype memory bank")."""
+    m, size = cfg.mlcl, tuple(x.f_w.shape[-2:])
+    with torch.no_grad():
+        conf, label = net.decode(x.f_w).float().softmax(1).max(1)  # (B, h, w)
+    valid_w = parts.valid_at_features(x.ignore, size, cfg.data.ignore_index)
+    valid_s = valid_w
+    if x.dt_box is not None:
+        valid_s = valid_w & ~losses.at_feature_pixels(x.dt_box, size)
     dt = x.f_dt.new_zeros(())
     if m.use_dt:
-        dt = losses.dt_loss(x.f_w, conf, label, valid_w, x.f_dt, valid_s, bank.protos,
-                            conf_thresh=m.bank_conf, num_anchors=m.num_anchors,
-                            num_candidates=m.num_candidates, pair_by_position=m.pair_by_position,
-                            duplicate_top_anchor=m.duplicate_top_anchor,
-                            normalise_by_candidates=m.normalise_by_candidates,
-                            keep_uninitialised=m.dt_uninitialised)
-    bank.update(x.f_w, label, conf, valid_w, early_stop=m.bank_early_stop,
-                average_banks=m.bank_local_update)
+        dt = parts.loss_dt(x.f_w, conf, label, valid_w, x.f_dt, valid_s, bank.protos,
+                           conf_thresh=m.bank_conf, num_anchors=m.num_anchors,
+                           num_candidates=m.num_candidates)
+    bank.update(x.f_w, label, conf, valid_w)
     return dt
 
 
-def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: float
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+def sai_losses(net, branches: list[tuple[Tensor, Tensor]], target: Tensor, cfg: Config,
+               mask_ratio: Callable) -> tuple[Tensor, Tensor]:
+    """(L_m, L_n) of SAI over the strong branches (0-dim each).
+
+    branches: per strong view (f_s (B, C, h, w) with gradient, v (B,)); target
+    (n*B, K, H, W) the branches' targets (:attr:`MLCLInputs.sai_target`); mask_ratio: r(v).
+    The masked / noised maps go through ``net.decode`` alone; :func:`mlcl.losses.loss_sai`
+    upsamples and compares them. Random draws, per branch: the mask threshold, then the noise.
+    """
+    m = cfg.mlcl
+    logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
+    for f_s, v in branches:
+        if m.use_mask:
+            f_mk = losses.sai_mask(f_s, mask_ratio(v, m.kappa), m.mask_jitter)[0]
+            logits["mask"].append(net.decode(f_mk))  # (B, K, h, w)
+        if m.use_noise:
+            logits["noise"].append(net.decode(losses.sai_noise(f_s, v, m.kappa)))
+    zero = target.new_zeros((), dtype=torch.float32)
+    l_m, l_n = (losses.loss_sai(torch.cat(z), target) if z else zero for z in logits.values())
+    return l_m, l_n
+
+
+def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: float,
+                parts: MLCLParts) -> tuple[Tensor, dict[str, Tensor]]:
     """The MLCL part of the loss, alpha L_p2p + omega L_dt + w(t) (L_m + L_n) (0-dim), and its
     terms (detached), for the weight ``sai_w`` = w(t); updates the bank. ``net`` needs only
-    ``decode`` (the 1x1 classifier). The training step and ``bench`` both call this."""
+    ``decode`` (the 1x1 classifier)."""
     m = cfg.mlcl
     # FKA (trains the encoder); the same cosine map gives SAI's per-image similarity v
-    p2p1, v1 = losses.p2p_and_similarity(x.f1, x.f_s1)
-    p2p2, v2 = losses.p2p_and_similarity(x.f2, x.f_s2)
+    p2p1, v1 = losses.loss_p2p(x.f1, x.f_s1)
+    p2p2, v2 = losses.loss_p2p(x.f2, x.f_s2)
     p2p = (p2p1 + p2p2) / 2  # logged even when switched off
-    dt = prototype_branch(x, bank, cfg)
+    dt = prototype_branch(net, x, bank, cfg, parts)
     # SAI: perturb the strong features by how well the views already agree
     l_m = l_n = x.f_s1.new_zeros(())
     if sai_w > 0 and (m.use_mask or m.use_noise):
-        l_m, l_n = sai_losses(net, [(x.f_s1, v1, x.box1), (x.f_s2, v2, x.box2)], x.prob_w,
-                              x.prob_mix, x.ignore, x.ignore_mix, cfg)
+        l_m, l_n = sai_losses(net, [(x.f_s1, v1), (x.f_s2, v2)], x.sai_target, cfg,
+                              parts.mask_ratio)
     alpha = m.alpha if m.use_p2p else 0.0
     loss = alpha * p2p + m.omega * dt + sai_w * (l_m + l_n)
     # w(t) logged as a fill on the device: a copy from the host would wait for the device
@@ -266,54 +305,15 @@ def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: flo
 
 def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
     """UniMatch's step plus FKA and SAI (docs/method.md, "MLCL")."""
-    m = ctx.cfg.mlcl
+    cfg, m = ctx.cfg, ctx.cfg.mlcl
+    parts = mlcl_parts(cfg)
     net = ctx.accelerator.unwrap_model(model) if ctx.accelerator is not None else model
     p = unimatch_passes(model, batch, ctx)
-    x = mlcl_inputs(model, net, p, batch["u"], m.released_passes)
+    x = mlcl_inputs(model, p, batch["u"], parts.passes)
     sai_w = 0.0 if ctx.epoch < m.warmup_epochs else losses.sai_weight(
-        ctx.iteration, ctx.total_iters, m.beta, m.rampup_k)
-    loss, terms = mlcl_losses(net, x, ctx.bank, ctx.cfg, sai_w)
+        ctx.iteration, ctx.total_iters, m.beta)
+    loss, terms = mlcl_losses(net, x, ctx.bank, cfg, sai_w, parts)
     return {"loss": p.total + loss, **p.terms, **terms}
-
-
-def sai_losses(net, branches: list[tuple[Tensor, Tensor, Tensor]], prob_w: Tensor,
-               prob_mix: Tensor, ignore: Tensor, ignore_mix: Tensor, cfg: Config
-               ) -> tuple[Tensor, Tensor]:
-    """(L_m, L_n) of SAI, each averaged over the branches (0-dim).
-
-    branches: per strong view (f_s (B, C, h, w) with gradient, v (B,), box (B, H, W) bool).
-    prob_w, prob_mix (B, K, H, W): the weak view's and the partner's probabilities (the
-    target is prob_w with the box taken from prob_mix). ignore, ignore_mix (B, H, W): read
-    only with ``mlcl.sai_ignore_mask``. The masked / noised maps go through ``net.decode``
-    alone, are upsampled to H x W and compared by MSE. Random draws, per branch: the mask
-    threshold, then the noise.
-    """
-    m = cfg.mlcl
-    double = m.double_transform and m.use_noise  # the noise branch transformed v first
-    logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
-    for f_s, v, _ in branches:
-        if m.use_mask:
-            f_mk = losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, double)[0]
-            logits["mask"].append(net.decode(f_mk))  # (B, K, h, w)
-        if m.use_noise:
-            logits["noise"].append(net.decode(losses.sai_noise(f_s, v, m.kappa)))
-    n = len(branches)
-    boxes = torch.stack([box for _, _, box in branches]).bool()  # (n, B, H, W)
-    target = paste(boxes, prob_mix, prob_w).flatten(0, 1)  # (n*B, K, H, W)
-    valid = None
-    if m.sai_ignore_mask:  # (n, B, H, W)
-        valid = paste(boxes, ignore_mix, ignore) != cfg.data.ignore_index
-    out = []
-    for kind in ("mask", "noise"):
-        if not logits[kind]:
-            out.append(target.new_zeros((), dtype=torch.float32))
-        elif valid is None:  # = sai_mse(upsample(logits).float().softmax(1), target)
-            out.append(losses.sai_upsampled_mse(torch.cat(logits[kind]), target))
-        else:  # per-branch means over different pixel counts, then their mean
-            prob = upsample(torch.cat(logits[kind]), prob_w.shape[-2:]).float().softmax(1)
-            out.append(sum(losses.sai_mse(q, t, ok) for q, t, ok in
-                           zip(prob.chunk(n), target.chunk(n), valid)) / n)
-    return out[0], out[1]
 
 
 STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {

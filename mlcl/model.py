@@ -10,25 +10,24 @@ through the classifier alone. ``forward(x, fp=True)`` is UniMatch's feature-pert
 c1 and c4 are stacked with a Dropout2d copy along the batch and fused/decoded in one pass.
 
 Backbones are torchvision's ResNet topologies assembled from torchvision's own blocks
-(``BasicBlock``, ``Bottleneck``), with a configurable base width, the last stage(s) dilated
-instead of strided (output stride 16 or 8), and optionally the three-conv "deep stem"
-(ResNet-C) of UniMatch and the MLCL release. Parameter names follow torchvision's (and, for the
-deep stem, UniMatch's ``pretrained/resnet50.pth``), so ImageNet checkpoints load strictly.
-
-This module is the architecture only: :func:`build_model` hands ``model.pretrained`` to
-:mod:`mlcl.prepare.pretrained`, the one module that finds, downloads, checks and loads weights.
+(``BasicBlock``, ``Bottleneck``), with a configurable base width, the last stage dilated
+instead of strided (output stride 16), and optionally the three-conv "deep stem" (ResNet-C) of
+UniMatch and the MLCL release. Parameter names follow torchvision's (and, for the deep stem,
+UniMatch's ``pretrained/resnet50.pth``), so ImageNet checkpoints load strictly
+(:func:`load_backbone_weights`; downloading and checking them: :mod:`mlcl.prepare.pretrained`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from mlcl.config import ConfigError, ModelConfig
-from mlcl.prepare.pretrained import check_pretrained_config, load_pretrained
 
 if TYPE_CHECKING:
     from mlcl.config import Config
@@ -42,7 +41,14 @@ BACKBONES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], bool]] = 
     "resnet50_deepstem": (Bottleneck, (3, 4, 6, 3), True),
     "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True),
 }
-OUTPUT_STRIDES = (8, 16, 32)
+# torchvision's ImageNet weights for ``model.pretrained: true``. IMAGENET1K_V1 (the original
+# 76.1% ResNet-50) is what DeepLab-style segmentation code has used; V2 is a different recipe.
+TORCHVISION_WEIGHTS = {
+    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": tvm.ResNet101_Weights.IMAGENET1K_V1,
+}
 
 
 class SegOutput(NamedTuple):
@@ -105,15 +111,11 @@ class ResNetBackbone(nn.Module):
 
     width: channels of the first stage's 3×3 convs (64 standard); stage i has width·2^i.
     deep_stem: ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``), as in UniMatch.
-    output_stride: 32 (plain), 16 (layer4 dilated 2) or 8 (layer3 dilated 2, layer4 4).
+    Output stride 16: layer4 keeps layer3's resolution, dilated 2.
     """
 
-    def __init__(self, block, layers, width: int = 64, deep_stem: bool = False,
-                 output_stride: int = 16):
+    def __init__(self, block, layers, width: int = 64, deep_stem: bool = False):
         super().__init__()
-        if output_stride not in OUTPUT_STRIDES:
-            raise ConfigError(f"config key 'model.output_stride': {output_stride} is not one of "
-                              f"{', '.join(map(str, OUTPUT_STRIDES))}")
         if width < 1:
             raise ConfigError(f"config key 'model.width': must be positive, got {width}")
         if deep_stem:  # keys conv1.{0,1,3,4,6}.* and bn1.*, as UniMatch's checkpoint
@@ -134,23 +136,13 @@ class ResNetBackbone(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        # (stride, dilation) of layer2..4: strides turn into dilation past the output stride
-        plan, scale, dilation = [], 4, 1
-        for _ in range(3):
-            if scale < output_stride:
-                plan.append((2, dilation, dilation))
-                scale *= 2
-            else:
-                plan.append((1, dilation * 2, dilation))
-                dilation *= 2
-        e = block.expansion
+        e = block.expansion  # (stride, dilation, first block's dilation) of each stage
         self.layer1 = _make_stage(block, stem, width, layers[0], 1, 1, 1)
-        self.layer2 = _make_stage(block, width * e, width * 2, layers[1], *plan[0])
-        self.layer3 = _make_stage(block, width * 2 * e, width * 4, layers[2], *plan[1])
-        self.layer4 = _make_stage(block, width * 4 * e, width * 8, layers[3], *plan[2])
+        self.layer2 = _make_stage(block, width * e, width * 2, layers[1], 2, 1, 1)
+        self.layer3 = _make_stage(block, width * 2 * e, width * 4, layers[2], 2, 1, 1)
+        self.layer4 = _make_stage(block, width * 4 * e, width * 8, layers[3], 1, 2, 1)
         self.low_level_channels = width * e  # c1
         self.out_channels = width * 8 * e  # c4
-        self.output_stride = output_stride
 
         for m in self.modules():  # torchvision's ResNet init
             if isinstance(m, nn.Conv2d):
@@ -162,7 +154,7 @@ class ResNetBackbone(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, stem, H/4, W/4)
         c1 = self.layer1(x)  # (B, w·e, H/4, W/4)
-        c4 = self.layer4(self.layer3(self.layer2(c1)))  # (B, 8w·e, H/os, W/os)
+        c4 = self.layer4(self.layer3(self.layer2(c1)))  # (B, 8w·e, H/16, W/16)
         return c1, c4
 
 
@@ -195,7 +187,7 @@ class DeepLabV3Plus(nn.Module):
 
     def __init__(self, cfg: ModelConfig, num_classes: int, aspp_channels: int | None = None):
         super().__init__()
-        self.backbone = build_backbone(cfg.backbone, cfg.width, cfg.output_stride)
+        self.backbone = build_backbone(cfg.backbone, cfg.width)
         high, low = self.backbone.out_channels, self.backbone.low_level_channels
         aspp_channels = aspp_channels or max(high // 8, 1)
         self.aspp = ASPP(high, aspp_channels, cfg.aspp_dilations)
@@ -211,7 +203,7 @@ class DeepLabV3Plus(nn.Module):
 
     # ---- the pieces
     def backbone_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, 3, H, W) -> c1 (B, ·, H/4, W/4), c4 (B, ·, H/os, W/os)."""
+        """x (B, 3, H, W) -> c1 (B, ·, H/4, W/4), c4 (B, ·, H/16, W/16)."""
         return self.backbone(x)
 
     def fuse(self, c1: Tensor, c4: Tensor) -> Tensor:
@@ -238,7 +230,7 @@ class DeepLabV3Plus(nn.Module):
         c1, c4 = self.backbone_features(x)
         if fp:
             c1 = torch.cat((c1, self.fp_dropout(c1)))  # (2B, ·, H/4, W/4)
-            c4 = torch.cat((c4, self.fp_dropout(c4)))  # (2B, ·, H/os, W/os)
+            c4 = torch.cat((c4, self.fp_dropout(c4)))  # (2B, ·, H/16, W/16)
         feats = self.fuse(c1, c4)  # (B or 2B, C, H/4, W/4)
         logits = upsample(self.decode(feats), size)  # (B or 2B, K, H, W)
         if not (fp or return_features):
@@ -264,20 +256,112 @@ class DeepLabV3Plus(nn.Module):
 
 
 # --------------------------------------------------------------------------- builders
-def build_backbone(name: str, width: int = 64, output_stride: int = 16) -> ResNetBackbone:
+def build_backbone(name: str, width: int = 64) -> ResNetBackbone:
     """The ``name`` backbone of :data:`BACKBONES` (random init), e.g. to load a checkpoint into."""
     if name not in BACKBONES:
         raise ConfigError(f"config key 'model.backbone': {name!r} is not one of "
                           f"{', '.join(BACKBONES)}")
     block, layers, deep_stem = BACKBONES[name]
-    return ResNetBackbone(block, layers, width, deep_stem, output_stride)
+    return ResNetBackbone(block, layers, width, deep_stem)
+
+
+def imagenet_file(arch: str) -> Path:
+    """The torch hub cache file of torchvision's ImageNet weights for ``arch`` (a plain
+    ResNet of :data:`TORCHVISION_WEIGHTS`), where ``python -m mlcl data pretrained`` puts it."""
+    name = TORCHVISION_WEIGHTS[arch].url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def pretrained_file(m: ModelConfig) -> Path | None:
+    """The weights file ``model.pretrained`` names (None for false), checked against
+    ``model.backbone`` / ``model.width`` before anything is built."""
+    if m.pretrained is True:
+        if m.backbone not in TORCHVISION_WEIGHTS:
+            raise ConfigError(
+                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
+                f"which do not exist for the deep-stem {m.backbone}; give the checkpoint file "
+                f"instead (UniMatch's pretrained/{m.backbone.removesuffix('_deepstem')}.pth): "
+                f"model.pretrained=PATH")
+        if m.width != 64:
+            raise ConfigError(
+                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
+                f"which exist only for model.width=64 (got {m.width}); use width 64 or "
+                f"pretrained=false")
+        path = imagenet_file(m.backbone)
+        if not path.is_file():
+            raise ConfigError(
+                f"model.pretrained: true: torchvision's ImageNet weights for {m.backbone} are "
+                f"not in the hub cache ({path}): run `python -m mlcl data pretrained "
+                f"--torchvision {m.backbone}`, or put the file from "
+                f"{TORCHVISION_WEIGHTS[m.backbone].url} there")
+        return path
+    if isinstance(m.pretrained, str) and not m.pretrained.strip():
+        raise ConfigError("config key 'model.pretrained': empty path; give a checkpoint file, "
+                          "true (torchvision ImageNet) or false (random init)")
+    return None if m.pretrained is False else Path(m.pretrained).expanduser()
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a weights-only checkpoint: a plain state dict, or one nested under
+    'state_dict' / 'model'."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with non-tensor objects ...
+        raise ConfigError(f"model.pretrained: {path} cannot be read as a weights-only "
+                          f"checkpoint ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConfigError(f"model.pretrained: {path} is not a state dict (expected name -> "
+                          f"tensor, or one under 'state_dict' or 'model')")
+    return obj
+
+
+def _first(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint file strictly into ``backbone``; only the classifier keys ``fc.*``
+    are dropped. A missing file, a missing or unexpected key or a shape mismatch is a
+    ConfigError naming the file, the keys and what to do.
+
+    The keys are copied into a fresh dict, so the file's module-version metadata is not used:
+    like any pre-1.0 checkpoint, a file without BN ``num_batches_tracked`` counters loads (the
+    counters stay at their defaults); every weight and running statistic must be present.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
+                          f"(torchvision's ImageNet files: python -m mlcl data pretrained "
+                          f"--torchvision ARCH)")
+    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
+    expected = backbone.state_dict()
+    missing = {k for k in expected if k not in state and not k.endswith("num_batches_tracked")}
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        parts = [f"missing keys: {_first(missing)}"] if missing else []
+        parts += [f"unexpected keys: {_first(unexpected)}"] if unexpected else []
+        raise ConfigError(
+            f"model.pretrained: {path} does not match the backbone ({'; '.join(parts)}); is it "
+            f"the checkpoint of this model.backbone (and width 64)?")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+           for k, v in state.items() if v.shape != expected[k].shape]
+    if bad:
+        raise ConfigError(f"model.pretrained: {path}: shape mismatch: {_first(bad, 3)}")
+    backbone.load_state_dict(state, strict=True)
 
 
 def build_model(cfg: Config) -> DeepLabV3Plus:
     """DeepLabV3+ for ``cfg.model`` and ``cfg.data.num_classes``, with the backbone weights
-    that ``cfg.model.pretrained`` names (false: random init; true: torchvision ImageNet;
-    a path: that checkpoint), loaded by :func:`mlcl.prepare.pretrained.load_pretrained`."""
-    check_pretrained_config(cfg.model)  # a bad value fails before the model is built
+    that ``cfg.model.pretrained`` names (false: random init; true: torchvision's ImageNet file
+    in the hub cache; a path: that checkpoint)."""
+    path = pretrained_file(cfg.model)  # a bad value fails before the model is built
     model = DeepLabV3Plus(cfg.model, cfg.data.num_classes)
-    load_pretrained(model.backbone, cfg.model)
+    if path is not None:
+        load_backbone_weights(model.backbone, path)
     return model

@@ -2,13 +2,19 @@
 
 ``PrototypeBank`` is an ``nn.Module`` whose (K, C) buffer ``protos`` is in its ``state_dict``,
 so checkpoints carry it. The update is vectorised (per-class sums and counts as one-hot matrix
-products) and keeps the bank identical on every process.
+products) and keeps the bank identical on every process. The release's update is
+:class:`mlcl.released.ReleasedBank`.
 """
 from __future__ import annotations
 
 import torch
 from accelerate.utils import reduce
 from torch import Tensor, nn
+
+
+def initialised(protos: Tensor) -> Tensor:
+    """(K,) bool: the classes whose prototype in ``protos`` (K, C) is no longer all zeros."""
+    return protos.ne(0).any(dim=1)
 
 
 class PrototypeBank(nn.Module):
@@ -26,7 +32,7 @@ class PrototypeBank(nn.Module):
     @property
     def initialised(self) -> Tensor:
         """(K,) bool: classes whose prototype is no longer all zeros."""
-        return self.protos.ne(0).any(dim=1)
+        return initialised(self.protos)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, channels={self.channels}, "
@@ -52,40 +58,27 @@ class PrototypeBank(nn.Module):
         return sums, counts
 
     @torch.no_grad()
-    def stepped(self, sums: Tensor, counts: Tensor, early_stop: bool = False) -> Tensor:
+    def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
         """The bank (K, C) after one EMA step from class sums (K, C) and counts (K,); not stored.
 
         For each class with counts > 0: mean_k = sums_k / counts_k; rho_k <- mean_k if rho_k is
-        all zeros, else m rho_k + (1 - m) mean_k. ``early_stop`` (switch
-        ``mlcl.bank_early_stop``, released): once a class is initialised in this step, the EMA
-        of every later (higher-index) class is skipped; later all-zero classes are still
-        initialised.
+        all zeros, else m rho_k + (1 - m) mean_k.
         """
         present = counts > 0
         mean = sums / counts.clamp(min=1).unsqueeze(1)
-        zero = self.protos.eq(0).all(dim=1)
-        init = present & zero
-        ema = present & ~zero
-        if early_stop:  # an earlier (lower-index) class was initialised in this step
-            ema = ema & ~((torch.cumsum(init.long(), 0) - init.long()) > 0)
+        seen = self.initialised
         m = self.momentum
-        new = torch.where(init.unsqueeze(1), mean, self.protos)
-        return torch.where(ema.unsqueeze(1), m * self.protos + (1.0 - m) * mean, new)
+        new = torch.where((present & ~seen).unsqueeze(1), mean, self.protos)
+        return torch.where((present & seen).unsqueeze(1), m * self.protos + (1.0 - m) * mean, new)
 
     @torch.no_grad()
-    def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor, *,
-               early_stop: bool = False, average_banks: bool = False) -> None:
+    def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> None:
         """One EMA step (:meth:`stepped`) from this step's weak features, in place.
 
-        feats (B, C, h, w) or (N, C); labels, conf, valid (B, h, w) or (N,). Default: the class
-        sums and counts are summed over processes first, so every process applies the step of
-        the global batch. ``average_banks`` (switch ``mlcl.bank_local_update``, released): each
-        process steps its bank from its local batch, then the banks are averaged. With one
-        process both are the same.
+        feats (B, C, h, w) or (N, C); labels, conf, valid (B, h, w) or (N,). The class sums and
+        counts are summed over processes first, so every process applies the step of the
+        global batch.
         """
         sums, counts = self.class_sums(feats, labels, conf, valid)
-        if average_banks:
-            self.protos.copy_(reduce(self.stepped(sums, counts, early_stop), reduction="mean"))
-            return
         packed = reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), reduction="sum")
-        self.protos.copy_(self.stepped(packed[:, :-1], packed[:, -1], early_stop))
+        self.protos.copy_(self.stepped(packed[:, :-1], packed[:, -1]))

@@ -1,5 +1,5 @@
-"""mlcl.losses against the slow references in tests/reference.py, plus the properties and the
-released quirks (docs/method.md, "Paper versus release")."""
+"""mlcl.losses (the paper) and mlcl.released (the release's quirks) against the slow references
+in tests/reference.py, plus the properties (docs/method.md, "Paper versus release")."""
 from __future__ import annotations
 
 import itertools
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mlcl import losses as L
+from mlcl import released as R
 from reference import (ref_ce, ref_dt, ref_ohem, ref_p2p, ref_pseudo_label_ce,
                        ref_resize_ignore_paper, ref_resize_ignore_released, ref_sai_mse,
                        ref_sai_weight, ref_similarity)
@@ -70,9 +71,8 @@ def test_ohem_matches_unimatch_reference(thresh, min_kept):
 def test_p2p_and_similarity_match_reference(B, C, h, w):
     g = _gen(C)
     f_w, f_s = torch.randn(B, C, h, w, generator=g), torch.randn(B, C, h, w, generator=g)
-    assert L.p2p_loss(f_w, f_s).item() == pytest.approx(ref_p2p(f_w, f_s), rel=1e-5)
     assert torch.allclose(L.per_image_similarity(f_w, f_s), ref_similarity(f_w, f_s), atol=1e-6)
-    loss, v = L.p2p_and_similarity(f_w, f_s)
+    loss, v = L.loss_p2p(f_w, f_s)
     assert loss.item() == pytest.approx(ref_p2p(f_w, f_s), rel=1e-5)
     assert torch.allclose(v, ref_similarity(f_w, f_s), atol=1e-6) and not v.requires_grad
 
@@ -80,10 +80,10 @@ def test_p2p_and_similarity_match_reference(B, C, h, w):
 def test_p2p_zero_for_identical_and_gradient_only_to_strong():
     g = _gen(1)
     f = torch.randn(2, 8, 4, 4, generator=g)
-    assert abs(L.p2p_loss(f, f.clone()).item()) < 1e-6
+    assert abs(L.loss_p2p(f, f.clone())[0].item()) < 1e-6
     f_w = torch.randn(2, 8, 4, 4, generator=g, requires_grad=True)
     f_s = torch.randn(2, 8, 4, 4, generator=g, requires_grad=True)
-    L.p2p_loss(f_w, f_s).backward()
+    L.loss_p2p(f_w, f_s)[0].backward()
     assert f_w.grad is None and f_s.grad is not None and f_s.grad.abs().sum() > 0
     assert not L.per_image_similarity(f_w, f_s).requires_grad
 
@@ -113,7 +113,7 @@ def test_dt_loss_matches_reference(K, B, C, h, w, na, nc, pair, dup, norm):
     f_w, conf, label, valid_w, f_s, valid_s, protos = _dt_inputs(K, B, C, h, w, K * 7 + h)
     kw = dict(conf_thresh=0.95, num_anchors=na, num_candidates=nc, pair_by_position=pair,
               duplicate_top_anchor=dup, normalise_by_candidates=norm)
-    got = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
+    got = R.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
     assert got.requires_grad
     (g_got,) = torch.autograd.grad(got, f_s)
     want = ref_dt(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
@@ -125,11 +125,21 @@ def test_dt_loss_matches_reference(K, B, C, h, w, na, nc, pair, dup, norm):
         assert g_got.abs().sum() == 0
 
 
+@pytest.mark.parametrize("K,B,C,h,w", [(3, 2, 8, 4, 4), (12, 1, 4, 7, 5)])
+def test_released_dt_loss_without_quirks_is_the_paper_bit_for_bit(K, B, C, h, w):
+    f_w, conf, label, valid_w, f_s, valid_s, protos = _dt_inputs(K, B, C, h, w, K,
+                                                                  zero_protos=(1,))
+    paper = L.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, protos, num_anchors=3)
+    same = R.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, protos, num_anchors=3)
+    assert torch.equal(paper, same)
+    assert torch.equal(*(torch.autograd.grad(x, f_s)[0] for x in (paper, same)))
+
+
 def test_dt_loss_gradients_reach_only_strong_features():
     f_w, conf, label, valid_w, f_s, valid_s, protos = _dt_inputs(4, 2, 8, 5, 5, 3)
     f_w.requires_grad_(True)
     bank = torch.nn.Parameter(protos, requires_grad=True)
-    loss = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, bank)
+    loss = L.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, bank)
     loss.backward()
     assert f_s.grad is not None and f_s.grad.abs().sum() > 0
     assert f_w.grad is None and bank.grad is None
@@ -138,13 +148,13 @@ def test_dt_loss_gradients_reach_only_strong_features():
 def test_dt_loss_zero_when_no_class_qualifies():
     f_w, conf, label, valid_w, f_s, valid_s, protos = _dt_inputs(4, 1, 8, 3, 3, 5)
     for norm in (False, True):
-        loss = L.dt_loss(f_w, conf * 0, label, valid_w, f_s, valid_s, protos,
+        loss = R.loss_dt(f_w, conf * 0, label, valid_w, f_s, valid_s, protos,
                          normalise_by_candidates=norm)
         assert loss.item() == 0.0 and loss.dim() == 0
     # an all-zero bank: no class takes part (paper), or an arbitrary selection (released)
     zeros = torch.zeros_like(protos)
-    assert L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, zeros).item() == 0.0
-    loss = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, zeros, keep_uninitialised=True)
+    assert L.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, zeros).item() == 0.0
+    loss = R.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, zeros, keep_uninitialised=True)
     assert torch.isfinite(loss) and loss.item() != 0.0
 
 
@@ -161,13 +171,13 @@ def test_dt_loss_uninitialised_classes_match_reference(K, B, C, h, w, keep, pair
     assert B * h * w <= 16 and {0, 2} <= set(label.unique().tolist())
     conf = torch.ones_like(conf)  # every valid weak feature is eligible as an anchor
     kw = dict(pair_by_position=pair, keep_uninitialised=keep)
-    got = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
+    got = R.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
     want = ref_dt(f_w, conf, label, valid_w, f_s, valid_s, protos, **kw)
     assert got.item() == pytest.approx(float(want.detach()), abs=1e-5)
     (g_got,) = torch.autograd.grad(got, f_s)
     (g_want,) = torch.autograd.grad(want, f_s)
     assert torch.allclose(g_got, g_want, atol=1e-6)
-    other = L.dt_loss(f_w, conf, label, valid_w, f_s, valid_s, protos,
+    other = R.loss_dt(f_w, conf, label, valid_w, f_s, valid_s, protos,
                       **{**kw, "keep_uninitialised": not keep})
     assert abs(other.item() - got.item()) > 1e-4  # the switch matters on these inputs
 
@@ -190,8 +200,8 @@ def test_quirk3_pair_by_position_mixes_classes():
     valid = torch.ones(1, 1, 6, dtype=torch.bool)
     protos = torch.eye(3)
     f_s = f.clone().requires_grad_(True)
-    paper = L.dt_loss(f, conf, label, valid, f_s, valid, protos)
-    released = L.dt_loss(f, conf, label, valid, f_s, valid, protos, pair_by_position=True)
+    paper = L.loss_dt(f, conf, label, valid, f_s, valid, protos)
+    released = R.loss_dt(f, conf, label, valid, f_s, valid, protos, pair_by_position=True)
     assert paper.item() == pytest.approx(0.0, abs=1e-6)  # each anchor finds its own class
     assert released.item() == pytest.approx(1.0, abs=1e-6)  # orthogonal classes paired
 
@@ -211,8 +221,8 @@ def test_quirk4_duplicate_top_anchor():
     valid = torch.ones(1, 1, 3, dtype=torch.bool)
     protos = rho.view(1, C)
     cs = {c: float(at(c) @ at(0.9)) for c in (0.1, 0.5, 0.9)}
-    paper = L.dt_loss(f_w, conf, label, valid, f_s, valid, protos, num_anchors=3)
-    released = L.dt_loss(f_w, conf, label, valid, f_s, valid, protos, num_anchors=3,
+    paper = L.loss_dt(f_w, conf, label, valid, f_s, valid, protos, num_anchors=3)
+    released = R.loss_dt(f_w, conf, label, valid, f_s, valid, protos, num_anchors=3,
                          duplicate_top_anchor=True)
     assert paper.item() == pytest.approx(1 - (cs[0.9] + cs[0.5] + cs[0.1]) / 3, abs=1e-6)
     assert released.item() == pytest.approx(1 - (2 * cs[0.9] + cs[0.5]) / 3, abs=1e-6)
@@ -226,8 +236,8 @@ def test_quirk5_normalise_by_candidates():
     valid = torch.ones(1, 1, 4, dtype=torch.bool)
     protos = torch.ones(2, 3)
     f_s = f.clone().requires_grad_(True)
-    paper = L.dt_loss(f, conf, label, valid, f_s, valid, protos)
-    released = L.dt_loss(f, conf, label, valid, f_s, valid, protos, normalise_by_candidates=True)
+    paper = L.loss_dt(f, conf, label, valid, f_s, valid, protos)
+    released = R.loss_dt(f, conf, label, valid, f_s, valid, protos, normalise_by_candidates=True)
     assert paper.item() == pytest.approx(0.0, abs=1e-6)
     assert released.item() == pytest.approx(1 - 2 / 4, abs=1e-6)
 
@@ -237,16 +247,16 @@ def test_quirk7_bilinear_ignore_keeps_only_exact_255():
     # (4, 4) -> (3, 3), align_corners: rows sit at 0, 1.5, 3; the paper samples rows 0, 2, 3.
     ign = torch.zeros(1, 4, 4, dtype=torch.long)
     ign[:, 2] = 255  # one padded row
-    paper = L.resize_ignore(ign, (3, 3), bilinear=False)
-    bil = L.resize_ignore(ign, (3, 3), bilinear=True)
+    paper = L.valid_at_features(ign, (3, 3))
+    bil = R.valid_bilinear(ign, (3, 3))
     assert (~paper[0, 1]).all() and paper[0, 0].all() and paper[0, 2].all()
     assert bil.all()  # bilinear: 127.5 and 0 -> nothing ignored
     ign[:, 1] = 255  # rows 1 and 2 padded: row 1.5 interpolates to exactly 255
-    bil = L.resize_ignore(ign, (3, 3), bilinear=True)
+    bil = R.valid_bilinear(ign, (3, 3))
     assert (~bil[0, 1]).all() and bil[0, 0].all() and bil[0, 2].all()
     g = _gen(2)
     ign = torch.where(torch.rand(3, 11, 9, generator=g) < 0.4, 255, 0)
-    assert torch.equal(L.resize_ignore(ign, (4, 3), bilinear=True),
+    assert torch.equal(R.valid_bilinear(ign, (4, 3)),
                        ref_resize_ignore_released(ign, (4, 3)))
 
 
@@ -256,7 +266,7 @@ def test_paper_ignore_samples_the_pixel_under_each_feature(H, W, h, w):
     """The paper variant's ignore map at feature resolution against a per-pixel loop that
     takes round(i (H - 1) / (h - 1)) in exact fractions."""
     ign = torch.where(torch.rand(2, H, W, generator=_gen(H * W)) < 0.4, 255, 0)
-    assert torch.equal(L.resize_ignore(ign, (h, w)), ref_resize_ignore_paper(ign, (h, w)))
+    assert torch.equal(L.valid_at_features(ign, (h, w)), ref_resize_ignore_paper(ign, (h, w)))
 
 
 @pytest.mark.parametrize("crop,feat", [(321, 81), (801, 201)])
@@ -264,8 +274,8 @@ def test_both_ignore_resizes_are_the_stride4_subsample_at_the_released_crops(cro
     ign = torch.where(torch.rand(2, crop, crop, generator=_gen(crop)) < 0.5, 255, 0)
     want = ign[:, ::4, ::4] != 255
     assert want.shape[-1] == feat
-    for bilinear in (False, True):
-        assert torch.equal(L.resize_ignore(ign, (feat, feat), bilinear=bilinear), want)
+    for resize in (L.valid_at_features, R.valid_bilinear):
+        assert torch.equal(resize(ign, (feat, feat)), want)
 
 
 def test_where_the_resizes_differ_bilinear_unignores_the_padded_border():
@@ -274,8 +284,8 @@ def test_where_the_resizes_differ_bilinear_unignores_the_padded_border():
     ign = torch.zeros(2, 32, 32, dtype=torch.long)
     ign[:, 27:] = 255
     ign[:, :, 27:] = 255
-    paper = L.resize_ignore(ign, (8, 8), bilinear=False)
-    released = L.resize_ignore(ign, (8, 8), bilinear=True)
+    paper = L.valid_at_features(ign, (8, 8))
+    released = R.valid_bilinear(ign, (8, 8))
     assert torch.equal(paper, ref_resize_ignore_paper(ign, (8, 8)))
     assert (~paper[:, 6:]).all() and (~paper[:, :, 6:]).all() and paper[:, :6, :6].all()
     # released: the border row/column (between a valid and a padded pixel) is valid again
@@ -304,10 +314,10 @@ def test_sai_mask_zeroes_exactly_above_threshold():
     g = _gen(4)
     f = torch.rand(3, 6, 7, 7, generator=g)
     v = torch.tensor([-0.5, 0.3, 0.9])
-    for double in (False, True):
-        out, keep = L.sai_mask(f, v, 0.15, 0.1, double, generator=_gen(11))
+    for ratio in (L.sai_mask_ratio, R.sai_mask_ratio_twice):
+        r = ratio(v, 0.15)
+        out, keep = L.sai_mask(f, r, 0.1, generator=_gen(11))
         u = torch.rand(3, generator=_gen(11))  # the same draw
-        r = L.sai_mask_ratio(v, 0.15, double)
         t = r + (2 * u - 1) * 0.1
         for b in range(3):
             att = f[b].mean(0)
@@ -319,16 +329,16 @@ def test_sai_mask_zeroes_exactly_above_threshold():
 
 def test_sai_mask_ratio_monotone_and_double_transform_range():
     v = torch.linspace(-1, 1, 21)
-    r = L.sai_mask_ratio(v, 0.15, False)
+    r = L.sai_mask_ratio(v, 0.15)
     assert torch.all(r[1:] < r[:-1])  # larger v, lower threshold
     assert r.max().item() == pytest.approx(1.0) and r.min().item() == pytest.approx(0.7)
-    r2 = L.sai_mask_ratio(v, 0.15, True)
+    r2 = R.sai_mask_ratio_twice(v, 0.15)
     assert r2.min().item() == pytest.approx(0.805) and r2.max().item() == pytest.approx(0.85)
     assert torch.all((r2 >= 0.805 - 1e-6) & (r2 <= 0.85 + 1e-6))
     # larger v keeps fewer positions (jitter 0)
     g = _gen(5)
     f = torch.rand(1, 4, 9, 9, generator=g).expand(2, 4, 9, 9)
-    _, keep = L.sai_mask(f, torch.tensor([-0.8, 0.8]), 0.15, 0.0, False)
+    _, keep = L.sai_mask(f, L.sai_mask_ratio(torch.tensor([-0.8, 0.8]), 0.15), 0.0)
     assert keep[1].sum() < keep[0].sum()
 
 
@@ -336,7 +346,7 @@ def test_sai_gradients_flow_to_strong_features_only():
     f = torch.rand(2, 4, 5, 5, requires_grad=True)
     v = torch.tensor([0.1, 0.7], requires_grad=True)
     ne = L.sai_noise(f, v, 0.15)
-    mk, keep = L.sai_mask(f, v, 0.15, 0.1, False)
+    mk, keep = L.sai_mask(f, L.sai_mask_ratio(v, 0.15), 0.1)
     (ne.sum() + mk.sum()).backward()
     assert f.grad is not None and v.grad is None
     assert not keep.requires_grad
@@ -347,23 +357,21 @@ def test_sai_mse_matches_reference(B, K, H, W):
     g = _gen(K)
     p = torch.randn(B, K, H, W, generator=g).softmax(1)
     t = torch.randn(B, K, H, W, generator=g).softmax(1)
-    valid = torch.rand(B, H, W, generator=g) > 0.3
     assert L.sai_mse(p, t).item() == pytest.approx(ref_sai_mse(p, t), rel=1e-5)
     assert L.sai_mse(p, t).item() == pytest.approx(F.mse_loss(p, t).item(), rel=1e-6)
-    assert L.sai_mse(p, t, valid).item() == pytest.approx(ref_sai_mse(p, t, valid), rel=1e-5)
 
 
 def test_sai_weight():
     for it, T in [(0, 100), (50, 100), (100, 100), (130, 100), (7, 40)]:
-        assert L.sai_weight(it, T, 0.01, 5.0) == pytest.approx(ref_sai_weight(it, T, 0.01, 5.0))
-    assert L.sai_weight(0, 100, 0.01, 5.0) == pytest.approx(0.01 * math.exp(-10))  # 4.5e-7
-    assert L.sai_weight(100, 100, 0.01, 5.0) == pytest.approx(0.01)
+        assert L.sai_weight(it, T, 0.01) == pytest.approx(ref_sai_weight(it, T, 0.01, 5.0))
+    assert L.sai_weight(0, 100, 0.01) == pytest.approx(0.01 * math.exp(-10))  # 4.5e-7
+    assert L.sai_weight(100, 100, 0.01) == pytest.approx(0.01)
 
 
 # --------------------------------------------------------------------------- no host sync
 def test_no_host_synchronisation_in_sources():
     banned = [r"\.item\(", r"\.tolist\(", r"nonzero", r"torch\.unique", r"\.cpu\(", r"\.numpy\("]
-    for name in ("losses.py", "prototypes.py"):
+    for name in ("losses.py", "prototypes.py", "released.py"):
         text = (ROOT / "mlcl" / name).read_text()
         for pat in banned:
             assert not re.search(pat, text), f"mlcl/{name} contains {pat}"

@@ -65,6 +65,19 @@ def test_every_released_switch_is_documented_with_both_defaults():
         assert key in rows
 
 
+def test_every_function_the_equation_table_names_exists():
+    import importlib
+
+    _, rows = _table(_section(DOC.read_text(), "## Equations and functions"))
+    named = [n for cells in rows.values() for n in re.findall(r"`([\w.]+)`", cells[0])]
+    assert len(named) >= len(rows) >= 15
+    for name in named:
+        obj = importlib.import_module("mlcl." + name.split(".")[0])
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)  # AttributeError names what is missing
+        assert callable(obj), name
+
+
 def test_section_references_in_the_package_exist():
     headings = {m.group(1) for m in re.finditer(r"^#+ (.+)$", DOC.read_text(), flags=re.M)}
     cited = set()

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mlcl import methods
-from mlcl.bench import fka_sai
+from mlcl import losses, methods, released
 from mlcl.config import RELEASED_QUIRKS, load_config
 from mlcl.data.datasets import build_datasets
 from mlcl.methods import STEPS, StepContext, make_bank, paste
@@ -141,15 +140,38 @@ def test_variant_sets_every_released_switch_unless_given(variant):
     assert flipped.mlcl.dt_uninitialised is flipped.mlcl.bank_local_update is (variant == "paper")
 
 
+def test_mlcl_parts_pick_the_paper_or_each_released_quirk():
+    """methods.mlcl_parts is where the switches choose: the paper's functions by default, the
+    release's for each switch that is on."""
+    paper = methods.mlcl_parts(load_config(None, ["method=mlcl"]))
+    assert paper == (methods.joint_passes, losses.valid_at_features, losses.loss_dt,
+                     losses.sai_mask_ratio, PrototypeBank)
+    rel = methods.mlcl_parts(load_config(None, ["method=mlcl", "mlcl.variant=released",
+                                                "mlcl.released_passes=true"]))
+    assert rel.passes is released.separate_passes and rel.valid_at_features is (
+        released.valid_bilinear) and rel.mask_ratio is released.sai_mask_ratio_twice
+    assert rel.loss_dt.func is released.loss_dt and all(rel.loss_dt.keywords.values())
+    assert rel.bank.func is released.ReleasedBank and all(rel.bank.keywords.values())
+    one = methods.mlcl_parts(load_config(None, ["method=mlcl", "mlcl.pair_by_position=true",
+                                                "mlcl.double_transform=true",
+                                                "mlcl.use_noise=false"]))
+    assert one.loss_dt.keywords == {"pair_by_position": True, "duplicate_top_anchor": False,
+                                    "normalise_by_candidates": False,
+                                    "keep_uninitialised": False}
+    assert one.mask_ratio is losses.sai_mask_ratio  # the double transform needs the noise
+    assert one.bank is PrototypeBank and one.passes is methods.joint_passes
+
+
 @pytest.mark.parametrize("extra", [(), ("mlcl.variant=released",)])
-def test_benchmark_times_what_the_training_step_runs(synth_root, monkeypatch, extra):
-    """bench's fka_sai jobs, replayed on the inputs a real step_mlcl built (same bank, same
-    random state), give exactly the step's MLCL part: its loss beyond UniMatch's, its L_dt
-    and the bank afterwards. Fails when the step computes something the benchmark does not."""
+def test_the_mlcl_part_replayed_from_its_inputs_gives_the_step(synth_root, monkeypatch, extra):
+    """methods.mlcl_losses and methods.prototype_branch, replayed on the inputs a real
+    step_mlcl built (same bank, same random state), give exactly the step's MLCL part: its
+    loss beyond UniMatch's, its L_dt and the bank afterwards (what a benchmark driving these
+    functions from outside measures)."""
     cfg, model, bank, batch, ctx = setup(synth_root, "mlcl", "mlcl.bank_conf=0.0", *extra)
     bank.protos.normal_()
     bank.protos[1] = 0  # one class not seen yet
-    ctx.iteration = ctx.total_iters  # w(t) = beta, the weight the benchmark uses
+    ctx.iteration = ctx.total_iters  # w(t) = beta
     seen = {}
     passes, part = methods.unimatch_passes, methods.mlcl_losses
 
@@ -157,9 +179,9 @@ def test_benchmark_times_what_the_training_step_runs(synth_root, monkeypatch, ex
         seen["p"] = passes(*a)
         return seen["p"]
 
-    def spy_part(net, x, bank, cfg, sai_w):
+    def spy_part(net, x, bank, cfg, sai_w, parts):
         seen.update(x=x, protos=bank.protos.clone(), rng=torch.get_rng_state(), sai_w=sai_w)
-        return part(net, x, bank, cfg, sai_w)
+        return part(net, x, bank, cfg, sai_w, parts)
 
     monkeypatch.setattr(methods, "unimatch_passes", spy_passes)
     monkeypatch.setattr(methods, "mlcl_losses", spy_part)
@@ -171,14 +193,16 @@ def test_benchmark_times_what_the_training_step_runs(synth_root, monkeypatch, ex
         f.name: leaves.setdefault(id(t), t.detach().requires_grad_())
         for f in dataclasses.fields(seen["x"])
         if (t := getattr(seen["x"], f.name)) is not None and t.requires_grad})
-    replays = [PrototypeBank(bank.num_classes, bank.channels, bank.momentum, bank.conf_thresh)
-               for _ in range(2)]
+    parts = methods.mlcl_parts(cfg)
+    replays = [make_bank(cfg) for _ in range(2)]
     for r in replays:
         r.protos.copy_(seen["protos"])
-    dt = fka_sai.vectorised_proto(x, replays[0], cfg)
+    dt = methods.prototype_branch(model, x, replays[0], cfg, parts)
     torch.set_rng_state(seen["rng"])
-    whole = fka_sai.vectorised_whole(x, replays[1], model, cfg)
-    assert torch.equal(dt, terms["dt"])
-    assert torch.allclose(seen["p"].total.detach() + whole, terms["loss"].detach(), rtol=1e-6)
+    whole, _ = methods.mlcl_losses(model, x, replays[1], cfg, cfg.mlcl.beta, parts)
+    whole.backward()
+    assert torch.equal(dt.detach(), terms["dt"])
+    assert torch.allclose(seen["p"].total.detach() + whole.detach(), terms["loss"].detach(),
+                          rtol=1e-6)
     for r in replays:
         assert torch.equal(r.protos, bank.protos)

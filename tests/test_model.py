@@ -8,8 +8,6 @@ import torchvision
 from mlcl import model as M
 from mlcl.config import Config, ConfigError, ModelConfig
 from mlcl.model import DeepLabV3Plus, SegOutput, build_model
-from mlcl.prepare import pretrained as W
-from mlcl.prepare.pretrained import PretrainedWeightsError
 
 torch.set_num_threads(1)
 K = 5
@@ -48,16 +46,12 @@ def test_shapes_os16(backbone):
     assert logits.shape == (2, K, 65, 65)
 
 
-def test_output_stride_8_and_dilation():
-    net = make("resnet18", output_stride=8).eval()
-    with torch.no_grad():
-        _, c4 = net.backbone_features(torch.randn(1, 3, 64, 64))
-    assert c4.shape[-2:] == (8, 8)
+def test_output_stride_16_dilates_the_last_stage():
     l4 = make("resnet18").backbone.layer4  # OS16: first block keeps dilation 1, then 2
     assert l4[0].conv1.stride == (1, 1) and l4[0].downsample[0].stride == (1, 1)
     assert l4[0].conv2.dilation == (1, 1) and l4[1].conv1.dilation == (2, 2)
-    with pytest.raises(ConfigError, match="output_stride"):
-        make(output_stride=4)
+    l3 = make("resnet50").backbone.layer3  # strided, not dilated
+    assert l3[0].conv2.stride == (2, 2) and l3[1].conv2.dilation == (1, 1)
 
 
 def test_full_width_topology_matches_torchvision():
@@ -153,37 +147,33 @@ def test_file_path_without_bn_counters_loads(tmp_path):
 ])
 def test_tampered_checkpoint_raises_naming_key(tmp_path, edit, needle):
     path, _ = _save_backbone(tmp_path, edit=edit)
-    with pytest.raises(PretrainedWeightsError) as err:
+    with pytest.raises(ConfigError) as err:
         build_model(config(width=8, backbone="resnet18", pretrained=str(path)))
     assert needle in str(err.value) and str(path) in str(err.value)
 
 
 def test_missing_file_and_empty_path(tmp_path):
-    with pytest.raises(PretrainedWeightsError, match="nope.pth"):
+    with pytest.raises(ConfigError, match="nope.pth"):
         build_model(config(width=8, backbone="resnet18", pretrained=str(tmp_path / "nope.pth")))
     with pytest.raises(ConfigError, match="empty path"):
         build_model(config(width=8, backbone="resnet18", pretrained=""))
 
 
 def test_pretrained_true_without_cache_raises(tmp_path, monkeypatch):
+    """The core never downloads: it names the file, where it goes and the command."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-
-    def no_network(*args, **kwargs):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(W.socket, "create_connection", no_network)
-    monkeypatch.setattr(W, "fetch", no_network)
-    with pytest.raises(PretrainedWeightsError) as err:
+    with pytest.raises(ConfigError) as err:
         build_model(config(backbone="resnet18", width=64, pretrained=True))
     msg = str(err.value)
     assert "resnet18-f37072fd.pth" in msg and str(tmp_path / "checkpoints") in msg
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in msg
+    assert "python -m mlcl data pretrained --torchvision resnet18" in msg and "\n" not in msg
 
 
 def test_pretrained_true_from_hub_cache(tmp_path, monkeypatch):
     """A file already in the hub cache is used (here a width-64 ResNet-18 of our own)."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    url, path = W.torchvision_file("resnet18")
+    path = M.imagenet_file("resnet18")
     assert path.name == "resnet18-f37072fd.pth"
     path.parent.mkdir(parents=True)
     state = torchvision.models.resnet18().state_dict()

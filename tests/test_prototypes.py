@@ -1,6 +1,6 @@
-"""mlcl.prototypes.PrototypeBank: EMA update against the released loop (tests/reference.py),
-absent classes, state_dict, the early-stop quirk and the update under several processes
-(docs/method.md, "Paper versus release")."""
+"""mlcl.prototypes.PrototypeBank (the paper) and mlcl.released.ReleasedBank: EMA update against
+the released loop (tests/reference.py), absent classes, state_dict, the early-stop quirk and the
+update under several processes (docs/method.md, "Paper versus release")."""
 from __future__ import annotations
 
 import os
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mlcl.prototypes import PrototypeBank
+from mlcl.released import ReleasedBank
 from reference import ref_bank_processes, ref_bank_update
 from two_process_bank import start_and_shards
 
@@ -35,7 +36,7 @@ def _batch(K, B, C, h, w, seed):
 @pytest.mark.parametrize("K,B,C,h,w", [(3, 2, 4, 4, 4), (21, 2, 8, 5, 5), (7, 1, 6, 6, 3)])
 @pytest.mark.parametrize("early_stop", [False, True])
 def test_update_matches_released_loop(K, B, C, h, w, early_stop):
-    bank = PrototypeBank(K, C, momentum=0.99, conf_thresh=0.95)
+    bank = ReleasedBank(K, C, momentum=0.99, conf_thresh=0.95, early_stop=early_stop)
     g = torch.Generator().manual_seed(K)
     start = torch.randn(K, C, generator=g)
     start[torch.rand(K, generator=g) < 0.4] = 0  # some classes not yet initialised
@@ -43,7 +44,7 @@ def test_update_matches_released_loop(K, B, C, h, w, early_stop):
     want = start
     for step in range(3):
         feats, labels, conf, valid = _batch(K, B, C, h, w, 100 * K + step)
-        bank.update(feats, labels, conf, valid, early_stop=early_stop)
+        bank.update(feats, labels, conf, valid)
         want = ref_bank_update(want, feats, labels, conf, valid, 0.99, 0.95, early_stop)
         assert torch.allclose(bank.protos, want, atol=1e-6)
 
@@ -87,18 +88,18 @@ def test_quirk6_early_stop_leaves_later_classes_unupdated():
     labels = torch.tensor([0, 1, 2, 3])
     ones = torch.ones(4)
     valid = torch.ones(4, dtype=torch.bool)
-    paper, released = PrototypeBank(4, 2, 0.5, 0.5), PrototypeBank(4, 2, 0.5, 0.5)
+    paper, released = PrototypeBank(4, 2, 0.5, 0.5), ReleasedBank(4, 2, 0.5, 0.5, early_stop=True)
     paper.protos.copy_(start)
     released.protos.copy_(start)
-    paper.update(feats, labels, ones, valid, early_stop=False)
-    released.update(feats, labels, ones, valid, early_stop=True)
+    paper.update(feats, labels, ones, valid)
+    released.update(feats, labels, ones, valid)
     want_paper = torch.tensor([[2.0, 0.0], [0.0, 4.0], [0.0, 2.0], [1.5, 1.5]])
     assert torch.allclose(paper.protos, want_paper)
     # released: 0 updated (before the initialisation), 1 initialised, 2 and 3 skipped
     assert torch.allclose(released.protos, torch.tensor([[2.0, 0.0], [0.0, 4.0], [0.0, 1.0],
                                                          [1.0, 1.0]]))
     # the flag does not persist: the next step updates every class again
-    released.update(feats, labels, ones, valid, early_stop=True)
+    released.update(feats, labels, ones, valid)
     assert torch.allclose(released.protos, torch.tensor([[2.5, 0.0], [0.0, 4.0], [0.0, 2.0],
                                                          [1.5, 1.5]]))
 
@@ -137,12 +138,12 @@ class ThreadedAllReduce:
 def _update_on_processes(start, shards, **kw):
     """Each shard's update on its own thread ("process"); the banks afterwards."""
     group = ThreadedAllReduce(len(shards))
-    banks = [PrototypeBank(start.shape[0], start.shape[1], 0.9, 0.95) for _ in shards]
+    banks = [ReleasedBank(start.shape[0], start.shape[1], 0.9, 0.95, **kw) for _ in shards]
 
     def run(r):
         group.rank.value = r
         banks[r].protos.copy_(start)
-        banks[r].update(*shards[r], **kw)
+        banks[r].update(*shards[r])
 
     with mock.patch("mlcl.prototypes.reduce", group.reduce):
         threads = [threading.Thread(target=run, args=(r,)) for r in range(len(shards))]

@@ -1,0 +1,136 @@
+"""Every place where the authors' release (github.com/MKSAQW/MCCL) computes something other
+than the paper's equations, each behind its own switch (docs/method.md, "Paper versus
+release"). :func:`mlcl.methods.mlcl_parts` is the one place that picks these instead of the
+paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`.
+
+=========================== =========================================================
+switch                      implementation here
+=========================== =========================================================
+``mlcl.double_transform``   :func:`sai_mask_ratio_twice`
+``mlcl.bilinear_ignore``    :func:`valid_bilinear`
+``mlcl.pair_by_position``,  :func:`loss_dt` (with :func:`position_pairing`)
+``duplicate_top_anchor``,
+``normalise_by_candidates``,
+``dt_uninitialised``
+``mlcl.bank_early_stop``,   :class:`ReleasedBank`
+``bank_local_update``
+``mlcl.released_passes``    :func:`separate_passes`
+=========================== =========================================================
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlcl import losses, prototypes
+
+
+def sai_mask_ratio_twice(v: Tensor, kappa: float) -> Tensor:
+    """r_i = 1 - kappa (a_i + 1) with a_i = kappa (v_i + 1): the release's noise loop overwrites
+    v with a_i before the masking loop transforms it again (``mlcl.double_transform``)."""
+    return losses.sai_mask_ratio(losses.sai_amplitude(v, kappa), kappa)
+
+
+def valid_bilinear(ignore: Tensor, size: tuple[int, int], ignore_index: int = 255) -> Tensor:
+    """The ignore map (B, H, W) at feature resolution ``size`` as the release resizes it
+    (``mlcl.bilinear_ignore``): the batch as the channels of one image, bilinearly with
+    align_corners=True, truncated to integers; only exact ``ignore_index`` values stay
+    ignored. (B, h, w) bool, valid = True."""
+    x = F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
+                      align_corners=True).squeeze(0)
+    return x.long() != ignore_index
+
+
+def position_pairing(has_a: Tensor, has_c: Tensor) -> tuple[Tensor, Tensor]:
+    """(partner, paired) (K,): the i-th class with anchors meets the candidates of the i-th
+    class with candidates (``mlcl.pair_by_position``); has_a, has_c (K,) bool."""
+    K = has_a.shape[0]
+    ks = torch.arange(K, device=has_a.device)
+    pos = torch.cumsum(has_a.long(), 0) - 1  # position of class k in the anchor list
+    order = torch.sort((~has_c).long() * K + ks).indices  # the candidate list, then the rest
+    return order[pos.clamp(0, K - 1)], has_a & (pos < has_c.sum())
+
+
+def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
+            f_s: Tensor, valid_s: Tensor, protos: Tensor, *, conf_thresh: float = 0.95,
+            num_anchors: int = 16, num_candidates: int = 256, pair_by_position: bool = False,
+            duplicate_top_anchor: bool = False, normalise_by_candidates: bool = False,
+            keep_uninitialised: bool = False) -> Tensor:
+    """L_dt as released, 0-dim; arguments and the rest as :func:`mlcl.losses.loss_dt`.
+
+    ``pair_by_position``: anchor and candidate groups paired by list position
+    (:func:`position_pairing`); ``duplicate_top_anchor``: anchors [t1, t1, t2, ..., t(m-1)];
+    ``normalise_by_candidates``: 1 - sum m(a) / sum |S_k|; ``keep_uninitialised``
+    (``mlcl.dt_uninitialised``): classes whose prototype is all zeros take part.
+    """
+    with torch.autocast(f_s.device.type, enabled=False):
+        fw, fs = losses.flat_maps(f_w.detach()).float(), losses.flat_maps(f_s).float()
+        protos = protos.detach().float()
+        K = protos.shape[0]
+        classes = (torch.ones(K, dtype=torch.bool, device=protos.device) if keep_uninitialised
+                   else prototypes.initialised(protos))
+        a_idx, a_ok, c_idx, c_ok = losses.dt_select(
+            fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, classes, conf_thresh,
+            num_anchors, num_candidates)
+        if duplicate_top_anchor:  # the valid slots come first, so a_ok stays as it is
+            a_idx = torch.cat([a_idx[:, :1], a_idx[:, :-1]], dim=1)
+        has_a, has_c = a_ok.any(1), c_ok.any(1)
+        if pair_by_position:
+            partner, paired = position_pairing(has_a, has_c)
+        else:
+            partner, paired = torch.arange(K, device=fw.device), has_a & has_c
+        a_ok = a_ok & paired.unsqueeze(1)
+        cands = losses.unit_features(fs, c_idx)[partner]  # (K, S, C) of the partner class
+        best = losses.dt_best_match(losses.unit_features(fw, a_idx), cands, c_ok[partner])
+        if normalise_by_candidates:
+            n_c = c_ok.sum(1)[partner]
+            den = torch.where(paired, n_c, torch.zeros_like(n_c)).sum()
+        else:
+            den = a_ok.sum()
+        return losses.dt_mean(best, a_ok, den)
+
+
+class ReleasedBank(prototypes.PrototypeBank):
+    """The prototype bank with the release's update (``mlcl.bank_early_stop``,
+    ``mlcl.bank_local_update``); the same state as :class:`mlcl.prototypes.PrototypeBank`."""
+
+    def __init__(self, num_classes: int, channels: int, momentum: float = 0.99,
+                 conf_thresh: float = 0.95, *, early_stop: bool = False,
+                 average_banks: bool = False):
+        super().__init__(num_classes, channels, momentum, conf_thresh)
+        self.early_stop, self.average_banks = early_stop, average_banks
+
+    @torch.no_grad()
+    def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
+        """The paper's step; with ``early_stop``, once a class is initialised in this step the
+        EMA of every later (higher-index) class is skipped (later all-zero classes are still
+        initialised)."""
+        new = super().stepped(sums, counts)
+        if not self.early_stop:
+            return new
+        init = ((counts > 0) & ~self.initialised).long()
+        skip = (init == 0) & ((torch.cumsum(init, 0) - init) > 0)
+        return torch.where(skip.unsqueeze(1), self.protos, new)
+
+    @torch.no_grad()
+    def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> None:
+        """The paper's update, or with ``average_banks`` each process steps its bank from its
+        local batch and the banks are then averaged (the same with one process)."""
+        if not self.average_banks:
+            super().update(feats, labels, conf, valid)
+            return
+        sums, counts = self.class_sums(feats, labels, conf, valid)
+        self.protos.copy_(prototypes.reduce(self.stepped(sums, counts), reduction="mean"))
+
+
+def separate_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], *unused
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+    """(F_1, F_2, F_w, the strong features of L_dt, None) from the release's structure
+    (``mlcl.released_passes``): separate train-mode passes, each building a graph, over w1,
+    w2, u_w and the un-mixed s1 (so no CutMix box to skip); the arguments of
+    :func:`mlcl.methods.joint_passes`, of which UniMatch's passes and F_s1 are unused."""
+    f1 = model(w1, return_features=True).features.detach()
+    f2 = model(w2, return_features=True).features.detach()
+    f_w = model(u["w"], return_features=True).features
+    return f1, f2, f_w, model(u["s1"], return_features=True).features, None
