@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from mlcl.prototypes import PrototypeBank
+from mlcl.released import ReleasedBank
 
 K, C = 5, 3
 
@@ -35,9 +35,9 @@ def main(out: Path) -> None:
     state = PartialState(cpu=True)
     start, shards = start_and_shards(state.num_processes)
     for average in (False, True):
-        bank = PrototypeBank(K, C, momentum=0.9, conf_thresh=0.95)
+        bank = ReleasedBank(K, C, momentum=0.9, conf_thresh=0.95, average_banks=average)
         bank.protos.copy_(start)
-        bank.update(*shards[state.process_index], average_banks=average)
+        bank.update(*shards[state.process_index])
         torch.save(bank.protos, out / f"rank{state.process_index}-average{int(average)}.pt")
     # leave together and tear the group down: a process exiting while the other still talks
     # to the store can abort in gloo's threads ("terminate called without an active exception")

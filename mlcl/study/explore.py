@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from mlcl import losses, paths
+from mlcl import losses, paths, released
 from mlcl.config import Config
 from mlcl.data.datasets import UnlabeledDataset, ValDataset
 from mlcl.engine import make_accelerator
 from mlcl.evaluate import evaluate, predict_logits
 from mlcl.methods import mix_source, paste
 from mlcl.model import upsample
+from mlcl.prototypes import initialised
 from mlcl.study.predict import checkpoint_file, model_from_checkpoint, read_checkpoint
 
 # sklearn (about 2 s to import) is imported inside embed_2d, the one function that uses it.
@@ -171,7 +172,9 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
     f_w, f_s = model.encode(w), model.encode(s)  # (B, C, h, w)
     v = losses.per_image_similarity(f_w, f_s)  # (B,)
     g = torch.Generator(device=dev).manual_seed(seed)
-    f_mk, keep = losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, double_transform, generator=g)
+    ratio = (released.sai_mask_ratio_twice if double_transform else losses.sai_mask_ratio)(
+        v, m.kappa)
+    f_mk, keep = losses.sai_mask(f_s, ratio, m.mask_jitter, generator=g)
     f_ne = losses.sai_noise(f_s, v, m.kappa, generator=g)
     size = w.shape[-2:]
     prob = {name: upsample(model.decode(f), size).softmax(1)
@@ -182,7 +185,7 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
                             for i in range(p.shape[0])])
 
     out = {"w": w, "s": s, "v": v, "f_w": f_w, "f_s": f_s, "f_mk": f_mk, "f_ne": f_ne,
-           "mask_ratio": losses.sai_mask_ratio(v, m.kappa, double_transform),
+           "mask_ratio": ratio,
            "amplitude": losses.sai_amplitude(v, m.kappa),
            "attention": f_s.float().mean(1),  # A_i of losses.sai_mask: the channel mean
            "keep": keep, "dropped": 1.0 - keep.float().flatten(1).mean(1),
@@ -271,9 +274,9 @@ def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: in
     validation features, which stands in for the prototypes (``proto_source`` says which)."""
     feats, labels = pixel_features(ck, num_images, max_pixels, seed)
     means = class_means(feats, labels, ck.cfg.data.num_classes)
-    if ck.bank is not None and bool(ck.bank.ne(0).any()):
+    if ck.bank is not None and bool(initialised(ck.bank).any()):
         protos = ck.bank.double().numpy().copy()
-        protos[~ck.bank.ne(0).any(1).numpy()] = np.nan  # never-initialised classes
+        protos[~initialised(ck.bank).numpy()] = np.nan
         source = "memory bank"
     else:
         protos, source = means.copy(), "class means"

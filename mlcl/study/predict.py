@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mlcl.config import Config, config_from_dict, parse_overrides, resolve, set_key
+from mlcl.config import Config, config_from_dict, fill_defaults, parse_overrides, set_key
 from mlcl.data.classes import check_classes
 from mlcl.data.palette import colourise, palette_for
 from mlcl.evaluate import predict_logits, sliding_window_logits
@@ -97,7 +97,7 @@ def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = 
     cfg = config_from_dict(ckpt["config"])
     for key, value in parse_overrides(overrides).items():
         set_key(cfg, key, value)
-    resolve(cfg)
+    fill_defaults(cfg)
     state = ckpt["model"]
     classes = state["classifier.weight"].shape[0] if "classifier.weight" in state \
         else len(ckpt.get("class_names") or []) or cfg.data.num_classes

@@ -530,15 +530,15 @@ def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
     (points), and the fraction of positions each variant's mask actually dropped."""
     import torch
 
-    from mlcl import losses
+    from mlcl import losses, released
 
     grid = torch.linspace(-1, 1, 201)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     styles = {"paper": ("#d62728", "o"), "released": ("#ff7f0e", "s")}
     for variant, views in views_by_variant.items():
         colour, marker = styles.get(variant, ("k", "x"))
-        double = variant == "released"
-        axes[0].plot(grid, losses.sai_mask_ratio(grid, kappa, double), color=colour,
+        ratio = released.sai_mask_ratio_twice if variant == "released" else losses.sai_mask_ratio
+        axes[0].plot(grid, ratio(grid, kappa), color=colour,
                      label=f"r(v), {variant}")
         axes[0].scatter(views["v"], views["mask_ratio"], color=colour, marker=marker, s=18)
         axes[2].scatter(views["v"], 100 * views["dropped"], color=colour, marker=marker,
