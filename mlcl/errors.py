@@ -31,9 +31,14 @@ class MlclError(Exception):
     exit_code = BAD_INPUT_EXIT
     report = True
 
+    def __init__(self, message: str = "", exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
     def line(self) -> str:
         """The line shown on stderr."""
-        return f"error: {message_of(self)}"
+        return f"error: {error_line(self)}"
 
 
 class RunStopped(MlclError):
@@ -47,8 +52,7 @@ class RunInterrupted(RunStopped):
     resumes it. Its line is the message itself, not an error."""
 
     def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
+        super().__init__(message, 128 + signum)  # the shell's convention: 130 Ctrl-C, 143 TERM
 
     def line(self) -> str:
         return str(self)
@@ -69,7 +73,7 @@ class CommandLineParser(argparse.ArgumentParser):
         self.exit(BAD_INPUT_EXIT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def message_of(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
     """An error's one line: the message (the original one for an error re-raised from a data
     loader worker), or for an OS error the file and the reason."""
     from mlcl.data.splits import original_message  # torch-free; mlcl.data loads lazily
@@ -86,12 +90,13 @@ def run_reported(command: Callable[[], int | None]) -> int:
     Any other error propagates with its traceback: a bug, not bad input."""
     try:
         return command() or 0
-    except KeyboardInterrupt:
-        return run_reported(_raiser(RunInterrupted("interrupted", signal.SIGINT)))
+    except KeyboardInterrupt:  # outside a training loop, whose StopSignals take Ctrl-C
+        print("interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except (MlclError, OSError, ValueError) as e:
         if os.environ.get("MLCL_DEBUG") and not isinstance(e, RunStopped):
             raise
         if getattr(e, "report", True):
-            line = e.line() if isinstance(e, MlclError) else f"error: {message_of(e)}"
+            line = e.line() if isinstance(e, MlclError) else f"error: {error_line(e)}"
             print(line, file=sys.stderr, flush=True)
         return getattr(e, "exit_code", BAD_INPUT_EXIT)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
+from mlcl.errors import MlclError
 from mlcl.files import atomic_write_json
 
 Log = Callable[[str], None]
@@ -38,8 +39,10 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-class PrepareError(RuntimeError):
-    """A preparation step failed; the message says what to do about it."""
+class PrepareError(MlclError):
+    """A preparation step failed (exit status 1); the message says what to do about it."""
+
+    exit_code = 1
 
 
 class DownloadError(PrepareError):

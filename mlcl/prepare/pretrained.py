@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 
 from mlcl.config import ConfigError, ModelConfig
+from mlcl.errors import MlclError
 from mlcl.files import atomic_write_json
 from mlcl.prepare.download import (ChecksumError, Log, PrepareError, digests, fetch, human, now,
                                    read_marker, say)
@@ -53,7 +54,7 @@ TORCHVISION_WEIGHTS = {
 DOWNLOAD_PROBE_TIMEOUT_S = 3.0  # at training start a download is tried only if the host answers
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(MlclError):
     """Pretrained weights could not be found or loaded exactly; the message says what to do."""
 
 
