@@ -1,5 +1,6 @@
 """The light modules stay light: importing them does not load torch (nor matplotlib / pandas
-where they do not draw), which is why a few imports sit inside functions, each with a reason."""
+where they do not draw, nor data preparation's scipy / requests), which is why a few imports
+sit inside functions, each with a reason."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +13,8 @@ LIGHT = ["mlcl.config", "mlcl.__main__", "mlcl.errors", "mlcl.reproduce", "mlcl.
          "mlcl.data.synthetic", "mlcl.data.palette"]
 
 
-HEAVY = ("torch", "matplotlib", "pandas", "sklearn", "papermill")
+# torch, the study's libraries, data preparation's (extras of pyproject.toml)
+HEAVY = ("torch", "matplotlib", "pandas", "sklearn", "papermill", "scipy", "requests")
 
 
 def loaded_by(modules: list[str], then: str = "") -> list[str]:

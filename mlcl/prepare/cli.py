@@ -20,7 +20,6 @@ from typing import Optional
 
 from mlcl.config import ConfigError, DataConfig
 from mlcl.errors import CommandLineParser, MlclError, RunInterrupted, run_reported
-from mlcl.prepare import cityscapes, voc
 from mlcl.prepare.download import Resource
 from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
 
@@ -217,7 +216,11 @@ def run(args) -> int:
                              signal.SIGINT) from None
 
 
+# The dataset modules load in their commands: scipy (voc) and requests (cityscapes) are the
+# `prepare` extra's, not needed by the parser.
 def _voc(args) -> int:
+    from mlcl.prepare import voc
+
     vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename, md5=args.voc_md5 or voc.VOC.md5)
     sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename, md5=args.sbd_md5 or voc.SBD.md5)
     counts = voc.prepare_voc(args.root, args.downloads, args.aug, vres, sres, args.expect,
@@ -226,6 +229,8 @@ def _voc(args) -> int:
 
 
 def _cityscapes(args) -> int:
+    from mlcl.prepare import cityscapes
+
     counts = cityscapes.prepare_cityscapes(
         args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
         with_test=args.with_test, expected=args.expect, force=args.force)
