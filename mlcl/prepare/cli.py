@@ -172,10 +172,10 @@ def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) 
                    fetch_kw=_fetch_kw(args))
     if args.no_verify:
         return 0
-    return _verify(args.root, layout)
+    return _verify_root(args.root, layout)
 
 
-def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
+def _verify_root(root, layout, splits=None, num_classes=None, values=True, workers=4,
             max_listed=20, ignore_index=DataConfig().ignore_index) -> int:
     from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
@@ -245,8 +245,8 @@ def _splits(args) -> int:
 
 
 def _verify_command(args) -> int:
-    return _verify(args.root, args.layout, args.splits, args.num_classes, not args.no_values,
-                   args.workers, args.max_listed, args.ignore_index)
+    return _verify_root(args.root, args.layout, args.splits, args.num_classes,
+                        not args.no_values, args.workers, args.max_listed, args.ignore_index)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

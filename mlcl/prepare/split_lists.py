@@ -33,8 +33,9 @@ from typing import Optional
 
 import numpy as np
 
+from mlcl.files import atomic_write_json
 from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fetch, now,
-                                   read_marker, say, write_marker)
+                                   read_marker, say)
 
 UNIMATCH_REPO = "LiheYoung/UniMatch"
 UNIMATCH_COMMIT = "818609d195fa1079fbb67589299d9aec07acac46"
@@ -118,7 +119,7 @@ def _provenance(out: Path) -> dict:
 
 
 def _write_provenance(out: Path, prov: dict) -> None:
-    write_marker(out / "PROVENANCE.json", prov)
+    atomic_write_json(out / "PROVENANCE.json", prov)
 
 
 def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = None,
