@@ -1,4 +1,5 @@
-# The two commands: `make demo` (the main job) and `make test`. Each creates .venv when missing.
+# The two commands: `make demo` (the main job) and `make test`. Each creates .venv when missing
+# and installs requirements.lock into it.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,16 +8,30 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: install test demo lab reproduce figures bench gpu-check clean-runs
+.PHONY: install lock test demo lab reproduce figures bench gpu-check clean-runs
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
+# Every extra (study, prepare, dev) at the exact versions of requirements.lock, then mlcl itself.
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || \
+		{ echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml (newest versions), with pip-tools in a
+# throwaway virtualenv; then `make install` installs it.
+LOCK_VENV := $(VENV)-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet pip-tools
+	$(LOCK_VENV)/bin/pip-compile --quiet --upgrade --strip-extras --extra study --extra prepare \
+		--extra dev --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
+	rm -rf $(LOCK_VENV)
 
 # The suite in TEST_WORKERS processes (pytest-xdist), one OpenMP thread each.
 TEST_WORKERS ?= 2

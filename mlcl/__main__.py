@@ -1,9 +1,9 @@
-"""Command line: python -m mlcl {synth,train,evaluate,predict,data,demo,figures,...} [options] [key=value ...]
+"""Command line: python -m mlcl COMMAND [options] [key=value ...]
 
     python -m mlcl synth --out data/synthetic
     python -m mlcl train --config synthetic data.root=data/synthetic method=mlcl
     python -m mlcl evaluate --checkpoint runs/synthetic/1_16/mlcl-paper-s0/best.pt
-    python -m mlcl predict --checkpoint runs/synthetic/1_16/mlcl-paper-s0/best.pt --images DIR --out DIR
+    python -m mlcl predict --checkpoint runs/synthetic/1_16/mlcl-paper-s0 --images DIR --out DIR
 """
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import json
 import os
 import sys
 
-from mlcl.config import CommandLineParser
-from mlcl.errors import run_reported
+from mlcl.errors import CommandLineParser, MlclError, run_reported
+
+# Each handler imports its command's modules: the parser loads only torch-free ones, so that
+# the light commands (synth, data but verify and pretrained, reproduce, figures, --help) never
+# load torch (tests/test_imports.py).
 
 
 def positive_int(text: str) -> int:
@@ -94,14 +97,13 @@ def cmd_predict(args) -> int:
     from mlcl.study.predict import load_weights, predict_images
 
     model, cfg, names = load_weights(args.checkpoint, args.overrides)
+    limits = {k: getattr(args, k) for k in ("max_pixels", "tile") if getattr(args, k)}
     result = predict_images(model, cfg, names, args.images, args.out, overlay=args.overlay,
-                            recursive=args.recursive, max_pixels=args.max_pixels,
-                            tile=args.tile)
+                            recursive=args.recursive, **limits)
     print(f"wrote {len(result.written)} files to {args.out}")
     if result.failed:
-        print(f"error: {len(result.failed)} image(s) skipped, the first: {result.failed[0]}",
-              file=sys.stderr)
-        return 1
+        raise MlclError(f"{len(result.failed)} image(s) skipped, the first: {result.failed[0]}",
+                        exit_code=1)  # the others were predicted
     return 0
 
 
@@ -141,8 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_evaluate)
 
-    from mlcl.study.predict import MAX_PIXELS, TILE
-
     p = sub.add_parser("predict", help="palette PNG predictions for a folder of images")
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or a run folder "
                    "(its best.pt)")
@@ -151,16 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a new (or empty) folder for the predictions: "
                    "<image name>.png, legend.png, legend.txt")
     p.add_argument("--overlay", action="store_true", help="also write image/prediction blends")
-    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                   help="larger images are skipped (default %(default)s)")
-    p.add_argument("--tile", type=positive_int, default=TILE,
+    p.add_argument("--max-pixels", type=positive_int,
+                   help="larger images are skipped (default mlcl.predict.MAX_PIXELS, 25000000)")
+    p.add_argument("--tile", type=positive_int,
                    help="images above TILE x TILE pixels are predicted in overlapping "
-                        "TILE x TILE windows (default %(default)s)")
+                        "TILE x TILE windows (default mlcl.predict.TILE, 1024)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_predict)
 
+    from mlcl.prepare import cli as data_cli
+
+    p = sub.add_parser("data", help="download / prepare / verify real datasets (data --help)",
+                       description=data_cli.DESCRIPTION)
+    data_cli.add_arguments(p)
+
     # these hand their whole argument list to their own parsers (see main)
-    sub.add_parser("data", help="download / prepare / verify real datasets (data --help)")
     sub.add_parser("bench", help="time training steps, FKA/SAI and the data pipeline")
     sub.add_parser("rehearse", help="every stage of a preset on fabricated full-size data; "
                                     "FLOPs and projected cost (rehearse --help)")
@@ -183,19 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"data": "mlcl.prepare.cli", "bench": "mlcl.bench", "rehearse": "mlcl.rehearse",
+PASS_THROUGH = {"bench": "mlcl.bench", "rehearse": "mlcl.rehearse",
                 "gpu-check": "mlcl.rehearse.gpu_check"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlcl.prepare.pretrained import PretrainedWeightsError
-
+    """``python -m mlcl ARGV``: the command's exit status; every error ends as one line and
+    its status (mlcl.errors.run_reported)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASS_THROUGH:
         module = __import__(PASS_THROUGH[argv[0]], fromlist=["main"])
-        return module.main(argv[1:]) or 0
+        return run_reported(lambda: module.main(argv[1:]))
     args = build_parser().parse_args(argv)
-    return run_reported(lambda: args.func(args), (PretrainedWeightsError,))
+    return run_reported(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ unknown key or a value of the wrong type is a :class:`ConfigError` that names th
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
@@ -22,6 +21,9 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from mlcl import paths
+# CommandLineParser: re-exported until mlcl.bench, mlcl.rehearse and mlcl.data.synthetic import it
+# from mlcl.errors
+from mlcl.errors import CommandLineParser, MlclError  # noqa: F401
 from mlcl.files import atomic_write_text
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
@@ -39,16 +41,8 @@ RELEASED_QUIRKS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(MlclError, ValueError):
     """A configuration problem; the message names the key and says how to fix it."""
-
-
-class CommandLineParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported like every other bad input: one line,
-    ``error: <command>: <why> (see <command> --help)``, exit status 2 (not the usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- value ranges

@@ -1,40 +1,61 @@
-"""How the command line ends on an error: one line on stderr and an exit status, no
-traceback (``MLCL_DEBUG=1`` shows it for bad input).
+"""How a command ends on an error: one line on stderr, ``error: <file, key or flag>: <why>``,
+and an exit status; no traceback (``MLCL_DEBUG=1`` shows it, a stopped run excepted).
 
-- A run stopped on purpose or by its guard (:class:`RunStopped`, below: interrupted after a
-  checkpoint, diverged, a checkpoint not written): its own line on the main process, its
-  ``exit_code`` (130 Ctrl-C, 143 SIGTERM, 3 diverged, 1 otherwise).
-- Bad input (:data:`BAD_INPUT`, and what the caller adds): ``error: <file or key>: <why>``,
-  exit status 2.
+Every error mlcl raises for its user is an :class:`MlclError`; its ``exit_code`` is the status:
+2 for bad input (configuration, data, files, flags: the default), 1 for a step that failed
+for another reason (a download, a checkpoint not written), 3 for a diverged run, 128 + the
+signal for a run stopped by one after its checkpoint (130 Ctrl-C, 143 SIGTERM). The standard
+library's OSError and ValueError (a missing file, an unreadable image) count as bad input.
 
-``python -m mlcl rehearse`` ends through :func:`run_reported`; ``python -m mlcl``'s own
-subcommands report the same way.
+:func:`run_reported` turns an error into its line and status; ``python -m mlcl`` ends every
+subcommand through it, ``data`` and ``bench`` included, and :class:`CommandLineParser`
+reports a bad flag the same way. This module loads no heavy library (nor torch), so that
+every command reports its errors without loading them.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 
-from mlcl.config import ConfigError
+BAD_INPUT_EXIT = 2
 
-# The stop exceptions live here, not in mlcl.stopping (which loads torch), so that the
-# command line reports errors without loading torch.
-class RunStopped(RuntimeError):
-    """The run stopped before its end; the message is one line, ``exit_code`` the status;
-    ``report`` is false on all processes but the main one (one line per run, not per
-    process)."""
+
+class MlclError(Exception):
+    """An error for the user: the message is one line naming the file, key or flag and how to
+    fix it; ``exit_code`` is the command's status (module docstring); ``report`` is false on
+    all processes of a run but the main one (one line per run, not per process)."""
+
+    exit_code = BAD_INPUT_EXIT
+    report = True
+
+    def __init__(self, message: str = "", exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def line(self) -> str:
+        """The line shown on stderr."""
+        return f"error: {error_line(self)}"
+
+
+class RunStopped(MlclError):
+    """The run stopped before its end (exit status 1 unless a subclass says otherwise)."""
 
     exit_code = 1
-    report = True
 
 
 class RunInterrupted(RunStopped):
-    """A stop signal ended the run after a checkpoint; the same command resumes it."""
+    """A stop signal ended the run (after a checkpoint, for training); the same command
+    resumes it. Its line is the message itself, not an error."""
 
     def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's convention: 130 Ctrl-C, 143 SIGTERM
+        super().__init__(message, 128 + signum)  # the shell's convention: 130 Ctrl-C, 143 TERM
+
+    def line(self) -> str:
+        return str(self)
 
 
 class RunDiverged(RunStopped):
@@ -43,13 +64,19 @@ class RunDiverged(RunStopped):
     exit_code = 3
 
 
-BAD_INPUT: tuple[type[BaseException], ...] = (ConfigError, OSError, ValueError)
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported like every other bad input: one line,
+    ``error: <command>: <why> (see <command> --help)``, exit status 2 (not the usage block).
+    Sub-command parsers made by ``add_subparsers`` are of this class too."""
+
+    def error(self, message: str):
+        self.exit(BAD_INPUT_EXIT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def error_line(e: BaseException) -> str:
-    """The one line shown for a bad-input error: the message (the original one for an
-    error re-raised from a loader worker), or for an OS error the file and the reason."""
-    from mlcl.data.splits import original_message  # mlcl.data's package loads lazily
+    """An error's one line: the message (the original one for an error re-raised from a data
+    loader worker), or for an OS error the file and the reason."""
+    from mlcl.data.splits import original_message  # torch-free; mlcl.data loads lazily
 
     if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.filename}: {e.strerror}"
@@ -57,19 +84,19 @@ def error_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def run_reported(command: Callable[[], int | None],
-                 bad_input: tuple[type[BaseException], ...] = ()) -> int:
-    """``command()``'s exit status (None: 0), or for a stopped run or bad input (BAD_INPUT
-    and ``bad_input``) that error's one line on stderr and its exit status (module
-    docstring). Any other error propagates with its traceback: a bug, not bad input."""
+def run_reported(command: Callable[[], int | None]) -> int:
+    """``command()``'s exit status (None: 0), or for an :class:`MlclError`, a bad-input
+    OSError / ValueError or Ctrl-C its line on stderr and its status (module docstring).
+    Any other error propagates with its traceback: a bug, not bad input."""
     try:
         return command() or 0
-    except RunStopped as e:
-        if e.report:
-            print(str(e) if isinstance(e, RunInterrupted) else f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except BAD_INPUT + bad_input as e:
-        if os.environ.get("MLCL_DEBUG"):
+    except KeyboardInterrupt:  # outside a training loop, whose StopSignals take Ctrl-C
+        print("interrupted", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    except (MlclError, OSError, ValueError) as e:
+        if os.environ.get("MLCL_DEBUG") and not isinstance(e, RunStopped):
             raise
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        return 2
+        if getattr(e, "report", True):
+            line = e.line() if isinstance(e, MlclError) else f"error: {error_line(e)}"
+            print(line, file=sys.stderr, flush=True)
+        return getattr(e, "exit_code", BAD_INPUT_EXIT)

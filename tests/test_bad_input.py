@@ -4,6 +4,7 @@ config keys, split files and masks read in the main process are also tested in
 test_config.py, test_data.py and test_train.py.)"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -22,8 +23,8 @@ import torch
 from PIL import Image
 
 from mlcl import files, outputs
+from mlcl.__main__ import build_parser, main
 from mlcl.study import registry
-from mlcl.__main__ import main
 from mlcl.config import ConfigError, in_range, load_config
 from mlcl.data import DataError, ValDataset, preflight
 from mlcl.study.synthetic import make_synthetic
@@ -171,6 +172,24 @@ def test_a_bad_flag_is_one_line_not_the_usage_block(args, capsys):
     rc, out, err = run_cli(capsys, *args)
     line = one_line_error(err)
     assert rc == 2 and not out and args[1] in line and "(see python -m mlcl" in line
+
+
+def command_lines(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
+    """Every subcommand of ``parser`` as its words, nested ones included (``data voc``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name)
+                yield from command_lines(sub, (*prefix, name))
+
+
+def test_every_subcommand_reports_an_unknown_flag_in_one_line(capsys):
+    commands = list(command_lines(build_parser()))
+    assert {("train",), ("data",), ("data", "voc"), ("bench",), ("figures",)} <= set(commands)
+    for command in commands:
+        rc, out, err = run_cli(capsys, *command, "--no-such-flag")
+        assert rc == 2 and not out, (command, out)
+        assert "(see python -m mlcl" in one_line_error(err), command
 
 
 def test_gpu_check_out_under_a_file_is_one_line(tmp_path, capsys):
@@ -461,7 +480,8 @@ def test_every_output_place_is_checked_by_one_walk_up(tmp_path):
         why = files.place_problem(place)
         with pytest.raises(ConfigError, match=re.escape(f"output_dir {place}: ")) as e:
             outputs.check_output_place(place)
-        with pytest.raises(ValueError, match=re.escape(f"--out {place / 'x'} cannot be made: ")) as v:
+        made = re.escape(f"--out {place / 'x'} cannot be made: ")
+        with pytest.raises(ValueError, match=made) as v:
             files.check_creatable(place / "x", "--out")
         assert why in str(e.value) and why in str(v.value)
     assert afile.read_text() == "mine"

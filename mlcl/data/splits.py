@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from mlcl.errors import MlclError
+
 LAYOUTS = ("voc", "cityscapes")
 
 
@@ -35,7 +37,7 @@ def original_message(text: str) -> str:
     return rest if sep and re.fullmatch(r"[\w.]+", head) else last
 
 
-class DataError(ValueError):
+class DataError(MlclError, ValueError):
     """Bad input data; the one-line message names the file at fault. Raised in a loader
     worker, it reaches the main process with the same one line (torch re-creates the error
     there from a message holding the worker's traceback; the constructor keeps its last

@@ -8,18 +8,19 @@
     python -m mlcl data pretrained --torchvision resnet50 resnet101 --check pretrained/resnet50.pth
 
 Exit status 0 on success, 1 on a failed step or check (the message says what to do), 2 on bad
-arguments. See docs/real_data.md.
+arguments, 130 on Ctrl-C (mlcl.errors). See docs/real_data.md.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
-from mlcl.config import CommandLineParser, ConfigError, DataConfig
-from mlcl.prepare import cityscapes, voc
-from mlcl.prepare.download import PrepareError, Resource
+from mlcl.config import ConfigError, DataConfig
+from mlcl.errors import CommandLineParser, MlclError, RunInterrupted, run_reported
+from mlcl.prepare.download import Resource
 from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
 
 
@@ -69,19 +70,21 @@ def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: s
     _split_args(p, dataset)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = CommandLineParser(
-        prog="python -m mlcl data",
-        description="Download, prepare and verify Pascal VOC 2012 (+SBD) and Cityscapes, the "
-                    "standard split lists and the backbone checkpoints. Every step is "
-                    "idempotent: re-running skips what is done and verified. "
-                    "Run-book: docs/real_data.md.")
+DESCRIPTION = ("Download, prepare and verify Pascal VOC 2012 (+SBD) and Cityscapes, the standard "
+               "split lists and the backbone checkpoints. Every step is idempotent: re-running "
+               "skips what is done and verified. Run-book: docs/real_data.md.")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The data commands under ``ap`` (``python -m mlcl data``'s parser); each runs :func:`run`."""
+    ap.set_defaults(func=run)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("voc", help="VOC 2012 + augmented masks (10,582 train_aug), splits, verify",
                        description="Download VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz "
                                    "(md5-verified, resumable), build SegmentationClass with the "
                                    "augmented masks, fetch UniMatch's split lists, verify.")
+    p.set_defaults(step=_voc)
     p.add_argument("--root", default="data/VOC2012", help="dataset folder (default: %(default)s)")
     p.add_argument("--aug", default="sbd",
                    help="'sbd' (download SBD and convert its .mat labels; default), or a "
@@ -101,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "CITYSCAPES_PASSWORD (environment only, never stored); "
                                    "extract, make labelTrainIds with createTrainIdLabelImgs, fetch "
                                    "UniMatch's split lists, verify.")
+    p.set_defaults(step=_cityscapes)
     p.add_argument("--root", default="data/cityscapes",
                    help="dataset folder (default: %(default)s)")
     p.add_argument("--zips", default=None, help="folder holding the two zips, if downloaded")
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("splits", help="UniMatch's split lists (pinned commit) or seeded stand-ins",
                        description="Write ROOT/splits/DATASET/{NAME/labeled.txt, "
                                    "NAME/unlabeled.txt, val.txt} and PROVENANCE.json.")
+    p.set_defaults(step=_splits)
     p.add_argument("--root", required=True, help="the prepared dataset folder")
     p.add_argument("--names", nargs="*", default=None, help="split names (default: all)")
     p.add_argument("--expect", type=_counts, default=None, metavar="POOL=N,...",
@@ -125,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Counts per split, every listed file exists, image and mask "
                                    "sizes agree, mask values in {0..K-1, --ignore-index}. "
                                    "Exit 1 on any problem, naming each bad file.")
+    p.set_defaults(step=_verify_command)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
     p.add_argument("--splits", nargs="*", default=None,
@@ -144,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "hub cache (model.pretrained: true), and/or check UniMatch's "
                                    "deep-stem checkpoints (model.pretrained: "
                                    "pretrained/resnet50.pth) for size, sha256 and an exact load.")
+    p.set_defaults(step=_pretrained)
     p.add_argument("--torchvision", nargs="*", default=[], metavar="ARCH",
                    help="e.g. resnet50 resnet101")
     p.add_argument("--url", default=None, help="replace torchvision's URL (one ARCH only)")
@@ -152,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default=None,
                    help="backbone of --check files (default: from the file name)")
     _retry_args(p)
-    return ap
 
 
 def _fetch_kw(args) -> dict:
@@ -166,10 +172,10 @@ def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) 
                    fetch_kw=_fetch_kw(args))
     if args.no_verify:
         return 0
-    return _verify(args.root, layout)
+    return _verify_root(args.root, layout)
 
 
-def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
+def _verify_root(root, layout, splits=None, num_classes=None, values=True, workers=4,
             max_listed=20, ignore_index=DataConfig().ignore_index) -> int:
     from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
@@ -180,14 +186,14 @@ def _verify(root, layout, splits=None, num_classes=None, values=True, workers=4,
 
 
 def _pretrained(args) -> int:
-    # torch and torchvision load here only: the data commands and --help need neither
+    if not args.torchvision and not args.check:
+        raise MlclError("nothing to do: give --torchvision ARCH ... and/or --check PATH ...")
+    if args.url and len(args.torchvision) != 1:
+        raise MlclError("--url replaces the URL of one --torchvision ARCH only")
+    # torch and torchvision load here only: the other data commands and --help need neither
     from mlcl.model import build_backbone
     from mlcl.prepare.pretrained import backbone_for, check_checkpoint, fetch_torchvision
 
-    if not args.torchvision and not args.check:
-        raise PrepareError("nothing to do: give --torchvision ARCH ... and/or --check PATH ...")
-    if args.url and len(args.torchvision) != 1:
-        raise PrepareError("--url replaces the URL of one --torchvision ARCH only")
     for arch in args.torchvision:
         fetch_torchvision(arch, url=args.url, **_fetch_kw(args))
     for path in args.check:
@@ -195,51 +201,60 @@ def _pretrained(args) -> int:
         try:
             backbone = build_backbone(name)
         except ConfigError as e:
-            raise PrepareError(f"--backbone: {e}") from None
+            raise MlclError(f"--backbone: {e}") from None
         check_checkpoint(path, backbone, name)
     return 0
 
 
 def run(args) -> int:
-    """Run the parsed command; its exit status (PrepareError propagates)."""
-    if args.cmd == "voc":
-        vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename,
-                        md5=args.voc_md5 or voc.VOC.md5)
-        sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename,
-                        md5=args.sbd_md5 or voc.SBD.md5)
-        counts = voc.prepare_voc(args.root, args.downloads, args.aug, vres, sres, args.expect,
-                                 args.keep_staging, args.force, _fetch_kw(args))
-        return _splits_then_verify(args, "pascal", "voc", counts if args.expect else None)
-    if args.cmd == "cityscapes":
-        counts = cityscapes.prepare_cityscapes(
-            args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
-            with_test=args.with_test, expected=args.expect, force=args.force)
-        return _splits_then_verify(args, "cityscapes", "cityscapes",
-                                   counts if args.expect else None)
-    if args.cmd == "splits":
-        get_splits(args.dataset, args.root, mode=args.split_mode, names=args.names,
-                   commit=args.commit, base_url=args.split_base_url, pools=args.expect,
-                   seed=args.seed, force=args.force, fetch_kw=_fetch_kw(args))
-        return 0
-    if args.cmd == "verify":
-        return _verify(args.root, args.layout, args.splits, args.num_classes,
-                       not args.no_values, args.workers, args.max_listed, args.ignore_index)
-    if args.cmd == "pretrained":
-        return _pretrained(args)
-    raise AssertionError(args.cmd)  # pragma: no cover
+    """Run the parsed command; its exit status (an MlclError propagates; Ctrl-C becomes a
+    RunInterrupted saying that the same command resumes)."""
+    try:
+        return args.step(args)
+    except KeyboardInterrupt:
+        raise RunInterrupted("interrupted: run the same command again to resume",
+                             signal.SIGINT) from None
+
+
+# The dataset modules load in their commands: scipy (voc) and requests (cityscapes) are the
+# `prepare` extra's, not needed by the parser.
+def _voc(args) -> int:
+    from mlcl.prepare import voc
+
+    vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename, md5=args.voc_md5 or voc.VOC.md5)
+    sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename, md5=args.sbd_md5 or voc.SBD.md5)
+    counts = voc.prepare_voc(args.root, args.downloads, args.aug, vres, sres, args.expect,
+                             args.keep_staging, args.force, _fetch_kw(args))
+    return _splits_then_verify(args, "pascal", "voc", counts if args.expect else None)
+
+
+def _cityscapes(args) -> int:
+    from mlcl.prepare import cityscapes
+
+    counts = cityscapes.prepare_cityscapes(
+        args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
+        with_test=args.with_test, expected=args.expect, force=args.force)
+    return _splits_then_verify(args, "cityscapes", "cityscapes", counts if args.expect else None)
+
+
+def _splits(args) -> int:
+    get_splits(args.dataset, args.root, mode=args.split_mode, names=args.names,
+               commit=args.commit, base_url=args.split_base_url, pools=args.expect,
+               seed=args.seed, force=args.force, fetch_kw=_fetch_kw(args))
+    return 0
+
+
+def _verify_command(args) -> int:
+    return _verify_root(args.root, args.layout, args.splits, args.num_classes,
+                        not args.no_values, args.workers, args.max_listed, args.ignore_index)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Parse ``argv`` and run it: 0 done, 1 a failed step (one line on stderr), 130 Ctrl-C."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    """``python -m mlcl data ARGV`` (data_scripts/): the exit status (module docstring)."""
+    ap = CommandLineParser(prog="python -m mlcl data", description=DESCRIPTION)
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    return run_reported(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
+from mlcl.errors import MlclError
 from mlcl.files import atomic_write_json
 
 Log = Callable[[str], None]
@@ -38,8 +39,10 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-class PrepareError(RuntimeError):
-    """A preparation step failed; the message says what to do about it."""
+class PrepareError(MlclError):
+    """A preparation step failed (exit status 1); the message says what to do about it."""
+
+    exit_code = 1
 
 
 class DownloadError(PrepareError):
@@ -67,11 +70,13 @@ def now() -> str:
 
 def human(n: float) -> str:
     """A byte count for messages: ``512 B``, ``1.5 MB``."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return f"{n:.1f} GB"  # pragma: no cover
+        if abs(n) < 1024 or unit == "GB":
+            break
+    return f"{n:.1f} {unit}"
 
 
 def digests(path: Path, algos: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
@@ -96,10 +101,6 @@ def read_marker(path: Path) -> Optional[dict]:
         return None
 
 
-def write_marker(path: Path, info: dict) -> None:
-    atomic_write_json(path, info)
-
-
 # --------------------------------------------------------------------------- download
 def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
                       sha256_prefix: Optional[str] = None) -> str:
@@ -113,7 +114,7 @@ def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[
     return "; ".join(bad)
 
 
-def _verify(path: Path, md5: Optional[str], sha256: Optional[str],
+def _check_digests(path: Path, md5: Optional[str], sha256: Optional[str],
             sha256_prefix: Optional[str] = None) -> dict[str, str]:
     """Digests of ``path`` (md5 only where one is expected); raise ChecksumError on mismatch."""
     got = digests(path, ("sha256", "md5") if md5 else ("sha256",))
@@ -185,7 +186,7 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     part = dest.with_name(dest.name + ".part")
     _download_with_retries(url, part, name, retries, timeout, backoff, log)
     try:
-        got = _verify(part, *expect)
+        got = _check_digests(part, *expect)
     except ChecksumError as e:
         part.unlink(missing_ok=True)
         raise ChecksumError(f"{name} from {url}: {e}; the file was removed, run again to "
@@ -205,7 +206,7 @@ def fetch_resource(res: Resource, folder: Path, **fetch_kw) -> Path:
 
 def mark_downloaded(dest: Path, **info) -> None:
     """Write ``dest.done``: ``info`` (url, digests) plus the file's size and today's date."""
-    write_marker(marker_path(dest), {**info, "bytes": dest.stat().st_size, "date": now()})
+    atomic_write_json(marker_path(dest), {**info, "bytes": dest.stat().st_size, "date": now()})
 
 
 def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
@@ -222,7 +223,7 @@ def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
         log(f"[skip] {name}: present (no checksum to compare)")
         return True
     try:
-        got = _verify(dest, *expect)
+        got = _check_digests(dest, *expect)
     except ChecksumError as e:
         log(f"[redo] {name}: the file on disk fails its checksum ({e}); downloading again")
         dest.unlink()
@@ -353,7 +354,7 @@ class Steps:
         return read_marker(self.dir / f"{step}.done")
 
     def done(self, step: str, **info) -> None:
-        write_marker(self.dir / f"{step}.done", {"step": step, "date": now(), **info})
+        atomic_write_json(self.dir / f"{step}.done", {"step": step, "date": now(), **info})
 
     def clear(self, *steps: str) -> None:
         for step in steps:

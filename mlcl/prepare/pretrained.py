@@ -23,6 +23,7 @@ from typing import Optional
 from torch import nn
 
 from mlcl.config import ConfigError
+from mlcl.errors import MlclError
 from mlcl.files import atomic_write_json
 from mlcl.model import TORCHVISION_WEIGHTS, imagenet_file, load_backbone_weights
 from mlcl.prepare.download import (ChecksumError, Log, PrepareError, digests, fetch, human, now,
@@ -37,7 +38,7 @@ DEFAULT_PATHS = {"resnet50": "pretrained/resnet50.pth", "resnet101": "pretrained
 KNOWN_SHA256: dict[str, str] = {}
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(MlclError):
     """Pretrained weights could not be found or loaded exactly; the message says what to do."""
 
 

@@ -104,7 +104,7 @@ def header_size(path: Path, what: str) -> tuple[int, int]:
         raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
-def _resolve(p: Path, root: Path) -> Path:
+def _split_file(p: Path, root: Path) -> Path:
     """A split file given relative to the data root (as in the config), else to the cwd."""
     return p if p.is_absolute() or not (root / p).is_file() else root / p
 
@@ -126,7 +126,7 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
     if not root.is_dir():
         report.splits.append(SplitReport(root, problems=[f"data root {root} does not exist"]))
         return report
-    files = [_resolve(Path(s), root) for s in splits] if splits else default_splits(root)
+    files = [_split_file(Path(s), root) for s in splits] if splits else default_splits(root)
     if not files:
         report.splits.append(SplitReport(root / "splits", problems=[
             f"no split files under {root / 'splits'}; pass --splits FILE ..."]))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mlcl.config import CommandLineParser
+from mlcl.errors import CommandLineParser
 from mlcl.data.palette import voc_palette
 
 FAMILIES = ("disc", "rectangle", "triangle", "ring", "star", "cross")
