@@ -9,8 +9,7 @@ previous folder deleted. A kill at any moment therefore leaves a complete checkp
 a broken ``LATEST`` or a truncated folder falls back to the newest complete folder, or fails
 with one line saying what to delete.
 
-Also here: the weights files ``best.pt`` / ``last.pt`` and the check that output_dir holds
-nothing or the run being started (its config.yaml; mlcl.outputs.run_changes).
+Also here: the weights files ``best.pt`` / ``last.pt``.
 """
 from __future__ import annotations
 
@@ -25,10 +24,10 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from mlcl.config import Config, ConfigError, config_changes, flatten
+from mlcl.config import Config, ConfigError, flatten
 from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text, plain_mode
 from mlcl.errors import RunStopped, error_line
-from mlcl.outputs import GROWABLE, RUN_FILES, run_changes, saved_config
+from mlcl.outputs import GROWABLE
 
 MANIFEST = "trainer.json"
 
@@ -104,9 +103,9 @@ class Checkpoints:
         if acc.is_main_process and path.exists():
             shutil.rmtree(path)  # an interrupted write of this very checkpoint
         acc.wait_for_everyone()
-        self.agree(path, lambda: self.write_parts(path))  # also the wait for every part
-        self.agree(path, lambda: self.write_pointers(path, state) if acc.is_main_process
-                   else None)
+        self.write_on_all(path, lambda: self.write_parts(path))  # also waits for every part
+        self.write_on_all(path, lambda: self.write_pointers(path, state)
+                          if acc.is_main_process else None)
         if acc.is_main_process:
             self.prune(keep=path)
         acc.wait_for_everyone()
@@ -131,7 +130,7 @@ class Checkpoints:
         atomic_write_json(path / MANIFEST, {**dataclasses.asdict(state), "files": files})
         atomic_write_text(self.root / "LATEST", path.name + "\n")
 
-    def agree(self, path: Path, write) -> None:
+    def write_on_all(self, path: Path, write) -> None:
         """Run ``write()`` on every process, then (collective) raise CheckpointWriteError
         on every process when it failed on any, naming the first failure."""
         error = None
@@ -143,9 +142,9 @@ class Checkpoints:
         if self.acc.num_processes > 1:  # everyone stops, not just the process that failed
             failure = next((f for f in gather_object([failure]) if f is not None), None)
         if failure is not None:
-            self.abandon(path, failure, error)
+            self.discard(path, failure, error)
 
-    def abandon(self, path: Path, failure: str, error: Exception | None) -> None:
+    def discard(self, path: Path, failure: str, error: Exception | None) -> None:
         """Remove the half-written ``path`` and raise CheckpointWriteError for ``failure``
         (this process's ``error``, or another process's)."""
         if self.acc.is_main_process:
@@ -226,40 +225,10 @@ class Checkpoints:
             buf.copy_(saved[name])
 
 
-def check_same_run(out: Path, cfg: Config) -> None:
-    """Refuse, before any work, an output_dir holding another run (mlcl.outputs.run_changes
-    between its config.yaml and ``cfg``), or files with a run's output names (RUN_FILES) but
-    no config.yaml. A ConfigError listing them."""
-    saved = saved_config(out)
-    if saved is None:
-        found = [name for name in RUN_FILES if (Path(out) / name).exists()]
-        if found:
-            raise ConfigError(f"output_dir {out} holds {', '.join(found)} but no config.yaml "
-                              "(not a run of this program, or its config.yaml is gone): "
-                              "choose another output_dir or delete those")
-        return
-    changed = run_changes(saved, cfg.to_dict())
-    if changed:
-        raise ConfigError(f"output_dir {out} holds a run with other settings "
-                          f"({'; '.join(changed)}): choose another output_dir or delete it")
-
-
 def schedule_settings(cfg: Config) -> dict[str, Any]:
     """The GROWABLE keys of ``cfg`` and their values."""
     flat = flatten(cfg.to_dict())
     return {k: flat[k] for k in GROWABLE}
-
-
-def note_resume(state: TrainerState, cfg: Config, before: dict[str, Any]) -> list[str]:
-    """Record in ``state`` the GROWABLE settings of ``cfg`` that differ from ``before`` (the
-    resumed checkpoint's; a flat or nested mapping) as ``{"iteration", "changes"}``, and the
-    settings now in force; return the changes."""
-    now = schedule_settings(cfg)
-    changes = config_changes(before, now, ignore=())
-    if changes:
-        state.resumes.append({"iteration": state.iteration, "changes": changes})
-    state.settings = now
-    return changes
 
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,

@@ -46,7 +46,7 @@ class StopSignals:
         self.signum: int | None = None
         self.first_at = 0.0
         self.previous: dict[int, object] = {}
-        self.agreed = False  # several processes: a request was seen by a shared read
+        self.seen_shared = False  # several processes: a request was seen by a shared read
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -82,18 +82,18 @@ class StopSignals:
         """Whether this process received a stop signal."""
         return self.signum is not None
 
-    def agree(self, any_process: bool) -> None:
+    def record_shared_read(self, any_process: bool) -> None:
         """Note the result of a shared read of the requests (``any_process``: whether some
         process had one); every process must see the same value."""
-        self.agreed = self.agreed or any_process
+        self.seen_shared = self.seen_shared or any_process
 
     def poll(self) -> bool:
         """Whether every process should stop here. One process: its own request. Several:
-        whether a shared read (:meth:`agree`) saw one, so that they all stop at the same
+        whether a shared read (:meth:`record_shared_read`) saw one, so that they all stop at the same
         step. Never touches the device."""
         if self.acc.num_processes == 1:
             return self.requested()
-        return self.agreed
+        return self.seen_shared
 
     def exit_signal(self) -> int:
         """The signal to report (SIGTERM when another process received it)."""
@@ -123,15 +123,11 @@ class NonFiniteGuard:
         self.first_bad = torch.where(first, bad, self.first_bad)
         self.first_iter = torch.where(first, iteration, self.first_iter)
 
-    def first_failure(self, accelerator) -> tuple[int, list[str]] | None:
-        """(iteration index, names of the non-finite terms) of the first bad step on any
-        process, or None. A host synchronisation; every process must call it together."""
-        return self.read(accelerator)[0]
-
     def read(self, accelerator, stop_requested: bool = False
              ) -> tuple[tuple[int, list[str]] | None, bool]:
-        """(:meth:`first_failure`, whether any process had ``stop_requested``): one gather
-        and one host synchronisation for both; every process must call it together."""
+        """((iteration index, names of the non-finite terms) of the first bad step on any
+        process, or None; whether any process had ``stop_requested``): one gather and one
+        host synchronisation for both; every process must call it together."""
         device = self.first_iter.device
         row = torch.cat([torch.full((1,), int(stop_requested), device=device),
                          self.first_iter.view(1)]

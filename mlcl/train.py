@@ -34,8 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mlcl.checkpoints import (Checkpoints, TrainerState, check_same_run, note_resume,
-                              save_weights, schedule_settings)
+from mlcl.checkpoints import Checkpoints, TrainerState, save_weights, schedule_settings
 from mlcl.config import Config, ConfigError, config_changes, save_config
 from mlcl.data import preflight
 from mlcl.data.classes import reconcile_classes
@@ -46,9 +45,9 @@ from mlcl.evaluate import evaluate
 from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
-from mlcl.outputs import (RESULT_FILES, check_free_space, check_output_place, git_commit,
-                          read_metrics, remove_fresh_output, run_bytes, save_progress,
-                          saved_config, write_metrics)
+from mlcl.outputs import (RESULT_FILES, RUN_FILES, check_free_space, check_output_place,
+                          git_commit, read_metrics, remove_fresh_output, run_bytes, run_changes,
+                          save_progress, saved_config, write_metrics)
 from mlcl.errors import RunDiverged, RunInterrupted, RunStopped
 from mlcl.stopping import NonFiniteGuard, StopSignals
 
@@ -91,7 +90,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     """Train ``cfg.method`` and return the metrics written to output_dir/metrics.json
     (resuming from output_dir's checkpoint when there is one)."""
     run = setup(cfg)
-    with StopSignals(run.acc, on_abort=lambda: abandon(run)) as stop, stop_status(run):
+    with StopSignals(run.acc, on_abort=lambda: leave_at_once(run)) as stop, stop_status(run):
         for epoch in range(run.state.epoch, run.epochs):
             train_epoch(run, epoch, stop)
             end_of_epoch(run, epoch, stop)
@@ -176,62 +175,71 @@ def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def resume(run: Run) -> None:
-    """Load output_dir's checkpoint, if any (check_same_run has made sure it is this run's),
-    recording a longer schedule (GROWABLE settings changed since; refused when complete)."""
+    """Load output_dir's checkpoint, if any, after :func:`check_continuation`; a longer
+    schedule (GROWABLE settings raised since) is recorded in ``run.state.resumes``."""
     path = run.ckpt.resume_point()
+    if path is not None:
+        # the optimiser's settings (e.g. lr) come from the configuration given now, its
+        # state (momenta) from the checkpoint
+        settings = [{k: v for k, v in g.items() if k != "params"}
+                    for g in run.optimizer.param_groups]
+        run.state = run.ckpt.load(path, run.iters_per_epoch)
+        for group, setting in zip(run.optimizer.param_groups, settings):
+            group.update(setting)
+        run.sums.restore(run.acc, run.state)
+        run.started = time.time() - run.state.wall_time_s
+        run.last_checkpoint = path
+    now = schedule_settings(run.cfg)
+    before = run.state.settings or saved_config(run.out) or {}
+    changes = config_changes(before, now, ignore=())
+    check_continuation(run, path, changes)
+    run.state.iters_per_epoch, run.state.settings = run.iters_per_epoch, now
     if path is None:
-        check_fresh_start(run)
-        run.state.iters_per_epoch = run.iters_per_epoch
-        run.state.settings = schedule_settings(run.cfg)
         return
-    # the optimiser's settings come from the configuration given now (e.g. a changed
-    # train.lr applies), its state (momenta) from the checkpoint
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
-    run.state = run.ckpt.load(path, run.iters_per_epoch)
-    for group, setting in zip(run.optimizer.param_groups, settings):
-        group.update(setting)
-    run.sums.restore(run.acc, run.state)
-    run.started = time.time() - run.state.wall_time_s
-    run.last_checkpoint = path
-    changes = note_resume(run.state, run.cfg, run.state.settings or saved_config(run.out) or {})
-    check_extent(run, path, changes)
+    if changes:
+        run.state.resumes.append({"iteration": run.state.iteration, "changes": changes})
     run.acc.print(f"resuming from {path} (iteration {run.state.iteration} of "
                   f"{run.total_iters}{'; changed: ' + '; '.join(changes) if changes else ''})")
 
 
-def check_fresh_start(run: Run) -> None:
-    """Refuse to start over, with a schedule other than config.yaml's, in an output_dir whose
-    earlier run left results but no checkpoint to continue from (deleted by hand): that would
-    be another run written over them."""
+def check_same_run(out: Path, cfg: Config) -> None:
+    """Refuse, before any work, an output_dir holding another run (mlcl.outputs.run_changes
+    between its config.yaml and ``cfg``), or a run's files (RUN_FILES) but no config.yaml."""
+    saved = saved_config(out)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if saved is None and found:
+        raise ConfigError(f"output_dir {out} holds {', '.join(found)} but no config.yaml "
+                          "(not a run of this program, or its config.yaml is gone): "
+                          "choose another output_dir or delete those")
+    changed = run_changes(saved, cfg.to_dict()) if saved is not None else []
+    if changed:
+        raise ConfigError(f"output_dir {out} holds a run with other settings "
+                          f"({'; '.join(changed)}): choose another output_dir or delete it")
+
+
+def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
+    """What resuming needs beyond :func:`check_same_run`, given the checkpoint ``path`` (None:
+    none) and ``changes``, the longer schedule asked since. Refused: results without a
+    checkpoint under a longer schedule (another run over them); a checkpoint past the
+    schedule; one whose last epoch train.max_iters ended early when more steps are asked;
+    a complete run whose longer schedule adds no step (config.yaml would claim its result)."""
+    it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
     left = [name for name in RESULT_FILES if (run.out / name).exists()]
-    if not left:
-        return
-    changes = config_changes(saved_config(run.out) or {}, schedule_settings(run.cfg),
-                             ignore=())
-    if changes:
+    if path is None and left and changes:
         raise ConfigError(f"output_dir {run.out} holds {', '.join(left)} of a run with other "
                           f"settings ({'; '.join(changes)}) and no checkpoint to continue: "
                           "choose another output_dir, or delete those files")
-
-
-def check_extent(run: Run, path: Path, changes: list[str]) -> None:
-    """Refuse a resumed checkpoint (at ``path``) that the run's length, as train.epochs /
-    train.max_iters now give it, cannot continue: one past it; one whose last epoch
-    train.max_iters ended early when more iterations are now asked; or a complete one with
-    a changed schedule (``changes``, from note_resume) that adds no step: config.yaml would
-    claim it for the stored result."""
-    it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
-    if it > total:
+    if path is not None and it > total:
         raise ConfigError(
             f"checkpoint {path} is at iteration {it}, past the {total} iterations "
             "train.epochs / train.max_iters now give: raise them back or choose another "
             "output_dir")
-    if it < total and it < epoch * run.iters_per_epoch:
+    if path is not None and it < total and it < epoch * run.iters_per_epoch:
         raise ConfigError(
             f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
             f"(train.max_iters): a run continues only from the end of a whole epoch; keep "
             "train.max_iters, or choose another output_dir")
-    if changes and it >= total:
+    if path is not None and changes and it >= total:
         raise ConfigError(f"output_dir {run.out} holds a complete run, which a changed setting "
                           f"cannot change ({'; '.join(changes)}): choose another output_dir, "
                           "or raise train.epochs / train.max_iters to continue it")
@@ -372,12 +380,12 @@ def save_checkpoint(run: Run) -> Path:
 
 def check_finite(run: Run, stop: StopSignals | None = None) -> None:
     """Raise RunDiverged if a step since the start had a non-finite loss term or gradient
-    norm; with ``stop``, also share every process's stop request (:meth:`StopSignals.agree`).
+    norm; with ``stop``, also share every process's stop request (:meth:`StopSignals.record_shared_read`).
     The loop's one host synchronisation: every log_every steps, at the end of an epoch and
     before saving; every process calls it at the same points."""
     bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.requested())
     if stop is not None:
-        stop.agree(stop_requested)
+        stop.record_shared_read(stop_requested)
     if bad is None:
         return
     it, names = bad
@@ -418,7 +426,7 @@ def stop_status(run: Run) -> Iterator[None]:
         raise
 
 
-def abandon(run: Run) -> None:
+def leave_at_once(run: Run) -> None:
     """A second stop signal, just before exiting at once: progress.json says so, or the
     output_dir this run created goes when it holds no checkpoint yet."""
     if run.acc.is_main_process and not (run.created_out and
