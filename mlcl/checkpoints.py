@@ -1,15 +1,12 @@
-"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``.
+"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``,
+and the weights files ``best.pt`` / ``last.pt``.
 
-A folder ``iter-<iteration>-epoch-<epochs done>`` holds the model, optimiser, prototype bank
+A folder ``iter-<iteration>-epoch-<epochs done>`` holds model, optimiser, prototype bank
 (registered for checkpointing), every process's RNG states and ``trainer.json`` (the loop's
-:class:`TrainerState` and a manifest of the folder's files and sizes). ``trainer.json`` is
-written last, so a folder is complete when it exists and the manifest matches; ``LATEST``
-(written atomically after that) names the folder to resume from, and only then is the
-previous folder deleted. A kill at any moment therefore leaves a complete checkpoint behind;
-a broken ``LATEST`` or a truncated folder falls back to the newest complete folder, or fails
-with one line saying what to delete.
-
-Also here: the weights files ``best.pt`` / ``last.pt``.
+:class:`TrainerState` and a manifest of the folder's files and sizes), written last; then
+``LATEST`` names the folder (atomically), and only then is the previous one deleted. A kill
+at any moment leaves a complete checkpoint: a broken ``LATEST`` or a truncated folder falls
+back to the newest complete folder, or fails with one line saying what to delete.
 """
 from __future__ import annotations
 

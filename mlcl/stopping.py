@@ -1,22 +1,15 @@
 """Stopping a run on purpose: pre-emption signals and the divergence guard.
 
-:class:`StopSignals` turns the first SIGTERM or SIGINT (a cluster's notice, Ctrl-C) into a
-request that the loop honours after the current step (with several processes, within
-``train.log_every`` steps: below): it writes a checkpoint and raises
-:class:`mlcl.errors.RunInterrupted`.
-A second signal (a second later or more) exits at once (``os._exit``); the checkpoint scheme
-(mlcl.checkpoints) keeps the previous complete checkpoint usable whatever is being written.
-One process checks its own request after every step (a Python flag: no device work). With
-several they must stop at the same step (a checkpoint is collective), so the requests are
-shared where the loop synchronises with the device anyway: in the guard's read (below),
-every ``train.log_every`` steps and at the end of an epoch. A request therefore takes up to
-``train.log_every`` steps to be honoured, and no step waits for the host.
+:class:`StopSignals`: the first SIGTERM / SIGINT is a request the loop honours after the
+current step (a checkpoint, then :class:`mlcl.errors.RunInterrupted`); a second one, a
+second or more later, exits at once (the previous complete checkpoint stays usable). With
+several processes the requests are shared where the loop synchronises anyway (the guard's
+read, every ``train.log_every`` steps and at the end of an epoch), so all stop at the same
+step (a checkpoint is collective) and no step waits for the host.
 
-:class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device (no
-host synchronisation per step); the loop reads it every ``train.log_every`` steps, at the
-end of an epoch and before anything is saved (:meth:`NonFiniteGuard.read`, one gather that
-also carries the stop requests), and raises :class:`mlcl.errors.RunDiverged` naming the
-first bad iteration and terms.
+:class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device; the
+loop reads it (one gather, which also carries the stop requests) at those same points and
+raises :class:`mlcl.errors.RunDiverged` naming the first bad iteration and terms.
 """
 from __future__ import annotations
 

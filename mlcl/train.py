@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from mlcl.checkpoints import Checkpoints, TrainerState, save_weights, schedule_settings
 from mlcl.config import Config, ConfigError, config_changes, save_config
 from mlcl.data import preflight
-from mlcl.data.classes import reconcile_classes
-from mlcl.data.datasets import build_datasets, class_names
+from mlcl.data.classes import class_names, reconcile_classes
+from mlcl.data.datasets import build_datasets
 from mlcl.engine import (EpochSums, backward_and_step, forward_terms, make_accelerator,
                          make_optimizer, poly_lr)
 from mlcl.evaluate import evaluate

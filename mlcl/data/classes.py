@@ -32,6 +32,23 @@ def data_classes(root: str | Path) -> Optional[tuple[Path, list[str]]]:
     return path, names
 
 
+def default_class_names(count: int) -> list[str]:
+    """``class_0`` .. ``class_<count-1>``: the names of classes nothing names."""
+    return [f"class_{i}" for i in range(count)]
+
+
+def class_names(cfg: Config) -> list[str]:
+    """cfg.data.class_names, else the data's classes.txt (a DataError when its count is not
+    data.num_classes), else :func:`default_class_names`."""
+    k = cfg.data.num_classes
+    if cfg.data.class_names:
+        return list(cfg.data.class_names)
+    found = data_classes(cfg.data.root)
+    if found and len(found[1]) != k:
+        raise DataError(f"{found[0]} lists {len(found[1])} classes but data.num_classes={k}")
+    return found[1] if found else default_class_names(k)
+
+
 def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config:
     """Give ``cfg`` the data's class count and names (in place; returns it). An override of
     ``data.num_classes`` or ``data.class_names`` that disagrees with the data is a

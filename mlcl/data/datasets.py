@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 
 from mlcl import augment
 from mlcl.config import Config
-from mlcl.data.classes import data_classes
 from mlcl.data.splits import DataError, Sample, check_root, read_split
 
 
@@ -149,17 +148,3 @@ def build_datasets(cfg: Config, with_unlabeled: bool) -> dict[str, Dataset]:
     out["val"] = ValDataset(cfg, cfg.split_path("val_split"))
     return {k: out[k] for k in ("labeled", "unlabeled", "val") if k in out}
 
-
-def class_names(cfg: Config) -> list[str]:
-    """cfg.data.class_names, else ``classes.txt`` in data.root (one name a line), else
-    ``class_0``, ``class_1``, ..."""
-    k = cfg.data.num_classes
-    if cfg.data.class_names:
-        return list(cfg.data.class_names)
-    found = data_classes(cfg.data.root)
-    if found:
-        path, names = found
-        if len(names) != k:
-            raise DataError(f"{path} lists {len(names)} classes but data.num_classes={k}")
-        return names
-    return [f"class_{i}" for i in range(k)]
