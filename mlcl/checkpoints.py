@@ -76,12 +76,10 @@ def incomplete_because(path: Path) -> str | None:
 
 
 class Checkpoints:
-    """Save / find / load the checkpoints of one output_dir (every process calls each
-    method together; only the main process writes the shared files).
-
-    Under several processes each one also keeps its own copy of the model's buffers
-    (``buffers_<process>.pt``): batch-norm running statistics are per process without
-    SyncBatchNorm (CPU), and accelerate saves the main process's model only."""
+    """Save / find / load the checkpoints of one output_dir (collective; the main process
+    writes the shared files). With several processes each also saves its model buffers
+    (``buffers_<process>.pt``): without SyncBatchNorm (CPU) batch-norm statistics are per
+    process, and accelerate saves the main process's model only."""
 
     def __init__(self, out: Path, accelerator, model):
         self.root, self.acc, self.model = Path(out) / "checkpoints", accelerator, model
@@ -90,9 +88,9 @@ class Checkpoints:
         return path / f"buffers_{self.acc.process_index}.pt"
 
     def save(self, state: TrainerState) -> Path:
-        """Write the checkpoint of ``state`` (collective), point LATEST at it, delete the
-        older ones; return its folder. Already saved at this point: nothing is written. A
-        write that fails on any process raises CheckpointWriteError on every process."""
+        """Write the checkpoint of ``state`` (unless already saved), point LATEST at it,
+        delete the older ones; return its folder. A write that fails on any process raises
+        CheckpointWriteError on every process."""
         path = self.root / checkpoint_name(state)
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path
@@ -116,9 +114,8 @@ class Checkpoints:
                             .named_buffers()), self.buffers_file(path))
 
     def write_pointers(self, path: Path, state: TrainerState) -> None:
-        """The manifest of the complete folder ``path``, then LATEST naming it. Every file
-        of the folder first gets the mode a plain open() gives (safetensors writes 0600
-        whatever the umask), so collaborators can read a checkpoint as they read results."""
+        """The manifest of the complete folder ``path``, then LATEST naming it. Its files get
+        a plain open()'s mode first (safetensors writes 0600), so collaborators can read them."""
         mode = plain_mode()
         for p in path.rglob("*"):
             if p.is_file():
@@ -128,8 +125,8 @@ class Checkpoints:
         atomic_write_text(self.root / "LATEST", path.name + "\n")
 
     def write_on_all(self, path: Path, write) -> None:
-        """Run ``write()`` on every process, then (collective) raise CheckpointWriteError
-        on every process when it failed on any, naming the first failure."""
+        """Run ``write()`` on every process; raise CheckpointWriteError on every process when
+        it failed on any, naming the first failure (collective)."""
         error = None
         try:
             write()
@@ -160,9 +157,8 @@ class Checkpoints:
                 p.unlink(missing_ok=True)
 
     def resume_point(self) -> Path | None:
-        """The checkpoint to resume from: LATEST's, else the newest complete folder (with a
-        one-line note), else None for a fresh run; a ConfigError when folders exist but none
-        is complete."""
+        """LATEST's checkpoint, else the newest complete folder (with a note), else None (a
+        fresh run); a ConfigError when folders exist but none is complete."""
         if not self.root.is_dir():
             return None
         named, why = self.named_by_latest()
@@ -192,9 +188,9 @@ class Checkpoints:
         return path, incomplete_because(path)
 
     def load(self, path: Path, iters_per_epoch: int) -> TrainerState:
-        """Restore the accelerate state of ``path`` (model, optimiser, bank, RNGs; per-process
-        buffers) and return its TrainerState; a ConfigError when the run's iterations per
-        epoch differ or a part cannot be read."""
+        """Restore the state of ``path`` (model, optimiser, bank, RNGs, buffers); return its
+        TrainerState. A ConfigError when the iterations per epoch differ or a part cannot be
+        read."""
         saved = json.loads((path / MANIFEST).read_text())
         known = {f.name for f in dataclasses.fields(TrainerState)}
         state = TrainerState(**{k: v for k, v in saved.items() if k in known})

@@ -137,8 +137,7 @@ def _shorter(before: int, after: int) -> bool:
 
 # --------------------------------------------------------------------------- bad places
 def check_output_place(out: Path) -> None:
-    """Refuse, before any work, an output_dir that is a file, lies under a file, or cannot
-    be written (read-only folder or file system). Writes nothing."""
+    """Refuse an output_dir that is a file, lies under one, or cannot be written."""
     why = place_problem(out)
     if why:
         raise ConfigError(f"output_dir {out}: {why}: choose another output_dir (a folder you "
@@ -156,17 +155,15 @@ def check_free_space(out: Path, need_bytes: int) -> None:
 
 
 def run_bytes(model, optimizer_name: str) -> int:
-    """What a run keeps on disk at most: two checkpoints (weights + optimiser state: one
-    momentum buffer for SGD, two moments for AdamW) while the newer is written, plus best.pt
-    and last.pt, plus 64 MiB for logs and metrics."""
+    """What a run keeps on disk at most: two checkpoints (weights and 1 (SGD) or 2 (AdamW)
+    moments), best.pt and last.pt, 64 MiB of logs."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     moments = 2 if optimizer_name == "adamw" else 1
     return 2 * weights * (1 + moments) + 2 * weights + 64 * 2**20
 
 
 def remove_fresh_output(out: Path, checkpoints: Path) -> bool:
-    """Delete ``out`` (created by this run) when it holds no checkpoint folder yet, so a run
-    that failed early leaves nothing behind. Returns whether it was removed."""
+    """Delete ``out`` (created by this run) unless it holds a checkpoint; whether it did."""
     if checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir()):
         return False
     shutil.rmtree(out, ignore_errors=True)

@@ -81,9 +81,8 @@ class StopSignals:
         self.seen_shared = self.seen_shared or any_process
 
     def poll(self) -> bool:
-        """Whether every process should stop here. One process: its own request. Several:
-        whether a shared read (:meth:`record_shared_read`) saw one, so that they all stop at the same
-        step. Never touches the device."""
+        """Whether every process should stop here: its own request (one process), or whether
+        a shared read saw one (several: all stop at the same step). No device work."""
         if self.acc.num_processes == 1:
             return self.requested()
         return self.seen_shared

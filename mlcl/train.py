@@ -1,5 +1,5 @@
 """fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one CPU
-process, one GPU, or many GPUs through `accelerate launch`).
+process, one GPU, or several through `accelerate launch`).
 
     fit(cfg)
       setup            output_dir checks, accelerator, data, model, optimiser, resume
@@ -9,14 +9,12 @@ process, one GPU, or many GPUs through `accelerate launch`).
       end_of_epoch     evaluate, best.pt / last.pt, checkpoint, metrics.json
       finish           trackers closed, the metrics returned
 
-The step itself (lr, forward, backward, guard, optimiser) is mlcl.engine's.
-``output_dir`` receives config.yaml, metrics.json and progress.json (mlcl.outputs),
-checkpoints/ (mlcl.checkpoints), best.pt / last.pt and tensorboard/ (accelerate's tracker).
-A second run with the same output_dir resumes exactly where the first stopped: data order and
-augmentation are pure functions of (seed, epoch, sample) (mlcl.loaders) and the checkpoint
-holds model, optimiser, bank, every RNG state and the sums of the epoch in progress.
-SIGTERM / SIGINT checkpoint and exit; a non-finite loss or gradient stops the run without
-saving (mlcl.stopping).
+The step itself is mlcl.engine's. ``output_dir`` receives config.yaml, metrics.json and
+progress.json (mlcl.outputs), checkpoints/ (mlcl.checkpoints), best.pt / last.pt and
+tensorboard/. The same command again resumes exactly where a run stopped: data order and
+augmentation are pure functions of (seed, epoch, sample) (mlcl.loaders), and the checkpoint
+holds model, optimiser, bank, RNG states and the sums of the epoch in progress. SIGTERM /
+SIGINT checkpoint and exit; a non-finite loss or gradient stops without saving (mlcl.stopping).
 """
 from __future__ import annotations
 
@@ -87,8 +85,7 @@ class Run:
 
 
 def fit(cfg: Config) -> dict[str, Any]:
-    """Train ``cfg.method`` and return the metrics written to output_dir/metrics.json
-    (resuming from output_dir's checkpoint when there is one)."""
+    """Train ``cfg.method`` (resuming output_dir's checkpoint, if any); return metrics.json."""
     run = setup(cfg)
     with StopSignals(run.acc, on_abort=lambda: leave_at_once(run)) as stop, stop_status(run):
         for epoch in range(run.state.epoch, run.epochs):
@@ -99,7 +96,7 @@ def fit(cfg: Config) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- set-up
 def setup(cfg: Config) -> Run:
-    """Everything before the first step. Bad input fails here, in one line, before
+    """Everything before the first step; bad input fails here, in one line, before
     output_dir is created or changed."""
     out = Path(cfg.output_dir)
     created = not out.exists()
@@ -128,9 +125,8 @@ def setup(cfg: Config) -> Run:
 
 
 def training_data(cfg: Config, acc: Accelerator) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(datasets, their training loaders before accelerate's prepare), after the pre-flight
-    of the sets the run reads: the loaders' and the validation set (a supervised run counts
-    its epoch in unlabeled images but never reads them)."""
+    """(datasets, their unprepared training loaders), after the pre-flight of the sets the
+    run reads (a supervised run counts its epoch in unlabeled images but never reads them)."""
     sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
     if cfg.method != "supervised" and "unlabeled" not in sets:
         raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
@@ -160,10 +156,8 @@ def build_trainables(cfg: Config, acc: Accelerator):
 
 
 def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
-    """(iterations per epoch, total iterations, epochs). One epoch = one pass over the
-    unlabeled set (the labeled set is repeated to its length) for every method, so
-    supervised and semi-supervised runs take the same number of steps; per process, as each
-    prepared loader yields 1/N of the batches."""
+    """(iterations per epoch, total iterations, epochs), per process. An epoch is one pass
+    over the unlabeled set for every method, so all take the same number of steps."""
     ipe = min(len(v) for v in loaders.values())
     if ipe == 0:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
@@ -246,9 +240,8 @@ def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
 
 
 def note_commit(run: Run) -> None:
-    """Add the checkout's commit, read once at set-up by the main process and shared with the
-    others, to the commits of ``run``'s parts (``run.state.git_commits``, kept in its
-    checkpoints), unless the part before ran the same one."""
+    """Append the checkout's commit (read by the main process, shared) to
+    ``run.state.git_commits`` unless the part before ran the same one."""
     found = [git_commit() if run.acc.is_main_process else None]
     if run.acc.num_processes > 1:
         found = broadcast_object_list(found)
@@ -282,9 +275,8 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
 
 
 def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
-    """One optimiser step on ``batch`` ({'x': labeled, 'u': unlabeled, 'mix'?: partner}):
-    the lr of this iteration, forward, backward, step. Returns the step's loss terms
-    ('loss' and the method's named terms, 0-d tensors), also added to the epoch's sums."""
+    """One optimiser step on ``batch`` ({'x', 'u', 'mix'?}); returns its loss terms ('loss'
+    and the method's named terms, 0-d tensors), also added to the epoch's sums."""
     ctx, t = run.ctx, run.cfg.train
     ctx.iteration, ctx.epoch = run.state.iteration, epoch
     poly_lr(run.optimizer, ctx.iteration, run.total_iters, t.poly_power, t.lr_lag)
@@ -296,9 +288,8 @@ def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.T
 
 
 def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
-    """Every log_every steps: the guard and every process's stop request (one host
-    synchronisation), the logs, progress.json; then a stop request or a mid-epoch
-    checkpoint (the end of an epoch checkpoints in end_of_epoch)."""
+    """Every log_every steps: guard and stop requests (one host sync), logs, progress.json;
+    then a stop request or a mid-epoch checkpoint (end_of_epoch writes the epoch's)."""
     it, t = run.state.iteration, run.cfg.train
     if it % t.log_every == 0:
         check_finite(run, stop)
@@ -312,8 +303,8 @@ def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
 
 
 def log_step(run: Run, terms: dict[str, Any], bar) -> None:
-    """The step's scalar terms and the lr to the tracker (``train/<name>`` at the
-    iteration), and the epoch's running mean loss on the progress bar."""
+    """The step's scalar terms and lr to the tracker (``train/<name>``); the epoch's running
+    mean loss on the bar."""
     values = {f"train/{k}": float(v.detach()) for k, v in terms.items()
               if torch.is_tensor(v) and v.dim() == 0}
     values["train/lr"] = run.optimizer.param_groups[0]["lr"]
@@ -324,7 +315,7 @@ def log_step(run: Run, terms: dict[str, Any], bar) -> None:
 
 # --------------------------------------------------------------------------- end of epoch
 def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
-    """Evaluate (every eval_every epochs and at the end), keep the weights, checkpoint and
+    """Evaluate (every eval_every epochs and at the end), keep the weights, checkpoint,
     write metrics.json and progress.json."""
     check_finite(run, stop)
     if stop.poll():  # before a possibly long evaluation
@@ -349,8 +340,7 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
 
 
 def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
-    """mIoU on the validation set into ``record``; best.pt when it is the best so far,
-    last.pt always."""
+    """Validation mIoU into ``record``; best.pt when best so far, last.pt always."""
     s, acc = run.state, run.acc
     result = evaluate(run.model, run.val_set, run.cfg, acc)
     record["miou"], record["iou"] = result["miou"], result["iou"]
@@ -369,8 +359,7 @@ def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
 
 # --------------------------------------------------------------------------- stopping
 def save_checkpoint(run: Run) -> Path:
-    """A checkpoint of the run as it stands (the guard is read first: nothing non-finite is
-    ever saved)."""
+    """A checkpoint of the run as it stands (after the guard: nothing non-finite is saved)."""
     check_finite(run)
     run.state.wall_time_s = run.elapsed()
     run.sums.save(run.acc, run.state)
@@ -379,10 +368,9 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def check_finite(run: Run, stop: StopSignals | None = None) -> None:
-    """Raise RunDiverged if a step since the start had a non-finite loss term or gradient
-    norm; with ``stop``, also share every process's stop request (:meth:`StopSignals.record_shared_read`).
-    The loop's one host synchronisation: every log_every steps, at the end of an epoch and
-    before saving; every process calls it at the same points."""
+    """Raise RunDiverged if a step had a non-finite loss term or gradient norm; with ``stop``,
+    also share the stop requests. The loop's one host synchronisation (every log_every
+    steps, at an epoch's end, before saving), called by every process at the same points."""
     bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.requested())
     if stop is not None:
         stop.record_shared_read(stop_requested)
@@ -408,8 +396,8 @@ def interrupt(run: Run, stop: StopSignals) -> None:
 
 @contextlib.contextmanager
 def stop_status(run: Run) -> Iterator[None]:
-    """Record why a run stopped early in metrics.json / progress.json; a run that failed
-    before its first checkpoint removes the output_dir it created instead."""
+    """Record why a run stopped early in metrics.json / progress.json, or remove the
+    output_dir it created when it failed before its first checkpoint."""
     try:
         yield
     except BaseException as e:
@@ -427,7 +415,7 @@ def stop_status(run: Run) -> Iterator[None]:
 
 
 def leave_at_once(run: Run) -> None:
-    """A second stop signal, just before exiting at once: progress.json says so, or the
+    """Before the exit at once of a second stop signal: progress.json says so, or the
     output_dir this run created goes when it holds no checkpoint yet."""
     if run.acc.is_main_process and not (run.created_out and
                                         remove_fresh_output(run.out, run.ckpt.root)):

@@ -1,8 +1,7 @@
-"""The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order;
-``python -m mlcl synth`` writes one) supplies the class names and count when present. A
-preset's ``data.num_classes`` / ``data.class_names`` are defaults for data without one; a
-value given explicitly (an override) that disagrees with the data is an error, and so is a
-checkpoint trained for another class count.
+"""The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order)
+gives the class names and count when present; a preset's ``data.num_classes`` /
+``data.class_names`` are defaults for data without one; an override that disagrees with the
+data is an error, and so is a checkpoint trained for another class count.
 
     reconcile_classes(cfg)                      # training: cfg takes the data's classes
     check_classes(cfg, "checkpoint runs/x/best.pt", 7, use_data=True)   # evaluation
