@@ -38,9 +38,11 @@ def load_image(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
-def load_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
+def load_mask(path: Path, num_classes: int, ignore_index: int,
+              image: tuple[Path, tuple[int, int]] | None = None) -> np.ndarray:
     """A mask as class indices (H, W) uint8. Palette (P) PNGs give their indices, grayscale
-    (L) ones their values; any value other than 0..num_classes-1 and ignore is an error."""
+    (L) ones their values; any value other than 0..num_classes-1 and ignore is an error, and
+    so is a size other than ``image``'s (its path, (width, height)) when given."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -56,6 +58,9 @@ def load_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
         raise DataError(f"mask {path} has values {shown}: expected 0..{num_classes - 1} "
                         f"or {ignore_index} (ignore); check data.num_classes")
+    if image is not None and arr.shape != image[1][::-1]:
+        raise DataError(f"mask {path} is {arr.shape[1]}x{arr.shape[0]} but image {image[0]} "
+                        f"is {image[1][0]}x{image[1][1]}")
     return arr.astype(np.uint8, copy=False)
 
 
@@ -65,10 +70,8 @@ def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
     image = load_image(sample.image)
     if sample.mask is None:
         raise DataError(f"sample {sample.id} ({sample.image}) has no mask")
-    mask = load_mask(sample.mask, cfg.data.num_classes, cfg.data.ignore_index)
-    if mask.shape != (image.height, image.width):
-        raise DataError(f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
-                        f"{sample.image} is {image.width}x{image.height}")
+    mask = load_mask(sample.mask, cfg.data.num_classes, cfg.data.ignore_index,
+                     (sample.image, image.size))
     return image, mask
 
 

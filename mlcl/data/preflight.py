@@ -49,12 +49,9 @@ def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]
     """The problem with one sample (None when fine)."""
     image, mask = item
     try:
-        width, height = decode_image(image)
+        size = decode_image(image)
         if mask is not None:
-            m = load_mask(mask, num_classes, ignore_index)
-            if m.shape != (height, width):
-                return (f"mask {mask} is {m.shape[1]}x{m.shape[0]} but image {image} is "
-                        f"{width}x{height}")
+            load_mask(mask, num_classes, ignore_index, (image, size))
     except DataError as e:
         return str(e)
     return None
