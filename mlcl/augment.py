@@ -12,9 +12,9 @@ p = ``aug.jitter_p``, grayscale with p = ``aug.grayscale_p``, Gaussian blur with
 p = ``aug.blur_p`` (PIL's, far faster than v2's on CPU), then a CutMix box
 (:func:`cutmix_box`). Every view is normalised with ``aug.mean`` / ``aug.std``.
 
-Randomness: every draw comes from ``rng``, Python's ``random`` module unless a
-``random.Random`` is passed. A DataLoader seeds ``random`` in each worker, so a seeded
-loader is reproducible.
+Randomness: every draw comes from ``rng``. Training passes ``random.Random(draw_seed)``, a
+pure function of (seed, epoch, sample) (mlcl.loaders); the default, Python's ``random``
+module, is for direct calls.
 """
 from __future__ import annotations
 

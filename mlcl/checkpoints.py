@@ -1,16 +1,12 @@
-"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``.
+"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``,
+and the weights files ``best.pt`` / ``last.pt``.
 
-A folder ``iter-<iteration>-epoch-<epochs done>`` holds the model, optimiser, prototype bank
+A folder ``iter-<iteration>-epoch-<epochs done>`` holds model, optimiser, prototype bank
 (registered for checkpointing), every process's RNG states and ``trainer.json`` (the loop's
-:class:`TrainerState` and a manifest of the folder's files and sizes). ``trainer.json`` is
-written last, so a folder is complete when it exists and the manifest matches; ``LATEST``
-(written atomically after that) names the folder to resume from, and only then is the
-previous folder deleted. A kill at any moment therefore leaves a complete checkpoint behind;
-a broken ``LATEST`` or a truncated folder falls back to the newest complete folder, or fails
-with one line saying what to delete.
-
-Also here: the weights files ``best.pt`` / ``last.pt`` and the check that output_dir holds
-nothing or the run being started (its config.yaml; mlcl.outputs.run_changes).
+:class:`TrainerState` and a manifest of the folder's files and sizes), written last; then
+``LATEST`` names the folder (atomically), and only then is the previous one deleted. A kill
+at any moment leaves a complete checkpoint: a broken ``LATEST`` or a truncated folder falls
+back to the newest complete folder, or fails with one line saying what to delete.
 """
 from __future__ import annotations
 
@@ -25,10 +21,10 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from mlcl.config import Config, ConfigError, config_changes, flatten
+from mlcl.config import Config, ConfigError, flatten
 from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text, plain_mode
 from mlcl.errors import RunStopped, error_line
-from mlcl.outputs import GROWABLE, RUN_FILES, run_changes, saved_config
+from mlcl.outputs import GROWABLE
 
 MANIFEST = "trainer.json"
 
@@ -80,12 +76,10 @@ def incomplete_because(path: Path) -> str | None:
 
 
 class Checkpoints:
-    """Save / find / load the checkpoints of one output_dir (every process calls each
-    method together; only the main process writes the shared files).
-
-    Under several processes each one also keeps its own copy of the model's buffers
-    (``buffers_<process>.pt``): batch-norm running statistics are per process without
-    SyncBatchNorm (CPU), and accelerate saves the main process's model only."""
+    """Save / find / load the checkpoints of one output_dir (collective; the main process
+    writes the shared files). With several processes each also saves its model buffers
+    (``buffers_<process>.pt``): without SyncBatchNorm (CPU) batch-norm statistics are per
+    process, and accelerate saves the main process's model only."""
 
     def __init__(self, out: Path, accelerator, model):
         self.root, self.acc, self.model = Path(out) / "checkpoints", accelerator, model
@@ -94,9 +88,9 @@ class Checkpoints:
         return path / f"buffers_{self.acc.process_index}.pt"
 
     def save(self, state: TrainerState) -> Path:
-        """Write the checkpoint of ``state`` (collective), point LATEST at it, delete the
-        older ones; return its folder. Already saved at this point: nothing is written. A
-        write that fails on any process raises CheckpointWriteError on every process."""
+        """Write the checkpoint of ``state`` (unless already saved), point LATEST at it,
+        delete the older ones; return its folder. A write that fails on any process raises
+        CheckpointWriteError on every process."""
         path = self.root / checkpoint_name(state)
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path
@@ -104,9 +98,9 @@ class Checkpoints:
         if acc.is_main_process and path.exists():
             shutil.rmtree(path)  # an interrupted write of this very checkpoint
         acc.wait_for_everyone()
-        self.agree(path, lambda: self.write_parts(path))  # also the wait for every part
-        self.agree(path, lambda: self.write_pointers(path, state) if acc.is_main_process
-                   else None)
+        self.write_on_all(path, lambda: self.write_parts(path))  # also waits for every part
+        self.write_on_all(path, lambda: self.write_pointers(path, state)
+                          if acc.is_main_process else None)
         if acc.is_main_process:
             self.prune(keep=path)
         acc.wait_for_everyone()
@@ -120,9 +114,8 @@ class Checkpoints:
                             .named_buffers()), self.buffers_file(path))
 
     def write_pointers(self, path: Path, state: TrainerState) -> None:
-        """The manifest of the complete folder ``path``, then LATEST naming it. Every file
-        of the folder first gets the mode a plain open() gives (safetensors writes 0600
-        whatever the umask), so collaborators can read a checkpoint as they read results."""
+        """The manifest of the complete folder ``path``, then LATEST naming it. Its files get
+        a plain open()'s mode first (safetensors writes 0600), so collaborators can read them."""
         mode = plain_mode()
         for p in path.rglob("*"):
             if p.is_file():
@@ -131,9 +124,9 @@ class Checkpoints:
         atomic_write_json(path / MANIFEST, {**dataclasses.asdict(state), "files": files})
         atomic_write_text(self.root / "LATEST", path.name + "\n")
 
-    def agree(self, path: Path, write) -> None:
-        """Run ``write()`` on every process, then (collective) raise CheckpointWriteError
-        on every process when it failed on any, naming the first failure."""
+    def write_on_all(self, path: Path, write) -> None:
+        """Run ``write()`` on every process; raise CheckpointWriteError on every process when
+        it failed on any, naming the first failure (collective)."""
         error = None
         try:
             write()
@@ -143,9 +136,9 @@ class Checkpoints:
         if self.acc.num_processes > 1:  # everyone stops, not just the process that failed
             failure = next((f for f in gather_object([failure]) if f is not None), None)
         if failure is not None:
-            self.abandon(path, failure, error)
+            self.discard(path, failure, error)
 
-    def abandon(self, path: Path, failure: str, error: Exception | None) -> None:
+    def discard(self, path: Path, failure: str, error: Exception | None) -> None:
         """Remove the half-written ``path`` and raise CheckpointWriteError for ``failure``
         (this process's ``error``, or another process's)."""
         if self.acc.is_main_process:
@@ -164,9 +157,8 @@ class Checkpoints:
                 p.unlink(missing_ok=True)
 
     def resume_point(self) -> Path | None:
-        """The checkpoint to resume from: LATEST's, else the newest complete folder (with a
-        one-line note), else None for a fresh run; a ConfigError when folders exist but none
-        is complete."""
+        """LATEST's checkpoint, else the newest complete folder (with a note), else None (a
+        fresh run); a ConfigError when folders exist but none is complete."""
         if not self.root.is_dir():
             return None
         named, why = self.named_by_latest()
@@ -196,9 +188,9 @@ class Checkpoints:
         return path, incomplete_because(path)
 
     def load(self, path: Path, iters_per_epoch: int) -> TrainerState:
-        """Restore the accelerate state of ``path`` (model, optimiser, bank, RNGs; per-process
-        buffers) and return its TrainerState; a ConfigError when the run's iterations per
-        epoch differ or a part cannot be read."""
+        """Restore the state of ``path`` (model, optimiser, bank, RNGs, buffers); return its
+        TrainerState. A ConfigError when the iterations per epoch differ or a part cannot be
+        read."""
         saved = json.loads((path / MANIFEST).read_text())
         known = {f.name for f in dataclasses.fields(TrainerState)}
         state = TrainerState(**{k: v for k, v in saved.items() if k in known})
@@ -226,40 +218,10 @@ class Checkpoints:
             buf.copy_(saved[name])
 
 
-def check_same_run(out: Path, cfg: Config) -> None:
-    """Refuse, before any work, an output_dir holding another run (mlcl.outputs.run_changes
-    between its config.yaml and ``cfg``), or files with a run's output names (RUN_FILES) but
-    no config.yaml. A ConfigError listing them."""
-    saved = saved_config(out)
-    if saved is None:
-        found = [name for name in RUN_FILES if (Path(out) / name).exists()]
-        if found:
-            raise ConfigError(f"output_dir {out} holds {', '.join(found)} but no config.yaml "
-                              "(not a run of this program, or its config.yaml is gone): "
-                              "choose another output_dir or delete those")
-        return
-    changed = run_changes(saved, cfg.to_dict())
-    if changed:
-        raise ConfigError(f"output_dir {out} holds a run with other settings "
-                          f"({'; '.join(changed)}): choose another output_dir or delete it")
-
-
 def schedule_settings(cfg: Config) -> dict[str, Any]:
     """The GROWABLE keys of ``cfg`` and their values."""
     flat = flatten(cfg.to_dict())
     return {k: flat[k] for k in GROWABLE}
-
-
-def note_resume(state: TrainerState, cfg: Config, before: dict[str, Any]) -> list[str]:
-    """Record in ``state`` the GROWABLE settings of ``cfg`` that differ from ``before`` (the
-    resumed checkpoint's; a flat or nested mapping) as ``{"iteration", "changes"}``, and the
-    settings now in force; return the changes."""
-    now = schedule_settings(cfg)
-    changes = config_changes(before, now, ignore=())
-    if changes:
-        state.resumes.append({"iteration": state.iteration, "changes": changes})
-    state.settings = now
-    return changes
 
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,

@@ -1,7 +1,6 @@
-"""The pieces every training step is made of, shared by the loop (mlcl.train) and the
-benchmark (mlcl.bench): the Accelerator, the optimiser and its poly learning rate, the
-forward / backward / divergence guard / optimiser step, and the running sums of the loss
-terms over an epoch."""
+"""The pieces of a training step, shared by the loop (mlcl.train) and the measuring tool:
+the Accelerator, the optimiser and its poly lr, forward / backward / guard / optimiser step,
+and the running sums of the loss terms over an epoch."""
 from __future__ import annotations
 
 from pathlib import Path

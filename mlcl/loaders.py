@@ -1,19 +1,17 @@
 """Training loaders whose every random draw is a pure function of (seed, epoch, sample, stream).
 
-A :class:`DrawSampler` yields keys ``(index, draw_seed)``: the order of an epoch is a
-permutation drawn from (order seed, epoch), and each sample's ``draw_seed`` is derived from
-(draw stream, epoch, index). The datasets build ``random.Random(draw_seed)`` for their
-augmentations (scale, crop, flip, colour, blur, CutMix boxes). So neither loader workers,
-nor the number of processes (accelerate shards the batches of the one permutation), nor a
-resume can change what a sample looks like, and resuming in the middle of an epoch only has
-to skip the first batches of the sampler (accelerate's ``skip_first_batches``, which skips
-index lists, not loaded batches).
+A :class:`DrawSampler` yields keys ``(index, draw_seed)``: an epoch's order is a permutation
+drawn from (order seed, epoch), each sample's ``draw_seed`` comes from (draw stream, epoch,
+index), and the datasets augment with ``random.Random(draw_seed)``. So neither loader
+workers, nor the number of processes (accelerate shards the batches of the one
+permutation), nor a resume change what a sample looks like; resuming mid-epoch skips the
+sampler's first index lists (accelerate's ``skip_first_batches``).
 
 Streams, one per loader of a step: ``x`` labeled, ``u`` unlabeled, ``mix`` the CutMix
-partner. ``train.mix_partner``: ``roll`` (no partner loader: the unlabeled batch rolled by one
-inside the step), ``loader`` (an independently shuffled partner loader), ``same`` (UniMatch and
-the released code: the partner loader walks the *same* permutation as ``u`` with its own draws,
-so every image is mixed with a second, independently augmented view of itself).
+partner. ``train.mix_partner``: ``roll`` (no partner loader: the unlabeled batch rolled by
+one), ``loader`` (a partner loader of its own order), ``same`` (UniMatch and the release: the
+partner walks the permutation of ``u`` with its own draws, so each image is mixed with a
+second view of itself).
 """
 from __future__ import annotations
 
@@ -26,8 +24,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-# the iterator class of a loader with workers: the only way to reach the workers of an
-# iterator an error left alive (see stop_loader_workers)
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from mlcl.config import Config
@@ -36,8 +32,8 @@ STREAMS = {"x": 1, "u": 2, "mix": 3}  # draw streams; also the order streams of 
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of the integers ``parts`` (numpy's SeedSequence
-    mixes them, so nearby inputs give unrelated seeds)."""
+    """A 63-bit seed, a pure function of the integers ``parts`` (numpy's SeedSequence mixes
+    them: nearby inputs give unrelated seeds)."""
     words = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
 
@@ -79,29 +75,25 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 def stop_loader_workers() -> None:
-    """Shut down the workers of every loader iterator still alive, the way torch does when
-    an iterator is released (a stop message to each worker, then a join).
-
-    Run at exit: an error raised through a loop can leave its iterator referenced until the
-    interpreter ends, and multiprocessing's own exit handler then terminates the workers
-    with SIGTERM, which they ignore, and waits for them for ever."""
+    """Shut down the workers of every loader iterator still alive, as torch does when one is
+    released. Run at exit: an iterator an error left referenced would otherwise meet
+    multiprocessing's exit handler, whose SIGTERM its workers ignore, and wait for ever."""
     for obj in gc.get_objects():
-        # type(), not isinstance(): isinstance asks some lazy modules for __class__,
-        # which prints their deprecation warnings
+        # type(), not isinstance(), which asks lazy modules for __class__ (and warns)
         if type(obj) is _MultiProcessingDataLoaderIter:
             obj._shutdown_workers()  # a no-op for an iterator already shut down
 
 
 @functools.cache
 def stop_workers_at_exit() -> None:
-    """Register :func:`stop_loader_workers` once. atexit runs handlers last-registered
-    first, so it runs before multiprocessing's and torch's own (registered at import)."""
+    """Register :func:`stop_loader_workers` once; atexit runs it before multiprocessing's and
+    torch's own handlers (last registered, first run)."""
     atexit.register(stop_loader_workers)
 
 
 def worker_init(workers: int) -> Callable[[int], None] | None:
-    """The ``worker_init_fn`` of a loader with ``workers`` worker processes (None for none):
-    workers that ignore stop signals, and shut down at exit whatever happened."""
+    """The ``worker_init_fn`` of a loader with ``workers`` workers (None for none): they
+    ignore stop signals and are shut down at exit."""
     if workers == 0:
         return None
     stop_workers_at_exit()
@@ -110,10 +102,9 @@ def worker_init(workers: int) -> Callable[[int], None] | None:
 
 def make_loader(dataset: Dataset, cfg: Config, *, shuffle: bool = True, seed: int,
                 stream: int | None = None) -> DataLoader:
-    """A training DataLoader over ``dataset`` (full batches of train.batch_size) whose
-    sampler is a :class:`DrawSampler` with order seed ``seed`` and draw stream ``stream``
-    (default: ``seed``). Its own generator, so creating an iterator never touches the
-    global torch RNG (the model's dropout and SAI draws)."""
+    """A training DataLoader over ``dataset`` (full batches of train.batch_size) sampled by a
+    :class:`DrawSampler` (order seed ``seed``, draw stream ``stream``, default ``seed``); its
+    own generator keeps the global torch RNG (dropout, SAI) untouched."""
     gpu = torch.cuda.is_available() and not cfg.train.cpu
     workers = cfg.data.num_workers
     sampler = DrawSampler(len(dataset), seed, seed if stream is None else stream, shuffle)
@@ -148,8 +139,8 @@ def train_loaders(sets: dict[str, Dataset], cfg: Config) -> dict[str, DataLoader
 
 
 def prepare_loaders(loaders: dict[str, DataLoader], accelerator) -> dict[str, Any]:
-    """accelerate-prepared copies of :func:`make_loader` loaders (each process gets every
-    N-th batch of the one permutation), still carrying their ``draw_sampler``."""
+    """accelerate-prepared :func:`make_loader` loaders (each process gets every N-th batch of
+    the one permutation), still carrying their ``draw_sampler``."""
     prepared = {}
     for name, loader in loaders.items():
         prepared[name] = accelerator.prepare(loader)

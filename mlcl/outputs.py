@@ -1,7 +1,9 @@
-"""The files a run writes besides its checkpoints, and the checks that output_dir can hold them.
+"""A run folder: the one reader of what ``train`` leaves there (config.yaml, metrics.json,
+progress.json), the one rule for "the same run", the files it writes besides its checkpoints,
+and the checks that output_dir can hold them.
 
 ``progress.json`` (rewritten atomically every ``train.log_every`` iterations, after every
-validation and at the end; read by progress displays)::
+validation and at the end; shown by mlcl.progress)::
 
     {"iteration", "total_iters", "epoch", "epochs", "miou" (latest validation or null),
      "best_miou" (or null), "elapsed_s", "status", "updated" (unix time)}
@@ -9,32 +11,34 @@ validation and at the end; read by progress displays)::
 ``metrics.json`` (after every epoch and when the run stops): method, dataset, split, seed,
 best / last mIoU and per-class IoU, per-epoch history, iterations, the settings changed on
 resuming (``resumes``), wall time, git commit (a list when resumed parts ran different
-checkouts) and ``status``. Both use one vocabulary: running | complete | failed |
-interrupted | diverged.
+checkouts) and ``status``. Both use one vocabulary: STATUSES.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mlcl import paths, progress
+from mlcl import paths
 from mlcl.config import RESULT_NEUTRAL, ConfigError, config_changes, flatten
 from mlcl.errors import error_line
 from mlcl.files import atomic_write_json, nearest_existing, place_problem
 
 # what a run writes into output_dir after its config.yaml: its results, then the rest
 RESULT_FILES = ("metrics.json", "best.pt", "last.pt")
-RUN_FILES = RESULT_FILES + ("progress.json", "checkpoints")
+PROGRESS_FILE = "progress.json"
+RUN_FILES = RESULT_FILES + (PROGRESS_FILE, "checkpoints")
 # keys every config.yaml this program writes has (another program's config.yaml lacks them)
 RUN_KEYS = {"method", "seed", "split", "output_dir", "data.dataset", "model.backbone"}
 # The settings a run may change when it continues, and only upwards: a longer schedule.
 GROWABLE = ("train.epochs", "train.max_iters")
+STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
 
 
 # --------------------------------------------------------------------------- a run folder
@@ -96,6 +100,15 @@ def read_metrics(out: Path) -> dict[str, Any] | None:
         return None
 
 
+def read_progress(out: str | Path) -> dict[str, Any] | None:
+    """``out/progress.json``, or None while there is none (or it cannot be read)."""
+    try:
+        data = json.loads((Path(out) / PROGRESS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "iteration" in data else None
+
+
 def resume_changes(metrics: dict[str, Any]) -> list[str]:
     """The settings changed when the run of ``metrics`` was continued, one line each."""
     return [f"resumed at iteration {r.get('iteration')} with {change}"
@@ -124,8 +137,7 @@ def _shorter(before: int, after: int) -> bool:
 
 # --------------------------------------------------------------------------- bad places
 def check_output_place(out: Path) -> None:
-    """Refuse, before any work, an output_dir that is a file, lies under a file, or cannot
-    be written (read-only folder or file system). Writes nothing."""
+    """Refuse an output_dir that is a file, lies under one, or cannot be written."""
     why = place_problem(out)
     if why:
         raise ConfigError(f"output_dir {out}: {why}: choose another output_dir (a folder you "
@@ -143,17 +155,15 @@ def check_free_space(out: Path, need_bytes: int) -> None:
 
 
 def run_bytes(model, optimizer_name: str) -> int:
-    """What a run keeps on disk at most: two checkpoints (weights + optimiser state: one
-    momentum buffer for SGD, two moments for AdamW) while the newer is written, plus best.pt
-    and last.pt, plus 64 MiB for logs and metrics."""
+    """What a run keeps on disk at most: two checkpoints (weights and 1 (SGD) or 2 (AdamW)
+    moments), best.pt and last.pt, 64 MiB of logs."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     moments = 2 if optimizer_name == "adamw" else 1
     return 2 * weights * (1 + moments) + 2 * weights + 64 * 2**20
 
 
 def remove_fresh_output(out: Path, checkpoints: Path) -> bool:
-    """Delete ``out`` (created by this run) when it holds no checkpoint folder yet, so a run
-    that failed early leaves nothing behind. Returns whether it was removed."""
+    """Delete ``out`` (created by this run) unless it holds a checkpoint; whether it did."""
     if checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir()):
         return False
     shutil.rmtree(out, ignore_errors=True)
@@ -170,26 +180,30 @@ def git_commit() -> str:
         return "unknown"
 
 
-def recorded_commit(commits: list[str]) -> str | list[str] | None:
-    """metrics.json's ``git_commit``: the commit, or the list of them when the run was
-    resumed from another checkout."""
-    return commits[0] if len(commits) == 1 else (commits or None)
+def write_progress(out: str | Path, *, iteration: int, total_iters: int, epoch: int,
+                   epochs: int, miou: float | None, best_miou: float | None,
+                   elapsed_s: float, status: str = "running") -> Path:
+    """Write ``out/progress.json`` (atomically) in the format above."""
+    if status not in STATUSES:
+        raise ValueError(f"progress status must be one of {', '.join(STATUSES)}, got {status!r}")
+    return atomic_write_json(Path(out) / PROGRESS_FILE, {
+        "iteration": int(iteration), "total_iters": int(total_iters), "epoch": int(epoch),
+        "epochs": int(epochs), "miou": miou, "best_miou": best_miou,
+        "elapsed_s": float(elapsed_s), "status": status, "updated": time.time()})
 
 
 def save_progress(run, status: str) -> None:
-    """progress.json of ``run`` (a mlcl.train.Run) in the format of mlcl.progress; main
-    process only."""
+    """progress.json of ``run`` (a mlcl.train.Run); main process only."""
     if not run.acc.is_main_process:
         return
     s = run.state
     evaluated = [r["miou"] for r in s.history if "miou" in r]
     epoch = min(s.iteration // run.iters_per_epoch + 1, run.epochs) if status == "running" \
         else s.epoch
-    progress.write_progress(run.out, iteration=s.iteration, total_iters=run.total_iters,
-                            epoch=epoch, epochs=run.epochs,
-                            miou=evaluated[-1] if evaluated else None,
-                            best_miou=s.best_miou if s.best_epoch >= 0 else None,
-                            elapsed_s=run.elapsed(), status=status)
+    write_progress(run.out, iteration=s.iteration, total_iters=run.total_iters, epoch=epoch,
+                   epochs=run.epochs, miou=evaluated[-1] if evaluated else None,
+                   best_miou=s.best_miou if s.best_epoch >= 0 else None,
+                   elapsed_s=run.elapsed(), status=status)
 
 
 def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
@@ -220,7 +234,8 @@ def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         "wall_time_s": run.elapsed(),
         "num_processes": acc.num_processes,
         "device": str(acc.device),
-        "git_commit": recorded_commit(s.git_commits),
+        # the commit, or the list of them when resumed parts ran different checkouts
+        "git_commit": s.git_commits[0] if len(s.git_commits) == 1 else (s.git_commits or None),
         "output_dir": str(cfg.output_dir),
         # MLCL: every process must hold the same bank (largest difference at the last epoch)
         **({"bank_spread_across_processes": run.bank_spread} if run.bank is not None else {}),

@@ -1,13 +1,6 @@
 """Live progress of the runs that `make demo` and `python -m mlcl reproduce` train.
 
-Training writes ``output_dir/progress.json`` atomically (every ``train.log_every``
-iterations, after each validation and at the end)::
-
-    {"iteration": int, "total_iters": int, "epoch": int, "epochs": int,
-     "miou": float | null (latest validation), "best_miou": float | null,
-     "elapsed_s": float, "status": "running" | "complete" | "failed" | "interrupted"
-     | "diverged", "updated": unix time}
-
+Training writes ``output_dir/progress.json`` (mlcl.outputs, which holds its format).
 The worker thread that waits for a run's subprocess polls that file (:func:`wait`) and
 shows it on a :class:`Board`: on a terminal one tqdm bar per running run (``position`` =
 the run's slot), redrawn in place; otherwise (a log file, CI) one plain line per running
@@ -16,7 +9,6 @@ clears the bars first, so that no message lands on a bar's line.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -26,33 +18,10 @@ from typing import Any, Callable, TextIO
 
 from tqdm import tqdm
 
-from mlcl.files import atomic_write_json
+from mlcl.outputs import read_progress
 
-PROGRESS_FILE = "progress.json"
-STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
 PLAIN_EVERY_S = 30.0  # plain-text mode: seconds between two lines about the same run
 POLL_S = 1.0  # how often a waiting worker reads progress.json
-
-
-def write_progress(output_dir: str | Path, *, iteration: int, total_iters: int, epoch: int,
-                   epochs: int, miou: float | None, best_miou: float | None,
-                   elapsed_s: float, status: str = "running") -> Path:
-    """Write ``output_dir/progress.json`` (atomically) in the format above."""
-    if status not in STATUSES:
-        raise ValueError(f"progress status must be one of {', '.join(STATUSES)}, got {status!r}")
-    return atomic_write_json(Path(output_dir) / PROGRESS_FILE, {
-        "iteration": int(iteration), "total_iters": int(total_iters), "epoch": int(epoch),
-        "epochs": int(epochs), "miou": miou, "best_miou": best_miou,
-        "elapsed_s": float(elapsed_s), "status": status, "updated": time.time()})
-
-
-def read_progress(output_dir: str | Path) -> dict[str, Any] | None:
-    """The run's progress.json, or None while there is none (or it cannot be read)."""
-    try:
-        data = json.loads((Path(output_dir) / PROGRESS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "iteration" in data else None
 
 
 def eta_s(p: dict[str, Any]) -> float | None:
@@ -68,7 +37,9 @@ def clock(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    if s >= 3600:
+        return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
 
 
 def describe(p: dict[str, Any] | None) -> str:

@@ -1,22 +1,15 @@
 """Stopping a run on purpose: pre-emption signals and the divergence guard.
 
-:class:`StopSignals` turns the first SIGTERM or SIGINT (a cluster's notice, Ctrl-C) into a
-request that the loop honours after the current step (with several processes, within
-``train.log_every`` steps: below): it writes a checkpoint and raises
-:class:`mlcl.errors.RunInterrupted`.
-A second signal (a second later or more) exits at once (``os._exit``); the checkpoint scheme
-(mlcl.checkpoints) keeps the previous complete checkpoint usable whatever is being written.
-One process checks its own request after every step (a Python flag: no device work). With
-several they must stop at the same step (a checkpoint is collective), so the requests are
-shared where the loop synchronises with the device anyway: in the guard's read (below),
-every ``train.log_every`` steps and at the end of an epoch. A request therefore takes up to
-``train.log_every`` steps to be honoured, and no step waits for the host.
+:class:`StopSignals`: the first SIGTERM / SIGINT is a request the loop honours after the
+current step (a checkpoint, then :class:`mlcl.errors.RunInterrupted`); a second one, a
+second or more later, exits at once (the previous complete checkpoint stays usable). With
+several processes the requests are shared where the loop synchronises anyway (the guard's
+read, every ``train.log_every`` steps and at the end of an epoch), so all stop at the same
+step (a checkpoint is collective) and no step waits for the host.
 
-:class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device (no
-host synchronisation per step); the loop reads it every ``train.log_every`` steps, at the
-end of an epoch and before anything is saved (:meth:`NonFiniteGuard.read`, one gather that
-also carries the stop requests), and raises :class:`mlcl.errors.RunDiverged` naming the
-first bad iteration and terms.
+:class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device; the
+loop reads it (one gather, which also carries the stop requests) at those same points and
+raises :class:`mlcl.errors.RunDiverged` naming the first bad iteration and terms.
 """
 from __future__ import annotations
 
@@ -46,7 +39,7 @@ class StopSignals:
         self.signum: int | None = None
         self.first_at = 0.0
         self.previous: dict[int, object] = {}
-        self.agreed = False  # several processes: a request was seen by a shared read
+        self.seen_shared = False  # several processes: a request was seen by a shared read
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -82,18 +75,17 @@ class StopSignals:
         """Whether this process received a stop signal."""
         return self.signum is not None
 
-    def agree(self, any_process: bool) -> None:
+    def record_shared_read(self, any_process: bool) -> None:
         """Note the result of a shared read of the requests (``any_process``: whether some
         process had one); every process must see the same value."""
-        self.agreed = self.agreed or any_process
+        self.seen_shared = self.seen_shared or any_process
 
     def poll(self) -> bool:
-        """Whether every process should stop here. One process: its own request. Several:
-        whether a shared read (:meth:`agree`) saw one, so that they all stop at the same
-        step. Never touches the device."""
+        """Whether every process should stop here: its own request (one process), or whether
+        a shared read saw one (several: all stop at the same step). No device work."""
         if self.acc.num_processes == 1:
             return self.requested()
-        return self.agreed
+        return self.seen_shared
 
     def exit_signal(self) -> int:
         """The signal to report (SIGTERM when another process received it)."""
@@ -123,15 +115,11 @@ class NonFiniteGuard:
         self.first_bad = torch.where(first, bad, self.first_bad)
         self.first_iter = torch.where(first, iteration, self.first_iter)
 
-    def first_failure(self, accelerator) -> tuple[int, list[str]] | None:
-        """(iteration index, names of the non-finite terms) of the first bad step on any
-        process, or None. A host synchronisation; every process must call it together."""
-        return self.read(accelerator)[0]
-
     def read(self, accelerator, stop_requested: bool = False
              ) -> tuple[tuple[int, list[str]] | None, bool]:
-        """(:meth:`first_failure`, whether any process had ``stop_requested``): one gather
-        and one host synchronisation for both; every process must call it together."""
+        """((iteration index, names of the non-finite terms) of the first bad step on any
+        process, or None; whether any process had ``stop_requested``): one gather and one
+        host synchronisation for both; every process must call it together."""
         device = self.first_iter.device
         row = torch.cat([torch.full((1,), int(stop_requested), device=device),
                          self.first_iter.view(1)]

@@ -1,5 +1,5 @@
 """fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one CPU
-process, one GPU, or many GPUs through `accelerate launch`).
+process, one GPU, or several through `accelerate launch`).
 
     fit(cfg)
       setup            output_dir checks, accelerator, data, model, optimiser, resume
@@ -9,14 +9,12 @@ process, one GPU, or many GPUs through `accelerate launch`).
       end_of_epoch     evaluate, best.pt / last.pt, checkpoint, metrics.json
       finish           trackers closed, the metrics returned
 
-The step itself (lr, forward, backward, guard, optimiser) is mlcl.engine's.
-``output_dir`` receives config.yaml, metrics.json and progress.json (mlcl.outputs),
-checkpoints/ (mlcl.checkpoints), best.pt / last.pt and tensorboard/ (accelerate's tracker).
-A second run with the same output_dir resumes exactly where the first stopped: data order and
-augmentation are pure functions of (seed, epoch, sample) (mlcl.loaders) and the checkpoint
-holds model, optimiser, bank, every RNG state and the sums of the epoch in progress.
-SIGTERM / SIGINT checkpoint and exit; a non-finite loss or gradient stops the run without
-saving (mlcl.stopping).
+The step itself is mlcl.engine's. ``output_dir`` receives config.yaml, metrics.json and
+progress.json (mlcl.outputs), checkpoints/ (mlcl.checkpoints), best.pt / last.pt and
+tensorboard/. The same command again resumes exactly where a run stopped: data order and
+augmentation are pure functions of (seed, epoch, sample) (mlcl.loaders), and the checkpoint
+holds model, optimiser, bank, RNG states and the sums of the epoch in progress. SIGTERM /
+SIGINT checkpoint and exit; a non-finite loss or gradient stops without saving (mlcl.stopping).
 """
 from __future__ import annotations
 
@@ -34,21 +32,20 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from mlcl.checkpoints import (Checkpoints, TrainerState, check_same_run, note_resume,
-                              save_weights, schedule_settings)
+from mlcl.checkpoints import Checkpoints, TrainerState, save_weights, schedule_settings
 from mlcl.config import Config, ConfigError, config_changes, save_config
 from mlcl.data import preflight
-from mlcl.data.classes import reconcile_classes
-from mlcl.data.datasets import build_datasets, class_names
+from mlcl.data.classes import class_names, reconcile_classes
+from mlcl.data.datasets import build_datasets
 from mlcl.engine import (EpochSums, backward_and_step, forward_terms, make_accelerator,
                          make_optimizer, poly_lr)
 from mlcl.evaluate import evaluate
 from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
-from mlcl.outputs import (RESULT_FILES, check_free_space, check_output_place, git_commit,
-                          read_metrics, remove_fresh_output, run_bytes, save_progress,
-                          saved_config, write_metrics)
+from mlcl.outputs import (RESULT_FILES, RUN_FILES, check_free_space, check_output_place,
+                          git_commit, read_metrics, remove_fresh_output, run_bytes, run_changes,
+                          save_progress, saved_config, write_metrics)
 from mlcl.errors import RunDiverged, RunInterrupted, RunStopped
 from mlcl.stopping import NonFiniteGuard, StopSignals
 
@@ -88,10 +85,9 @@ class Run:
 
 
 def fit(cfg: Config) -> dict[str, Any]:
-    """Train ``cfg.method`` and return the metrics written to output_dir/metrics.json
-    (resuming from output_dir's checkpoint when there is one)."""
+    """Train ``cfg.method`` (resuming output_dir's checkpoint, if any); return metrics.json."""
     run = setup(cfg)
-    with StopSignals(run.acc, on_abort=lambda: abandon(run)) as stop, stop_status(run):
+    with StopSignals(run.acc, on_abort=lambda: leave_at_once(run)) as stop, stop_status(run):
         for epoch in range(run.state.epoch, run.epochs):
             train_epoch(run, epoch, stop)
             end_of_epoch(run, epoch, stop)
@@ -100,7 +96,7 @@ def fit(cfg: Config) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- set-up
 def setup(cfg: Config) -> Run:
-    """Everything before the first step. Bad input fails here, in one line, before
+    """Everything before the first step; bad input fails here, in one line, before
     output_dir is created or changed."""
     out = Path(cfg.output_dir)
     created = not out.exists()
@@ -129,9 +125,8 @@ def setup(cfg: Config) -> Run:
 
 
 def training_data(cfg: Config, acc: Accelerator) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(datasets, their training loaders before accelerate's prepare), after the pre-flight
-    of the sets the run reads: the loaders' and the validation set (a supervised run counts
-    its epoch in unlabeled images but never reads them)."""
+    """(datasets, their unprepared training loaders), after the pre-flight of the sets the
+    run reads (a supervised run counts its epoch in unlabeled images but never reads them)."""
     sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
     if cfg.method != "supervised" and "unlabeled" not in sets:
         raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
@@ -161,10 +156,8 @@ def build_trainables(cfg: Config, acc: Accelerator):
 
 
 def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
-    """(iterations per epoch, total iterations, epochs). One epoch = one pass over the
-    unlabeled set (the labeled set is repeated to its length) for every method, so
-    supervised and semi-supervised runs take the same number of steps; per process, as each
-    prepared loader yields 1/N of the batches."""
+    """(iterations per epoch, total iterations, epochs), per process. An epoch is one pass
+    over the unlabeled set for every method, so all take the same number of steps."""
     ipe = min(len(v) for v in loaders.values())
     if ipe == 0:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
@@ -176,71 +169,79 @@ def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def resume(run: Run) -> None:
-    """Load output_dir's checkpoint, if any (check_same_run has made sure it is this run's),
-    recording a longer schedule (GROWABLE settings changed since; refused when complete)."""
+    """Load output_dir's checkpoint, if any, after :func:`check_continuation`; a longer
+    schedule (GROWABLE settings raised since) is recorded in ``run.state.resumes``."""
     path = run.ckpt.resume_point()
+    if path is not None:
+        # the optimiser's settings (e.g. lr) come from the configuration given now, its
+        # state (momenta) from the checkpoint
+        settings = [{k: v for k, v in g.items() if k != "params"}
+                    for g in run.optimizer.param_groups]
+        run.state = run.ckpt.load(path, run.iters_per_epoch)
+        for group, setting in zip(run.optimizer.param_groups, settings):
+            group.update(setting)
+        run.sums.restore(run.acc, run.state)
+        run.started = time.time() - run.state.wall_time_s
+        run.last_checkpoint = path
+    now = schedule_settings(run.cfg)
+    before = run.state.settings or saved_config(run.out) or {}
+    changes = config_changes(before, now, ignore=())
+    check_continuation(run, path, changes)
+    run.state.iters_per_epoch, run.state.settings = run.iters_per_epoch, now
     if path is None:
-        check_fresh_start(run)
-        run.state.iters_per_epoch = run.iters_per_epoch
-        run.state.settings = schedule_settings(run.cfg)
         return
-    # the optimiser's settings come from the configuration given now (e.g. a changed
-    # train.lr applies), its state (momenta) from the checkpoint
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
-    run.state = run.ckpt.load(path, run.iters_per_epoch)
-    for group, setting in zip(run.optimizer.param_groups, settings):
-        group.update(setting)
-    run.sums.restore(run.acc, run.state)
-    run.started = time.time() - run.state.wall_time_s
-    run.last_checkpoint = path
-    changes = note_resume(run.state, run.cfg, run.state.settings or saved_config(run.out) or {})
-    check_extent(run, path, changes)
+    if changes:
+        run.state.resumes.append({"iteration": run.state.iteration, "changes": changes})
     run.acc.print(f"resuming from {path} (iteration {run.state.iteration} of "
                   f"{run.total_iters}{'; changed: ' + '; '.join(changes) if changes else ''})")
 
 
-def check_fresh_start(run: Run) -> None:
-    """Refuse to start over, with a schedule other than config.yaml's, in an output_dir whose
-    earlier run left results but no checkpoint to continue from (deleted by hand): that would
-    be another run written over them."""
+def check_same_run(out: Path, cfg: Config) -> None:
+    """Refuse, before any work, an output_dir holding another run (mlcl.outputs.run_changes
+    between its config.yaml and ``cfg``), or a run's files (RUN_FILES) but no config.yaml."""
+    saved = saved_config(out)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if saved is None and found:
+        raise ConfigError(f"output_dir {out} holds {', '.join(found)} but no config.yaml "
+                          "(not a run of this program, or its config.yaml is gone): "
+                          "choose another output_dir or delete those")
+    changed = run_changes(saved, cfg.to_dict()) if saved is not None else []
+    if changed:
+        raise ConfigError(f"output_dir {out} holds a run with other settings "
+                          f"({'; '.join(changed)}): choose another output_dir or delete it")
+
+
+def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
+    """What resuming needs beyond :func:`check_same_run`, given the checkpoint ``path`` (None:
+    none) and ``changes``, the longer schedule asked since. Refused: results without a
+    checkpoint under a longer schedule (another run over them); a checkpoint past the
+    schedule; one whose last epoch train.max_iters ended early when more steps are asked;
+    a complete run whose longer schedule adds no step (config.yaml would claim its result)."""
+    it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
     left = [name for name in RESULT_FILES if (run.out / name).exists()]
-    if not left:
-        return
-    changes = config_changes(saved_config(run.out) or {}, schedule_settings(run.cfg),
-                             ignore=())
-    if changes:
+    if path is None and left and changes:
         raise ConfigError(f"output_dir {run.out} holds {', '.join(left)} of a run with other "
                           f"settings ({'; '.join(changes)}) and no checkpoint to continue: "
                           "choose another output_dir, or delete those files")
-
-
-def check_extent(run: Run, path: Path, changes: list[str]) -> None:
-    """Refuse a resumed checkpoint (at ``path``) that the run's length, as train.epochs /
-    train.max_iters now give it, cannot continue: one past it; one whose last epoch
-    train.max_iters ended early when more iterations are now asked; or a complete one with
-    a changed schedule (``changes``, from note_resume) that adds no step: config.yaml would
-    claim it for the stored result."""
-    it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
-    if it > total:
+    if path is not None and it > total:
         raise ConfigError(
             f"checkpoint {path} is at iteration {it}, past the {total} iterations "
             "train.epochs / train.max_iters now give: raise them back or choose another "
             "output_dir")
-    if it < total and it < epoch * run.iters_per_epoch:
+    if path is not None and it < total and it < epoch * run.iters_per_epoch:
         raise ConfigError(
             f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
             f"(train.max_iters): a run continues only from the end of a whole epoch; keep "
             "train.max_iters, or choose another output_dir")
-    if changes and it >= total:
+    if path is not None and changes and it >= total:
         raise ConfigError(f"output_dir {run.out} holds a complete run, which a changed setting "
                           f"cannot change ({'; '.join(changes)}): choose another output_dir, "
                           "or raise train.epochs / train.max_iters to continue it")
 
 
 def note_commit(run: Run) -> None:
-    """Add the checkout's commit, read once at set-up by the main process and shared with the
-    others, to the commits of ``run``'s parts (``run.state.git_commits``, kept in its
-    checkpoints), unless the part before ran the same one."""
+    """Append the checkout's commit (read by the main process, shared) to
+    ``run.state.git_commits`` unless the part before ran the same one."""
     found = [git_commit() if run.acc.is_main_process else None]
     if run.acc.num_processes > 1:
         found = broadcast_object_list(found)
@@ -274,9 +275,8 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
 
 
 def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
-    """One optimiser step on ``batch`` ({'x': labeled, 'u': unlabeled, 'mix'?: partner}):
-    the lr of this iteration, forward, backward, step. Returns the step's loss terms
-    ('loss' and the method's named terms, 0-d tensors), also added to the epoch's sums."""
+    """One optimiser step on ``batch`` ({'x', 'u', 'mix'?}); returns its loss terms ('loss'
+    and the method's named terms, 0-d tensors), also added to the epoch's sums."""
     ctx, t = run.ctx, run.cfg.train
     ctx.iteration, ctx.epoch = run.state.iteration, epoch
     poly_lr(run.optimizer, ctx.iteration, run.total_iters, t.poly_power, t.lr_lag)
@@ -288,9 +288,8 @@ def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.T
 
 
 def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
-    """Every log_every steps: the guard and every process's stop request (one host
-    synchronisation), the logs, progress.json; then a stop request or a mid-epoch
-    checkpoint (the end of an epoch checkpoints in end_of_epoch)."""
+    """Every log_every steps: guard and stop requests (one host sync), logs, progress.json;
+    then a stop request or a mid-epoch checkpoint (end_of_epoch writes the epoch's)."""
     it, t = run.state.iteration, run.cfg.train
     if it % t.log_every == 0:
         check_finite(run, stop)
@@ -304,8 +303,8 @@ def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
 
 
 def log_step(run: Run, terms: dict[str, Any], bar) -> None:
-    """The step's scalar terms and the lr to the tracker (``train/<name>`` at the
-    iteration), and the epoch's running mean loss on the progress bar."""
+    """The step's scalar terms and lr to the tracker (``train/<name>``); the epoch's running
+    mean loss on the bar."""
     values = {f"train/{k}": float(v.detach()) for k, v in terms.items()
               if torch.is_tensor(v) and v.dim() == 0}
     values["train/lr"] = run.optimizer.param_groups[0]["lr"]
@@ -316,7 +315,7 @@ def log_step(run: Run, terms: dict[str, Any], bar) -> None:
 
 # --------------------------------------------------------------------------- end of epoch
 def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
-    """Evaluate (every eval_every epochs and at the end), keep the weights, checkpoint and
+    """Evaluate (every eval_every epochs and at the end), keep the weights, checkpoint,
     write metrics.json and progress.json."""
     check_finite(run, stop)
     if stop.poll():  # before a possibly long evaluation
@@ -341,8 +340,7 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
 
 
 def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
-    """mIoU on the validation set into ``record``; best.pt when it is the best so far,
-    last.pt always."""
+    """Validation mIoU into ``record``; best.pt when best so far, last.pt always."""
     s, acc = run.state, run.acc
     result = evaluate(run.model, run.val_set, run.cfg, acc)
     record["miou"], record["iou"] = result["miou"], result["iou"]
@@ -361,8 +359,7 @@ def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
 
 # --------------------------------------------------------------------------- stopping
 def save_checkpoint(run: Run) -> Path:
-    """A checkpoint of the run as it stands (the guard is read first: nothing non-finite is
-    ever saved)."""
+    """A checkpoint of the run as it stands (after the guard: nothing non-finite is saved)."""
     check_finite(run)
     run.state.wall_time_s = run.elapsed()
     run.sums.save(run.acc, run.state)
@@ -371,13 +368,12 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def check_finite(run: Run, stop: StopSignals | None = None) -> None:
-    """Raise RunDiverged if a step since the start had a non-finite loss term or gradient
-    norm; with ``stop``, also share every process's stop request (:meth:`StopSignals.agree`).
-    The loop's one host synchronisation: every log_every steps, at the end of an epoch and
-    before saving; every process calls it at the same points."""
+    """Raise RunDiverged if a step had a non-finite loss term or gradient norm; with ``stop``,
+    also share the stop requests. The loop's one host synchronisation (every log_every
+    steps, at an epoch's end, before saving), called by every process at the same points."""
     bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.requested())
     if stop is not None:
-        stop.agree(stop_requested)
+        stop.record_shared_read(stop_requested)
     if bad is None:
         return
     it, names = bad
@@ -400,8 +396,8 @@ def interrupt(run: Run, stop: StopSignals) -> None:
 
 @contextlib.contextmanager
 def stop_status(run: Run) -> Iterator[None]:
-    """Record why a run stopped early in metrics.json / progress.json; a run that failed
-    before its first checkpoint removes the output_dir it created instead."""
+    """Record why a run stopped early in metrics.json / progress.json, or remove the
+    output_dir it created when it failed before its first checkpoint."""
     try:
         yield
     except BaseException as e:
@@ -418,8 +414,8 @@ def stop_status(run: Run) -> Iterator[None]:
         raise
 
 
-def abandon(run: Run) -> None:
-    """A second stop signal, just before exiting at once: progress.json says so, or the
+def leave_at_once(run: Run) -> None:
+    """Before the exit at once of a second stop signal: progress.json says so, or the
     output_dir this run created goes when it holds no checkpoint yet."""
     if run.acc.is_main_process and not (run.created_out and
                                         remove_fresh_output(run.out, run.ckpt.root)):

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from mlcl import progress
+from mlcl import outputs, progress
 
 # A stand-in for a training subprocess: writes progress.json like the loop does, then exits.
 FAKE_RUN = """
 import sys, time
-from mlcl.progress import write_progress
+from mlcl.outputs import write_progress
 out, total = sys.argv[1], 6
 for it in range(1, total + 1):
     miou = None if it < 3 else 40.0 + it
@@ -33,10 +33,10 @@ def fake_run(out, rc: int = 0) -> subprocess.Popen:
 
 
 def test_write_and_read_progress(tmp_path):
-    assert progress.read_progress(tmp_path) is None
-    progress.write_progress(tmp_path, iteration=30, total_iters=120, epoch=1, epochs=4,
-                            miou=51.5, best_miou=52.0, elapsed_s=60.0)
-    p = progress.read_progress(tmp_path)
+    assert outputs.read_progress(tmp_path) is None
+    outputs.write_progress(tmp_path, iteration=30, total_iters=120, epoch=1, epochs=4,
+                           miou=51.5, best_miou=52.0, elapsed_s=60.0)
+    p = outputs.read_progress(tmp_path)
     assert {k: p[k] for k in ("iteration", "total_iters", "status", "miou")} == \
         {"iteration": 30, "total_iters": 120, "status": "running", "miou": 51.5}
     assert abs(p["updated"] - time.time()) < 60
@@ -45,10 +45,10 @@ def test_write_and_read_progress(tmp_path):
     assert progress.clock(3725) == "1:02:05" and progress.clock(None) == "?"
     assert progress.describe(None).startswith("starting")
     with pytest.raises(ValueError, match="status"):
-        progress.write_progress(tmp_path, iteration=1, total_iters=2, epoch=0, epochs=1,
-                                miou=None, best_miou=None, elapsed_s=1, status="done")
-    (tmp_path / progress.PROGRESS_FILE).write_text("{half a file")
-    assert progress.read_progress(tmp_path) is None  # never a crash while polling
+        outputs.write_progress(tmp_path, iteration=1, total_iters=2, epoch=0, epochs=1,
+                               miou=None, best_miou=None, elapsed_s=1, status="done")
+    (tmp_path / outputs.PROGRESS_FILE).write_text("{half a file")
+    assert outputs.read_progress(tmp_path) is None  # never a crash while polling
 
 
 def test_plain_lines_when_not_a_terminal(tmp_path):

@@ -229,7 +229,7 @@ def test_several_processes_share_stop_requests_only_in_the_guards_read():
     acc.other = torch.tensor([[1, -1, 0]])  # the other process was signalled; all finite
     assert not stop.poll() and not stop.requested()  # not seen before a shared read
     bad, anyone = guard.read(acc, stop.requested())
-    stop.agree(anyone)
+    stop.record_shared_read(anyone)
     assert bad is None and stop.poll() and acc.gathers == 1
     acc.other = torch.tensor([[0, 5, 1]])  # no request there; a non-finite loss at step 5
     assert guard.read(acc, stop.requested()) == ((5, ["loss"]), False)

@@ -11,9 +11,10 @@ grid's checks and the figures use them.
 import importlib
 
 _LAZY = {
-    "mlcl.data.classes": ("check_classes", "reconcile_classes"),
+    "mlcl.data.classes": ("check_classes", "class_names", "default_class_names",
+                          "reconcile_classes"),
     "mlcl.data.datasets": ("LabeledDataset", "UnlabeledDataset", "ValDataset", "build_datasets",
-                           "class_names", "load_image", "load_mask"),
+                           "load_image", "load_mask"),
     "mlcl.data.splits": ("DataError", "Sample", "check_root", "read_split"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

@@ -1,8 +1,7 @@
-"""The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order;
-``python -m mlcl synth`` writes one) supplies the class names and count when present. A
-preset's ``data.num_classes`` / ``data.class_names`` are defaults for data without one; a
-value given explicitly (an override) that disagrees with the data is an error, and so is a
-checkpoint trained for another class count.
+"""The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order)
+gives the class names and count when present; a preset's ``data.num_classes`` /
+``data.class_names`` are defaults for data without one; an override that disagrees with the
+data is an error, and so is a checkpoint trained for another class count.
 
     reconcile_classes(cfg)                      # training: cfg takes the data's classes
     check_classes(cfg, "checkpoint runs/x/best.pt", 7, use_data=True)   # evaluation
@@ -30,6 +29,23 @@ def data_classes(root: str | Path) -> Optional[tuple[Path, list[str]]]:
         raise DataError(f"{path} lists {len(names)} class(es): a segmentation dataset needs "
                         "at least 2 (one name a line, background first)")
     return path, names
+
+
+def default_class_names(count: int) -> list[str]:
+    """``class_0`` .. ``class_<count-1>``: the names of classes nothing names."""
+    return [f"class_{i}" for i in range(count)]
+
+
+def class_names(cfg: Config) -> list[str]:
+    """cfg.data.class_names, else the data's classes.txt (a DataError when its count is not
+    data.num_classes), else :func:`default_class_names`."""
+    k = cfg.data.num_classes
+    if cfg.data.class_names:
+        return list(cfg.data.class_names)
+    found = data_classes(cfg.data.root)
+    if found and len(found[1]) != k:
+        raise DataError(f"{found[0]} lists {len(found[1])} classes but data.num_classes={k}")
+    return found[1] if found else default_class_names(k)
 
 
 def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config:

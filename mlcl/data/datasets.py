@@ -24,7 +24,6 @@ from torch.utils.data import Dataset
 
 from mlcl import augment
 from mlcl.config import Config
-from mlcl.data.classes import data_classes
 from mlcl.data.splits import DataError, Sample, check_root, read_split
 
 
@@ -39,9 +38,11 @@ def load_image(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
-def load_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
+def load_mask(path: Path, num_classes: int, ignore_index: int,
+              image: tuple[Path, tuple[int, int]] | None = None) -> np.ndarray:
     """A mask as class indices (H, W) uint8. Palette (P) PNGs give their indices, grayscale
-    (L) ones their values; any value other than 0..num_classes-1 and ignore is an error."""
+    (L) ones their values; any value other than 0..num_classes-1 and ignore is an error, and
+    so is a size other than ``image``'s (its path, (width, height)) when given."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -57,6 +58,9 @@ def load_mask(path: Path, num_classes: int, ignore_index: int) -> np.ndarray:
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
         raise DataError(f"mask {path} has values {shown}: expected 0..{num_classes - 1} "
                         f"or {ignore_index} (ignore); check data.num_classes")
+    if image is not None and arr.shape != image[1][::-1]:
+        raise DataError(f"mask {path} is {arr.shape[1]}x{arr.shape[0]} but image {image[0]} "
+                        f"is {image[1][0]}x{image[1][1]}")
     return arr.astype(np.uint8, copy=False)
 
 
@@ -66,10 +70,8 @@ def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
     image = load_image(sample.image)
     if sample.mask is None:
         raise DataError(f"sample {sample.id} ({sample.image}) has no mask")
-    mask = load_mask(sample.mask, cfg.data.num_classes, cfg.data.ignore_index)
-    if mask.shape != (image.height, image.width):
-        raise DataError(f"mask {sample.mask} is {mask.shape[1]}x{mask.shape[0]} but image "
-                        f"{sample.image} is {image.width}x{image.height}")
+    mask = load_mask(sample.mask, cfg.data.num_classes, cfg.data.ignore_index,
+                     (sample.image, image.size))
     return image, mask
 
 
@@ -149,17 +151,3 @@ def build_datasets(cfg: Config, with_unlabeled: bool) -> dict[str, Dataset]:
     out["val"] = ValDataset(cfg, cfg.split_path("val_split"))
     return {k: out[k] for k in ("labeled", "unlabeled", "val") if k in out}
 
-
-def class_names(cfg: Config) -> list[str]:
-    """cfg.data.class_names, else ``classes.txt`` in data.root (one name a line), else
-    ``class_0``, ``class_1``, ..."""
-    k = cfg.data.num_classes
-    if cfg.data.class_names:
-        return list(cfg.data.class_names)
-    found = data_classes(cfg.data.root)
-    if found:
-        path, names = found
-        if len(names) != k:
-            raise DataError(f"{path} lists {len(names)} classes but data.num_classes={k}")
-        return names
-    return [f"class_{i}" for i in range(k)]

@@ -1,17 +1,13 @@
-"""Pre-flight: before the first training step, every file the run will read is opened once,
-so that a bad file fails the run in seconds instead of after an epoch.
+"""Pre-flight: before the first training step every file the run will read is opened once,
+so a bad file fails the run in seconds instead of after an epoch.
 
     preflight.check(cfg, sets, accelerator)   # sets = build_datasets(cfg, ...)
 
-Per sample of every set (labeled, unlabeled, val): the image decodes in full (a truncated
-JPEG fails); for labeled and val samples the mask decodes, has the image's size and holds
-only 0..K-1 and the ignore index. Every problem is collected; the run stops with one line
-naming the first and how many there are. Samples that passed are remembered in a cache
-(``mlcl.paths.cache_dir()/preflight``) keyed by each file's path, size and modification
-time and by K and the ignore index, so a resumed run, or another run on the same data, does
-not pay twice. With several processes each checks its share, and every process stops with the
-same line. The classes are not decided here: the caller reconciles them with the data first
-(:func:`mlcl.data.classes.reconcile_classes`).
+Per sample: the image decodes in full; for labeled and val samples the mask decodes, has the
+image's size and holds only 0..K-1 and the ignore index. The run stops with one line naming
+the first problem and how many there are (the same line on every process, each checking its
+share). Samples that passed are cached (``paths.cache_dir()/preflight``, keyed by each
+file's path, size and mtime, K and the ignore index), so no run on the same data pays twice.
 """
 from __future__ import annotations
 
@@ -36,8 +32,8 @@ Item = tuple[Path, Optional[Path]]  # (image, mask or None when the mask is not 
 
 
 def decode_image(path: Path) -> tuple[int, int]:
-    """Decode ``path`` in full and return its (width, height); a DataError naming the file
-    when it cannot be read. JPEGs decode at reduced scale (every byte is still read)."""
+    """(width, height) of ``path``, decoded in full (JPEGs at reduced scale, every byte still
+    read); a DataError naming the file when it cannot be."""
     try:
         with Image.open(path) as im:
             size = im.size
@@ -53,12 +49,9 @@ def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]
     """The problem with one sample (None when fine)."""
     image, mask = item
     try:
-        width, height = decode_image(image)
+        size = decode_image(image)
         if mask is not None:
-            m = load_mask(mask, num_classes, ignore_index)
-            if m.shape != (height, width):
-                return (f"mask {mask} is {m.shape[1]}x{m.shape[0]} but image {image} is "
-                        f"{width}x{height}")
+            load_mask(mask, num_classes, ignore_index, (image, size))
     except DataError as e:
         return str(e)
     return None
@@ -89,8 +82,7 @@ class Cache:
             return set()
 
     def key(self, item: Item) -> str:
-        """What a pass depends on: K, the ignore index, and each file's path, size and
-        modification time (an OSError when a file has gone)."""
+        """K, the ignore index, each file's path, size and mtime (an OSError when it has gone)."""
         parts = [self.tag]
         for p in item:
             if p is not None:
@@ -99,8 +91,7 @@ class Cache:
         return "\n".join(parts)
 
     def save(self, passed: list[str]) -> None:
-        """Add ``passed`` (merged with what another process may have written meanwhile);
-        a cache that cannot be written only costs time."""
+        """Add ``passed`` (merged with other processes' writes); failing only costs time."""
         if not passed:
             return
         try:
@@ -111,10 +102,9 @@ class Cache:
 
 
 def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] = print) -> None:
-    """Check every sample of ``sets`` (this process's share of them) against ``cfg``'s
-    classes; raise one DataError naming the first bad file and the number of problems. With
-    several processes (a collective) every process raises the same DataError, the count
-    summed over them, so none is left waiting for the others."""
+    """Check this process's share of the samples of ``sets`` against ``cfg``'s classes;
+    raise one DataError naming the first bad file and the number of problems, the same on
+    every process (a collective)."""
     if accelerator is not None:
         log = accelerator.print
     rank, world = ((accelerator.process_index, accelerator.num_processes)
@@ -134,9 +124,8 @@ def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] 
 
 def share_problems(cfg: Config, items: list[Item], log: Callable[[str], None]
                    ) -> tuple[int, Optional[str], int]:
-    """(number of problems, the first or None, number of samples decoded) among ``items``:
-    those the cache does not know as good are decoded in threads; the good ones join the
-    cache."""
+    """(number of problems, the first or None, samples decoded) among ``items``; those the
+    cache does not know are decoded in threads, the good ones cached."""
     cache = Cache(cfg.data.root, cfg.data.num_classes, cfg.data.ignore_index)
     try:
         keys = [cache.key(item) for item in items]
@@ -157,8 +146,7 @@ def share_problems(cfg: Config, items: list[Item], log: Callable[[str], None]
 
 
 def problem_line(count: int, first: str, sets: dict, cfg: Config) -> str:
-    """One line: the first problem, and for several (``count``) the command that lists them
-    all."""
+    """The first problem; for several, also the command that lists them all."""
     if count == 1:
         return f"data pre-flight: {first}"
     splits = " ".join(sorted({str(ds.split_file) for ds in sets.values()}))
