@@ -69,7 +69,8 @@ def cmd_evaluate(args) -> int:
     from mlcl.data.datasets import ValDataset
     from mlcl.engine import make_accelerator
     from mlcl.evaluate import evaluate
-    from mlcl.files import atomic_write_json, check_output_file
+    from mlcl.files import atomic_write_json
+    from mlcl.folders import check_output_file
     from mlcl.study.predict import load_weights
 
     if args.out:
@@ -81,7 +82,6 @@ def cmd_evaluate(args) -> int:
     preflight.check(cfg, val, acc)
     result = evaluate(model, val["val"], cfg, acc)
     if acc.is_main_process:
-        names = names or [f"class_{i}" for i in range(cfg.data.num_classes)]
         print(f"mIoU {result['miou']:.2f} over {result['num_images']} images "
               f"({cfg.eval.mode})")
         for name, iou in zip(names, result["iou"]):

@@ -88,11 +88,3 @@ def place_problem(path: str | Path) -> str | None:
         return f"{existing} is not writable"
     return None
 
-
-def __getattr__(name: str):
-    """The result-folder helpers moved to mlcl.folders (out of the core); this forwards the
-    old names until predict and __main__ import them from there."""
-    if name in ("OutputFolder", "check_output_file", "check_creatable", "temp_target"):
-        from mlcl import folders
-        return getattr(folders, name)
-    raise AttributeError(f"module 'mlcl.files' has no attribute {name!r}")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlcl import files, outputs
+from mlcl import files, folders, outputs
 from mlcl.__main__ import build_parser, main
 from mlcl.study import registry
 from mlcl.config import ConfigError, in_range, load_config
@@ -402,16 +402,16 @@ def test_predict_refuses_a_folder_with_files_it_did_not_write(run7, images, tmp_
 
 def test_output_folder_accepts_the_leftover_of_its_own_interrupted_write(tmp_path):
     out = tmp_path / "pred"
-    folder = files.OutputFolder(out)
+    folder = folders.OutputFolder(out)
     for rel in ("a.jpg.png", "sub/b.jpg.png"):
         folder.write(rel, lambda p: p.write_bytes(b"mask"))
     (out / ".a.jpg.png.k3j_2x9q.tmp").write_bytes(b"half")  # a killed atomic write
     (out / "sub" / ".b.jpg.png.x7y8z9ab.tmp").write_bytes(b"half")
-    assert files.OutputFolder(out).listed == {"a.jpg.png", "sub/b.jpg.png"}
-    assert files.temp_target(out / "..x.tmp") == out / "..x.tmp"
+    assert folders.OutputFolder(out).listed == {"a.jpg.png", "sub/b.jpg.png"}
+    assert folders.temp_target(out / "..x.tmp") == out / "..x.tmp"
     (out / ".c.jpg.png.k3j_2x9q.tmp").write_bytes(b"not ours")  # no write of c was listed
     with pytest.raises(ValueError, match="did not write"):
-        files.OutputFolder(out)
+        folders.OutputFolder(out)
 
 
 def test_predict_out_is_a_file(run7, images, tmp_path, capsys):
@@ -482,7 +482,7 @@ def test_every_output_place_is_checked_by_one_walk_up(tmp_path):
             outputs.check_output_place(place)
         made = re.escape(f"--out {place / 'x'} cannot be made: ")
         with pytest.raises(ValueError, match=made) as v:
-            files.check_creatable(place / "x", "--out")
+            folders.check_creatable(place / "x", "--out")
         assert why in str(e.value) and why in str(v.value)
     assert afile.read_text() == "mine"
 

@@ -3,7 +3,7 @@
     python -m mlcl predict --checkpoint RUN_DIR_OR_best.pt --images DIR_OR_FILE --out DIR
 
 Nothing of the user's is overwritten: the output folder must be new, empty, or hold only
-files an earlier ``predict`` wrote there (its manifest, :class:`mlcl.files.OutputFolder`),
+files an earlier ``predict`` wrote there (its manifest, :class:`mlcl.folders.OutputFolder`),
 and must not hold the inputs. An output keeps its input's whole name (``a.jpg`` ->
 ``a.jpg.png``, ``sub/a.png`` -> ``sub/a.png.png`` with ``--recursive``), so inputs that share
 a stem never overwrite each other. An unreadable or oversized image is reported and skipped;
@@ -24,7 +24,8 @@ from mlcl.config import Config, config_from_dict, fill_defaults, parse_overrides
 from mlcl.data.classes import check_classes
 from mlcl.data.palette import colourise, palette_for
 from mlcl.evaluate import predict_logits, sliding_window_logits
-from mlcl.files import OutputFolder
+from mlcl.data.classes import default_class_names
+from mlcl.folders import OutputFolder
 from mlcl.model import build_model
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -106,7 +107,7 @@ def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = 
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
     model.eval()
-    return model, cfg, ckpt.get("class_names") or [f"class_{i}" for i in range(classes)]
+    return model, cfg, ckpt.get("class_names") or default_class_names(classes)
 
 
 # --------------------------------------------------------------------------- images

@@ -22,6 +22,7 @@ import pandas as pd
 from matplotlib.patches import Patch
 
 from mlcl import paths
+from mlcl.data.classes import default_class_names
 from mlcl.data.palette import colourise, palette_for
 from mlcl.files import atomic_write_json
 from mlcl.study import paper
@@ -517,8 +518,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
                               f"{100 * views['dropped'][i]:.0f}%", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    names = class_names or cfg.data.class_names or [f"class_{k}" for k in
-                                                    range(cfg.data.num_classes)]
+    names = class_names or cfg.data.class_names or default_class_names(cfg.data.num_classes)
     class_legend(fig, names, ds, ignore=False, title="class colours of p_w, p_m, p_n")
     return fig
 
