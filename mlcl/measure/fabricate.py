@@ -1,0 +1,204 @@
+"""Small datasets and backbone checkpoints in the real formats, for rehearsals (and tests).
+
+A fabricated dataset has the real folder layout, file formats, image sizes and class count of
+its dataset, and split lists in UniMatch's format for every cell of ``mlcl.prepare.split_lists``
+(each cell lists the same few images), so a preset runs on it with only ``data.root`` changed:
+
+    pascal      JPEGImages/{2007_000000,...}.jpg       JPEG, VOC's image sizes (<= 500 px)
+                SegmentationClass/{id}.png             palette PNG, 0..20, 255 borders
+                ImageSets/Segmentation/{train,val,train_aug}.txt
+                splits/pascal/{92,...,1_16,...,u2pl_1_4}/{labeled,unlabeled}.txt, val.txt
+    cityscapes  leftImg8bit/{train,val}/{city}/{city}_{seq}_000019_leftImg8bit.png  2048x1024 RGB
+                gtFine/{train,val}/{city}/..._gtFine_labelTrainIds.png          L, 0..18, 255
+                splits/cityscapes/{1_16,1_8,1_4,1_2}/{labeled,unlabeled}.txt, val.txt
+
+Images come from :func:`mlcl.data.synthetic.render`; Cityscapes frames are rendered at a
+quarter of the size and enlarged. A fabricated checkpoint has the key names and shapes of
+UniMatch's deep-stem ImageNet files (an ImageNet ``fc``, no ``num_batches_tracked``) and
+random values.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mlcl.config import ConfigError
+from mlcl.data.synthetic import render, voc_palette
+from mlcl.files import atomic_torch_save, atomic_write_json
+from mlcl.model import build_backbone
+from mlcl.prepare.split_lists import SPLITS
+
+MARKER = "FABRICATED.json"  # written last; its presence means mlcl wrote the folder
+NUM_CLASSES = {"pascal": 21, "cityscapes": 19}
+LAYOUT = {"pascal": "voc", "cityscapes": "cityscapes"}
+# (width, height) of VOC images: at most 500 px on the long side, as in VOC 2012
+VOC_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (334, 500), (500, 281))
+CITYSCAPES_SIZE = (2048, 1024)
+CITYSCAPES_CITIES = {"train": ("aachen", "bochum", "zurich"), "val": ("frankfurt", "munster")}
+IMAGENET_CLASSES = 1000
+
+
+# --------------------------------------------------------------------------- names and lists
+def voc_ids(n: int, start: int = 0, year: int = 2007) -> list[str]:
+    """VOC-style ids ``2007_000000``, ``2007_000001``, ..."""
+    return [f"{year}_{start + i:06d}" for i in range(n)]
+
+
+def cityscapes_ids(split: str, cities: tuple[str, ...], per_city: int) -> list[str]:
+    """Ids like ``train/aachen/aachen_000000_000019`` (split/city/city_seq_frame)."""
+    return [f"{split}/{c}/{c}_{k:06d}_000019" for c in cities for k in range(per_city)]
+
+
+def unimatch_lists(layout: str, train: list[str], val: list[str],
+                   sizes: dict[str, int], extra_train: list[str] = ()) -> dict[str, str]:
+    """Split files in UniMatch's format, keyed by their path under ``splits/<dataset>/``:
+    ``NAME/labeled.txt`` (the first ``sizes[NAME]`` of ``train``), ``NAME/unlabeled.txt`` (the
+    rest of ``train`` plus ``extra_train``) and ``val.txt``."""
+    def line(i: str) -> str:
+        if layout == "voc":
+            return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n"
+        return f"leftImg8bit/{i}_leftImg8bit.png gtFine/{i}_gtFine_labelTrainIds.png\n"
+
+    out = {"val.txt": "".join(map(line, val))}
+    for name, n in sizes.items():
+        out[f"{name}/labeled.txt"] = "".join(map(line, train[:n]))
+        out[f"{name}/unlabeled.txt"] = "".join(map(line, list(train[n:]) + list(extra_train)))
+    return out
+
+
+# --------------------------------------------------------------------------- images
+def scene(seed: int, size: tuple[int, int], classes: int, shrink: int = 1
+          ) -> tuple[Image.Image, Image.Image]:
+    """An RGB image and its (H, W) class-index mask of ``size`` = (width, height), rendered at
+    1/``shrink`` of the size and enlarged."""
+    w, h = size
+    image, mask = render(np.random.default_rng(seed), h // shrink, w // shrink, classes)
+    img, m = Image.fromarray(image), Image.fromarray(mask)
+    if shrink > 1:
+        img, m = img.resize(size, Image.BILINEAR), m.resize(size, Image.NEAREST)
+    return img, m
+
+
+def _write_pair(root: Path, image_rel: str, mask_rel: str, img: Image.Image, mask: Image.Image,
+                palette: list[int] | None) -> None:
+    for rel in (image_rel, mask_rel):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    if image_rel.endswith(".jpg"):
+        img.save(root / image_rel, quality=90)
+    else:  # fast zlib level: a 2048x1024 frame in ~0.1 s instead of ~0.6 s
+        img.save(root / image_rel, compress_level=1)
+    if palette is not None:
+        mask.putpalette(palette)  # L -> P with the indices kept, as VOC's masks
+    mask.save(root / mask_rel, compress_level=1)
+
+
+def _write_voc(root: Path, train: list[str], val: list[str], seed: int) -> None:
+    palette = voc_palette()
+    for k, i in enumerate(train + val):
+        img, mask = scene(seed + k, VOC_SIZES[k % len(VOC_SIZES)], NUM_CLASSES["pascal"])
+        _write_pair(root, f"JPEGImages/{i}.jpg", f"SegmentationClass/{i}.png", img, mask,
+                    palette)
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True, exist_ok=True)
+    for name, ids in (("train", train), ("val", val), ("train_aug", train)):
+        (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
+def _write_cityscapes(root: Path, train: list[str], val: list[str], seed: int) -> None:
+    for k, i in enumerate(train + val):
+        img, mask = scene(seed + k, CITYSCAPES_SIZE, NUM_CLASSES["cityscapes"], shrink=4)
+        _write_pair(root, f"leftImg8bit/{i}_leftImg8bit.png",
+                    f"gtFine/{i}_gtFine_labelTrainIds.png", img, mask, None)
+
+
+def _ids(dataset: str, split: str, n: int) -> list[str]:
+    if dataset == "pascal":
+        return voc_ids(n, start=0 if split == "train" else 100_000)
+    cities = CITYSCAPES_CITIES[split]
+    per_city = -(-n // len(cities))
+    return cityscapes_ids(split, cities, per_city)[:n]
+
+
+# --------------------------------------------------------------------------- the dataset
+def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: int, val: int,
+                      seed: int = 0) -> Path:
+    """Write a ``dataset`` ('pascal' or 'cityscapes') of ``labeled + unlabeled`` training and
+    ``val`` validation images under ``root`` and return ``root``. Every cell's labeled list
+    holds the first ``labeled`` training images and its unlabeled list the others.
+
+    A folder fabricated earlier with the same arguments is reused; one with other arguments
+    is replaced; a non-empty folder without the marker is refused (ConfigError)."""
+    if dataset not in NUM_CLASSES:
+        raise ValueError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {dataset!r}")
+    if min(labeled, unlabeled, val) < 1:
+        raise ValueError("need at least one labeled, one unlabeled and one val image")
+    root = Path(root)
+    params = {"dataset": dataset, "labeled": labeled, "unlabeled": unlabeled, "val": val,
+              "seed": seed, "format": 1}
+    if _reusable(root, params):
+        return root
+    train, val_ids = _ids(dataset, "train", labeled + unlabeled), _ids(dataset, "val", val)
+    write = _write_voc if dataset == "pascal" else _write_cityscapes
+    write(root, train, val_ids, seed)
+    lists = unimatch_lists(LAYOUT[dataset], train, val_ids,
+                           {name: labeled for name in SPLITS[dataset]})
+    for rel, text in lists.items():
+        path = root / "splits" / dataset / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    atomic_write_json(root / MARKER, params)
+    return root
+
+
+def _reusable(root: Path, params: dict) -> bool:
+    """True if ``root`` holds a fabrication with ``params``; clear an older fabrication."""
+    if not root.exists() or not any(root.iterdir()):
+        return False
+    marker = root / MARKER
+    if not marker.is_file():
+        raise ConfigError(f"{root} exists and was not fabricated by mlcl (no {MARKER}); "
+                             f"choose another folder or remove it")
+    try:
+        if json.loads(marker.read_text()) == params:
+            return True
+    except ValueError:
+        pass
+    shutil.rmtree(root)  # an older fabrication of ours, with other settings
+    return False
+
+
+# --------------------------------------------------------------------------- the checkpoint
+def weights_name(backbone: str, width: int) -> str:
+    """File name of a fabricated checkpoint, e.g. ``resnet50_deepstem-w64.pth``."""
+    return f"{backbone}-w{width}.pth"
+
+
+def fabricate_backbone(path: str | Path, backbone: str, width: int = 64, seed: int = 0) -> Path:
+    """A checkpoint with the key names and shapes of ``backbone``'s ImageNet file (deep stem:
+    UniMatch's ``resnet50.pth`` / ``resnet101.pth``) and random values; written atomically,
+    reused when already there with its marker."""
+    path = Path(path)
+    marker = path.with_name(path.name + ".fabricated.json")
+    params = {"backbone": backbone, "width": width, "seed": seed}
+    if path.is_file() and marker.is_file() and json.loads(marker.read_text()) == params:
+        return path
+    if path.exists() and not marker.is_file():
+        raise ConfigError(f"{path} exists and was not fabricated by mlcl; choose another "
+                             f"--out or remove it")
+    torch.manual_seed(seed)
+    net = build_backbone(backbone, width)  # kaiming-random convolutions
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for k, v in state.items():  # batch norm (1-dim): random affine and statistics too
+        if v.dim() == 1:
+            positive = k.endswith(("weight", "running_var"))
+            state[k] = torch.rand_like(v) + 0.5 if positive else 0.1 * torch.randn_like(v)
+    state["fc.weight"] = 0.01 * torch.randn(IMAGENET_CLASSES, net.out_channels)
+    state["fc.bias"] = torch.zeros(IMAGENET_CLASSES)
+    atomic_torch_save(path, state)
+    atomic_write_json(marker, params)
+    return path
