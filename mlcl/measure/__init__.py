@@ -31,8 +31,8 @@ rehearse  every stage of each preset of --config (comma-separated) on fabricated
           one PASS / FAIL / SKIP line each, OUT/PRESET/rehearse.json (default OUT
           runs/rehearse); exit status 1 when a stage failed
 costs     FLOPs per step and projected cost of every cell of each preset (no training)
-gpu-check bench in fp32 and bf16, every paper preset rehearsed in bf16, two processes with
-          two GPUs: runs/gpu-check/{gpu_check.json,SUMMARY.md}
+gpu-check  bench in fp32 and bf16, every paper preset rehearsed in bf16, two processes
+          with two GPUs: runs/gpu-check/{gpu_check.json,SUMMARY.md}
 
 key=value: configuration overrides of what is measured: bench on the preset of --config, or
 the device's defaults (ResNet-50 width 64, 21 classes; CPU crop 129 batch 2 fp32; GPU crop 321

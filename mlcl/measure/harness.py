@@ -121,8 +121,12 @@ def count_flops(fn: Callable[[], Any], fake: bool = True) -> int:
 
 
 def step_flops(cfg: Config) -> int:
-    """FLOPs of one training step of ``cfg`` at its crop and per-process batch."""
-    return count_flops(Stepper(cfg).step)
+    """FLOPs of one training step of ``cfg`` at its crop and per-process batch: forward_terms
+    and the backward of its loss (the optimiser step, element-wise, has none to count and
+    reads its step counter on the host, which a FakeTensor cannot give)."""
+    run = Stepper(cfg)
+    return count_flops(lambda: run.acc.backward(forward_terms(run.model, run.batch,
+                                                              run.ctx)["loss"]))
 
 
 def eval_flops(cfg: Config, height: int, width: int) -> int:
