@@ -580,7 +580,8 @@ def test_gpu_check_timeout_stops_the_whole_process_group(tmp_path):
     """A part past its budget is stopped with the workers it started (accelerate launch's
     children), not only the process it ran."""
     pid_file = tmp_path / "worker.pid"
-    worker = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    worker = (f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+              "time.sleep(120)")
     launcher = (f"import subprocess, sys, time, os; subprocess.Popen([sys.executable, '-c', "
                 f"{worker!r}])\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\n"
                 "print('launched', flush=True); time.sleep(120)")

@@ -288,6 +288,22 @@ def fmt(v, spec=".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def fka_line(r: dict[str, Any]) -> list[str]:
+    """The FKA + SAI line of the printed summary (none without that section)."""
+    if not r.get("fka_sai"):
+        return []
+    fk, fs = r["fka_sai"], r["fka_sai"]["settings"]
+    return [f"FKA+SAI fwd+bwd (B={fs['batch']}, {fs['channels']}x{fs['feature_size'][0]}x"
+            f"{fs['feature_size'][1]}, {fs['classes']} classes): prototype branch "
+            f"{fk['proto_released']['median']:.3f} s released / "
+            f"{fk['proto_vectorised']['median']:.4f} s ours = "
+            f"{fmt(r['proto_speedup_over_released'], '.0f')}x; whole "
+            f"{fk['whole_released']['median']:.3f} / {fk['whole_vectorised']['median']:.3f} s = "
+            f"{fmt(r['fka_sai_speedup_over_released'], '.1f')}x (wall: "
+            f"{fmt(r['proto_speedup_over_released_wall'], '.0f')}x, "
+            f"{fmt(r['fka_sai_speedup_over_released_wall'], '.1f')}x)"]
+
+
 def table(r: dict[str, Any]) -> list[str]:
     """The printed summary of a benchmark."""
     s, mach = r["settings"], r["machine"]
@@ -310,18 +326,7 @@ def table(r: dict[str, Any]) -> list[str]:
                 f"{fmt(st.get('forward', {}).get('median'), '.3f'):>7}"
                 f"{fmt(st.get('backward', {}).get('median'), '.3f'):>7}"
                 f"{fmt(mem, '.0f'):>9}{fmt(ratio(mem, uni[2])):>7}")
-    if r.get("fka_sai"):
-        fk, fs = r["fka_sai"], r["fka_sai"]["settings"]
-        lines.append(
-            f"FKA+SAI fwd+bwd (B={fs['batch']}, {fs['channels']}x{fs['feature_size'][0]}x"
-            f"{fs['feature_size'][1]}, {fs['classes']} classes): prototype branch "
-            f"{fk['proto_released']['median']:.3f} s released / "
-            f"{fk['proto_vectorised']['median']:.4f} s ours = "
-            f"{fmt(r['proto_speedup_over_released'], '.0f')}x; whole "
-            f"{fk['whole_released']['median']:.3f} / {fk['whole_vectorised']['median']:.3f} s = "
-            f"{fmt(r['fka_sai_speedup_over_released'], '.1f')}x (wall: "
-            f"{fmt(r['proto_speedup_over_released_wall'], '.0f')}x, "
-            f"{fmt(r['fka_sai_speedup_over_released_wall'], '.1f')}x)")
+    lines += fka_line(r)
     if r.get("pipeline"):
         p = r["pipeline"]
         lines.append(f"pipeline: {p['samples_per_s']:.1f} unlabeled samples/s per worker at "
@@ -332,16 +337,15 @@ def table(r: dict[str, Any]) -> list[str]:
         lines.append(f"VOC MLCL memory ({VOC['backbone']}, crop {VOC['crop']}, {VOC['batch']}+"
                      f"{VOC['batch']}): {voc['gib']:.1f} GiB " + (
                          "measured" if voc["measured"] else "estimated from the CPU peak (fp32)"))
-    if r.get("guard"):
-        g = r["guard"]
+    g = r.get("guard")
+    if g:
         lines.append(f"divergence guard: {g['observe_s'] * 1e3:.3f} ms per step + "
                      f"{g['read_s'] * 1e3:.3f} ms per read = "
                      f"{100 * g['fraction_with_reads']:.2f}% of an mlcl step ({g['step_s']:.3f} "
                      f"s, {g['clock']} clock) with a read every {g['log_every']} steps")
-    lines += [f"  target {k}: {fmt(t['value'])} {t['target']} -> "
+    return lines + [f"  target {k}: {fmt(t['value'])} {t['target']} -> "
               f"{'met' if t['met'] else 'MISSED' if t['met'] is False else 'n/a'}"
-              for k, t in r["targets"].items() if "met" in t]
-    return lines
+                    for k, t in r["targets"].items() if "met" in t]
 
 
 def bench(a: argparse.Namespace) -> dict[str, Any]:

@@ -71,6 +71,13 @@ def project_part(x: methods.MLCLInputs, bank: PrototypeBank, cfg: Config,
 
 
 # --------------------------------------------------------------------------- the release
+def resize_ignore(ignore: Tensor, size: tuple[int, int]) -> Tensor:
+    """The release's ignore map (B, H, W) at feature size (B, h, w): bilinear with
+    align_corners and the batch as channels, then truncated to integers (``prote.py``)."""
+    return F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
+                         align_corners=True).squeeze(0).long()
+
+
 class Released:
     """A re-creation of the released FKA / SAI algorithm, for timing only. It measures the
     algorithm, not its quirks: anchors are the true top 16, anchors and candidates pair by
@@ -96,9 +103,8 @@ class Released:
     @staticmethod
     def _rows_and_ignore(f: Tensor, ignore: Tensor) -> tuple[Tensor, Tensor]:
         B, C, h, w = f.shape
-        ig = F.interpolate(ignore.unsqueeze(0).float(), size=(h, w), mode="bilinear",
-                           align_corners=True).squeeze(0).long()
-        return f.permute(0, 2, 3, 1).contiguous().view(B * h * w, C), ig.reshape(-1)
+        rows = f.permute(0, 2, 3, 1).contiguous().view(B * h * w, C)
+        return rows, resize_ignore(ignore, (h, w)).reshape(-1)
 
     def _per_class(self, f, label, ignore, conf, n: int, most_similar: bool):
         """{class: its n rows most (least) similar to the prototype, picked one at a time}."""
