@@ -57,13 +57,13 @@ figures: $(STAMP)
 	$(PY) -m mlcl figures
 
 bench: $(STAMP)
-	$(PY) -m mlcl bench --device cpu --out runs/bench/bench_cpu.json
+	$(PY) -m mlcl measure --device cpu --out runs/bench/bench_cpu.json
 
 # On a CUDA machine, < 8 min on one GPU: bench in fp32 and bf16, every paper preset rehearsed
 # at its batch in bf16, 2 processes when there are 2 GPUs, MLCL vs UniMatch memory at the VOC
 # preset -> runs/gpu-check/{gpu_check.json,SUMMARY.md} (docs/performance.md).
 gpu-check: $(STAMP)
-	$(PY) -m mlcl gpu-check --out runs/gpu-check
+	$(PY) -m mlcl measure gpu-check --out runs/gpu-check
 
 clean-runs:
 	rm -rf runs/

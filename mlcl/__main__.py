@@ -166,10 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_arguments(p)
 
     # these hand their whole argument list to their own parsers (see main)
-    sub.add_parser("bench", help="time training steps, FKA/SAI and the data pipeline")
-    sub.add_parser("rehearse", help="every stage of a preset on fabricated full-size data; "
-                                    "FLOPs and projected cost (rehearse --help)")
-    sub.add_parser("gpu-check", help="the GPU acceptance check: bench, rehearsals, memory")
+    sub.add_parser("measure", help="bench, rehearse, costs, gpu-check (measure --help)")
 
     p = sub.add_parser("reproduce", help="run a grid of runs (skips complete ones)")
     from mlcl.study import reproduce
@@ -188,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"bench": "mlcl.bench", "rehearse": "mlcl.rehearse",
-                "gpu-check": "mlcl.rehearse.gpu_check"}
+PASS_THROUGH = {"measure": "mlcl.measure"}
 
 
 def main(argv: list[str] | None = None) -> int:

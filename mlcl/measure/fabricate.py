@@ -12,12 +12,9 @@ its dataset, and split lists in UniMatch's format for every cell of ``mlcl.prepa
                 gtFine/{train,val}/{city}/..._gtFine_labelTrainIds.png          L, 0..18, 255
                 splits/cityscapes/{1_16,1_8,1_4,1_2}/{labeled,unlabeled}.txt, val.txt
 
-Image content comes from :func:`mlcl.study.synthetic.render` (shapes on texture, 255 bands on
-object edges); Cityscapes frames are rendered at a quarter of the size and enlarged (bilinear
-image, nearest mask), which keeps fabrication to a fraction of a second per frame.
-
-A fabricated checkpoint has the key names and shapes of UniMatch's deep-stem ImageNet files
-(the backbone's keys, an ImageNet ``fc`` of 1,000 classes, no BN ``num_batches_tracked``) and
+Images come from :func:`mlcl.study.synthetic.render`; Cityscapes frames are rendered at a
+quarter of the size and enlarged. A fabricated checkpoint has the key names and shapes of
+UniMatch's deep-stem ImageNet files (an ImageNet ``fc``, no ``num_batches_tracked``) and
 random values.
 """
 from __future__ import annotations
@@ -30,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mlcl.config import ConfigError
 from mlcl.study.synthetic import render, voc_palette
 from mlcl.files import atomic_torch_save, atomic_write_json
 from mlcl.model import build_backbone
@@ -43,10 +41,6 @@ VOC_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (334, 500), (500, 2
 CITYSCAPES_SIZE = (2048, 1024)
 CITYSCAPES_CITIES = {"train": ("aachen", "bochum", "zurich"), "val": ("frankfurt", "munster")}
 IMAGENET_CLASSES = 1000
-
-
-class FabricateError(RuntimeError):
-    """The target folder holds something mlcl did not fabricate; the message says which."""
 
 
 # --------------------------------------------------------------------------- names and lists
@@ -138,7 +132,7 @@ def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: i
     holds the first ``labeled`` training images and its unlabeled list the others.
 
     A folder fabricated earlier with the same arguments is reused; one with other arguments
-    is replaced; a non-empty folder without the marker is refused (FabricateError)."""
+    is replaced; a non-empty folder without the marker is refused (ConfigError)."""
     if dataset not in NUM_CLASSES:
         raise ValueError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {dataset!r}")
     if min(labeled, unlabeled, val) < 1:
@@ -167,7 +161,7 @@ def _reusable(root: Path, params: dict) -> bool:
         return False
     marker = root / MARKER
     if not marker.is_file():
-        raise FabricateError(f"{root} exists and was not fabricated by mlcl (no {MARKER}); "
+        raise ConfigError(f"{root} exists and was not fabricated by mlcl (no {MARKER}); "
                              f"choose another folder or remove it")
     try:
         if json.loads(marker.read_text()) == params:
@@ -194,7 +188,7 @@ def fabricate_backbone(path: str | Path, backbone: str, width: int = 64, seed: i
     if path.is_file() and marker.is_file() and json.loads(marker.read_text()) == params:
         return path
     if path.exists() and not marker.is_file():
-        raise FabricateError(f"{path} exists and was not fabricated by mlcl; choose another "
+        raise ConfigError(f"{path} exists and was not fabricated by mlcl; choose another "
                              f"--out or remove it")
     torch.manual_seed(seed)
     net = build_backbone(backbone, width)  # kaiming-random convolutions

@@ -1,5 +1,0 @@
-import sys
-
-from mlcl.bench import main
-
-sys.exit(main())

@@ -1,0 +1,153 @@
+"""``python -m mlcl measure [WHAT] [options] [key=value ...]``: what training costs, measured
+from outside the core on the real step (docs/performance.md).
+
+    python -m mlcl measure --device cpu           # every bench section (make bench)
+    python -m mlcl measure steps,fka_sai          # some of them
+    python -m mlcl measure rehearse --config pascal split=183
+    python -m mlcl measure costs --config cityscapes
+    python -m mlcl measure gpu-check              # make gpu-check; --device cpu: toy sizes
+
+WHAT is ``bench`` (the default: every section) or a comma-separated list of its sections,
+each timed on the real step (build_trainables, StepContext, forward_terms, backward_and_step)
+fed loader-shaped synthetic batches; JSON in --out (default runs/bench/bench_DEVICE.json):
+
+steps     forward + backward + optimiser step of each method (--methods: supervised,
+          unimatch, mlcl, mlcl_released = mlcl.released_passes=true), the methods taking
+          turns repeat by repeat; median and spread of --steps repeats after one warm-up,
+          on the process's CPU time on a CPU running one thread, else wall (CUDA events)
+memory    the peak memory of one steady-state step per method, each in a fresh subprocess
+          (CPU: the resident set's rise, VmHWM; GPU: max_memory_allocated), and MLCL at VOC
+          size (ResNet-50 deep stem, crop 321, 8 + 8): measured on a GPU, else estimated
+fka_sai   the MLCL part alone on VOC-sized features (8 x C x 81 x 81), forward + backward,
+          as the step calls it, against measure.released.Released, a re-creation of the
+          released algorithm: for the prototype branch and for the whole of FKA + SAI
+pipeline  unlabeled samples per second through one loader worker at crop 321
+guard     the divergence guard's per-step work and its read, against an MLCL step
+
+or one of:
+
+rehearse  every stage of each preset of --config (comma-separated) on fabricated full-size
+          data: data, weights, then per method flops, train, checkpoint, resume, evaluate;
+          one PASS / FAIL / SKIP line each, OUT/PRESET/rehearse.json (default OUT
+          runs/rehearse); exit status 1 when a stage failed
+costs     FLOPs per step and projected cost of every cell of each preset (no training)
+gpu-check  bench in fp32 and bf16, every paper preset rehearsed in bf16, two processes
+          with two GPUs: runs/gpu-check/{gpu_check.json,SUMMARY.md}
+
+key=value: configuration overrides of what is measured: bench on the preset of --config, or
+the device's defaults (ResNet-50 width 64, 21 classes; CPU crop 129 batch 2 fp32; GPU crop 321
+batch 8 bf16), e.g. model.backbone=resnet18 train.channels_last=true seed=1; rehearse and
+costs on the preset (data.root=DIR / model.pretrained=FILE: a prepared dataset, its lists cut
+to the rehearsal's size, and a real checkpoint instead of fabricated ones).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from mlcl import paths
+from mlcl.config import METHOD_NAMES, CommandLineParser, ConfigError, load_config, \
+    preset_splits
+from mlcl.errors import run_reported
+from mlcl.files import atomic_write_json
+
+MODES = ("bench", "rehearse", "costs", "gpu-check")
+PRESETS = ("pascal", "pascal_blended", "pascal_blended_r101", "cityscapes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = CommandLineParser(prog="python -m mlcl measure", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", nargs="?", default="bench", help="bench (default), bench sections "
+                   "(comma-separated), rehearse, costs or gpu-check")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--config", default=None, help="preset(s), comma-separated (rehearse, costs: "
+                   "required; gpu-check: default every paper preset; bench: default none)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available")
+    p.add_argument("--methods", default=None, help="comma-separated (default: every method)")
+    p.add_argument("--steps", type=int, default=None, help="bench: timed repeats (default "
+                   "cpu 5, cuda 20); rehearse, gpu-check: training steps before the "
+                   "checkpoint and again after the resume (default 3)")
+    p.add_argument("--out", default=None, help="bench: JSON file; rehearse, gpu-check: folder")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs of the projected run "
+                   "(default: the preset's, VOC 2, Cityscapes 4)")
+    p.add_argument("--tflops", type=float, default=None, help="sustained TFLOP/s per GPU "
+                   "for the projection (default: what UniMatch's published runs sustained, "
+                   "VOC 4.1, Cityscapes 9.4)")
+    p.add_argument("--dry-run", action="store_true", help="gpu-check: print the parts only")
+    return p
+
+
+def resolve(a: argparse.Namespace) -> argparse.Namespace:
+    """Modes, sections, defaults and checks of the parsed command line (ConfigError)."""
+    from mlcl.measure.bench import SECTIONS
+    from mlcl.measure.harness import METHODS
+
+    if "=" in a.what:  # an override in the place of WHAT
+        a.overrides, a.what = [a.what, *a.overrides], "bench"
+    a.mode = a.what if a.what in MODES else "bench"
+    a.sections = list(SECTIONS) if a.what == "bench" else a.what.split(",")
+    if a.mode == "bench" and not set(a.sections) <= set(SECTIONS):
+        raise ConfigError(f"{a.what}: not a mode ({', '.join(MODES)}) or a list of bench "
+                          f"sections ({', '.join(SECTIONS)})")
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.device == "cuda" and not torch.cuda.is_available() and not a.dry_run:
+        raise ConfigError(f"--device cuda: no CUDA device is visible" + (
+            "; --device cpu runs the parts on the CPU at toy sizes" * (a.mode == "gpu-check")))
+    valid = METHODS if a.mode == "bench" else METHOD_NAMES
+    a.methods = a.methods.split(",") if a.methods else None
+    if a.methods is not None and (not a.methods or not set(a.methods) <= set(valid)):
+        raise ConfigError(f"--methods {','.join(a.methods)}: valid are {', '.join(valid)}")
+    if a.mode in ("rehearse", "costs") and not a.config:
+        raise ConfigError(f"{a.mode}: give --config PRESET (a paper preset: "
+                          f"{', '.join(PRESETS)})")
+    a.config = a.config.split(",") if a.config else (list(PRESETS) if a.mode == "gpu-check"
+                                                     else None)
+    gpu, default_out = a.device == "cuda", {"bench": f"bench/bench_{a.device}.json",
+                                            "rehearse": "rehearse", "gpu-check": "gpu-check"}
+    a.steps = a.steps or ((20 if gpu else 5) if a.mode == "bench" else 3)
+    if a.steps < 1:
+        raise ConfigError(f"--steps {a.steps}: give 1 or more")
+    a.out = Path(a.out) if a.out else paths.runs_dir() / default_out.get(a.mode, "")
+    return a
+
+
+def run(a: argparse.Namespace) -> int:
+    from mlcl.measure import bench, gpu_check, rehearse
+
+    if a.mode == "gpu-check":
+        return gpu_check.gpu_check(a)
+    if a.mode == "bench":
+        if a.config and len(a.config) > 1:
+            raise ConfigError("bench: --config takes one preset")
+        a.config = a.config[0] if a.config else None
+        a.methods = a.methods or list(bench.METHODS)
+        a.seed = load_config(a.config, a.overrides).seed
+        a.clock = "cpu" if a.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+        r = bench.bench(a)
+        atomic_write_json(a.out, r)
+        print("\n".join([*bench.table(r), f"wrote {a.out}"]))
+        return 0
+    a.methods = a.methods or list(METHOD_NAMES)
+    if a.mode == "costs":
+        for preset in a.config:
+            print("\n".join(rehearse.cost_table(preset, a, preset_splits(preset))))
+        return 0
+    ok = True
+    for preset in a.config:
+        report = rehearse.rehearse(preset, a)
+        print("\n".join(rehearse.summary_lines(report)))
+        print(f"wrote {a.out / preset / 'rehearse.json'}")
+        ok = ok and report["ok"]
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: exit status 0, 1 when a stage or part failed, 2 bad input (one line),
+    130 / 143 interrupted (mlcl.errors)."""
+    a = build_parser().parse_intermixed_args(argv)  # key=value before or after the options
+    return run_reported(lambda: run(resolve(a)))
+

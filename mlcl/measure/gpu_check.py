@@ -1,0 +1,266 @@
+"""``make gpu-check``: the acceptance check of a CUDA machine in one command, within 8 minutes
+on one current data-centre GPU. Each part is a ``python -m mlcl measure`` (or a two-process
+training) subprocess with its own time budget; a part past it is stopped with every process
+it started and marked TIMEOUT, and the whole check never runs past BUDGET_S. Then, from the
+rehearsals: MLCL's peak GPU memory against UniMatch's at the VOC preset and every method's
+sustained TFLOP/s (the number for ``measure costs --tflops``). Writes OUT/gpu_check.json and
+OUT/SUMMARY.md; with ``--device cpu`` every part runs on the CPU at toy sizes (a wiring check
+the test suite runs)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mlcl.checkpoints import saved_config
+from mlcl.config import METHOD_NAMES, ConfigError
+from mlcl.files import atomic_write_json, atomic_write_text
+from mlcl.measure.fabricate import weights_name
+from mlcl.reproduce import thread_env, train_command
+
+BUDGET_S = 480
+PART_BUDGET_S = {"bench_fp32": 45, "bench_bf16": 110, "rehearse_pascal": 80,
+                 "rehearse_pascal_blended": 45, "rehearse_pascal_blended_r101": 75,
+                 "rehearse_cityscapes": 100, "two_process": 90}
+# pascal_blended runs pascal's model, crop and schedule on other split lists: MLCL alone there
+PRESET_METHODS = {"pascal_blended": "mlcl"}
+BENCH = {"bench_fp32": ("steps", "no"), "bench_bf16": ("steps,memory,fka_sai,pipeline", "bf16")}
+TINY_BENCH = ["model.backbone=resnet18", "model.width=4", "data.crop_size=33"]
+TINY_MODEL = ["model.width=4", "model.feature_channels=8", "model.low_level_channels=4",
+              "data.crop_size=161", "data.num_workers=0"]
+# a full 2048x1024 frame costs ~10 s of CPU per evaluation even through the narrow network
+TINY_EVAL = {"cityscapes": ["eval.mode=center_crop"]}
+TINY_PART_S = 600  # per part at toy sizes (a CPU shared with other work)
+
+
+@dataclass
+class Part:
+    name: str
+    command: list[str]
+    budget_s: int
+    status: str = "NOT RUN"  # PASS | FAIL | TIMEOUT | SKIP
+    seconds: float = 0.0
+    cpu_s: float = 0.0  # CPU time of the part's processes (user + system)
+    returncode: Optional[int] = None
+    tail: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+    fresh: str = ""  # the part's own output folder, removed before it runs (not a resume)
+
+
+def plan_parts(a: argparse.Namespace) -> list[Part]:
+    """The parts in order: bench in fp32 and bf16, every preset's rehearsal, two processes."""
+    tiny, out = a.device == "cpu", a.out
+    measure = [sys.executable, "-m", "mlcl", "measure", "--device", a.device]
+    parts = [Part(name, [*measure, sections if not tiny else "steps", "--steps", "1" if tiny
+                         else "10", f"train.mixed_precision={precision}", "--out",
+                         str(out / f"{name}.json"), *(TINY_BENCH if tiny else []),
+                         *(["--methods", "supervised,mlcl"] if tiny else [])],
+                  PART_BUDGET_S[name]) for name, (sections, precision) in BENCH.items()]
+    for preset in a.config:
+        methods = a.methods or PRESET_METHODS.get(preset, ",".join(METHOD_NAMES))
+        parts.append(Part(f"rehearse_{preset}", [
+            *measure, "rehearse", "--config", preset, "--steps", str(2 if tiny else a.steps),
+            "--methods", methods if isinstance(methods, str) else ",".join(methods),
+            "--out", str(out / "rehearse"), f"train.mixed_precision={'no' if tiny else 'bf16'}",
+            *([*TINY_MODEL, *TINY_EVAL.get(preset, [])] if tiny else [])],
+            PART_BUDGET_S.get(f"rehearse_{preset}", 90)))
+    if a.processes > 1 and "pascal" in a.config:
+        weights = out / "rehearse" / "pretrained" / weights_name("resnet50_deepstem",
+                                                                 4 if tiny else 64)
+        over = [f"data.root={out / 'rehearse' / 'data' / 'pascal'}", "method=mlcl",
+                f"model.pretrained={weights}", "train.max_iters=2",
+                f"output_dir={out / 'two_process'}",
+                f"train.mixed_precision={'no' if tiny else 'bf16'}",
+                *([*TINY_MODEL, "train.batch_size=2"] if tiny else [])]
+        parts.append(Part("two_process", train_command("pascal", over, num_processes=2),
+                          PART_BUDGET_S["two_process"], fresh=str(out / "two_process")))
+    for p in parts if tiny else []:
+        p.budget_s = TINY_PART_S
+    return parts
+
+
+def run_part(part: Part, deadline: float) -> None:
+    """Run ``part`` within its budget and what is left before ``deadline``, in a folder of
+    its own emptied first (``part.fresh``: only a run an earlier check left there)."""
+    left, fresh = deadline - time.monotonic(), Path(part.fresh) if part.fresh else None
+    if left < 5:
+        part.status, part.tail = "SKIP", "no time left in the check's budget"
+        return
+    if fresh and fresh.exists():
+        if not _left_by_a_check(fresh):
+            part.status, part.tail = "FAIL", (f"{fresh} exists and is not a run an earlier "
+                                              "gpu-check left there; remove it or choose "
+                                              "another --out")
+            return
+        shutil.rmtree(fresh)
+    t0, cpu0 = time.monotonic(), _children_cpu()
+    part.returncode, part.tail = run_group(part.command, min(part.budget_s, left))
+    part.status = ("TIMEOUT" if part.returncode is None
+                   else "PASS" if part.returncode == 0 else "FAIL")
+    part.seconds, part.cpu_s = time.monotonic() - t0, _children_cpu() - cpu0
+
+
+def _left_by_a_check(folder: Path) -> bool:
+    """Whether ``folder`` is empty or a run whose config.yaml names it as its output_dir."""
+    try:
+        saved = saved_config(folder) or {}
+    except ConfigError:
+        return False
+    return not any(folder.iterdir()) or Path(str(saved.get("output_dir"))).resolve() == \
+        folder.resolve()
+
+
+def run_group(command: list[str], timeout: float) -> tuple[Optional[int], str]:
+    """Run ``command`` in a process group of its own: (return code, None past ``timeout``
+    seconds; the last 3000 characters of its output). On a timeout, or when this process is
+    interrupted, the whole group gets SIGTERM, then SIGKILL after 5 s (accelerate launch's
+    workers too, so none keeps the GPU)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", env=thread_env(),
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out[-3000:]
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        return None, (proc.communicate()[0] or "")[-3000:]
+    except BaseException:
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group has already left
+            pass
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def collect(parts: list[Part], out: Path) -> dict[str, Any]:
+    """Headline numbers from the parts' JSON files (bench, rehearsals, two processes)."""
+    found: dict[str, Any] = {"bench": {}, "rehearsals": {}, "sustained_tflops": {}}
+    for p in parts:
+        if p.name.startswith("bench_"):
+            b = _read_json(out / f"{p.name}.json")
+            p.result = {k: b.get(k) for k in (
+                "step_s", "ratio_mlcl_over_unimatch", "peak_mem_mb", "targets",
+                "mem_ratio_mlcl_over_unimatch", "fka_sai_speedup_over_released",
+                "pipeline_samples_per_s")}
+            found["bench"][p.name.removeprefix("bench_")] = p.result
+        elif p.name.startswith("rehearse_"):
+            preset = p.name.removeprefix("rehearse_")
+            r = _read_json(out / "rehearse" / preset / "rehearse.json")
+            p.result = {"ok": r.get("ok"), "methods": r.get("methods", {}),
+                        "failed": [f"{s['method'] or preset} {s['name']}: {s['detail']}"
+                                   for s in r.get("stages", []) if s["status"] == "FAIL"]}
+            if p.status == "PASS" and not r:
+                p.status, p.tail = "FAIL", "no rehearse.json was written\n" + p.tail
+            found["rehearsals"][preset] = p.result
+            found["sustained_tflops"][preset] = {
+                m: n.get("achieved_tflops") for m, n in p.result["methods"].items()}
+        elif p.name == "two_process":
+            m = _read_json(out / "two_process" / "metrics.json")
+            p.result = {k: m.get(k) for k in ("complete", "num_processes", "iterations",
+                                              "bank_spread_across_processes")}
+            if p.status == "PASS" and p.result.get("num_processes") != 2:
+                p.status = "FAIL"
+    methods = found["rehearsals"].get("pascal", {}).get("methods", {})
+    peak = {m: methods.get(m, {}).get("peak_mb") for m in ("unimatch", "mlcl")}
+    found["memory_voc"] = {"peak_mb": peak, "mlcl_over_unimatch": peak["mlcl"] / peak[
+        "unimatch"] if peak["mlcl"] and peak["unimatch"] else None, "what": next(
+        (n.get("memory_what") for n in methods.values() if n.get("memory_what")), None)}
+    return found
+
+
+def _g(x: Any, unit: str = "") -> str:
+    return "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x)) + unit
+
+
+def summary(check: dict[str, Any]) -> list[str]:
+    """The short human summary (SUMMARY.md)."""
+    m = check["machine"]
+    lines = [f"# gpu-check {'PASSED' if check['ok'] else 'FAILED'}", "",
+             f"{m.get('gpu') or 'CPU (toy sizes)'} x {m['gpus']}, torch {m['torch']}, "
+             f"{check['seconds']:.0f} s of {check['budget_s']} s", "",
+             "| part | status | seconds | CPU seconds | budget |", "|---|---|---|---|---|"]
+    lines += [f"| {p['name']} | {p['status']} | {p['seconds']:.0f} | {p['cpu_s']:.0f} | "
+              f"{p['budget_s']} |" for p in check["parts"]]
+    for name, b in check["bench"].items():
+        steps = ", ".join(f"{k} {v:.3f} s" for k, v in (b.get("step_s") or {}).items())
+        lines.append(f"\nbench {name}: {steps}; MLCL/UniMatch step "
+                     f"{_g(b.get('ratio_mlcl_over_unimatch'))}, memory "
+                     f"{_g(b.get('mem_ratio_mlcl_over_unimatch'))}")
+    for preset, r in check["rehearsals"].items():
+        per = ", ".join(f"{k} {_g(n.get('seconds_per_step'))} s/step, "
+                        f"{_g(n.get('peak_mb'), ' MB')}, {_g(n.get('achieved_tflops'))} TFLOP/s"
+                        for k, n in r.get("methods", {}).items())
+        lines.append(f"\nrehearse {preset}: {'ALL PASS' if r.get('ok') else 'FAILED'}; {per}")
+        lines += [f"- FAIL {f}" for f in r.get("failed", [])]
+    two = next((p["result"] for p in check["parts"] if p["name"] == "two_process"), None)
+    lines += [f"\ntwo processes: {two}"] if two else []
+    v = check["memory_voc"]
+    return lines + [f"\nVOC preset peak memory per process: MLCL "
+                    f"{_g(v['peak_mb']['mlcl'], ' MB')}, UniMatch "
+                    f"{_g(v['peak_mb']['unimatch'], ' MB')}, ratio "
+                    f"{_g(v['mlcl_over_unimatch'])} ({v['what']})"]
+
+
+def gpu_check(a: argparse.Namespace) -> int:
+    """Every part within the budget, then gpu_check.json and SUMMARY.md; 0 when all passed."""
+    a.processes = 2 if torch.cuda.device_count() >= 2 else 0
+    parts = plan_parts(a)
+    if a.dry_run:
+        print("\n".join(f"{p.name} ({p.budget_s} s): {' '.join(p.command)}" for p in parts))
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0, budget = time.monotonic(), BUDGET_S if a.device == "cuda" else 4 * TINY_PART_S
+    try:
+        for p in parts:
+            run_part(p, t0 + budget)
+            print(f"{p.status:<7s} {p.name} ({p.seconds:.0f} s of {p.budget_s})", flush=True)
+    except KeyboardInterrupt:
+        print(f"gpu-check interrupted: its parts so far are in their folders under {a.out}; "
+              "no gpu_check.json was written", file=sys.stderr)
+        return 130
+    machine = {"torch": torch.__version__, "gpus": torch.cuda.device_count(),
+               "cuda": torch.version.cuda}
+    if machine["gpus"]:
+        machine.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=torch.cuda.
+                       get_device_properties(0).total_memory / 2 ** 30)
+    check = {"ok": all(p.status == "PASS" for p in parts), "tiny": a.device == "cpu",
+             "seconds": time.monotonic() - t0, "budget_s": budget, "machine": machine,
+             "parts": [asdict(p) for p in parts], **collect(parts, a.out),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(a.out / "gpu_check.json", check)
+    text = "\n".join(summary(check)) + "\n"
+    atomic_write_text(a.out / "SUMMARY.md", text)
+    print(text + f"wrote {a.out / 'gpu_check.json'} and {a.out / 'SUMMARY.md'}")
+    return 0 if check["ok"] else 1

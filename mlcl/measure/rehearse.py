@@ -1,0 +1,502 @@
+"""The rehearsal of a paper preset: its own configuration, every stage, every method, one
+PASS / FAIL / SKIP line each, then the report; and what a whole run of each cell costs.
+
+Per preset: ``data`` (fabricated, or the ``data.root=`` given, checked with the project's
+verifier) and ``weights`` (fabricated, or the ``model.pretrained=`` given; loads into the
+preset's backbone as training loads it). Per method: ``flops`` (one step at the preset's
+batch, one evaluation, the projected full run), ``train`` (``fit`` for N steps),
+``checkpoint`` (checkpoints/LATEST, best.pt and last.pt load), ``resume`` (``fit`` to 2N steps
+takes N more, not 2N) and ``evaluate`` (last.pt evaluated as ``mlcl evaluate`` does agrees with
+training's own evaluation). Only data.root, model.pretrained, train.max_iters, output_dir and,
+on a CPU, the batch (2 per process) and train.cpu differ from the preset.
+
+Projection of a whole run (docs/real_data.md, section 9)::
+
+    iterations  = epochs * floor(unlabeled images / (batch per GPU * GPUs))
+    GPU-hours   = (iterations * GPUs * step FLOPs + evaluations * val images * eval FLOPs)
+                  / sustained FLOP/s per GPU / 3600;   wall hours = GPU-hours / GPUs
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from mlcl import methods
+from mlcl.config import Config, ConfigError, flatten, load_config
+from mlcl.data.datasets import ValDataset
+from mlcl.engine import make_accelerator
+from mlcl.errors import RunInterrupted
+from mlcl.evaluate import evaluate
+from mlcl.files import atomic_write_json
+from mlcl.measure.fabricate import LAYOUT, fabricate_backbone, fabricate_dataset, weights_name
+from mlcl.measure.harness import MiB, PeakMemory, eval_flops, step_flops, sync
+from mlcl.model import build_backbone
+from mlcl.predict import load_weights
+from mlcl.prepare.pretrained import load_pretrained
+from mlcl.prepare.split_lists import STANDARD_POOLS, UNLABELED_POOL, standard_size
+from mlcl.prepare.verify import verify_dataset
+from mlcl.train import fit
+
+OUT_MARKER = ".mlcl-rehearse"  # an output folder holding it was made by a rehearsal
+CPU_BATCH = 2  # the smallest batch ASPP's image-pooling batch norm and the CutMix roll allow
+VAL_IMAGES = 2
+EVAL_IMAGE = {"pascal": (375, 500), "cityscapes": (1024, 2048)}  # (H, W) for the eval FLOPs
+MIOU_TOLERANCE = 0.1  # points: last.pt re-evaluated vs training's evaluation (GPU kernels vary)
+SPLIT_KEYS = ("labeled_split", "unlabeled_split", "val_split")
+# the global batch of the presets (docs/real_data.md, section 7): VOC 2 GPUs x 4, Cityscapes 4
+REFERENCE_GPUS = {"pascal": 2, "cityscapes": 4}
+# sustained TFLOP/s per GPU (FLOPs as counted here) of UniMatch's own published runs: VOC R50
+# split 183, 80 epochs in 14.3 h on 4 GPUs at batch 2; Cityscapes R50 1/4, 240 epochs in 26.6 h
+DEFAULT_TFLOPS = {"pascal": 4.1, "cityscapes": 9.4}
+NOT_IN_A_STEP = ("split", "output_dir", "data.root", "data.labeled_split", "data.unlabeled_split",
+                 "data.val_split", "model.pretrained", "train.epochs", "train.max_iters",
+                 "train.cpu", "data.num_workers")
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+
+
+class StageError(RuntimeError):
+    """A stage's check did not hold; the message is the reason printed beside FAIL."""
+
+
+def expect(ok: bool, reason: str) -> None:
+    if not ok:
+        raise StageError(reason)
+
+
+# --------------------------------------------------------------------------- plan
+@dataclasses.dataclass
+class Plan:
+    """The command line resolved against the preset."""
+
+    preset: str
+    base: Config  # the preset + the user's overrides
+    a: argparse.Namespace
+    device: torch.device
+    batch: int
+    given: dict[str, str]  # data.root / model.pretrained given as overrides
+    notes: list[str]
+    latest: str = ""  # the checkpoint the train stage left (the resume starts from it)
+
+    @property
+    def dir(self) -> Path:
+        return self.a.out / self.preset
+
+    def config(self, *extra: str) -> Config:
+        return load_config(self.preset, [*self.a.overrides, *extra,
+                                         f"train.cpu={self.device.type == 'cpu'}"])
+
+
+def make_plan(preset: str, a: argparse.Namespace) -> Plan:
+    base = load_config(preset, a.overrides)
+    if base.data.dataset not in LAYOUT or not base.split:
+        raise ConfigError(f"--config {preset}: rehearsals are for the paper's presets (pascal, "
+                          f"pascal_blended, pascal_blended_r101, cityscapes)")
+    if a.steps < 2:
+        raise ConfigError("--steps: at least 2 (a step time needs two steps)")
+    given = dict(o.split("=", 1) for o in a.overrides if o.split("=", 1)[0] in
+                 ("data.root", "model.pretrained"))
+    batch = base.train.batch_size if a.device == "cuda" else min(CPU_BATCH,
+                                                                 base.train.batch_size)
+    notes = [f"batch {batch} per process on CPU, not the preset's {base.train.batch_size}"] \
+        if batch != base.train.batch_size else []
+    return Plan(preset, base, a, torch.device(a.device), batch, given, notes)
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out``, or reuse it if a rehearsal made it; refuse a folder it did not make."""
+    if out.exists() and any(out.iterdir()) and not (out / OUT_MARKER).is_file():
+        raise ConfigError(f"--out {out}: the folder exists and was not made by a rehearsal "
+                          f"(no {OUT_MARKER}); choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUT_MARKER).touch()
+
+
+# --------------------------------------------------------------------------- stages
+@dataclasses.dataclass
+class Stage:
+    """One line of the rehearsal: ``status`` of ``name`` (for ``method``, or the preset)."""
+
+    preset: str
+    name: str
+    method: Optional[str]
+    status: str
+    detail: str
+    seconds: float
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class StageBook:
+    """Runs stages, prints a PASS/FAIL/SKIP line for each and keeps them."""
+
+    def __init__(self, preset: str, log: Callable[[str], None] = print):
+        self.preset, self.log, self.stages = preset, log, []
+
+    def status(self, name: str, method: Optional[str] = None) -> Optional[str]:
+        return next((s.status for s in self.stages if (s.name, s.method) == (name, method)),
+                    None)
+
+    def run(self, name: str, method: Optional[str], fn: Callable[[], tuple[str, dict]],
+            needs: tuple[tuple[str, Optional[str]], ...] = ()) -> Optional[dict]:
+        """Run ``fn`` -> (detail, data) unless a stage in ``needs`` did not pass; ``data`` on
+        PASS, else None. Any error is the stage's FAIL but a stop signal's RunInterrupted
+        (Ctrl-C, SIGTERM), which ends the rehearsal."""
+        missing = [f"{n}{'/' + m if m else ''}" for n, m in needs if self.status(n, m) != PASS]
+        if missing:
+            return self.skip(name, method, f"needs {', '.join(missing)}")
+        t0 = time.perf_counter()
+        try:
+            detail, data = fn()
+            status = PASS
+        except RunInterrupted:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is this stage's FAIL line
+            text = " ".join(str(e).split()) or "(no message)"
+            detail = text if isinstance(e, StageError) else f"{type(e).__name__}: {text}"
+            status, data = FAIL, {"traceback": traceback.format_exc()}
+        self._add(Stage(self.preset, name, method, status, detail[:400],
+                        time.perf_counter() - t0, data))
+        return data if status == PASS else None
+
+    def skip(self, name: str, method: Optional[str], why: str) -> None:
+        self._add(Stage(self.preset, name, method, SKIP, why, 0.0))
+
+    def _add(self, s: Stage) -> None:
+        self.stages.append(s)
+        who = f"{s.preset}/{s.method}" if s.method else s.preset
+        self.log(f"{s.status}  {who:<32s} {s.name:<10s} {s.detail}")
+
+
+def data_stage(plan: Plan) -> tuple[str, dict]:
+    cfg, n_unl = plan.base, plan.a.steps * plan.batch
+    if "data.root" in plan.given:
+        root, lists, full = Path(plan.given["data.root"]), *cut_lists(plan, n_unl)
+    else:
+        root = fabricate_dataset(cfg.data.dataset, plan.a.out / "data" / cfg.data.dataset,
+                                 labeled=plan.batch, unlabeled=n_unl, val=VAL_IMAGES)
+        lists, full = [], real_sizes(cfg)
+    paths = [v.split("=", 1)[1] for v in lists] or [getattr(cfg.data, k) for k in SPLIT_KEYS]
+    report = verify_dataset(root, cfg.data.layout, paths, cfg.data.num_classes,
+                            log=lambda msg: None, ignore_index=cfg.data.ignore_index)
+    expect(report.ok, "verify: " + "; ".join(p for s in report.splits for p in s.problems[:3]))
+    counts = ", ".join(f"{Path(s.path).name} {s.count}" for s in report.splits)
+    kind = "given" if lists else "fabricated"
+    return f"{kind} {root} verified ({counts})", {"root": root, "lists": lists, "full": full}
+
+
+def cut_lists(plan: Plan, n_unl: int) -> tuple[list[str], tuple[int, int]]:
+    """Overrides naming copies of the cell's lists cut to the rehearsal's size (in
+    OUT/PRESET/lists); the full unlabeled and val counts, for the projection."""
+    want = {"labeled_split": plan.batch, "unlabeled_split": n_unl, "val_split": VAL_IMAGES}
+    overrides, full = [], {}
+    for key, n in want.items():
+        src = plan.base.split_path(key)
+        expect(src.is_file(), f"data.{key}: {src} does not exist (is data.root right?)")
+        lines = [ln for ln in src.read_text().splitlines() if ln.split("#")[0].strip()]
+        expect(len(lines) >= n, f"{src} lists {len(lines)} samples, the rehearsal needs {n}")
+        dest = plan.dir / "lists" / src.name.replace(".txt", f"-{key}.txt")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text("".join(ln + "\n" for ln in lines[:n]))
+        overrides.append(f"data.{key}={dest.resolve()}")
+        full[key] = len(lines)
+    return overrides, (full["unlabeled_split"], full["val_split"])
+
+
+def weights_stage(plan: Plan) -> tuple[str, dict]:
+    m = plan.base.model
+    path = Path(plan.given.get("model.pretrained") or fabricate_backbone(
+        plan.a.out / "pretrained" / weights_name(m.backbone, m.width), m.backbone, m.width))
+    kind = "given" if "model.pretrained" in plan.given else "fabricated: real keys and shapes"
+    load_pretrained(build_backbone(m.backbone, m.width, m.output_stride),
+                    dataclasses.replace(m, pretrained=str(path)))
+    return (f"{path} ({path.stat().st_size / MiB:.0f} MB, {kind}) loads strictly into "
+            f"{m.backbone}", {"path": str(path.resolve())})
+
+
+def flops_stage(plan: Plan, method: str, full: tuple[int, int] | None) -> tuple[str, dict]:
+    """FLOPs of a step at the preset's batch and at the rehearsal's, of an evaluation, and of
+    the whole run."""
+    cfg = plan.config(f"method={method}", "model.pretrained=false")
+    step = counted(cfg, lambda: step_flops(cfg))
+    small = plan.config(f"method={method}", "model.pretrained=false",
+                        f"train.batch_size={plan.batch}")
+    run_step = counted(small, lambda: step_flops(small))
+    h, w = EVAL_IMAGE[cfg.data.dataset]
+    per_image = counted(["eval", h, w, flatten(cfg.to_dict())],
+                        lambda: eval_flops(cfg, h, w))
+    gpus = plan.a.gpus or REFERENCE_GPUS[cfg.data.dataset]
+    tflops = plan.a.tflops or DEFAULT_TFLOPS[cfg.data.dataset]
+    proj = projection(cfg, *(full or real_sizes(cfg)), gpus, step, per_image, tflops)
+    return (f"{human_flops(step)}/step at batch {cfg.train.batch_size}; full run "
+            f"{human_flops(proj['total_flops'])} = {proj['gpu_hours']:.0f} GPU-h at "
+            f"{tflops:g} TFLOP/s/GPU ({proj['wall_hours']:.1f} h on {gpus} GPUs)",
+            {"step_flops": step, "run_step_flops": run_step, "projection": proj})
+
+
+_counted: dict[str, int] = {}
+
+
+def counted(key: Any, count: Callable[[], int]) -> int:
+    """``count()`` once per key (a Config: its keys that can change a step's arithmetic)."""
+    if isinstance(key, Config):
+        key = {k: v for k, v in flatten(key.to_dict()).items() if k not in NOT_IN_A_STEP}
+    text = json.dumps(key, sort_keys=True, default=str)
+    if text not in _counted:
+        _counted[text] = count()
+    return _counted[text]
+
+
+def real_sizes(cfg: Config) -> tuple[int, int]:
+    """(unlabeled, val) image counts of ``cfg``'s cell on the real dataset."""
+    pools = STANDARD_POOLS[cfg.data.dataset]
+    return (pools[UNLABELED_POOL[cfg.data.dataset]] - standard_size(cfg.data.dataset, cfg.split),
+            pools["val"])
+
+
+def projection(cfg: Config, unlabeled: int, val: int, gpus: int, step: int, per_image: int,
+               tflops: float) -> dict[str, Any]:
+    """The whole run at the preset's batch per GPU on ``gpus`` GPUs, as ``fit`` schedules it
+    (evaluation every train.eval_every epochs and at the end), at ``tflops`` per GPU."""
+    batch, epochs = cfg.train.batch_size, cfg.train.epochs
+    per_epoch, every = unlabeled // (batch * gpus), max(cfg.train.eval_every, 1)
+    evaluations = epochs // every + (1 if epochs % every else 0)
+    train, evaluation = epochs * per_epoch * gpus * step, evaluations * val * per_image
+    gpu_hours = (train + evaluation) / (tflops * 1e12) / 3600
+    return {"unlabeled": unlabeled, "val": val, "batch": batch, "gpus": gpus, "epochs": epochs,
+            "iters_per_epoch": per_epoch, "iterations": epochs * per_epoch,
+            "evaluations": evaluations, "step_flops": step, "eval_flops_per_image": per_image,
+            "train_flops": train, "eval_flops": evaluation, "total_flops": train + evaluation,
+            "tflops_per_gpu": tflops, "gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus}
+
+
+def human_flops(n: float) -> str:
+    """1.23e15 -> '1.23 PFLOP'."""
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9),
+                        ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.3g} FLOP"
+
+
+class StepProbe:
+    """While active, every call the training loop makes to ``methods.STEPS[method]`` is
+    counted and timed (start to start, the device synchronised) and its loss kept."""
+
+    def __init__(self, method: str, device: torch.device):
+        self.method, self.device = method, device
+        self.starts, self.cpu_starts, self.losses = [], [], []
+
+    def __enter__(self) -> "StepProbe":
+        self.original = step = methods.STEPS[self.method]
+
+        def probe(model, batch, ctx):
+            sync(self.device)
+            self.starts.append(time.perf_counter())
+            self.cpu_starts.append(time.process_time())  # this process's, not its workers'
+            terms = step(model, batch, ctx)
+            self.losses.append(float(terms["loss"].detach()))
+            return terms
+
+        methods.STEPS[self.method] = probe
+        return self
+
+    def __exit__(self, *exc) -> None:
+        methods.STEPS[self.method] = self.original
+
+    def intervals(self, cpu: bool = False) -> list[float]:
+        """Seconds (wall, or CPU) between consecutive steps, the first left out when there
+        are more: one full iteration each, loading included."""
+        t = self.cpu_starts if cpu else self.starts
+        gaps = [b - a for a, b in zip(t, t[1:])]
+        return gaps[1:] if len(gaps) > 1 else gaps
+
+
+def fit_stage(cfg: Config, plan: Plan, done: int) -> tuple[str, dict]:
+    """``fit(cfg)`` probed: it must take ``plan.a.steps`` steps from ``done`` (a resume takes
+    N more steps, not 2N) and end with an evaluation."""
+    n, meter = plan.a.steps, PeakMemory(plan.device)
+    meter.reset()
+    with StepProbe(cfg.method, plan.device) as probe:
+        metrics = fit(cfg)
+    mem = meter.read()
+    expect(metrics.get("iterations") == done + n,
+           f"fit reports {metrics.get('iterations')} iterations, expected {done + n}")
+    expect(len(probe.starts) == n, f"the loop ran {len(probe.starts)} steps, expected {n}" + (
+        f" ({done + n} would mean it started over)" if done else ""))
+    expect(all(math.isfinite(v) for v in probe.losses), f"non-finite loss: {probe.losses}")
+    expect(metrics.get("last_miou") is not None, "fit did not evaluate at the end of the run")
+    after = latest_checkpoint(Path(cfg.output_dir))
+    step_s = statistics.median(probe.intervals()) if probe.intervals() else math.nan
+    return (f"{'from ' + plan.latest + ': ' if done else ''}{n} steps, loss "
+            f"{probe.losses[0]:.3f} -> {probe.losses[-1]:.3f}, LATEST -> {after}, "
+            f"{step_s:.2f} s/step, peak {mem['peak_mb']:.0f} MB",
+            {"intervals": probe.intervals(), "cpu_intervals": probe.intervals(cpu=True),
+             "memory": mem, "metrics": metrics, "latest": after})
+
+
+def latest_checkpoint(out: Path) -> str:
+    """The folder name checkpoints/LATEST points to (StageError when there is none)."""
+    pointer = out / "checkpoints" / "LATEST"
+    expect(pointer.is_file(), f"{pointer} was not written")
+    name = pointer.read_text().strip()
+    expect((out / "checkpoints" / name).is_dir(), f"{pointer} names {name!r}, not a folder")
+    return name
+
+
+def checkpoint_stage(cfg: Config, latest: str) -> tuple[str, dict]:
+    out, sizes = Path(cfg.output_dir), []
+    for f in ("best.pt", "last.pt"):
+        load_weights(out / f)  # strict, as `mlcl evaluate` / `mlcl predict` load it
+        sizes.append(f"{f} {(out / f).stat().st_size / MiB:.0f} MB")
+    return f"checkpoints/LATEST -> {latest}; {', '.join(sizes)} load strictly", {}
+
+
+def evaluate_stage(cfg: Config, trained: dict, plan: Plan) -> tuple[str, dict]:
+    """last.pt evaluated the way ``mlcl evaluate`` does it, against fit's last evaluation."""
+    model, wcfg, _ = load_weights(Path(cfg.output_dir) / "last.pt")
+    expect(wcfg.eval.mode == plan.base.eval.mode,
+           f"last.pt evaluates in {wcfg.eval.mode!r}, the preset in {plan.base.eval.mode!r}")
+    acc = make_accelerator(wcfg)
+    result = evaluate(model.to(acc.device), ValDataset(wcfg, wcfg.split_path("val_split")),
+                      wcfg, acc)
+    n, want = result["num_images"], trained["last_miou"]
+    expect(n == VAL_IMAGES, f"evaluated {n} images, expected {VAL_IMAGES}")
+    expect(abs(result["miou"] - want) <= MIOU_TOLERANCE,
+           f"mIoU {result['miou']:.3f} from last.pt, {want:.3f} in training's evaluation")
+    return (f"{wcfg.eval.mode} on {n} images: mIoU {result['miou']:.2f} = training's "
+            f"{want:.2f}", {"miou": result["miou"]})
+
+
+def run_config(plan: Plan, method: str, data: dict, weights: str, iters: int) -> Config:
+    """The preset's config for ``method`` with only the rehearsal's keys changed."""
+    return plan.config(
+        f"method={method}", f"data.root={data['root']}", f"model.pretrained={weights}",
+        f"train.max_iters={iters}", f"output_dir={(plan.dir / method).resolve()}",
+        *data["lists"], f"train.batch_size={plan.batch}")
+
+
+def rehearse_method(book: StageBook, plan: Plan, method: str, data: Optional[dict],
+                    weights: Optional[str]) -> None:
+    book.run("flops", method, lambda: flops_stage(plan, method, data and data["full"]))
+    if data is None or weights is None:
+        for name in ("train", "checkpoint", "resume", "evaluate"):
+            book.skip(name, method, "needs " + " and ".join(
+                n for n, ok in (("data", data), ("weights", weights)) if ok is None))
+        return
+    if (plan.dir / method).exists():
+        shutil.rmtree(plan.dir / method)  # an earlier rehearsal's run (under OUT_MARKER)
+    cfg = run_config(plan, method, data, weights, plan.a.steps)
+    trained = book.run("train", method, lambda: fit_stage(cfg, plan, 0))
+    plan.latest = trained["latest"] if trained else ""
+    book.run("checkpoint", method, lambda: checkpoint_stage(cfg, plan.latest),
+             (("train", method),))
+    resumed = book.run("resume", method, lambda: fit_stage(
+        run_config(plan, method, data, weights, 2 * plan.a.steps), plan, plan.a.steps),
+        (("checkpoint", method),))
+    book.run("evaluate", method, lambda: evaluate_stage(cfg, resumed["metrics"], plan),
+             (("resume", method),))
+
+
+def rehearse(preset: str, a: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    """Every stage of ``preset`` for ``a.methods``; the report, also written to
+    OUT/PRESET/rehearse.json."""
+    plan = make_plan(preset, a)
+    prepare_out(a.out)
+    log(f"rehearsal of {preset} (split {plan.base.split}) on {a.device}, batch {plan.batch} "
+        f"per process, {a.steps} steps then {a.steps} resumed" + "".join(
+            f"; {n}" for n in plan.notes))
+    book = StageBook(preset, log)
+    data = book.run("data", None, lambda: data_stage(plan))
+    weights = book.run("weights", None, lambda: weights_stage(plan))
+    for method in a.methods:
+        rehearse_method(book, plan, method, data, weights and weights["path"])
+    cfg = plan.base
+    report = {"preset": preset, "split": cfg.split, "dataset": cfg.data.dataset,
+              "device": a.device, "batch": plan.batch, "preset_batch": cfg.train.batch_size,
+              "mixed_precision": cfg.train.mixed_precision, "eval_mode": cfg.eval.mode,
+              "crop": cfg.data.crop_size, "backbone": cfg.model.backbone, "steps": a.steps,
+              "val_images": VAL_IMAGES, "overrides": list(a.overrides), "notes": plan.notes,
+              "ok": all(s.status == PASS for s in book.stages),
+              "methods": {m: method_numbers(book, m) for m in a.methods},
+              "stages": [dataclasses.asdict(s) for s in book.stages],
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(plan.dir / "rehearse.json", report)
+    return report
+
+
+def method_numbers(book: StageBook, method: str) -> dict[str, Any]:
+    """Step time, memory and FLOPs of ``method`` from its stages' data."""
+    got = {s.name: s.data for s in book.stages if s.method == method and s.status == PASS}
+    fits = [got[n] for n in ("train", "resume") if n in got]
+    steps = [t for f in fits for t in f["intervals"]]
+    cpu = [t for f in fits for t in f["cpu_intervals"]]
+    mems = [f["memory"] for f in fits]
+    out: dict[str, Any] = {
+        "stages": {s.name: s.status for s in book.stages if s.method == method},
+        "seconds_per_step": statistics.median(steps) if steps else None,
+        "cpu_seconds_per_step": statistics.median(cpu) if cpu else None,
+        "step_samples": len(steps),
+        "peak_mb": max(m["peak_mb"] for m in mems) if mems else None,
+        "reserved_mb": max((m.get("reserved_mb", 0) for m in mems), default=None),
+        "memory_what": mems[0]["what"] if mems else None}
+    if "flops" in got:
+        out.update({k: got["flops"][k] for k in ("step_flops", "run_step_flops", "projection")})
+        if out["seconds_per_step"]:
+            out["achieved_tflops"] = out["run_step_flops"] / out["seconds_per_step"] / 1e12
+    return out
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def summary_lines(r: dict[str, Any]) -> list[str]:
+    """The human summary of one report."""
+    lines = [f"summary: {r['preset']} split {r['split']}, {r['device']}, batch {r['batch']} per "
+             f"process (preset {r['preset_batch']}), precision {r['mixed_precision']}, "
+             f"{r['eval_mode']} evaluation", *[f"  note: {n}" for n in r["notes"]],
+             f"  {'method':<11s}{'stages':>8s}{'s/step':>9s}{'CPU s':>8s}{'peak MB':>9s}"
+             f"{'FLOPs/step':>13s}{'TFLOP/s':>9s}{'full run':>12s}{'GPU-h':>9s}{'wall h':>8s}"]
+    for m, n in r["methods"].items():
+        p = n.get("projection") or {}
+        passed = sum(v == PASS for v in n["stages"].values())
+        lines.append(
+            f"  {m:<11s}{passed:>4d}/{len(n['stages']):<3d}{_fmt(n['seconds_per_step'], '9.2f')}"
+            f"{_fmt(n['cpu_seconds_per_step'], '8.2f')}{_fmt(n['peak_mb'], '9.0f')}"
+            f"{human_flops(n['step_flops']) if 'step_flops' in n else '-':>13s}"
+            f"{_fmt(n.get('achieved_tflops'), '9.3g')}"
+            f"{human_flops(p['total_flops']) if p else '-':>12s}"
+            f"{_fmt(p.get('gpu_hours'), '9.0f')}{_fmt(p.get('wall_hours'), '8.1f')}")
+    mem = next((n["memory_what"] for n in r["methods"].values() if n["memory_what"]), "")
+    lines += [f"  s/step: median full iteration (loading included), wall clock; CPU s: the "
+              f"main process's CPU time per step; peak: {mem}",
+              f"  FLOPs/step: FlopCounterMode (matmuls + convolutions, forward + backward) at "
+              f"the preset's batch {r['preset_batch']} per GPU; TFLOP/s: achieved in this run; "
+              f"GPU-h at --tflops per GPU, wall h on --gpus GPUs"]
+    failed = sum(s["status"] == FAIL for s in r["stages"])
+    return lines + [f"  {'ALL PASS' if r['ok'] else f'{failed} stage(s) FAILED'}"]
+
+
+def cost_table(preset: str, a: argparse.Namespace, cells: list[str]) -> list[str]:
+    """Markdown table (one row per cell and method) of what a whole run costs."""
+    out = ["| cell | method | FLOPs / step / GPU | iterations | full run | GPU-hours | "
+           "wall hours |", "|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        plan = make_plan(preset, argparse.Namespace(**{**vars(a), "overrides": [
+            *a.overrides, f"split={cell}"]}))
+        for m in a.methods:
+            p = flops_stage(plan, m, None)[1]["projection"]
+            out.append(f"| {cell} | {m} | {human_flops(p['step_flops'])} | "
+                       f"{p['iterations']:,} ({p['epochs']} × {p['iters_per_epoch']:,}) | "
+                       f"{human_flops(p['total_flops'])} | {p['gpu_hours']:,.0f} | "
+                       f"{p['wall_hours']:,.1f} on {p['gpus']} |")
+    return out

@@ -1,0 +1,192 @@
+"""The released FKA / SAI algorithm, re-created for timing (:class:`Released`), the inputs
+both it and the project's code receive (:func:`fka_inputs`), and the one place this tool
+calls the MLCL part of the project's step by itself (:func:`project_part`)."""
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlcl import methods
+from mlcl.config import Config
+from mlcl.prototypes import PrototypeBank
+
+
+class Decoder(nn.Module):
+    """The 1x1 classifier alone, with the model's ``decode`` API."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.classifier = nn.Conv2d(channels, classes, 1)
+
+    def decode(self, f: Tensor) -> Tensor:
+        return self.classifier(f)
+
+
+# --------------------------------------------------------------------------- the project's side
+def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int
+               ) -> methods.MLCLInputs:
+    """What the MLCL part of a default step receives: weak / CutMixed-weak / strong features at
+    h x h, the weak logits there, the ignore map, CutMix boxes and the weak and partner
+    probabilities at the input resolution H = 4 (h - 1) + 1 (81 -> 321). The weak
+    pseudo-labels are VOC-like: ~60% background, two object classes per image in blobs, about
+    half the pixels above the 0.95 confidence. L_dt pulls the CutMixed s1 outside box1."""
+    g = torch.Generator().manual_seed(seed)
+    H = 4 * (h - 1) + 1
+    cells = torch.rand(B, 1, 6, 6, generator=g)
+    objects = torch.randint(1, K, (B, 2, 1, 1), generator=g)
+    label = torch.where(cells < 0.6, 0, torch.where(cells < 0.8, objects[:, :1], objects[:, 1:]))
+    label = F.interpolate(label.float(), size=(h, h), mode="nearest").long().squeeze(1)
+    margin = 2 + 8 * torch.rand(B, 1, h, h, generator=g)
+    logits = torch.randn(B, K, h, h, generator=g) + margin * F.one_hot(label, K).permute(
+        0, 3, 1, 2)
+    ignore = torch.zeros(B, H, H, dtype=torch.long)
+    ignore[:, -H // 8:] = 255
+    box = torch.zeros(2, B, H, H, dtype=torch.bool)
+    box[:, :, H // 4:H // 2, H // 3:2 * H // 3] = True
+    f_w = torch.randn(B, C, h, h, generator=g)
+    f1, f2, s1, s2 = (f_w + 0.5 * torch.randn(B, C, h, h, generator=g) for _ in range(4))
+    prob_w = F.interpolate(logits, size=(H, H), mode="bilinear", align_corners=True).softmax(1)
+    f_s1, f_s2 = s1.to(device).requires_grad_(), s2.to(device).requires_grad_()
+    return methods.MLCLInputs(
+        f_w=f_w.to(device), logits_w=logits.to(device), f1=f1.to(device), f2=f2.to(device),
+        f_s1=f_s1, f_s2=f_s2, f_dt=f_s1, dt_box=box[0].to(device), ignore=ignore.to(device),
+        ignore_mix=ignore.roll(1, 0).to(device), box1=box[0].to(device),
+        box2=box[1].to(device), prob_w=prob_w.to(device), prob_mix=prob_w.roll(1, 0).to(device))
+
+
+def project_part(x: methods.MLCLInputs, bank: PrototypeBank, cfg: Config,
+                 decoder: Decoder | None = None) -> Tensor:
+    """The project's MLCL part as the training step calls it, forward and backward, the bank
+    updated: without ``decoder`` the prototype branch (L_dt), with it the whole (p2p + v,
+    L_dt, SAI at the end of the ramp-up, w = beta). The detached loss."""
+    if decoder is None:
+        loss = methods.prototype_branch(x, bank, cfg)
+    else:
+        loss = methods.mlcl_losses(decoder, x, bank, cfg, cfg.mlcl.beta)[0]
+    loss.backward()
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------- the release
+def resize_ignore(ignore: Tensor, size: tuple[int, int]) -> Tensor:
+    """The release's ignore map (B, H, W) at feature size (B, h, w): bilinear with
+    align_corners and the batch as channels, then truncated to integers (``prote.py``)."""
+    return F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
+                         align_corners=True).squeeze(0).long()
+
+
+class Released:
+    """A re-creation of the released FKA / SAI algorithm, for timing only. It measures the
+    algorithm, not its quirks: anchors are the true top 16, anchors and candidates pair by
+    class, L_dt is the mean over anchors, every class of the bank is updated (the paper
+    variant, which tests/test_measure.py checks it agrees with); the ignore map is resized
+    bilinearly as released.
+
+    Prototype branch (``prote.py``): for every class present, the rows of the class are
+    picked from the (B*h*w, C) feature rows with a boolean mask, sorted by cosine to the
+    prototype, and the anchors (16) / candidates (256) are taken one row at a time from the
+    re-indexed class features and concatenated; the loss and the bank update loop over the
+    classes. SAI (``MCCL.py``): per image a Python loop draws the noise and the masking
+    threshold and writes the perturbed map into a zero buffer; each of the four perturbed
+    maps is decoded, upsampled and compared separately; targets are CutMixed by boolean-mask
+    assignment."""
+
+    def __init__(self, bank: Tensor, kappa: float = 0.15, conf: float = 0.95,
+                 anchors: int = 16, candidates: int = 256, momentum: float = 0.99):
+        self.bank = bank.clone()  # (K, C)
+        self.kappa, self.conf, self.momentum = kappa, conf, momentum
+        self.anchors, self.candidates = anchors, candidates
+
+    @staticmethod
+    def _rows_and_ignore(f: Tensor, ignore: Tensor) -> tuple[Tensor, Tensor]:
+        B, C, h, w = f.shape
+        rows = f.permute(0, 2, 3, 1).contiguous().view(B * h * w, C)
+        return rows, resize_ignore(ignore, (h, w)).reshape(-1)
+
+    def _per_class(self, f, label, ignore, conf, n: int, most_similar: bool):
+        """{class: its n rows most (least) similar to the prototype, picked one at a time}."""
+        rows, ig = self._rows_and_ignore(f, ignore)
+        lab, out = label.reshape(-1), {}
+        for k in lab.unique():
+            keep = (lab == k) & (ig != 255)
+            feats = rows[keep & (conf.reshape(-1) > self.conf) if conf is not None else keep]
+            if feats.shape[0] == 0:
+                continue
+            proto = self.bank[int(k)].unsqueeze(0).repeat(feats.shape[0], 1)
+            order = torch.sort(F.cosine_similarity(proto, feats, dim=1, eps=1e-6)).indices
+            pos = (lambda i: -1 - i) if most_similar else (lambda i: i)
+            picked = feats[order][pos(0)].unsqueeze(0)
+            for i in range(1, min(n, feats.shape[0])):  # one row at a time, re-indexing
+                picked = torch.cat((picked, feats[order][pos(i)].unsqueeze(0)), dim=0)
+            out[int(k)] = picked
+        return out
+
+    @staticmethod
+    def dt_loss(anchors: dict[int, Tensor], cands: dict[int, Tensor]) -> Tensor:
+        total, count = 0, 0
+        for k, a in anchors.items():
+            if k in cands:
+                cos = F.normalize(a.detach(), dim=1) @ F.normalize(cands[k], dim=1).t()
+                total = total + cos.max(dim=1).values.sum()
+                count += a.shape[0]
+        return 1 - total / count if count else torch.zeros(())
+
+    @torch.no_grad()
+    def update(self, f_w, label, conf, ignore) -> None:
+        rows, ig = self._rows_and_ignore(f_w, ignore)
+        lab, cf = label.reshape(-1), conf.reshape(-1)
+        for k in lab.unique():
+            feats = rows[(lab == k) & (ig != 255) & (cf > self.conf)]
+            if feats.shape[0] == 0:
+                continue
+            if bool((self.bank[k] == 0).all()):
+                self.bank[k] = feats.mean(0)
+            else:
+                self.bank[k] = self.momentum * self.bank[k] + (1 - self.momentum) * feats.mean(0)
+
+    def dt(self, x, label: Tensor, conf: Tensor) -> Tensor:
+        """L_dt of the weak features x.f_w against the strong x.f_s1."""
+        return self.dt_loss(self._per_class(x.f_w, label, x.ignore, conf, self.anchors, True),
+                            self._per_class(x.f_s1, label, x.ignore, None, self.candidates,
+                                            False))
+
+    def proto(self, x) -> None:
+        conf, label = x.logits_w.softmax(1).max(1)
+        self.dt(x, label, conf).backward()
+        self.update(x.f_w, label, conf, x.ignore)
+
+    def _perturbed(self, f: Tensor, v: Tensor) -> list[Tensor]:
+        """The noised and the masked map, written image by image into zero buffers."""
+        noised, masked = torch.zeros_like(f), torch.zeros_like(f)
+        for i in range(f.shape[0]):
+            a = float((v[i].detach() + 1) * self.kappa)
+            noised[i] = f[i] * torch.empty(f.shape[1:], device=f.device).uniform_(-a, a) + f[i]
+        for i in range(f.shape[0]):
+            r = 1 - float((v[i].detach() + 1) * self.kappa)
+            att = f[i].mean(0, keepdim=True)
+            top = att.view(-1).max(0, keepdim=True)[0]
+            masked[i] = f[i] * (att < top * random.uniform(r - 0.1, r + 0.1)).float()
+        return [noised, masked]
+
+    def whole(self, x, decoder, cfg) -> None:
+        m, size = cfg.mlcl, x.prob_w.shape[-2:]
+        p2p, sims = [], []
+        for f, fs in ((x.f1, x.f_s1), (x.f2, x.f_s2)):
+            p2p.append(1 - F.cosine_similarity(f.detach(), fs, dim=1, eps=1e-6).mean())
+            sims.append(F.cosine_similarity(f.detach(), fs, dim=1, eps=1e-6)
+                        .reshape(f.shape[0], -1).mean(1))
+        conf, label = x.logits_w.softmax(1).max(1)
+        dt, sai = self.dt(x, label, conf), 0
+        for fs, v, box in ((x.f_s1, sims[0], x.box1), (x.f_s2, sims[1], x.box2)):
+            target = x.prob_w.clone()
+            b = box.unsqueeze(1).repeat(1, target.shape[1], 1, 1)
+            target[b] = x.prob_mix[b]
+            for perturbed in self._perturbed(fs, v):
+                logits = F.interpolate(decoder.decode(perturbed), size=size, mode="bilinear",
+                                       align_corners=True)
+                sai = sai + F.mse_loss(logits.softmax(1), target) / 2
+        (m.alpha * (p2p[0] + p2p[1]) / 2 + m.omega * dt + m.beta * sai).backward()
+        self.update(x.f_w, label, conf, x.ignore)

@@ -1,5 +1,0 @@
-import sys
-
-from mlcl.rehearse import main
-
-sys.exit(main())
