@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 # ids and UniMatch-format lists are the package's (the rehearsal fabricates datasets with them)
-from mlcl.rehearse.fabricate import cityscapes_ids, unimatch_lists, voc_ids  # noqa: F401
+from mlcl.measure.fabricate import cityscapes_ids, unimatch_lists, voc_ids  # noqa: F401
 
 LOOPBACK = "127.0.0.1"
 

@@ -57,7 +57,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """``python -m mlcl ARGS`` in this process: (exit status, stdout, stderr)."""
     try:
         rc = main(list(args))
-    except SystemExit as e:  # argparse, bench: a message exits with status 1
+    except SystemExit as e:  # argparse (a message: exit status 1)
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
         rc = 1 if isinstance(e.code, str) else e.code or 0
@@ -166,8 +166,8 @@ def test_range_specs(spec, inside, outside):
 
 @pytest.mark.parametrize("args", [
     ("predict", "--tile", "0", "--images", "x", "--checkpoint", "y", "--out", "z"),
-    ("bench", "--batch", "two"), ("data", "frobnicate"), ("synth", "--size", "big"),
-    ("rehearse", "--steps", "-"), ("train", "--no-such-flag")])
+    ("measure", "--steps", "two"), ("data", "frobnicate"), ("synth", "--size", "big"),
+    ("measure", "--no-such-flag"), ("train", "--no-such-flag")])
 def test_a_bad_flag_is_one_line_not_the_usage_block(args, capsys):
     rc, out, err = run_cli(capsys, *args)
     line = one_line_error(err)
@@ -185,7 +185,7 @@ def command_lines(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ())
 
 def test_every_subcommand_reports_an_unknown_flag_in_one_line(capsys):
     commands = list(command_lines(build_parser()))
-    assert {("train",), ("data",), ("data", "voc"), ("bench",), ("figures",)} <= set(commands)
+    assert {("train",), ("data",), ("data", "voc"), ("measure",), ("figures",)} <= set(commands)
     for command in commands:
         rc, out, err = run_cli(capsys, *command, "--no-such-flag")
         assert rc == 2 and not out, (command, out)
@@ -194,7 +194,8 @@ def test_every_subcommand_reports_an_unknown_flag_in_one_line(capsys):
 
 def test_gpu_check_out_under_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("mine")
-    rc, _, err = run_cli(capsys, "gpu-check", "--tiny", "--out", str(tmp_path / "afile" / "x"))
+    rc, _, err = run_cli(capsys, "measure", "gpu-check", "--device", "cpu",
+                         "--out", str(tmp_path / "afile" / "x"))
     assert rc == 2 and "afile" in one_line_error(err)
     assert (tmp_path / "afile").read_text() == "mine"
 
@@ -508,9 +509,10 @@ def test_evaluate_out_checked_before_evaluating(run7, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- others
-def test_bench_batch_of_one_names_the_flag(capsys):
-    rc, _, err = run_cli(capsys, "bench", "--batch", "1", "--sections", "steps")
-    assert rc == 1 and "--batch 1" in err and "--batch 2 or more" in err
+def test_measure_batch_of_one_names_the_key(capsys):
+    rc, _, err = run_cli(capsys, "measure", "steps", "--device", "cpu", "train.batch_size=1")
+    assert rc == 2 and "train.batch_size=1" in one_line_error(err)
+    assert "train.batch_size=2 or more" in err
     assert "mix_partner" not in err  # not a key the user set
 
 

@@ -42,7 +42,7 @@ from mlcl.measure import bench, gpu_check
 from mlcl.measure import rehearse as R
 from mlcl.measure.fabricate import fabricate_backbone, fabricate_dataset, weights_name
 from mlcl.measure.harness import METHODS, Stepper, count_flops, eval_flops, interleaved, step_flops
-from mlcl.measure.released import Decoder, Released, fka_inputs
+from mlcl.measure.fka_sai import Decoder, Released, fka_inputs
 from mlcl.model import build_backbone, upsample
 from mlcl.paths import REPO
 from mlcl.prepare.verify import verify_dataset
@@ -135,14 +135,16 @@ def test_released_recreation_computes_the_project_loss_and_bank():
     """The re-created released prototype branch gives the paper variant's L_dt and bank
     update, so the timing compares the same computation (no ignore, no box here: the
     ignore resize and the box exclusion are the only other differences)."""
-    x = fka_inputs(2, 16, 9, 5, torch.device("cpu"), seed=1)
+    case = fka_inputs(2, 16, 9, 5, torch.device("cpu"), seed=1)
+    x = case.x
     x.ignore.zero_()
     torch.manual_seed(0)
     protos = torch.randn(5, 16)
     released = Released(protos)
-    conf, label = x.logits_w.softmax(1).max(1)
+    conf, label = Decoder(16, 5).decode(x.f_w).softmax(1).max(1)
+    assert torch.equal(label, case.logits_w.argmax(1))  # the crafted pseudo-labels
     valid = torch.ones_like(label, dtype=torch.bool)
-    ours = losses.dt_loss(x.f_w, conf, label, valid, x.f_s1, valid, protos,
+    ours = losses.loss_dt(x.f_w, conf, label, valid, x.f_s1, valid, protos,
                           num_candidates=20)
     released.candidates = 20  # fewer than some classes have, so the selection matters
     theirs = released.dt(x, label, conf)
@@ -178,7 +180,7 @@ def test_loaders_honour_the_performance_options(synth_cfg):
     assert not make_loader(ds, synth_cfg, shuffle=True, seed=0).persistent_workers
 
 
-def test_sai_upsampled_mse_equals_the_plain_chain():
+def test_loss_sai_equals_the_plain_chain():
     """The chunked, recomputing L_m / L_n gives the value and gradient of
     sai_mse(upsample(logits).float().softmax(1), target), also under bf16 autocast."""
     g = torch.Generator().manual_seed(0)
@@ -187,8 +189,8 @@ def test_sai_upsampled_mse_equals_the_plain_chain():
     for amp in (False, True):
         results = []
         for f in (lambda z: losses.sai_mse(upsample(z, (33, 33)).float().softmax(1), t),
-                  lambda z: losses.sai_upsampled_mse(z, t),
-                  lambda z: losses.sai_upsampled_mse(z, t, chunk=3)):
+                  lambda z: losses.loss_sai(z, t),
+                  lambda z: losses.loss_sai(z, t, chunk=3)):
             z = z0.clone().requires_grad_()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 logits = z.to(torch.bfloat16) if amp else z
@@ -204,26 +206,30 @@ def test_sai_losses_equal_the_plain_computation():
     """methods.sai_losses (per-map decode, batched per kind, chunked MSE) computes what the
     straightforward version computes: per branch, mask and noise maps decoded, upsampled,
     soft-maxed and compared with the CutMixed target, averaged over the branches."""
-    x = fka_inputs(3, 16, 9, 5, torch.device("cpu"), seed=2)
-    x.box2[0] = False
+    case = fka_inputs(3, 16, 9, 5, torch.device("cpu"), seed=2)
+    x, box2 = case.x, case.box2.clone()
+    box2[0] = False
     dec = Decoder(16, 5)
-    branches = [(x.f_s1, losses.per_image_similarity(x.f1, x.f_s1), x.box1),
-                (x.f_s2, losses.per_image_similarity(x.f2, x.f_s2), x.box2)]
+    branches = [(x.f_s1, losses.per_image_similarity(x.f1, x.f_s1), case.box1),
+                (x.f_s2, losses.per_image_similarity(x.f2, x.f_s2), box2)]
 
     def plain(cfg):
         m, maps, targets = cfg.mlcl, [], []
         for f_s, v, box in branches:
-            t = torch.where(box.unsqueeze(1), x.prob_mix, x.prob_w)
-            maps.append(losses.sai_mask(f_s, v, m.kappa, m.mask_jitter, False)[0])
+            t = torch.where(box.unsqueeze(1), case.prob_mix, case.prob_w)
+            ratio = losses.sai_mask_ratio(v, m.kappa)
+            maps.append(losses.sai_mask(f_s, ratio, m.mask_jitter)[0])
             maps.append(losses.sai_noise(f_s, v, m.kappa))
             targets += [t, t]
-        prob = upsample(dec.decode(torch.cat(maps)), x.prob_w.shape[-2:]).softmax(1).chunk(4)
+        prob = upsample(dec.decode(torch.cat(maps)), case.prob_w.shape[-2:]).softmax(1).chunk(4)
         mse = [losses.sai_mse(q, t) for q, t in zip(prob, targets)]
         return (mse[0] + mse[2]) / 2, (mse[1] + mse[3]) / 2
 
     cfg = load_config(None, ["method=mlcl"])
-    ours = lambda cfg: methods.sai_losses(dec, branches, x.prob_w, x.prob_mix,  # noqa: E731
-                                          x.ignore, x.ignore_mix, cfg)
+    target = torch.cat([torch.where(box.unsqueeze(1), case.prob_mix, case.prob_w)
+                        for _, _, box in branches])
+    ours = lambda cfg: methods.sai_losses(  # noqa: E731
+        dec, [(f_s, v) for f_s, v, _ in branches], target, cfg, losses.sai_mask_ratio)
     grads = []
     for f in (plain, ours):
         x.f_s1.grad = x.f_s2.grad = None
@@ -429,11 +435,11 @@ def test_a_run_that_starts_over_fails_the_resume_stage(tmp_path, monkeypatch):
     book.run("train", "supervised", lambda: R.fit_stage(
         R.run_config(plan, "supervised", data, weights, 2), plan, 0))
     from mlcl import train
-    from mlcl.checkpoints import adjustable_settings
+    from mlcl.checkpoints import schedule_settings
 
     def ignore_checkpoint(run):  # what train.resume does when there is no checkpoint
         run.state.iters_per_epoch = run.iters_per_epoch
-        run.state.settings = adjustable_settings(run.cfg)
+        run.state.settings = schedule_settings(run.cfg)
 
     monkeypatch.setattr(train, "resume", ignore_checkpoint)
     book.run("resume", "supervised", lambda: R.fit_stage(

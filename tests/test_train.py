@@ -236,7 +236,7 @@ def test_a_compiled_model_saves_weights_without_the_compile_wrapper(synth_root, 
         load_weights(out / name)  # strict
 
 
-@pytest.mark.parametrize("command", ["data", "bench", "reproduce", "train", "synth"])
+@pytest.mark.parametrize("command", ["data", "measure", "reproduce", "train", "synth"])
 def test_every_subcommand_answers_help(command):
     proc = mlcl_cli(command, "--help", check=False, timeout=120)
     assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stderr

@@ -19,7 +19,7 @@ memory    the peak memory of one steady-state step per method, each in a fresh s
           (CPU: the resident set's rise, VmHWM; GPU: max_memory_allocated), and MLCL at VOC
           size (ResNet-50 deep stem, crop 321, 8 + 8): measured on a GPU, else estimated
 fka_sai   the MLCL part alone on VOC-sized features (8 x C x 81 x 81), forward + backward,
-          as the step calls it, against measure.released.Released, a re-creation of the
+          as the step calls it, against measure.fka_sai.Released, a re-creation of the
           released algorithm: for the prototype branch and for the whole of FKA + SAI
 pipeline  unlabeled samples per second through one loader worker at crop 321
 guard     the divergence guard's per-step work and its read, against an MLCL step
@@ -48,9 +48,8 @@ from pathlib import Path
 import torch
 
 from mlcl import paths
-from mlcl.config import METHOD_NAMES, CommandLineParser, ConfigError, load_config, \
-    preset_splits
-from mlcl.errors import run_reported
+from mlcl.config import METHOD_NAMES, ConfigError, load_config, preset_splits
+from mlcl.errors import CommandLineParser, run_reported
 from mlcl.files import atomic_write_json
 
 MODES = ("bench", "rehearse", "costs", "gpu-check")
@@ -95,7 +94,7 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
                           f"sections ({', '.join(SECTIONS)})")
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.dry_run:
-        raise ConfigError(f"--device cuda: no CUDA device is visible" + (
+        raise ConfigError("--device cuda: no CUDA device is visible" + (
             "; --device cpu runs the parts on the CPU at toy sizes" * (a.mode == "gpu-check")))
     valid = METHODS if a.mode == "bench" else METHOD_NAMES
     a.methods = a.methods.split(",") if a.methods else None

@@ -19,11 +19,11 @@ import torch
 
 from mlcl.config import ConfigError, TrainConfig, load_config
 from mlcl.data.datasets import UnlabeledDataset
-from mlcl.data.synthetic import make_synthetic
+from mlcl.study.synthetic import make_synthetic
 from mlcl.loaders import make_loader
 from mlcl.measure.harness import (METHODS, Clock, PeakMemory, Stepper, interleaved, lap_stats,
                                   step_config, sync, timed)
-from mlcl.measure.released import Decoder, Released, fka_inputs, project_part
+from mlcl.measure.fka_sai import Decoder, Released, fka_inputs, project_part
 from mlcl.outputs import git_commit
 from mlcl.prototypes import PrototypeBank
 from mlcl.stopping import NonFiniteGuard, gradient_norm
@@ -121,7 +121,7 @@ def bench_fka_sai(a: argparse.Namespace) -> dict[str, Any]:
     B, h, C, K, m = FKA["batch"], FKA["size"], cfg.model.feature_channels, \
         cfg.data.num_classes, cfg.mlcl
     device = torch.device(a.device)
-    x = fka_inputs(B, C, h, K, device, a.seed)
+    case = fka_inputs(B, C, h, K, device, a.seed)
     decoder = Decoder(C, K).to(device)
     bank = PrototypeBank(K, C, momentum=m.bank_momentum, conf_thresh=m.bank_conf).to(device)
     torch.manual_seed(a.seed)
@@ -131,15 +131,15 @@ def bench_fka_sai(a: argparse.Namespace) -> dict[str, Any]:
 
     def job(fn):
         def run():
-            for t in (x.f_s1, x.f_s2, *decoder.parameters()):
+            for t in (case.x.f_s1, case.x.f_s2, *decoder.parameters()):
                 t.grad = None
             return timed(fn, device)
         return run
 
-    jobs = {"proto_vectorised": job(lambda: project_part(x, bank, cfg)),
-            "proto_released": job(lambda: released.proto(x)),
-            "whole_vectorised": job(lambda: project_part(x, bank, cfg, decoder)),
-            "whole_released": job(lambda: released.whole(x, decoder, cfg))}
+    jobs = {"proto_vectorised": job(lambda: project_part(case, bank, cfg, decoder, False)),
+            "proto_released": job(lambda: released.proto(case)),
+            "whole_vectorised": job(lambda: project_part(case, bank, cfg, decoder, True)),
+            "whole_released": job(lambda: released.whole(case, decoder, cfg))}
     n_released = min(a.steps, 3)  # the re-creation is slow
     times = interleaved(jobs, {k: (1, n_released if k.endswith("released") else a.steps)
                                for k in jobs})

@@ -23,11 +23,11 @@ from typing import Any, Optional
 
 import torch
 
-from mlcl.checkpoints import saved_config
 from mlcl.config import METHOD_NAMES, ConfigError
 from mlcl.files import atomic_write_json, atomic_write_text
+from mlcl.outputs import saved_config
 from mlcl.measure.fabricate import weights_name
-from mlcl.reproduce import thread_env, train_command
+from mlcl.study.reproduce import thread_env, train_command
 
 BUDGET_S = 480
 PART_BUDGET_S = {"bench_fp32": 45, "bench_bf16": 110, "rehearse_pascal": 80,
@@ -39,8 +39,6 @@ BENCH = {"bench_fp32": ("steps", "no"), "bench_bf16": ("steps,memory,fka_sai,pip
 TINY_BENCH = ["model.backbone=resnet18", "model.width=4", "data.crop_size=33"]
 TINY_MODEL = ["model.width=4", "model.feature_channels=8", "model.low_level_channels=4",
               "data.crop_size=161", "data.num_workers=0"]
-# a full 2048x1024 frame costs ~10 s of CPU per evaluation even through the narrow network
-TINY_EVAL = {"cityscapes": ["eval.mode=center_crop"]}
 TINY_PART_S = 600  # per part at toy sizes (a CPU shared with other work)
 
 
@@ -73,7 +71,7 @@ def plan_parts(a: argparse.Namespace) -> list[Part]:
             *measure, "rehearse", "--config", preset, "--steps", str(2 if tiny else a.steps),
             "--methods", methods if isinstance(methods, str) else ",".join(methods),
             "--out", str(out / "rehearse"), f"train.mixed_precision={'no' if tiny else 'bf16'}",
-            *([*TINY_MODEL, *TINY_EVAL.get(preset, [])] if tiny else [])],
+            *(TINY_MODEL if tiny else [])],
             PART_BUDGET_S.get(f"rehearse_{preset}", 90)))
     if a.processes > 1 and "pascal" in a.config:
         weights = out / "rehearse" / "pretrained" / weights_name("resnet50_deepstem",

@@ -132,9 +132,6 @@ def step_flops(cfg: Config) -> int:
 def eval_flops(cfg: Config, height: int, width: int) -> int:
     """FLOPs of evaluating one (height x width) image in ``cfg.eval.mode``."""
     model = build_model(cfg).eval()
-    if cfg.eval.mode == "center_crop":
-        side = cfg.eval.crop_size or cfg.data.crop_size
-        height, width = min(height, side), min(width, side)
     x = torch.empty(1, 3, height, width)
     with torch.no_grad():
         return count_flops(lambda: predict_logits(model, x, cfg))

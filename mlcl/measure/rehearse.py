@@ -40,9 +40,8 @@ from mlcl.evaluate import evaluate
 from mlcl.files import atomic_write_json
 from mlcl.measure.fabricate import LAYOUT, fabricate_backbone, fabricate_dataset, weights_name
 from mlcl.measure.harness import MiB, PeakMemory, eval_flops, step_flops, sync
-from mlcl.model import build_backbone
-from mlcl.predict import load_weights
-from mlcl.prepare.pretrained import load_pretrained
+from mlcl.model import build_backbone, load_backbone_weights
+from mlcl.study.predict import load_weights
 from mlcl.prepare.split_lists import STANDARD_POOLS, UNLABELED_POOL, standard_size
 from mlcl.prepare.verify import verify_dataset
 from mlcl.train import fit
@@ -216,8 +215,7 @@ def weights_stage(plan: Plan) -> tuple[str, dict]:
     path = Path(plan.given.get("model.pretrained") or fabricate_backbone(
         plan.a.out / "pretrained" / weights_name(m.backbone, m.width), m.backbone, m.width))
     kind = "given" if "model.pretrained" in plan.given else "fabricated: real keys and shapes"
-    load_pretrained(build_backbone(m.backbone, m.width, m.output_stride),
-                    dataclasses.replace(m, pretrained=str(path)))
+    load_backbone_weights(build_backbone(m.backbone, m.width), path)
     return (f"{path} ({path.stat().st_size / MiB:.0f} MB, {kind}) loads strictly into "
             f"{m.backbone}", {"path": str(path.resolve())})
 

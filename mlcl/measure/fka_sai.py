@@ -4,6 +4,7 @@ calls the MLCL part of the project's step by itself (:func:`project_part`)."""
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,27 +13,46 @@ from torch import Tensor, nn
 from mlcl import methods
 from mlcl.config import Config
 from mlcl.prototypes import PrototypeBank
+from mlcl.released import valid_bilinear
 
 
 class Decoder(nn.Module):
-    """The 1x1 classifier alone, with the model's ``decode`` API."""
+    """The 1x1 classifier alone, with the model's ``decode`` API. It starts as the identity on
+    the first K channels, so the weak features of :func:`fka_inputs` decode to their crafted
+    pseudo-labels."""
 
     def __init__(self, channels: int, classes: int):
         super().__init__()
         self.classifier = nn.Conv2d(channels, classes, 1)
+        with torch.no_grad():
+            self.classifier.weight.zero_()
+            self.classifier.bias.zero_()
+            self.classifier.weight[:, :classes, 0, 0] = torch.eye(classes)
 
     def decode(self, f: Tensor) -> Tensor:
         return self.classifier(f)
 
 
+class FkaCase(NamedTuple):
+    """The inputs of the MLCL part (``x``) and what the re-created release reads besides:
+    the weak logits (B, K, h, w), probabilities of u_w and of the partner (B, K, H, W) and
+    the CutMix boxes (B, H, W)."""
+
+    x: methods.MLCLInputs
+    logits_w: Tensor
+    prob_w: Tensor
+    prob_mix: Tensor
+    box1: Tensor
+    box2: Tensor
+
+
 # --------------------------------------------------------------------------- the project's side
-def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int
-               ) -> methods.MLCLInputs:
-    """What the MLCL part of a default step receives: weak / CutMixed-weak / strong features at
-    h x h, the weak logits there, the ignore map, CutMix boxes and the weak and partner
-    probabilities at the input resolution H = 4 (h - 1) + 1 (81 -> 321). The weak
-    pseudo-labels are VOC-like: ~60% background, two object classes per image in blobs, about
-    half the pixels above the 0.95 confidence. L_dt pulls the CutMixed s1 outside box1."""
+def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int) -> FkaCase:
+    """What the MLCL part of a default step receives (C >= K): weak / CutMixed-weak / strong
+    features at h x h, the ignore map, CutMix boxes and SAI's targets at the input resolution
+    H = 4 (h - 1) + 1 (81 -> 321). The weak features decode (:class:`Decoder`) to VOC-like
+    pseudo-labels: ~60% background, two object classes per image in blobs, about half the
+    pixels above the 0.95 confidence. L_dt pulls the CutMixed s1 outside box1."""
     g = torch.Generator().manual_seed(seed)
     H = 4 * (h - 1) + 1
     cells = torch.rand(B, 1, 6, 6, generator=g)
@@ -47,37 +67,33 @@ def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int
     box = torch.zeros(2, B, H, H, dtype=torch.bool)
     box[:, :, H // 4:H // 2, H // 3:2 * H // 3] = True
     f_w = torch.randn(B, C, h, h, generator=g)
+    f_w[:, :K] = logits
     f1, f2, s1, s2 = (f_w + 0.5 * torch.randn(B, C, h, h, generator=g) for _ in range(4))
     prob_w = F.interpolate(logits, size=(H, H), mode="bilinear", align_corners=True).softmax(1)
+    prob_mix = prob_w.roll(1, 0)
     f_s1, f_s2 = s1.to(device).requires_grad_(), s2.to(device).requires_grad_()
-    return methods.MLCLInputs(
-        f_w=f_w.to(device), logits_w=logits.to(device), f1=f1.to(device), f2=f2.to(device),
-        f_s1=f_s1, f_s2=f_s2, f_dt=f_s1, dt_box=box[0].to(device), ignore=ignore.to(device),
-        ignore_mix=ignore.roll(1, 0).to(device), box1=box[0].to(device),
-        box2=box[1].to(device), prob_w=prob_w.to(device), prob_mix=prob_w.roll(1, 0).to(device))
+    on = [t.to(device) for t in (f_w, f1, f2, box, ignore, prob_w, prob_mix, logits)]
+    target = methods.paste(on[3], on[6], on[5]).flatten(0, 1)  # (2B, K, H, W)
+    x = methods.MLCLInputs(f_w=on[0], f1=on[1], f2=on[2], f_s1=f_s1, f_s2=f_s2, f_dt=f_s1,
+                           dt_box=on[3][0], ignore=on[4], sai_target=target)
+    return FkaCase(x, on[7], on[5], on[6], on[3][0], on[3][1])
 
 
-def project_part(x: methods.MLCLInputs, bank: PrototypeBank, cfg: Config,
-                 decoder: Decoder | None = None) -> Tensor:
+def project_part(case: FkaCase, bank: PrototypeBank, cfg: Config, decoder: Decoder,
+                 whole: bool) -> Tensor:
     """The project's MLCL part as the training step calls it, forward and backward, the bank
-    updated: without ``decoder`` the prototype branch (L_dt), with it the whole (p2p + v,
-    L_dt, SAI at the end of the ramp-up, w = beta). The detached loss."""
-    if decoder is None:
-        loss = methods.prototype_branch(x, bank, cfg)
+    updated: the prototype branch (L_dt), or with ``whole`` all of it (p2p + v, L_dt, SAI at
+    the end of the ramp-up, w = beta). The detached loss."""
+    parts = methods.mlcl_parts(cfg)
+    if whole:
+        loss = methods.mlcl_losses(decoder, case.x, bank, cfg, cfg.mlcl.beta, parts)[0]
     else:
-        loss = methods.mlcl_losses(decoder, x, bank, cfg, cfg.mlcl.beta)[0]
+        loss = methods.prototype_branch(decoder, case.x, bank, cfg, parts)
     loss.backward()
     return loss.detach()
 
 
 # --------------------------------------------------------------------------- the release
-def resize_ignore(ignore: Tensor, size: tuple[int, int]) -> Tensor:
-    """The release's ignore map (B, H, W) at feature size (B, h, w): bilinear with
-    align_corners and the batch as channels, then truncated to integers (``prote.py``)."""
-    return F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
-                         align_corners=True).squeeze(0).long()
-
-
 class Released:
     """A re-creation of the released FKA / SAI algorithm, for timing only. It measures the
     algorithm, not its quirks: anchors are the true top 16, anchors and candidates pair by
@@ -104,14 +120,14 @@ class Released:
     def _rows_and_ignore(f: Tensor, ignore: Tensor) -> tuple[Tensor, Tensor]:
         B, C, h, w = f.shape
         rows = f.permute(0, 2, 3, 1).contiguous().view(B * h * w, C)
-        return rows, resize_ignore(ignore, (h, w)).reshape(-1)
+        return rows, valid_bilinear(ignore, (h, w)).reshape(-1)
 
     def _per_class(self, f, label, ignore, conf, n: int, most_similar: bool):
         """{class: its n rows most (least) similar to the prototype, picked one at a time}."""
-        rows, ig = self._rows_and_ignore(f, ignore)
+        rows, valid = self._rows_and_ignore(f, ignore)
         lab, out = label.reshape(-1), {}
         for k in lab.unique():
-            keep = (lab == k) & (ig != 255)
+            keep = (lab == k) & valid
             feats = rows[keep & (conf.reshape(-1) > self.conf) if conf is not None else keep]
             if feats.shape[0] == 0:
                 continue
@@ -136,10 +152,10 @@ class Released:
 
     @torch.no_grad()
     def update(self, f_w, label, conf, ignore) -> None:
-        rows, ig = self._rows_and_ignore(f_w, ignore)
+        rows, valid = self._rows_and_ignore(f_w, ignore)
         lab, cf = label.reshape(-1), conf.reshape(-1)
         for k in lab.unique():
-            feats = rows[(lab == k) & (ig != 255) & (cf > self.conf)]
+            feats = rows[(lab == k) & valid & (cf > self.conf)]
             if feats.shape[0] == 0:
                 continue
             if bool((self.bank[k] == 0).all()):
@@ -147,14 +163,15 @@ class Released:
             else:
                 self.bank[k] = self.momentum * self.bank[k] + (1 - self.momentum) * feats.mean(0)
 
-    def dt(self, x, label: Tensor, conf: Tensor) -> Tensor:
+    def dt(self, x: methods.MLCLInputs, label: Tensor, conf: Tensor) -> Tensor:
         """L_dt of the weak features x.f_w against the strong x.f_s1."""
         return self.dt_loss(self._per_class(x.f_w, label, x.ignore, conf, self.anchors, True),
                             self._per_class(x.f_s1, label, x.ignore, None, self.candidates,
                                             False))
 
-    def proto(self, x) -> None:
-        conf, label = x.logits_w.softmax(1).max(1)
+    def proto(self, case: FkaCase) -> None:
+        x = case.x
+        conf, label = case.logits_w.softmax(1).max(1)
         self.dt(x, label, conf).backward()
         self.update(x.f_w, label, conf, x.ignore)
 
@@ -171,19 +188,19 @@ class Released:
             masked[i] = f[i] * (att < top * random.uniform(r - 0.1, r + 0.1)).float()
         return [noised, masked]
 
-    def whole(self, x, decoder, cfg) -> None:
-        m, size = cfg.mlcl, x.prob_w.shape[-2:]
+    def whole(self, case: FkaCase, decoder, cfg) -> None:
+        x, m, size = case.x, cfg.mlcl, case.prob_w.shape[-2:]
         p2p, sims = [], []
         for f, fs in ((x.f1, x.f_s1), (x.f2, x.f_s2)):
             p2p.append(1 - F.cosine_similarity(f.detach(), fs, dim=1, eps=1e-6).mean())
             sims.append(F.cosine_similarity(f.detach(), fs, dim=1, eps=1e-6)
                         .reshape(f.shape[0], -1).mean(1))
-        conf, label = x.logits_w.softmax(1).max(1)
+        conf, label = case.logits_w.softmax(1).max(1)
         dt, sai = self.dt(x, label, conf), 0
-        for fs, v, box in ((x.f_s1, sims[0], x.box1), (x.f_s2, sims[1], x.box2)):
-            target = x.prob_w.clone()
+        for fs, v, box in ((x.f_s1, sims[0], case.box1), (x.f_s2, sims[1], case.box2)):
+            target = case.prob_w.clone()
             b = box.unsqueeze(1).repeat(1, target.shape[1], 1, 1)
-            target[b] = x.prob_mix[b]
+            target[b] = case.prob_mix[b]
             for perturbed in self._perturbed(fs, v):
                 logits = F.interpolate(decoder.decode(perturbed), size=size, mode="bilinear",
                                        align_corners=True)
