@@ -24,8 +24,8 @@ from mlcl.errors import MlclError
 from mlcl.files import atomic_write_text
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
-# The release's deviations from the paper, one switch each (docs/method.md, "Paper versus
-# release"); None follows ``mlcl.variant`` (True for released).
+# The release's deviations from the paper, one switch each; None follows ``mlcl.variant``
+# (True for released). docs/method.md, "Paper versus release" describes each.
 RELEASED_QUIRKS = ("double_transform", "pair_by_position", "duplicate_top_anchor",
                    "normalise_by_candidates", "bank_early_stop", "bilinear_ignore",
                    "dt_uninitialised", "bank_local_update")

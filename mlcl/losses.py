@@ -1,10 +1,7 @@
-"""The paper's losses as pure functions of tensors, one per term (docs/method.md, "One training
-step"; the map from each equation to its function: docs/method.md, "Equations and functions").
-
-Shapes: ``B`` images, ``K`` classes, ``C`` feature channels, ``H x W`` input resolution,
-``h x w`` feature resolution. Nothing here waits on the device (no value-dependent shapes, no
-tensor-to-Python conversions). The release's deviations are in :mod:`mlcl.released`, which
-builds on the pieces here.
+"""The paper's losses as pure functions of tensors, one per term (docs/method.md, "Equations
+and functions"); the release's deviations build on them in :mod:`mlcl.released`. Shapes: ``B``
+images, ``K`` classes, ``C`` feature channels, ``H x W`` input and ``h x w`` feature resolution.
+Nothing here waits on the device (docs/method.md, "No waiting on the device").
 """
 from __future__ import annotations
 
@@ -23,24 +20,18 @@ SAI_RAMP_K = 5.0  # k of the SAI ramp-up r(t) = exp(-k (1 - t/T)^2), the release
 
 # --------------------------------------------------------------------------- UniMatch
 def ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
-    """L_x: cross-entropy of labeled predictions.
-
-    logits (B, K, H, W), target (B, H, W) long. Mean over pixels whose target is not
-    ``ignore_index`` (0, not NaN, when every pixel is ignored).
-    """
+    """L_x: cross-entropy of labeled predictions, logits (B, K, H, W), target (B, H, W) long;
+    the mean over pixels whose target is not ``ignore_index`` (0 when every pixel is)."""
     ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     return ce / (target != ignore_index).sum().clamp(min=1)
 
 
 def ohem_ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255,
                  thresh: float = 0.7, min_kept: int = 200_000) -> Tensor:
-    """L_x with online hard example mining (UniMatch's ``ProbOhemCrossEntropy2d``, Cityscapes).
-
-    logits (B, K, H, W), target (B, H, W). p = softmax probability of the true class. Keeps
-    the non-ignored pixels with p <= max(thresh, the min_kept-th smallest p); all of them when
-    fewer than ``min_kept`` pixels are labeled (or min_kept <= 0). Mean CE over the kept
-    pixels (0 when none).
-    """
+    """L_x with online hard example mining (UniMatch's ``ProbOhemCrossEntropy2d``, Cityscapes):
+    logits (B, K, H, W), target (B, H, W); with p the softmax probability of the true class,
+    the mean CE over the non-ignored pixels with p <= max(thresh, the min_kept-th smallest p);
+    over all of them when fewer than ``min_kept`` are labeled (or min_kept <= 0)."""
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     logp = F.log_softmax(logits.float(), dim=1)
@@ -61,13 +52,9 @@ def ohem_ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255,
 
 def pseudo_label_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, ignore: Tensor,
                     tau: float, ignore_index: int = 255) -> Tensor:
-    """L_s1 / L_s2 / L_fp: cross-entropy against (CutMixed) pseudo-labels.
-
-    logits (B, K, H, W); pseudo (B, H, W) long; conf (B, H, W); ignore (B, H, W) with
-    ``ignore_index`` on padding. Sum of CE over pixels with conf >= tau and not ignored,
-    divided by the number of non-ignored pixels (UniMatch's normalisation); 0 when every
-    pixel is ignored.
-    """
+    """L_s1 / L_s2 / L_fp: cross-entropy against (CutMixed) pseudo-labels. logits (B, K, H, W);
+    pseudo, conf, ignore (B, H, W). The sum of CE over pixels with conf >= tau and not
+    ``ignore_index``, over the number of non-ignored pixels (UniMatch's normalisation)."""
     valid = ignore != ignore_index
     ce = F.cross_entropy(logits.float(), pseudo.long(), ignore_index=ignore_index,
                          reduction="none")
@@ -95,9 +82,8 @@ def at_feature_pixels(t: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def valid_at_features(ignore: Tensor, size: tuple[int, int], ignore_index: int = 255) -> Tensor:
-    """The ignore map (B, H, W) at feature resolution ``size`` as a validity mask (B, h, w)
-    bool: valid where the pixel under the feature position (:func:`at_feature_pixels`) is not
-    ``ignore_index``."""
+    """(B, h, w) bool at feature resolution ``size``: the ignore map (B, H, W) at the pixel
+    under each feature position (:func:`at_feature_pixels`) is not ``ignore_index``."""
     return at_feature_pixels(ignore, size) != ignore_index
 
 
@@ -116,11 +102,9 @@ def _channel_cos(a: Tensor, b: Tensor) -> Tensor:
 
 
 def loss_p2p(f_mix: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
-    """(L_p2p, v): FKA's point-to-point alignment and SAI's per-image similarity, from one
-    cosine map (the costly part).
-
-    f_mix (B, C, h, w) the weak view CutMixed like ``f_s`` (F_1, detached here); f_s
-    (B, C, h, w) receives the gradient. L_p2p (0-dim) = mean over B*h*w pixels of
+    """(L_p2p, v): FKA's point-to-point alignment and SAI's per-image similarity from one
+    cosine map. f_mix (B, C, h, w) the weak view CutMixed like ``f_s`` (F_1, detached here);
+    f_s (B, C, h, w) gets the gradient. L_p2p (0-dim) = the mean over B*h*w pixels of
     1 - cos(F_1, F_s1); v (B,) = per image the mean cosine, without gradient."""
     cos = _channel_cos(f_mix.detach().float(), f_s.float())  # (B, h, w)
     return 1.0 - cos.mean(), cos.detach().flatten(1).mean(1)
@@ -161,13 +145,11 @@ def dt_select(fw: Tensor, fs: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: 
               valid_s: Tensor, protos: Tensor, classes: Tensor, conf_thresh: float,
               num_anchors: int, num_candidates: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The anchors and candidates of L_dt: (a_idx, a_ok) (K, A) and (c_idx, c_ok) (K, S), flat
-    pixel indices and validity (:func:`_topk_per_class`).
-
-    fw, fs (B, C, P) float; conf_w, label_w, valid_w, valid_s (B, h, w) with h*w = P; protos
-    (K, C) float; classes (K,) bool, the classes that take part. Anchors of class k: the
-    ``num_anchors`` valid weak features of weak label k with conf > ``conf_thresh`` closest to
-    rho_k; candidates: the ``num_candidates`` valid strong features of weak label k farthest
-    from rho_k."""
+    pixel indices and validity (:func:`_topk_per_class`). fw, fs (B, C, P) float; conf_w,
+    label_w, valid_w, valid_s (B, h, w), h*w = P; protos (K, C) float; classes (K,) bool, the
+    classes that take part. Anchors A_k: the ``num_anchors`` valid weak features of weak label k
+    with conf > ``conf_thresh`` closest to rho_k; candidates S_k: the ``num_candidates`` valid
+    strong features of weak label k farthest from rho_k."""
     B, P, K = fw.shape[0], fw.shape[2], protos.shape[0]
     own = label_w.reshape(B, 1, P).long() == torch.arange(K, device=fw.device).view(1, K, 1)
     own = own & classes.view(1, K, 1)
@@ -195,16 +177,12 @@ def dt_mean(best: Tensor, a_ok: Tensor, den: Tensor) -> Tensor:
 def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
             f_s: Tensor, valid_s: Tensor, protos: Tensor, *, conf_thresh: float = 0.95,
             num_anchors: int = 16, num_candidates: int = 256) -> Tensor:
-    """L_dt (prototype-based intra-class compactness of FKA), 0-dim: the mean over all anchors
-    of 1 - m(a), m(a) = max over the candidates of its class of cos(a, s); 0 when no class has
-    both. Anchors and candidates: :func:`dt_select`, among the classes whose prototype is
-    initialised.
-
-    f_w (B, C, h, w) weak features (detached here); conf_w, label_w (B, h, w) the weak
-    confidence and class at feature resolution; valid_w (B, h, w) bool; f_s (B, C, h, w)
-    strong features (receive the gradient); valid_s (B, h, w) bool; protos (K, C) the bank
-    (read only). Computed in fp32 whatever the autocast.
-    """
+    """L_dt (FKA's prototype-based intra-class compactness), 0-dim, in fp32: the mean over all
+    anchors of 1 - m(a), m(a) = max over the candidates of its class of cos(a, s); 0 when no
+    class has both (:func:`dt_select`, among the classes whose prototype is initialised).
+    f_w (B, C, h, w) weak features (detached here); conf_w, label_w, valid_w (B, h, w) at
+    feature resolution; f_s (B, C, h, w) strong features (get the gradient); valid_s (B, h, w);
+    protos (K, C) the bank (read only)."""
     with torch.autocast(f_s.device.type, enabled=False):
         fw, fs = flat_maps(f_w.detach()).float(), flat_maps(f_s).float()  # (B, C, P)
         protos = protos.detach().float()
@@ -239,14 +217,10 @@ def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | N
 
 def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """(F_mk, keep) of SAI self-adaptive masking.
-
-    f (B, C, h, w); ratio (B,) the threshold centres r_i (:func:`sai_mask_ratio`), used
-    detached. Attention A_i = channel mean of f_i; t_i ~ U(r_i - jitter, r_i + jitter) (one
-    ``torch.rand(B)`` from ``generator``); keep (B, h, w) bool = A_i < t_i max(A_i), so the
-    highest activations are dropped; F_mk = f * keep (the gradient flows through the kept
-    positions).
-    """
+    """(F_mk, keep) of SAI self-adaptive masking. f (B, C, h, w); ratio (B,) the threshold
+    centres r_i (:func:`sai_mask_ratio`, used detached). A_i = channel mean of f_i; t_i ~
+    U(r_i - jitter, r_i + jitter) (one ``torch.rand(B)`` from ``generator``); keep (B, h, w) =
+    A_i < t_i max(A_i), dropping the highest activations; F_mk = f * keep."""
     B = f.shape[0]
     u = torch.rand(B, generator=generator, device=f.device, dtype=torch.float32)
     t = ratio.detach().float() + (2.0 * u - 1.0) * jitter
@@ -295,13 +269,10 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
 
 
 def loss_sai(logits: Tensor, target: Tensor, chunk: int | None = None) -> Tensor:
-    """L_m / L_n of SAI from the decoder's logits at feature resolution: the value and gradient of
-    ``sai_mse(upsample(logits, target's size).float().softmax(1), target)`` without keeping any
-    input-resolution tensor for the backward.
-
-    logits (N, K, h, w); target (N, K, H, W) (detached). ``chunk`` images at a time (default:
-    1 on CPU, all on GPU). 0-dim float32.
-    """
+    """L_m / L_n of SAI, 0-dim float32, from the decoder's logits (N, K, h, w): the value and
+    gradient of ``sai_mse(upsample(logits).float().softmax(1), target)``, target (N, K, H, W),
+    ``chunk`` images at a time (default: 1 on CPU, all on GPU), keeping no input-resolution
+    tensor for the backward."""
     if chunk is None:
         chunk = 1 if logits.device.type == "cpu" else logits.shape[0]
     return _UpsampledSoftmaxMSE.apply(logits, target.detach(), max(1, int(chunk)))

@@ -1,18 +1,11 @@
 """One step function per method: ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
-(what each computes: docs/method.md, "One training step"; each equation's function:
-docs/method.md, "Equations and functions").
+(docs/method.md: what each computes, "One training step"; its passes, "Forward passes"; each
+equation's function, "Equations and functions").
 
 Vocabulary (UniMatch's): ``x``/``y`` labeled images and masks; ``u`` the unlabeled batch with
 views ``w`` (weak), ``s1``/``s2`` (two independent strong views), ``ignore`` (255 where the
 crop was padded) and CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner batch
 (``mix_source``); ``fp`` the feature-perturbation branch.
-
-Image-batches through the backbone per step (docs/method.md, "Forward passes"):
-
-    supervised              1   x
-    unimatch                5   mix_w (eval, no grad) | x, u_w (+fp copy of c1/c4) | s1, s2
-    mlcl                    7   unimatch's 5 + the CutMixed weak views w1, w2 under no_grad
-    mlcl (released_passes)  9   unimatch's 5 + train-mode passes over w1 | w2 | u_w | s1
 """
 from __future__ import annotations
 
@@ -111,10 +104,8 @@ def mix_source(batch: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def paste(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
-    """CutMix, the one helper: ``inside`` where ``box`` is set, ``outside`` elsewhere.
-
-    inside, outside (B, H, W) (labels, confidences, ignore maps) or (B, K, H, W) (images,
-    probabilities); box (B, H, W) bool, or (n, B, H, W) for n boxes at once (the result then
+    """CutMix: ``inside`` where ``box`` is set, ``outside`` elsewhere. inside, outside (B, H, W)
+    or (B, K, H, W); box (B, H, W) bool, or (n, B, H, W) for n boxes at once (the result then
     has a leading n)."""
     if inside.dim() == 4:
         box = box.unsqueeze(-3)
@@ -170,10 +161,8 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
 
     # 5. losses; targets of s_i: u_w's pseudo-labels with box_i taken from the mix source
     ig = cfg.data.ignore_index
-    targets = []
-    for box in boxes:
-        targets.append((paste(box, label_mix, label_w), paste(box, conf_mix, conf_w),
-                        paste(box, mix["ignore"], u["ignore"])))
+    targets = [(paste(b, label_mix, label_w), paste(b, conf_mix, conf_w),
+                paste(b, mix["ignore"], u["ignore"])) for b in boxes]
     tau = cfg.train.conf_thresh
     loss_x = labeled_loss(pred_x, y, cfg)
     loss_s1 = losses.pseudo_label_ce(pred_s1, *targets[0], tau, ig)
@@ -258,13 +247,9 @@ def prototype_branch(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts
 
 def sai_losses(net, branches: list[tuple[Tensor, Tensor]], target: Tensor, cfg: Config,
                mask_ratio: Callable) -> tuple[Tensor, Tensor]:
-    """(L_m, L_n) of SAI over the strong branches (0-dim each).
-
-    branches: per strong view (f_s (B, C, h, w) with gradient, v (B,)); target
-    (n*B, K, H, W) the branches' targets (:attr:`MLCLInputs.sai_target`); mask_ratio: r(v).
-    The masked / noised maps go through ``net.decode`` alone; :func:`mlcl.losses.loss_sai`
-    upsamples and compares them. Random draws, per branch: the mask threshold, then the noise.
-    """
+    """(L_m, L_n) of SAI over the strong branches (0-dim each): per branch (f_s (B, C, h, w)
+    with gradient, v (B,)) the masked then the noised map (random draws in that order) through
+    ``net.decode`` alone, compared with target (n*B, K, H, W) by :func:`losses.loss_sai`."""
     m = cfg.mlcl
     logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
     for f_s, v in branches:

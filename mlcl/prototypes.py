@@ -1,10 +1,5 @@
-"""The class-prototype memory bank of FKA (docs/method.md, "Prototype memory bank").
-
-``PrototypeBank`` is an ``nn.Module`` whose (K, C) buffer ``protos`` is in its ``state_dict``,
-so checkpoints carry it. The update is vectorised (per-class sums and counts as one-hot matrix
-products) and keeps the bank identical on every process. The release's update is
-:class:`mlcl.released.ReleasedBank`.
-"""
+"""The class-prototype memory bank of FKA (docs/method.md, "Prototype memory bank"); the
+release's update is :class:`mlcl.released.ReleasedBank`."""
 from __future__ import annotations
 
 import torch
@@ -18,7 +13,8 @@ def initialised(protos: Tensor) -> Tensor:
 
 
 class PrototypeBank(nn.Module):
-    """rho (K, C): one prototype per class, all zeros until the class is first seen."""
+    """rho (K, C): one prototype per class, all zeros until the class is first seen; the buffer
+    ``protos`` is in the ``state_dict``, so checkpoints carry it."""
 
     def __init__(self, num_classes: int, channels: int, momentum: float = 0.99,
                  conf_thresh: float = 0.95):
@@ -28,11 +24,6 @@ class PrototypeBank(nn.Module):
         self.momentum = momentum
         self.conf_thresh = conf_thresh
         self.register_buffer("protos", torch.zeros(num_classes, channels))
-
-    @property
-    def initialised(self) -> Tensor:
-        """(K,) bool: classes whose prototype is no longer all zeros."""
-        return initialised(self.protos)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, channels={self.channels}, "
@@ -59,26 +50,20 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
-        """The bank (K, C) after one EMA step from class sums (K, C) and counts (K,); not stored.
-
-        For each class with counts > 0: mean_k = sums_k / counts_k; rho_k <- mean_k if rho_k is
-        all zeros, else m rho_k + (1 - m) mean_k.
-        """
+        """The bank (K, C) after one EMA step from class sums (K, C) and counts (K,), not stored:
+        for each class with counts > 0, mean_k = sums_k / counts_k; rho_k <- mean_k if rho_k is
+        all zeros, else m rho_k + (1 - m) mean_k."""
         present = counts > 0
         mean = sums / counts.clamp(min=1).unsqueeze(1)
-        seen = self.initialised
-        m = self.momentum
+        seen, m = initialised(self.protos), self.momentum
         new = torch.where((present & ~seen).unsqueeze(1), mean, self.protos)
         return torch.where((present & seen).unsqueeze(1), m * self.protos + (1.0 - m) * mean, new)
 
     @torch.no_grad()
     def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> None:
-        """One EMA step (:meth:`stepped`) from this step's weak features, in place.
-
-        feats (B, C, h, w) or (N, C); labels, conf, valid (B, h, w) or (N,). The class sums and
-        counts are summed over processes first, so every process applies the step of the
-        global batch.
-        """
+        """One EMA step (:meth:`stepped`) in place from the class sums and counts of
+        :meth:`class_sums`' arguments, summed over processes: every process applies the global
+        batch's step, so the banks stay identical."""
         sums, counts = self.class_sums(feats, labels, conf, valid)
         packed = reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), reduction="sum")
         self.protos.copy_(self.stepped(packed[:, :-1], packed[:, -1]))

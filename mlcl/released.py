@@ -1,21 +1,7 @@
 """Every place where the authors' release (github.com/MKSAQW/MCCL) computes something other
-than the paper's equations, each behind its own switch (docs/method.md, "Paper versus
-release"). :func:`mlcl.methods.mlcl_parts` is the one place that picks these instead of the
-paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`.
-
-=========================== =========================================================
-switch                      implementation here
-=========================== =========================================================
-``mlcl.double_transform``   :func:`sai_mask_ratio_twice`
-``mlcl.bilinear_ignore``    :func:`valid_bilinear`
-``mlcl.pair_by_position``,  :func:`loss_dt` (with :func:`position_pairing`)
-``duplicate_top_anchor``,
-``normalise_by_candidates``,
-``dt_uninitialised``
-``mlcl.bank_early_stop``,   :class:`ReleasedBank`
-``bank_local_update``
-``mlcl.released_passes``    :func:`separate_passes`
-=========================== =========================================================
+than the paper's equations, each behind the switch its docstring names (docs/method.md, "Paper
+versus release"). :func:`mlcl.methods.mlcl_parts` is the one place that picks these instead of
+the paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`.
 """
 from __future__ import annotations
 
@@ -109,7 +95,7 @@ class ReleasedBank(prototypes.PrototypeBank):
         new = super().stepped(sums, counts)
         if not self.early_stop:
             return new
-        init = ((counts > 0) & ~self.initialised).long()
+        init = ((counts > 0) & ~prototypes.initialised(self.protos)).long()
         skip = (init == 0) & ((torch.cumsum(init, 0) - init) > 0)
         return torch.where(skip.unsqueeze(1), self.protos, new)
 
