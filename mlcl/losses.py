@@ -65,8 +65,8 @@ def pseudo_label_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, ignore: Tensor
 # --------------------------------------------------------------------------- resolution
 def feature_pixel_index(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
     """(n_out,) long: the input pixel under each of ``n_out`` feature positions along an axis
-    of ``n_in`` pixels, as the model's upsampling (bilinear, align_corners=True) places them:
-    round(i (n_in - 1) / (n_out - 1)), halves rounded up; 0 when n_out = 1."""
+    of ``n_in`` pixels as the model's upsampling places them (docs/method.md, "Ignore map and
+    CutMix box at feature resolution")."""
     i = torch.arange(n_out, device=device)
     if n_out == 1:
         return i
@@ -74,8 +74,8 @@ def feature_pixel_index(n_in: int, n_out: int, device: torch.device | None = Non
 
 
 def at_feature_pixels(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H, W) -> (B, h, w), ``size`` = (h, w): the value of ``t`` at the input pixel under
-    each feature position (:func:`feature_pixel_index`); any dtype."""
+    """(B, H, W) -> (B, h, w) = ``size``: ``t`` at the input pixel under each feature
+    position."""
     rows = feature_pixel_index(t.shape[-2], size[0], t.device)
     cols = feature_pixel_index(t.shape[-1], size[1], t.device)
     return t.index_select(-2, rows).index_select(-1, cols)
@@ -88,25 +88,13 @@ def valid_at_features(ignore: Tensor, size: tuple[int, int], ignore_index: int =
 
 
 # --------------------------------------------------------------------------- FKA
-def flat_maps(f: Tensor) -> Tensor:
-    """(B, C, h, w) -> (B, C, h*w), a view; pixel p of image b is flat index b*h*w + p."""
-    return f.reshape(f.shape[0], f.shape[1], -1)
-
-
-def _channel_cos(a: Tensor, b: Tensor) -> Tensor:
-    """Per-pixel cosine over channels of (B, C, h, w) maps -> (B, h, w), each norm clamped at
-    COS_EPS; ``a`` is treated as a constant."""
-    dot = (a * b).sum(1)
-    na = a.detach().norm(dim=1).clamp(min=COS_EPS)
-    return dot / (na * b.norm(dim=1).clamp(min=COS_EPS))
-
-
 def loss_p2p(f_mix: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
     """(L_p2p, v): FKA's point-to-point alignment and SAI's per-image similarity from one
     cosine map. f_mix (B, C, h, w) the weak view CutMixed like ``f_s`` (F_1, detached here);
     f_s (B, C, h, w) gets the gradient. L_p2p (0-dim) = the mean over B*h*w pixels of
     1 - cos(F_1, F_s1); v (B,) = per image the mean cosine, without gradient."""
-    cos = _channel_cos(f_mix.detach().float(), f_s.float())  # (B, h, w)
+    a, b = f_mix.detach().float(), f_s.float()
+    cos = (a * b).sum(1) / (a.norm(dim=1).clamp(min=COS_EPS) * b.norm(dim=1).clamp(min=COS_EPS))
     return 1.0 - cos.mean(), cos.detach().flatten(1).mean(1)
 
 
@@ -124,8 +112,8 @@ def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
 
 def _topk_per_class(score: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """score, eligible (B, K, P) -> per class the flat indices b*P + p of the (at most) ``k``
-    eligible pixels of highest score, sorted: idx (K, k) long, ok (K, k) bool (False on
-    padding slots, which come last and whose indices are arbitrary)."""
+    eligible pixels of highest score, sorted: idx (K, k), and ok (K, k), False on the padding
+    slots (last, arbitrary indices)."""
     K = score.shape[1]
     masked = score.masked_fill(~eligible, float("-inf")).transpose(0, 1).reshape(K, -1)
     k = min(k, masked.shape[1])
@@ -134,8 +122,7 @@ def _topk_per_class(score: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Te
 
 
 def unit_features(maps: Tensor, idx: Tensor) -> Tensor:
-    """maps (B, C, P), flat pixel indices idx (K, k) -> their L2-normalised feature vectors
-    (K, k, C)."""
+    """maps (B, C, P), flat pixel indices idx (K, k) -> their unit feature vectors (K, k, C)."""
     P = maps.shape[2]
     return F.normalize(maps[idx // P, :, idx % P], dim=2)
 
@@ -161,8 +148,8 @@ def dt_select(fw: Tensor, fs: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: 
 
 
 def dt_best_match(anchors: Tensor, cands: Tensor, c_ok: Tensor) -> Tensor:
-    """m(a) (K, A): for every anchor of row k, the largest cosine to a valid candidate of row
-    k. anchors (K, A, C), cands (K, S, C) unit vectors; c_ok (K, S) bool."""
+    """m(a) (K, A): each anchor's largest cosine to a valid candidate of its row; anchors
+    (K, A, C), cands (K, S, C) unit vectors, c_ok (K, S)."""
     cos = torch.bmm(anchors, cands.transpose(1, 2))  # (K, A, S)
     return cos.masked_fill(~c_ok.unsqueeze(1), float("-inf")).amax(dim=2)
 
@@ -184,7 +171,7 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     feature resolution; f_s (B, C, h, w) strong features (get the gradient); valid_s (B, h, w);
     protos (K, C) the bank (read only)."""
     with torch.autocast(f_s.device.type, enabled=False):
-        fw, fs = flat_maps(f_w.detach()).float(), flat_maps(f_s).float()  # (B, C, P)
+        fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()  # (B, C, P)
         protos = protos.detach().float()
         a_idx, a_ok, c_idx, c_ok = dt_select(
             fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, initialised(protos),
@@ -207,9 +194,8 @@ def sai_mask_ratio(v: Tensor, kappa: float) -> Tensor:
 
 def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | None = None
               ) -> Tensor:
-    """F_ne (SAI noise injection) = F + F * eps, eps ~ U(-a_i, a_i) elementwise over (C, h, w),
-    a_i = kappa (v_i + 1). f (B, C, h, w) keeps its gradient; v (B,) is used detached. Draws
-    one ``torch.rand(f.shape)`` from ``generator``."""
+    """F_ne (SAI noise injection) = F + F * eps, eps ~ U(-a_i, a_i) elementwise (one
+    ``torch.rand(f.shape)`` from ``generator``); f (B, C, h, w) keeps its gradient, v (B,)."""
     a = sai_amplitude(v.detach().to(f.dtype), kappa).view(-1, 1, 1, 1)
     u = torch.rand(f.shape, generator=generator, device=f.device, dtype=f.dtype)
     return f * torch.addcmul(1.0 - a, u, 2.0 * a)  # F (1 + eps), 1 + eps = (1 - a) + 2a u
@@ -232,9 +218,8 @@ def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
 
 
 def sai_mse(prob: Tensor, target: Tensor) -> Tensor:
-    """L_m / L_n: MSE between the decoder's probabilities on a perturbed map (upsampled to the
-    input size) and the weak view's CutMixed probabilities; prob, target (B, K, H, W) (target
-    detached by the caller); the mean over all B*K*H*W elements, padding included."""
+    """L_m / L_n at the input resolution: the mean over all B*K*H*W elements of the squared
+    difference of prob and target (B, K, H, W); :func:`loss_sai` computes it from logits."""
     return F.mse_loss(prob.float(), target.float(), reduction="mean")
 
 
@@ -279,8 +264,8 @@ def loss_sai(logits: Tensor, target: Tensor, chunk: int | None = None) -> Tensor
 
 
 def sai_weight(it: int, total_iters: int, beta: float) -> float:
-    """w(t) = beta r(t)^2 with r(t) = exp(-k (1 - t/T)^2), k = SAI_RAMP_K, t = min(it, T) the
-    global iteration, T = total_iters (beta when T = 0). A host float from ints."""
+    """w(t) = beta r(t)^2, r(t) = exp(-k (1 - t/T)^2), k = SAI_RAMP_K, t = min(it, T) the global
+    iteration, T = total_iters (beta when T = 0); a host float."""
     if total_iters <= 0:
         return float(beta)
     t = min(max(it, 0), total_iters)

@@ -51,7 +51,7 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     (``mlcl.dt_uninitialised``): classes whose prototype is all zeros take part.
     """
     with torch.autocast(f_s.device.type, enabled=False):
-        fw, fs = losses.flat_maps(f_w.detach()).float(), losses.flat_maps(f_s).float()
+        fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()
         protos = protos.detach().float()
         K = protos.shape[0]
         classes = (torch.ones(K, dtype=torch.bool, device=protos.device) if keep_uninitialised
