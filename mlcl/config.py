@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import math
 import operator
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,8 +233,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """A run's whole configuration: the method, seed, output folder and named cell, and one
-    section per part (data, model, train, mlcl, eval)."""
+    """A run's whole configuration: method, seed, output folder, named cell and the sections."""
 
     RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 4294967295]"}
 
@@ -255,25 +253,18 @@ class Config:
 
     def split_path(self, name: str) -> Path:
         """The split file ``data.<name>`` as a path (relative entries are under data.root)."""
-        value = getattr(self.data, name)
-        if not value:
+        if not getattr(self.data, name):
             raise ConfigError(f"data.{name} is empty: give a split file, e.g. data.{name}=PATH")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else Path(self.data.root).expanduser() / p
+        return Path(self.data.root).expanduser() / Path(getattr(self.data, name)).expanduser()
 
 
-CHOICES = {
-    "method": METHOD_NAMES,
-    "data.layout": ("voc", "cityscapes"),
-    "train.optimizer": ("sgd", "adamw"),
-    "train.loss": ("ce", "ohem"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.mix_partner": ("roll", "loader", "same"),
-    "mlcl.variant": ("paper", "released"),
-    "eval.mode": ("whole", "sliding"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
-                       "resnet50_deepstem", "resnet101_deepstem"),
-}
+CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes"),
+           "train.optimizer": ("sgd", "adamw"), "train.loss": ("ce", "ohem"),
+           "train.mixed_precision": ("no", "bf16", "fp16"),
+           "train.mix_partner": ("roll", "loader", "same"), "mlcl.variant": ("paper", "released"),
+           "eval.mode": ("whole", "sliding"),
+           "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
+                              "resnet50_deepstem", "resnet101_deepstem")}
 
 # Keys that do not change a run's results (workers, logging, where files go): two runs that
 # differ only in these are the same run (mlcl.study.reproduce, the registry's tables).
@@ -293,14 +284,13 @@ _SCALARS = {bool: ((bool,), "true/false"), int: ((int,), "an integer"),
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` in the annotation ``tp`` (no silent truncation), or a ConfigError naming
-    ``key``."""
+    """``value`` in the annotation ``tp``, or a ConfigError naming ``key``."""
     if isinstance(value, CliValue) and tp is not str:
         try:
             value = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             value = str(value)
-    if typing.get_origin(tp) in (Union, types.UnionType):
+    if typing.get_origin(tp) is Union:
         arms = typing.get_args(tp)
         if type(None) in arms and str(value).strip().lower() in ("none", "null", "~"):
             return None  # before a str arm could take "none" as a name

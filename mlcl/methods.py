@@ -99,8 +99,7 @@ def mix_source(batch: dict[str, Any]) -> dict[str, Tensor]:
     or a second, independently augmented view of the same images (``same``)."""
     if "mix" in batch:
         return batch["mix"]
-    u = batch["u"]
-    return {k: v.roll(1, dims=0) for k, v in u.items() if torch.is_tensor(v)}
+    return {k: v.roll(1, dims=0) for k, v in batch["u"].items() if torch.is_tensor(v)}
 
 
 def paste(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
@@ -131,9 +130,7 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     """UniMatch's passes and losses (docs/method.md, "UniMatch"). batch: {'x': {'x', 'y'},
     'u': {'w', 's1', 's2', 'ignore', 'box1', 'box2'}, optionally 'mix'}; 5 image-batches."""
     cfg = ctx.cfg
-    x, y = batch["x"]["x"], batch["x"]["y"]
-    u = batch["u"]
-    mix = mix_source(batch)
+    x, y, u, mix = batch["x"]["x"], batch["x"]["y"], batch["u"], mix_source(batch)
     boxes = [u["box1"], u["box2"]]
 
     # 1. pseudo-labels of the mix source: eval mode, no gradient
@@ -144,14 +141,12 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     conf_mix, label_mix = prob_mix.max(1)
 
     # 2. CutMix the strong views with the partner's strong views
-    s1 = paste(boxes[0], mix["s1"], u["s1"])
-    s2 = paste(boxes[1], mix["s2"], u["s2"])
+    s1, s2 = paste(boxes[0], mix["s1"], u["s1"]), paste(boxes[1], mix["s2"], u["s2"])
 
     # 3. cat(x, u_w) with the feature-perturbation branch (train mode)
     n_x = x.shape[0]
     out_xw = model(torch.cat([x, u["w"]]), fp=True, return_features=True)
-    pred_x, pred_w = out_xw.logits[:n_x], out_xw.logits[n_x:]
-    pred_fp = out_xw.logits_fp[n_x:]
+    pred_x, pred_w, pred_fp = out_xw.logits[:n_x], out_xw.logits[n_x:], out_xw.logits_fp[n_x:]
     prob_w = pred_w.detach().softmax(1)
     conf_w, label_w = prob_w.max(1)
 
@@ -186,8 +181,7 @@ def step_unimatch(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, T
 # --------------------------------------------------------------------------- mlcl
 @dataclass
 class MLCLInputs:
-    """What the MLCL part of a step reads: B images, C channels, K classes, h x w feature and
-    H x W input resolution."""
+    """What the MLCL part of a step reads (shapes as in :mod:`mlcl.losses`)."""
 
     f_w: Tensor  # (B, C, h, w) F_w: features of u_w, detached
     f1: Tensor  # (B, C, h, w) F_1: the weak images CutMixed like s1, detached
@@ -233,9 +227,7 @@ def prototype_branch(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts
     with torch.no_grad():
         conf, label = net.decode(x.f_w).float().softmax(1).max(1)  # (B, h, w)
     valid_w = parts.valid_at_features(x.ignore, size, cfg.data.ignore_index)
-    valid_s = valid_w
-    if x.dt_box is not None:
-        valid_s = valid_w & ~losses.at_feature_pixels(x.dt_box, size)
+    valid_s = valid_w if x.dt_box is None else valid_w & ~losses.at_feature_pixels(x.dt_box, size)
     dt = x.f_dt.new_zeros(())
     if m.use_dt:
         dt = parts.loss_dt(x.f_w, conf, label, valid_w, x.f_dt, valid_s, bank.protos,
@@ -302,7 +294,4 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
 
 
 STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "supervised": step_supervised,
-    "unimatch": step_unimatch,
-    "mlcl": step_mlcl,
-}
+    "supervised": step_supervised, "unimatch": step_unimatch, "mlcl": step_mlcl}

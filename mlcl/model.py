@@ -28,14 +28,10 @@ BACKBONES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], bool]] = 
     "resnet50_deepstem": (Bottleneck, (3, 4, 6, 3), True),
     "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True),
 }
-# torchvision's ImageNet weights for ``model.pretrained: true``. IMAGENET1K_V1 (the original
-# 76.1% ResNet-50) is what DeepLab-style segmentation code has used; V2 is a different recipe.
-TORCHVISION_WEIGHTS = {
-    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": tvm.ResNet101_Weights.IMAGENET1K_V1,
-}
+# torchvision's ImageNet weights for ``model.pretrained: true``: IMAGENET1K_V1 (the original
+# 76.1% ResNet-50), what DeepLab-style segmentation code has used
+TORCHVISION_WEIGHTS = {f"resnet{n}": getattr(tvm, f"ResNet{n}_Weights").IMAGENET1K_V1
+                       for n in (18, 34, 50, 101)}
 
 
 class SegOutput(NamedTuple):
@@ -54,11 +50,8 @@ def upsample(t: Tensor, size) -> Tensor:
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (kernel - 1) // 2
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 # --------------------------------------------------------------------------- backbone
@@ -81,12 +74,9 @@ def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int,
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision-topology ResNet without avgpool/fc, returning (c1, c4).
-
-    width: channels of the first stage's 3×3 convs (64 standard); stage i has width·2^i.
-    deep_stem: ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``), as in UniMatch.
-    Output stride 16: layer4 keeps layer3's resolution, dilated 2.
-    """
+    """A torchvision-topology ResNet without avgpool/fc, returning (c1, c4); stage i has
+    width·2^i channels; deep_stem: UniMatch's ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``);
+    output stride 16: layer4 keeps layer3's resolution, dilated 2."""
 
     def __init__(self, block, layers, width: int = 64, deep_stem: bool = False):
         super().__init__()
@@ -231,17 +221,15 @@ def pretrained_file(m: ModelConfig) -> Path | None:
     """The weights file ``model.pretrained`` names (None for false), checked against
     ``model.backbone`` / ``model.width`` before anything is built."""
     if m.pretrained is True:
+        why = "true means torchvision's ImageNet weights, which"
         if m.backbone not in TORCHVISION_WEIGHTS:
             raise ConfigError(
-                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
-                f"which do not exist for the deep-stem {m.backbone}; give the checkpoint file "
-                f"instead (UniMatch's pretrained/{m.backbone.removesuffix('_deepstem')}.pth): "
-                f"model.pretrained=PATH")
+                f"config key 'model.pretrained': {why} do not exist for the deep-stem "
+                f"{m.backbone}; give the checkpoint file instead (UniMatch's pretrained/"
+                f"{m.backbone.removesuffix('_deepstem')}.pth): model.pretrained=PATH")
         if m.width != 64:
-            raise ConfigError(
-                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
-                f"which exist only for model.width=64 (got {m.width}); use width 64 or "
-                f"pretrained=false")
+            raise ConfigError(f"config key 'model.pretrained': {why} exist only for "
+                              f"model.width=64 (got {m.width}); use width 64 or pretrained=false")
         path = imagenet_file(m.backbone)
         if not path.is_file():
             raise ConfigError(
