@@ -1,10 +1,7 @@
-"""One configuration tree: YAML presets, CLI overrides and notebook parameters are overlays on
-the dataclasses below, applied in this order: the preset's ``base`` chain, the preset, its named
-cell (``split=NAME`` picks one of its ``splits:``), the overrides. An unknown key, a value of
-the wrong type or out of its range is a :class:`ConfigError` naming the key.
-
-    cfg = load_config("synthetic", ["data.root=data/synth", "method=mlcl", "split=1_8"])
-"""
+"""One configuration tree: ``load_config("synthetic", ["method=mlcl", "split=1_8"])`` overlays
+on the dataclasses below the preset's ``base`` chain, the preset, its named cell (``split=NAME``
+picks one of its ``splits:``), then the overrides; a bad key or value is a :class:`ConfigError`
+naming the key."""
 from __future__ import annotations
 
 import contextlib
@@ -239,7 +236,8 @@ class Config:
 
     method: str = "supervised"  # supervised | unimatch | mlcl
     seed: int = 0
-    output_dir: str = "runs/{dataset}/{split}/{tag}-s{seed}"  # placeholders: format_output_dir
+    # placeholders: {dataset} {split} {method} {variant} {seed} {tag} (the method, mlcl-VARIANT)
+    output_dir: str = "runs/{dataset}/{split}/{tag}-s{seed}"
     split: str = ""  # name of a preset cell (see the preset's `splits:`), e.g. 1_16 or 183
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -334,12 +332,6 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
             set_key(cfg, f"{key}.{sub}", v)
 
 
-def apply_mapping(cfg: Config, mapping: dict[str, Any]) -> None:
-    """Overlay a nested (or dotted-key) mapping, as read from YAML."""
-    for k, v in mapping.items():
-        set_key(cfg, k, v)
-
-
 def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; each value is parsed (as YAML)
     against its key's type when it is set, so ``split=1_8`` stays the string "1_8"."""
@@ -403,16 +395,16 @@ def load_config(preset: str | Path | None = None,
     cells: dict[str, Any] = {}
     for layer in _preset_chain(preset) if preset else []:
         cells.update({str(k): v for k, v in (layer.pop("splits", None) or {}).items()})
-        apply_mapping(cfg, layer)
+        for k, v in layer.items():
+            set_key(cfg, k, v)
     if "split" in over:
         set_key(cfg, "split", over.pop("split"))
-    if cfg.split:
-        if cfg.split not in cells:
-            raise ConfigError(
-                f"config key 'split': preset '{preset}' has no split '{cfg.split}' "
-                f"(available: {', '.join(cells) or 'none'})")
-        apply_mapping(cfg, cells[cfg.split] or {})
-    apply_mapping(cfg, over)
+    if cfg.split and cfg.split not in cells:
+        raise ConfigError(f"config key 'split': preset '{preset}' has no split '{cfg.split}' "
+                          f"(available: {', '.join(cells) or 'none'})")
+    for mapping in ([cells[cfg.split] or {}] if cfg.split else []) + [over]:
+        for k, v in mapping.items():
+            set_key(cfg, k, v)
     cfg.__dict__["_overridden"] = frozenset(over)  # not a field: never saved
     return fill_defaults(cfg)
 
@@ -442,7 +434,15 @@ def fill_defaults(cfg: Config) -> Config:
             setattr(m, quirk, released)
     if m.alpha is None:
         m.alpha = 0.0 if released else 0.1
-    cfg.output_dir = format_output_dir(cfg)
+    tag = f"mlcl-{m.variant}" if cfg.method == "mlcl" else cfg.method
+    try:
+        cfg.output_dir = cfg.output_dir.format(
+            dataset=cfg.data.dataset, split=cfg.split or "default", method=cfg.method,
+            variant=m.variant, seed=cfg.seed, tag=tag)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} "
+                          f"({e}); use {{dataset}}, {{split}}, {{method}}, {{variant}}, "
+                          "{seed} or {tag}") from e
     check_ranges(cfg)
     check_relations(cfg)
     return cfg
@@ -462,20 +462,6 @@ def check_relations(cfg: Config) -> None:
         raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
                           "(the CutMix partner must be another image); use "
                           "train.mix_partner=loader")
-
-
-def format_output_dir(cfg: Config) -> str:
-    """``output_dir`` with its placeholders filled: {dataset}, {split}, {method}, {variant},
-    {seed} and {tag} (the method, or mlcl-<variant> for MLCL)."""
-    tag = f"mlcl-{cfg.mlcl.variant}" if cfg.method == "mlcl" else cfg.method
-    try:
-        return cfg.output_dir.format(dataset=cfg.data.dataset, split=cfg.split or "default",
-                                     method=cfg.method, variant=cfg.mlcl.variant,
-                                     seed=cfg.seed, tag=tag)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} "
-                          f"({e}); use {{dataset}}, {{split}}, {{method}}, {{variant}}, "
-                          "{seed} or {tag}") from e
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -525,5 +511,6 @@ def config_from_dict(d: dict[str, Any]) -> Config:
         section, _, name = key.rpartition(".")
         (d.get(section) or {} if section else d).pop(name, None)
     cfg = Config()
-    apply_mapping(cfg, d)
+    for k, v in d.items():
+        set_key(cfg, k, v)
     return fill_defaults(cfg)

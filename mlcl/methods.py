@@ -1,12 +1,8 @@
-"""One step function per method: ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
-(docs/method.md: what each computes, "One training step"; its passes, "Forward passes"; each
-equation's function, "Equations and functions").
-
-Vocabulary (UniMatch's): ``x``/``y`` labeled images and masks; ``u`` the unlabeled batch with
-views ``w`` (weak), ``s1``/``s2`` (two independent strong views), ``ignore`` (255 where the
-crop was padded) and CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner batch
-(``mix_source``); ``fp`` the feature-perturbation branch.
-"""
+"""One step function per method, ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
+(docs/method.md, "One training step"). UniMatch's names: ``x``/``y`` labeled images and masks;
+``u`` the unlabeled batch, views ``w`` (weak) and ``s1``/``s2`` (strong), ``ignore`` (255 on
+padding), CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner batch; ``fp`` the
+feature-perturbation branch."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -174,9 +174,8 @@ class DeepLabV3Plus(nn.Module):
 
     def forward(self, x: Tensor, fp: bool = False, return_features: bool = False):
         """Logits (B, K, H, W) at the input size, or a :class:`SegOutput` when ``fp`` or
-        ``return_features`` asks for more. ``fp=True`` adds UniMatch's feature-perturbation
-        branch: c1 and c4 are stacked with a Dropout2d copy (train mode; in eval mode the copy
-        equals the clean maps) and fused/decoded as one batch of 2B, so batch norm sees both."""
+        ``return_features`` asks for more; ``fp=True``: UniMatch's feature perturbation, c1 and
+        c4 fused and decoded with their Dropout2d copy as one batch of 2B."""
         size = x.shape[-2:]
         c1, c4 = self.backbone(x)
         if fp:
@@ -244,8 +243,23 @@ def pretrained_file(m: ModelConfig) -> Path | None:
     return None if m.pretrained is False else Path(m.pretrained).expanduser()
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of a weights-only checkpoint, plain or under 'state_dict' / 'model'."""
+def _first(keys, n: int = 5) -> str:
+    """The first ``n`` of ``keys`` in order, and how many there are when more."""
+    keys = sorted(keys)
+    more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a weights-only checkpoint file (a state dict, plain or under 'state_dict' /
+    'model') strictly into ``backbone``, less the classifier keys ``fc.*`` and the BN
+    ``num_batches_tracked`` counters a file may lack (UniMatch's, pre-1.0 torchvision's); a
+    missing or bad file, a missing or unexpected key or a shape mismatch is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
+                          f"(torchvision's ImageNet files: python -m mlcl data pretrained "
+                          f"--torchvision ARCH)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with non-tensor objects ...
@@ -256,32 +270,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ConfigError(f"model.pretrained: {path} is not a state dict (expected name -> "
                           f"tensor, or one under 'state_dict' or 'model')")
-    return obj
-
-
-def _first(keys, n: int = 5) -> str:
-    """The first ``n`` of ``keys`` in order, and how many there are when more."""
-    keys = sorted(keys)
-    more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint file strictly into ``backbone``, less the classifier keys ``fc.*`` and
-    BN ``num_batches_tracked`` counters a file may lack (UniMatch's, pre-1.0 torchvision's);
-    a missing file or key, an unexpected key or a shape mismatch is a ConfigError naming them."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
-                          f"(torchvision's ImageNet files: python -m mlcl data pretrained "
-                          f"--torchvision ARCH)")
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
+    state = {k: v for k, v in obj.items() if not k.startswith("fc.")}
     expected = backbone.state_dict()
     missing = {k for k in expected if k not in state and not k.endswith("num_batches_tracked")}
-    unexpected = set(state) - set(expected)
-    if missing or unexpected:
-        parts = [f"missing keys: {_first(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_first(unexpected)}"] if unexpected else []
+    parts = [f"{what} keys: {_first(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", set(state) - set(expected))) if keys]
+    if parts:
         raise ConfigError(
             f"model.pretrained: {path} does not match the backbone ({'; '.join(parts)}); is it "
             f"the checkpoint of this model.backbone (and width 64)?")
@@ -294,8 +288,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 def build_model(cfg: Config) -> DeepLabV3Plus:
     """DeepLabV3+ for ``cfg.model`` and ``cfg.data.num_classes``, with the backbone weights
-    that ``cfg.model.pretrained`` names (false: random init; true: torchvision's ImageNet file
-    in the hub cache; a path: that checkpoint)."""
+    ``cfg.model.pretrained`` names (:func:`pretrained_file`; false: random init)."""
     path = pretrained_file(cfg.model)  # a bad value fails before the model is built
     model = DeepLabV3Plus(cfg.model, cfg.data.num_classes)
     if path is not None:
