@@ -64,8 +64,7 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
         else:
             bounds = spec.removesuffix(" pair")
             for v in value if isinstance(value, list) else [value]:
-                if not (isinstance(v, (int, float)) and not math.isnan(v)
-                        and in_range(v, bounds)):
+                if not (isinstance(v, (int, float)) and in_range(v, bounds)):  # NaN: never
                     shown = f"{v!r} (in {value!r})" if isinstance(value, list) else f"{v!r}"
                     raise ConfigError(f"config key '{key}': {shown} is out of range; "
                                       f"allowed: {bounds}")
@@ -276,7 +275,6 @@ class CliValue(str):
     """A value typed on the command line: parsed as YAML unless the key wants a string."""
 
 
-# what a YAML value may be for each scalar type (bool never counts as a number), and its name
 _SCALARS = {bool: ((bool,), "true/false"), int: ((int,), "an integer"),
             float: ((int, float), "a number"), str: ((str, int), "a string")}
 
@@ -304,7 +302,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
         with contextlib.suppress(ValueError):
             value = float(value)
-    accepted, name = _SCALARS[tp]
+    accepted, name = _SCALARS[tp]  # the accepted types, and their name in the error
     if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
         raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
     return tp(value)
@@ -410,8 +408,8 @@ def load_config(preset: str | Path | None = None,
 
 
 def overridden_keys(cfg: Config) -> frozenset[str]:
-    """The keys that :func:`load_config` took from its overrides (command line, notebook
-    parameters) when it made ``cfg``; empty for a config made any other way."""
+    """The keys :func:`load_config` took from its overrides (command line, notebook
+    parameters) to make ``cfg``; empty for a config made otherwise."""
     return cfg.__dict__.get("_overridden", frozenset())
 
 

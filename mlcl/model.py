@@ -153,14 +153,12 @@ class DeepLabV3Plus(nn.Module):
         self.reduce = conv_bn_relu(low, cfg.low_level_channels)
         self.fusion = nn.Sequential(
             conv_bn_relu(aspp_channels + cfg.low_level_channels, cfg.feature_channels, 3),
-            conv_bn_relu(cfg.feature_channels, cfg.feature_channels, 3),
-        )
+            conv_bn_relu(cfg.feature_channels, cfg.feature_channels, 3))
         self.classifier = nn.Conv2d(cfg.feature_channels, num_classes, 1)
         self.fp_dropout = nn.Dropout2d(cfg.fp_dropout)  # active in train mode only
 
     def fuse(self, c1: Tensor, c4: Tensor) -> Tensor:
-        """ASPP(c4) upsampled to c1's size, concatenated with reduce(c1), two 3×3 convs:
-        F (B, C, H/4, W/4)."""
+        """F (B, C, H/4, W/4): ASPP(c4) upsampled, concatenated with reduce(c1), two 3×3 convs."""
         high = upsample(self.aspp(c4), c1.shape[-2:])  # (B, aspp, H/4, W/4)
         return self.fusion(torch.cat([self.reduce(c1), high], dim=1))  # (B, C, H/4, W/4)
 

@@ -19,34 +19,22 @@ class PrototypeBank(nn.Module):
     def __init__(self, num_classes: int, channels: int, momentum: float = 0.99,
                  conf_thresh: float = 0.95):
         super().__init__()
-        self.num_classes = num_classes
-        self.channels = channels
-        self.momentum = momentum
-        self.conf_thresh = conf_thresh
+        self.num_classes, self.momentum, self.conf_thresh = num_classes, momentum, conf_thresh
         self.register_buffer("protos", torch.zeros(num_classes, channels))
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, channels={self.channels}, "
-                f"momentum={self.momentum}, conf_thresh={self.conf_thresh}")
 
     @torch.no_grad()
     def class_sums(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor
                    ) -> tuple[Tensor, Tensor]:
         """Per-class sums (K, C) and counts (K,) of the features with conf > conf_thresh and
         valid. feats (B, C, h, w) or rows (N, C); labels, conf, valid (B, h, w) or (N,)."""
-        if feats.dim() == 4:
-            maps = feats.reshape(feats.shape[0], feats.shape[1], -1)  # (B, C, P)
-        else:
-            maps = feats.t().unsqueeze(0)  # (1, C, N)
+        maps = feats.flatten(2) if feats.dim() == 4 else feats.t().unsqueeze(0)  # (B|1, C, P)
         maps = maps.detach().to(self.protos.dtype)
         B, P = maps.shape[0], maps.shape[2]
         sel = (conf.reshape(B, P) > self.conf_thresh) & valid.reshape(B, P).bool()
         classes = torch.arange(self.num_classes, device=maps.device).view(1, -1, 1)
         onehot = ((labels.reshape(B, 1, P).long() == classes) & sel.unsqueeze(1)
                   ).to(maps.dtype)  # (B, K, P)
-        sums = torch.bmm(onehot, maps.transpose(1, 2)).sum(0)  # (K, C)
-        counts = onehot.sum(dim=(0, 2))
-        return sums, counts
+        return torch.bmm(onehot, maps.transpose(1, 2)).sum(0), onehot.sum(dim=(0, 2))
 
     @torch.no_grad()
     def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
