@@ -472,9 +472,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(before: dict[str, Any], after: dict[str, Any],
                    ignore: tuple[str, ...] = RESULT_NEUTRAL) -> list[str]:
-    """``"key: old -> new"`` for every setting that differs between two config trees (as
-    ``to_dict()`` gives them), leaving out the keys in ``ignore`` (an entry ending in "."
-    a whole section) and keys missing from either (written before the key existed)."""
+    """``"key: old -> new"`` for every setting that differs between two ``to_dict()`` trees,
+    less the keys in ``ignore`` (an entry ending in "." a section) and keys missing from one."""
     a, b = flatten(before), flatten(after)
     sections = tuple(k for k in ignore if k.endswith("."))
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a

@@ -28,8 +28,7 @@ BACKBONES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], bool]] = 
     "resnet50_deepstem": (Bottleneck, (3, 4, 6, 3), True),
     "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True),
 }
-# torchvision's ImageNet weights for ``model.pretrained: true``: IMAGENET1K_V1 (the original
-# 76.1% ResNet-50), what DeepLab-style segmentation code has used
+# ``model.pretrained: true``: IMAGENET1K_V1 (the original 76.1% ResNet-50), as DeepLab code uses
 TORCHVISION_WEIGHTS = {f"resnet{n}": getattr(tvm, f"ResNet{n}_Weights").IMAGENET1K_V1
                        for n in (18, 34, 50, 101)}
 
@@ -208,8 +207,7 @@ def build_backbone(name: str, width: int = 64) -> ResNetBackbone:
 
 
 def imagenet_file(arch: str) -> Path:
-    """The torch hub cache file of torchvision's ImageNet weights for ``arch`` (a plain
-    ResNet of :data:`TORCHVISION_WEIGHTS`), where ``python -m mlcl data pretrained`` puts it."""
+    """Where ``python -m mlcl data pretrained`` puts torchvision's weights for ``arch``."""
     name = TORCHVISION_WEIGHTS[arch].url.rsplit("/", 1)[-1]
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
