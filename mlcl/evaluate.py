@@ -38,9 +38,7 @@ def sliding_window_logits(model, x: Tensor, num_classes: int, window: int, strid
     """(B, K, H, W) probabilities: the mean softmax over windows of size ``window`` moved by
     ``stride``, the last of a row or column at the border; a smaller image is zero-padded."""
     b, _, h, w = x.shape
-    ph, pw = max(window - h, 0), max(window - w, 0)
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
+    x = F.pad(x, (0, max(window - w, 0), 0, max(window - h, 0)))  # zeros up to the window
     hh, ww = x.shape[-2:]
     probs = x.new_zeros(b, num_classes, hh, ww, dtype=torch.float32)
     count = x.new_zeros(1, 1, hh, ww, dtype=torch.float32)
