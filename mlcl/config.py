@@ -1,18 +1,13 @@
-"""One configuration tree for everything: YAML presets, CLI overrides and notebook parameters
-are overlays on the dataclasses below.
-
-    cfg = load_config("synthetic", ["data.root=data/synth", "method=mlcl", "split=1_8"])
-
-Order of overlays: the preset's ``base`` chain, the preset itself, the preset's named cell
-(``split=NAME`` picks one of its ``splits:`` entries), then the command-line overrides. An
-unknown key or a value of the wrong type is a :class:`ConfigError` that names the key.
-"""
+"""One configuration tree: ``load_config("synthetic", ["method=mlcl", "split=1_8"])`` overlays
+on the dataclasses below the preset's ``base`` chain, the preset, its named cell (``split=NAME``
+picks one of its ``splits:``), then the overrides; a bad key or value is a :class:`ConfigError`
+naming the key."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import re
-import types
+import operator
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,24 +16,15 @@ from typing import Any, ClassVar, Union
 import yaml
 
 from mlcl import paths
-# CommandLineParser: re-exported until mlcl.bench, mlcl.rehearse and mlcl.data.synthetic import it
-# from mlcl.errors
-from mlcl.errors import CommandLineParser, MlclError  # noqa: F401
+from mlcl.errors import MlclError
 from mlcl.files import atomic_write_text
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
-# The released code's deviations from the paper (docs/method.md, "Paper versus release"); each
-# is its own switch, and ``mlcl.variant`` picks their defaults (True for released).
-RELEASED_QUIRKS = (
-    "double_transform",  # mask ratio from a twice-transformed similarity
-    "pair_by_position",  # prototype anchors/candidates paired by list position
-    "duplicate_top_anchor",  # top anchor taken twice, 16th dropped
-    "normalise_by_candidates",  # L_dt divided by the number of candidates
-    "bank_early_stop",  # bank update stops after the first initialised class
-    "bilinear_ignore",  # ignore map resized bilinearly, only exact 255 stays ignored
-    "dt_uninitialised",  # L_dt also selects for classes whose prototype is still all zeros
-    "bank_local_update",  # each process updates its bank from its local batch, then average
-)
+# The release's deviations from the paper, one switch each; None follows ``mlcl.variant``
+# (True for released). docs/method.md, "Paper versus release" describes each.
+RELEASED_QUIRKS = ("double_transform", "pair_by_position", "duplicate_top_anchor",
+                   "normalise_by_candidates", "bank_early_stop", "bilinear_ignore",
+                   "dt_uninitialised", "bank_local_update")
 
 
 class ConfigError(MlclError, ValueError):
@@ -46,64 +32,52 @@ class ConfigError(MlclError, ValueError):
 
 
 # --------------------------------------------------------------------------- value ranges
-_RANGE = re.compile(r"^\s*(?:(?P<op>>=|<=|>|<)\s*(?P<bound>\S+)|(?P<lb>[\[(])\s*(?P<lo>[^,]+),"
-                    r"\s*(?P<hi>[^\])]+)(?P<rb>[\])]))\s*$")
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
 def in_range(value: float, spec: str) -> bool:
     """Whether ``value`` lies in ``spec``: ``"> 0"``, ``">= 1"``, ``"< 1"``, ``"[0, 1]"``,
     ``"(0, 1]"``, ``"[0, 1)"`` (inf allowed as a bound)."""
-    m = _RANGE.match(spec)
-    if m is None:
-        raise ValueError(f"bad range spec {spec!r}")  # a programming error, not user input
-    if m["op"]:
-        b = float(m["bound"])
-        return {">": value > b, ">=": value >= b, "<": value < b, "<=": value <= b}[m["op"]]
-    lo, hi = float(m["lo"]), float(m["hi"])
-    return ((value >= lo if m["lb"] == "[" else value > lo)
-            and (value <= hi if m["rb"] == "]" else value < hi))
+    op, _, bound = spec.partition(" ")
+    if op in _OPS:
+        return _OPS[op](value, float(bound))
+    lo, hi = (float(b) for b in spec[1:-1].split(","))
+    return (_OPS[">=" if spec[0] == "[" else ">"](value, lo)
+            and _OPS["<=" if spec[-1] == "]" else "<"](value, hi))
 
 
 def check_ranges(obj: Any, prefix: str = "") -> None:
-    """Check every field named in the ``RANGES`` table of ``obj``'s dataclass (and of its
-    sub-sections): ``{"key": "spec"}`` for a number (None is always allowed where the
-    type allows it), ``{"key": "spec pair"}`` for a [low, high] list checked element-wise
-    and for low <= high, ``{"key": "len N"}`` for a list of N values."""
+    """Check ``obj`` and its sections against their ``RANGES``: ``"SPEC"`` a number in
+    :func:`in_range`'s SPEC (None allowed where the type allows it), ``"SPEC pair"`` a [low,
+    high] list of such numbers, ``"len N"`` a list of N values."""
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        spec = type(obj).RANGES.get(f.name)
         if dataclasses.is_dataclass(value):
             check_ranges(value, f"{key}.")
+        elif spec is None or value is None:
             continue
-        spec = type(obj).RANGES.get(f.name) if hasattr(type(obj), "RANGES") else None
-        if spec is None or value is None:
-            continue
-        _check_value(key, value, spec)
-
-
-def _check_value(key: str, value: Any, spec: str) -> None:
-    if spec.startswith("len "):
-        n = int(spec[4:])
-        if len(value) != n:
-            raise ConfigError(f"config key '{key}': {value!r} has {len(value)} values, "
-                              f"expected {n}")
-        return
-    pair = spec.endswith(" pair")
-    spec = spec.removesuffix(" pair")
-    items = value if isinstance(value, list) else [value]
-    for v in items:
-        if not (isinstance(v, (int, float)) and not math.isnan(v) and in_range(v, spec)):
-            shown = f"{v!r} (in {value!r})" if isinstance(value, list) else f"{v!r}"
-            raise ConfigError(f"config key '{key}': {shown} is out of range; allowed: {spec}")
-    if pair and (len(value) != 2 or value[0] > value[1]):
-        raise ConfigError(f"config key '{key}': {value!r} must be [low, high] with "
-                          f"low <= high, each {spec}")
+        elif spec.startswith("len "):
+            if len(value) != int(spec[4:]):
+                raise ConfigError(f"config key '{key}': {value!r} has {len(value)} values, "
+                                  f"expected {spec[4:]}")
+        else:
+            bounds = spec.removesuffix(" pair")
+            for v in value if isinstance(value, list) else [value]:
+                if not (isinstance(v, (int, float)) and in_range(v, bounds)):  # NaN: never
+                    shown = f"{v!r} (in {value!r})" if isinstance(value, list) else f"{v!r}"
+                    raise ConfigError(f"config key '{key}': {shown} is out of range; "
+                                      f"allowed: {bounds}")
+            if spec.endswith(" pair") and (len(value) != 2 or value[0] > value[1]):
+                raise ConfigError(f"config key '{key}': {value!r} must be [low, high] with "
+                                  f"low <= high, each {bounds}")
 
 
 @dataclass
 class AugmentConfig:
     """UniMatch's augmentation strengths (docs/method.md, "Augmentations")."""
 
-    RANGES: ClassVar[dict[str, str]] = {  # allowed values (see check_ranges)
+    RANGES: ClassVar[dict[str, str]] = {  # allowed values (check_ranges)
         "scale_range": "> 0 pair", "hflip_p": "[0, 1]", "jitter_p": "[0, 1]",
         "brightness": ">= 0", "contrast": ">= 0", "saturation": ">= 0", "hue": "[0, 0.5]",
         "grayscale_p": "[0, 1]", "blur_p": "[0, 1]", "blur_sigma": "> 0 pair",
@@ -159,11 +133,8 @@ class ModelConfig:
         "width": ">= 1", "aspp_dilations": ">= 1", "low_level_channels": ">= 1",
         "feature_channels": ">= 1", "fp_dropout": "[0, 1)"}
 
-    # resnet18 | resnet34 | resnet50 | resnet101 | resnet50_deepstem | resnet101_deepstem
-    backbone: str = "resnet50"
-    # channels of the first stage (64 standard; 32 = half width for CPU work); the stem gives
-    # width channels, the deep stem 2 x width
-    width: int = 64
+    backbone: str = "resnet50"  # one of CHOICES["model.backbone"]
+    width: int = 64  # channels of the first stage (64 standard; 32 = half width for CPU work)
     pretrained: Union[bool, str] = False  # false | true (torchvision ImageNet) | file path
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18])
     low_level_channels: int = 48
@@ -198,19 +169,14 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     # CutMix partner: roll (the batch rolled by one) | loader (an independently shuffled
-    # loader) | same (UniMatch / released: a second view of the same image); None follows
-    # the variant (same for mlcl.variant=released, else roll)
+    # loader) | same (a second view of the same image); None: same if released, else roll
     mix_partner: Union[str, None] = None
-    # the lr of step t is lr(t - 1), as when it is set after the optimiser step (UniMatch /
-    # released); None follows the variant (true for mlcl.variant=released, else false)
+    # the lr of step t is lr(t - 1) (UniMatch / released); None: true if released
     lr_lag: Union[bool, None] = None
     cpu: bool = False  # force CPU even where a GPU is visible
     eval_every: int = 1  # epochs between validations (the last epoch is always evaluated)
-    # iterations between progress updates, logged values and the divergence check
-    log_every: int = 20
-    # iterations between mid-epoch checkpoints (0: only at the end of every epoch); 500 VOC
-    # steps are roughly 5-15 min on one GPU, an estimate (docs/clusters.md)
-    checkpoint_every: int = 500
+    log_every: int = 20  # iterations between progress updates, logs and divergence checks
+    checkpoint_every: int = 500  # iterations between mid-epoch checkpoints (0: epoch ends)
 
 
 @dataclass
@@ -263,14 +229,14 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """A run's whole configuration: the method, seed, output folder and named cell, and one
-    section per part (data, model, train, mlcl, eval)."""
+    """A run's whole configuration: method, seed, output folder, named cell and the sections."""
 
     RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 4294967295]"}
 
     method: str = "supervised"  # supervised | unimatch | mlcl
     seed: int = 0
-    output_dir: str = "runs/{dataset}/{split}/{tag}-s{seed}"  # placeholders: format_output_dir
+    # placeholders: {dataset} {split} {method} {variant} {seed} {tag} (the method, mlcl-VARIANT)
+    output_dir: str = "runs/{dataset}/{split}/{tag}-s{seed}"
     split: str = ""  # name of a preset cell (see the preset's `splits:`), e.g. 1_16 or 183
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -284,25 +250,18 @@ class Config:
 
     def split_path(self, name: str) -> Path:
         """The split file ``data.<name>`` as a path (relative entries are under data.root)."""
-        value = getattr(self.data, name)
-        if not value:
+        if not getattr(self.data, name):
             raise ConfigError(f"data.{name} is empty: give a split file, e.g. data.{name}=PATH")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else Path(self.data.root).expanduser() / p
+        return Path(self.data.root).expanduser() / Path(getattr(self.data, name)).expanduser()
 
 
-CHOICES = {
-    "method": METHOD_NAMES,
-    "data.layout": ("voc", "cityscapes"),
-    "train.optimizer": ("sgd", "adamw"),
-    "train.loss": ("ce", "ohem"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
-    "train.mix_partner": ("roll", "loader", "same"),
-    "mlcl.variant": ("paper", "released"),
-    "eval.mode": ("whole", "sliding"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
-                       "resnet50_deepstem", "resnet101_deepstem"),
-}
+CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes"),
+           "train.optimizer": ("sgd", "adamw"), "train.loss": ("ce", "ohem"),
+           "train.mixed_precision": ("no", "bf16", "fp16"),
+           "train.mix_partner": ("roll", "loader", "same"), "mlcl.variant": ("paper", "released"),
+           "eval.mode": ("whole", "sliding"),
+           "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
+                              "resnet50_deepstem", "resnet101_deepstem")}
 
 # Keys that do not change a run's results (workers, logging, where files go): two runs that
 # differ only in these are the same run (mlcl.study.reproduce, the registry's tables).
@@ -312,125 +271,72 @@ RESULT_NEUTRAL = ("output_dir", "data.root", "data.num_workers", "data.pin_memor
 
 
 # --------------------------------------------------------------------------- overlays
-def _fields(obj) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(obj)}
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 class CliValue(str):
     """A value typed on the command line: parsed as YAML unless the key wants a string."""
 
 
-def is_none_word(value: Any) -> bool:
-    """Whether ``value`` means None: None, or the text null / none / ~ (any case)."""
-    return value is None or (isinstance(value, str) and value.strip().lower() in
-                             ("none", "null", "~"))
+_SCALARS = {bool: ((bool,), "true/false"), int: ((int,), "an integer"),
+            float: ((int, float), "a number"), str: ((str, int), "a string")}
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it in that type or raise."""
+    """``value`` in the annotation ``tp``, or a ConfigError naming ``key``."""
     if isinstance(value, CliValue) and tp is not str:
         try:
             value = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             value = str(value)
-        if isinstance(value, str):
-            value = CliValue(value)
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if type(None) in typing.get_args(tp) and is_none_word(value):
+    if typing.get_origin(tp) is Union:
+        arms = typing.get_args(tp)
+        if type(None) in arms and str(value).strip().lower() in ("none", "null", "~"):
             return None  # before a str arm could take "none" as a name
-        for arm in typing.get_args(tp):
-            try:
+        for arm in (a for a in arms if a is not type(None)):
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, arm, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if is_none_word(value):
-            return None
-        raise ConfigError(f"config key '{key}': expected None, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
+        raise ConfigError(f"config key '{key}': expected "
+                          f"{str(tp).replace('typing.', '')}, got {value!r}")
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    return _coerce_scalar(value, tp, key)
-
-
-def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
-    """``value`` as ``tp`` (bool, int, float or str, no silent truncation) or ConfigError."""
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return str(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # `split: 183` in YAML is an int; the key wants its name
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # pragma: no cover
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    accepted, name = _SCALARS[tp]  # the accepted types, and their name in the error
+    if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+        raise ConfigError(f"config key '{key}': expected {name}, got {value!r}")
+    return tp(value)
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set the dotted ``key`` (e.g. ``data.crop_size``) to ``value``, checking its type."""
+    """Set the dotted ``key`` (e.g. ``data.crop_size``) to ``value``, checking its type; a
+    section's key takes a mapping of its keys."""
     obj, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
-        fields = _fields(obj)
-        if part not in fields:
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"unknown config key '{key}': '{parts[i - 1]}' is not a section")
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
             where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(
-                f"unknown config key '{key}': '{part}' is not a key of {where} "
-                f"(valid: {', '.join(sorted(fields))})")
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(getattr(obj, part)):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"config key '{key}' is a section: give a mapping")
-                for sub, v in value.items():
-                    set_key(cfg, f"{key}.{sub}", v)
-                return
-            hints = typing.get_type_hints(type(obj))
-            setattr(obj, part, _coerce(value, hints[part], key))
-        else:
-            obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"unknown config key '{key}': '{part}' is not a section")
-
-
-def apply_mapping(cfg: Config, mapping: dict[str, Any], prefix: str = "") -> None:
-    """Overlay a nested (or dotted-key) mapping, as read from YAML."""
-    for k, v in mapping.items():
-        set_key(cfg, f"{prefix}{k}", v)
+            raise ConfigError(f"unknown config key '{key}': '{part}' is not a key of {where} "
+                              f"(valid: {', '.join(sorted(names))})")
+        parent, obj = obj, getattr(obj, part)
+    if not dataclasses.is_dataclass(obj):
+        setattr(parent, part, _coerce(value, typing.get_type_hints(type(parent))[part], key))
+    elif not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' is a section: give a mapping")
+    else:
+        for sub, v in value.items():
+            set_key(cfg, f"{key}.{sub}", v)
 
 
 def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``; each value is parsed (as YAML)
     against its key's type when it is set, so ``split=1_8`` stays the string "1_8"."""
-    if not items:
-        return {}
     if isinstance(items, dict):
         return dict(items)
     out = {}
-    for item in items:
+    for item in items or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         k, raw = item.split("=", 1)
@@ -439,43 +345,32 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- presets
-def preset_path(name: str | Path) -> Path:
-    """A YAML file given by path, or the preset ``mlcl/configs/<name>.yaml``; a ConfigError
-    listing the presets when there is neither."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        return p
-    p = paths.CONFIGS / f"{name}.yaml"
-    if not p.is_file():
-        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(list_presets())})")
-    return p
-
-
 def list_presets() -> list[str]:
     return sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a preset must be a mapping of config keys")
-    return data
-
-
 def _preset_chain(name: str | Path) -> list[dict[str, Any]]:
-    """The preset and its ``base`` ancestors, root first."""
+    """The mappings of the preset (a name of mlcl/configs or a YAML path) and its ``base``
+    ancestors, root first."""
     chain, seen = [], set()
     while name:
-        path = preset_path(name)
+        path = Path(name)
+        if path.suffix not in (".yaml", ".yml"):
+            path = paths.CONFIGS / f"{name}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"unknown preset '{name}' (available: "
+                                  f"{', '.join(list_presets())})")
+        elif not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
         if path in seen:
             raise ConfigError(f"{path}: 'base' forms a cycle")
         seen.add(path)
-        data = _read_yaml(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a preset must be a mapping of config keys")
         chain.insert(0, data)
         name = data.pop("base", None)
     return chain
@@ -491,58 +386,61 @@ def preset_splits(preset: str | Path) -> list[str]:
 
 def load_config(preset: str | Path | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """The resolved Config of ``preset`` (name or YAML path; None: the defaults) with
-    ``overrides`` (``["key=value", ...]`` or a mapping) on top, in the order of the module
-    docstring. Raises ConfigError naming the key for anything unknown or out of range."""
+    """The Config of ``preset`` (name or YAML path; None: the defaults) with ``overrides``
+    (``["key=value", ...]`` or a mapping) on top, in the order of the module docstring."""
     cfg = Config()
     over = parse_overrides(overrides)
     cells: dict[str, Any] = {}
     for layer in _preset_chain(preset) if preset else []:
-        cells.update(layer.pop("splits", None) or {})
-        apply_mapping(cfg, layer)
+        cells.update({str(k): v for k, v in (layer.pop("splits", None) or {}).items()})
+        for k, v in layer.items():
+            set_key(cfg, k, v)
     if "split" in over:
         set_key(cfg, "split", over.pop("split"))
-    if cfg.split:
-        cells = {str(k): v for k, v in cells.items()}
-        if cfg.split not in cells:
-            raise ConfigError(
-                f"config key 'split': preset '{preset}' has no split '{cfg.split}' "
-                f"(available: {', '.join(cells) or 'none'})")
-        apply_mapping(cfg, cells[cfg.split] or {})
-    for k, v in over.items():
-        set_key(cfg, k, v)
+    if cfg.split and cfg.split not in cells:
+        raise ConfigError(f"config key 'split': preset '{preset}' has no split '{cfg.split}' "
+                          f"(available: {', '.join(cells) or 'none'})")
+    for mapping in ([cells[cfg.split] or {}] if cfg.split else []) + [over]:
+        for k, v in mapping.items():
+            set_key(cfg, k, v)
     cfg.__dict__["_overridden"] = frozenset(over)  # not a field: never saved
     return fill_defaults(cfg)
 
 
 def overridden_keys(cfg: Config) -> frozenset[str]:
-    """The keys given as overrides (command line, notebook parameters) to the
-    :func:`load_config` that made ``cfg``, as opposed to preset values; empty for a config
-    made any other way."""
+    """The keys :func:`load_config` took from its overrides (command line, notebook
+    parameters) to make ``cfg``; empty for a config made otherwise."""
     return cfg.__dict__.get("_overridden", frozenset())
 
 
 def fill_defaults(cfg: Config) -> Config:
     """Fill the values that follow from others (the variant's defaults, the output folder) and
     check every choice, range and relation; ``cfg``, changed in place."""
-    released_mlcl = cfg.method == "mlcl" and cfg.mlcl.variant == "released"
+    m = cfg.mlcl
+    released = m.variant == "released"
     if cfg.train.mix_partner is None:
-        cfg.train.mix_partner = "same" if released_mlcl else "roll"
+        cfg.train.mix_partner = "same" if released and cfg.method == "mlcl" else "roll"
     if cfg.train.lr_lag is None:
-        cfg.train.lr_lag = released_mlcl
+        cfg.train.lr_lag = released and cfg.method == "mlcl"
     flat = flatten(cfg.to_dict())
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"config key '{key}': {flat[key]!r} is not one of "
                               f"{', '.join(allowed)}")
-    m = cfg.mlcl
-    released = m.variant == "released"
     for quirk in RELEASED_QUIRKS:
         if getattr(m, quirk) is None:
             setattr(m, quirk, released)
     if m.alpha is None:
         m.alpha = 0.0 if released else 0.1
-    cfg.output_dir = format_output_dir(cfg)
+    tag = f"mlcl-{m.variant}" if cfg.method == "mlcl" else cfg.method
+    try:
+        cfg.output_dir = cfg.output_dir.format(
+            dataset=cfg.data.dataset, split=cfg.split or "default", method=cfg.method,
+            variant=m.variant, seed=cfg.seed, tag=tag)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} "
+                          f"({e}); use {{dataset}}, {{split}}, {{method}}, {{variant}}, "
+                          "{seed} or {tag}") from e
     check_ranges(cfg)
     check_relations(cfg)
     return cfg
@@ -564,37 +462,18 @@ def check_relations(cfg: Config) -> None:
                           "train.mix_partner=loader")
 
 
-def format_output_dir(cfg: Config) -> str:
-    """Fill the placeholders a preset may put in ``output_dir``: {dataset}, {split},
-    {method}, {variant}, {seed} and {tag} (the method, or mlcl-<variant> for MLCL)."""
-    tag = f"mlcl-{cfg.mlcl.variant}" if cfg.method == "mlcl" else cfg.method
-    try:
-        return cfg.output_dir.format(dataset=cfg.data.dataset, split=cfg.split or "default",
-                                     method=cfg.method, variant=cfg.mlcl.variant,
-                                     seed=cfg.seed, tag=tag)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} "
-                          f"({e}); use {{dataset}}, {{split}}, {{method}}, {{variant}}, "
-                          "{seed} or {tag}") from e
-
-
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested mapping as ``{"a.b.c": value}`` (lists stay values)."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
 def config_changes(before: dict[str, Any], after: dict[str, Any],
                    ignore: tuple[str, ...] = RESULT_NEUTRAL) -> list[str]:
-    """``"key: old -> new"`` for every setting that differs between two config trees (as
-    from ``to_dict()`` or a saved config.yaml), keys in ``ignore`` (an entry ending in "."
-    ignores a whole section) and keys missing from either (a config written before the key
-    existed) left out."""
+    """``"key: old -> new"`` for every setting that differs between two ``to_dict()`` trees,
+    less the keys in ``ignore`` (an entry ending in "." a section) and keys missing from one."""
     a, b = flatten(before), flatten(after)
     sections = tuple(k for k in ignore if k.endswith("."))
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
@@ -616,18 +495,19 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # Keys a config.yaml or checkpoint written before they were removed may hold; all were fixed
-# at these values, which the code now always uses: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2,
+# at the values the code now always uses: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2,
 # k = 5 in w(t), no SAI ignore mask, output stride 16.
 REMOVED_KEYS = ("unimatch", "mlcl.rampup_k", "mlcl.sai_ignore_mask", "model.output_stride")
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.yaml or checkpoint),
-    leaving out :data:`REMOVED_KEYS`."""
+    """The Config of a ``to_dict()`` tree (a saved config.yaml or checkpoint), without
+    :data:`REMOVED_KEYS`; ``d`` is not changed."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for key in REMOVED_KEYS:
         section, _, name = key.rpartition(".")
         (d.get(section) or {} if section else d).pop(name, None)
     cfg = Config()
-    apply_mapping(cfg, d)
+    for k, v in d.items():
+        set_key(cfg, k, v)
     return fill_defaults(cfg)

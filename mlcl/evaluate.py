@@ -20,8 +20,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
     truth, columns = prediction; pixels where ``target`` is ``ignore_index`` are dropped."""
     valid = target != ignore_index
     idx = target[valid].long() * num_classes + pred[valid].long()
-    k = num_classes
-    return torch.bincount(idx, minlength=k * k).reshape(k, k)
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
@@ -36,13 +35,10 @@ def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
 
 
 def sliding_window_logits(model, x: Tensor, num_classes: int, window: int, stride: int) -> Tensor:
-    """Average of the softmax over windows of size ``window`` moved by ``stride`` (the last
-    window of a row/column is aligned with the border). Images smaller than the window are
-    zero-padded and the padding is cut away afterwards. Returns (B, K, H, W) probabilities."""
+    """(B, K, H, W) probabilities: the mean softmax over windows of size ``window`` moved by
+    ``stride``, the last of a row or column at the border; a smaller image is zero-padded."""
     b, _, h, w = x.shape
-    ph, pw = max(window - h, 0), max(window - w, 0)
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
+    x = F.pad(x, (0, max(window - w, 0), 0, max(window - h, 0)))  # zeros up to the window
     hh, ww = x.shape[-2:]
     probs = x.new_zeros(b, num_classes, hh, ww, dtype=torch.float32)
     count = x.new_zeros(1, 1, hh, ww, dtype=torch.float32)
@@ -51,10 +47,9 @@ def sliding_window_logits(model, x: Tensor, num_classes: int, window: int, strid
     for r in range(rows):
         for c in range(cols):
             top, left = min(r * stride, hh - window), min(c * stride, ww - window)
-            patch = x[:, :, top:top + window, left:left + window]
-            out = model(patch)
-            probs[:, :, top:top + window, left:left + window] += out.float().softmax(1)
-            count[:, :, top:top + window, left:left + window] += 1
+            box = (slice(None), slice(None), slice(top, top + window), slice(left, left + window))
+            probs[box] += model(x[box]).float().softmax(1)
+            count[box] += 1
     return (probs / count)[:, :, :h, :w]
 
 
@@ -79,9 +74,8 @@ def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     part = shard(dataset, accelerator.process_index, accelerator.num_processes)
-    workers = cfg.data.num_workers
-    loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=workers,
-                        worker_init_fn=worker_init(workers))
+    loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers,
+                        worker_init_fn=worker_init(cfg.data.num_workers))
     k = cfg.data.num_classes
     cm = torch.zeros(k, k, dtype=torch.long, device=accelerator.device)
     n = torch.zeros((), dtype=torch.long, device=accelerator.device)
@@ -91,8 +85,7 @@ def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
             pred = predict_logits(model, x, cfg).argmax(1)
         cm += confusion_matrix(pred, y, k, cfg.data.ignore_index)
         n += x.shape[0]
-    cm = accelerator.reduce(cm, reduction="sum")
-    n = accelerator.reduce(n, reduction="sum")
+    cm, n = accelerator.reduce(cm, reduction="sum"), accelerator.reduce(n, reduction="sum")
     model.train(was_training)
     miou, iou = iou_from_confusion(cm.cpu())
     return {"miou": miou * 100, "iou": [v * 100 for v in iou], "confusion": cm.cpu().tolist(),

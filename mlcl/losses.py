@@ -1,10 +1,7 @@
-"""The paper's losses as pure functions of tensors, one per term (docs/method.md, "One training
-step"; the map from each equation to its function: docs/method.md, "Equations and functions").
-
-Shapes: ``B`` images, ``K`` classes, ``C`` feature channels, ``H x W`` input resolution,
-``h x w`` feature resolution. Nothing here waits on the device (no value-dependent shapes, no
-tensor-to-Python conversions). The release's deviations are in :mod:`mlcl.released`, which
-builds on the pieces here.
+"""The paper's losses as pure functions of tensors, one per term (docs/method.md, "Equations
+and functions"); the release's deviations build on them in :mod:`mlcl.released`. Shapes: ``B``
+images, ``K`` classes, ``C`` feature channels, ``H x W`` input and ``h x w`` feature resolution.
+Nothing here waits on the device (docs/method.md, "No waiting on the device").
 """
 from __future__ import annotations
 
@@ -23,24 +20,18 @@ SAI_RAMP_K = 5.0  # k of the SAI ramp-up r(t) = exp(-k (1 - t/T)^2), the release
 
 # --------------------------------------------------------------------------- UniMatch
 def ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
-    """L_x: cross-entropy of labeled predictions.
-
-    logits (B, K, H, W), target (B, H, W) long. Mean over pixels whose target is not
-    ``ignore_index`` (0, not NaN, when every pixel is ignored).
-    """
+    """L_x: cross-entropy of labeled predictions, logits (B, K, H, W), target (B, H, W) long;
+    the mean over pixels whose target is not ``ignore_index`` (0 when every pixel is)."""
     ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
     return ce / (target != ignore_index).sum().clamp(min=1)
 
 
 def ohem_ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255,
                  thresh: float = 0.7, min_kept: int = 200_000) -> Tensor:
-    """L_x with online hard example mining (UniMatch's ``ProbOhemCrossEntropy2d``, Cityscapes).
-
-    logits (B, K, H, W), target (B, H, W). p = softmax probability of the true class. Keeps
-    the non-ignored pixels with p <= max(thresh, the min_kept-th smallest p); all of them when
-    fewer than ``min_kept`` pixels are labeled (or min_kept <= 0). Mean CE over the kept
-    pixels (0 when none).
-    """
+    """L_x with online hard example mining (UniMatch's ``ProbOhemCrossEntropy2d``, Cityscapes):
+    logits (B, K, H, W), target (B, H, W); with p the softmax probability of the true class,
+    the mean CE over the non-ignored pixels with p <= max(thresh, the min_kept-th smallest p);
+    over all of them when fewer than ``min_kept`` are labeled (or min_kept <= 0)."""
     valid = target != ignore_index
     t = torch.where(valid, target, torch.zeros_like(target))
     logp = F.log_softmax(logits.float(), dim=1)
@@ -61,13 +52,9 @@ def ohem_ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255,
 
 def pseudo_label_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, ignore: Tensor,
                     tau: float, ignore_index: int = 255) -> Tensor:
-    """L_s1 / L_s2 / L_fp: cross-entropy against (CutMixed) pseudo-labels.
-
-    logits (B, K, H, W); pseudo (B, H, W) long; conf (B, H, W); ignore (B, H, W) with
-    ``ignore_index`` on padding. Sum of CE over pixels with conf >= tau and not ignored,
-    divided by the number of non-ignored pixels (UniMatch's normalisation); 0 when every
-    pixel is ignored.
-    """
+    """L_s1 / L_s2 / L_fp: cross-entropy against (CutMixed) pseudo-labels. logits (B, K, H, W);
+    pseudo, conf, ignore (B, H, W). The sum of CE over pixels with conf >= tau and not
+    ``ignore_index``, over the number of non-ignored pixels (UniMatch's normalisation)."""
     valid = ignore != ignore_index
     ce = F.cross_entropy(logits.float(), pseudo.long(), ignore_index=ignore_index,
                          reduction="none")
@@ -78,8 +65,8 @@ def pseudo_label_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, ignore: Tensor
 # --------------------------------------------------------------------------- resolution
 def feature_pixel_index(n_in: int, n_out: int, device: torch.device | None = None) -> Tensor:
     """(n_out,) long: the input pixel under each of ``n_out`` feature positions along an axis
-    of ``n_in`` pixels, as the model's upsampling (bilinear, align_corners=True) places them:
-    round(i (n_in - 1) / (n_out - 1)), halves rounded up; 0 when n_out = 1."""
+    of ``n_in`` pixels as the model's upsampling places them (docs/method.md, "Ignore map and
+    CutMix box at feature resolution")."""
     i = torch.arange(n_out, device=device)
     if n_out == 1:
         return i
@@ -87,42 +74,27 @@ def feature_pixel_index(n_in: int, n_out: int, device: torch.device | None = Non
 
 
 def at_feature_pixels(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H, W) -> (B, h, w), ``size`` = (h, w): the value of ``t`` at the input pixel under
-    each feature position (:func:`feature_pixel_index`); any dtype."""
+    """(B, H, W) -> (B, h, w) = ``size``: ``t`` at the input pixel under each feature
+    position."""
     rows = feature_pixel_index(t.shape[-2], size[0], t.device)
     cols = feature_pixel_index(t.shape[-1], size[1], t.device)
     return t.index_select(-2, rows).index_select(-1, cols)
 
 
 def valid_at_features(ignore: Tensor, size: tuple[int, int], ignore_index: int = 255) -> Tensor:
-    """The ignore map (B, H, W) at feature resolution ``size`` as a validity mask (B, h, w)
-    bool: valid where the pixel under the feature position (:func:`at_feature_pixels`) is not
-    ``ignore_index``."""
+    """(B, h, w) bool at feature resolution ``size``: the ignore map (B, H, W) at the pixel
+    under each feature position (:func:`at_feature_pixels`) is not ``ignore_index``."""
     return at_feature_pixels(ignore, size) != ignore_index
 
 
 # --------------------------------------------------------------------------- FKA
-def flat_maps(f: Tensor) -> Tensor:
-    """(B, C, h, w) -> (B, C, h*w), a view; pixel p of image b is flat index b*h*w + p."""
-    return f.reshape(f.shape[0], f.shape[1], -1)
-
-
-def _channel_cos(a: Tensor, b: Tensor) -> Tensor:
-    """Per-pixel cosine over channels of (B, C, h, w) maps -> (B, h, w), each norm clamped at
-    COS_EPS; ``a`` is treated as a constant."""
-    dot = (a * b).sum(1)
-    na = a.detach().norm(dim=1).clamp(min=COS_EPS)
-    return dot / (na * b.norm(dim=1).clamp(min=COS_EPS))
-
-
 def loss_p2p(f_mix: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
-    """(L_p2p, v): FKA's point-to-point alignment and SAI's per-image similarity, from one
-    cosine map (the costly part).
-
-    f_mix (B, C, h, w) the weak view CutMixed like ``f_s`` (F_1, detached here); f_s
-    (B, C, h, w) receives the gradient. L_p2p (0-dim) = mean over B*h*w pixels of
+    """(L_p2p, v): FKA's point-to-point alignment and SAI's per-image similarity from one
+    cosine map. f_mix (B, C, h, w) the weak view CutMixed like ``f_s`` (F_1, detached here);
+    f_s (B, C, h, w) gets the gradient. L_p2p (0-dim) = the mean over B*h*w pixels of
     1 - cos(F_1, F_s1); v (B,) = per image the mean cosine, without gradient."""
-    cos = _channel_cos(f_mix.detach().float(), f_s.float())  # (B, h, w)
+    a, b = f_mix.detach().float(), f_s.float()
+    cos = (a * b).sum(1) / (a.norm(dim=1).clamp(min=COS_EPS) * b.norm(dim=1).clamp(min=COS_EPS))
     return 1.0 - cos.mean(), cos.detach().flatten(1).mean(1)
 
 
@@ -140,8 +112,8 @@ def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
 
 def _topk_per_class(score: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """score, eligible (B, K, P) -> per class the flat indices b*P + p of the (at most) ``k``
-    eligible pixels of highest score, sorted: idx (K, k) long, ok (K, k) bool (False on
-    padding slots, which come last and whose indices are arbitrary)."""
+    eligible pixels of highest score, sorted: idx (K, k), and ok (K, k), False on the padding
+    slots (last, arbitrary indices)."""
     K = score.shape[1]
     masked = score.masked_fill(~eligible, float("-inf")).transpose(0, 1).reshape(K, -1)
     k = min(k, masked.shape[1])
@@ -150,8 +122,7 @@ def _topk_per_class(score: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Te
 
 
 def unit_features(maps: Tensor, idx: Tensor) -> Tensor:
-    """maps (B, C, P), flat pixel indices idx (K, k) -> their L2-normalised feature vectors
-    (K, k, C)."""
+    """maps (B, C, P), flat pixel indices idx (K, k) -> their unit feature vectors (K, k, C)."""
     P = maps.shape[2]
     return F.normalize(maps[idx // P, :, idx % P], dim=2)
 
@@ -161,13 +132,11 @@ def dt_select(fw: Tensor, fs: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: 
               valid_s: Tensor, protos: Tensor, classes: Tensor, conf_thresh: float,
               num_anchors: int, num_candidates: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The anchors and candidates of L_dt: (a_idx, a_ok) (K, A) and (c_idx, c_ok) (K, S), flat
-    pixel indices and validity (:func:`_topk_per_class`).
-
-    fw, fs (B, C, P) float; conf_w, label_w, valid_w, valid_s (B, h, w) with h*w = P; protos
-    (K, C) float; classes (K,) bool, the classes that take part. Anchors of class k: the
-    ``num_anchors`` valid weak features of weak label k with conf > ``conf_thresh`` closest to
-    rho_k; candidates: the ``num_candidates`` valid strong features of weak label k farthest
-    from rho_k."""
+    pixel indices and validity (:func:`_topk_per_class`). fw, fs (B, C, P) float; conf_w,
+    label_w, valid_w, valid_s (B, h, w), h*w = P; protos (K, C) float; classes (K,) bool, the
+    classes that take part. Anchors A_k: the ``num_anchors`` valid weak features of weak label k
+    with conf > ``conf_thresh`` closest to rho_k; candidates S_k: the ``num_candidates`` valid
+    strong features of weak label k farthest from rho_k."""
     B, P, K = fw.shape[0], fw.shape[2], protos.shape[0]
     own = label_w.reshape(B, 1, P).long() == torch.arange(K, device=fw.device).view(1, K, 1)
     own = own & classes.view(1, K, 1)
@@ -179,8 +148,8 @@ def dt_select(fw: Tensor, fs: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: 
 
 
 def dt_best_match(anchors: Tensor, cands: Tensor, c_ok: Tensor) -> Tensor:
-    """m(a) (K, A): for every anchor of row k, the largest cosine to a valid candidate of row
-    k. anchors (K, A, C), cands (K, S, C) unit vectors; c_ok (K, S) bool."""
+    """m(a) (K, A): each anchor's largest cosine to a valid candidate of its row; anchors
+    (K, A, C), cands (K, S, C) unit vectors, c_ok (K, S)."""
     cos = torch.bmm(anchors, cands.transpose(1, 2))  # (K, A, S)
     return cos.masked_fill(~c_ok.unsqueeze(1), float("-inf")).amax(dim=2)
 
@@ -195,18 +164,14 @@ def dt_mean(best: Tensor, a_ok: Tensor, den: Tensor) -> Tensor:
 def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
             f_s: Tensor, valid_s: Tensor, protos: Tensor, *, conf_thresh: float = 0.95,
             num_anchors: int = 16, num_candidates: int = 256) -> Tensor:
-    """L_dt (prototype-based intra-class compactness of FKA), 0-dim: the mean over all anchors
-    of 1 - m(a), m(a) = max over the candidates of its class of cos(a, s); 0 when no class has
-    both. Anchors and candidates: :func:`dt_select`, among the classes whose prototype is
-    initialised.
-
-    f_w (B, C, h, w) weak features (detached here); conf_w, label_w (B, h, w) the weak
-    confidence and class at feature resolution; valid_w (B, h, w) bool; f_s (B, C, h, w)
-    strong features (receive the gradient); valid_s (B, h, w) bool; protos (K, C) the bank
-    (read only). Computed in fp32 whatever the autocast.
-    """
+    """L_dt (FKA's prototype-based intra-class compactness), 0-dim, in fp32: the mean over all
+    anchors of 1 - m(a), m(a) = max over the candidates of its class of cos(a, s); 0 when no
+    class has both (:func:`dt_select`, among the classes whose prototype is initialised).
+    f_w (B, C, h, w) weak features (detached here); conf_w, label_w, valid_w (B, h, w) at
+    feature resolution; f_s (B, C, h, w) strong features (get the gradient); valid_s (B, h, w);
+    protos (K, C) the bank (read only)."""
     with torch.autocast(f_s.device.type, enabled=False):
-        fw, fs = flat_maps(f_w.detach()).float(), flat_maps(f_s).float()  # (B, C, P)
+        fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()  # (B, C, P)
         protos = protos.detach().float()
         a_idx, a_ok, c_idx, c_ok = dt_select(
             fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, initialised(protos),
@@ -229,9 +194,8 @@ def sai_mask_ratio(v: Tensor, kappa: float) -> Tensor:
 
 def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | None = None
               ) -> Tensor:
-    """F_ne (SAI noise injection) = F + F * eps, eps ~ U(-a_i, a_i) elementwise over (C, h, w),
-    a_i = kappa (v_i + 1). f (B, C, h, w) keeps its gradient; v (B,) is used detached. Draws
-    one ``torch.rand(f.shape)`` from ``generator``."""
+    """F_ne (SAI noise injection) = F + F * eps, eps ~ U(-a_i, a_i) elementwise (one
+    ``torch.rand(f.shape)`` from ``generator``); f (B, C, h, w) keeps its gradient, v (B,)."""
     a = sai_amplitude(v.detach().to(f.dtype), kappa).view(-1, 1, 1, 1)
     u = torch.rand(f.shape, generator=generator, device=f.device, dtype=f.dtype)
     return f * torch.addcmul(1.0 - a, u, 2.0 * a)  # F (1 + eps), 1 + eps = (1 - a) + 2a u
@@ -239,14 +203,10 @@ def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | N
 
 def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """(F_mk, keep) of SAI self-adaptive masking.
-
-    f (B, C, h, w); ratio (B,) the threshold centres r_i (:func:`sai_mask_ratio`), used
-    detached. Attention A_i = channel mean of f_i; t_i ~ U(r_i - jitter, r_i + jitter) (one
-    ``torch.rand(B)`` from ``generator``); keep (B, h, w) bool = A_i < t_i max(A_i), so the
-    highest activations are dropped; F_mk = f * keep (the gradient flows through the kept
-    positions).
-    """
+    """(F_mk, keep) of SAI self-adaptive masking. f (B, C, h, w); ratio (B,) the threshold
+    centres r_i (:func:`sai_mask_ratio`, used detached). A_i = channel mean of f_i; t_i ~
+    U(r_i - jitter, r_i + jitter) (one ``torch.rand(B)`` from ``generator``); keep (B, h, w) =
+    A_i < t_i max(A_i), dropping the highest activations; F_mk = f * keep."""
     B = f.shape[0]
     u = torch.rand(B, generator=generator, device=f.device, dtype=torch.float32)
     t = ratio.detach().float() + (2.0 * u - 1.0) * jitter
@@ -258,9 +218,8 @@ def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
 
 
 def sai_mse(prob: Tensor, target: Tensor) -> Tensor:
-    """L_m / L_n: MSE between the decoder's probabilities on a perturbed map (upsampled to the
-    input size) and the weak view's CutMixed probabilities; prob, target (B, K, H, W) (target
-    detached by the caller); the mean over all B*K*H*W elements, padding included."""
+    """L_m / L_n at the input resolution: the mean over all B*K*H*W elements of the squared
+    difference of prob and target (B, K, H, W); :func:`loss_sai` computes it from logits."""
     return F.mse_loss(prob.float(), target.float(), reduction="mean")
 
 
@@ -295,21 +254,18 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
 
 
 def loss_sai(logits: Tensor, target: Tensor, chunk: int | None = None) -> Tensor:
-    """L_m / L_n of SAI from the decoder's logits at feature resolution: the value and gradient of
-    ``sai_mse(upsample(logits, target's size).float().softmax(1), target)`` without keeping any
-    input-resolution tensor for the backward.
-
-    logits (N, K, h, w); target (N, K, H, W) (detached). ``chunk`` images at a time (default:
-    1 on CPU, all on GPU). 0-dim float32.
-    """
+    """L_m / L_n of SAI, 0-dim float32, from the decoder's logits (N, K, h, w): the value and
+    gradient of ``sai_mse(upsample(logits).float().softmax(1), target)``, target (N, K, H, W),
+    ``chunk`` images at a time (default: 1 on CPU, all on GPU), keeping no input-resolution
+    tensor for the backward."""
     if chunk is None:
         chunk = 1 if logits.device.type == "cpu" else logits.shape[0]
     return _UpsampledSoftmaxMSE.apply(logits, target.detach(), max(1, int(chunk)))
 
 
 def sai_weight(it: int, total_iters: int, beta: float) -> float:
-    """w(t) = beta r(t)^2 with r(t) = exp(-k (1 - t/T)^2), k = SAI_RAMP_K, t = min(it, T) the
-    global iteration, T = total_iters (beta when T = 0). A host float from ints."""
+    """w(t) = beta r(t)^2, r(t) = exp(-k (1 - t/T)^2), k = SAI_RAMP_K, t = min(it, T) the global
+    iteration, T = total_iters (beta when T = 0); a host float."""
     if total_iters <= 0:
         return float(beta)
     t = min(max(it, 0), total_iters)

@@ -1,19 +1,8 @@
-"""One step function per method: ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
-(what each computes: docs/method.md, "One training step"; each equation's function:
-docs/method.md, "Equations and functions").
-
-Vocabulary (UniMatch's): ``x``/``y`` labeled images and masks; ``u`` the unlabeled batch with
-views ``w`` (weak), ``s1``/``s2`` (two independent strong views), ``ignore`` (255 where the
-crop was padded) and CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner batch
-(``mix_source``); ``fp`` the feature-perturbation branch.
-
-Image-batches through the backbone per step (docs/method.md, "Forward passes"):
-
-    supervised              1   x
-    unimatch                5   mix_w (eval, no grad) | x, u_w (+fp copy of c1/c4) | s1, s2
-    mlcl                    7   unimatch's 5 + the CutMixed weak views w1, w2 under no_grad
-    mlcl (released_passes)  9   unimatch's 5 + train-mode passes over w1 | w2 | u_w | s1
-"""
+"""One step function per method, ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
+(docs/method.md, "One training step"). UniMatch's names: ``x``/``y`` labeled images and masks;
+``u`` the unlabeled batch, views ``w`` (weak) and ``s1``/``s2`` (strong), ``ignore`` (255 on
+padding), CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner batch; ``fp`` the
+feature-perturbation branch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -106,15 +95,12 @@ def mix_source(batch: dict[str, Any]) -> dict[str, Tensor]:
     or a second, independently augmented view of the same images (``same``)."""
     if "mix" in batch:
         return batch["mix"]
-    u = batch["u"]
-    return {k: v.roll(1, dims=0) for k, v in u.items() if torch.is_tensor(v)}
+    return {k: v.roll(1, dims=0) for k, v in batch["u"].items() if torch.is_tensor(v)}
 
 
 def paste(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
-    """CutMix, the one helper: ``inside`` where ``box`` is set, ``outside`` elsewhere.
-
-    inside, outside (B, H, W) (labels, confidences, ignore maps) or (B, K, H, W) (images,
-    probabilities); box (B, H, W) bool, or (n, B, H, W) for n boxes at once (the result then
+    """CutMix: ``inside`` where ``box`` is set, ``outside`` elsewhere. inside, outside (B, H, W)
+    or (B, K, H, W); box (B, H, W) bool, or (n, B, H, W) for n boxes at once (the result then
     has a leading n)."""
     if inside.dim() == 4:
         box = box.unsqueeze(-3)
@@ -140,9 +126,7 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     """UniMatch's passes and losses (docs/method.md, "UniMatch"). batch: {'x': {'x', 'y'},
     'u': {'w', 's1', 's2', 'ignore', 'box1', 'box2'}, optionally 'mix'}; 5 image-batches."""
     cfg = ctx.cfg
-    x, y = batch["x"]["x"], batch["x"]["y"]
-    u = batch["u"]
-    mix = mix_source(batch)
+    x, y, u, mix = batch["x"]["x"], batch["x"]["y"], batch["u"], mix_source(batch)
     boxes = [u["box1"], u["box2"]]
 
     # 1. pseudo-labels of the mix source: eval mode, no gradient
@@ -153,14 +137,12 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     conf_mix, label_mix = prob_mix.max(1)
 
     # 2. CutMix the strong views with the partner's strong views
-    s1 = paste(boxes[0], mix["s1"], u["s1"])
-    s2 = paste(boxes[1], mix["s2"], u["s2"])
+    s1, s2 = paste(boxes[0], mix["s1"], u["s1"]), paste(boxes[1], mix["s2"], u["s2"])
 
     # 3. cat(x, u_w) with the feature-perturbation branch (train mode)
     n_x = x.shape[0]
     out_xw = model(torch.cat([x, u["w"]]), fp=True, return_features=True)
-    pred_x, pred_w = out_xw.logits[:n_x], out_xw.logits[n_x:]
-    pred_fp = out_xw.logits_fp[n_x:]
+    pred_x, pred_w, pred_fp = out_xw.logits[:n_x], out_xw.logits[n_x:], out_xw.logits_fp[n_x:]
     prob_w = pred_w.detach().softmax(1)
     conf_w, label_w = prob_w.max(1)
 
@@ -170,10 +152,8 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
 
     # 5. losses; targets of s_i: u_w's pseudo-labels with box_i taken from the mix source
     ig = cfg.data.ignore_index
-    targets = []
-    for box in boxes:
-        targets.append((paste(box, label_mix, label_w), paste(box, conf_mix, conf_w),
-                        paste(box, mix["ignore"], u["ignore"])))
+    targets = [(paste(b, label_mix, label_w), paste(b, conf_mix, conf_w),
+                paste(b, mix["ignore"], u["ignore"])) for b in boxes]
     tau = cfg.train.conf_thresh
     loss_x = labeled_loss(pred_x, y, cfg)
     loss_s1 = losses.pseudo_label_ce(pred_s1, *targets[0], tau, ig)
@@ -197,8 +177,7 @@ def step_unimatch(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, T
 # --------------------------------------------------------------------------- mlcl
 @dataclass
 class MLCLInputs:
-    """What the MLCL part of a step reads: B images, C channels, K classes, h x w feature and
-    H x W input resolution."""
+    """What the MLCL part of a step reads (shapes as in :mod:`mlcl.losses`)."""
 
     f_w: Tensor  # (B, C, h, w) F_w: features of u_w, detached
     f1: Tensor  # (B, C, h, w) F_1: the weak images CutMixed like s1, detached
@@ -244,9 +223,7 @@ def prototype_branch(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts
     with torch.no_grad():
         conf, label = net.decode(x.f_w).float().softmax(1).max(1)  # (B, h, w)
     valid_w = parts.valid_at_features(x.ignore, size, cfg.data.ignore_index)
-    valid_s = valid_w
-    if x.dt_box is not None:
-        valid_s = valid_w & ~losses.at_feature_pixels(x.dt_box, size)
+    valid_s = valid_w if x.dt_box is None else valid_w & ~losses.at_feature_pixels(x.dt_box, size)
     dt = x.f_dt.new_zeros(())
     if m.use_dt:
         dt = parts.loss_dt(x.f_w, conf, label, valid_w, x.f_dt, valid_s, bank.protos,
@@ -258,13 +235,9 @@ def prototype_branch(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts
 
 def sai_losses(net, branches: list[tuple[Tensor, Tensor]], target: Tensor, cfg: Config,
                mask_ratio: Callable) -> tuple[Tensor, Tensor]:
-    """(L_m, L_n) of SAI over the strong branches (0-dim each).
-
-    branches: per strong view (f_s (B, C, h, w) with gradient, v (B,)); target
-    (n*B, K, H, W) the branches' targets (:attr:`MLCLInputs.sai_target`); mask_ratio: r(v).
-    The masked / noised maps go through ``net.decode`` alone; :func:`mlcl.losses.loss_sai`
-    upsamples and compares them. Random draws, per branch: the mask threshold, then the noise.
-    """
+    """(L_m, L_n) of SAI over the strong branches (0-dim each): per branch (f_s (B, C, h, w)
+    with gradient, v (B,)) the masked then the noised map (random draws in that order) through
+    ``net.decode`` alone, compared with target (n*B, K, H, W) by :func:`losses.loss_sai`."""
     m = cfg.mlcl
     logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
     for f_s, v in branches:
@@ -317,7 +290,4 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
 
 
 STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "supervised": step_supervised,
-    "unimatch": step_unimatch,
-    "mlcl": step_mlcl,
-}
+    "supervised": step_supervised, "unimatch": step_unimatch, "mlcl": step_mlcl}

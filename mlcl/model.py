@@ -1,20 +1,7 @@
-"""DeepLabV3+ on a ResNet, split the way MLCL needs it (docs/method.md, "Model: encoder and
-decoder"):
-
-    x ──backbone──► (c1, c4) ──fuse: ASPP(c4) ⊕ reduce(c1), two 3×3 convs──► F ──classifier──► logits
-      └──────────────────────── encode(x) ─────────────────────────────────┘   └── decode(F) ──┘
-
-``encode`` is everything up to the fused map F (C = ``model.feature_channels`` channels at 1/4 of
-the input resolution); ``decode`` is only the 1×1 classifier, so the SAI perturbations of F go
-through the classifier alone. ``forward(x, fp=True)`` is UniMatch's feature-perturbation pass:
-c1 and c4 are stacked with a Dropout2d copy along the batch and fused/decoded in one pass.
-
-Backbones are torchvision's ResNet topologies assembled from torchvision's own blocks
-(``BasicBlock``, ``Bottleneck``), with a configurable base width, the last stage dilated
-instead of strided (output stride 16), and optionally the three-conv "deep stem" (ResNet-C) of
-UniMatch and the MLCL release. Parameter names follow torchvision's (and, for the deep stem,
-UniMatch's ``pretrained/resnet50.pth``), so ImageNet checkpoints load strictly
-(:func:`load_backbone_weights`; downloading and checking them: :mod:`mlcl.prepare.pretrained`).
+"""DeepLabV3+ on a ResNet, split into ``encode`` (x -> the fused map F) and ``decode`` (the 1x1
+classifier alone, F -> logits) as MLCL needs it (docs/method.md, "Model: encoder and decoder").
+Parameter names are torchvision's (the deep stem's: UniMatch's ``pretrained/resnet50.pth``), so
+ImageNet checkpoints load strictly (:func:`load_backbone_weights`).
 """
 from __future__ import annotations
 
@@ -41,29 +28,18 @@ BACKBONES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], bool]] = 
     "resnet50_deepstem": (Bottleneck, (3, 4, 6, 3), True),
     "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True),
 }
-# torchvision's ImageNet weights for ``model.pretrained: true``. IMAGENET1K_V1 (the original
-# 76.1% ResNet-50) is what DeepLab-style segmentation code has used; V2 is a different recipe.
-TORCHVISION_WEIGHTS = {
-    "resnet18": tvm.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": tvm.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": tvm.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": tvm.ResNet101_Weights.IMAGENET1K_V1,
-}
+# ``model.pretrained: true``: IMAGENET1K_V1 (the original 76.1% ResNet-50), as DeepLab code uses
+TORCHVISION_WEIGHTS = {f"resnet{n}": getattr(tvm, f"ResNet{n}_Weights").IMAGENET1K_V1
+                       for n in (18, 34, 50, 101)}
 
 
 class SegOutput(NamedTuple):
-    """What ``forward`` returns when asked for more than the logits.
-
-    logits:      (B, K, H, W) at the input size
-    logits_fp:   (B, K, H, W) of the feature-perturbed copy (``fp=True``), else None
-    features:    F, (B, C, H/4, W/4) (``return_features=True``), else None
-    features_fp: F of the perturbed copy (``fp=True`` and ``return_features=True``), else None
-    """
+    """What ``forward`` returns when asked for more than the logits (B, K, H, W)."""
 
     logits: Tensor
-    logits_fp: Optional[Tensor] = None
-    features: Optional[Tensor] = None
-    features_fp: Optional[Tensor] = None
+    logits_fp: Optional[Tensor] = None  # (B, K, H, W) of the perturbed copy (fp=True)
+    features: Optional[Tensor] = None  # F (B, C, H/4, W/4) (return_features=True)
+    features_fp: Optional[Tensor] = None  # F of the perturbed copy (fp and return_features)
 
 
 def upsample(t: Tensor, size) -> Tensor:
@@ -73,51 +49,36 @@ def upsample(t: Tensor, size) -> Tensor:
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (kernel - 1) // 2
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 # --------------------------------------------------------------------------- backbone
-def _set_dilation(block: nn.Module, dilation: int) -> None:
-    """Dilate every 3×3 conv of a residual block (padding = dilation keeps the size).
-    torchvision's BasicBlock refuses ``dilation > 1`` in its constructor, so both block types
-    are built undilated and dilated here, the same way."""
-    for m in block.modules():
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-            m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
-
-
 def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int,
-                dilation: int, first_dilation: int) -> nn.Sequential:
+                dilation: int = 1) -> nn.Sequential:
     """One ResNet stage, named as torchvision names it (``N.conv1``, ``0.downsample.0`` ...).
-    As in torchvision's ``replace_stride_with_dilation``, the first block of a dilated stage
-    keeps the previous stage's dilation and the others use ``dilation``."""
+    As torchvision's ``replace_stride_with_dilation``, the first block keeps dilation 1 and the
+    others' 3×3 convs get ``dilation`` (set after construction: BasicBlock refuses it)."""
     out = planes * block.expansion
     downsample = None
     if stride != 1 or inplanes != out:
         downsample = nn.Sequential(conv1x1(inplanes, out, stride), nn.BatchNorm2d(out))
     layers = [block(inplanes, planes, stride, downsample)]
     layers += [block(out, planes) for _ in range(1, blocks)]
-    for i, b in enumerate(layers):
-        _set_dilation(b, first_dilation if i == 0 else dilation)
+    for b in layers[1:]:
+        for m in b.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                m.dilation, m.padding = (dilation, dilation), (dilation, dilation)
     return nn.Sequential(*layers)
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision-topology ResNet without avgpool/fc, returning (c1, c4).
-
-    width: channels of the first stage's 3×3 convs (64 standard); stage i has width·2^i.
-    deep_stem: ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``), as in UniMatch.
-    Output stride 16: layer4 keeps layer3's resolution, dilated 2.
-    """
+    """A torchvision-topology ResNet without avgpool/fc, returning (c1, c4); stage i has
+    width·2^i channels; deep_stem: UniMatch's ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``);
+    output stride 16: layer4 keeps layer3's resolution, dilated 2."""
 
     def __init__(self, block, layers, width: int = 64, deep_stem: bool = False):
         super().__init__()
-        if width < 1:
-            raise ConfigError(f"config key 'model.width': must be positive, got {width}")
         if deep_stem:  # keys conv1.{0,1,3,4,6}.* and bn1.*, as UniMatch's checkpoint
             stem = 2 * width
             self.conv1 = nn.Sequential(
@@ -136,11 +97,11 @@ class ResNetBackbone(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        e = block.expansion  # (stride, dilation, first block's dilation) of each stage
-        self.layer1 = _make_stage(block, stem, width, layers[0], 1, 1, 1)
-        self.layer2 = _make_stage(block, width * e, width * 2, layers[1], 2, 1, 1)
-        self.layer3 = _make_stage(block, width * 2 * e, width * 4, layers[2], 2, 1, 1)
-        self.layer4 = _make_stage(block, width * 4 * e, width * 8, layers[3], 1, 2, 1)
+        e = block.expansion
+        self.layer1 = _make_stage(block, stem, width, layers[0], 1)
+        self.layer2 = _make_stage(block, width * e, width * 2, layers[1], 2)
+        self.layer3 = _make_stage(block, width * 2 * e, width * 4, layers[2], 2)
+        self.layer4 = _make_stage(block, width * 4 * e, width * 8, layers[3], 1, dilation=2)
         self.low_level_channels = width * e  # c1
         self.out_channels = width * 8 * e  # c4
 
@@ -178,56 +139,42 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ with the encoder/decoder split of docs/method.md; see the module docstring.
+    """DeepLabV3+ with the encoder/decoder split of the module docstring. The ASPP width is
+    UniMatch's rule, c4 channels // 8: 256 for ResNet-50/101 at width 64 (UniMatch's and the
+    release's head), proportionally smaller for the narrow CPU backbones."""
 
-    The ASPP width follows UniMatch's rule, c4 channels // 8: 256 for ResNet-50/101 at width 64
-    (UniMatch's and the MLCL release's head), and proportionally smaller for the narrow CPU
-    backbones. ``aspp_channels`` overrides it.
-    """
-
-    def __init__(self, cfg: ModelConfig, num_classes: int, aspp_channels: int | None = None):
+    def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
         self.backbone = build_backbone(cfg.backbone, cfg.width)
         high, low = self.backbone.out_channels, self.backbone.low_level_channels
-        aspp_channels = aspp_channels or max(high // 8, 1)
+        aspp_channels = max(high // 8, 1)
         self.aspp = ASPP(high, aspp_channels, cfg.aspp_dilations)
         self.reduce = conv_bn_relu(low, cfg.low_level_channels)
         self.fusion = nn.Sequential(
             conv_bn_relu(aspp_channels + cfg.low_level_channels, cfg.feature_channels, 3),
-            conv_bn_relu(cfg.feature_channels, cfg.feature_channels, 3),
-        )
+            conv_bn_relu(cfg.feature_channels, cfg.feature_channels, 3))
         self.classifier = nn.Conv2d(cfg.feature_channels, num_classes, 1)
         self.fp_dropout = nn.Dropout2d(cfg.fp_dropout)  # active in train mode only
-        self.num_classes = num_classes
-        self.feature_channels = cfg.feature_channels
-
-    # ---- the pieces
-    def backbone_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, 3, H, W) -> c1 (B, ·, H/4, W/4), c4 (B, ·, H/16, W/16)."""
-        return self.backbone(x)
 
     def fuse(self, c1: Tensor, c4: Tensor) -> Tensor:
-        """ASPP(c4) upsampled to c1's size, concatenated with reduce(c1), two 3×3 convs:
-        F (B, C, H/4, W/4)."""
+        """F (B, C, H/4, W/4): ASPP(c4) upsampled, concatenated with reduce(c1), two 3×3 convs."""
         high = upsample(self.aspp(c4), c1.shape[-2:])  # (B, aspp, H/4, W/4)
         return self.fusion(torch.cat([self.reduce(c1), high], dim=1))  # (B, C, H/4, W/4)
 
     def encode(self, x: Tensor) -> Tensor:
         """The encoder of MLCL: x (B, 3, H, W) -> F (B, C, H/4, W/4)."""
-        return self.fuse(*self.backbone_features(x))
+        return self.fuse(*self.backbone(x))
 
     def decode(self, features: Tensor) -> Tensor:
         """The decoder of MLCL (the 1×1 classifier only): F (B, C, h, w) -> (B, K, h, w)."""
         return self.classifier(features)
 
-    # ---- the whole model
     def forward(self, x: Tensor, fp: bool = False, return_features: bool = False):
         """Logits (B, K, H, W) at the input size, or a :class:`SegOutput` when ``fp`` or
-        ``return_features`` asks for more. ``fp=True`` adds UniMatch's feature-perturbation
-        branch: c1 and c4 are stacked with a Dropout2d copy (train mode; in eval mode the copy
-        equals the clean maps) and fused/decoded as one batch of 2B, so batch norm sees both."""
+        ``return_features`` asks for more; ``fp=True``: UniMatch's feature perturbation, c1 and
+        c4 fused and decoded with their Dropout2d copy as one batch of 2B."""
         size = x.shape[-2:]
-        c1, c4 = self.backbone_features(x)
+        c1, c4 = self.backbone(x)
         if fp:
             c1 = torch.cat((c1, self.fp_dropout(c1)))  # (2B, ·, H/4, W/4)
             c4 = torch.cat((c4, self.fp_dropout(c4)))  # (2B, ·, H/16, W/16)
@@ -235,24 +182,16 @@ class DeepLabV3Plus(nn.Module):
         logits = upsample(self.decode(feats), size)  # (B or 2B, K, H, W)
         if not (fp or return_features):
             return logits
-        logits_fp = feats_fp = None
-        if fp:
-            logits, logits_fp = logits.chunk(2)
-            feats, feats_fp = feats.chunk(2)
-        if not return_features:
-            feats = feats_fp = None
-        return SegOutput(logits, logits_fp, feats, feats_fp)
+        out = SegOutput(*logits.chunk(2), *feats.chunk(2)) if fp else SegOutput(logits, None, feats)
+        return out if return_features else out._replace(features=None, features_fp=None)
 
     def param_groups(self, lr: float, lr_multi: float) -> list[dict]:
         """Optimizer groups: the backbone at ``lr``; ASPP, fusion and classifier at
         ``lr * lr_multi``. ``lr_scale`` (the group's lr / lr) lets a schedule rescale each."""
         backbone = list(self.backbone.parameters())
-        ids = {id(p) for p in backbone}
-        head = [p for p in self.parameters() if id(p) not in ids]
-        return [
-            {"name": "backbone", "params": backbone, "lr": lr, "lr_scale": 1.0},
-            {"name": "head", "params": head, "lr": lr * lr_multi, "lr_scale": lr_multi},
-        ]
+        head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+        return [{"name": "backbone", "params": backbone, "lr": lr, "lr_scale": 1.0},
+                {"name": "head", "params": head, "lr": lr * lr_multi, "lr_scale": lr_multi}]
 
 
 # --------------------------------------------------------------------------- builders
@@ -261,13 +200,14 @@ def build_backbone(name: str, width: int = 64) -> ResNetBackbone:
     if name not in BACKBONES:
         raise ConfigError(f"config key 'model.backbone': {name!r} is not one of "
                           f"{', '.join(BACKBONES)}")
+    if width < 1:
+        raise ConfigError(f"config key 'model.width': must be positive, got {width}")
     block, layers, deep_stem = BACKBONES[name]
     return ResNetBackbone(block, layers, width, deep_stem)
 
 
 def imagenet_file(arch: str) -> Path:
-    """The torch hub cache file of torchvision's ImageNet weights for ``arch`` (a plain
-    ResNet of :data:`TORCHVISION_WEIGHTS`), where ``python -m mlcl data pretrained`` puts it."""
+    """Where ``python -m mlcl data pretrained`` puts torchvision's weights for ``arch``."""
     name = TORCHVISION_WEIGHTS[arch].url.rsplit("/", 1)[-1]
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
@@ -276,17 +216,15 @@ def pretrained_file(m: ModelConfig) -> Path | None:
     """The weights file ``model.pretrained`` names (None for false), checked against
     ``model.backbone`` / ``model.width`` before anything is built."""
     if m.pretrained is True:
+        why = "true means torchvision's ImageNet weights, which"
         if m.backbone not in TORCHVISION_WEIGHTS:
             raise ConfigError(
-                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
-                f"which do not exist for the deep-stem {m.backbone}; give the checkpoint file "
-                f"instead (UniMatch's pretrained/{m.backbone.removesuffix('_deepstem')}.pth): "
-                f"model.pretrained=PATH")
+                f"config key 'model.pretrained': {why} do not exist for the deep-stem "
+                f"{m.backbone}; give the checkpoint file instead (UniMatch's pretrained/"
+                f"{m.backbone.removesuffix('_deepstem')}.pth): model.pretrained=PATH")
         if m.width != 64:
-            raise ConfigError(
-                f"config key 'model.pretrained': true means torchvision's ImageNet weights, "
-                f"which exist only for model.width=64 (got {m.width}); use width 64 or "
-                f"pretrained=false")
+            raise ConfigError(f"config key 'model.pretrained': {why} exist only for "
+                              f"model.width=64 (got {m.width}); use width 64 or pretrained=false")
         path = imagenet_file(m.backbone)
         if not path.is_file():
             raise ConfigError(
@@ -301,51 +239,39 @@ def pretrained_file(m: ModelConfig) -> Path | None:
     return None if m.pretrained is False else Path(m.pretrained).expanduser()
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of a weights-only checkpoint: a plain state dict, or one nested under
-    'state_dict' / 'model'."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with non-tensor objects ...
-        raise ConfigError(f"model.pretrained: {path} cannot be read as a weights-only "
-                          f"checkpoint ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ConfigError(f"model.pretrained: {path} is not a state dict (expected name -> "
-                          f"tensor, or one under 'state_dict' or 'model')")
-    return obj
-
-
 def _first(keys, n: int = 5) -> str:
+    """The first ``n`` of ``keys`` in order, and how many there are when more."""
     keys = sorted(keys)
     more = f" ... ({len(keys)} in all)" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint file strictly into ``backbone``; only the classifier keys ``fc.*``
-    are dropped. A missing file, a missing or unexpected key or a shape mismatch is a
-    ConfigError naming the file, the keys and what to do.
-
-    The keys are copied into a fresh dict, so the file's module-version metadata is not used:
-    like any pre-1.0 checkpoint, a file without BN ``num_batches_tracked`` counters loads (the
-    counters stay at their defaults); every weight and running statistic must be present.
-    """
+    """Load a weights-only checkpoint file (a state dict, plain or under 'state_dict' /
+    'model') strictly into ``backbone``, less the classifier keys ``fc.*`` and the BN
+    ``num_batches_tracked`` counters a file may lack (UniMatch's, pre-1.0 torchvision's); a
+    missing or bad file, a missing or unexpected key or a shape mismatch is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
                           f"(torchvision's ImageNet files: python -m mlcl data pretrained "
                           f"--torchvision ARCH)")
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle with non-tensor objects ...
+        raise ConfigError(f"model.pretrained: {path} cannot be read as a weights-only "
+                          f"checkpoint ({type(e).__name__}: {e})") from e
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ConfigError(f"model.pretrained: {path} is not a state dict (expected name -> "
+                          f"tensor, or one under 'state_dict' or 'model')")
+    state = {k: v for k, v in obj.items() if not k.startswith("fc.")}
     expected = backbone.state_dict()
     missing = {k for k in expected if k not in state and not k.endswith("num_batches_tracked")}
-    unexpected = set(state) - set(expected)
-    if missing or unexpected:
-        parts = [f"missing keys: {_first(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_first(unexpected)}"] if unexpected else []
+    parts = [f"{what} keys: {_first(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", set(state) - set(expected))) if keys]
+    if parts:
         raise ConfigError(
             f"model.pretrained: {path} does not match the backbone ({'; '.join(parts)}); is it "
             f"the checkpoint of this model.backbone (and width 64)?")
@@ -358,8 +284,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 def build_model(cfg: Config) -> DeepLabV3Plus:
     """DeepLabV3+ for ``cfg.model`` and ``cfg.data.num_classes``, with the backbone weights
-    that ``cfg.model.pretrained`` names (false: random init; true: torchvision's ImageNet file
-    in the hub cache; a path: that checkpoint)."""
+    ``cfg.model.pretrained`` names (:func:`pretrained_file`; false: random init)."""
     path = pretrained_file(cfg.model)  # a bad value fails before the model is built
     model = DeepLabV3Plus(cfg.model, cfg.data.num_classes)
     if path is not None:

@@ -1,10 +1,5 @@
-"""The class-prototype memory bank of FKA (docs/method.md, "Prototype memory bank").
-
-``PrototypeBank`` is an ``nn.Module`` whose (K, C) buffer ``protos`` is in its ``state_dict``,
-so checkpoints carry it. The update is vectorised (per-class sums and counts as one-hot matrix
-products) and keeps the bank identical on every process. The release's update is
-:class:`mlcl.released.ReleasedBank`.
-"""
+"""The class-prototype memory bank of FKA (docs/method.md, "Prototype memory bank"); the
+release's update is :class:`mlcl.released.ReleasedBank`."""
 from __future__ import annotations
 
 import torch
@@ -18,67 +13,45 @@ def initialised(protos: Tensor) -> Tensor:
 
 
 class PrototypeBank(nn.Module):
-    """rho (K, C): one prototype per class, all zeros until the class is first seen."""
+    """rho (K, C): one prototype per class, all zeros until the class is first seen; the buffer
+    ``protos`` is in the ``state_dict``, so checkpoints carry it."""
 
     def __init__(self, num_classes: int, channels: int, momentum: float = 0.99,
                  conf_thresh: float = 0.95):
         super().__init__()
-        self.num_classes = num_classes
-        self.channels = channels
-        self.momentum = momentum
-        self.conf_thresh = conf_thresh
+        self.num_classes, self.momentum, self.conf_thresh = num_classes, momentum, conf_thresh
         self.register_buffer("protos", torch.zeros(num_classes, channels))
-
-    @property
-    def initialised(self) -> Tensor:
-        """(K,) bool: classes whose prototype is no longer all zeros."""
-        return initialised(self.protos)
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.num_classes}, channels={self.channels}, "
-                f"momentum={self.momentum}, conf_thresh={self.conf_thresh}")
 
     @torch.no_grad()
     def class_sums(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor
                    ) -> tuple[Tensor, Tensor]:
         """Per-class sums (K, C) and counts (K,) of the features with conf > conf_thresh and
         valid. feats (B, C, h, w) or rows (N, C); labels, conf, valid (B, h, w) or (N,)."""
-        if feats.dim() == 4:
-            maps = feats.reshape(feats.shape[0], feats.shape[1], -1)  # (B, C, P)
-        else:
-            maps = feats.t().unsqueeze(0)  # (1, C, N)
+        maps = feats.flatten(2) if feats.dim() == 4 else feats.t().unsqueeze(0)  # (B|1, C, P)
         maps = maps.detach().to(self.protos.dtype)
         B, P = maps.shape[0], maps.shape[2]
         sel = (conf.reshape(B, P) > self.conf_thresh) & valid.reshape(B, P).bool()
         classes = torch.arange(self.num_classes, device=maps.device).view(1, -1, 1)
         onehot = ((labels.reshape(B, 1, P).long() == classes) & sel.unsqueeze(1)
                   ).to(maps.dtype)  # (B, K, P)
-        sums = torch.bmm(onehot, maps.transpose(1, 2)).sum(0)  # (K, C)
-        counts = onehot.sum(dim=(0, 2))
-        return sums, counts
+        return torch.bmm(onehot, maps.transpose(1, 2)).sum(0), onehot.sum(dim=(0, 2))
 
     @torch.no_grad()
     def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
-        """The bank (K, C) after one EMA step from class sums (K, C) and counts (K,); not stored.
-
-        For each class with counts > 0: mean_k = sums_k / counts_k; rho_k <- mean_k if rho_k is
-        all zeros, else m rho_k + (1 - m) mean_k.
-        """
+        """The bank (K, C) after one EMA step from class sums (K, C) and counts (K,), not stored:
+        for each class with counts > 0, mean_k = sums_k / counts_k; rho_k <- mean_k if rho_k is
+        all zeros, else m rho_k + (1 - m) mean_k."""
         present = counts > 0
         mean = sums / counts.clamp(min=1).unsqueeze(1)
-        seen = self.initialised
-        m = self.momentum
+        seen, m = initialised(self.protos), self.momentum
         new = torch.where((present & ~seen).unsqueeze(1), mean, self.protos)
         return torch.where((present & seen).unsqueeze(1), m * self.protos + (1.0 - m) * mean, new)
 
     @torch.no_grad()
     def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> None:
-        """One EMA step (:meth:`stepped`) from this step's weak features, in place.
-
-        feats (B, C, h, w) or (N, C); labels, conf, valid (B, h, w) or (N,). The class sums and
-        counts are summed over processes first, so every process applies the step of the
-        global batch.
-        """
+        """One EMA step (:meth:`stepped`) in place from the class sums and counts of
+        :meth:`class_sums`' arguments, summed over processes: every process applies the global
+        batch's step, so the banks stay identical."""
         sums, counts = self.class_sums(feats, labels, conf, valid)
         packed = reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), reduction="sum")
         self.protos.copy_(self.stepped(packed[:, :-1], packed[:, -1]))

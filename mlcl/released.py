@@ -1,21 +1,7 @@
 """Every place where the authors' release (github.com/MKSAQW/MCCL) computes something other
-than the paper's equations, each behind its own switch (docs/method.md, "Paper versus
-release"). :func:`mlcl.methods.mlcl_parts` is the one place that picks these instead of the
-paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`.
-
-=========================== =========================================================
-switch                      implementation here
-=========================== =========================================================
-``mlcl.double_transform``   :func:`sai_mask_ratio_twice`
-``mlcl.bilinear_ignore``    :func:`valid_bilinear`
-``mlcl.pair_by_position``,  :func:`loss_dt` (with :func:`position_pairing`)
-``duplicate_top_anchor``,
-``normalise_by_candidates``,
-``dt_uninitialised``
-``mlcl.bank_early_stop``,   :class:`ReleasedBank`
-``bank_local_update``
-``mlcl.released_passes``    :func:`separate_passes`
-=========================== =========================================================
+than the paper's equations, each behind the switch its docstring names (docs/method.md, "Paper
+versus release"). :func:`mlcl.methods.mlcl_parts` is the one place that picks these instead of
+the paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`.
 """
 from __future__ import annotations
 
@@ -33,10 +19,9 @@ def sai_mask_ratio_twice(v: Tensor, kappa: float) -> Tensor:
 
 
 def valid_bilinear(ignore: Tensor, size: tuple[int, int], ignore_index: int = 255) -> Tensor:
-    """The ignore map (B, H, W) at feature resolution ``size`` as the release resizes it
-    (``mlcl.bilinear_ignore``): the batch as the channels of one image, bilinearly with
-    align_corners=True, truncated to integers; only exact ``ignore_index`` values stay
-    ignored. (B, h, w) bool, valid = True."""
+    """(B, h, w) bool, valid = True: the ignore map (B, H, W) resized as the release does
+    (``mlcl.bilinear_ignore``): bilinearly, truncated to integers, only exact ``ignore_index``
+    values stay ignored."""
     x = F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
                       align_corners=True).squeeze(0)
     return x.long() != ignore_index
@@ -57,15 +42,12 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
             num_anchors: int = 16, num_candidates: int = 256, pair_by_position: bool = False,
             duplicate_top_anchor: bool = False, normalise_by_candidates: bool = False,
             keep_uninitialised: bool = False) -> Tensor:
-    """L_dt as released, 0-dim; arguments and the rest as :func:`mlcl.losses.loss_dt`.
-
-    ``pair_by_position``: anchor and candidate groups paired by list position
-    (:func:`position_pairing`); ``duplicate_top_anchor``: anchors [t1, t1, t2, ..., t(m-1)];
-    ``normalise_by_candidates``: 1 - sum m(a) / sum |S_k|; ``keep_uninitialised``
-    (``mlcl.dt_uninitialised``): classes whose prototype is all zeros take part.
-    """
+    """L_dt as released, arguments as :func:`mlcl.losses.loss_dt`, with the switches
+    ``pair_by_position`` (:func:`position_pairing`), ``duplicate_top_anchor`` (anchors [t1, t1,
+    t2, ..., t(m-1)]), ``normalise_by_candidates`` (1 - sum m(a) / sum |S_k|) and
+    ``keep_uninitialised`` (``mlcl.dt_uninitialised``: all-zero prototypes take part)."""
     with torch.autocast(f_s.device.type, enabled=False):
-        fw, fs = losses.flat_maps(f_w.detach()).float(), losses.flat_maps(f_s).float()
+        fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()
         protos = protos.detach().float()
         K = protos.shape[0]
         classes = (torch.ones(K, dtype=torch.bool, device=protos.device) if keep_uninitialised
@@ -92,8 +74,8 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
 
 
 class ReleasedBank(prototypes.PrototypeBank):
-    """The prototype bank with the release's update (``mlcl.bank_early_stop``,
-    ``mlcl.bank_local_update``); the same state as :class:`mlcl.prototypes.PrototypeBank`."""
+    """The bank with the release's update (``mlcl.bank_early_stop``, ``mlcl.bank_local_update``);
+    the same state as :class:`mlcl.prototypes.PrototypeBank`."""
 
     def __init__(self, num_classes: int, channels: int, momentum: float = 0.99,
                  conf_thresh: float = 0.95, *, early_stop: bool = False,
@@ -109,7 +91,7 @@ class ReleasedBank(prototypes.PrototypeBank):
         new = super().stepped(sums, counts)
         if not self.early_stop:
             return new
-        init = ((counts > 0) & ~self.initialised).long()
+        init = ((counts > 0) & ~prototypes.initialised(self.protos)).long()
         skip = (init == 0) & ((torch.cumsum(init, 0) - init) > 0)
         return torch.where(skip.unsqueeze(1), self.protos, new)
 
@@ -126,10 +108,9 @@ class ReleasedBank(prototypes.PrototypeBank):
 
 def separate_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], *unused
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
-    """(F_1, F_2, F_w, the strong features of L_dt, None) from the release's structure
-    (``mlcl.released_passes``): separate train-mode passes, each building a graph, over w1,
-    w2, u_w and the un-mixed s1 (so no CutMix box to skip); the arguments of
-    :func:`mlcl.methods.joint_passes`, of which UniMatch's passes and F_s1 are unused."""
+    """:func:`mlcl.methods.joint_passes` as released (``mlcl.released_passes``): separate
+    train-mode passes, each building a graph, over w1, w2, u_w and the un-mixed s1 (so no
+    CutMix box to skip, None)."""
     f1 = model(w1, return_features=True).features.detach()
     f2 = model(w2, return_features=True).features.detach()
     f_w = model(u["w"], return_features=True).features

@@ -13,7 +13,7 @@ from mlcl.config import RELEASED_QUIRKS, load_config
 from mlcl.data.datasets import build_datasets
 from mlcl.methods import STEPS, StepContext, make_bank, paste
 from mlcl.model import build_model
-from mlcl.prototypes import PrototypeBank
+from mlcl.prototypes import PrototypeBank, initialised
 
 
 def setup(synth_root, method, *extra, batch=4):
@@ -68,7 +68,7 @@ def test_mlcl_terms_gradients_and_bank(synth_root):
     assert terms["mask"] > 0 and terms["noise"] > 0 and terms["sai_w"] > 0
     assert -1 <= terms["sim_v"] <= 1
     # the step updated the bank (threshold 0 so every class present qualifies) without grad
-    assert bank.initialised.any() and not bank.protos.requires_grad
+    assert initialised(bank.protos).any() and not bank.protos.requires_grad
     terms["loss"].backward()
     assert bank.protos.grad is None
     assert model.backbone.conv1.weight.grad is not None

@@ -36,7 +36,7 @@ def test_shapes_os16(backbone):
     net = make(backbone, width=4).eval()
     x = torch.randn(2, 3, 65, 65)
     with torch.no_grad():
-        c1, c4 = net.backbone_features(x)
+        c1, c4 = net.backbone(x)
         feats = net.encode(x)
         logits = net(x)
     assert c1.shape[-2:] == (17, 17) and c4.shape[-2:] == (5, 5)  # 1/4 and 1/16
@@ -193,4 +193,4 @@ def test_pretrained_true_config_errors():
 def test_build_model_random_init_uses_config():
     net = build_model(config(backbone="resnet34", width=4, feature_channels=16,
                              low_level_channels=8, pretrained=False))
-    assert net.classifier.out_channels == K and net.feature_channels == 16
+    assert net.classifier.out_channels == K and net.classifier.in_channels == 16

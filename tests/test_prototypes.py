@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
-from mlcl.prototypes import PrototypeBank
+from mlcl.prototypes import PrototypeBank, initialised
 from mlcl.released import ReleasedBank
 from reference import ref_bank_processes, ref_bank_update
 from two_process_bank import start_and_shards
@@ -66,7 +66,7 @@ def test_ema_formula_init_and_absent_class():
     valid = torch.tensor([True, True, True, True])
     bank.update(feats, labels, conf, valid)
     assert torch.allclose(bank.protos, torch.tensor([[2.0, 0.0], [0.0, 5.0], [0.0, 0.0]]))
-    assert bank.initialised.tolist() == [True, True, False]
+    assert initialised(bank.protos).tolist() == [True, True, False]
     # second step: class 0 only -> EMA for 0; 1 absent keeps its prototype; 2 stays zero
     bank.update(torch.tensor([[4.0, 2.0]]), torch.tensor([0]), torch.tensor([1.0]),
                 torch.tensor([True]))
