@@ -19,10 +19,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mlcl import paths, progress
-from mlcl.study import grids
+from mlcl.study import grids, progress
+from mlcl.study.registry import NOTEBOOKS, data_dir, figures_dir, load_entry, registry_dirs
 from mlcl.study.synthetic import make_synthetic
-from mlcl.study.registry import load_entry
 from mlcl.study.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
 
 # mlcl.study.viz (matplotlib, pandas: about 1.5 s) is imported inside run_demo for its last step.
@@ -49,10 +48,10 @@ def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[lis
     [perturbations, figures]; each job is (name, notebook, executed copy, parameters)."""
     nb_dir = runs / "notebooks"
     best = {m: str(cells[m] / "best.pt") for m in cells}
-    protos = ("prototypes", paths.NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
+    protos = ("prototypes", NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
               {"checkpoints": {"UniMatch": best["unimatch"], "MLCL": best["mlcl"]},
                "out_dir": str(figures)})
-    perts = ("perturbations", paths.NOTEBOOKS / "perturbations.ipynb",
+    perts = ("perturbations", NOTEBOOKS / "perturbations.ipynb",
              nb_dir / "perturbations-demo.ipynb",
              {"checkpoint": best["mlcl"], "out_dir": str(figures)})
     figs = ("figures", FIGURES_NOTEBOOK, nb_dir / "figures-demo.ipynb",
@@ -120,9 +119,9 @@ def run_demo(args) -> int:
     from mlcl.study.viz import write_index
 
     started = time.time()
-    runs = (Path(args.out) if getattr(args, "out", None) else paths.demo_dir()).resolve()
-    figures = paths.figures_dir() / "demo"  # the study's figures stay in figures/ itself
-    data_root = ensure_synthetic(paths.data_dir() / "synthetic").resolve()
+    runs = (Path(args.out) if getattr(args, "out", None) else registry_dirs()[1].parent).resolve()
+    figures = figures_dir() / "demo"  # the study's figures stay in figures/ itself
+    data_root = ensure_synthetic(data_dir() / "synthetic").resolve()
     board = progress.Board()
     print(f"training {', '.join(DEMO_METHODS)} (grid 'demo': {schedule_text()}) through "
           f"notebooks/run.ipynb, 2 at a time, into {runs / 'cells'} ...", flush=True)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from mlcl import losses, paths, released
+from mlcl import losses, released
 from mlcl.config import Config
 from mlcl.data.datasets import UnlabeledDataset, ValDataset
 from mlcl.engine import make_accelerator
@@ -32,6 +32,7 @@ from mlcl.methods import mix_source, paste
 from mlcl.model import upsample
 from mlcl.prototypes import initialised
 from mlcl.study.predict import checkpoint_file, model_from_checkpoint, read_checkpoint
+from mlcl.study.registry import fix_data_root, resolve
 
 # sklearn (about 2 s to import) is imported inside embed_2d, the one function that uses it.
 
@@ -77,12 +78,12 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
     current folder, else from the repository root) with its config, class names and
     prototype bank, the file read once; the model on ``device`` (default: the GPU if there
     is one). Results come back on the CPU."""
-    path = checkpoint_file(paths.resolve(path))  # "runs/demo/..." works from notebooks/ too
+    path = checkpoint_file(resolve(path))  # "runs/demo/..." works from notebooks/ too
     raw = read_checkpoint(path)
     model, cfg, names = model_from_checkpoint(raw, path, overrides)
     model = model.to(device or default_device())
     bank = (raw.get("bank") or {}).get("protos")
-    return Checkpoint(model.eval(), paths.fix_data_root(cfg), names, bank, raw.get("epoch"),
+    return Checkpoint(model.eval(), fix_data_root(cfg), names, bank, raw.get("epoch"),
                       raw.get("miou"), path)
 
 

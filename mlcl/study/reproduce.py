@@ -25,21 +25,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mlcl import paths, progress
-from mlcl.study import grids
 from mlcl.config import ConfigError, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
-from mlcl.study.grids import GRIDS, Run
 from mlcl.outputs import read_run, run_changes
-from mlcl.study.registry import CELL_KEYS, find_registry, load_entry, record_output_dir
+from mlcl.paths import runs_dir
+from mlcl.study import grids, progress
+from mlcl.study.grids import GRIDS, Run
+from mlcl.study.registry import (CELL_KEYS, NOTEBOOKS, figures_dir, figures_for, find_registry,
+                                 fix_data_root, load_entry, record_output_dir, registry_dirs,
+                                 resolve)
 
 # mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
 # this process: reproduce itself only launches runs in subprocesses and reads their files.
 
 EXECUTORS = ("papermill", "cli")
-RUN_NOTEBOOK = paths.NOTEBOOKS / "run.ipynb"
-FIGURES_NOTEBOOK = paths.NOTEBOOKS / "figures.ipynb"
+RUN_NOTEBOOK = NOTEBOOKS / "run.ipynb"
+FIGURES_NOTEBOOK = NOTEBOOKS / "figures.ipynb"
 
 
 def thread_env() -> dict[str, str]:
@@ -79,7 +81,7 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
     data.root that does not exist from the current folder is taken from the checkout."""
     cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
     root = cfg.data.root
-    if paths.fix_data_root(cfg).data.root != root:  # relative to the checkout, not to notebooks/
+    if fix_data_root(cfg).data.root != root:  # relative to the checkout, not to notebooks/
         overrides = [*overrides, f"data.root={cfg.data.root}"]
     if num_processes <= 1:
         from mlcl.train import fit
@@ -140,7 +142,7 @@ def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "f
     executed notebook)."""
     out = runs_root / "notebooks" / f"{name}.ipynb"
     params = {"registry_dir": str(runs_root / "registry"),
-              "figures_dir": str(figures_dir or paths.figures_dir()), **(parameters or {})}
+              "figures_dir": str(figures_dir or figures_dir()), **(parameters or {})}
     rc = run_papermill(FIGURES_NOTEBOOK, out, params, out.with_suffix(".log"))
     return rc, out
 
@@ -152,11 +154,11 @@ def figures_main(args) -> int:
     reg = find_registry(args.registry)
     count = len(list(reg.glob("*.json")))
     if count == 0:
-        looked = ", ".join(str(p) for p in ([reg] if args.registry else paths.registry_dirs()))
+        looked = ", ".join(str(p) for p in ([reg] if args.registry else registry_dirs()))
         raise ConfigError(f"no results registry with runs (looked in {looked}): run `make demo` "
                           "or `python -m mlcl reproduce` first, or give --registry DIR")
-    out = paths.resolve(args.out, output=True) if args.out else paths.figures_for(reg)
-    nb = paths.runs_dir() / "notebooks" / "figures.ipynb"
+    out = resolve(args.out, output=True) if args.out else figures_for(reg)
+    nb = runs_dir() / "notebooks" / "figures.ipynb"
     print(f"reading the registry {reg} ({count} runs); writing figures and tables into "
           f"{out} ...", flush=True)
     rc = run_papermill(FIGURES_NOTEBOOK, nb, {"registry_dir": str(reg), "figures_dir": str(out)},
@@ -170,7 +172,7 @@ def figures_main(args) -> int:
 def cell_config(run: Run, out: Path, overrides: list[str]):
     """The resolved configuration a cell will train with (as train_run / run_cli build it,
     with the data's classes); a ConfigError / DataError when it cannot be built."""
-    cfg = paths.fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
+    cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
                                                  *overrides]))
     if not is_complete(out):  # a complete cell is skipped: its data need not be here
         check_root(cfg.data.root, cfg.data.dataset)
@@ -352,7 +354,7 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     other settings (``rerun_changed``: train those again)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    root = (Path(runs_root) if runs_root else paths.runs_dir()).resolve()
+    root = (Path(runs_root) if runs_root else runs_dir()).resolve()
     todo = runs if runs is not None else grids.build_grid(grid)
     if seeds:
         todo = grids.with_seeds(todo, seeds)
@@ -371,7 +373,7 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
         rc, nb = run_figures(root, figures_dir, f"figures-{grid}")
         if rc == 0:
             result["figures"].append(str(nb))
-            print(f"figures written to {figures_dir or paths.figures_dir()} (notebook {nb})")
+            print(f"figures written to {figures_dir or figures_dir()} (notebook {nb})")
         else:
             result["failed"].append("figures")
             cause = cause_line(nb.with_suffix(".log"))

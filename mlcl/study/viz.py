@@ -21,16 +21,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from mlcl import paths
 from mlcl.data.classes import default_class_names
 from mlcl.data.palette import colourise, palette_for
 from mlcl.files import atomic_write_json
 from mlcl.study import paper
-from mlcl.study.registry import runs_frame
+from mlcl.study.registry import figures_dir, runs_frame
 
 # torch, mlcl.losses and mlcl.study.explore are imported inside the plots of checkpoint
 # quantities: the figures notebook draws from the registry alone and does not load torch.
-
 
 # =========================================================================== tables
 NOT_RUN = "not run"
@@ -49,19 +47,16 @@ ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
                    "no_dt": "without L_dt", "no_mask": "without F_mk (SAI masking)",
                    "no_noise": "without F_ne (SAI noise)", "no_sai": "without SAI"}
 
-
 def results_kind(entries: list[dict]) -> str:
     """'Short demo' when every synthetic-data entry comes from the ``demo`` grid, else
     'Synthetic study': the figures' titles say which they show."""
     grids = {e.get("grid") for e in entries if e.get("synthetic")}
     return "Short demo" if grids == {"demo"} else "Synthetic study"
 
-
 def method_label(method: str, variant: str = "") -> str:
     """The table label of a method (and variant, for MLCL)."""
     return METHOD_LABELS.get((method, variant if method == "mlcl" else ""),
                              f"{method} {variant}".strip())
-
 
 # --------------------------------------------------------------------------- numbers
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
@@ -71,13 +66,11 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
 
-
 def _best_last(sel: pd.DataFrame) -> dict[str, float | int]:
     """best_mean, best_std, last_mean, last_std and n (runs) of the rows ``sel``."""
     bm, bs, n = mean_std(sel.best_miou)
     lm, ls, _ = mean_std(sel.last_miou)
     return {"best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls, "n": n}
-
 
 def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool = False) -> str:
     """'mean ± std (n=k)' (no ± for one run); NOT_RUN when n == 0; † when synthetic."""
@@ -87,11 +80,9 @@ def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool =
     text = f"{mean:{spec}}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
     return text + (f" {SYNTHETIC_MARK}" if synthetic else "")
 
-
 def _complete(entries: list[dict]) -> pd.DataFrame:
     df = runs_frame(entries)
     return df[df["complete"]].copy()
-
 
 def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
     """Long form of Table ``key``: one row per (column, reproduced method) with the published
@@ -109,7 +100,6 @@ def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
                          **_best_last(sel), "synthetic": bool(sel.synthetic.any()),
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
-
 
 def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
     """Table ``key`` in the paper's layout (methods as rows, label splits as columns): for
@@ -136,7 +126,6 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
     index = pd.MultiIndex.from_tuples(list(out), names=["method", "row"])
     return pd.DataFrame(list(out.values()), index=index, columns=cols)
 
-
 def paper_table_caption(entries: list[dict], key: str) -> str:
     """The caption saved with :func:`paper_table` ``(entries, key)``."""
     t = paper.TABLES[key]
@@ -144,7 +133,6 @@ def paper_table_caption(entries: list[dict], key: str) -> str:
             f"(docs/method.md). 'ours': mean ± std over seeds (n = runs) at the best and at "
             f"the last evaluated epoch, from the results registry. '{NOT_RUN}': no complete "
             f"run in the registry. {SYNTHETIC_NOTE}")
-
 
 def synthetic_values(entries: list[dict]) -> pd.DataFrame:
     """Synthetic-data runs (no ablation) per (preset, split, iterations, method, variant):
@@ -168,7 +156,6 @@ def synthetic_values(entries: list[dict]) -> pd.DataFrame:
                          **_best_last(sel), **gain, **vs_uni, "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
-
 def _paired(sel: pd.DataFrame, ref: pd.DataFrame, prefix: str) -> dict[str, float | int]:
     """Best-epoch differences ``sel - ref`` paired by seed: ``<prefix>_mean/_std/_n`` and
     ``<prefix>_positive`` (how many pairs are > 0)."""
@@ -179,10 +166,8 @@ def _paired(sel: pd.DataFrame, ref: pd.DataFrame, prefix: str) -> dict[str, floa
     return {f"{prefix}_mean": m, f"{prefix}_std": sd, f"{prefix}_n": n,
             f"{prefix}_positive": int(sum(d > 0 for d in diffs))}
 
-
 def _paired_text(mean: float, std: float, n: int, positive: int, missing: str) -> str:
     return missing if not n else fmt(mean, std, n, signed=True) + f", {positive}/{n} > 0"
-
 
 def synthetic_table(entries: list[dict]) -> pd.DataFrame:
     """Method x split table of the synthetic study: best / last mIoU (mean ± std over seeds),
@@ -207,7 +192,6 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
     out.index = pd.MultiIndex.from_tuples(out.index, names=["data", "method"])
     out.columns = pd.MultiIndex.from_tuples(out.columns, names=["split, schedule", ""])
     return out.fillna(NOT_RUN)
-
 
 def ablation_values(entries: list[dict]) -> pd.DataFrame:
     """MLCL (paper variant) with each component switched off, per (preset, split,
@@ -236,7 +220,6 @@ def ablation_values(entries: list[dict]) -> pd.DataFrame:
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
-
 def ablation_table(entries: list[dict]) -> pd.DataFrame:
     """The display table of :func:`ablation_values`: best / last mIoU and the paired
     difference to the full method, rows (cell, variant)."""
@@ -254,7 +237,6 @@ def ablation_table(entries: list[dict]) -> pd.DataFrame:
             [[f"{r.preset} {r.split}, {r.iterations} it." for r in v.itertuples()], v.label],
             names=["cell", "variant"]))
     return out
-
 
 def qualitative_runs(entries: list[dict], preset: str | None = None, split: str | None = None,
                      seed: int | None = None) -> dict[str, dict]:
@@ -287,7 +269,6 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
             out[s] = by_name[rows.name.iloc[0]]
     return out
 
-
 # =========================================================================== files
 def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
     runs = sorted(set(runs))
@@ -296,12 +277,10 @@ def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
     return f"{prefix}{caption} Produced by notebooks/figures.ipynb (mlcl.study.viz) from " \
            f"{len(runs)} run(s){': ' + shown if runs else ''}."
 
-
 def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, files) -> None:
     atomic_write_json(directory / f"{name}.json", {
         "name": name, "caption": caption, "runs": sorted(set(runs)), "synthetic": synthetic,
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
 
 def stamp_synthetic(fig: plt.Figure) -> None:
     """Put the synthetic-data mark on the picture itself (above everything, the saved
@@ -311,16 +290,15 @@ def stamp_synthetic(fig: plt.Figure) -> None:
     fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
              fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
 
-
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
     """Write ``<name>.png`` and ``<name>.pdf`` (caption in their metadata; a synthetic
     figure also gets the mark on the picture) and ``<name>.json`` (caption, runs) into
-    ``directory`` (default: mlcl.paths.figures_dir())."""
+    ``directory`` (default: mlcl.figures_dir())."""
     runs = list(runs)
     if synthetic:
         stamp_synthetic(fig)
-    d = Path(directory) if directory else paths.figures_dir()
+    d = Path(directory) if directory else figures_dir()
     d.mkdir(parents=True, exist_ok=True)
     text = _caption(caption, runs, synthetic)
     files = [d / f"{name}.png", d / f"{name}.pdf"]
@@ -329,14 +307,11 @@ def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = 
     _sidecar(d, name, text, runs, synthetic, files)
     return files
 
-
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
           "_": r"\_", "{": r"\{", "}": r"\}"}
 
-
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX.get(c, c) for c in text)
-
 
 def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = (),
                synthetic: bool = False, values: pd.DataFrame | None = None,
@@ -344,7 +319,7 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
     """Write ``<name>.csv``, ``<name>.tex`` (with the caption), ``<name>.json`` and, when
     given, the numbers behind the table as ``<name>_values.csv``."""
     runs = list(runs)
-    d = Path(directory) if directory else paths.figures_dir()
+    d = Path(directory) if directory else figures_dir()
     d.mkdir(parents=True, exist_ok=True)
     text = _caption(caption, runs, synthetic)
     files = [d / f"{name}.csv", d / f"{name}.tex"]
@@ -359,17 +334,14 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
     _sidecar(d, name, text, runs, synthetic, files)
     return files
 
-
 def write_index(directory: str | Path | None = None, extra: dict | None = None) -> Path:
     """``figures.json``: every sidecar (figure or table) in the directory, for the README."""
-    d = Path(directory) if directory else paths.figures_dir()
+    d = Path(directory) if directory else figures_dir()
     items = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))
              if p.name != "figures.json"]
     return atomic_write_json(d / "figures.json", {"items": items, **(extra or {})})
 
-
 # =========================================================================== plots
-
 
 def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
     """Validation mIoU and training loss against the iteration, one line per run, coloured
@@ -399,14 +371,12 @@ def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
     fig.tight_layout()
     return fig
 
-
 def seeds_text(n: pd.Series) -> str:
     """How many seeds stand behind each bar: '1 seed' or 'mean ± std over 3 seeds'."""
     lo, hi = int(n.min()), int(n.max())
     if hi == 1:
         return "1 seed"
     return f"mean ± std over {lo}{'' if lo == hi else f'-{hi}'} seeds"
-
 
 def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
     """Best-epoch mIoU per split, one bar per method, from zero; the mean ± std over seeds
@@ -440,13 +410,10 @@ def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
     fig.tight_layout()
     return fig
 
-
 def _colour(mask: np.ndarray, dataset: str) -> np.ndarray:
     return np.asarray(colourise(mask, dataset).convert("RGB"))
 
-
 IGNORE_LABEL = "ignore (255): object edges, not scored"
-
 
 def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
                  title: str = "class colours") -> None:
@@ -459,7 +426,6 @@ def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: 
         handles.append(Patch(facecolor=colours[255], edgecolor="0.4", label=IGNORE_LABEL))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7,
                ncol=min(len(handles), 5), frameon=False, title=title, title_fontsize=7)
-
 
 def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
     """Rows: images; columns: image, each model's prediction, ground truth (Fig. 6 layout).
@@ -484,7 +450,6 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
     class_legend(fig, samples["class_names"], samples["dataset"],
                  title="class colours (predictions and ground truth)")
     return fig
-
 
 def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
                        class_names: list[str] | None = None) -> plt.Figure:
@@ -522,7 +487,6 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
     class_legend(fig, names, ds, ignore=False, title="class colours of p_w, p_m, p_n")
     return fig
 
-
 def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
                       title: str = "") -> plt.Figure:
     """How SAI's strength follows the similarity v: the mask-ratio centre r(v) and noise
@@ -559,7 +523,6 @@ def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
     fig.tight_layout()
     return fig
 
-
 def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Per image: v, and for each variant the mask-ratio centre r, the fraction dropped, the
     noise amplitude a and the per-image SAI MSEs (L_m on F_mk, L_n on F_ne) against p_w."""
@@ -573,10 +536,8 @@ def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
     df.index.name = "image"
     return df
 
-
 def _class_colours(dataset: str, k: int) -> np.ndarray:
     return palette_for(dataset)[:k] / 255.0
-
 
 def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
     """Per checkpoint (rows): its prototypes (K x C heatmap) and their pairwise cosines."""
@@ -601,7 +562,6 @@ def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
     fig.tight_layout()
     return fig
 
-
 def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
                     dataset: str = "synthetic") -> plt.Figure:
     """Scatter plots of 2-D pixel embeddings coloured by class, prototypes as stars.
@@ -623,7 +583,6 @@ def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
     fig.tight_layout()
     return fig
 
-
 def compactness_table(sets: list) -> pd.DataFrame:
     """Per class (rows, then their mean): mean cosine of the class's pixel features to its
     prototype, for every checkpoint, against its own prototypes (bank, or class means where
@@ -641,7 +600,6 @@ def compactness_table(sets: list) -> pd.DataFrame:
     df.loc["mean over classes"] = df.mean(0)
     df.columns = pd.MultiIndex.from_tuples(df.columns, names=["checkpoint", "reference"])
     return df
-
 
 def plot_compactness(table: pd.DataFrame) -> plt.Figure:
     """Grouped bars of the compactness table (classes on x)."""
