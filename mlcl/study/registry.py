@@ -54,14 +54,19 @@ def fix_data_root(cfg: Config) -> Config:
     return cfg
 
 
+def demo_dir() -> Path:
+    """The runs folder of `make demo`."""
+    return runs_dir() / "demo"
+
+
 def registry_dirs() -> list[Path]:
     """Where a registry may be, in the order readers look: the study's, then the demo's."""
-    return [runs_dir() / "registry", runs_dir() / "demo" / "registry"]
+    return [runs_dir() / "registry", demo_dir() / "registry"]
 
 
 def figures_for(registry: Path) -> Path:
     """The figures folder of a registry: figures/demo/ for the demo's, else figures/."""
-    demo = registry_dirs()[1].resolve()
+    demo = (demo_dir() / "registry").resolve()
     return figures_dir() / "demo" if Path(registry).resolve() == demo else figures_dir()
 
 
