@@ -1,14 +1,7 @@
-"""Figures and tables from results: ``plot_*`` return matplotlib Figures, ``*_table`` return
-pandas DataFrames (a display table of strings; ``*_values`` the numbers behind it), and
-``save_figure`` / ``save_table`` write them into ``figures/`` (PNG + PDF, CSV + LaTeX) with a
-JSON sidecar whose caption names the runs they came from; ``figures.json`` indexes them all.
-Results come from the registry (mlcl.study.registry) only; checkpoint-based figures
-(predictions, perturbations, prototypes) take what mlcl.study.explore computed.
-
-Conventions: mIoU in %; "mean ± std (n=k)" over seeds (sample std, ddof=1); "not run" where
-the registry has no complete entry; "†" where a number comes from synthetic data (the
-synthetic shapes set, not VOC / Cityscapes).
-"""
+"""Figures (``plot_*``: matplotlib) and tables (``*_table``: display strings; ``*_values``:
+the numbers) from the results registry or from what mlcl.study.explore computed, and
+``save_figure`` / ``save_table``: PNG + PDF, CSV + LaTeX with a JSON sidecar naming the runs.
+mIoU in %; "mean ± std (n=k)" over seeds (ddof=1); "†": synthetic data."""
 from __future__ import annotations
 
 import json
@@ -27,10 +20,9 @@ from mlcl.files import atomic_write_json
 from mlcl.study import paper
 from mlcl.study.registry import figures_dir, runs_frame
 
-# torch, mlcl.losses and mlcl.study.explore are imported inside the plots of checkpoint
-# quantities: the figures notebook draws from the registry alone and does not load torch.
+# torch and mlcl.study.explore are imported inside the plots of checkpoint quantities: the
+# figures notebook draws from the registry alone and does not load torch.
 
-# =========================================================================== tables
 NOT_RUN = "not run"
 NO_PAIR = "no supervised run of the same seed and schedule"
 SYNTHETIC_MARK = "†"
@@ -47,18 +39,20 @@ ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
                    "no_dt": "without L_dt", "no_mask": "without F_mk (SAI masking)",
                    "no_noise": "without F_ne (SAI noise)", "no_sai": "without SAI"}
 
+
 def results_kind(entries: list[dict]) -> str:
-    """'Short demo' when every synthetic-data entry comes from the ``demo`` grid, else
-    'Synthetic study': the figures' titles say which they show."""
+    """'Short demo' when every synthetic-data entry is of the ``demo`` grid, else 'Synthetic
+    study' (for the figures' titles)."""
     grids = {e.get("grid") for e in entries if e.get("synthetic")}
     return "Short demo" if grids == {"demo"} else "Synthetic study"
+
 
 def method_label(method: str, variant: str = "") -> str:
     """The table label of a method (and variant, for MLCL)."""
     return METHOD_LABELS.get((method, variant if method == "mlcl" else ""),
                              f"{method} {variant}".strip())
 
-# --------------------------------------------------------------------------- numbers
+
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     """(mean, sample std (ddof=1; NaN for one value), n) of the finite values."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
@@ -66,11 +60,13 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
 
+
 def _best_last(sel: pd.DataFrame) -> dict[str, float | int]:
     """best_mean, best_std, last_mean, last_std and n (runs) of the rows ``sel``."""
     bm, bs, n = mean_std(sel.best_miou)
     lm, ls, _ = mean_std(sel.last_miou)
     return {"best_mean": bm, "best_std": bs, "last_mean": lm, "last_std": ls, "n": n}
+
 
 def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool = False) -> str:
     """'mean ± std (n=k)' (no ± for one run); NOT_RUN when n == 0; † when synthetic."""
@@ -80,13 +76,14 @@ def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool =
     text = f"{mean:{spec}}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
     return text + (f" {SYNTHETIC_MARK}" if synthetic else "")
 
+
 def _complete(entries: list[dict]) -> pd.DataFrame:
     df = runs_frame(entries)
     return df[df["complete"]].copy()
 
+
 def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
-    """Long form of Table ``key``: one row per (column, reproduced method) with the published
-    number and the reproduced best/last mean, std and n, whether synthetic, and the runs."""
+    """Table ``key`` long: per (column, method) the published and our best/last numbers."""
     t = paper.TABLES[key]
     df = _complete(entries)
     rows = []
@@ -101,9 +98,10 @@ def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
+
 def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
-    """Table ``key`` in the paper's layout (methods as rows, label splits as columns): for
-    each method the published row, then our best-epoch and last-epoch rows."""
+    """Table ``key`` in the paper's layout: per method the published row, then ours at the
+    best and the last epoch; label splits as columns."""
     t = paper.TABLES[key]
     values = paper_table_values(entries, key)
     cols = [c.label for c in t.columns]
@@ -126,6 +124,7 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
     index = pd.MultiIndex.from_tuples(list(out), names=["method", "row"])
     return pd.DataFrame(list(out.values()), index=index, columns=cols)
 
+
 def paper_table_caption(entries: list[dict], key: str) -> str:
     """The caption saved with :func:`paper_table` ``(entries, key)``."""
     t = paper.TABLES[key]
@@ -134,11 +133,11 @@ def paper_table_caption(entries: list[dict], key: str) -> str:
             f"the last evaluated epoch, from the results registry. '{NOT_RUN}': no complete "
             f"run in the registry. {SYNTHETIC_NOTE}")
 
+
 def synthetic_values(entries: list[dict]) -> pd.DataFrame:
-    """Synthetic-data runs (no ablation) per (preset, split, iterations, method, variant):
-    best/last mean, std, n, the paired gain over supervised (same split, schedule and
-    seed): gain mean, std, number of pairs, pairs with a positive gain; for MLCL rows the
-    same against UniMatch (``vs_uni_*``)."""
+    """Synthetic runs (no ablation) per (preset, split, iterations, method, variant):
+    best/last numbers, the gain over supervised paired by seed (``gain_*``) and, for MLCL,
+    the difference to UniMatch (``vs_uni_*``)."""
     df = _complete(entries)
     df = df[df.synthetic & (df.ablation == "")]
     rows = []
@@ -156,9 +155,9 @@ def synthetic_values(entries: list[dict]) -> pd.DataFrame:
                          **_best_last(sel), **gain, **vs_uni, "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
+
 def _paired(sel: pd.DataFrame, ref: pd.DataFrame, prefix: str) -> dict[str, float | int]:
-    """Best-epoch differences ``sel - ref`` paired by seed: ``<prefix>_mean/_std/_n`` and
-    ``<prefix>_positive`` (how many pairs are > 0)."""
+    """Best-epoch ``sel - ref`` paired by seed: ``<prefix>_mean/_std/_n/_positive``."""
     ref_by_seed = ref.set_index("seed").best_miou
     diffs = [b - ref_by_seed[s] for s, b in zip(sel.seed, sel.best_miou)
              if s in ref_by_seed.index]
@@ -166,14 +165,14 @@ def _paired(sel: pd.DataFrame, ref: pd.DataFrame, prefix: str) -> dict[str, floa
     return {f"{prefix}_mean": m, f"{prefix}_std": sd, f"{prefix}_n": n,
             f"{prefix}_positive": int(sum(d > 0 for d in diffs))}
 
+
 def _paired_text(mean: float, std: float, n: int, positive: int, missing: str) -> str:
     return missing if not n else fmt(mean, std, n, signed=True) + f", {positive}/{n} > 0"
 
+
 def synthetic_table(entries: list[dict]) -> pd.DataFrame:
-    """Method x split table of the synthetic study: best / last mIoU (mean ± std over seeds),
-    the paired best-epoch gain over supervised and, for MLCL, its paired difference to
-    UniMatch. Rows (preset, method); column groups
-    "<split>, <iterations> it." (a split run on two schedules gets two groups)."""
+    """The display table of :func:`synthetic_values`: rows (preset, method), column groups
+    "<split>, <iterations> it."."""
     v = synthetic_values(entries)
     if v.empty:
         return pd.DataFrame()
@@ -193,10 +192,11 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
     out.columns = pd.MultiIndex.from_tuples(out.columns, names=["split, schedule", ""])
     return out.fillna(NOT_RUN)
 
+
 def ablation_values(entries: list[dict]) -> pd.DataFrame:
-    """MLCL (paper variant) with each component switched off, per (preset, split,
-    iterations) that has ablation runs: best/last mean ± std and the paired best-epoch
-    difference to the full method; UniMatch of the same cell as the reference."""
+    """MLCL (paper variant) with each component off, per (preset, split, iterations) with
+    ablations: best/last numbers and the paired difference to the full method (``delta_*``);
+    UniMatch of the same cell as the reference."""
     df = _complete(entries)
     rows = []
     mlcl = df[(df.method == "mlcl") & (df.variant == "paper")]
@@ -220,9 +220,9 @@ def ablation_values(entries: list[dict]) -> pd.DataFrame:
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
 
+
 def ablation_table(entries: list[dict]) -> pd.DataFrame:
-    """The display table of :func:`ablation_values`: best / last mIoU and the paired
-    difference to the full method, rows (cell, variant)."""
+    """The display table of :func:`ablation_values`, rows (cell, variant)."""
     v = ablation_values(entries)
     if v.empty:
         return pd.DataFrame()
@@ -238,12 +238,12 @@ def ablation_table(entries: list[dict]) -> pd.DataFrame:
             names=["cell", "variant"]))
     return out
 
+
 def qualitative_runs(entries: list[dict], preset: str | None = None, split: str | None = None,
                      seed: int | None = None) -> dict[str, dict]:
-    """The runs of one (preset, split, seed) cell for a Fig. 6-style grid, as
-    {'Supervised': entry, 'UniMatch': entry, 'MLCL': entry} (those present, each with a
-    best.pt on disk; MLCL = the paper variant, else the released one). Without a cell given,
-    the cell with the most of the three methods, real data before synthetic."""
+    """{'Supervised', 'UniMatch', 'MLCL' (paper, else released variant): entry} of one
+    (preset, split, seed) cell, those with a best.pt on disk; by default the cell with the
+    most of them, real data first."""
     df = _complete(entries)
     df = df[(df.ablation == "") & df.output_dir.notna()]
     df = df[[(Path(d) / "best.pt").is_file() for d in df.output_dir]]
@@ -269,7 +269,7 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
             out[s] = by_name[rows.name.iloc[0]]
     return out
 
-# =========================================================================== files
+
 def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
     runs = sorted(set(runs))
     shown = ", ".join(runs[:24]) + (f" and {len(runs) - 24} more" if len(runs) > 24 else "")
@@ -277,24 +277,25 @@ def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
     return f"{prefix}{caption} Produced by notebooks/figures.ipynb (mlcl.study.viz) from " \
            f"{len(runs)} run(s){': ' + shown if runs else ''}."
 
+
 def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, files) -> None:
     atomic_write_json(directory / f"{name}.json", {
         "name": name, "caption": caption, "runs": sorted(set(runs)), "synthetic": synthetic,
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
+
 def stamp_synthetic(fig: plt.Figure) -> None:
-    """Put the synthetic-data mark on the picture itself (above everything, the saved
-    bounding box grows to hold it), so that a PNG shown or pasted anywhere says what it is."""
+    """The synthetic-data mark on the picture itself (once), so a PNG says what it is."""
     if any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
         return  # saved twice
     fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
              fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
 
+
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """Write ``<name>.png`` and ``<name>.pdf`` (caption in their metadata; a synthetic
-    figure also gets the mark on the picture) and ``<name>.json`` (caption, runs) into
-    ``directory`` (default: mlcl.figures_dir())."""
+    """``<name>.png``, ``<name>.pdf`` (caption in their metadata) and ``<name>.json`` into
+    ``directory`` (default: mlcl.study.registry.figures_dir())."""
     runs = list(runs)
     if synthetic:
         stamp_synthetic(fig)
@@ -307,17 +308,20 @@ def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = 
     _sidecar(d, name, text, runs, synthetic, files)
     return files
 
+
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
           "_": r"\_", "{": r"\{", "}": r"\}"}
+
 
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX.get(c, c) for c in text)
 
+
 def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = (),
                synthetic: bool = False, values: pd.DataFrame | None = None,
                directory: str | Path | None = None) -> list[Path]:
-    """Write ``<name>.csv``, ``<name>.tex`` (with the caption), ``<name>.json`` and, when
-    given, the numbers behind the table as ``<name>_values.csv``."""
+    """``<name>.csv``, ``<name>.tex`` (with the caption), ``<name>.json`` and, when given,
+    ``values`` as ``<name>_values.csv``."""
     runs = list(runs)
     d = Path(directory) if directory else figures_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -334,18 +338,17 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
     _sidecar(d, name, text, runs, synthetic, files)
     return files
 
+
 def write_index(directory: str | Path | None = None, extra: dict | None = None) -> Path:
-    """``figures.json``: every sidecar (figure or table) in the directory, for the README."""
+    """``figures.json``: every sidecar in the directory."""
     d = Path(directory) if directory else figures_dir()
     items = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))
              if p.name != "figures.json"]
     return atomic_write_json(d / "figures.json", {"items": items, **(extra or {})})
 
-# =========================================================================== plots
 
 def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
-    """Validation mIoU and training loss against the iteration, one line per run, coloured
-    by method."""
+    """Validation mIoU and training loss per iteration, one line per run."""
     fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
     seen = set()
     for e in sorted(entries, key=lambda e: e.get("name", "")):
@@ -371,17 +374,18 @@ def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
     fig.tight_layout()
     return fig
 
+
 def seeds_text(n: pd.Series) -> str:
-    """How many seeds stand behind each bar: '1 seed' or 'mean ± std over 3 seeds'."""
+    """'1 seed' or 'mean ± std over 3 seeds' (or '2-3 seeds')."""
     lo, hi = int(n.min()), int(n.max())
     if hi == 1:
         return "1 seed"
     return f"mean ± std over {lo}{'' if lo == hi else f'-{hi}'} seeds"
 
+
 def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Best-epoch mIoU per split, one bar per method, from zero; the mean ± std over seeds
-    where a bar has several (no error bar for a single run). The title says how many seeds
-    (``title`` comes first, e.g. 'Short demo' or 'Synthetic study')."""
+    """Best-epoch mIoU per split, one bar per method (mean ± std over seeds); ``title``
+    (e.g. 'Short demo') heads the figure's title."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     if values.empty:
         ax.text(0.5, 0.5, "no synthetic runs in the registry", ha="center", transform=ax.transAxes)
@@ -410,15 +414,18 @@ def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
     fig.tight_layout()
     return fig
 
+
 def _colour(mask: np.ndarray, dataset: str) -> np.ndarray:
     return np.asarray(colourise(mask, dataset).convert("RGB"))
 
+
 IGNORE_LABEL = "ignore (255): object edges, not scored"
+
 
 def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
                  title: str = "class colours") -> None:
-    """A legend below the panels: the colour of every class (mlcl.data.palette) and,
-    with ``ignore``, the colour of the ignore label in ground-truth masks."""
+    """A legend below the panels: every class's colour, and the ignore label's with
+    ``ignore``."""
     colours = _class_colours(dataset, 256)
     handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
                for k, name in enumerate(class_names)]
@@ -426,6 +433,7 @@ def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: 
         handles.append(Patch(facecolor=colours[255], edgecolor="0.4", label=IGNORE_LABEL))
     fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7,
                ncol=min(len(handles), 5), frameon=False, title=title, title_fontsize=7)
+
 
 def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
     """Rows: images; columns: image, each model's prediction, ground truth (Fig. 6 layout).
@@ -451,12 +459,11 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
                  title="class colours (predictions and ground truth)")
     return fig
 
+
 def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
                        class_names: list[str] | None = None) -> plt.Figure:
-    """Per image (rows): weak and strong views, the attention map A, the SAI keep mask, the
-    features F_w, F_s, F_mk, F_ne (one shared channel PCA -> RGB per image) and the
-    predictions p_w, p_m, p_n (class colours in the legend; default names: the config's);
-    the row label gives v, r, a and the dropped fraction."""
+    """Per image: the views, attention A, keep mask, features F_w, F_s, F_mk, F_ne (one PCA
+    per image) and predictions p_w, p_m, p_n of :func:`mlcl.study.explore.sai_views`."""
     from mlcl.study.explore import denormalise, pca_rgb
 
     cols = ["weak u_w", "strong s1", "attention A", "keep (white)", "F_w", "F_s", "F_mk", "F_ne",
@@ -487,11 +494,11 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
     class_legend(fig, names, ds, ignore=False, title="class colours of p_w, p_m, p_n")
     return fig
 
+
 def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
                       title: str = "") -> plt.Figure:
-    """How SAI's strength follows the similarity v: the mask-ratio centre r(v) and noise
-    amplitude a(v) of each variant (lines, from mlcl.losses) with the batch's images
-    (points), and the fraction of positions each variant's mask actually dropped."""
+    """SAI's r(v) and a(v) per variant (lines) with the batch's images (points), and the
+    fraction each variant's mask dropped."""
     import torch
 
     from mlcl import losses, released
@@ -523,9 +530,9 @@ def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
     fig.tight_layout()
     return fig
 
+
 def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """Per image: v, and for each variant the mask-ratio centre r, the fraction dropped, the
-    noise amplitude a and the per-image SAI MSEs (L_m on F_mk, L_n on F_ne) against p_w."""
+    """Per image: v, and per variant r, the fraction dropped, a, L_m and L_n."""
     cols = {}
     for variant, v in views_by_variant.items():
         cols["v"] = v["v"].numpy()
@@ -536,8 +543,10 @@ def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
     df.index.name = "image"
     return df
 
+
 def _class_colours(dataset: str, k: int) -> np.ndarray:
     return palette_for(dataset)[:k] / 255.0
+
 
 def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
     """Per checkpoint (rows): its prototypes (K x C heatmap) and their pairwise cosines."""
@@ -562,10 +571,11 @@ def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
     fig.tight_layout()
     return fig
 
+
 def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
                     dataset: str = "synthetic") -> plt.Figure:
-    """Scatter plots of 2-D pixel embeddings coloured by class, prototypes as stars.
-    ``panels``: (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2))."""
+    """``panels`` (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2)) as scatter
+    plots coloured by class, prototypes as stars."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (title, fs, xy, pxy) in zip(axes[0], panels):
         colours = _class_colours(dataset, len(fs.class_names))
@@ -583,10 +593,10 @@ def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
     fig.tight_layout()
     return fig
 
+
 def compactness_table(sets: list) -> pd.DataFrame:
-    """Per class (rows, then their mean): mean cosine of the class's pixel features to its
-    prototype, for every checkpoint, against its own prototypes (bank, or class means where
-    there is no bank) and against the class means (comparable across methods)."""
+    """Per class and their mean: the mean cosine of the class's pixel features to its own
+    prototype and (comparable across methods) to its class mean, per checkpoint."""
     from mlcl.study.explore import compactness
 
     cols = {}
@@ -600,6 +610,7 @@ def compactness_table(sets: list) -> pd.DataFrame:
     df.loc["mean over classes"] = df.mean(0)
     df.columns = pd.MultiIndex.from_tuples(df.columns, names=["checkpoint", "reference"])
     return df
+
 
 def plot_compactness(table: pd.DataFrame) -> plt.Figure:
     """Grouped bars of the compactness table (classes on x)."""
