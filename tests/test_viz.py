@@ -84,7 +84,7 @@ def test_paper_numbers_match_paper_md():
             if label in rows:
                 assert paper.TABLES[key].published[rows[label]] == \
                     tuple(float(c) for c in cells[1:]), (key, label)
-    assert paper.published("III", "mlcl", "cityscapes", "1_2") == 79.33
+    assert paper.TABLES["III"].value("mlcl", "cityscapes", "1_2") == 79.33
 
 
 def test_paper_table_mean_std_published_and_marks():

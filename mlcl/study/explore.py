@@ -207,8 +207,7 @@ class FeatureSet:
 @torch.no_grad()
 def pixel_features(ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Features (N, C) of validation pixels and their classes (N,) at feature resolution, at
-    most ``max_pixels`` / K per class, drawn with ``seed``."""
+    """Features (N, C) and classes (N,) of validation pixels, ``max_pixels`` / K per class."""
     cfg = ck.cfg
     ds = ValDataset(cfg, cfg.split_path("val_split"))
     feats, labels = [], []
@@ -241,8 +240,7 @@ def class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.n
 
 def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
                 seed: int = 0) -> FeatureSet:
-    """Pixel features and prototypes of a checkpoint: its memory bank, else the class means
-    (``proto_source`` says which)."""
+    """Pixel features and prototypes (the memory bank, else the class means) of ``ck``."""
     feats, labels = pixel_features(ck, num_images, max_pixels, seed)
     means = class_means(feats, labels, ck.cfg.data.num_classes)
     if ck.bank is not None and bool(initialised(ck.bank).any()):

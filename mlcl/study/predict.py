@@ -42,8 +42,7 @@ def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """``path`` itself, or for a run folder its ``best.pt``; a FileNotFoundError saying
-    what is missing otherwise."""
+    """``path``, or a run folder's ``best.pt``; a FileNotFoundError saying what is missing."""
     path = Path(path)
     if path.is_dir():
         best = path / "best.pt"
@@ -58,8 +57,7 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """The dict of a weights file written by training (with 'model' and 'config'), or a
-    ValueError naming the file."""
+    """The dict of a weights file written by training, or a ValueError naming the file."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message

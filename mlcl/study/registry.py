@@ -76,8 +76,7 @@ def registry_dir(root: str | Path | None = None) -> Path:
 
 
 def find_registry(root: str | Path | None = None) -> Path:
-    """The registry to read: ``root`` when given, else the first of :func:`registry_dirs`
-    that holds an entry, else the study's (empty)."""
+    """``root``, else the first of :func:`registry_dirs` with an entry, else the study's."""
     found = [d for d in registry_dirs() if any(d.glob("*.json"))]
     return registry_dir(root or (found[0] if found else None))
 
@@ -112,8 +111,7 @@ def is_synthetic(config: dict[str, Any]) -> bool:
 
 def record_run(name: str, metrics: dict[str, Any], config: dict[str, Any],
                root: str | Path | None = None, **extra: Any) -> Path:
-    """Write (atomically) the registry entry ``<root>/<name>.json`` and return its path.
-    ``extra`` adds top-level keys (``run``, ``grid``, ``notebook``, ``timings`` ...)."""
+    """Write the entry ``<root>/<name>.json`` (``extra``: more top-level keys); its path."""
     iters = metrics.get("iterations") or 0
     train_s = metrics.get("wall_time_s")
     timings = {"train_s": train_s, "iterations": iters,
@@ -157,8 +155,7 @@ def load_registry(root: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
-    """(preset, split, method, variant, ablation, seed) of an entry: its ``run`` record, or
-    what the config says for entries written without one (preset = dataset name)."""
+    """CELL_KEYS of an entry: its ``run`` record, else what its config says."""
     run = dict(entry.get("run") or {})
     cfg = entry.get("config") or {}
     metrics = entry.get("metrics") or {}
@@ -207,8 +204,8 @@ def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:
-    """``"B vs A (changes)"`` for each entry B of ``group`` whose config differs from the
-    first's, A: in the VARIANT_AXES only (``variant_axes``) or in all keys but them."""
+    """``"B vs A (changes)"`` per entry B differing from the first, A, in the VARIANT_AXES
+    only (``variant_axes``) or in all keys but them."""
     ignore = RESULT_NEUTRAL + TABLE_AXES + (() if variant_axes else VARIANT_AXES)
     out = []
     for e in group[1:]:

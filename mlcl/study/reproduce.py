@@ -34,8 +34,7 @@ FIGURES_NOTEBOOK = NOTEBOOKS / "figures.ipynb"
 
 
 def thread_env() -> dict[str, str]:
-    """The environment of every child: one OpenMP / MKL thread (shared 2-core machines ran
-    10-17x slower with more), progress bars refreshed every 10 s at most (small logs)."""
+    """Children's environment: one OpenMP / MKL thread, tqdm refreshed every 10 s at most."""
     return {"TQDM_MININTERVAL": "10", **os.environ, "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
 
@@ -46,8 +45,7 @@ def run_record(run: Run) -> dict[str, Any]:
 
 
 def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> list[str]:
-    """``python -m mlcl train`` for the preset and overrides; through ``accelerate launch``
-    with ``num_processes`` processes when more than one."""
+    """``python -m mlcl train``; through ``accelerate launch`` when ``num_processes`` > 1."""
     train = ["-m", "mlcl", "train", "--config", preset, *overrides]
     if num_processes <= 1:
         return [sys.executable, *train]
@@ -79,8 +77,7 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
 
 
 def run_logged(cmd: list[str], log: Path, poll=None) -> int:
-    """Run ``cmd`` (:func:`thread_env`), its output into ``log``, calling ``poll()`` every
-    second meanwhile; its exit status."""
+    """The exit status of ``cmd``, its output into ``log``, ``poll()`` called meanwhile."""
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
@@ -99,8 +96,7 @@ def run_parameters(run: Run, out: Path, registry_dir: Path, overrides: list[str]
 
 def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log: Path,
                   poll=None) -> int:
-    """Execute ``notebook`` with papermill in its own kernel into ``output``, cell outputs
-    into ``log`` (:func:`run_logged`); papermill's exit status."""
+    """Execute ``notebook`` into ``output`` with papermill (:func:`run_logged`)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(output),
            "-y", json.dumps(parameters), "--kernel", "python3", "--no-progress-bar",
@@ -109,8 +105,7 @@ def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log:
 
 
 def run_figures(registry_dir: Path, figures: Path, notebook: Path) -> int:
-    """The figures notebook on ``registry_dir`` into ``figures``, executed as ``notebook``
-    (its log beside it); its exit status."""
+    """The figures notebook on ``registry_dir`` into ``figures``, executed as ``notebook``."""
     return run_papermill(FIGURES_NOTEBOOK, notebook, {"registry_dir": str(registry_dir),
                                                       "figures_dir": str(figures)},
                          notebook.with_suffix(".log"))
@@ -136,8 +131,7 @@ def figures_main(args) -> int:
 
 
 def cell_config(run: Run, out: Path, overrides: list[str]):
-    """The resolved configuration a cell will train with (with the data's classes); a
-    ConfigError / DataError when it cannot be built."""
+    """The configuration a cell trains with; a ConfigError / DataError when it cannot."""
     cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
                                                  *overrides]))
     if not read_run(out).complete:  # a complete cell is skipped: its data need not be here
@@ -190,8 +184,7 @@ def check_cells(todo: list[Run], root: Path, overrides: list[str],
 
 
 def move_aside(root: Path, name: str) -> None:
-    """Rename ``cells/<name>`` to ``cells/<name>.replaced-<time>`` and drop its registry
-    entry, so the cell trains anew and no table shows the old run."""
+    """Rename ``cells/<name>`` to ``<name>.replaced-<time>`` and drop its registry entry."""
     cell = root / "cells" / name
     target = cell.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     cell.rename(target)
@@ -215,8 +208,7 @@ def cause_line(log: Path) -> str:
 
 
 def tidy_failed_cell(out: Path, existed: bool, notebook: Path | None) -> Path | None:
-    """A run that failed before its first checkpoint in a cell folder made for it leaves no
-    folder behind: its executed notebook moves beside the log (returned), the rest goes."""
+    """Remove a new cell that failed before its first checkpoint, its notebook kept beside."""
     if existed or not out.is_dir() or (out / "checkpoints" / "LATEST").exists():
         return notebook
     kept = None
@@ -227,8 +219,7 @@ def tidy_failed_cell(out: Path, existed: bool, notebook: Path | None) -> Path | 
 
 
 class GridRunner:
-    """What the worker threads of one :func:`reproduce` call share: where runs and the
-    registry go, how runs execute, the progress board, and the results so far."""
+    """What the worker threads of one :func:`reproduce` call share."""
 
     def __init__(self, grid: str, root: Path, overrides: list[str], executor: str,
                  num_processes: int, board: progress.Board):
@@ -246,8 +237,7 @@ class GridRunner:
                                    notebook=str(notebook) if notebook else None)
 
     def execute(self, run: Run, out: Path, log: Path) -> tuple[int, Path | None]:
-        """Train ``run`` into ``out`` (its progress on the board); (exit status, the
-        executed run notebook or None)."""
+        """Train ``run`` into ``out``: (exit status, the executed run notebook or None)."""
         with self.board.track(run.name, out) as tracker:
             if self.executor == "cli":
                 cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(),

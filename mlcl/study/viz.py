@@ -41,8 +41,7 @@ ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
 
 
 def results_kind(entries: list[dict]) -> str:
-    """'Short demo' when every synthetic-data entry is of the ``demo`` grid, else 'Synthetic
-    study' (for the figures' titles)."""
+    """'Short demo' when every synthetic entry is of the ``demo`` grid, else 'Synthetic study'."""
     grids = {e.get("grid") for e in entries if e.get("synthetic")}
     return "Short demo" if grids == {"demo"} else "Synthetic study"
 
@@ -100,8 +99,7 @@ def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
 
 
 def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
-    """Table ``key`` in the paper's layout: per method the published row, then ours at the
-    best and the last epoch; label splits as columns."""
+    """Table ``key`` as the paper lays it out, our best- and last-epoch rows added."""
     t = paper.TABLES[key]
     values = paper_table_values(entries, key)
     cols = [c.label for c in t.columns]
@@ -171,8 +169,7 @@ def _paired_text(mean: float, std: float, n: int, positive: int, missing: str) -
 
 
 def synthetic_table(entries: list[dict]) -> pd.DataFrame:
-    """The display table of :func:`synthetic_values`: rows (preset, method), column groups
-    "<split>, <iterations> it."."""
+    """:func:`synthetic_values` as strings, rows (preset, method)."""
     v = synthetic_values(entries)
     if v.empty:
         return pd.DataFrame()
@@ -226,7 +223,7 @@ def ablation_table(entries: list[dict]) -> pd.DataFrame:
     v = ablation_values(entries)
     if v.empty:
         return pd.DataFrame()
-    out = pd.DataFrame({
+    return pd.DataFrame({
         "best epoch": [fmt(r.best_mean, r.best_std, r.n, r.synthetic) for r in v.itertuples()],
         "last epoch": [fmt(r.last_mean, r.last_std, r.n, r.synthetic) for r in v.itertuples()],
         "Δ best vs all components": [
@@ -236,7 +233,6 @@ def ablation_table(entries: list[dict]) -> pd.DataFrame:
         index=pd.MultiIndex.from_arrays(
             [[f"{r.preset} {r.split}, {r.iterations} it." for r in v.itertuples()], v.label],
             names=["cell", "variant"]))
-    return out
 
 
 def qualitative_runs(entries: list[dict], preset: str | None = None, split: str | None = None,
@@ -294,8 +290,7 @@ def stamp_synthetic(fig: plt.Figure) -> None:
 
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """``<name>.png``, ``<name>.pdf`` (caption in their metadata) and ``<name>.json`` into
-    ``directory`` (default: mlcl.study.registry.figures_dir())."""
+    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory`` (default: figures_dir())."""
     runs = list(runs)
     if synthetic:
         stamp_synthetic(fig)
@@ -313,22 +308,18 @@ _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"
           "_": r"\_", "{": r"\{", "}": r"\}"}
 
 
-def _latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(c, c) for c in text)
-
-
 def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = (),
                synthetic: bool = False, values: pd.DataFrame | None = None,
                directory: str | Path | None = None) -> list[Path]:
-    """``<name>.csv``, ``<name>.tex`` (with the caption), ``<name>.json`` and, when given,
-    ``values`` as ``<name>_values.csv``."""
+    """``<name>.csv``, ``.tex``, ``.json`` and ``values`` as ``<name>_values.csv``."""
     runs = list(runs)
     d = Path(directory) if directory else figures_dir()
     d.mkdir(parents=True, exist_ok=True)
     text = _caption(caption, runs, synthetic)
     files = [d / f"{name}.csv", d / f"{name}.tex"]
     df.to_csv(files[0])
-    tex = df.to_latex(caption=_latex_escape(text), label=f"tab:{name}", escape=True,
+    latex_text = "".join(_LATEX.get(c, c) for c in text)
+    tex = df.to_latex(caption=latex_text, label=f"tab:{name}", escape=True,
                       multirow=True) if not df.empty else f"% {text}\n% (empty table)\n"
     files[1].write_text(tex.replace("±", r"$\pm$").replace(SYNTHETIC_MARK, r"\dag{}")
                         .replace("Δ", r"$\Delta$").replace("—", "--"))
@@ -357,8 +348,7 @@ def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
         if df.ablation:
             label += f" [{df.ablation}]"
         ep = (e.get("metrics") or {}).get("epochs") or []
-        colour = COLOURS.get(label)
-        kw = {"color": colour, "alpha": 0.8, "label": None if label in seen else label}
+        kw = {"color": COLOURS.get(label), "alpha": 0.8, "label": None if label in seen else label}
         ev = [r for r in ep if "miou" in r]
         ax_m.plot([r["iteration"] for r in ev], [r["miou"] for r in ev], marker="o", ms=3, **kw)
         ax_l.plot([r["iteration"] for r in ep], [r.get("loss", np.nan) for r in ep], **kw)
@@ -384,8 +374,7 @@ def seeds_text(n: pd.Series) -> str:
 
 
 def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Best-epoch mIoU per split, one bar per method (mean ± std over seeds); ``title``
-    (e.g. 'Short demo') heads the figure's title."""
+    """Best-epoch mIoU per split, one bar per method (mean ± std over seeds)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     if values.empty:
         ax.text(0.5, 0.5, "no synthetic runs in the registry", ha="center", transform=ax.transAxes)
@@ -424,8 +413,7 @@ IGNORE_LABEL = "ignore (255): object edges, not scored"
 
 def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
                  title: str = "class colours") -> None:
-    """A legend below the panels: every class's colour, and the ignore label's with
-    ``ignore``."""
+    """A legend of the class colours (and the ignore label's) below the panels."""
     colours = _class_colours(dataset, 256)
     handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
                for k, name in enumerate(class_names)]
@@ -436,8 +424,7 @@ def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: 
 
 
 def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
-    """Rows: images; columns: image, each model's prediction, ground truth (Fig. 6 layout).
-    ``samples`` as returned by mlcl.study.explore.predict_val."""
+    """Images, each model's prediction and ground truth (Fig. 6) of explore.predict_val."""
     columns = ["Image", *samples["preds"], "Ground truth"]
     n = len(samples["images"])
     fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 1.9 * n),
@@ -448,8 +435,7 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
         tiles.append(_colour(samples["targets"][i], samples["dataset"]))
         for j, tile in enumerate(tiles):
             axes[i, j].imshow(tile, interpolation="nearest")
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
+            axes[i, j].set(xticks=[], yticks=[])
             if i == 0:
                 axes[i, j].set_title(columns[j], fontsize=9)
         axes[i, 0].set_ylabel(str(samples["ids"][i]).split("/")[-1], fontsize=7)
@@ -481,8 +467,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
             cmap = "viridis" if j == 2 else ("gray" if j == 3 else None)
             ax.imshow(tile, cmap=cmap, interpolation="nearest",
                       **({"vmin": 0, "vmax": 1} if j == 3 else {}))
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if i == 0:
                 ax.set_title(cols[j], fontsize=8)
         axes[i, 0].set_ylabel(f"v={views['v'][i]:.2f}\nr={views['mask_ratio'][i]:.2f} "
@@ -497,8 +482,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
 
 def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
                       title: str = "") -> plt.Figure:
-    """SAI's r(v) and a(v) per variant (lines) with the batch's images (points), and the
-    fraction each variant's mask dropped."""
+    """SAI's r(v) and a(v) per variant with the batch's images, and the fraction dropped."""
     import torch
 
     from mlcl import losses, released
@@ -574,8 +558,7 @@ def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
 
 def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
                     dataset: str = "synthetic") -> plt.Figure:
-    """``panels`` (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2)) as scatter
-    plots coloured by class, prototypes as stars."""
+    """``panels`` (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2)) as scatters."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (title, fs, xy, pxy) in zip(axes[0], panels):
         colours = _class_colours(dataset, len(fs.class_names))
@@ -587,8 +570,7 @@ def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
                 ax.scatter(*pxy[k], marker="*", s=260, color=colours[k], edgecolor="k",
                            linewidth=1.2, zorder=5)
         ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     axes[0, 0].legend(fontsize=6, markerscale=3, loc="best")
     fig.tight_layout()
     return fig
