@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mlcl.augment import normalize, to_tv
 from mlcl.config import Config, config_from_dict, fill_defaults, parse_overrides, set_key
 from mlcl.data.classes import check_classes, default_class_names
 from mlcl.data.palette import colourise, palette_for
@@ -133,13 +134,9 @@ def read_image(path: Path, max_pixels: int) -> Image.Image:
 def predict_image(model, cfg: Config, rgb: Image.Image, tile: int = TILE) -> np.ndarray:
     """(H, W) uint8 class indices; images over ``tile``^2 pixels in windows moved by 2/3 of
     a tile."""
-    mean = torch.tensor(cfg.data.aug.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.data.aug.std).view(3, 1, 1)
-    x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div(255)
-    x = ((x - mean) / std).unsqueeze(0)
+    x = normalize(to_tv(rgb)[0], cfg.data.aug)[None]
     if rgb.width * rgb.height > tile * tile:
-        scores = sliding_window_logits(model, x, cfg.data.num_classes, tile,
-                                       max(tile * 2 // 3, 1))
+        scores = sliding_window_logits(model, x, cfg.data.num_classes, tile, max(tile * 2 // 3, 1))
     else:
         scores = predict_logits(model, x, cfg)
     return scores.argmax(1)[0].numpy().astype(np.uint8)

@@ -35,10 +35,8 @@ def figures_dir() -> Path:
 
 
 def resolve(path: str | Path, output: bool = False) -> Path:
-    """``path`` as given when absolute or found from the current folder, else from the
-    repository root when found there (a notebook's kernel runs in ``notebooks/``); a path
-    found nowhere as given (``~`` expanded), so errors name what the user typed, except
-    with ``output`` (a folder about to be written): from the repository root."""
+    """``path`` as given when absolute or found here, else from the repository root when
+    found there or with ``output`` (a notebook's kernel runs in ``notebooks/``)."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists() or not str(path):
         return p
@@ -170,8 +168,7 @@ def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def entry_output_dir(entry: dict[str, Any]) -> Path | None:
-    """The run's output folder: the entry's ``output_dir``, else its metrics' or config's
-    (:func:`resolve`d)."""
+    """The run's output folder (the entry's, its metrics' or its config's), resolved."""
     raw = (entry.get("output_dir") or (entry.get("metrics") or {}).get("output_dir")
            or (entry.get("config") or {}).get("output_dir"))
     return resolve(raw) if raw else None
@@ -185,8 +182,7 @@ VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
 
 def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
     """``"B vs A (key: a -> b; ...)"`` per complete entry whose settings differ from the
-    first of its table (one preset and dataset) or cell (also method, variant, ablation),
-    then one line per entry resumed with changed settings."""
+    first of its table (preset, dataset) or cell, then per entry resumed with changes."""
     tables: dict[tuple, list[dict[str, Any]]] = {}
     cells: dict[tuple, list[dict[str, Any]]] = {}
     resumed = []
@@ -228,8 +224,7 @@ def check_comparable(entries: list[dict[str, Any]]) -> None:
 
 
 def runs_frame(entries: list[dict[str, Any]]):
-    """One row per entry (the columns below); a ValueError when entries a table puts side by
-    side differ in settings (:func:`check_comparable`)."""
+    """One row per entry (the columns below), after :func:`check_comparable`."""
     import pandas as pd
 
     check_comparable(entries)

@@ -226,8 +226,7 @@ class GridRunner:
         self.grid, self.root, self.overrides = grid, root, overrides
         self.executor, self.num_processes, self.board = executor, num_processes, board
         self.registry = root / "registry"
-        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [],
-                                             "figures": []}
+        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
         self.logs: dict[str, Path] = {}
         self.causes: dict[str, str] = {}
 

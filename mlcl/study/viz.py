@@ -427,8 +427,7 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
     """Images, each model's prediction and ground truth (Fig. 6) of explore.predict_val."""
     columns = ["Image", *samples["preds"], "Ground truth"]
     n = len(samples["images"])
-    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 1.9 * n),
-                             squeeze=False)
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 1.9 * n), squeeze=False)
     for i in range(n):
         tiles = [samples["images"][i]]
         tiles += [_colour(p[i], samples["dataset"]) for p in samples["preds"].values()]
@@ -493,8 +492,7 @@ def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
     for variant, views in views_by_variant.items():
         colour, marker = styles.get(variant, ("k", "x"))
         ratio = released.sai_mask_ratio_twice if variant == "released" else losses.sai_mask_ratio
-        axes[0].plot(grid, ratio(grid, kappa), color=colour,
-                     label=f"r(v), {variant}")
+        axes[0].plot(grid, ratio(grid, kappa), color=colour, label=f"r(v), {variant}")
         axes[0].scatter(views["v"], views["mask_ratio"], color=colour, marker=marker, s=18)
         axes[2].scatter(views["v"], 100 * views["dropped"], color=colour, marker=marker,
                         s=18, label=variant)
@@ -586,8 +584,7 @@ def compactness_table(sets: list) -> pd.DataFrame:
         cols[(fs.label, f"to prototypes ({fs.proto_source})")] = compactness(
             fs.feats, fs.labels, fs.protos)
         if fs.proto_source != "class means":
-            cols[(fs.label, "to class means")] = compactness(fs.feats, fs.labels,
-                                                             fs.class_means)
+            cols[(fs.label, "to class means")] = compactness(fs.feats, fs.labels, fs.class_means)
     df = pd.DataFrame(cols, index=sets[0].class_names)
     df.loc["mean over classes"] = df.mean(0)
     df.columns = pd.MultiIndex.from_tuples(df.columns, names=["checkpoint", "reference"])
