@@ -160,8 +160,7 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
                             for i in range(p.shape[0])])
 
     out = {"w": w, "s": s, "v": v, "f_w": f_w, "f_s": f_s, "f_mk": f_mk, "f_ne": f_ne,
-           "mask_ratio": ratio,
-           "amplitude": losses.sai_amplitude(v, m.kappa),
+           "mask_ratio": ratio, "amplitude": losses.sai_amplitude(v, m.kappa),
            "attention": f_s.float().mean(1),  # A_i of losses.sai_mask: the channel mean
            "keep": keep, "dropped": 1.0 - keep.float().flatten(1).mean(1),
            "mse_m": per_image(prob["p_m"]), "mse_n": per_image(prob["p_n"]), **prob}
@@ -182,12 +181,8 @@ def pca_rgb(maps: list[Tensor]) -> list[np.ndarray]:
     proj = (rows - mu) @ vh[:3].t()  # (N, 3)
     lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
     proj = ((proj - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1)
-    out, start = [], 0
-    for f in maps:
-        n = f.shape[1] * f.shape[2]
-        out.append(proj[start:start + n].reshape(f.shape[1], f.shape[2], 3).numpy())
-        start += n
-    return out
+    parts = proj.split([f.shape[1] * f.shape[2] for f in maps])
+    return [p.reshape(f.shape[1], f.shape[2], 3).numpy() for f, p in zip(maps, parts)]
 
 
 @dataclass
@@ -252,28 +247,25 @@ def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: in
     return FeatureSet(label, ck.method, feats, labels, protos, source, means, ck.class_names)
 
 
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """The rows of ``a`` (N, C) scaled to unit length."""
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), losses.COS_EPS)
+
+
 def compactness(feats: np.ndarray, labels: np.ndarray, protos: np.ndarray) -> np.ndarray:
     """(K,) per class k the mean cosine of its features to prototype k (NaN: none)."""
-    k = protos.shape[0]
-    out = np.full(k, np.nan)
-    fn = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), losses.COS_EPS)
-    for c in range(k):
-        sel = labels == c
-        if sel.any() and np.isfinite(protos[c]).all():
-            p = protos[c] / max(np.linalg.norm(protos[c]), losses.COS_EPS)
-            out[c] = float((fn[sel] @ p).mean())
-    return out
+    fn, pn = unit_rows(feats), unit_rows(protos)
+    return np.array([float((fn[labels == c] @ pn[c]).mean())
+                     if (labels == c).any() and np.isfinite(protos[c]).all() else np.nan
+                     for c in range(protos.shape[0])])
 
 
 def embed_2d(feats: np.ndarray, protos: np.ndarray, method: str = "pca", seed: int = 0
              ) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2), (K, 2) embeddings of unit pixel features and prototypes: PCA fitted on the
     pixels, or t-SNE of both (NaN rows for missing prototypes)."""
-    def unit(a):
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), losses.COS_EPS)
-
     ok = np.isfinite(protos).all(1)
-    x, p = unit(feats.astype(np.float64)), unit(protos[ok].astype(np.float64))
+    x, p = unit_rows(feats.astype(np.float64)), unit_rows(protos[ok].astype(np.float64))
     proto_xy = np.full((protos.shape[0], 2), np.nan)
     if method == "pca":
         from sklearn.decomposition import PCA

@@ -21,6 +21,7 @@ from mlcl.paths import REPO, runs_dir
 
 # what names a grid cell (mlcl.study.grids.Run): the registry's ``run`` record and table rows
 CELL_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
+METRIC_COLUMNS = ("best_miou", "last_miou", "best_epoch", "last_epoch", "iterations")
 NOTEBOOKS = REPO / "notebooks"
 
 
@@ -234,16 +235,12 @@ def runs_frame(entries: list[dict[str, Any]]):
         cfg = e.get("config") or {}
         rows.append({"name": e.get("name"), **run_fields(e),
                      "dataset": (cfg.get("data") or {}).get("dataset") or m.get("dataset"),
-                     "best_miou": m.get("best_miou"), "last_miou": m.get("last_miou"),
-                     "best_epoch": m.get("best_epoch"), "last_epoch": m.get("last_epoch"),
-                     "iterations": m.get("iterations"), "complete": bool(m.get("complete")),
+                     **{k: m.get(k) for k in METRIC_COLUMNS}, "complete": bool(m.get("complete")),
                      "synthetic": bool(e.get("synthetic", is_synthetic(cfg))),
                      "wall_time_s": e.get("wall_time_s"),
-                     "output_dir": str(entry_output_dir(e) or "") or None,
-                     "grid": e.get("grid")})
-    columns = ["name", *CELL_KEYS, "dataset", "best_miou", "last_miou", "best_epoch",
-               "last_epoch", "iterations", "complete", "synthetic", "wall_time_s",
-               "output_dir", "grid"]
+                     "output_dir": str(entry_output_dir(e) or "") or None, "grid": e.get("grid")})
+    columns = ["name", *CELL_KEYS, "dataset", *METRIC_COLUMNS, "complete", "synthetic",
+               "wall_time_s", "output_dir", "grid"]
     df = pd.DataFrame(rows, columns=columns)
     for col in ("best_miou", "last_miou", "wall_time_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce")

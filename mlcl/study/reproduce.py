@@ -153,8 +153,8 @@ def check_cells(todo: list[Run], root: Path, overrides: list[str],
                 rerun_changed: bool = False) -> list[str]:
     """Before anything trains: one ConfigError when a cell's configuration does not build
     (naming the first error) or a cell was trained with other settings (naming the keys),
-    unless ``rerun_changed``: then each changed cell is moved aside (:func:`move_aside`).
-    Returns the names of the cells moved aside."""
+    unless ``rerun_changed``: then each changed cell moves to ``<name>.replaced-<time>`` (its
+    registry entry dropped) to train anew. Returns the names of the cells moved aside."""
     errors: dict[str, list[str]] = {}
     changed: dict[str, list[str]] = {}
     for run in todo:
@@ -179,17 +179,12 @@ def check_cells(todo: list[Run], root: Path, overrides: list[str],
             f"({'; '.join(changes)}){more}: use another --runs folder, or --rerun-changed "
             "to train the changed cells again (the old ones are kept as <name>.replaced-*)")
     for name in changed:
-        move_aside(root, name)
+        cell = root / "cells" / name
+        target = cell.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        cell.rename(target)
+        (root / "registry" / f"{name}.json").unlink(missing_ok=True)
+        print(f"  moved   {name} (other settings) to {target}", flush=True)
     return list(changed)
-
-
-def move_aside(root: Path, name: str) -> None:
-    """Rename ``cells/<name>`` to ``<name>.replaced-<time>`` and drop its registry entry."""
-    cell = root / "cells" / name
-    target = cell.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    cell.rename(target)
-    (root / "registry" / f"{name}.json").unlink(missing_ok=True)
-    print(f"  moved   {name} (other settings) to {target}", flush=True)
 
 
 ERROR_LINE = re.compile(r"^\s*((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit))|error): (.+)$")

@@ -46,12 +46,6 @@ def results_kind(entries: list[dict]) -> str:
     return "Short demo" if grids == {"demo"} else "Synthetic study"
 
 
-def method_label(method: str, variant: str = "") -> str:
-    """The table label of a method (and variant, for MLCL)."""
-    return METHOD_LABELS.get((method, variant if method == "mlcl" else ""),
-                             f"{method} {variant}".strip())
-
-
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     """(mean, sample std (ddof=1; NaN for one value), n) of the finite values."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
@@ -280,20 +274,14 @@ def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, fi
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def stamp_synthetic(fig: plt.Figure) -> None:
-    """The synthetic-data mark on the picture itself (once), so a PNG says what it is."""
-    if any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
-        return  # saved twice
-    fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
-             fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
-
-
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory`` (default: figures_dir())."""
+    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory`` (default: figures_dir()); a
+    synthetic figure gets the mark on the picture itself, so a PNG says what it is."""
     runs = list(runs)
-    if synthetic:
-        stamp_synthetic(fig)
+    if synthetic and not any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
+        fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
+                 fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
     d = Path(directory) if directory else figures_dir()
     d.mkdir(parents=True, exist_ok=True)
     text = _caption(caption, runs, synthetic)
@@ -344,7 +332,7 @@ def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
     seen = set()
     for e in sorted(entries, key=lambda e: e.get("name", "")):
         df = runs_frame([e]).iloc[0]
-        label = method_label(df.method, df.variant)
+        label = METHOD_LABELS.get((df.method, df.variant), f"{df.method} {df.variant}".strip())
         if df.ablation:
             label += f" [{df.ablation}]"
         ep = (e.get("metrics") or {}).get("epochs") or []
