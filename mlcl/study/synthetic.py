@@ -101,14 +101,11 @@ def texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray)
         return np.where((np.floor(u / cell) + np.floor(v / cell)) % 2 == 0, 1.0, -1.0)
     if kind == "spots":
         return smooth_noise(rng, h, w, int(rng.integers(6, 12)))
-    if kind == "gradient":
-        return (u - u.mean()) / max(float(np.ptp(u)), 1.0) * 2
-    raise ValueError(kind)  # pragma: no cover
+    return (u - u.mean()) / max(float(np.ptp(u)), 1.0) * 2  # "gradient"
 
 
 def texture_prior(family: int) -> np.ndarray:
-    """Class-dependent texture probabilities that overlap: 0.5 on the family's own texture,
-    0.2 on the next one, the rest spread evenly."""
+    """Overlapping texture probabilities: 0.5 own, 0.2 the next, the rest spread evenly."""
     n = len(TEXTURES)
     p = np.full(n, 0.3 / (n - 2))
     p[family % n], p[(family + 1) % n] = 0.5, 0.2
@@ -135,12 +132,10 @@ def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarr
         a = np.linspace(0, 2 * np.pi, 10, endpoint=False)
         r = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
         return [(np.stack([r * np.cos(a), r * np.sin(a)], axis=1), 1)]
-    if family == "cross":
-        t = rng.uniform(0.25, 0.35)  # arm half-width
-        pts = [[t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1],
-               [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t], [-t, -1]]
-        return [(np.array(pts, dtype=float), 1)]
-    raise ValueError(family)  # pragma: no cover
+    t = rng.uniform(0.25, 0.35)  # "cross": arm half-width
+    pts = [[t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1],
+           [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t], [-t, -1]]
+    return [(np.array(pts, dtype=float), 1)]
 
 
 def object_mask(family: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -158,8 +153,7 @@ def object_mask(family: str, rng: np.random.Generator, h: int, w: int) -> np.nda
 
 
 def edge_band(instance: np.ndarray) -> np.ndarray:
-    """Pixels with an 8-neighbour of another ``instance`` id, on both sides of each edge:
-    a band about 2 px wide across the edge, diagonal edges included."""
+    """Pixels with an 8-neighbour of another ``instance`` id: a band about 2 px wide."""
     band = np.zeros(instance.shape, dtype=bool)
     h, w = instance.shape
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
