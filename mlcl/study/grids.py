@@ -21,13 +21,10 @@ class Run:
     @property
     def name(self) -> str:
         """``<preset>-<split>-<method>[-<variant>][-<ablation>]-s<seed>``."""
-        parts = [self.preset, self.split, self.method]
-        if self.method == "mlcl":
-            parts.append(self.variant)
-        if self.ablation:
-            parts.append(self.ablation)
-        parts.append(f"s{self.seed}")
-        return "-".join(parts)
+        variant = [self.variant] if self.method == "mlcl" else []
+        ablation = [self.ablation] if self.ablation else []
+        return "-".join([self.preset, self.split, self.method, *variant, *ablation,
+                         f"s{self.seed}"])
 
     def config_overrides(self) -> list[str]:
         """The ``key=value`` overrides that make the preset this run."""
@@ -38,20 +35,16 @@ class Run:
 
 
 # The MLCL ablations of the paper: each component off on its own.
-ABLATIONS = {
-    "no_p2p": ("mlcl.use_p2p=false",),
-    "no_dt": ("mlcl.use_dt=false",),
-    "no_mask": ("mlcl.use_mask=false",),
-    "no_noise": ("mlcl.use_noise=false",),
-    "no_sai": ("mlcl.use_mask=false", "mlcl.use_noise=false"),
-}
+ABLATIONS = {"no_p2p": ("mlcl.use_p2p=false",), "no_dt": ("mlcl.use_dt=false",),
+             "no_mask": ("mlcl.use_mask=false",), "no_noise": ("mlcl.use_noise=false",),
+             "no_sai": ("mlcl.use_mask=false", "mlcl.use_noise=false")}
 
 METHOD_VARIANTS = (("supervised", "paper"), ("unimatch", "paper"), ("mlcl", "paper"),
                    ("mlcl", "released"))
 
 
-def _methods_grid(preset: str, splits, seeds, overrides=()) -> list[Run]:
-    return [Run(preset, s, m, seed, v, overrides=tuple(overrides))
+def _methods_grid(preset: str, splits, seeds) -> list[Run]:
+    return [Run(preset, s, m, seed, v)
             for s, (m, v), seed in product(splits, METHOD_VARIANTS, seeds)]
 
 
