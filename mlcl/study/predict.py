@@ -92,8 +92,7 @@ def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = 
     cfg.model.pretrained = False  # the checkpoint provides every weight
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
-    model.eval()
-    return model, cfg, ckpt.get("class_names") or default_class_names(classes)
+    return model.eval(), cfg, ckpt.get("class_names") or default_class_names(classes)
 
 
 def list_images(images: str | Path, recursive: bool = False) -> tuple[Path, list[Path]]:
