@@ -64,8 +64,7 @@ def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
 
 
 def summary_lines(runs: Path) -> list[str]:
-    """The demo's table: best and last validation mIoU and training time per method (a
-    failed run is a line naming its log)."""
+    """Best and last validation mIoU and training time per method (or its log)."""
     run = demo_runs()["mlcl"]
     lines = [f"Short demo on SYNTHETIC data ({run.split.replace('_', '/')} labels, one seed, "
              f"{schedule_text()}) - not the study, not VOC results:",

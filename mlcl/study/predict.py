@@ -96,8 +96,7 @@ def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = 
 
 
 def list_images(images: str | Path, recursive: bool = False) -> tuple[Path, list[Path]]:
-    """(base folder, sorted image files) of an image file or a folder (``recursive``: and
-    its sub-folders)."""
+    """(base folder, sorted image files) of an image file or folder (``recursive``)."""
     images = Path(images)
     if images.is_file():
         if images.suffix.lower() not in IMAGE_SUFFIXES:
@@ -131,8 +130,7 @@ def read_image(path: Path, max_pixels: int) -> Image.Image:
 
 @torch.no_grad()
 def predict_image(model, cfg: Config, rgb: Image.Image, tile: int = TILE) -> np.ndarray:
-    """(H, W) uint8 class indices; images over ``tile``^2 pixels in windows moved by 2/3 of
-    a tile."""
+    """(H, W) uint8 class indices; images over ``tile``^2 pixels in overlapping tiles."""
     x = normalize(to_tv(rgb)[0], cfg.data.aug)[None]
     if rgb.width * rgb.height > tile * tile:
         scores = sliding_window_logits(model, x, cfg.data.num_classes, tile, max(tile * 2 // 3, 1))

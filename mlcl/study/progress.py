@@ -35,8 +35,7 @@ def clock(seconds: float | None) -> str:
 
 
 def describe(p: dict[str, Any] | None) -> str:
-    """``val mIoU 45.21 (best 46.03), ETA 1:40`` for a progress record; ``starting ...``
-    before the first."""
+    """``val mIoU 45.21 (best 46.03), ETA 1:40`` for a progress record (None: starting)."""
     if p is None:
         return "starting (Python, data, model)"
     miou, best = p.get("miou"), p.get("best_miou")
@@ -122,8 +121,7 @@ class Board:
 
 def wait(proc: subprocess.Popen, poll: Callable[[], None] | None = None,
          interval: float = 1.0) -> int:
-    """Wait for ``proc`` to exit, calling ``poll()`` every ``interval`` seconds meanwhile;
-    returns its exit status."""
+    """The exit status of ``proc``, ``poll()`` called every ``interval`` s meanwhile."""
     while True:
         try:
             return proc.wait(timeout=interval)

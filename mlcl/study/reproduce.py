@@ -55,9 +55,8 @@ def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> 
 
 
 def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict[str, Any]:
-    """Train (or resume) a run and return its metrics (the run notebook calls this): here
-    with mlcl.train.fit, or through ``accelerate launch`` with its output streamed here.
-    data.root is :func:`~mlcl.study.registry.fix_data_root`'d (notebooks run in notebooks/)."""
+    """Train (or resume) a run, here or with ``num_processes`` > 1 through ``accelerate
+    launch`` (output streamed); its metrics. data.root is fix_data_root'd."""
     cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
     root = cfg.data.root
     if fix_data_root(cfg).data.root != root:
@@ -288,9 +287,8 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
               runs: list[Run] | None = None, board: progress.Board | None = None,
               rerun_changed: bool = False, seeds: tuple[int, ...] | None = None
               ) -> dict[str, list[str]]:
-    """Run the grid (or ``runs``; ``seeds`` replaces their seeds) after :func:`check_cells`,
-    each running run's progress on ``board`` (default: a new one on stdout); returns
-    {'done', 'skipped', 'failed'} (run names) and 'figures' (the executed notebook)."""
+    """Run the grid (or ``runs``; ``seeds`` replaces theirs) after :func:`check_cells`, the
+    progress on ``board``: {'done', 'skipped', 'failed'} run names, 'figures' notebooks."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     root = Path(runs_root or runs_dir()).resolve()

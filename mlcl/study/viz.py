@@ -231,9 +231,8 @@ def ablation_table(entries: list[dict]) -> pd.DataFrame:
 
 def qualitative_runs(entries: list[dict], preset: str | None = None, split: str | None = None,
                      seed: int | None = None) -> dict[str, dict]:
-    """{'Supervised', 'UniMatch', 'MLCL' (paper, else released variant): entry} of one
-    (preset, split, seed) cell, those with a best.pt on disk; by default the cell with the
-    most of them, real data first."""
+    """{'Supervised', 'UniMatch', 'MLCL': entry} with a best.pt of one (preset, split, seed)
+    cell, by default the one with the most of them (real data first)."""
     df = _complete(entries)
     df = df[(df.ablation == "") & df.output_dir.notna()]
     df = df[[(Path(d) / "best.pt").is_file() for d in df.output_dir]]
@@ -563,8 +562,7 @@ def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
 
 
 def compactness_table(sets: list) -> pd.DataFrame:
-    """Per class and their mean: the mean cosine of the class's pixel features to its own
-    prototype and (comparable across methods) to its class mean, per checkpoint."""
+    """Per class and checkpoint, the mean cosine of its features to its prototype and mean."""
     from mlcl.study.explore import compactness
 
     cols = {}
