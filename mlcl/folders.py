@@ -1,5 +1,4 @@
-"""Result folders and files of the commands that write beside the user's own files
-(predict's masks, evaluate's --out): they rewrite only what they wrote themselves."""
+"""Result folders and files of predict and evaluate: they rewrite only what they wrote."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +8,8 @@ from mlcl.files import atomic_write, place_problem
 
 
 def temp_target(path: Path) -> Path:
-    """The file an :func:`atomic_write` temporary ``.<name>.<random>.tmp`` was for (left
-    behind when that write was interrupted), or ``path`` itself for any other name."""
+    """The file an interrupted :func:`atomic_write`'s ``.<name>.<random>.tmp`` was for, or
+    ``path`` itself for any other name."""
     name = path.name
     if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
         return path
@@ -19,16 +18,10 @@ def temp_target(path: Path) -> Path:
 
 
 class OutputFolder:
-    """A folder that receives a command's results and never anything else's: a manifest
-    (``.mlcl-written``, one relative path a line, appended before each file is written)
-    lists what the command wrote there, so it may rewrite those files in a later run, and
-    refuses a folder that holds any other file (the temporary file of an interrupted write
-    of a listed file is its own, :func:`temp_target`). The folder is made at the first write, so
-    a run that fails before leaves nothing behind.
-
-        folder = OutputFolder(out, "--out")   # checks now, raises ValueError naming ``flag``
-        folder.write("a.jpg.png", lambda p: mask.save(p, format="PNG"))
-    """
+    """A folder for a command's results only: its manifest (``.mlcl-written``, a relative
+    path a line, appended before each write) lists what the command wrote, which it may
+    rewrite; any other file (or the ``inputs``) in it is a ValueError naming ``flag``, at
+    construction. The folder is made at the first :meth:`write`."""
 
     MANIFEST = ".mlcl-written"
 
@@ -63,7 +56,7 @@ class OutputFolder:
         return listed
 
     def make(self) -> None:
-        """Create the folder (at the first write); a ValueError naming the flag if it cannot."""
+        """Create the folder; a ValueError naming the flag if it cannot."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -82,9 +75,8 @@ class OutputFolder:
 
 
 def check_output_file(path: str | Path, flag: str, is_ours: Callable[[Path], bool]) -> Path:
-    """``path`` as a Path if a result may be written there: its folder exists or can be made
-    and is writable, and any file already there passes ``is_ours`` (was written by this
-    command); otherwise a ValueError naming ``flag`` and the fix."""
+    """``path`` when a result may be written there (a writable place; a file already there
+    passes ``is_ours``), else a ValueError naming ``flag`` and the fix."""
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{flag} {p} is a folder: give a file name, e.g. {p / 'result.json'}")
@@ -96,9 +88,7 @@ def check_output_file(path: str | Path, flag: str, is_ours: Callable[[Path], boo
 
 
 def check_creatable(path: Path, flag: str) -> None:
-    """A ValueError naming ``flag`` unless a file or folder may be made at ``path``: its
-    folder (or that folder's nearest existing ancestor) is a folder this process can write
-    into (:func:`place_problem`)."""
+    """A ValueError naming ``flag`` unless ``path`` may be made (:func:`place_problem`)."""
     why = place_problem(path.parent)
     if why:
         raise ValueError(f"{flag} {path} cannot be made: {why}")

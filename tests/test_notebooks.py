@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from mlcl import paths
 from mlcl.study import paper, registry
 from mlcl.config import load_config
 from mlcl.train import fit
@@ -28,7 +27,7 @@ def execute(name: str, out: Path, **parameters) -> nbformat.NotebookNode:
 
     os.environ["OMP_NUM_THREADS"] = "1"  # the kernel inherits it
     out.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(str(paths.NOTEBOOKS / f"{name}.ipynb"), str(out),
+    papermill.execute_notebook(str(registry.NOTEBOOKS / f"{name}.ipynb"), str(out),
                                parameters=parameters, kernel_name="python3",
                                progress_bar=False, cwd=str(out.parent))
     return nbformat.read(out, as_version=4)
@@ -54,7 +53,7 @@ def tiny_runs(synth_root, tmp_path_factory) -> dict[str, Path]:
 
 def test_notebooks_are_committed_clean():
     for name in NOTEBOOKS:
-        nb = nbformat.read(paths.NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        nb = nbformat.read(registry.NOTEBOOKS / f"{name}.ipynb", as_version=4)
         nbformat.validate(nb)
         assert nb.metadata.kernelspec.name == "python3"
         code = [c for c in nb.cells if c.cell_type == "code"]

@@ -1,4 +1,4 @@
-"""mlcl.progress: the progress.json contract, the display of running runs (bars on a
+"""mlcl.study.progress: the progress.json contract, the display of running runs (bars on a
 terminal, plain lines otherwise), and messages that never share a line with a bar."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from mlcl import outputs, progress
+from mlcl import outputs
+from mlcl.study import progress
 
 # A stand-in for a training subprocess: writes progress.json like the loop does, then exits.
 FAKE_RUN = """

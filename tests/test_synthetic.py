@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlcl.__main__ import main
 from mlcl.data import read_split
-from mlcl.study.synthetic import FRACTIONS, class_names, edge_band, main, make_synthetic
+from mlcl.study.synthetic import FRACTIONS, class_names, edge_band, make_synthetic
 
 
 def _tree_hashes(root):
@@ -103,8 +104,8 @@ def test_edge_band_two_pixels_across():
 
 def test_cli_main(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["--out", str(out), "--num-train", "4", "--num-val", "2", "--size", "16",
-                 "--classes", "3", "--seed", "5", "--layout", "cityscapes"]) == 0
+    assert main(["synth", "--out", str(out), "--num-train", "4", "--num-val", "2", "--size",
+                 "16", "--classes", "3", "--seed", "5", "--layout", "cityscapes"]) == 0
     assert "wrote 4 train" in capsys.readouterr().out
     assert (out / "classes.txt").read_text().split() == ["background", "disc", "rectangle"]
     assert len(list((out / "gtFine").rglob("*.png"))) == 6

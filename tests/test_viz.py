@@ -84,7 +84,7 @@ def test_paper_numbers_match_paper_md():
             if label in rows:
                 assert paper.TABLES[key].published[rows[label]] == \
                     tuple(float(c) for c in cells[1:]), (key, label)
-    assert paper.published("III", "mlcl", "cityscapes", "1_2") == 79.33
+    assert paper.TABLES["III"].value("mlcl", "cityscapes", "1_2") == 79.33
 
 
 def test_paper_table_mean_std_published_and_marks():
@@ -304,7 +304,7 @@ def test_checkpoint_paths_are_taken_from_the_repository_root(tiny_model, tmp_pat
     repo, kernel_dir = tmp_path / "repo", tmp_path / "repo" / "notebooks"
     kernel_dir.mkdir(parents=True)
     save_weights(repo / "runs" / "demo" / "best.pt", model, cfg, cfg.data.class_names, 1, 50.0)
-    monkeypatch.setattr(paths, "REPO", repo)
+    monkeypatch.setattr(registry, "REPO", repo)
     monkeypatch.chdir(kernel_dir)
     ck = mi.load_checkpoint("runs/demo/best.pt", device="cpu")
     assert ck.path == repo / "runs" / "demo" / "best.pt" and ck.miou == 50.0

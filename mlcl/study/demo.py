@@ -1,29 +1,18 @@
-"""`make demo` (= ``python -m mlcl demo``): a short CPU demonstration on the synthetic data,
-through the notebooks.
-
-1. writes the synthetic dataset into data/synthetic/ (once);
-2. trains the ``demo`` grid (mlcl.study.grids: supervised, UniMatch and MLCL at 1/32 labels, one
-   seed, a short schedule) with notebooks/run.ipynb under papermill, two runs at a time with
-   one thread each, showing each run's progress (mlcl.progress);
-3. runs the three other notebooks on the results, two at a time: prototypes (UniMatch and
-   MLCL checkpoints), perturbations (the MLCL checkpoint), then figures (the demo's registry);
-4. prints the three methods' mIoU side by side and where everything landed.
-
-Runs go under runs/demo/ (cells/<run>/, registry/, notebooks/), figures and tables into
-figures/demo/. A second `make demo` trains nothing (complete runs are skipped) and only
-rebuilds the figures. A short demo on synthetic data, not the study and not VOC results.
-"""
+"""`make demo` (= ``python -m mlcl demo``): the synthetic dataset (written once), the ``demo``
+grid (supervised, UniMatch and MLCL at 1/32 labels, one seed, a short CPU schedule) through
+notebooks/run.ipynb two at a time, then the prototypes, perturbations and figures notebooks,
+the three methods' mIoU and where everything landed. Runs go under runs/demo/, figures into
+figures/demo/; a second `make demo` trains nothing and rebuilds the figures."""
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mlcl import paths, progress
-from mlcl.study import grids
-from mlcl.study.synthetic import make_synthetic
-from mlcl.study.registry import load_entry
+from mlcl.study import grids, progress
+from mlcl.study.registry import NOTEBOOKS, data_dir, demo_dir, figures_dir, load_entry
 from mlcl.study.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
+from mlcl.study.synthetic import make_synthetic
 
 # mlcl.study.viz (matplotlib, pandas: about 1.5 s) is imported inside run_demo for its last step.
 
@@ -49,10 +38,10 @@ def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[lis
     [perturbations, figures]; each job is (name, notebook, executed copy, parameters)."""
     nb_dir = runs / "notebooks"
     best = {m: str(cells[m] / "best.pt") for m in cells}
-    protos = ("prototypes", paths.NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
+    protos = ("prototypes", NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
               {"checkpoints": {"UniMatch": best["unimatch"], "MLCL": best["mlcl"]},
                "out_dir": str(figures)})
-    perts = ("perturbations", paths.NOTEBOOKS / "perturbations.ipynb",
+    perts = ("perturbations", NOTEBOOKS / "perturbations.ipynb",
              nb_dir / "perturbations-demo.ipynb",
              {"checkpoint": best["mlcl"], "out_dir": str(figures)})
     figs = ("figures", FIGURES_NOTEBOOK, nb_dir / "figures-demo.ipynb",
@@ -75,8 +64,7 @@ def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
 
 
 def summary_lines(runs: Path) -> list[str]:
-    """The demo's table: best and last validation mIoU and training time per method."""
-    # f-strings, not pandas' to_string: a failed run is a line naming its log, not a row
+    """Best and last validation mIoU and training time per method (or its log)."""
     run = demo_runs()["mlcl"]
     lines = [f"Short demo on SYNTHETIC data ({run.split.replace('_', '/')} labels, one seed, "
              f"{schedule_text()}) - not the study, not VOC results:",
@@ -120,9 +108,9 @@ def run_demo(args) -> int:
     from mlcl.study.viz import write_index
 
     started = time.time()
-    runs = (Path(args.out) if getattr(args, "out", None) else paths.demo_dir()).resolve()
-    figures = paths.figures_dir() / "demo"  # the study's figures stay in figures/ itself
-    data_root = ensure_synthetic(paths.data_dir() / "synthetic").resolve()
+    runs = Path(getattr(args, "out", None) or demo_dir()).resolve()
+    figures = figures_dir() / "demo"  # the study's figures stay in figures/ itself
+    data_root = ensure_synthetic(data_dir() / "synthetic").resolve()
     board = progress.Board()
     print(f"training {', '.join(DEMO_METHODS)} (grid 'demo': {schedule_text()}) through "
           f"notebooks/run.ipynb, 2 at a time, into {runs / 'cells'} ...", flush=True)

@@ -1,15 +1,7 @@
-"""Looking inside trained checkpoints, for the notebooks: predictions on validation images,
-the SAI perturbations of a batch of unlabeled images, pixel features and class prototypes.
-
-Every method quantity comes from the package (``model.encode/decode``, ``mlcl.losses``); what
-is computed here is only for display (PCA colours, 2-D embeddings, a compactness measure).
-Features are taken in eval mode (batch-norm running statistics), whereas training computes
-them in train mode; the shapes of the maps are the training ones.
-
-    ck = load_checkpoint("runs/cells/NAME/best.pt")
-    views = sai_views(ck.model, unlabeled_batch(ck.cfg, 4), ck.cfg, double_transform=False)
-    fs = feature_set("mlcl", ck, num_images=16)
-"""
+"""Inside trained checkpoints, for the notebooks: predictions on validation images, SAI's
+perturbations of unlabeled images, pixel features and prototypes. Method quantities come from
+the core (``model.encode/decode``, mlcl.losses), in eval mode; what is computed here is for
+display only (PCA colours, 2-D embeddings, compactness)."""
 from __future__ import annotations
 
 import random
@@ -23,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from mlcl import losses, paths, released
+from mlcl import losses, released
 from mlcl.config import Config
 from mlcl.data.datasets import UnlabeledDataset, ValDataset
 from mlcl.engine import make_accelerator
@@ -32,14 +24,14 @@ from mlcl.methods import mix_source, paste
 from mlcl.model import upsample
 from mlcl.prototypes import initialised
 from mlcl.study.predict import checkpoint_file, model_from_checkpoint, read_checkpoint
+from mlcl.study.registry import fix_data_root, resolve
 
 # sklearn (about 2 s to import) is imported inside embed_2d, the one function that uses it.
 
 
-# --------------------------------------------------------------------------- checkpoints
 @dataclass
 class Checkpoint:
-    """A loaded best.pt / last.pt: the model (eval mode) with the config it was trained with."""
+    """A loaded best.pt / last.pt: the model (eval mode), its config, classes and bank."""
 
     model: Any  # DeepLabV3Plus in eval mode
     cfg: Config
@@ -63,26 +55,20 @@ class Checkpoint:
         return self.cfg.data.dataset == "synthetic"
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
                     device: str | torch.device | None = None) -> Checkpoint:
-    """A ``best.pt``/``last.pt`` or a run folder (its best.pt; a relative path: from the
-    current folder, else from the repository root) with its config, class names and
-    prototype bank, the file read once; the model on ``device`` (default: the GPU if there
-    is one). Results come back on the CPU."""
-    path = checkpoint_file(paths.resolve(path))  # "runs/demo/..." works from notebooks/ too
+    """A ``best.pt``/``last.pt`` or run folder (its best.pt; :func:`resolve`d), the model on
+    ``device`` (default: the GPU if there is one)."""
+    path = checkpoint_file(resolve(path))
     raw = read_checkpoint(path)
     model, cfg, names = model_from_checkpoint(raw, path, overrides)
-    model = model.to(device or default_device())
+    model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bank = (raw.get("bank") or {}).get("protos")
-    return Checkpoint(model.eval(), paths.fix_data_root(cfg), names, bank, raw.get("epoch"),
+    return Checkpoint(model.eval(), fix_data_root(cfg), names, bank, raw.get("epoch"),
                       raw.get("miou"), path)
 
 
@@ -97,7 +83,6 @@ def evaluate_checkpoint(ck: Checkpoint) -> dict[str, Any]:
             "num_images": result["num_images"], "checkpoint": str(ck.path)}
 
 
-# --------------------------------------------------------------------------- images
 def denormalise(x: Tensor, cfg: Config) -> np.ndarray:
     """A normalised (3, H, W) image -> uint8 (H, W, 3)."""
     mean = torch.tensor(cfg.data.aug.mean).view(3, 1, 1)
@@ -114,10 +99,9 @@ def spread_indices(total: int, n: int) -> list[int]:
 
 @torch.no_grad()
 def predict_val(checkpoints: dict[str, Checkpoint], num_images: int = 4) -> dict[str, Any]:
-    """The same validation images through several checkpoints (the first one's data).
-
-    Returns {'images': [uint8 (H, W, 3)], 'targets': [(H, W)], 'preds': {label: [(H, W)]},
-    'ids', 'dataset', 'class_names'}."""
+    """The same validation images (the first checkpoint's data) through each checkpoint:
+    {'images': [uint8 (H, W, 3)], 'targets': [(H, W)], 'preds': {label: [(H, W)]}, 'ids',
+    'dataset', 'class_names'}."""
     first = next(iter(checkpoints.values()))
     ds = ValDataset(first.cfg, first.cfg.split_path("val_split"))
     idx = spread_indices(len(ds), num_images)
@@ -135,32 +119,23 @@ def predict_val(checkpoints: dict[str, Checkpoint], num_images: int = 4) -> dict
 
 
 def unlabeled_batch(cfg: Config, num_images: int = 4, seed: int = 0) -> dict[str, Any]:
-    """``num_images`` unlabeled training samples (spread over the split) collated with their
-    training views: 'w', 's1', 's2' (B, 3, S, S), 'ignore' (B, S, S), 'box1', 'box2'
-    (B, S, S) bool; the augmentations drawn from ``seed``."""
+    """``num_images`` unlabeled training samples collated with their training views ('w',
+    's1', 's2' (B, 3, S, S), 'ignore', 'box1', 'box2' (B, S, S)), drawn from ``seed``."""
     ds = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split"))
     random.seed(seed)
     torch.manual_seed(seed)
     return default_collate([ds[i] for i in spread_indices(len(ds), num_images)])
 
 
-# --------------------------------------------------------------------------- SAI
 @torch.no_grad()
 def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool = False,
               seed: int = 0, cutmix: bool = False) -> dict[str, Tensor]:
-    """What SAI does to ``batch`` (an :func:`unlabeled_batch` of B images, S x S), on the CPU:
-    'w', 's' (B, 3, S, S) the weak and strong views compared; 'f_w', 'f_s', 'f_mk', 'f_ne'
-    (B, C, h, w) their features and the masked / noised strong features; 'attention' (B, h, w)
-    and 'keep' (B, h, w) bool of the mask; 'p_w', 'p_s', 'p_m', 'p_n' (B, K, S, S) the
-    decoder's probabilities on each map; per image (B,): 'v' (weak-strong similarity),
-    'mask_ratio' r, 'amplitude' a, 'dropped' (fraction masked), 'mse_m', 'mse_n' (L_m, L_n).
-
-    ``double_transform``: the released code's mask ratio (``mlcl.double_transform``;
-    docs/method.md, "Paper versus release"). ``cutmix``: s1 with its box pasted from the
-    batch rolled by one, against the weak view mixed the same way (F_1, as in training).
-    The random draws come from ``seed``, so calls that differ only in ``double_transform``
-    draw the same numbers.
-    """
+    """What SAI does to ``batch`` (an :func:`unlabeled_batch`), on the CPU: 'w', 's'
+    (B, 3, S, S) the views; 'f_w', 'f_s', 'f_mk', 'f_ne' (B, C, h, w) the features;
+    'attention', 'keep' (B, h, w); 'p_w', 'p_s', 'p_m', 'p_n' (B, K, S, S) probabilities; per
+    image 'v', 'mask_ratio', 'amplitude', 'dropped', 'mse_m', 'mse_n'. ``double_transform``:
+    the release's mask ratio; ``cutmix``: both views mixed as in training; draws from
+    ``seed``."""
     m = cfg.mlcl
     dev = device_of(model)
     w, s = batch["w"].to(dev), batch["s1"].to(dev)
@@ -185,8 +160,7 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
                             for i in range(p.shape[0])])
 
     out = {"w": w, "s": s, "v": v, "f_w": f_w, "f_s": f_s, "f_mk": f_mk, "f_ne": f_ne,
-           "mask_ratio": ratio,
-           "amplitude": losses.sai_amplitude(v, m.kappa),
+           "mask_ratio": ratio, "amplitude": losses.sai_amplitude(v, m.kappa),
            "attention": f_s.float().mean(1),  # A_i of losses.sai_mask: the channel mean
            "keep": keep, "dropped": 1.0 - keep.float().flatten(1).mean(1),
            "mse_m": per_image(prob["p_m"]), "mse_n": per_image(prob["p_n"]), **prob}
@@ -194,29 +168,23 @@ def sai_views(model, batch: dict[str, Any], cfg: Config, double_transform: bool 
 
 
 def head(views: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-    """The first ``n`` images of every per-image tensor of :func:`sai_views`."""
+    """The first ``n`` images of :func:`sai_views`."""
     return {k: v[:n] for k, v in views.items()}
 
 
 def pca_rgb(maps: list[Tensor]) -> list[np.ndarray]:
-    """Feature maps (C, h, w) -> RGB images (h, w, 3) in [0, 1] from one shared 3-component
-    PCA over all their pixels (so colours compare across maps); each component is scaled
-    by its 1st-99th percentile range over all maps."""
+    """Feature maps (C, h, w) -> RGB (h, w, 3) in [0, 1] from one 3-component PCA shared by
+    all maps (comparable colours), each scaled by its 1st-99th percentiles."""
     rows = torch.cat([f.detach().float().flatten(1).t() for f in maps])  # (sum hw, C)
     mu = rows.mean(0, keepdim=True)
     _, _, vh = torch.linalg.svd(rows - mu, full_matrices=False)
     proj = (rows - mu) @ vh[:3].t()  # (N, 3)
     lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
     proj = ((proj - lo) / (hi - lo).clamp(min=1e-8)).clamp(0, 1)
-    out, start = [], 0
-    for f in maps:
-        n = f.shape[1] * f.shape[2]
-        out.append(proj[start:start + n].reshape(f.shape[1], f.shape[2], 3).numpy())
-        start += n
-    return out
+    parts = proj.split([f.shape[1] * f.shape[2] for f in maps])
+    return [p.reshape(f.shape[1], f.shape[2], 3).numpy() for f, p in zip(maps, parts)]
 
 
-# --------------------------------------------------------------------------- prototypes
 @dataclass
 class FeatureSet:
     """Pixel features of one checkpoint on validation images, with its prototypes."""
@@ -234,9 +202,7 @@ class FeatureSet:
 @torch.no_grad()
 def pixel_features(ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Features F (eval mode) of validation pixels and their ground-truth classes at feature
-    resolution, at most ``max_pixels`` of them, balanced over classes (at most
-    max_pixels / K per class, drawn with ``seed``)."""
+    """Features (N, C) and classes (N,) of validation pixels, ``max_pixels`` / K per class."""
     cfg = ck.cfg
     ds = ValDataset(cfg, cfg.split_path("val_split"))
     feats, labels = [], []
@@ -269,9 +235,7 @@ def class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.n
 
 def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
                 seed: int = 0) -> FeatureSet:
-    """Pixel features and prototypes of a checkpoint: the MLCL memory bank when the
-    checkpoint has one, otherwise (UniMatch, supervised) the per-class mean of the
-    validation features, which stands in for the prototypes (``proto_source`` says which)."""
+    """Pixel features and prototypes (the memory bank, else the class means) of ``ck``."""
     feats, labels = pixel_features(ck, num_images, max_pixels, seed)
     means = class_means(feats, labels, ck.cfg.data.num_classes)
     if ck.bank is not None and bool(initialised(ck.bank).any()):
@@ -283,30 +247,25 @@ def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: in
     return FeatureSet(label, ck.method, feats, labels, protos, source, means, ck.class_names)
 
 
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """The rows of ``a`` (N, C) scaled to unit length."""
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), losses.COS_EPS)
+
+
 def compactness(feats: np.ndarray, labels: np.ndarray, protos: np.ndarray) -> np.ndarray:
-    """Intra-class compactness: per class k, the mean cosine between the features of class k
-    and prototype k. (K,), NaN where the class has no pixel or no prototype."""
-    k = protos.shape[0]
-    out = np.full(k, np.nan)
-    fn = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), losses.COS_EPS)
-    for c in range(k):
-        sel = labels == c
-        if sel.any() and np.isfinite(protos[c]).all():
-            p = protos[c] / max(np.linalg.norm(protos[c]), losses.COS_EPS)
-            out[c] = float((fn[sel] @ p).mean())
-    return out
+    """(K,) per class k the mean cosine of its features to prototype k (NaN: none)."""
+    fn, pn = unit_rows(feats), unit_rows(protos)
+    return np.array([float((fn[labels == c] @ pn[c]).mean())
+                     if (labels == c).any() and np.isfinite(protos[c]).all() else np.nan
+                     for c in range(protos.shape[0])])
 
 
 def embed_2d(feats: np.ndarray, protos: np.ndarray, method: str = "pca", seed: int = 0
              ) -> tuple[np.ndarray, np.ndarray]:
-    """2-D embedding of L2-normalised pixel features and prototypes: PCA fitted on the
-    pixels (prototypes projected), or t-SNE over pixels and prototypes together. Returns
-    (N, 2) and (K, 2) (NaN rows for missing prototypes)."""
-    def unit(a):
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), losses.COS_EPS)
-
+    """(N, 2), (K, 2) embeddings of unit pixel features and prototypes: PCA fitted on the
+    pixels, or t-SNE of both (NaN rows for missing prototypes)."""
     ok = np.isfinite(protos).all(1)
-    x, p = unit(feats.astype(np.float64)), unit(protos[ok].astype(np.float64))
+    x, p = unit_rows(feats.astype(np.float64)), unit_rows(protos[ok].astype(np.float64))
     proto_xy = np.full((protos.shape[0], 2), np.nan)
     if method == "pca":
         from sklearn.decomposition import PCA

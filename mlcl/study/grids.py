@@ -1,5 +1,4 @@
-"""Named grids of runs: (preset, split, method, variant, seed, overrides) for the batch
-reproduction (`python -m mlcl reproduce --grid NAME`)."""
+"""Named grids of runs for `python -m mlcl reproduce --grid NAME`."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +8,7 @@ from itertools import product
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of a grid: a preset trained with one split, method (variant), seed and
-    extra overrides; its :attr:`name` names its output folder and registry entry."""
+    """One cell of a grid; its :attr:`name` names its output folder and registry entry."""
 
     preset: str
     split: str
@@ -23,13 +21,10 @@ class Run:
     @property
     def name(self) -> str:
         """``<preset>-<split>-<method>[-<variant>][-<ablation>]-s<seed>``."""
-        parts = [self.preset, self.split, self.method]
-        if self.method == "mlcl":
-            parts.append(self.variant)
-        if self.ablation:
-            parts.append(self.ablation)
-        parts.append(f"s{self.seed}")
-        return "-".join(parts)
+        variant = [self.variant] if self.method == "mlcl" else []
+        ablation = [self.ablation] if self.ablation else []
+        return "-".join([self.preset, self.split, self.method, *variant, *ablation,
+                         f"s{self.seed}"])
 
     def config_overrides(self) -> list[str]:
         """The ``key=value`` overrides that make the preset this run."""
@@ -40,27 +35,22 @@ class Run:
 
 
 # The MLCL ablations of the paper: each component off on its own.
-ABLATIONS = {
-    "no_p2p": ("mlcl.use_p2p=false",),
-    "no_dt": ("mlcl.use_dt=false",),
-    "no_mask": ("mlcl.use_mask=false",),
-    "no_noise": ("mlcl.use_noise=false",),
-    "no_sai": ("mlcl.use_mask=false", "mlcl.use_noise=false"),
-}
+ABLATIONS = {"no_p2p": ("mlcl.use_p2p=false",), "no_dt": ("mlcl.use_dt=false",),
+             "no_mask": ("mlcl.use_mask=false",), "no_noise": ("mlcl.use_noise=false",),
+             "no_sai": ("mlcl.use_mask=false", "mlcl.use_noise=false")}
 
 METHOD_VARIANTS = (("supervised", "paper"), ("unimatch", "paper"), ("mlcl", "paper"),
                    ("mlcl", "released"))
 
 
-def _methods_grid(preset: str, splits, seeds, overrides=()) -> list[Run]:
-    return [Run(preset, s, m, seed, v, overrides=tuple(overrides))
+def _methods_grid(preset: str, splits, seeds) -> list[Run]:
+    return [Run(preset, s, m, seed, v)
             for s, (m, v), seed in product(splits, METHOD_VARIANTS, seeds)]
 
 
-# `make demo`: one seed at 1/32 labels (31 images; there the semi-supervised runs lead
-# supervised visibly on this short schedule), 400 iterations with a validation every epoch
-# (121 iterations) and 64 fused feature channels instead of 256 (the 3x3 fusion convs at 1/4
-# resolution were about 2/3 of a step's CPU time). Measured times: README.md, "Status".
+# `make demo`: 1/32 labels (there the semi-supervised runs lead visibly on this short
+# schedule), 400 iterations and 64 fused feature channels instead of 256 (the fusion convs were
+# 2/3 of a CPU step's time).
 DEMO_SPLIT = "1_32"
 DEMO_SCHEDULE = ("train.max_iters=400", "train.eval_every=1", "model.feature_channels=64")
 
@@ -95,16 +85,14 @@ def build_grid(name: str) -> list[Run]:
 
 
 def with_seeds(runs: list[Run], seeds: tuple[int, ...]) -> list[Run]:
-    """``runs`` with the seed axis replaced by ``seeds``: every distinct cell (a run less its
-    seed, in grid order) once per seed, seed-major, so that a grid stopped part-way leaves
-    every cell with its first seeds (``reproduce --seeds``)."""
+    """``runs`` with their seeds replaced by ``seeds``: every distinct cell once per seed,
+    seed-major (a grid stopped part-way leaves every cell with its first seeds)."""
     cells = list(dict.fromkeys(replace(r, seed=0) for r in runs))
     return [replace(c, seed=s) for s in seeds for c in cells]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """argparse type for ``--seeds``: ``0,1,2``, ``0-4`` or a mix (``0-2,7``) -> the seeds,
-    each once, in the order given."""
+    """argparse type for ``--seeds``: ``0,1,2``, ``0-4`` or ``0-2,7`` -> the seeds, each once."""
     seeds: list[int] = []
     try:
         for part in text.split(","):

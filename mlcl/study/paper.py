@@ -1,10 +1,5 @@
-"""The published numbers (mIoU %, single runs) of the MLCL/MCCL paper's Tables I-III, as data
-(as shown in the authors' repository README; restated in docs/method.md, "Published numbers").
-
-Each table column is a cell of a preset (``mlcl/configs``) and a split name, so a results
-registry entry (run.preset, run.split) lands in its column. ``mlcl.study.viz.paper_table`` puts the
-reproduced numbers beside these.
-"""
+"""The published mIoU (%, single runs) of the MLCL paper's Tables I-III (docs/method.md,
+"Published numbers"); each column is a (preset, split) cell, where registry entries land."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,18 +7,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Column:
-    """A column of a published table: the preset and split that reproduce it."""
+    """A column of a published table: the preset and split that reproduce it, its heading."""
 
-    preset: str  # the preset a reproduction of this column runs (mlcl/configs/NAME.yaml)
-    split: str  # the preset's split name
-    label: str  # as the paper heads the column
+    preset: str
+    split: str
+    label: str
 
 
 @dataclass(frozen=True)
 class PaperTable:
     """One of the paper's Tables I-III: its columns and the published mIoU per method."""
 
-    key: str  # "I", "II", "III"
+    key: str
     title: str
     columns: tuple[Column, ...]
     published: dict[str, tuple[float, ...]]  # method key -> one value per column
@@ -68,9 +63,4 @@ TABLES: dict[str, PaperTable] = {
          "unimatch": (75.03, 76.77, 77.49, 78.60),
          "mlcl": (75.69, 76.83, 78.20, 79.33)}),
 }
-
-
-def published(table: str, method: str, preset: str, split: str) -> float | None:
-    """The published mIoU of ``method`` in the cell (preset, split) of Table ``table``."""
-    return TABLES[table].value(method, preset, split)
 

@@ -1,15 +1,7 @@
-"""Loading trained weights, and writing predictions for images as palette PNGs.
-
-    python -m mlcl predict --checkpoint RUN_DIR_OR_best.pt --images DIR_OR_FILE --out DIR
-
-Nothing of the user's is overwritten: the output folder must be new, empty, or hold only
-files an earlier ``predict`` wrote there (its manifest, :class:`mlcl.folders.OutputFolder`),
-and must not hold the inputs. An output keeps its input's whole name (``a.jpg`` ->
-``a.jpg.png``, ``sub/a.png`` -> ``sub/a.png.png`` with ``--recursive``), so inputs that share
-a stem never overwrite each other. An unreadable or oversized image is reported and skipped;
-images larger than ``tile`` x ``tile`` pixels are predicted in overlapping tiles (the
-sliding-window code of evaluation). ``legend.png`` / ``legend.txt`` give the class colours.
-"""
+"""Loading trained weights, and `python -m mlcl predict`: palette PNG masks named after their
+images' whole names (``a.jpg`` -> ``a.jpg.png``) in an mlcl.folders.OutputFolder, with the
+class colours in ``legend.png`` / ``legend.txt``. Unreadable or oversized images are reported
+and skipped; large images are predicted in overlapping tiles."""
 from __future__ import annotations
 
 import sys
@@ -20,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from mlcl.augment import normalize, to_tv
 from mlcl.config import Config, config_from_dict, fill_defaults, parse_overrides, set_key
-from mlcl.data.classes import check_classes
+from mlcl.data.classes import check_classes, default_class_names
 from mlcl.data.palette import colourise, palette_for
 from mlcl.evaluate import predict_logits, sliding_window_logits
-from mlcl.data.classes import default_class_names
 from mlcl.folders import OutputFolder
 from mlcl.model import build_model
 
@@ -33,10 +25,9 @@ MAX_PIXELS = 25_000_000  # images above this are refused (the class scores alone
 TILE = 1024  # images above TILE*TILE pixels are predicted in windows of this size
 
 
-# --------------------------------------------------------------------------- colours
 def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
-    """A picture (a colour swatch and the name per class) and a text table
-    ('index<TAB>name<TAB>r,g,b' per line) of the class colours."""
+    """The class colours as a picture (swatch and name per class) and as text
+    ('index<TAB>name<TAB>r,g,b' per line)."""
     pal = palette_for(dataset)
     row = 18
     img = Image.new("RGB", (220, row * len(names) + 4), "white")
@@ -51,10 +42,8 @@ def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
     return img, text
 
 
-# --------------------------------------------------------------------------- weights
 def checkpoint_file(path: str | Path) -> Path:
-    """``path`` itself, or for a run folder its ``best.pt``; a FileNotFoundError saying
-    what is missing otherwise."""
+    """``path``, or a run folder's ``best.pt``; a FileNotFoundError saying what is missing."""
     path = Path(path)
     if path.is_dir():
         best = path / "best.pt"
@@ -69,8 +58,7 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """The dict of a weights file written by training (with 'model' and 'config'), or a
-    ValueError naming the file."""
+    """The dict of a weights file written by training, or a ValueError naming the file."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
@@ -83,18 +71,16 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def load_weights(path: str | Path, overrides: list[str] | None = None, use_data: bool = False):
-    """(model, cfg, class_names) from a ``best.pt``/``last.pt`` written by training, or a
-    run folder (its best.pt): :func:`model_from_checkpoint` of the file, read once."""
+    """:func:`model_from_checkpoint` of a ``best.pt``/``last.pt`` or run folder (its best.pt)."""
     path = checkpoint_file(path)
     return model_from_checkpoint(read_checkpoint(path), path, overrides, use_data)
 
 
 def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = None,
                           use_data: bool = False):
-    """(model in eval mode, cfg, class names: the checkpoint's, else ``class_<i>``) from
-    ``ckpt``, the dict read from ``path`` (:func:`read_checkpoint`). The checkpoint's config is the base; ``overrides`` (key=value)
-    go on top. A class count that differs between the checkpoint, the config and (with
-    ``use_data``) the data's classes.txt is an error naming all three."""
+    """(model in eval mode, cfg, class names) from ``ckpt`` read from ``path``: its config
+    with ``overrides`` on top; a class count that differs between the checkpoint, the config
+    and (``use_data``) the data's classes.txt is an error naming all three."""
     cfg = config_from_dict(ckpt["config"])
     for key, value in parse_overrides(overrides).items():
         set_key(cfg, key, value)
@@ -106,14 +92,11 @@ def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = 
     cfg.model.pretrained = False  # the checkpoint provides every weight
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
-    model.eval()
-    return model, cfg, ckpt.get("class_names") or default_class_names(classes)
+    return model.eval(), cfg, ckpt.get("class_names") or default_class_names(classes)
 
 
-# --------------------------------------------------------------------------- images
 def list_images(images: str | Path, recursive: bool = False) -> tuple[Path, list[Path]]:
-    """(base folder, image files): a single image file, or the images of a folder (and of
-    its sub-folders with ``recursive``), sorted."""
+    """(base folder, sorted image files) of an image file or folder (``recursive``)."""
     images = Path(images)
     if images.is_file():
         if images.suffix.lower() not in IMAGE_SUFFIXES:
@@ -147,15 +130,10 @@ def read_image(path: Path, max_pixels: int) -> Image.Image:
 
 @torch.no_grad()
 def predict_image(model, cfg: Config, rgb: Image.Image, tile: int = TILE) -> np.ndarray:
-    """(H, W) uint8 class indices; images over ``tile``^2 pixels in tile windows moved by
-    2/3 of a tile (evaluate.sliding_window_logits), others as the config's eval mode says."""
-    mean = torch.tensor(cfg.data.aug.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.data.aug.std).view(3, 1, 1)
-    x = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div(255)
-    x = ((x - mean) / std).unsqueeze(0)
+    """(H, W) uint8 class indices; images over ``tile``^2 pixels in overlapping tiles."""
+    x = normalize(to_tv(rgb)[0], cfg.data.aug)[None]
     if rgb.width * rgb.height > tile * tile:
-        scores = sliding_window_logits(model, x, cfg.data.num_classes, tile,
-                                       max(tile * 2 // 3, 1))
+        scores = sliding_window_logits(model, x, cfg.data.num_classes, tile, max(tile * 2 // 3, 1))
     else:
         scores = predict_logits(model, x, cfg)
     return scores.argmax(1)[0].numpy().astype(np.uint8)
@@ -170,9 +148,8 @@ class Prediction:
 def predict_images(model, cfg: Config, names: list[str], images: str | Path, out: str | Path,
                    overlay: bool = False, alpha: float = 0.5, recursive: bool = False,
                    max_pixels: int = MAX_PIXELS, tile: int = TILE) -> Prediction:
-    """Predict ``images`` (a file or folder); write ``<name>.png`` palette masks (and
-    ``<name>.overlay.jpg`` blends when asked) into ``out`` beside the legend. Unreadable
-    or oversized images are reported on stderr and listed in ``failed``."""
+    """``<name>.png`` masks (and ``<name>.overlay.jpg`` blends) of ``images`` (a file or
+    folder) and the legend into ``out``; skipped images on stderr and in ``failed``."""
     base, files = list_images(images, recursive)
     folder = OutputFolder(out, "--out", tuple(files))
     result = Prediction()

@@ -1,58 +1,83 @@
-"""The results registry: one JSON per run under ``runs/registry/<name>.json``, written
-atomically. The figures notebook and mlcl.study.viz read only this.
-
-An entry::
-
-    {"name": "synthetic-1_16-mlcl-paper-s0",
-     "run": {"preset", "split", "method", "variant", "ablation", "seed", "overrides"},
-     "grid": "synthetic-study" | null,
-     "config": {...the resolved config tree...},
-     "metrics": {...output_dir/metrics.json: best/last mIoU and epoch, per-class IoU,
-                 per-epoch losses, iterations...},
-     "git_commit": "...", "git_dirty": bool (uncommitted changes when recorded),
-     "environment": {"python", "torch", "platform", "cuda", "host", "gpu", ...},
-     "timings": {"train_s", "iterations", "s_per_iter", "recorded_at", ...},
-     "wall_time_s": float, "synthetic": bool, "output_dir": "/abs/path", ...}
-
-``runs_frame(entries)`` flattens entries to one row per run for tables.
-"""
+"""The results registry: one JSON per run, ``<runs>/registry/<name>.json``, written atomically:
+name, run (the grid cell: CELL_KEYS and overrides), grid, config, metrics (metrics.json),
+git_commit, git_dirty, environment, timings, wall_time_s, synthetic, output_dir. The figures
+notebook and mlcl.study.viz read only this. Also where the study's files go."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-
-from mlcl import paths
-from mlcl.config import RESULT_NEUTRAL, config_changes
+from mlcl.config import RESULT_NEUTRAL, Config, config_changes
 from mlcl.files import atomic_write_json
 from mlcl.outputs import read_run, resume_changes
+from mlcl.paths import REPO, runs_dir
 
-# torch (environment) and pandas (runs_frame) are imported where they are used: reproduce and
-# the demo record runs and read entries without loading either.
+# torch (environment) and pandas (runs_frame) are imported where they are used.
 
 # what names a grid cell (mlcl.study.grids.Run): the registry's ``run`` record and table rows
 CELL_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
+METRIC_COLUMNS = ("best_miou", "last_miou", "best_epoch", "last_epoch", "iterations")
+NOTEBOOKS = REPO / "notebooks"
+
+
+def data_dir() -> Path:
+    """Default home of datasets (MLCL_DATA overrides)."""
+    return Path(os.environ.get("MLCL_DATA", REPO / "data"))
+
+
+def figures_dir() -> Path:
+    """Where the figures notebook writes (MLCL_FIGURES overrides)."""
+    return Path(os.environ.get("MLCL_FIGURES", REPO / "figures"))
+
+
+def resolve(path: str | Path, output: bool = False) -> Path:
+    """``path`` as given when absolute or found here, else from the repository root when
+    found there or with ``output`` (a notebook's kernel runs in ``notebooks/``)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists() or not str(path):
+        return p
+    return REPO / p if output or (REPO / p).exists() else p
+
+
+def fix_data_root(cfg: Config) -> Config:
+    """``cfg`` (changed in place) with its data.root :func:`resolve`d."""
+    if cfg.data.root:
+        root = resolve(cfg.data.root)
+        if root != Path(cfg.data.root).expanduser():
+            cfg.data.root = str(root)
+    return cfg
+
+
+def demo_dir() -> Path:
+    """The runs folder of `make demo`."""
+    return runs_dir() / "demo"
+
+
+def registry_dirs() -> list[Path]:
+    """Where a registry may be, in the order readers look: the study's, then the demo's."""
+    return [runs_dir() / "registry", demo_dir() / "registry"]
+
+
+def figures_for(registry: Path) -> Path:
+    """The figures folder of a registry: figures/demo/ for the demo's, else figures/."""
+    demo = (demo_dir() / "registry").resolve()
+    return figures_dir() / "demo" if Path(registry).resolve() == demo else figures_dir()
 
 
 def registry_dir(root: str | Path | None = None) -> Path:
-    """``root``, or the study's registry ``<runs>/registry`` (where runs are recorded)."""
-    return paths.resolve(root) if root else paths.registry_dirs()[0]
+    """``root``, or the study's registry (where runs are recorded)."""
+    return resolve(root) if root else registry_dirs()[0]
 
 
 def find_registry(root: str | Path | None = None) -> Path:
-    """The registry to read: ``root`` when given, else the first of
-    mlcl.paths.registry_dirs() that holds an entry (the study's, then the demo's), else
-    the study's (empty)."""
-    if root:
-        return paths.resolve(root)
-    for candidate in paths.registry_dirs():
-        if any(candidate.glob("*.json")):
-            return candidate
-    return paths.registry_dirs()[0]
+    """``root``, else the first of :func:`registry_dirs` with an entry, else the study's."""
+    found = [d for d in registry_dirs() if any(d.glob("*.json"))]
+    return registry_dir(root or (found[0] if found else None))
 
 
 def environment() -> dict[str, Any]:
@@ -69,11 +94,10 @@ def environment() -> dict[str, Any]:
 
 
 def git_dirty() -> bool | None:
-    """Whether the checkout has uncommitted changes to tracked files (None: not a git
-    checkout), so an entry says when its git commit alone does not pin the code."""
+    """Whether tracked files have uncommitted changes (None: not a git checkout)."""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                             cwd=paths.REPO, capture_output=True, text=True, timeout=20)
+                             cwd=REPO, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None
@@ -86,8 +110,7 @@ def is_synthetic(config: dict[str, Any]) -> bool:
 
 def record_run(name: str, metrics: dict[str, Any], config: dict[str, Any],
                root: str | Path | None = None, **extra: Any) -> Path:
-    """Write (atomically) the registry entry ``<root>/<name>.json`` and return its path.
-    ``extra`` adds top-level keys (``run``, ``grid``, ``notebook``, ``timings`` ...)."""
+    """Write the entry ``<root>/<name>.json`` (``extra``: more top-level keys); its path."""
     iters = metrics.get("iterations") or 0
     train_s = metrics.get("wall_time_s")
     timings = {"train_s": train_s, "iterations": iters,
@@ -104,8 +127,7 @@ def record_run(name: str, metrics: dict[str, Any], config: dict[str, Any],
 
 def record_output_dir(name: str, output_dir: str | Path, root: str | Path | None = None,
                       **extra: Any) -> Path:
-    """Record a finished run from what training left in ``output_dir`` (metrics.json and
-    config.yaml); the output dir is stored as an absolute path."""
+    """Record a finished run from its ``output_dir`` (stored as an absolute path)."""
     run = read_run(Path(output_dir).resolve())
     metrics = {**(run.metrics or {}), "output_dir": str(run.path)}
     return record_run(name, metrics, run.config, root, **extra)
@@ -132,8 +154,7 @@ def load_registry(root: str | Path | None = None) -> list[dict[str, Any]]:
 
 
 def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
-    """(preset, split, method, variant, ablation, seed) of an entry: its ``run`` record, or
-    what the config says for entries written without one (preset = dataset name)."""
+    """CELL_KEYS of an entry: its ``run`` record, else what its config says."""
     run = dict(entry.get("run") or {})
     cfg = entry.get("config") or {}
     metrics = entry.get("metrics") or {}
@@ -148,31 +169,21 @@ def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def entry_output_dir(entry: dict[str, Any]) -> Path | None:
-    """The run's output folder (best.pt, last.pt, metrics.json): the entry's ``output_dir``,
-    else the one in its metrics or config; a relative path is taken from the current
-    folder, else from the repository root (mlcl.paths.resolve)."""
+    """The run's output folder (the entry's, its metrics' or its config's), resolved."""
     raw = (entry.get("output_dir") or (entry.get("metrics") or {}).get("output_dir")
            or (entry.get("config") or {}).get("output_dir"))
-    return paths.resolve(raw) if raw else None
+    return resolve(raw) if raw else None
 
 
-# What the runs of one table differ in by design: the methods compared, the seeds, the label
-# split. Any other setting must agree, except VARIANT_AXES.
+# What the runs of one table differ in by design; any other setting must agree, except
+# VARIANT_AXES, which must agree only between the runs of one (method, variant, ablation).
 TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_split")
-# What a run's method, variant and ablation decide: MLCL's switches and quirks (mlcl.variant
-# and the ablations), the CutMix partner and the lr lag (mlcl.variant=released picks "same"
-# and true; the mix-partner grid's ablations set the partner). They must agree only between
-# runs of one (method, variant, ablation), the runs a table averages into one cell.
 VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
 
 
 def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
-    """For complete entries of one preset and dataset (the runs a table puts side by side),
-    one line per entry whose configuration differs from the group's first in anything but
-    TABLE_AXES, VARIANT_AXES and mlcl.config.RESULT_NEUTRAL, then per entry whose
-    VARIANT_AXES differ from the first of its (method, variant, ablation) in that group:
-    ``"B vs A (key: a -> b; ...)"``; and one per entry resumed with changed settings
-    (:func:`resume_changes`)."""
+    """``"B vs A (key: a -> b; ...)"`` per complete entry whose settings differ from the
+    first of its table (preset, dataset) or cell, then per entry resumed with changes."""
     tables: dict[tuple, list[dict[str, Any]]] = {}
     cells: dict[tuple, list[dict[str, Any]]] = {}
     resumed = []
@@ -190,8 +201,8 @@ def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
 
 
 def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:
-    """``"B vs A (changes)"`` for each entry B of ``group`` whose config differs from the
-    first's, A: in the VARIANT_AXES only (``variant_axes``) or in all keys but them."""
+    """``"B vs A (changes)"`` per entry B differing from the first, A, in the VARIANT_AXES
+    only (``variant_axes``) or in all keys but them."""
     ignore = RESULT_NEUTRAL + TABLE_AXES + (() if variant_axes else VARIANT_AXES)
     out = []
     for e in group[1:]:
@@ -214,30 +225,22 @@ def check_comparable(entries: list[dict[str, Any]]) -> None:
 
 
 def runs_frame(entries: list[dict[str, Any]]):
-    """One row per entry: name, preset, dataset, split, method, variant, ablation, seed,
-    best/last mIoU and epoch, iterations, complete, synthetic, wall time, output_dir, grid.
-    Entries that a table would put side by side must share their settings
-    (:func:`check_comparable`)."""
+    """One row per entry (the columns below), after :func:`check_comparable`."""
     import pandas as pd
 
     check_comparable(entries)
-
     rows = []
     for e in entries:
         m = e.get("metrics") or {}
         cfg = e.get("config") or {}
         rows.append({"name": e.get("name"), **run_fields(e),
                      "dataset": (cfg.get("data") or {}).get("dataset") or m.get("dataset"),
-                     "best_miou": m.get("best_miou"), "last_miou": m.get("last_miou"),
-                     "best_epoch": m.get("best_epoch"), "last_epoch": m.get("last_epoch"),
-                     "iterations": m.get("iterations"), "complete": bool(m.get("complete")),
+                     **{k: m.get(k) for k in METRIC_COLUMNS}, "complete": bool(m.get("complete")),
                      "synthetic": bool(e.get("synthetic", is_synthetic(cfg))),
                      "wall_time_s": e.get("wall_time_s"),
-                     "output_dir": str(entry_output_dir(e) or "") or None,
-                     "grid": e.get("grid")})
-    columns = ["name", *CELL_KEYS, "dataset", "best_miou", "last_miou", "best_epoch",
-               "last_epoch", "iterations", "complete", "synthetic", "wall_time_s",
-               "output_dir", "grid"]
+                     "output_dir": str(entry_output_dir(e) or "") or None, "grid": e.get("grid")})
+    columns = ["name", *CELL_KEYS, "dataset", *METRIC_COLUMNS, "complete", "synthetic",
+               "wall_time_s", "output_dir", "grid"]
     df = pd.DataFrame(rows, columns=columns)
     for col in ("best_miou", "last_miou", "wall_time_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce")

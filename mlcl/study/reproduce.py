@@ -1,16 +1,7 @@
-"""Batch reproduction: train every cell of a grid (mlcl.study.grids), ``jobs`` at a time with
-one OpenMP thread each, then execute notebooks/figures.ipynb on the results registry.
-
-    python -m mlcl reproduce --grid synthetic-study --jobs 2 data.root=data/synthetic
-
-A cell trains into ``<runs>/cells/<Run.name>`` (executor ``papermill``: notebooks/run.ipynb
-in its own kernel, kept as ``run.ipynb`` there; ``cli``: ``python -m mlcl train``) and is
-recorded as ``<runs>/registry/<Run.name>.json``; a complete cell is skipped. Before anything
-trains every cell's configuration must build and equal the one a cell was trained with
-(mlcl.outputs.run_changes; ``--rerun-changed`` trains changed cells again). A failed run is
-listed with the last error line of its log and, failed before its first checkpoint, leaves no
-cell folder. ``num_processes > 1`` trains through ``accelerate launch``.
-"""
+"""Batch reproduction: train every cell of a grid (mlcl.study.grids) into
+``<runs>/cells/<Run.name>``, ``jobs`` at a time with one OpenMP thread each, record each in
+``<runs>/registry``, then execute notebooks/figures.ipynb on the registry. A complete cell is
+skipped; a cell trained with other settings stops the grid before anything trains."""
 from __future__ import annotations
 
 import argparse
@@ -25,34 +16,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mlcl import paths, progress
-from mlcl.study import grids
 from mlcl.config import ConfigError, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
-from mlcl.study.grids import GRIDS, Run
 from mlcl.outputs import read_run, run_changes
-from mlcl.study.registry import CELL_KEYS, find_registry, load_entry, record_output_dir
+from mlcl.paths import runs_dir
+from mlcl.study import grids, progress, registry
+from mlcl.study.grids import GRIDS, Run
+from mlcl.study.registry import CELL_KEYS, NOTEBOOKS, find_registry, fix_data_root, load_entry
 
 # mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
 # this process: reproduce itself only launches runs in subprocesses and reads their files.
 
 EXECUTORS = ("papermill", "cli")
-RUN_NOTEBOOK = paths.NOTEBOOKS / "run.ipynb"
-FIGURES_NOTEBOOK = paths.NOTEBOOKS / "figures.ipynb"
+RUN_NOTEBOOK = NOTEBOOKS / "run.ipynb"
+FIGURES_NOTEBOOK = NOTEBOOKS / "figures.ipynb"
 
 
 def thread_env() -> dict[str, str]:
-    """The environment of every child: one OpenMP / MKL thread (2-core machines shared by
-    several runs slowed down 10-17x with more), and progress bars refreshed at most every
-    10 s, so that logs and executed notebooks of long runs stay small."""
+    """Children's environment: one OpenMP / MKL thread, tqdm refreshed every 10 s at most."""
     return {"TQDM_MININTERVAL": "10", **os.environ, "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1"}
-
-
-def is_complete(out: Path) -> bool:
-    """Whether ``out/metrics.json`` says the run finished."""
-    return read_run(out).complete
 
 
 def run_record(run: Run) -> dict[str, Any]:
@@ -60,10 +44,8 @@ def run_record(run: Run) -> dict[str, Any]:
     return {**{k: getattr(run, k) for k in CELL_KEYS}, "overrides": list(run.overrides)}
 
 
-# --------------------------------------------------------------------------- training
 def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> list[str]:
-    """``python -m mlcl train`` for the preset and overrides; through ``accelerate launch``
-    with ``num_processes`` processes when more than one."""
+    """``python -m mlcl train``; through ``accelerate launch`` when ``num_processes`` > 1."""
     train = ["-m", "mlcl", "train", "--config", preset, *overrides]
     if num_processes <= 1:
         return [sys.executable, *train]
@@ -73,13 +55,11 @@ def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> 
 
 
 def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict[str, Any]:
-    """Train (or resume) a run and return its metrics: in this process with
-    mlcl.train.fit, or with ``num_processes > 1`` through ``accelerate launch`` in a
-    subprocess whose output is streamed here (the run notebook calls this). A relative
-    data.root that does not exist from the current folder is taken from the checkout."""
+    """Train (or resume) a run, here or with ``num_processes`` > 1 through ``accelerate
+    launch`` (output streamed); its metrics. data.root is fix_data_root'd."""
     cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
     root = cfg.data.root
-    if paths.fix_data_root(cfg).data.root != root:  # relative to the checkout, not to notebooks/
+    if fix_data_root(cfg).data.root != root:
         overrides = [*overrides, f"data.root={cfg.data.root}"]
     if num_processes <= 1:
         from mlcl.train import fit
@@ -96,8 +76,7 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
 
 
 def run_logged(cmd: list[str], log: Path, poll=None) -> int:
-    """Run ``cmd`` with one thread per library, its output into ``log``; ``poll()`` is called
-    every second while it runs (the live progress display). Returns its exit status."""
+    """The exit status of ``cmd``, its output into ``log``, ``poll()`` called meanwhile."""
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
@@ -105,85 +84,64 @@ def run_logged(cmd: list[str], log: Path, poll=None) -> int:
         return progress.wait(proc, poll)
 
 
-def run_cli(run: Run, out: Path, overrides: list[str], log: Path,
-            num_processes: int = 1, poll=None) -> int:
-    """Train ``run`` into ``out`` with ``python -m mlcl train`` (output into ``log``); its
-    exit status."""
-    cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(), *overrides],
-                        num_processes)
-    return run_logged(cmd, log, poll)
-
-
-def run_parameters(run: Run, out: Path, registry: Path, overrides: list[str], grid: str | None,
-                   num_processes: int = 1, notebook: Path | None = None) -> dict[str, Any]:
+def run_parameters(run: Run, out: Path, registry_dir: Path, overrides: list[str],
+                   grid: str | None, num_processes: int = 1,
+                   notebook: Path | None = None) -> dict[str, Any]:
     """The run notebook's parameters for one grid cell."""
     return {**run_record(run), "overrides": [*run.overrides, *overrides], "output_dir": str(out),
-            "registry_dir": str(registry), "grid": grid or "", "run_name": run.name,
+            "registry_dir": str(registry_dir), "grid": grid or "", "run_name": run.name,
             "num_processes": num_processes, "executed_notebook": str(notebook or "")}
 
 
 def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log: Path,
-                  cwd: str | Path | None = None, poll=None) -> int:
-    """Execute ``notebook`` with papermill in a fresh kernel (its own process) into
-    ``output``; cell outputs go to ``log``; ``poll`` as in :func:`run_logged`. Returns
-    papermill's exit status."""
+                  poll=None) -> int:
+    """Execute ``notebook`` into ``output`` with papermill (:func:`run_logged`)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(output),
            "-y", json.dumps(parameters), "--kernel", "python3", "--no-progress-bar",
-           "--log-output", "--cwd", str(cwd or os.getcwd())]
+           "--log-output", "--cwd", os.getcwd()]
     return run_logged(cmd, log, poll)
 
 
-def run_figures(runs_root: Path, figures_dir: Path | None = None, name: str = "figures",
-                parameters: dict[str, Any] | None = None) -> tuple[int, Path]:
-    """Execute the figures notebook on ``<runs_root>/registry``; returns (status, the
-    executed notebook)."""
-    out = runs_root / "notebooks" / f"{name}.ipynb"
-    params = {"registry_dir": str(runs_root / "registry"),
-              "figures_dir": str(figures_dir or paths.figures_dir()), **(parameters or {})}
-    rc = run_papermill(FIGURES_NOTEBOOK, out, params, out.with_suffix(".log"))
-    return rc, out
+def run_figures(registry_dir: Path, figures: Path, notebook: Path) -> int:
+    """The figures notebook on ``registry_dir`` into ``figures``, executed as ``notebook``."""
+    return run_papermill(FIGURES_NOTEBOOK, notebook, {"registry_dir": str(registry_dir),
+                                                      "figures_dir": str(figures)},
+                         notebook.with_suffix(".log"))
 
 
 def figures_main(args) -> int:
-    """``python -m mlcl figures [--registry DIR] [--out DIR]`` (= `make figures`): the
-    figures notebook on the registry that exists (mlcl.study.registry.find_registry), saying
-    which; a ConfigError when there is no registry with runs."""
+    """``python -m mlcl figures [--registry DIR] [--out DIR]``: the figures notebook on the
+    registry :func:`find_registry` picks, saying which; a ConfigError when it has no runs."""
     reg = find_registry(args.registry)
     count = len(list(reg.glob("*.json")))
     if count == 0:
-        looked = ", ".join(str(p) for p in ([reg] if args.registry else paths.registry_dirs()))
+        looked = ", ".join(map(str, [reg] if args.registry else registry.registry_dirs()))
         raise ConfigError(f"no results registry with runs (looked in {looked}): run `make demo` "
                           "or `python -m mlcl reproduce` first, or give --registry DIR")
-    out = paths.resolve(args.out, output=True) if args.out else paths.figures_for(reg)
-    nb = paths.runs_dir() / "notebooks" / "figures.ipynb"
+    out = registry.resolve(args.out, output=True) if args.out else registry.figures_for(reg)
+    nb = runs_dir() / "notebooks" / "figures.ipynb"
     print(f"reading the registry {reg} ({count} runs); writing figures and tables into "
           f"{out} ...", flush=True)
-    rc = run_papermill(FIGURES_NOTEBOOK, nb, {"registry_dir": str(reg), "figures_dir": str(out)},
-                       nb.with_suffix(".log"))
+    rc = run_figures(reg, out, nb)
     print(f"{'done' if rc == 0 else 'FAILED'}: executed notebook {nb}"
           + ("" if rc == 0 else f" (log {nb.with_suffix('.log')})"), flush=True)
     return rc
 
 
-# --------------------------------------------------------------------------- cell checks
 def cell_config(run: Run, out: Path, overrides: list[str]):
-    """The resolved configuration a cell will train with (as train_run / run_cli build it,
-    with the data's classes); a ConfigError / DataError when it cannot be built."""
-    cfg = paths.fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
+    """The configuration a cell trains with; a ConfigError / DataError when it cannot."""
+    cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
                                                  *overrides]))
-    if not is_complete(out):  # a complete cell is skipped: its data need not be here
+    if not read_run(out).complete:  # a complete cell is skipped: its data need not be here
         check_root(cfg.data.root, cfg.data.dataset)
     return reconcile_classes(cfg, log=lambda msg: None)
 
 
 def stored_changes(out: Path, cfg) -> list[str]:
-    """How the configuration stored in ``out/config.yaml`` (a cell trained before, complete
-    or not) differs from ``cfg``, less RESULT_NEUTRAL: ``"key: stored -> requested"``; empty
-    when the same run. A moved dataset (data.root) is the same run; other data shows in
-    data.num_classes / data.class_names, which cell_config reads from the data. A cell
-    continued with a changed schedule (its metrics.json ``resumes``) is not the run a fresh
-    cell makes either (mlcl.outputs.run_changes, the rule train applies)."""
+    """``"key: stored -> requested"`` per way the run in ``out`` (trained before, complete or
+    not) differs from ``cfg`` by mlcl.outputs.run_changes, the rule train applies, and per
+    change of schedule it was resumed with; empty when it is the same run or none."""
     stored = read_run(out)
     if stored.config is None:
         return []
@@ -192,12 +150,10 @@ def stored_changes(out: Path, cfg) -> list[str]:
 
 def check_cells(todo: list[Run], root: Path, overrides: list[str],
                 rerun_changed: bool = False) -> list[str]:
-    """Before anything trains: every cell's configuration must build, and a cell trained
-    before must have been trained with the configuration requested now. Raises one
-    ConfigError (a bad key fails once, with its cause; changed cells are listed with the
-    keys that changed) unless ``rerun_changed``, which moves each changed cell aside to
-    ``<name>.replaced-<time>`` (and drops its registry entry) so it trains again. Returns
-    the names of the cells moved aside."""
+    """Before anything trains: one ConfigError when a cell's configuration does not build
+    (naming the first error) or a cell was trained with other settings (naming the keys),
+    unless ``rerun_changed``: then each changed cell moves to ``<name>.replaced-<time>`` (its
+    registry entry dropped) to train anew. Returns the names of the cells moved aside."""
     errors: dict[str, list[str]] = {}
     changed: dict[str, list[str]] = {}
     for run in todo:
@@ -222,19 +178,12 @@ def check_cells(todo: list[Run], root: Path, overrides: list[str],
             f"({'; '.join(changes)}){more}: use another --runs folder, or --rerun-changed "
             "to train the changed cells again (the old ones are kept as <name>.replaced-*)")
     for name in changed:
-        move_aside(root, name)
+        cell = root / "cells" / name
+        target = cell.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        cell.rename(target)
+        (root / "registry" / f"{name}.json").unlink(missing_ok=True)
+        print(f"  moved   {name} (other settings) to {target}", flush=True)
     return list(changed)
-
-
-def move_aside(root: Path, name: str) -> Path:
-    """Rename ``cells/<name>`` to ``cells/<name>.replaced-<time>`` and drop its registry
-    entry, so the cell trains anew and no table shows the old run."""
-    cell = root / "cells" / name
-    target = cell.with_name(f"{name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    cell.rename(target)
-    (root / "registry" / f"{name}.json").unlink(missing_ok=True)
-    print(f"  moved   {name} (other settings) to {target}", flush=True)
-    return target
 
 
 ERROR_LINE = re.compile(r"^\s*((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit))|error): (.+)$")
@@ -242,22 +191,18 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def cause_line(log: Path) -> str:
-    """The last error line of a run's log (e.g. ``DataError: mask ... has values 9``), or an
-    empty string."""
+    """The last error line of a run's log (e.g. ``DataError: ...``), or an empty string."""
     try:
         lines = ANSI.sub("", log.read_text(errors="replace")).splitlines()
     except OSError:
         return ""
-    for line in reversed(lines):
-        m = ERROR_LINE.match(line)
-        if m and not m.group(1).startswith("papermill."):
-            return line.strip()
-    return ""
+    found = [line.strip() for line in lines if (m := ERROR_LINE.match(line))
+             and not m.group(1).startswith("papermill.")]
+    return found[-1] if found else ""
 
 
 def tidy_failed_cell(out: Path, existed: bool, notebook: Path | None) -> Path | None:
-    """A run that failed before its first checkpoint in a cell folder made for it leaves no
-    folder behind: its executed notebook moves beside the log (returned), the rest goes."""
+    """Remove a new cell that failed before its first checkpoint, its notebook kept beside."""
     if existed or not out.is_dir() or (out / "checkpoints" / "LATEST").exists():
         return notebook
     kept = None
@@ -267,41 +212,39 @@ def tidy_failed_cell(out: Path, existed: bool, notebook: Path | None) -> Path | 
     return kept
 
 
-# --------------------------------------------------------------------------- the grid
 class GridRunner:
-    """What the worker threads of one :func:`reproduce` call share: where runs and the
-    registry go, how runs execute, the progress board, and the results so far."""
+    """What the worker threads of one :func:`reproduce` call share."""
 
     def __init__(self, grid: str, root: Path, overrides: list[str], executor: str,
                  num_processes: int, board: progress.Board):
         self.grid, self.root, self.overrides = grid, root, overrides
         self.executor, self.num_processes, self.board = executor, num_processes, board
         self.registry = root / "registry"
-        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [],
-                                             "figures": []}
+        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
         self.logs: dict[str, Path] = {}
         self.causes: dict[str, str] = {}
 
     def record(self, run: Run, out: Path, notebook: Path | None) -> None:
-        record_output_dir(run.name, out, self.registry, grid=self.grid, run=run_record(run),
-                          executor=self.executor, notebook=str(notebook) if notebook else None)
+        registry.record_output_dir(run.name, out, self.registry, grid=self.grid,
+                                   run=run_record(run), executor=self.executor,
+                                   notebook=str(notebook) if notebook else None)
 
     def execute(self, run: Run, out: Path, log: Path) -> tuple[int, Path | None]:
-        """Train ``run`` into ``out`` (its progress on the board); (exit status, the
-        executed run notebook or None)."""
+        """Train ``run`` into ``out``: (exit status, the executed run notebook or None)."""
         with self.board.track(run.name, out) as tracker:
             if self.executor == "cli":
-                return run_cli(run, out, self.overrides, log, self.num_processes,
-                               tracker.poll), None
+                cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(),
+                                                 *self.overrides], self.num_processes)
+                return run_logged(cmd, log, tracker.poll), None
             notebook = out / "run.ipynb"
             params = run_parameters(run, out, self.registry, self.overrides, self.grid,
                                     self.num_processes, notebook)
-            return run_papermill(RUN_NOTEBOOK, notebook, params, log, poll=tracker.poll), notebook
+            return run_papermill(RUN_NOTEBOOK, notebook, params, log, tracker.poll), notebook
 
     def one(self, run: Run) -> None:
         """Train one cell unless it is complete, record it, and say how it went."""
         out = self.root / "cells" / run.name  # shared by every grid that holds the run
-        if is_complete(out):
+        if read_run(out).complete:
             if load_entry(run.name, self.registry) is None:  # trained, never recorded
                 self.record(run, out, None)
             self.result["skipped"].append(run.name)
@@ -311,7 +254,7 @@ class GridRunner:
         started = time.time()
         log = self.logs[run.name] = out.parent / f"{run.name}.log"
         rc, notebook = self.execute(run, out, log)
-        if rc == 0 and is_complete(out):
+        if rc == 0 and read_run(out).complete:
             if self.executor == "cli" or load_entry(run.name, self.registry) is None:
                 self.record(run, out, notebook)
             metrics = read_run(out).metrics
@@ -344,15 +287,11 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
               runs: list[Run] | None = None, board: progress.Board | None = None,
               rerun_changed: bool = False, seeds: tuple[int, ...] | None = None
               ) -> dict[str, list[str]]:
-    """Run the grid (or the given ``runs``; ``seeds`` replaces their seeds), showing each
-    running run's progress on ``board`` (default: a new mlcl.progress.Board on stdout);
-    returns {'done', 'skipped', 'failed'} (run names) and 'figures' (the executed figures
-    notebook, when it ran and succeeded). Every cell's configuration is checked first
-    (:func:`check_cells`): nothing trains when one is bad or when a cell was trained with
-    other settings (``rerun_changed``: train those again)."""
+    """Run the grid (or ``runs``; ``seeds`` replaces theirs) after :func:`check_cells`, the
+    progress on ``board``: {'done', 'skipped', 'failed'} run names, 'figures' notebooks."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    root = (Path(runs_root) if runs_root else paths.runs_dir()).resolve()
+    root = Path(runs_root or runs_dir()).resolve()
     todo = runs if runs is not None else grids.build_grid(grid)
     if seeds:
         todo = grids.with_seeds(todo, seeds)
@@ -368,10 +307,12 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     for key in ("done", "skipped", "failed"):
         result[key].sort(key=lambda n: order.get(n, len(order)))
     if figures:
-        rc, nb = run_figures(root, figures_dir, f"figures-{grid}")
+        out = figures_dir or registry.figures_dir()
+        nb = root / "notebooks" / f"figures-{grid}.ipynb"
+        rc = run_figures(runner.registry, out, nb)
         if rc == 0:
             result["figures"].append(str(nb))
-            print(f"figures written to {figures_dir or paths.figures_dir()} (notebook {nb})")
+            print(f"figures written to {out} (notebook {nb})")
         else:
             result["failed"].append("figures")
             cause = cause_line(nb.with_suffix(".log"))

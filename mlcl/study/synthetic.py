@@ -1,18 +1,8 @@
-"""A synthetic shapes dataset written in a real dataset's folder layout.
-
-    python -m mlcl synth --out data/synthetic                      # VOC layout, 1000 + 200
-    python -m mlcl synth --out data/synth_cs --layout cityscapes   # Cityscapes layout, 2:1
-
-Each image shows 2-5 rotated, occluding shapes (class 1..K-1; K counts the background) on a
-textured, cluttered background. A class has its own hue (jittered, sigma 0.05 of the hue
-circle; with probability 0.15 a random colour instead) and a texture prior that overlaps the
-other classes' priors, so colour is a strong but imperfect cue and shape has to carry the
-rest. Masks have a 255 ignore band about 2 px wide along every object edge. Why these
-colour settings: docs/synthetic_study.md, "The data".
-
-Deterministic: the same arguments give byte-identical files (each image draws from its own
-numpy Generator seeded by (seed, split, index); PIL writes no time stamps).
-"""
+"""A synthetic shapes dataset in VOC's or Cityscapes' folder layout (`python -m mlcl synth`):
+2-5 rotated, occluding shapes per image on a cluttered background, each class with a jittered
+hue and an overlapping texture prior (docs/synthetic_study.md, "The data"), a 255 ignore band
+along every object edge. The same arguments give byte-identical files (one numpy Generator
+per image, seeded by (seed, split, index))."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +12,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mlcl.errors import CommandLineParser
 from mlcl.data.palette import voc_palette
 
 FAMILIES = ("disc", "rectangle", "triangle", "ring", "star", "cross")
@@ -41,7 +30,6 @@ RADIUS = (0.11, 0.30)  # of the image height, log-uniform
 FAMILY_SCALE = {"triangle": 1.3, "star": 1.3}
 
 
-# --------------------------------------------------------------------------- naming
 def class_names(classes: int) -> list[str]:
     """background, then the shape families, cycled (disc_2, ...) when classes > 7."""
     names = ["background"]
@@ -65,7 +53,6 @@ def sample_paths(sid: str, layout: str) -> tuple[str, str]:
     return f"JPEGImages/{sid}.jpg", f"SegmentationClass/{sid}.png"
 
 
-# --------------------------------------------------------------------------- drawing helpers
 def hsv_to_rgb(h, s, v) -> np.ndarray:
     """Broadcasting HSV -> RGB, all in [0, 1]; returns (..., 3)."""
     h, s, v = np.broadcast_arrays(np.asarray(h, float) % 1.0, np.asarray(s, float),
@@ -114,14 +101,11 @@ def texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray)
         return np.where((np.floor(u / cell) + np.floor(v / cell)) % 2 == 0, 1.0, -1.0)
     if kind == "spots":
         return smooth_noise(rng, h, w, int(rng.integers(6, 12)))
-    if kind == "gradient":
-        return (u - u.mean()) / max(float(np.ptp(u)), 1.0) * 2
-    raise ValueError(kind)  # pragma: no cover
+    return (u - u.mean()) / max(float(np.ptp(u)), 1.0) * 2  # "gradient"
 
 
 def texture_prior(family: int) -> np.ndarray:
-    """Class-dependent texture probabilities that overlap: 0.5 on the family's own texture,
-    0.2 on the next one, the rest spread evenly."""
+    """Overlapping texture probabilities: 0.5 own, 0.2 the next, the rest spread evenly."""
     n = len(TEXTURES)
     p = np.full(n, 0.3 / (n - 2))
     p[family % n], p[(family + 1) % n] = 0.5, 0.2
@@ -148,12 +132,10 @@ def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarr
         a = np.linspace(0, 2 * np.pi, 10, endpoint=False)
         r = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(0.38, 0.5))
         return [(np.stack([r * np.cos(a), r * np.sin(a)], axis=1), 1)]
-    if family == "cross":
-        t = rng.uniform(0.25, 0.35)  # arm half-width
-        pts = [[t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1],
-               [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t], [-t, -1]]
-        return [(np.array(pts, dtype=float), 1)]
-    raise ValueError(family)  # pragma: no cover
+    t = rng.uniform(0.25, 0.35)  # "cross": arm half-width
+    pts = [[t, -1], [t, -t], [1, -t], [1, t], [t, t], [t, 1],
+           [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t], [-t, -1]]
+    return [(np.array(pts, dtype=float), 1)]
 
 
 def object_mask(family: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -171,8 +153,7 @@ def object_mask(family: str, rng: np.random.Generator, h: int, w: int) -> np.nda
 
 
 def edge_band(instance: np.ndarray) -> np.ndarray:
-    """Pixels with an 8-neighbour of another ``instance`` id, on both sides of each edge:
-    a band about 2 px wide across the edge, diagonal edges included."""
+    """Pixels with an 8-neighbour of another ``instance`` id: a band about 2 px wide."""
     band = np.zeros(instance.shape, dtype=bool)
     h, w = instance.shape
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
@@ -184,13 +165,10 @@ def edge_band(instance: np.ndarray) -> np.ndarray:
     return band
 
 
-# --------------------------------------------------------------------------- one sample
 def render(rng: np.random.Generator, h: int, w: int, classes: int
            ) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (0..classes-1, 255 on edges).
-
-    Draws from ``rng`` in a fixed order (background, clutter, objects, noise), so one seed
-    gives one image."""
+    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (0..classes-1, 255 on edges),
+    drawn from ``rng`` in a fixed order."""
     yy, xx = np.mgrid[0:h, 0:w].astype(float)
     img = _clutter(rng, _background(rng, yy, xx))
     label, instance = _objects(rng, img, yy, xx, classes)
@@ -210,8 +188,7 @@ def _background(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.
 
 
 def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """``img`` (h, w, 3) in [0, 1] with small strokes and blobs of any colour (still
-    background); returns a new float array quantised to 8 bits."""
+    """``img`` (h, w, 3) in [0, 1] with strokes and blobs of any colour, quantised to 8 bits."""
     h, w = img.shape[:2]
     canvas = Image.fromarray((img * 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
@@ -231,9 +208,7 @@ def _clutter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 
 def _objects(rng: np.random.Generator, img: np.ndarray, yy: np.ndarray, xx: np.ndarray,
              classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Paint objects into ``img`` (h, w, 3, in place), later ones occluding earlier ones;
-    return the uint8 class map and the int32 instance map (edges between same-class objects
-    count too)."""
+    """Paint occluding objects into ``img`` (in place); the uint8 class and int32 instance maps."""
     h, w = yy.shape
     label = np.zeros((h, w), dtype=np.uint8)
     instance = np.zeros((h, w), dtype=np.int32)
@@ -256,7 +231,6 @@ def _objects(rng: np.random.Generator, img: np.ndarray, yy: np.ndarray, xx: np.n
     return label, instance
 
 
-# --------------------------------------------------------------------------- the dataset
 def _write_lines(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines))
@@ -264,16 +238,8 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, size: int = 64,
                    classes: int = 7, seed: int = 0, layout: str = "voc") -> Path:
-    """Write the dataset under ``out`` and return ``out``.
-
-    voc:        JPEGImages/{id}.jpg, SegmentationClass/{id}.png (palette),
-                ImageSets/Segmentation/{train,val}.txt (ids)
-    cityscapes: leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png (2:1),
-                gtFine/.../..._gtFine_labelTrainIds.png (grayscale)
-    both:       classes.txt; splits/{train,val}.txt and splits/{1_32,...,1_2}/
-                {labeled,unlabeled}.txt as 'image mask' pairs (labeled: a seeded subset of
-                train of round(N/d) images, nested across fractions; unlabeled: the rest)
-    """
+    """Write the dataset under ``out`` (images, masks, classes.txt, splits/{train,val}.txt,
+    nested splits/<fraction>/{labeled,unlabeled}.txt) and return ``out``."""
     if layout not in ("voc", "cityscapes"):
         raise ValueError(f"layout must be voc or cityscapes, got {layout!r}")
     if classes < 2:
@@ -295,7 +261,7 @@ def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, s
 
 def _save_sample(out: Path, sid: str, layout: str, image: np.ndarray, mask: np.ndarray,
                  palette: list[int]) -> None:
-    """The image (JPEG for voc, PNG for cityscapes) and mask (palette PNG for voc) of ``sid``."""
+    """The image and mask of ``sid`` (voc: JPEG and palette PNG)."""
     image_rel, mask_rel = sample_paths(sid, layout)
     (out / image_rel).parent.mkdir(parents=True, exist_ok=True)
     (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
@@ -310,8 +276,7 @@ def _save_sample(out: Path, sid: str, layout: str, image: np.ndarray, mask: np.n
 
 def _write_lists(out: Path, ids: dict[str, list[str]], layout: str, classes: int,
                  seed: int) -> None:
-    """classes.txt, VOC's id lists, splits/{train,val}.txt and the nested labeled /
-    unlabeled lists of every fraction in :data:`FRACTIONS`."""
+    """classes.txt, VOC's id lists and the split lists of every fraction in FRACTIONS."""
     def pairs(sids: list[str]) -> list[str]:
         return [" ".join(sample_paths(s, layout)) for s in sids]
 
@@ -331,7 +296,6 @@ def _write_lists(out: Path, ids: dict[str, list[str]], layout: str, classes: int
         _write_lines(out / "splits" / name / "unlabeled.txt", pairs(unlabeled))
 
 
-# --------------------------------------------------------------------------- CLI
 def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="data/synthetic",
                         help="output folder (the synthetic preset's data.root; "
@@ -353,14 +317,3 @@ def run_synth(args: argparse.Namespace) -> Path:
     print(f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout, "
           f"{args.classes} classes) to {out}")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = add_synth_args(CommandLineParser(
-        prog="python -m mlcl synth", description="Write the synthetic shapes dataset."))
-    run_synth(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

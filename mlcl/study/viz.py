@@ -1,14 +1,7 @@
-"""Figures and tables from results: ``plot_*`` return matplotlib Figures, ``*_table`` return
-pandas DataFrames (a display table of strings; ``*_values`` the numbers behind it), and
-``save_figure`` / ``save_table`` write them into ``figures/`` (PNG + PDF, CSV + LaTeX) with a
-JSON sidecar whose caption names the runs they came from; ``figures.json`` indexes them all.
-Results come from the registry (mlcl.study.registry) only; checkpoint-based figures
-(predictions, perturbations, prototypes) take what mlcl.study.explore computed.
-
-Conventions: mIoU in %; "mean ± std (n=k)" over seeds (sample std, ddof=1); "not run" where
-the registry has no complete entry; "†" where a number comes from synthetic data (the
-synthetic shapes set, not VOC / Cityscapes).
-"""
+"""Figures (``plot_*``: matplotlib) and tables (``*_table``: display strings; ``*_values``:
+the numbers) from the results registry or from what mlcl.study.explore computed, and
+``save_figure`` / ``save_table``: PNG + PDF, CSV + LaTeX with a JSON sidecar naming the runs.
+mIoU in %; "mean ± std (n=k)" over seeds (ddof=1); "†": synthetic data."""
 from __future__ import annotations
 
 import json
@@ -21,18 +14,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from mlcl import paths
 from mlcl.data.classes import default_class_names
 from mlcl.data.palette import colourise, palette_for
 from mlcl.files import atomic_write_json
 from mlcl.study import paper
-from mlcl.study.registry import runs_frame
+from mlcl.study.registry import figures_dir, runs_frame
 
-# torch, mlcl.losses and mlcl.study.explore are imported inside the plots of checkpoint
-# quantities: the figures notebook draws from the registry alone and does not load torch.
+# torch and mlcl.study.explore are imported inside the plots of checkpoint quantities: the
+# figures notebook draws from the registry alone and does not load torch.
 
-
-# =========================================================================== tables
 NOT_RUN = "not run"
 NO_PAIR = "no supervised run of the same seed and schedule"
 SYNTHETIC_MARK = "†"
@@ -51,19 +41,11 @@ ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
 
 
 def results_kind(entries: list[dict]) -> str:
-    """'Short demo' when every synthetic-data entry comes from the ``demo`` grid, else
-    'Synthetic study': the figures' titles say which they show."""
+    """'Short demo' when every synthetic entry is of the ``demo`` grid, else 'Synthetic study'."""
     grids = {e.get("grid") for e in entries if e.get("synthetic")}
     return "Short demo" if grids == {"demo"} else "Synthetic study"
 
 
-def method_label(method: str, variant: str = "") -> str:
-    """The table label of a method (and variant, for MLCL)."""
-    return METHOD_LABELS.get((method, variant if method == "mlcl" else ""),
-                             f"{method} {variant}".strip())
-
-
-# --------------------------------------------------------------------------- numbers
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     """(mean, sample std (ddof=1; NaN for one value), n) of the finite values."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
@@ -94,8 +76,7 @@ def _complete(entries: list[dict]) -> pd.DataFrame:
 
 
 def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
-    """Long form of Table ``key``: one row per (column, reproduced method) with the published
-    number and the reproduced best/last mean, std and n, whether synthetic, and the runs."""
+    """Table ``key`` long: per (column, method) the published and our best/last numbers."""
     t = paper.TABLES[key]
     df = _complete(entries)
     rows = []
@@ -112,8 +93,7 @@ def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
 
 
 def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
-    """Table ``key`` in the paper's layout (methods as rows, label splits as columns): for
-    each method the published row, then our best-epoch and last-epoch rows."""
+    """Table ``key`` as the paper lays it out, our best- and last-epoch rows added."""
     t = paper.TABLES[key]
     values = paper_table_values(entries, key)
     cols = [c.label for c in t.columns]
@@ -147,10 +127,9 @@ def paper_table_caption(entries: list[dict], key: str) -> str:
 
 
 def synthetic_values(entries: list[dict]) -> pd.DataFrame:
-    """Synthetic-data runs (no ablation) per (preset, split, iterations, method, variant):
-    best/last mean, std, n, the paired gain over supervised (same split, schedule and
-    seed): gain mean, std, number of pairs, pairs with a positive gain; for MLCL rows the
-    same against UniMatch (``vs_uni_*``)."""
+    """Synthetic runs (no ablation) per (preset, split, iterations, method, variant):
+    best/last numbers, the gain over supervised paired by seed (``gain_*``) and, for MLCL,
+    the difference to UniMatch (``vs_uni_*``)."""
     df = _complete(entries)
     df = df[df.synthetic & (df.ablation == "")]
     rows = []
@@ -170,8 +149,7 @@ def synthetic_values(entries: list[dict]) -> pd.DataFrame:
 
 
 def _paired(sel: pd.DataFrame, ref: pd.DataFrame, prefix: str) -> dict[str, float | int]:
-    """Best-epoch differences ``sel - ref`` paired by seed: ``<prefix>_mean/_std/_n`` and
-    ``<prefix>_positive`` (how many pairs are > 0)."""
+    """Best-epoch ``sel - ref`` paired by seed: ``<prefix>_mean/_std/_n/_positive``."""
     ref_by_seed = ref.set_index("seed").best_miou
     diffs = [b - ref_by_seed[s] for s, b in zip(sel.seed, sel.best_miou)
              if s in ref_by_seed.index]
@@ -185,10 +163,7 @@ def _paired_text(mean: float, std: float, n: int, positive: int, missing: str) -
 
 
 def synthetic_table(entries: list[dict]) -> pd.DataFrame:
-    """Method x split table of the synthetic study: best / last mIoU (mean ± std over seeds),
-    the paired best-epoch gain over supervised and, for MLCL, its paired difference to
-    UniMatch. Rows (preset, method); column groups
-    "<split>, <iterations> it." (a split run on two schedules gets two groups)."""
+    """:func:`synthetic_values` as strings, rows (preset, method)."""
     v = synthetic_values(entries)
     if v.empty:
         return pd.DataFrame()
@@ -210,9 +185,9 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
 
 
 def ablation_values(entries: list[dict]) -> pd.DataFrame:
-    """MLCL (paper variant) with each component switched off, per (preset, split,
-    iterations) that has ablation runs: best/last mean ± std and the paired best-epoch
-    difference to the full method; UniMatch of the same cell as the reference."""
+    """MLCL (paper variant) with each component off, per (preset, split, iterations) with
+    ablations: best/last numbers and the paired difference to the full method (``delta_*``);
+    UniMatch of the same cell as the reference."""
     df = _complete(entries)
     rows = []
     mlcl = df[(df.method == "mlcl") & (df.variant == "paper")]
@@ -238,12 +213,11 @@ def ablation_values(entries: list[dict]) -> pd.DataFrame:
 
 
 def ablation_table(entries: list[dict]) -> pd.DataFrame:
-    """The display table of :func:`ablation_values`: best / last mIoU and the paired
-    difference to the full method, rows (cell, variant)."""
+    """The display table of :func:`ablation_values`, rows (cell, variant)."""
     v = ablation_values(entries)
     if v.empty:
         return pd.DataFrame()
-    out = pd.DataFrame({
+    return pd.DataFrame({
         "best epoch": [fmt(r.best_mean, r.best_std, r.n, r.synthetic) for r in v.itertuples()],
         "last epoch": [fmt(r.last_mean, r.last_std, r.n, r.synthetic) for r in v.itertuples()],
         "Δ best vs all components": [
@@ -253,15 +227,12 @@ def ablation_table(entries: list[dict]) -> pd.DataFrame:
         index=pd.MultiIndex.from_arrays(
             [[f"{r.preset} {r.split}, {r.iterations} it." for r in v.itertuples()], v.label],
             names=["cell", "variant"]))
-    return out
 
 
 def qualitative_runs(entries: list[dict], preset: str | None = None, split: str | None = None,
                      seed: int | None = None) -> dict[str, dict]:
-    """The runs of one (preset, split, seed) cell for a Fig. 6-style grid, as
-    {'Supervised': entry, 'UniMatch': entry, 'MLCL': entry} (those present, each with a
-    best.pt on disk; MLCL = the paper variant, else the released one). Without a cell given,
-    the cell with the most of the three methods, real data before synthetic."""
+    """{'Supervised', 'UniMatch', 'MLCL': entry} with a best.pt of one (preset, split, seed)
+    cell, by default the one with the most of them (real data first)."""
     df = _complete(entries)
     df = df[(df.ablation == "") & df.output_dir.notna()]
     df = df[[(Path(d) / "best.pt").is_file() for d in df.output_dir]]
@@ -288,7 +259,6 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
     return out
 
 
-# =========================================================================== files
 def _caption(caption: str, runs: Iterable[str], synthetic: bool) -> str:
     runs = sorted(set(runs))
     shown = ", ".join(runs[:24]) + (f" and {len(runs) - 24} more" if len(runs) > 24 else "")
@@ -303,24 +273,15 @@ def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, fi
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
-def stamp_synthetic(fig: plt.Figure) -> None:
-    """Put the synthetic-data mark on the picture itself (above everything, the saved
-    bounding box grows to hold it), so that a PNG shown or pasted anywhere says what it is."""
-    if any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
-        return  # saved twice
-    fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
-             fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
-
-
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """Write ``<name>.png`` and ``<name>.pdf`` (caption in their metadata; a synthetic
-    figure also gets the mark on the picture) and ``<name>.json`` (caption, runs) into
-    ``directory`` (default: mlcl.paths.figures_dir())."""
+    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory`` (default: figures_dir()); a
+    synthetic figure gets the mark on the picture itself, so a PNG says what it is."""
     runs = list(runs)
-    if synthetic:
-        stamp_synthetic(fig)
-    d = Path(directory) if directory else paths.figures_dir()
+    if synthetic and not any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
+        fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
+                 fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
+    d = Path(directory) if directory else figures_dir()
     d.mkdir(parents=True, exist_ok=True)
     text = _caption(caption, runs, synthetic)
     files = [d / f"{name}.png", d / f"{name}.pdf"]
@@ -334,22 +295,18 @@ _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"
           "_": r"\_", "{": r"\{", "}": r"\}"}
 
 
-def _latex_escape(text: str) -> str:
-    return "".join(_LATEX.get(c, c) for c in text)
-
-
 def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = (),
                synthetic: bool = False, values: pd.DataFrame | None = None,
                directory: str | Path | None = None) -> list[Path]:
-    """Write ``<name>.csv``, ``<name>.tex`` (with the caption), ``<name>.json`` and, when
-    given, the numbers behind the table as ``<name>_values.csv``."""
+    """``<name>.csv``, ``.tex``, ``.json`` and ``values`` as ``<name>_values.csv``."""
     runs = list(runs)
-    d = Path(directory) if directory else paths.figures_dir()
+    d = Path(directory) if directory else figures_dir()
     d.mkdir(parents=True, exist_ok=True)
     text = _caption(caption, runs, synthetic)
     files = [d / f"{name}.csv", d / f"{name}.tex"]
     df.to_csv(files[0])
-    tex = df.to_latex(caption=_latex_escape(text), label=f"tab:{name}", escape=True,
+    latex_text = "".join(_LATEX.get(c, c) for c in text)
+    tex = df.to_latex(caption=latex_text, label=f"tab:{name}", escape=True,
                       multirow=True) if not df.empty else f"% {text}\n% (empty table)\n"
     files[1].write_text(tex.replace("±", r"$\pm$").replace(SYNTHETIC_MARK, r"\dag{}")
                         .replace("Δ", r"$\Delta$").replace("—", "--"))
@@ -361,29 +318,24 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
 
 
 def write_index(directory: str | Path | None = None, extra: dict | None = None) -> Path:
-    """``figures.json``: every sidecar (figure or table) in the directory, for the README."""
-    d = Path(directory) if directory else paths.figures_dir()
+    """``figures.json``: every sidecar in the directory."""
+    d = Path(directory) if directory else figures_dir()
     items = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))
              if p.name != "figures.json"]
     return atomic_write_json(d / "figures.json", {"items": items, **(extra or {})})
 
 
-# =========================================================================== plots
-
-
 def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
-    """Validation mIoU and training loss against the iteration, one line per run, coloured
-    by method."""
+    """Validation mIoU and training loss per iteration, one line per run."""
     fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
     seen = set()
     for e in sorted(entries, key=lambda e: e.get("name", "")):
         df = runs_frame([e]).iloc[0]
-        label = method_label(df.method, df.variant)
+        label = METHOD_LABELS.get((df.method, df.variant), f"{df.method} {df.variant}".strip())
         if df.ablation:
             label += f" [{df.ablation}]"
         ep = (e.get("metrics") or {}).get("epochs") or []
-        colour = COLOURS.get(label)
-        kw = {"color": colour, "alpha": 0.8, "label": None if label in seen else label}
+        kw = {"color": COLOURS.get(label), "alpha": 0.8, "label": None if label in seen else label}
         ev = [r for r in ep if "miou" in r]
         ax_m.plot([r["iteration"] for r in ev], [r["miou"] for r in ev], marker="o", ms=3, **kw)
         ax_l.plot([r["iteration"] for r in ep], [r.get("loss", np.nan) for r in ep], **kw)
@@ -401,7 +353,7 @@ def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
 
 
 def seeds_text(n: pd.Series) -> str:
-    """How many seeds stand behind each bar: '1 seed' or 'mean ± std over 3 seeds'."""
+    """'1 seed' or 'mean ± std over 3 seeds' (or '2-3 seeds')."""
     lo, hi = int(n.min()), int(n.max())
     if hi == 1:
         return "1 seed"
@@ -409,9 +361,7 @@ def seeds_text(n: pd.Series) -> str:
 
 
 def plot_synthetic_study(values: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Best-epoch mIoU per split, one bar per method, from zero; the mean ± std over seeds
-    where a bar has several (no error bar for a single run). The title says how many seeds
-    (``title`` comes first, e.g. 'Short demo' or 'Synthetic study')."""
+    """Best-epoch mIoU per split, one bar per method (mean ± std over seeds)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     if values.empty:
         ax.text(0.5, 0.5, "no synthetic runs in the registry", ha="center", transform=ax.transAxes)
@@ -450,8 +400,7 @@ IGNORE_LABEL = "ignore (255): object edges, not scored"
 
 def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
                  title: str = "class colours") -> None:
-    """A legend below the panels: the colour of every class (mlcl.data.palette) and,
-    with ``ignore``, the colour of the ignore label in ground-truth masks."""
+    """A legend of the class colours (and the ignore label's) below the panels."""
     colours = _class_colours(dataset, 256)
     handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
                for k, name in enumerate(class_names)]
@@ -462,20 +411,17 @@ def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: 
 
 
 def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure:
-    """Rows: images; columns: image, each model's prediction, ground truth (Fig. 6 layout).
-    ``samples`` as returned by mlcl.study.explore.predict_val."""
+    """Images, each model's prediction and ground truth (Fig. 6) of explore.predict_val."""
     columns = ["Image", *samples["preds"], "Ground truth"]
     n = len(samples["images"])
-    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 1.9 * n),
-                             squeeze=False)
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 1.9 * n), squeeze=False)
     for i in range(n):
         tiles = [samples["images"][i]]
         tiles += [_colour(p[i], samples["dataset"]) for p in samples["preds"].values()]
         tiles.append(_colour(samples["targets"][i], samples["dataset"]))
         for j, tile in enumerate(tiles):
             axes[i, j].imshow(tile, interpolation="nearest")
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
+            axes[i, j].set(xticks=[], yticks=[])
             if i == 0:
                 axes[i, j].set_title(columns[j], fontsize=9)
         axes[i, 0].set_ylabel(str(samples["ids"][i]).split("/")[-1], fontsize=7)
@@ -488,10 +434,8 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
 
 def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
                        class_names: list[str] | None = None) -> plt.Figure:
-    """Per image (rows): weak and strong views, the attention map A, the SAI keep mask, the
-    features F_w, F_s, F_mk, F_ne (one shared channel PCA -> RGB per image) and the
-    predictions p_w, p_m, p_n (class colours in the legend; default names: the config's);
-    the row label gives v, r, a and the dropped fraction."""
+    """Per image: the views, attention A, keep mask, features F_w, F_s, F_mk, F_ne (one PCA
+    per image) and predictions p_w, p_m, p_n of :func:`mlcl.study.explore.sai_views`."""
     from mlcl.study.explore import denormalise, pca_rgb
 
     cols = ["weak u_w", "strong s1", "attention A", "keep (white)", "F_w", "F_s", "F_mk", "F_ne",
@@ -509,8 +453,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
             cmap = "viridis" if j == 2 else ("gray" if j == 3 else None)
             ax.imshow(tile, cmap=cmap, interpolation="nearest",
                       **({"vmin": 0, "vmax": 1} if j == 3 else {}))
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             if i == 0:
                 ax.set_title(cols[j], fontsize=8)
         axes[i, 0].set_ylabel(f"v={views['v'][i]:.2f}\nr={views['mask_ratio'][i]:.2f} "
@@ -525,9 +468,7 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
 
 def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
                       title: str = "") -> plt.Figure:
-    """How SAI's strength follows the similarity v: the mask-ratio centre r(v) and noise
-    amplitude a(v) of each variant (lines, from mlcl.losses) with the batch's images
-    (points), and the fraction of positions each variant's mask actually dropped."""
+    """SAI's r(v) and a(v) per variant with the batch's images, and the fraction dropped."""
     import torch
 
     from mlcl import losses, released
@@ -538,8 +479,7 @@ def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
     for variant, views in views_by_variant.items():
         colour, marker = styles.get(variant, ("k", "x"))
         ratio = released.sai_mask_ratio_twice if variant == "released" else losses.sai_mask_ratio
-        axes[0].plot(grid, ratio(grid, kappa), color=colour,
-                     label=f"r(v), {variant}")
+        axes[0].plot(grid, ratio(grid, kappa), color=colour, label=f"r(v), {variant}")
         axes[0].scatter(views["v"], views["mask_ratio"], color=colour, marker=marker, s=18)
         axes[2].scatter(views["v"], 100 * views["dropped"], color=colour, marker=marker,
                         s=18, label=variant)
@@ -561,8 +501,7 @@ def plot_sai_response(views_by_variant: dict[str, dict[str, Any]], kappa: float,
 
 
 def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """Per image: v, and for each variant the mask-ratio centre r, the fraction dropped, the
-    noise amplitude a and the per-image SAI MSEs (L_m on F_mk, L_n on F_ne) against p_w."""
+    """Per image: v, and per variant r, the fraction dropped, a, L_m and L_n."""
     cols = {}
     for variant, v in views_by_variant.items():
         cols["v"] = v["v"].numpy()
@@ -604,8 +543,7 @@ def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
 
 def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
                     dataset: str = "synthetic") -> plt.Figure:
-    """Scatter plots of 2-D pixel embeddings coloured by class, prototypes as stars.
-    ``panels``: (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2))."""
+    """``panels`` (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2)) as scatters."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (title, fs, xy, pxy) in zip(axes[0], panels):
         colours = _class_colours(dataset, len(fs.class_names))
@@ -617,17 +555,14 @@ def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
                 ax.scatter(*pxy[k], marker="*", s=260, color=colours[k], edgecolor="k",
                            linewidth=1.2, zorder=5)
         ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     axes[0, 0].legend(fontsize=6, markerscale=3, loc="best")
     fig.tight_layout()
     return fig
 
 
 def compactness_table(sets: list) -> pd.DataFrame:
-    """Per class (rows, then their mean): mean cosine of the class's pixel features to its
-    prototype, for every checkpoint, against its own prototypes (bank, or class means where
-    there is no bank) and against the class means (comparable across methods)."""
+    """Per class and checkpoint, the mean cosine of its features to its prototype and mean."""
     from mlcl.study.explore import compactness
 
     cols = {}
@@ -635,8 +570,7 @@ def compactness_table(sets: list) -> pd.DataFrame:
         cols[(fs.label, f"to prototypes ({fs.proto_source})")] = compactness(
             fs.feats, fs.labels, fs.protos)
         if fs.proto_source != "class means":
-            cols[(fs.label, "to class means")] = compactness(fs.feats, fs.labels,
-                                                             fs.class_means)
+            cols[(fs.label, "to class means")] = compactness(fs.feats, fs.labels, fs.class_means)
     df = pd.DataFrame(cols, index=sets[0].class_names)
     df.loc["mean over classes"] = df.mean(0)
     df.columns = pd.MultiIndex.from_tuples(df.columns, names=["checkpoint", "reference"])

@@ -1,12 +1,7 @@
-"""Live progress of the runs that `make demo` and `python -m mlcl reproduce` train.
-
-Training writes ``output_dir/progress.json`` (mlcl.outputs, which holds its format).
-The worker thread that waits for a run's subprocess polls that file (:func:`wait`) and
-shows it on a :class:`Board`: on a terminal one tqdm bar per running run (``position`` =
-the run's slot), redrawn in place; otherwise (a log file, CI) one plain line per running
-run every ``every`` seconds. Every other message goes through :meth:`Board.write`, which
-clears the bars first, so that no message lands on a bar's line.
-"""
+"""Live progress of the runs that `make demo` and `python -m mlcl reproduce` train: a waiting
+worker polls the run's ``progress.json`` (mlcl.outputs) and shows it on a :class:`Board`, one
+tqdm bar per running run on a terminal, else one plain line per run every ``every`` seconds.
+Messages go through :meth:`Board.write`, so none lands on a bar's line."""
 from __future__ import annotations
 
 import subprocess
@@ -19,9 +14,6 @@ from typing import Any, Callable, TextIO
 from tqdm import tqdm
 
 from mlcl.outputs import read_progress
-
-PLAIN_EVERY_S = 30.0  # plain-text mode: seconds between two lines about the same run
-POLL_S = 1.0  # how often a waiting worker reads progress.json
 
 
 def eta_s(p: dict[str, Any]) -> float | None:
@@ -43,8 +35,7 @@ def clock(seconds: float | None) -> str:
 
 
 def describe(p: dict[str, Any] | None) -> str:
-    """``val mIoU 45.21 (best 46.03), ETA 1:40`` for a progress record; ``starting`` when
-    there is none yet."""
+    """``val mIoU 45.21 (best 46.03), ETA 1:40`` for a progress record (None: starting)."""
     if p is None:
         return "starting (Python, data, model)"
     miou, best = p.get("miou"), p.get("best_miou")
@@ -56,7 +47,7 @@ def describe(p: dict[str, Any] | None) -> str:
 
 
 class Tracker:
-    """The display of one running run; :meth:`poll` reads its progress.json and updates it."""
+    """The display of one running run in bar ``position``; a context manager that closes it."""
 
     def __init__(self, board: "Board", name: str, output_dir: Path, position: int):
         self.board, self.name, self.output_dir, self.position = board, name, output_dir, position
@@ -69,18 +60,15 @@ class Tracker:
             self.bar.set_postfix_str(describe(None), refresh=True)
 
     def poll(self) -> None:
-        """Show the run's latest progress.json: redraw its bar, or (no terminal) print a
-        line when ``board.every`` seconds have passed since the last one."""
+        """Show the run's latest progress.json: redraw the bar, or print a plain line."""
         p = read_progress(self.output_dir)
         if self.bar is not None:
             if p is not None:
                 self.bar.total = max(int(p.get("total_iters") or 1), 1)
                 self.bar.n = int(p.get("iteration") or 0)
             self.bar.set_postfix_str(describe(p), refresh=True)
-            return
-        now = time.monotonic()
-        if p is not None and now - self.last_line >= self.board.every:
-            self.last_line = now
+        elif p is not None and time.monotonic() - self.last_line >= self.board.every:
+            self.last_line = time.monotonic()
             self.board.write(f"  ...     {self.name}: iteration {p.get('iteration')}/"
                              f"{p.get('total_iters')}, {describe(p)}")
 
@@ -88,7 +76,8 @@ class Tracker:
         """Remove the bar and free its position for the next run."""
         if self.bar is not None:
             self.bar.close()
-        self.board.release(self.position)
+        with self.board.lock:
+            self.board.taken.discard(self.position)
 
     def __enter__(self) -> "Tracker":
         return self
@@ -98,37 +87,32 @@ class Tracker:
 
 
 class Board:
-    """What the terminal shows while runs train; shared by reproduce's worker threads.
-
-    ``tty``: bars (default: whether ``stream`` is a terminal); ``every``: seconds between
-    two plain lines about the same run when it is not."""
+    """What the terminal shows while runs train, shared by reproduce's worker threads.
+    ``tty``: bars (default: whether ``stream`` is a terminal); ``every``: seconds between two
+    plain lines about one run."""
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
-                 every: float = PLAIN_EVERY_S):
+                 every: float = 30.0):
         self._stream = stream
         self.tty = bool(self.stream.isatty()) if tty is None else tty
         self.every = every
-        self._lock = threading.Lock()
-        self._taken: set[int] = set()
+        self.lock = threading.Lock()
+        self.taken: set[int] = set()
 
     @property
     def stream(self) -> TextIO:
         return self._stream or sys.stdout  # looked up late: tests capture sys.stdout
 
     def track(self, name: str, output_dir: str | Path) -> Tracker:
-        """A tracker in the lowest free bar position (close it, or use it as a context)."""
-        with self._lock:
-            position = next(i for i in range(len(self._taken) + 1) if i not in self._taken)
-            self._taken.add(position)
+        """A tracker in the lowest free bar position."""
+        with self.lock:
+            position = min(set(range(len(self.taken) + 1)) - self.taken)
+            self.taken.add(position)
         return Tracker(self, name, Path(output_dir), position)
-
-    def release(self, position: int) -> None:
-        with self._lock:
-            self._taken.discard(position)
 
     def write(self, message: str) -> None:
         """Print a message on its own line, above the bars."""
-        with self._lock:
+        with self.lock:
             if self.tty:
                 tqdm.write(message, file=self.stream)
             else:
@@ -136,9 +120,8 @@ class Board:
 
 
 def wait(proc: subprocess.Popen, poll: Callable[[], None] | None = None,
-         interval: float = POLL_S) -> int:
-    """Wait for ``proc`` to exit, calling ``poll()`` every ``interval`` seconds meanwhile;
-    returns its exit status."""
+         interval: float = 1.0) -> int:
+    """The exit status of ``proc``, ``poll()`` called every ``interval`` s meanwhile."""
     while True:
         try:
             return proc.wait(timeout=interval)
