@@ -1,26 +1,16 @@
-"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained} ...`` (and data_scripts/*.py).
-
-    python -m mlcl data voc --root data/VOC2012                 # + UniMatch splits + verify
-    CITYSCAPES_USERNAME=... CITYSCAPES_PASSWORD=... python -m mlcl data cityscapes
-    python -m mlcl data cityscapes --zips ~/Downloads           # zips already downloaded
-    python -m mlcl data splits --dataset pascal --root data/VOC2012 [--split-source generate]
-    python -m mlcl data verify --root data/VOC2012 --layout voc
-    python -m mlcl data pretrained --torchvision resnet50 resnet101 --check pretrained/resnet50.pth
-
-Exit status 0 on success, 1 on a failed step or check (the message says what to do), 2 on bad
-arguments, 130 on Ctrl-C (mlcl.errors). See docs/real_data.md.
+"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained} ...`` and data_scripts/*.py
+(examples: mlcl/prepare/__init__.py, docs/real_data.md). Exit status 0 on success, 1 on a
+failed step or check (the message says what to do), 2 on bad arguments, 130 on Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
 from mlcl.config import ConfigError, DataConfig
 from mlcl.errors import CommandLineParser, MlclError, RunInterrupted, run_reported
-from mlcl.prepare.download import Resource
 from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
 
 
@@ -35,15 +25,6 @@ def _retry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=4, help="attempts per download (default 4)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first retry, doubled each time (default 1)")
-
-
-def _download_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--downloads", default=None,
-                   help="folder for the archives (default: ROOT/../downloads)")
-    _retry_args(p)
-    p.add_argument("--force", action="store_true",
-                   help="forget the .done markers of this dataset and redo every step "
-                        "(downloads are still reused when their checksum is right)")
 
 
 def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
@@ -62,12 +43,21 @@ def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
 
 
 def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: str) -> None:
-    """The options a dataset command shares: expected counts, verify, downloads, splits."""
+    """The options a dataset command shares: expected counts, verify, downloads, splits; the
+    final verify pass runs with ``data verify``'s defaults."""
     p.add_argument("--expect", type=_counts, default=None, metavar=counts,
                    help=f"expected counts (default: {real}; for tests)")
     p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
-    _download_args(p)
+    p.add_argument("--downloads", default=None,
+                   help="folder for the archives (default: ROOT/../downloads)")
+    _retry_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="forget the .done markers of this dataset and redo every step "
+                        "(downloads are still reused when their checksum is right)")
     _split_args(p, dataset)
+    p.set_defaults(layout="voc" if dataset == "pascal" else dataset, splits=None,
+                   num_classes=None, no_values=False, workers=4, max_listed=20,
+                   ignore_index=DataConfig().ignore_index)
 
 
 DESCRIPTION = ("Download, prepare and verify Pascal VOC 2012 (+SBD) and Cityscapes, the standard "
@@ -130,7 +120,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                        description="Counts per split, every listed file exists, image and mask "
                                    "sizes agree, mask values in {0..K-1, --ignore-index}. "
                                    "Exit 1 on any problem, naming each bad file.")
-    p.set_defaults(step=_verify_command)
+    p.set_defaults(step=_verify)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
     p.add_argument("--splits", nargs="*", default=None,
@@ -165,23 +155,20 @@ def _fetch_kw(args) -> dict:
     return {"retries": args.retries, "backoff": args.backoff}
 
 
-def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) -> int:
+def _splits_then_verify(args, dataset: str, pools: Optional[dict]) -> int:
     if args.split_mode != "none":
         get_splits(dataset, args.root, mode=args.split_mode, commit=args.commit,
                    base_url=args.split_base_url, pools=pools, seed=args.seed,
                    fetch_kw=_fetch_kw(args))
-    if args.no_verify:
-        return 0
-    return _verify_root(args.root, layout)
+    return 0 if args.no_verify else _verify(args)
 
 
-def _verify_root(root, layout, splits=None, num_classes=None, values=True, workers=4,
-            max_listed=20, ignore_index=DataConfig().ignore_index) -> int:
+def _verify(args) -> int:
     from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
-    report = verify_dataset(root, layout, splits, num_classes, values, workers,
-                            ignore_index=ignore_index)
-    print("\n".join(report.lines(max_listed)), flush=True)
+    report = verify_dataset(args.root, args.layout, args.splits, args.num_classes,
+                            not args.no_values, args.workers, ignore_index=args.ignore_index)
+    print("\n".join(report.lines(args.max_listed)), flush=True)
     return 0 if report.ok else 1
 
 
@@ -221,11 +208,11 @@ def run(args) -> int:
 def _voc(args) -> int:
     from mlcl.prepare import voc
 
-    vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename, md5=args.voc_md5 or voc.VOC.md5)
-    sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename, md5=args.sbd_md5 or voc.SBD.md5)
+    vres = voc.VOC._replace(url=args.voc_url or voc.VOC.url, md5=args.voc_md5 or voc.VOC.md5)
+    sres = voc.SBD._replace(url=args.sbd_url or voc.SBD.url, md5=args.sbd_md5 or voc.SBD.md5)
     counts = voc.prepare_voc(args.root, args.downloads, args.aug, vres, sres, args.expect,
                              args.keep_staging, args.force, _fetch_kw(args))
-    return _splits_then_verify(args, "pascal", "voc", counts if args.expect else None)
+    return _splits_then_verify(args, "pascal", counts if args.expect else None)
 
 
 def _cityscapes(args) -> int:
@@ -234,7 +221,7 @@ def _cityscapes(args) -> int:
     counts = cityscapes.prepare_cityscapes(
         args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
         with_test=args.with_test, expected=args.expect, force=args.force)
-    return _splits_then_verify(args, "cityscapes", "cityscapes", counts if args.expect else None)
+    return _splits_then_verify(args, "cityscapes", counts if args.expect else None)
 
 
 def _splits(args) -> int:
@@ -244,18 +231,9 @@ def _splits(args) -> int:
     return 0
 
 
-def _verify_command(args) -> int:
-    return _verify_root(args.root, args.layout, args.splits, args.num_classes,
-                        not args.no_values, args.workers, args.max_listed, args.ignore_index)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m mlcl data ARGV`` (data_scripts/): the exit status (module docstring)."""
     ap = CommandLineParser(prog="python -m mlcl data", description=DESCRIPTION)
     add_arguments(ap)
     args = ap.parse_args(argv)
     return run_reported(lambda: run(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

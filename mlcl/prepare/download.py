@@ -1,17 +1,14 @@
 """Resumable, checksum-verified downloads and safe archive extraction, each idempotent.
 
-``fetch(url, dest, md5=..., sha256=...)`` downloads into ``dest.part`` (resumed with an HTTP
-``Range`` request after an interruption or a dropped connection), verifies the checksum, moves
-the file into place and writes ``dest.done`` (a small JSON: url, bytes, md5, sha256, date).
-A re-run with a valid marker does nothing; a file that fails its checksum is removed.
-
-``extract(archive, dest, select=...)`` copies the members that ``select`` maps to a relative
-path, refusing absolute paths and ``..``; ``Steps(root)`` keeps the ``.done`` markers of
-multi-file steps under ``root/.mlcl-prepare/``.
+:func:`fetch` resumes ``dest.part`` with HTTP ``Range`` requests and, once the checksum is
+right, writes ``dest.done`` (url, bytes, digests, date); :func:`extract` copies selected
+archive members, refusing absolute paths and ``..``; :class:`Steps` keeps the ``.done``
+markers of multi-file steps.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import http.client
 import json
@@ -23,7 +20,6 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
@@ -33,10 +29,7 @@ from mlcl.files import atomic_write_json
 Log = Callable[[str], None]
 CHUNK = 1 << 20
 USER_AGENT = "mlcl-prepare/0.1 (+docs/real_data.md)"
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
+say: Log = functools.partial(print, flush=True)
 
 
 class PrepareError(MlclError):
@@ -51,17 +44,6 @@ class DownloadError(PrepareError):
 
 class ChecksumError(DownloadError):
     pass
-
-
-@dataclass(frozen=True)
-class Resource:
-    """A file to download: where from, its name on disk and what it must hash to."""
-
-    url: str
-    filename: str
-    md5: Optional[str] = None
-    sha256: Optional[str] = None
-    size: Optional[int] = None  # bytes (for messages and the run-book only)
 
 
 def now() -> str:
@@ -134,15 +116,11 @@ def _marker_ok(dest: Path, md5: Optional[str], sha256: Optional[str],
 
 def _total_from(resp, have: int) -> Optional[int]:
     """The full size of the remote file from Content-Range (206) or Content-Length (200)."""
-    cr = resp.headers.get("Content-Range")
-    if cr:
-        m = re.match(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", cr)
-        if m and m.group(3) != "*":
-            return int(m.group(3))
-    length = resp.headers.get("Content-Length")
-    if length is not None and length.isdigit():
-        return int(length) + (have if resp.status == 206 else 0)
-    return None
+    m = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+    if m:
+        return int(m.group(1))
+    length = resp.headers.get("Content-Length", "")
+    return int(length) + (have if resp.status == 206 else 0) if length.isdigit() else None
 
 
 def _copy(resp, out, have: int, total: Optional[int], name: str, log: Log) -> int:
@@ -174,9 +152,8 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     and :class:`ChecksumError` is raised; network errors are retried ``retries`` times, each
     resuming where the last stopped. ``label`` names the file in messages (default: its name).
     """
-    # Hand-written on purpose: torch.hub.download_url_to_file (and pooch) verify a hash and show
-    # progress but restart a 2 GB archive from byte 0 after a dropped connection; resuming
-    # with an HTTP Range request is the point here.
+    # not torch.hub's download_url_to_file nor pooch: they restart a 2 GB archive from byte 0
+    # after a dropped connection
     dest = Path(dest)
     name = label or dest.name
     expect = (md5, sha256, sha256_prefix)
@@ -196,12 +173,6 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
         mark_downloaded(dest, url=url, **got)
     log(f"[ok] {name}: {human(dest.stat().st_size)}, sha256 {got['sha256'][:16]}...")
     return dest
-
-
-def fetch_resource(res: Resource, folder: Path, **fetch_kw) -> Path:
-    """:func:`fetch` ``res.url`` into ``folder / res.filename``, checked against its hashes."""
-    return fetch(res.url, Path(folder) / res.filename, md5=res.md5, sha256=res.sha256,
-                 **fetch_kw)
 
 
 def mark_downloaded(dest: Path, **info) -> None:
@@ -294,13 +265,6 @@ def _resume_point(resp, have: int, name: str, log: Log) -> tuple[int, str]:
 
 
 # --------------------------------------------------------------------------- extraction
-def _safe_target(rel: str, dest: Path) -> Path:
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise PrepareError(f"refusing to extract {rel!r}: absolute or outside the target")
-    return dest.joinpath(*p.parts)
-
-
 def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optional[str]],
             log: Log = say) -> int:
     """Copy each file member of ``archive`` (tar, tar.gz or zip) whose name ``select`` maps
@@ -312,7 +276,10 @@ def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optio
 
     def write(src, rel: str) -> None:
         nonlocal count
-        target = _safe_target(rel, dest)
+        parts = PurePosixPath(rel).parts
+        if not parts or parts[0] == "/" or ".." in parts:
+            raise PrepareError(f"refusing to extract {rel!r}: absolute or outside the target")
+        target = dest.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)

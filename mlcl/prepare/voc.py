@@ -1,18 +1,8 @@
-"""Pascal VOC 2012 with the SBD augmentation, in the layout UniMatch's split files name.
-
-Result under ``root`` (e.g. data/VOC2012)::
-
-    JPEGImages/{id}.jpg                 all 17,125 VOC 2012 trainval images
-    SegmentationClass/{id}.png          the augmented label set: 10,582 train_aug + 1,449 val
-                                        masks, palette PNGs (0-20, 255 = ignore)
-    SegmentationClassVOC/{id}.png       VOC's own 2,913 fine masks, as shipped
-    ImageSets/Segmentation/{train,val,trainval,train_aug}.txt   ids (1,464 / 1,449 / - / 10,582)
-    splits/pascal/...                   written by the ``splits`` step (split_lists.py)
-
-``train_aug`` = (VOC train ∪ SBD train ∪ SBD val) − VOC val. Where VOC has its own fine mask
-(its 1,464 train and 1,449 val images) that mask is used; SBD's ``GTcls.Segmentation`` (or a
-SegmentationClassAug folder you already have) fills the rest. That is how the usual
-SegmentationClassAug was built and what UniMatch's ``SegmentationClass`` folder holds.
+"""Pascal VOC 2012 with the SBD augmentation, in the layout UniMatch's split files name
+(docs/real_data.md): ``SegmentationClass`` holds the 10,582 train_aug + 1,449 val masks, VOC's
+own fine mask where there is one, else SBD's (or a SegmentationClassAug set's);
+``SegmentationClassVOC`` VOC's masks as shipped; ``ImageSets/Segmentation/train_aug.txt``
+(VOC train ∪ SBD train ∪ SBD val) − VOC val.
 """
 from __future__ import annotations
 
@@ -27,8 +17,16 @@ from PIL import Image
 
 from mlcl.data.palette import voc_palette
 from mlcl.files import atomic_write
-from mlcl.prepare.download import (Log, PrepareError, Resource, Steps, check_counts,
-                                   fetch_resource, say)
+from mlcl.prepare.download import Log, PrepareError, Steps, check_counts, fetch, say
+
+
+class Resource(NamedTuple):
+    """An archive to download: where from, its name on disk and its md5."""
+
+    url: str
+    filename: str
+    md5: str
+
 
 VOC = Resource(
     url="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
@@ -50,8 +48,7 @@ _AUG_MEMBER = re.compile(r"(?:^|/)SegmentationClassAug/([^/]+\.png)$")
 
 
 class AugSource(NamedTuple):
-    """The augmentation label set: its image ids; the mask of id ``i`` is
-    ``folder / f"{i}{suffix}"`` (an SBD ``.mat`` or a SegmentationClassAug ``.png``)."""
+    """The augmentation set's ids; id ``i``'s mask is ``folder / f"{i}{suffix}"`` (.mat, .png)."""
 
     ids: set[str]
     folder: Path
@@ -97,10 +94,12 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
         log(f"[skip] VOC 2012 already prepared in {root}: {done}")
         return done
     root.mkdir(parents=True, exist_ok=True)
-    train, val = extract_voc(fetch_resource(voc, downloads, **fetch_kw), root, steps, log)
+    tar = fetch(voc.url, downloads / voc.filename, md5=voc.md5, **fetch_kw)
+    train, val = extract_voc(tar, root, steps, log)
     staging = root / ".staging"
     if aug == "sbd":
-        source = sbd_source(fetch_resource(sbd, downloads, **fetch_kw), staging, steps, log)
+        tgz = fetch(sbd.url, downloads / sbd.filename, md5=sbd.md5, **fetch_kw)
+        source = sbd_source(tgz, staging, steps, log)
     else:
         source = aug_folder_source(aug, staging, steps, log)
     train_aug = sorted((set(train) | source.ids) - set(val))
@@ -109,7 +108,10 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
     (root / SEG_SETS / "train_aug.txt").write_text("".join(f"{i}\n" for i in train_aug))
     counts = {"train_aug": len(train_aug), "train": len(train), "val": len(val)}
     check_counts(counts, expected, "VOC 2012")
-    _check_all_masks(root, wanted)
+    n_masks = sum(1 for i in wanted if (root / "SegmentationClass" / f"{i}.png").is_file())
+    if n_masks != len(wanted):
+        raise PrepareError(f"SegmentationClass holds {n_masks} of {len(wanted)} masks; "
+                           f"run again with --force to rebuild it")
     if staging.exists() and not keep_staging:
         shutil.rmtree(staging)
         steps.clear("sbd-extract", "aug-extract")
@@ -203,12 +205,3 @@ def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: AugSource,
     else:
         atomic_write(dst, lambda p: shutil.copyfile(src, p))
     return "aug"
-
-
-def _check_all_masks(root: Path, wanted: list[str]) -> None:
-    out = root / "SegmentationClass"
-    n_masks = sum(1 for i in wanted if (out / f"{i}.png").is_file())
-    if n_masks != len(wanted):
-        raise PrepareError(f"SegmentationClass holds {n_masks} of {len(wanted)} masks; "
-                           f"run again with --force to rebuild it")
-
