@@ -1,14 +1,9 @@
 """Check a prepared dataset against its split files, naming every missing or bad file.
 
-For each split file: its line count; that every listed image and mask exists; then the
-training run's own pre-flight check of each pair (:func:`mlcl.data.preflight.check_item`:
-the image decodes in full, so a truncated JPEG fails; the mask is a single-channel map the
-loader accepts, of the image's size, holding only 0..K-1 and the ignore index).
-``--no-values``: sizes only, read from the file headers, no decoding.
-Lines are resolved the way the loaders resolve them (:mod:`mlcl.data.splits`: an id, or an
-``image mask`` pair relative to the root); unlike the loaders, which stop at the first bad
-line, every problem is collected. Each distinct file is checked once however many lists
-name it.
+Lines are read as the loaders read them (:mod:`mlcl.data.splits`) and each pair gets the
+training run's own pre-flight check (:func:`mlcl.data.preflight.check_item`), or with
+``values=False`` only the header sizes; unlike the loaders, every problem is collected, and
+each distinct file is checked once however many lists name it.
 """
 from __future__ import annotations
 
@@ -67,13 +62,6 @@ class Report:
 Entry = tuple[int, Path, Path]  # (line number, image, mask)
 
 
-def parse_lines(path: Path, root: Path, layout: str) -> tuple[list[Entry], list[str]]:
-    """(line number, image, mask) per entry of a split file, and the malformed lines."""
-    entries, bad = parse_split(path, layout)
-    return ([(lineno, root / image, root / mask) for lineno, _, image, mask in entries],
-            [f"line {lineno}: {msg}" for lineno, msg in bad])
-
-
 def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True,
                ignore_index: int = IGNORE) -> list[str]:
     """Problems with one image/mask pair (empty when fine): the missing files, else the
@@ -104,15 +92,6 @@ def header_size(path: Path, what: str) -> tuple[int, int]:
         raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
-def _split_file(p: Path, root: Path) -> Path:
-    """A split file given relative to the data root (as in the config), else to the cwd."""
-    return p if p.is_absolute() or not (root / p).is_file() else root / p
-
-
-def default_splits(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "splits").rglob("*.txt")) if (root / "splits").is_dir() else []
-
-
 def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Path]] = None,
                    num_classes: Optional[int] = None, values: bool = True, workers: int = 4,
                    log: Log = say, ignore_index: int = IGNORE) -> Report:
@@ -126,7 +105,9 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
     if not root.is_dir():
         report.splits.append(SplitReport(root, problems=[f"data root {root} does not exist"]))
         return report
-    files = [_split_file(Path(s), root) for s in splits] if splits else default_splits(root)
+    # a split file given relative to the data root (as in the config), else to the cwd
+    files = ([p if p.is_absolute() or not (root / p).is_file() else root / p
+              for p in map(Path, splits)] if splits else sorted((root / "splits").rglob("*.txt")))
     if not files:
         report.splits.append(SplitReport(root / "splits", problems=[
             f"no split files under {root / 'splits'}; pass --splits FILE ..."]))
@@ -152,8 +133,9 @@ def _parse_all(files: list[Path], root: Path, layout: str, report: Report
         if not f.is_file():
             sr.problems.append(f"split file {f} does not exist")
             continue
-        entries, bad = parse_lines(f, root, layout)
-        sr.count, sr.problems = len(entries), bad
+        found, bad = parse_split(f, layout)
+        entries = [(lineno, root / image, root / mask) for lineno, _, image, mask in found]
+        sr.count, sr.problems = len(entries), [f"line {n}: {msg}" for n, msg in bad]
         if not entries and not bad:
             sr.problems.append("lists no samples")
         parsed[f] = entries

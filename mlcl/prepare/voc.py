@@ -18,6 +18,7 @@ from PIL import Image
 from mlcl.data.palette import voc_palette
 from mlcl.files import atomic_write
 from mlcl.prepare.download import Log, PrepareError, Steps, check_counts, fetch, say
+from mlcl.prepare.split_lists import STANDARD_POOLS
 
 
 class Resource(NamedTuple):
@@ -35,7 +36,6 @@ SBD = Resource(
     url="https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
         "semantic_contours/benchmark.tgz",
     filename="benchmark.tgz", md5="82b4d87ceb2ed10f6038a1cba92111cb")
-COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
 STEPS = ("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks")
 SEG_SETS = Path("ImageSets", "Segmentation")
 
@@ -81,11 +81,11 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
 
     ``aug`` is ``"sbd"`` (download SBD's benchmark.tgz and convert its .mat labels) or the
     path of a SegmentationClassAug folder or zip you already have. ``expected`` replaces the
-    real counts (:data:`COUNTS`) for tests.
+    real counts (``STANDARD_POOLS["pascal"]``) for tests.
     """
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
-    expected = dict(COUNTS if expected is None else expected)
+    expected = dict(STANDARD_POOLS["pascal"] if expected is None else expected)
     fetch_kw = {"log": log, **(fetch_kw or {})}
     steps = Steps(root)
     if force:
