@@ -71,9 +71,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("voc", help="VOC 2012 + augmented masks (10,582 train_aug), splits, verify",
-                       description="Download VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz "
-                                   "(md5-verified, resumable), build SegmentationClass with the "
-                                   "augmented masks, fetch UniMatch's split lists, verify.")
+                       description="Download the VOC trainval tar and SBD (resumable, "
+                                   "md5-checked), build the augmented masks, fetch the split "
+                                   "lists, verify.")
     p.set_defaults(step=_voc)
     p.add_argument("--root", default="data/VOC2012", help="dataset folder (default: %(default)s)")
     p.add_argument("--aug", default="sbd",
@@ -88,12 +88,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("cityscapes",
                        help="Cityscapes fine: zips or account, trainIds, splits, verify",
-                       description="Use leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip "
-                                   "from --zips or the downloads folder, or download them with "
-                                   "cityscapesscripts using the account in CITYSCAPES_USERNAME / "
-                                   "CITYSCAPES_PASSWORD (environment only, never stored); "
-                                   "extract, make labelTrainIds with createTrainIdLabelImgs, fetch "
-                                   "UniMatch's split lists, verify.")
+                       description="The two *_trainvaltest.zip from --zips, the downloads folder "
+                                   "or the server (account in CITYSCAPES_USERNAME / "
+                                   "CITYSCAPES_PASSWORD, never stored); extract, make "
+                                   "labelTrainIds, fetch the split lists, verify.")
     p.set_defaults(step=_cityscapes)
     p.add_argument("--root", default="data/cityscapes",
                    help="dataset folder (default: %(default)s)")
@@ -136,10 +134,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="problems printed per split (default 20)")
 
     p = sub.add_parser("pretrained", help="torchvision ImageNet weights; check deep-stem files",
-                       description="Download torchvision's ImageNet ResNet weights into the torch "
-                                   "hub cache (model.pretrained: true), and/or check UniMatch's "
-                                   "deep-stem checkpoints (model.pretrained: "
-                                   "pretrained/resnet50.pth) for size, sha256 and an exact load.")
+                       description="torchvision's ImageNet ResNets into the torch hub cache "
+                                   "(model.pretrained: true); check deep-stem checkpoints "
+                                   "(pretrained/resnet50.pth): size, sha256, exact load.")
     p.set_defaults(step=_pretrained)
     p.add_argument("--torchvision", nargs="*", default=[], metavar="ARCH",
                    help="e.g. resnet50 resnet101")

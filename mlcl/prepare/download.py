@@ -144,14 +144,10 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
           retries: int = 4, timeout: float = 60.0,
           backoff: float = 1.0, marker: bool = True, label: Optional[str] = None,
           log: Log = say) -> Path:
-    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``.
-
-    Skips the download when ``dest.done`` records the same size and checksums (or, with
-    ``marker=False``, when ``dest`` already hashes to the expected ``sha256``). A file placed
-    at ``dest`` by hand is verified and adopted. On a checksum mismatch the file is removed
-    and :class:`ChecksumError` is raised; network errors are retried ``retries`` times, each
-    resuming where the last stopped. ``label`` names the file in messages (default: its name).
-    """
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``; no
+    download when ``dest.done`` (or, ``marker=False``, ``dest`` itself) verifies. A file that
+    fails its checksum is removed (:class:`ChecksumError`); network errors are retried
+    ``retries`` times. ``label`` names the file in messages (default: its name)."""
     # not torch.hub's download_url_to_file nor pooch: they restart a 2 GB archive from byte 0
     # after a dropped connection
     dest = Path(dest)
@@ -234,7 +230,8 @@ def _download_with_retries(url: str, part: Path, name: str, retries: int, timeou
 
 def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) -> None:
     """One request: append the rest of ``url`` to ``part`` (a Range request when ``part``
-    has bytes; start over when the server ignores it). Raises on a short or bad answer."""
+    has bytes, kept after a 206 that starts there; start over on a 200). Raises on a short
+    or bad answer."""
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": USER_AGENT}
     if have:
@@ -244,24 +241,17 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
         log(f"[download] {name} <- {url}")
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                 timeout=timeout) as resp:
-        have, mode = _resume_point(resp, have, name, log)
+        start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
+        if have and resp.status == 206 and start and int(start.group(1)) != have:
+            raise DownloadError(f"server resumed at byte {start.group(1)}, not {have}")
+        if have and resp.status != 206:
+            log(f"  {name}: the server ignored the Range request; starting over")
+            have = 0
         total = _total_from(resp, have)
-        with open(part, mode) as out:
+        with open(part, "ab" if have else "wb") as out:
             got = _copy(resp, out, have, total, name, log)
         if total is not None and got < total:
             raise DownloadError(f"connection closed at {got} of {total} bytes")
-
-
-def _resume_point(resp, have: int, name: str, log: Log) -> tuple[int, str]:
-    """(bytes kept, file mode): append after a 206 that starts at ``have``, else start over."""
-    if have and resp.status == 206:
-        start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
-        if start and int(start.group(1)) != have:
-            raise DownloadError(f"server resumed at byte {start.group(1)}, not {have}")
-        return have, "ab"
-    if have:
-        log(f"  {name}: the server ignored the Range request; starting over")
-    return 0, "wb"
 
 
 # --------------------------------------------------------------------------- extraction
@@ -269,46 +259,42 @@ def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optio
             log: Log = say) -> int:
     """Copy each file member of ``archive`` (tar, tar.gz or zip) whose name ``select`` maps
     to a relative path to ``dest/<that path>``; return the number of files written."""
-    # Not tarfile's extractall(filter="data"): members are selected and renamed in one
-    # streaming pass over a 2 GB tar, which extractall does not do.
+    # not tarfile's extractall(filter="data"): it cannot select and rename in one streaming pass
     archive, dest = Path(archive), Path(dest)
+    log(f"[extract] {archive.name} -> {dest}")
     count = 0
-
-    def write(src, rel: str) -> None:
-        nonlocal count
-        parts = PurePosixPath(rel).parts
-        if not parts or parts[0] == "/" or ".." in parts:
+    for name, open_member in _members(archive):
+        rel = select(name)
+        parts = PurePosixPath(rel or "").parts
+        if not parts:
+            continue
+        if parts[0] == "/" or ".." in parts:
             raise PrepareError(f"refusing to extract {rel!r}: absolute or outside the target")
         target = dest.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as out:
+        with open_member() as src, open(target, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
         count += 1
         if count % 2000 == 0:
             log(f"  {archive.name}: {count} files extracted")
-
-    log(f"[extract] {archive.name} -> {dest}")
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                rel = None if info.is_dir() else select(info.filename)
-                if rel:
-                    with zf.open(info) as src:  # CRC-checked while reading
-                        write(src, rel)
-    else:
-        try:
-            tf = tarfile.open(archive, "r|*")  # streaming: one pass over a 2 GB tar
-        except tarfile.TarError as e:
-            raise PrepareError(f"{archive}: not a zip or tar archive ({e})") from e
-        with tf:
-            for member in tf:
-                rel = select(member.name) if member.isfile() else None
-                if rel:
-                    src = tf.extractfile(member)
-                    assert src is not None
-                    write(src, rel)
     log(f"  {archive.name}: {count} files extracted")
     return count
+
+
+def _members(archive: Path):
+    """(name, opener) of each file member: a zip's (CRC-checked while read), or a tar's in one
+    streaming pass (each opened before the next is read)."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            yield from ((i.filename, functools.partial(zf.open, i))
+                        for i in zf.infolist() if not i.is_dir())
+        return
+    try:
+        tf = tarfile.open(archive, "r|*")
+    except tarfile.TarError as e:
+        raise PrepareError(f"{archive}: not a zip or tar archive ({e})") from e
+    with tf:
+        yield from ((m.name, functools.partial(tf.extractfile, m)) for m in tf if m.isfile())
 
 
 class Steps:

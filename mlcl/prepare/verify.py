@@ -7,7 +7,6 @@ each distinct file is checked once however many lists name it.
 """
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +56,6 @@ class Report:
                 out.append(f"    ... and {len(s.problems) - max_per_split} more")
         out.append("OK" if self.ok else "FAILED")
         return out
-
-
-Entry = tuple[int, Path, Path]  # (line number, image, mask)
 
 
 def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True,
@@ -123,9 +119,9 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
 
 
 def _parse_all(files: list[Path], root: Path, layout: str, report: Report
-               ) -> dict[Path, list[Entry]]:
-    """Entries per readable split file; a SplitReport per file (count, malformed lines) is
-    appended to ``report``."""
+               ) -> dict[Path, list[tuple[int, Path, Path]]]:
+    """(line number, image, mask) per entry of each readable split file; a SplitReport per
+    file (count, malformed lines) is appended to ``report``."""
     parsed = {}
     for f in files:
         sr = SplitReport(f)
@@ -147,15 +143,11 @@ def _check_pairs(pairs: list[tuple[Path, Path]], rules: tuple[int, bool, int], w
     """:func:`check_pair` of every pair with ``rules`` (num_classes, values, ignore_index) on
     ``workers`` threads (decoding releases the GIL); a progress line every tenth (at least
     every 500 pairs)."""
-    done, step, lock = [0], max(len(pairs) // 10, 500), threading.Lock()
-
-    def check(pair: tuple[Path, Path]) -> list[str]:
-        problems = check_pair(*pair, *rules)
-        with lock:
-            done[0] += 1
-            if done[0] % step == 0:
-                log(f"  checked {done[0]}/{len(pairs)}")
-        return problems
-
+    results, step = {}, max(len(pairs) // 10, 500)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return dict(zip(pairs, pool.map(check, pairs)))
+        checked = pool.map(lambda pair: check_pair(*pair, *rules), pairs)
+        for n, (pair, problems) in enumerate(zip(pairs, checked), 1):
+            results[pair] = problems
+            if n % step == 0:
+                log(f"  checked {n}/{len(pairs)}")
+    return results

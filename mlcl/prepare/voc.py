@@ -47,14 +47,6 @@ _SBD_MEMBER = re.compile(
 _AUG_MEMBER = re.compile(r"(?:^|/)SegmentationClassAug/([^/]+\.png)$")
 
 
-class AugSource(NamedTuple):
-    """The augmentation set's ids; id ``i``'s mask is ``folder / f"{i}{suffix}"`` (.mat, .png)."""
-
-    ids: set[str]
-    folder: Path
-    suffix: str
-
-
 def read_ids(path: Path) -> list[str]:
     """The non-empty lines of an id list (ImageSets/Segmentation/*.txt, SBD's train/val)."""
     if not path.is_file():
@@ -78,11 +70,8 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
                 expected: Optional[dict[str, int]] = None, keep_staging: bool = False,
                 force: bool = False, fetch_kw: Optional[dict] = None, log: Log = say) -> dict:
     """Download, extract and assemble VOC 2012 + augmentation under ``root``; return counts.
-
-    ``aug`` is ``"sbd"`` (download SBD's benchmark.tgz and convert its .mat labels) or the
-    path of a SegmentationClassAug folder or zip you already have. ``expected`` replaces the
-    real counts (``STANDARD_POOLS["pascal"]``) for tests.
-    """
+    ``aug``: ``"sbd"`` (download SBD, convert its .mat labels) or a SegmentationClassAug
+    folder or zip; ``expected`` replaces the standard counts (tests)."""
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
     expected = dict(STANDARD_POOLS["pascal"] if expected is None else expected)
@@ -102,7 +91,7 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
         source = sbd_source(tgz, staging, steps, log)
     else:
         source = aug_folder_source(aug, staging, steps, log)
-    train_aug = sorted((set(train) | source.ids) - set(val))
+    train_aug = sorted((set(train) | set(source)) - set(val))
     wanted = train_aug + sorted(set(val))
     build_masks(root, wanted, set(val), source, steps, log)
     (root / SEG_SETS / "train_aug.txt").write_text("".join(f"{i}\n" for i in train_aug))
@@ -136,17 +125,19 @@ def extract_voc(tar: Path, root: Path, steps: Steps,
     return read_ids(root / SEG_SETS / "train.txt"), read_ids(root / SEG_SETS / "val.txt")
 
 
-def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> AugSource:
-    """SBD's ``cls/*.mat`` and train/val lists extracted under ``staging/sbd``."""
+def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
+    """id -> mask of SBD's train and val lists: ``cls/<id>.mat`` extracted under
+    ``staging/sbd``."""
     sbd_dir = staging / "sbd"
     steps.extract_once("sbd-extract", tgz, sbd_dir,
                        lambda name: (m := _SBD_MEMBER.match(name)) and m.group(1), log)
-    ids = set(read_ids(sbd_dir / "train.txt")) | set(read_ids(sbd_dir / "val.txt"))
-    return AugSource(ids, sbd_dir / "cls", ".mat")
+    ids = read_ids(sbd_dir / "train.txt") + read_ids(sbd_dir / "val.txt")
+    return {i: sbd_dir / "cls" / f"{i}.mat" for i in ids}
 
 
-def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> AugSource:
-    """A SegmentationClassAug folder, or a zip holding one (extracted under ``staging/aug``)."""
+def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
+    """id -> mask of a SegmentationClassAug folder, or of a zip holding one (extracted under
+    ``staging/aug``)."""
     src = Path(aug).expanduser()
     if src.is_file():
         aug_dir = staging / "aug"
@@ -157,14 +148,14 @@ def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> 
     else:
         raise PrepareError(f"--aug {aug}: give 'sbd', a SegmentationClassAug folder or a zip "
                            f"holding SegmentationClassAug/*.png")
-    ids = {p.stem for p in aug_dir.glob("*.png")}
-    if not ids:
+    masks = {p.stem: p for p in aug_dir.glob("*.png")}
+    if not masks:
         raise PrepareError(f"{src}: no SegmentationClassAug/*.png masks found")
-    return AugSource(ids, aug_dir, ".png")
+    return masks
 
 
-def build_masks(root: Path, wanted: list[str], val: set[str], source: AugSource, steps: Steps,
-                log: Log = say) -> None:
+def build_masks(root: Path, wanted: list[str], val: set[str], source: dict[str, Path],
+                steps: Steps, log: Log = say) -> None:
     """``root/SegmentationClass/{id}.png`` for every id in ``wanted``: VOC's fine mask where
     there is one, else the augmentation set's (val ids must have a fine mask)."""
     no_image = [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
@@ -187,7 +178,7 @@ def build_masks(root: Path, wanted: list[str], val: set[str], source: AugSource,
     steps.done("voc-masks", masks=len(wanted), **made)
 
 
-def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: AugSource,
+def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: dict[str, Path],
               palette: list[int]) -> str:
     """Write ``dst`` for id ``i``; return where it came from: "kept", "voc" or "aug"."""
     if dst.is_file():  # written atomically by an interrupted earlier run
@@ -197,9 +188,9 @@ def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: AugSource,
         return "voc"
     if is_val:
         raise PrepareError(f"val image {i} has no mask in {fine.parent}")
-    src = source.folder / f"{i}{source.suffix}"
-    if not src.is_file():
-        raise PrepareError(f"{i}: listed by the augmentation set but {src} is missing")
+    src = source.get(i)
+    if src is None or not src.is_file():
+        raise PrepareError(f"{i}: no mask in {fine.parent} nor the augmentation set ({src})")
     if src.suffix == ".mat":
         sbd_mat_to_png(src, dst, palette)
     else:
