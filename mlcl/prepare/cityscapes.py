@@ -63,29 +63,13 @@ def login(user: str, password: str, base_url: str = BASE_URL):
     return session
 
 
-def _server_md5(session, package: str) -> str:
-    from cityscapesscripts.download.downloader import get_available_packages
-
-    ids = {p["name"]: p["packageID"] for p in get_available_packages(session=session)}
-    if package not in ids:
-        raise DownloadError(f"the Cityscapes server does not offer {package} to this account")
-    r = session.get(f"{BASE_URL}/md5-sum/?packageID={ids[package]}", allow_redirects=False)
-    r.raise_for_status()
-    return r.text.split()[0]
-
-
 def download(session, package: str, downloads: Path, log: Log = say) -> Path:
-    """One package via cityscapesscripts' ``download_packages`` (resumed if a partial file
-    is there, md5-checked against the server's); a file that fails the check is removed."""
+    """One package via cityscapesscripts' ``download_packages`` (resuming a partial file: a
+    complete one is a zip, which :func:`find_zips` takes), md5-checked against the server's;
+    a file that fails the check is removed."""
     from cityscapesscripts.download.downloader import download_packages
 
     dest = downloads / package
-    if dest.is_file():  # partial, or complete without our marker: compare with the server
-        md5 = _server_md5(session, package)
-        if digests(dest, ("md5",))["md5"] == md5:
-            log(f"[ok] {package}: present and matches the server's md5")
-            mark_downloaded(dest, md5=md5)
-            return dest
     log(f"[download] {package} from the Cityscapes server"
         f"{' (resuming)' if dest.is_file() else ''}")
     try:

@@ -39,11 +39,11 @@ class PrepareError(MlclError):
 
 
 class DownloadError(PrepareError):
-    pass
+    """A download failed (a re-run resumes it)."""
 
 
 class ChecksumError(DownloadError):
-    pass
+    """A file does not hash to what it must."""
 
 
 def now() -> str:
@@ -104,14 +104,6 @@ def _check_digests(path: Path, md5: Optional[str], sha256: Optional[str],
     if problem:
         raise ChecksumError(problem)
     return got
-
-
-def _marker_ok(dest: Path, md5: Optional[str], sha256: Optional[str],
-               sha256_prefix: Optional[str]) -> bool:
-    info = read_marker(marker_path(dest))
-    if not info or not dest.is_file() or info.get("bytes") != dest.stat().st_size:
-        return False
-    return not _checksum_problem(info, md5, sha256, sha256_prefix)
 
 
 def _total_from(resp, have: int) -> Optional[int]:
@@ -181,11 +173,12 @@ def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
     """True when ``dest`` needs no download: its marker matches ``expect`` (md5, sha256,
     sha256 prefix), or a file already there verifies (it is adopted, marker written). A file
     that fails its checksum is removed (False)."""
-    if marker and _marker_ok(dest, *expect):
-        log(f"[skip] {name}: already downloaded and verified")
-        return True
     if not dest.is_file():
         return False
+    info = read_marker(marker_path(dest)) if marker else None
+    if info and info.get("bytes") == dest.stat().st_size and not _checksum_problem(info, *expect):
+        log(f"[skip] {name}: already downloaded and verified")
+        return True
     if not marker and not any(expect):
         log(f"[skip] {name}: present (no checksum to compare)")
         return True

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from mlcl.data.splits import paths_for_id
 from mlcl.files import atomic_write_json
 from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fetch, now,
                                    read_marker, say)
@@ -141,30 +142,26 @@ def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = No
     return out
 
 
-# --------------------------------------------------------------------------- offline
 def _pool_ids(dataset: str, root: Path) -> dict[str, list[str]]:
-    """The prepared dataset's id lists (as ``image mask`` lines) per pool."""
+    """The prepared dataset's samples per pool, as ``image mask`` lines."""
     if dataset == "pascal":
-        sets = root / "ImageSets" / "Segmentation"
-        pools = {}
-        for pool in ("train", "train_aug", "val"):
-            f = sets / f"{pool}.txt"
+        ids = {pool: root / "ImageSets" / "Segmentation" / f"{pool}.txt"
+               for pool in ("train", "train_aug", "val")}
+        for f in ids.values():
             if not f.is_file():
                 raise PrepareError(f"{f} is missing: prepare VOC first (data_scripts/"
                                    f"prepare_voc.py) so the offline lists can be drawn")
-            pools[pool] = [f"JPEGImages/{i}.jpg SegmentationClass/{i}.png"
-                           for i in sorted(_lines(f))]
-        return pools
-    pools = {}
-    for split in ("train", "val"):
-        images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-        if not images:
-            raise PrepareError(f"no {root}/leftImg8bit/{split}/*/*_leftImg8bit.png: prepare "
+        ids = {pool: sorted(_lines(f)) for pool, f in ids.items()}
+    else:
+        images = root / "leftImg8bit"
+        ids = {split: sorted(str(p.relative_to(images)).removesuffix("_leftImg8bit.png")
+                             for p in (images / split).glob("*/*_leftImg8bit.png"))
+               for split in ("train", "val")}
+        if empty := [split for split, v in ids.items() if not v]:
+            raise PrepareError(f"no {images}/{empty[0]}/*/*_leftImg8bit.png: prepare "
                                f"Cityscapes first (data_scripts/prepare_cityscapes.py)")
-        pools[split] = [
-            f"leftImg8bit/{split}/{p.parent.name}/{p.name} gtFine/{split}/{p.parent.name}/"
-            f"{p.name.replace('_leftImg8bit.png', '_gtFine_labelTrainIds.png')}" for p in images]
-    return pools
+    layout = "voc" if dataset == "pascal" else "cityscapes"
+    return {pool: [" ".join(paths_for_id(i, layout)) for i in v] for pool, v in ids.items()}
 
 
 def generate_splits(dataset: str, root: str | Path, names: Optional[list[str]] = None,
