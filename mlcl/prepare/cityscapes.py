@@ -26,19 +26,6 @@ USER_ENV, PASSWORD_ENV = "CITYSCAPES_USERNAME", "CITYSCAPES_PASSWORD"
 _MEMBER = re.compile(r"^(?:\./)?((?:leftImg8bit|gtFine)/(train|val|test)/[^/]+/[^/]+)$")
 
 
-def credentials() -> tuple[str, str]:
-    """(username, password) from the environment, or a PrepareError that says what to do."""
-    user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
-    if user and password:
-        return user, password
-    missing = " and ".join(v for v, x in ((USER_ENV, user), (PASSWORD_ENV, password)) if not x)
-    raise PrepareError(
-        f"Cityscapes needs an account to download (register at "
-        f"{BASE_URL}/register/). {missing} not set. Either export {USER_ENV} and "
-        f"{PASSWORD_ENV} (they are read from the environment only, never stored), or download "
-        f"{' and '.join(PACKAGES)} yourself and pass their folder with --zips DIR.")
-
-
 def login(user: str, password: str, base_url: str = BASE_URL):
     """A requests session logged in as cityscapesscripts' downloader does (a 302 answer means
     success), without its credentials file. With a non-default ``base_url`` (a mirror, a test
@@ -138,8 +125,15 @@ def prepare_cityscapes(root: str | Path, downloads: Optional[str | Path] = None,
         if not zipfile.is_zipfile(p):
             raise PrepareError(f"{p} is not a complete zip file; delete it and run again")
     root.mkdir(parents=True, exist_ok=True)
-    extract_zips(found, root, ("train", "val", "test") if with_test else ("train", "val"),
-                 steps, log)
+    splits = ("train", "val", "test") if with_test else ("train", "val")
+
+    def select(name: str) -> Optional[str]:
+        m = _MEMBER.match(name)
+        return m.group(1) if m and m.group(2) in splits else None
+
+    for package, p in sorted(found.items()):
+        if steps.extract_once(f"extract-{package}", p, root, select, log):
+            steps.clear("trainids")  # new files: the trainId masks are due again
     if not steps.get("trainids"):
         make_train_ids(root, log)
         steps.done("trainids")
@@ -170,7 +164,14 @@ def download_zips(packages: list[str], downloads: Path, base_url: str,
                   log: Log = say) -> dict[str, Path]:
     """Download ``packages`` into ``downloads`` with the account in the environment (checked
     before any network call); package name -> file."""
-    user, password = credentials()
+    user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
+    if not (user and password):
+        missing = " and ".join(v for v in (USER_ENV, PASSWORD_ENV) if not os.environ.get(v))
+        raise PrepareError(
+            f"Cityscapes needs an account to download (register at "
+            f"{BASE_URL}/register/). {missing} not set. Either export {USER_ENV} and "
+            f"{PASSWORD_ENV} (they are read from the environment only, never stored), or "
+            f"download {' and '.join(PACKAGES)} yourself and pass their folder with --zips DIR.")
     downloads.mkdir(parents=True, exist_ok=True)
     try:
         session = login(user, password, base_url)
@@ -178,16 +179,3 @@ def download_zips(packages: list[str], downloads: Path, base_url: str,
     except requests.RequestException as e:
         raise DownloadError(f"Cityscapes server: {type(e).__name__}: {e}; run again to "
                             f"resume") from None
-
-
-def extract_zips(found: dict[str, Path], root: Path, splits: tuple[str, ...], steps: Steps,
-                 log: Log = say) -> None:
-    """Extract the members of ``splits`` from each zip into ``root``, once per zip; a zip
-    extracted now makes the trainId masks due again."""
-    def select(name: str) -> Optional[str]:
-        m = _MEMBER.match(name)
-        return m.group(1) if m and m.group(2) in splits else None
-
-    for package, p in sorted(found.items()):
-        if steps.extract_once(f"extract-{package}", p, root, select, log):
-            steps.clear("trainids")

@@ -52,13 +52,11 @@ def now() -> str:
 
 def human(n: float) -> str:
     """A byte count for messages: ``512 B``, ``1.5 MB``."""
-    if abs(n) < 1024:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB"):
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-        if abs(n) < 1024 or unit == "GB":
-            break
-    return f"{n:.1f} {unit}"
+    return f"{n:.1f} GB"
 
 
 def digests(path: Path, algos: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
@@ -136,10 +134,9 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
           retries: int = 4, timeout: float = 60.0,
           backoff: float = 1.0, marker: bool = True, label: Optional[str] = None,
           log: Log = say) -> Path:
-    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``; no
-    download when ``dest.done`` (or, ``marker=False``, ``dest`` itself) verifies. A file that
-    fails its checksum is removed (:class:`ChecksumError`); network errors are retried
-    ``retries`` times. ``label`` names the file in messages (default: its name)."""
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``; none
+    when ``dest.done`` (``marker=False``: ``dest``) verifies. A file failing its checksum is
+    removed (:class:`ChecksumError`). ``label`` names the file in messages."""
     # not torch.hub's download_url_to_file nor pooch: they restart a 2 GB archive from byte 0
     # after a dropped connection
     dest = Path(dest)
@@ -170,9 +167,8 @@ def mark_downloaded(dest: Path, **info) -> None:
 
 def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
                   log: Log) -> bool:
-    """True when ``dest`` needs no download: its marker matches ``expect`` (md5, sha256,
-    sha256 prefix), or a file already there verifies (it is adopted, marker written). A file
-    that fails its checksum is removed (False)."""
+    """True when ``dest`` needs no download: its marker, or the file itself (then adopted),
+    verifies against ``expect`` (md5, sha256, sha256 prefix); a file that fails is removed."""
     if not dest.is_file():
         return False
     info = read_marker(marker_path(dest)) if marker else None
@@ -196,9 +192,8 @@ def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
 
 def _download_with_retries(url: str, part: Path, name: str, retries: int, timeout: float,
                            backoff: float, log: Log) -> None:
-    """Fill ``part`` with the whole of ``url``: up to ``retries`` attempts, each resuming
-    where the last stopped, ``backoff`` seconds doubling between them; a 4xx other than
-    408/429 fails at once. Raises DownloadError when every attempt failed."""
+    """Fill ``part`` with ``url`` in up to ``retries`` resuming attempts, ``backoff`` seconds
+    doubling between them (a 4xx but 408/429 fails at once); else a DownloadError."""
     last_error: Optional[BaseException] = None
     for attempt in range(1, retries + 1):
         try:
@@ -222,9 +217,8 @@ def _download_with_retries(url: str, part: Path, name: str, retries: int, timeou
 
 
 def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) -> None:
-    """One request: append the rest of ``url`` to ``part`` (a Range request when ``part``
-    has bytes, kept after a 206 that starts there; start over on a 200). Raises on a short
-    or bad answer."""
+    """One request: the rest of ``url`` appended to ``part`` after a 206 (a Range request),
+    or the whole written afresh; raises on a short or bad answer."""
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": USER_AGENT}
     if have:

@@ -28,10 +28,8 @@ DEFAULT_PATHS = {"resnet50": "pretrained/resnet50.pth", "resnet101": "pretrained
 
 
 def fetch_torchvision(arch: str, url: Optional[str] = None, log: Log = say, **fetch_kw) -> Path:
-    """torchvision's ImageNet weights for ``arch`` into the torch hub cache; return the file.
-
-    ``url`` replaces torchvision's (a mirror, or a test server); the file keeps the URL's
-    name, whose ``-<hex>.`` part must prefix the file's sha256 (torch.hub's convention)."""
+    """torchvision's ImageNet weights for ``arch`` (or ``url``'s, a mirror) into the torch hub
+    cache, the ``-<hex>.`` of the file name prefixing its sha256 (torch.hub's rule)."""
     if arch not in TORCHVISION_WEIGHTS:
         raise PrepareError(f"no torchvision ImageNet weights for {arch!r} "
                            f"(available: {', '.join(TORCHVISION_WEIGHTS)})")

@@ -166,11 +166,9 @@ def _pool_ids(dataset: str, root: Path) -> dict[str, list[str]]:
 
 def generate_splits(dataset: str, root: str | Path, names: Optional[list[str]] = None,
                     seed: int = 0, force: bool = False, log: Log = say) -> Path:
-    """Seeded stand-ins for the standard lists, drawn from the prepared dataset's ids.
-
-    Sizes are ceil(pool / d) as in the standard lists (so identical on the real data); the
-    splits of one pool are nested (1/16 ⊂ 1/8 ⊂ ...), the U2PL-named ones use their own draw.
-    """
+    """Seeded stand-ins for the standard lists, drawn from the prepared dataset's ids: sizes
+    ceil(pool / d) as in the standard lists, the splits of one pool nested (1/16 ⊂ 1/8 ⊂ ...),
+    the U2PL-named ones from their own draw."""
     root = Path(root)
     out = root / "splits" / dataset
     names = list(SPLITS[dataset]) if names is None else names
@@ -213,18 +211,16 @@ def generate_splits(dataset: str, root: str | Path, names: Optional[list[str]] =
     return out
 
 
-def get_splits(dataset: str, root: str | Path, mode: str = "auto", **kw) -> Path:
+def get_splits(dataset: str, root: str | Path, mode: str = "auto",
+               names: Optional[list[str]] = None, seed: int = 0, force: bool = False,
+               log: Log = say, **fetch_args) -> Path:
     """``fetch`` the standard lists, ``generate`` stand-ins, or ``auto``: fetch, and generate
     only when the source cannot be reached at all (a checksum or count error still fails)."""
-    gen_kw = {k: kw.pop(k) for k in ("seed", "force") if k in kw}
-    if mode == "generate":
-        return generate_splits(dataset, root, names=kw.get("names"), log=kw.get("log", say),
-                               **gen_kw)
-    try:
-        return fetch_splits(dataset, root, **kw)
-    except DownloadError as e:
-        if mode != "auto" or "gave up after" not in str(e):  # unreachable, not refused
-            raise
-        log = kw.get("log", say)
-        log(f"[warn] cannot reach the split source ({e}); generating NON-STANDARD stand-ins")
-        return generate_splits(dataset, root, names=kw.get("names"), log=log, **gen_kw)
+    if mode != "generate":
+        try:
+            return fetch_splits(dataset, root, names, log=log, **fetch_args)
+        except DownloadError as e:
+            if mode != "auto" or "gave up after" not in str(e):  # unreachable, not refused
+                raise
+            log(f"[warn] cannot reach the split source ({e}); generating NON-STANDARD stand-ins")
+    return generate_splits(dataset, root, names, seed, force, log)
