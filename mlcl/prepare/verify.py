@@ -95,12 +95,12 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
     ``num_classes`` classes (default: the root's classes.txt, else 21 for voc and 19 for
     cityscapes) and ``ignore_index`` (default: data.ignore_index's)."""
     root = Path(root)
-    found = data_classes(root) if root.is_dir() else None
-    k = num_classes or (len(found[1]) if found else DEFAULT_CLASSES[layout])
     report = Report(root)
     if not root.is_dir():
         report.splits.append(SplitReport(root, problems=[f"data root {root} does not exist"]))
         return report
+    classes = data_classes(root)
+    k = num_classes or (len(classes[1]) if classes else DEFAULT_CLASSES[layout])
     # a split file given relative to the data root (as in the config), else to the cwd
     files = ([p if p.is_absolute() or not (root / p).is_file() else root / p
               for p in map(Path, splits)] if splits else sorted((root / "splits").rglob("*.txt")))
@@ -108,7 +108,17 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         report.splits.append(SplitReport(root / "splits", problems=[
             f"no split files under {root / 'splits'}; pass --splits FILE ..."]))
         return report
-    parsed = _parse_all(files, root, layout, report)
+    parsed = {}  # readable split file -> its (line number, image, mask) entries
+    for f in files:
+        report.splits.append(sr := SplitReport(f))
+        if not f.is_file():
+            sr.problems.append(f"split file {f} does not exist")
+            continue
+        entries, bad = parse_split(f, layout)
+        parsed[f] = [(lineno, root / image, root / mask) for lineno, _, image, mask in entries]
+        sr.count, sr.problems = len(entries), [f"line {n}: {msg}" for n, msg in bad]
+        if not entries and not bad:
+            sr.problems.append("lists no samples")
     pairs = sorted({(img, m) for entries in parsed.values() for _, img, m in entries})
     log(f"[verify] {root}: {len(files)} split files, {len(pairs)} distinct image/mask pairs")
     results = _check_pairs(pairs, (k, values, ignore_index), workers, log)
@@ -116,26 +126,6 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         for lineno, img, m in parsed.get(sr.path, []):
             sr.problems += [f"line {lineno}: {p}" for p in results[(img, m)]]
     return report
-
-
-def _parse_all(files: list[Path], root: Path, layout: str, report: Report
-               ) -> dict[Path, list[tuple[int, Path, Path]]]:
-    """(line number, image, mask) per entry of each readable split file; a SplitReport per
-    file (count, malformed lines) is appended to ``report``."""
-    parsed = {}
-    for f in files:
-        sr = SplitReport(f)
-        report.splits.append(sr)
-        if not f.is_file():
-            sr.problems.append(f"split file {f} does not exist")
-            continue
-        found, bad = parse_split(f, layout)
-        entries = [(lineno, root / image, root / mask) for lineno, _, image, mask in found]
-        sr.count, sr.problems = len(entries), [f"line {n}: {msg}" for n, msg in bad]
-        if not entries and not bad:
-            sr.problems.append("lists no samples")
-        parsed[f] = entries
-    return parsed
 
 
 def _check_pairs(pairs: list[tuple[Path, Path]], rules: tuple[int, bool, int], workers: int,
