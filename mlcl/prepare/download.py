@@ -28,7 +28,6 @@ from mlcl.files import atomic_write_json
 
 Log = Callable[[str], None]
 CHUNK = 1 << 20
-USER_AGENT = "mlcl-prepare/0.1 (+docs/real_data.md)"
 say: Log = functools.partial(print, flush=True)
 
 
@@ -84,13 +83,11 @@ def read_marker(path: Path) -> Optional[dict]:
 # --------------------------------------------------------------------------- download
 def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
                       sha256_prefix: Optional[str] = None) -> str:
-    bad = []
+    """What in ``got`` (hex digests) differs from the expected ones; empty when nothing."""
+    bad = [f"{algo} {got.get(algo)} (expected {want})" for algo, want in
+           (("md5", md5), ("sha256", sha256)) if want and got.get(algo) != want.lower()]
     if sha256_prefix and not got.get("sha256", "").startswith(sha256_prefix.lower()):
-        bad.append(f"sha256 {got.get('sha256')} (expected it to start with {sha256_prefix})")
-    if md5 and got.get("md5") != md5.lower():
-        bad.append(f"md5 {got.get('md5')} (expected {md5})")
-    if sha256 and got.get("sha256") != sha256.lower():
-        bad.append(f"sha256 {got.get('sha256')} (expected {sha256})")
+        bad.insert(0, f"sha256 {got.get('sha256')} (expected it to start with {sha256_prefix})")
     return "; ".join(bad)
 
 
@@ -113,22 +110,6 @@ def _total_from(resp, have: int) -> Optional[int]:
     return int(length) + (have if resp.status == 206 else 0) if length.isdigit() else None
 
 
-def _copy(resp, out, have: int, total: Optional[int], name: str, log: Log) -> int:
-    """Stream ``resp`` into ``out`` with a progress line every 10% or 30 s."""
-    got, t0, last_t, last_pct = have, time.monotonic(), time.monotonic(), -10
-    while block := resp.read(CHUNK):
-        out.write(block)
-        got += len(block)
-        t = time.monotonic()
-        pct = int(100 * got / total) if total else -1
-        if (total and total > 4 * CHUNK and pct >= last_pct + 10) or t - last_t > 30:
-            speed = (got - have) / max(t - t0, 1e-6)
-            of = f" / {human(total)} ({pct}%)" if total else ""
-            log(f"  {name}: {human(got)}{of}, {human(speed)}/s")
-            last_t, last_pct = t, pct
-    return got
-
-
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
           sha256: Optional[str] = None, sha256_prefix: Optional[str] = None,
           retries: int = 4, timeout: float = 60.0,
@@ -139,9 +120,8 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     removed (:class:`ChecksumError`). ``label`` names the file in messages."""
     # not torch.hub's download_url_to_file nor pooch: they restart a 2 GB archive from byte 0
     # after a dropped connection
-    dest = Path(dest)
+    dest, expect = Path(dest), (md5, sha256, sha256_prefix)
     name = label or dest.name
-    expect = (md5, sha256, sha256_prefix)
     if _usable_as_is(url, dest, name, expect, marker, log):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +200,7 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
     """One request: the rest of ``url`` appended to ``part`` after a 206 (a Range request),
     or the whole written afresh; raises on a short or bad answer."""
     have = part.stat().st_size if part.is_file() else 0
-    headers = {"User-Agent": USER_AGENT}
+    headers = {"User-Agent": "mlcl-prepare/0.1 (+docs/real_data.md)"}
     if have:
         headers["Range"] = f"bytes={have}-"
         log(f"[resume] {name}: {human(have)} on disk, asking for the rest")
@@ -235,8 +215,18 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
             log(f"  {name}: the server ignored the Range request; starting over")
             have = 0
         total = _total_from(resp, have)
+        got, t0, last_t, last_pct = have, time.monotonic(), time.monotonic(), -10
         with open(part, "ab" if have else "wb") as out:
-            got = _copy(resp, out, have, total, name, log)
+            while block := resp.read(CHUNK):  # a progress line every 10% or 30 s
+                out.write(block)
+                got += len(block)
+                t = time.monotonic()
+                pct = int(100 * got / total) if total else -1
+                if (total and total > 4 * CHUNK and pct >= last_pct + 10) or t - last_t > 30:
+                    speed = (got - have) / max(t - t0, 1e-6)
+                    of = f" / {human(total)} ({pct}%)" if total else ""
+                    log(f"  {name}: {human(got)}{of}, {human(speed)}/s")
+                    last_t, last_pct = t, pct
         if total is not None and got < total:
             raise DownloadError(f"connection closed at {got} of {total} bytes")
 

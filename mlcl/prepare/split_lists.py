@@ -26,18 +26,12 @@ RAW_BASE = "https://raw.githubusercontent.com"
 KNOWN_SHA256: dict[str, str] = {}
 
 # name -> (pool, divisor): labeled = ceil(len(pool) / divisor), which gives exactly the
-# standard sizes on the real data (92/183/366/732/1464 of 1,464; 662/1,323/2,646 of 10,582;
-# 186/372/744/1,488 of 2,975)
+# standard sizes on the real data (92/183/366/732/1464 of 1,464; 662/1,323/2,646 of 10,582
+# for 1_16/1_8/1_4 and the U2PL-named lists; 186/372/744/1,488 of 2,975)
 SPLITS: dict[str, dict[str, tuple[str, int]]] = {
-    "pascal": {
-        "92": ("train", 16), "183": ("train", 8), "366": ("train", 4), "732": ("train", 2),
-        "1464": ("train", 1),
-        "1_16": ("train_aug", 16), "1_8": ("train_aug", 8), "1_4": ("train_aug", 4),
-        "u2pl_1_16": ("train_aug", 16), "u2pl_1_8": ("train_aug", 8),
-        "u2pl_1_4": ("train_aug", 4),
-    },
-    "cityscapes": {"1_16": ("train", 16), "1_8": ("train", 8), "1_4": ("train", 4),
-                   "1_2": ("train", 2)},
+    "pascal": {**{str(math.ceil(1464 / d)): ("train", d) for d in (16, 8, 4, 2, 1)},
+               **{f"{u2pl}1_{d}": ("train_aug", d) for u2pl in ("", "u2pl_") for d in (16, 8, 4)}},
+    "cityscapes": {f"1_{d}": ("train", d) for d in (16, 8, 4, 2)},
 }
 # the unlabeled pool of every split (labeled + unlabeled = this), and val
 UNLABELED_POOL = {"pascal": "train_aug", "cityscapes": "train"}
