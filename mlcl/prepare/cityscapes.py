@@ -1,9 +1,7 @@
-"""Cityscapes (fine annotations) with trainId masks, in the layout UniMatch's lists name
-(docs/real_data.md). The two zips come from ``--zips DIR``, the downloads folder, or
-cityscapesscripts' downloader with the account in CITYSCAPES_USERNAME / CITYSCAPES_PASSWORD
-(read from the environment only, never written or printed); cityscapesscripts'
-``createTrainIdLabelImgs`` makes the masks.
-"""
+"""Cityscapes (fine) with trainId masks, in the layout UniMatch's lists name
+(docs/real_data.md): the two zips from ``--zips DIR``, the downloads folder, or cityscapesscripts'
+downloader with the account in the environment (never written or printed); the masks by
+cityscapesscripts' ``createTrainIdLabelImgs``."""
 from __future__ import annotations
 
 import os

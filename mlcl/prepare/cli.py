@@ -176,12 +176,13 @@ def _pretrained(args) -> int:
         raise MlclError("--url replaces the URL of one --torchvision ARCH only")
     # torch and torchvision load here only: the other data commands and --help need neither
     from mlcl.model import build_backbone
-    from mlcl.prepare.pretrained import backbone_for, check_checkpoint, fetch_torchvision
+    from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
 
     for arch in args.torchvision:
         fetch_torchvision(arch, url=args.url, **_fetch_kw(args))
     for path in args.check:
-        name = args.backbone or backbone_for(Path(path))
+        # by default the deep-stem backbone the file name suggests (resnet101.pth: R101)
+        name = args.backbone or f"resnet{101 if '101' in Path(path).name else 50}_deepstem"
         try:
             backbone = build_backbone(name)
         except ConfigError as e:

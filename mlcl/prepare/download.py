@@ -1,10 +1,7 @@
-"""Resumable, checksum-verified downloads and safe archive extraction, each idempotent.
-
-:func:`fetch` resumes ``dest.part`` with HTTP ``Range`` requests and, once the checksum is
-right, writes ``dest.done`` (url, bytes, digests, date); :func:`extract` copies selected
-archive members, refusing absolute paths and ``..``; :class:`Steps` keeps the ``.done``
-markers of multi-file steps.
-"""
+"""Resumable, checksum-verified downloads and safe archive extraction, each idempotent:
+:func:`fetch` resumes ``dest.part`` with HTTP Range requests and writes ``dest.done`` once the
+checksum is right; :func:`extract` refuses absolute paths and ``..``; :class:`Steps` keeps the
+``.done`` markers of multi-file steps."""
 from __future__ import annotations
 
 import datetime as _dt

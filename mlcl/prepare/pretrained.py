@@ -1,11 +1,7 @@
-"""Backbone weights (docs/real_data.md): torchvision's ImageNet files for
-``model.pretrained: true``, fetched into the torch hub cache by the project's resumable
-:func:`~mlcl.prepare.download.fetch` (torch.hub's neither resumes nor retries); and a check of
-UniMatch's deep-stem checkpoints (``model.pretrained: pretrained/resnet50.pth``, on Google
-Drive, no official checksum): size and sha256 recorded in ``pretrained/PROVENANCE.json`` on
-first sight, a later change refused, and the strict load training does
-(:func:`mlcl.model.load_backbone_weights`).
-"""
+"""Backbone weights (docs/real_data.md): torchvision's ImageNet files fetched into the torch
+hub cache with :func:`~mlcl.prepare.download.fetch` (torch.hub's neither resumes nor retries);
+UniMatch's deep-stem checkpoints checked: size and sha256 recorded in PROVENANCE.json on first
+sight (none is published), a later change refused, and training's strict load."""
 from __future__ import annotations
 
 import re
@@ -37,11 +33,6 @@ def fetch_torchvision(arch: str, url: Optional[str] = None, log: Log = say, **fe
     path = imagenet_file(arch).with_name(url.rsplit("/", 1)[-1])
     m = re.search(r"-([a-f0-9]{6,})\.", path.name)
     return fetch(url, path, sha256_prefix=m.group(1) if m else None, log=log, **fetch_kw)
-
-
-def backbone_for(path: Path) -> str:
-    """The deep-stem backbone a checkpoint's file name suggests (``resnet101.pth`` -> R101)."""
-    return "resnet101_deepstem" if "101" in path.name else "resnet50_deepstem"
 
 
 def check_checkpoint(path: str | Path, backbone: nn.Module, name: str, log: Log = say) -> dict:

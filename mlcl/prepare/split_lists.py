@@ -1,10 +1,7 @@
 """The standard semi-supervised split lists, UniMatch's (Yang et al., CVPR 2023) at commit
-:data:`UNIMATCH_COMMIT`, written to ``<root>/splits/<dataset>/`` with ``PROVENANCE.json``
-(URL, commit, sha256, lines, date); or, offline, seeded stand-ins of the same sizes marked
-``# NON-STANDARD``. A file's sha256 is pinned in :data:`KNOWN_SHA256` or recorded on first
-fetch and enforced after; every list is checked for its size, labeled ∩ unlabeled = ∅ and
-labeled ∪ unlabeled = the training pool (docs/real_data.md, section 4).
-"""
+:data:`UNIMATCH_COMMIT`, in ``<root>/splits/<dataset>/`` with ``PROVENANCE.json`` (URL, sha256
+pinned in :data:`KNOWN_SHA256` or recorded on first fetch, lines, date); offline, seeded
+stand-ins of the same sizes marked ``# NON-STANDARD``. Run-book: docs/real_data.md."""
 from __future__ import annotations
 
 import math
@@ -98,7 +95,7 @@ def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = No
     if prov.get("standard") is False:
         raise PrepareError(f"{out} holds NON-STANDARD generated lists; delete the folder to "
                            f"replace them with the standard ones")
-    same_source = prov.get("commit") == commit and prov.get("repo") == repo
+    same_source = (prov.get("commit"), prov.get("repo")) == (commit, repo)
     files = prov.get("files", {}) if same_source else {}
     skipped = []
 
@@ -113,8 +110,7 @@ def fetch_splits(dataset: str, root: str | Path, names: Optional[list[str]] = No
         key = f"{dataset}/{rel}"
         url = f"{base_url.rstrip('/')}/{repo}/{commit}/splits/{key}"
         pinned = KNOWN_SHA256.get(key) if base_url == RAW_BASE else None
-        recorded = files.get(rel, {}).get("sha256")
-        expect = pinned or recorded
+        expect = pinned or files.get(rel, {}).get("sha256")  # else recorded on first fetch
         dest = out / rel
         if dest.is_file() and not expect:
             dest.unlink()  # no provenance for it: fetch again rather than trust it

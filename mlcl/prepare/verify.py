@@ -1,10 +1,7 @@
-"""Check a prepared dataset against its split files, naming every missing or bad file.
-
-Lines are read as the loaders read them (:mod:`mlcl.data.splits`) and each pair gets the
-training run's own pre-flight check (:func:`mlcl.data.preflight.check_item`), or with
-``values=False`` only the header sizes; unlike the loaders, every problem is collected, and
-each distinct file is checked once however many lists name it.
-"""
+"""Check a prepared dataset against its split files, naming every missing or bad file: lines
+read as the loaders read them (:mod:`mlcl.data.splits`), each distinct pair checked once by
+training's pre-flight (:func:`mlcl.data.preflight.check_item`) or, ``values=False``, by header
+sizes; unlike the loaders, every problem is collected."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor

@@ -39,9 +39,8 @@ SBD = Resource(
 STEPS = ("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks")
 SEG_SETS = Path("ImageSets", "Segmentation")
 
-_VOC_MEMBER = re.compile(
-    r"^(?:\./)?VOCdevkit/VOC2012/"
-    r"(JPEGImages|SegmentationClass|ImageSets/Segmentation)/([^/]+)$")
+_VOC_MEMBER = re.compile(r"^(?:\./)?VOCdevkit/VOC2012/"
+                         r"(JPEGImages|SegmentationClass|ImageSets/Segmentation)/([^/]+)$")
 _SBD_MEMBER = re.compile(
     r"^(?:\./)?benchmark_RELEASE/dataset/(cls/[^/]+\.mat|train\.txt|val\.txt)$")
 _AUG_MEMBER = re.compile(r"(?:^|/)SegmentationClassAug/([^/]+\.png)$")
@@ -52,17 +51,6 @@ def read_ids(path: Path) -> list[str]:
     if not path.is_file():
         raise PrepareError(f"{path} is missing: the archive did not contain it")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def sbd_mat_to_png(mat: Path, png: Path, palette: list[int]) -> None:
-    """SBD's ``GTcls.Segmentation`` (class indices 0-20) as a VOC palette PNG."""
-    try:
-        seg = scipy.io.loadmat(mat, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
-    except Exception as e:  # noqa: BLE001 - any unreadable .mat is the same problem
-        raise PrepareError(f"{mat}: cannot read GTcls.Segmentation ({type(e).__name__}: {e})")
-    img = Image.fromarray(np.asarray(seg, dtype=np.uint8))
-    img.putpalette(palette)
-    atomic_write(png, lambda p: img.save(p, format="PNG"))
 
 
 def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: str = "sbd",
@@ -191,8 +179,14 @@ def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: dict[str, Pat
     src = source.get(i)
     if src is None or not src.is_file():
         raise PrepareError(f"{i}: no mask in {fine.parent} nor the augmentation set ({src})")
-    if src.suffix == ".mat":
-        sbd_mat_to_png(src, dst, palette)
-    else:
+    if src.suffix == ".png":  # a SegmentationClassAug mask
         atomic_write(dst, lambda p: shutil.copyfile(src, p))
+        return "aug"
+    try:  # SBD's GTcls.Segmentation (class indices 0-20) as a VOC palette PNG
+        mat = scipy.io.loadmat(src, squeeze_me=True, struct_as_record=False)
+        img = Image.fromarray(np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8))
+    except Exception as e:  # noqa: BLE001 - any unreadable .mat is the same problem
+        raise PrepareError(f"{src}: cannot read GTcls.Segmentation ({type(e).__name__}: {e})")
+    img.putpalette(palette)
+    atomic_write(dst, lambda p: img.save(p, format="PNG"))
     return "aug"
