@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=reproduce.figures_main)
 
     p = sub.add_parser("demo", help="the short CPU demo: synthetic data, train, evaluate")
-    p.add_argument("--out", default=None, help="runs folder (default runs/demo)")
+    p.add_argument("--out", help="runs folder (default runs/demo)")
     p.set_defaults(func=demo.run_demo)
     return parser
 

@@ -113,9 +113,9 @@ def prepare_cityscapes(root: str | Path, downloads: Optional[str | Path] = None,
     steps = Steps(root)
     if force:
         steps.clear("cityscapes", "trainids", *(f"extract-{p}" for p in PACKAGES))
-    if done := steps.finished_counts("cityscapes", expected):
-        log(f"[skip] Cityscapes already prepared in {root}: {done}")
-        return done
+    if (done := steps.get("cityscapes")) and done.get("counts") == expected:
+        log(f"[skip] Cityscapes already prepared in {root}: {done['counts']}")
+        return done["counts"]
     found = find_zips(zips, downloads)
     if missing := [p for p in PACKAGES if p not in found]:
         found.update(download_zips(missing, downloads, base_url, log))

@@ -45,11 +45,10 @@ def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
 def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: str) -> None:
     """The options a dataset command shares: expected counts, verify, downloads, splits; the
     final verify pass runs with ``data verify``'s defaults."""
-    p.add_argument("--expect", type=_counts, default=None, metavar=counts,
+    p.add_argument("--expect", type=_counts, metavar=counts,
                    help=f"expected counts (default: {real}; for tests)")
     p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
-    p.add_argument("--downloads", default=None,
-                   help="folder for the archives (default: ROOT/../downloads)")
+    p.add_argument("--downloads", help="folder for the archives (default: ROOT/../downloads)")
     _retry_args(p)
     p.add_argument("--force", action="store_true",
                    help="forget the .done markers of this dataset and redo every step "
@@ -79,10 +78,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     p.add_argument("--aug", default="sbd",
                    help="'sbd' (download SBD and convert its .mat labels; default), or a "
                         "SegmentationClassAug folder or zip you already have")
-    p.add_argument("--voc-url", default=None, help="mirror of the VOC trainval tar")
-    p.add_argument("--voc-md5", default=None, help="md5 of that tar (default: the official)")
-    p.add_argument("--sbd-url", default=None, help="mirror of SBD's benchmark.tgz")
-    p.add_argument("--sbd-md5", default=None, help="md5 of that tgz (default: the official)")
+    p.add_argument("--voc-url", help="mirror of the VOC trainval tar")
+    p.add_argument("--voc-md5", help="md5 of that tar (default: the official)")
+    p.add_argument("--sbd-url", help="mirror of SBD's benchmark.tgz")
+    p.add_argument("--sbd-md5", help="md5 of that tgz (default: the official)")
     p.add_argument("--keep-staging", action="store_true", help="keep the extracted SBD .mat files")
     _dataset_args(p, "pascal", "train_aug=N,train=N,val=N", "10582, 1464, 1449")
 
@@ -95,8 +94,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     p.set_defaults(step=_cityscapes)
     p.add_argument("--root", default="data/cityscapes",
                    help="dataset folder (default: %(default)s)")
-    p.add_argument("--zips", default=None, help="folder holding the two zips, if downloaded")
-    p.add_argument("--base-url", default=None,
+    p.add_argument("--zips", help="folder holding the two zips, if downloaded")
+    p.add_argument("--base-url",
                    help="Cityscapes server (default: the official; for mirrors and tests)")
     p.add_argument("--with-test", action="store_true", help="also extract the test images")
     _dataset_args(p, "cityscapes", "train=N,val=N", "2975, 500")
@@ -106,11 +105,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                                    "NAME/unlabeled.txt, val.txt} and PROVENANCE.json.")
     p.set_defaults(step=_splits)
     p.add_argument("--root", required=True, help="the prepared dataset folder")
-    p.add_argument("--names", nargs="*", default=None, help="split names (default: all)")
-    p.add_argument("--expect", type=_counts, default=None, metavar="POOL=N,...",
+    p.add_argument("--names", nargs="*", help="split names (default: all)")
+    p.add_argument("--expect", type=_counts, metavar="POOL=N,...",
                    help="pool sizes (train[,train_aug],val) when not the real ones; for tests")
-    p.add_argument("--force", action="store_true",
-                   help="let generated lists replace standard ones")
+    p.add_argument("--force", action="store_true", help="let generated lists replace standard ones")
     _retry_args(p)
     _split_args(p, None)
 
@@ -121,9 +119,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     p.set_defaults(step=_verify)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
-    p.add_argument("--splits", nargs="*", default=None,
+    p.add_argument("--splits", nargs="*",
                    help="split files, relative to ROOT or absolute (default: ROOT/splits/**/*.txt)")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=int,
                    help="K (default: ROOT/classes.txt, else 21 voc, 19 cityscapes)")
     p.add_argument("--ignore-index", type=int, default=DataConfig().ignore_index,
                    help="the label of unscored pixels (data.ignore_index; default %(default)s)")
@@ -140,11 +138,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     p.set_defaults(step=_pretrained)
     p.add_argument("--torchvision", nargs="*", default=[], metavar="ARCH",
                    help="e.g. resnet50 resnet101")
-    p.add_argument("--url", default=None, help="replace torchvision's URL (one ARCH only)")
+    p.add_argument("--url", help="replace torchvision's URL (one ARCH only)")
     p.add_argument("--check", nargs="*", default=[], metavar="PATH",
                    help="deep-stem checkpoints to check, e.g. pretrained/resnet50.pth")
-    p.add_argument("--backbone", default=None,
-                   help="backbone of --check files (default: from the file name)")
+    p.add_argument("--backbone", help="backbone of --check files (default: from the file name)")
     _retry_args(p)
 
 

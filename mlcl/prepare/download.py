@@ -287,11 +287,6 @@ class Steps:
         for step in steps:
             (self.dir / f"{step}.done").unlink(missing_ok=True)
 
-    def finished_counts(self, step: str, expected: dict[str, int]) -> Optional[dict[str, int]]:
-        """The counts ``step`` recorded when they equal ``expected``, else None (redo it)."""
-        done = self.get(step)
-        return done["counts"] if done and done.get("counts") == expected else None
-
     def extract_once(self, step: str, archive: Path, dest: Path,
                      select: Callable[[str], Optional[str]], log: Log = say) -> bool:
         """:func:`extract` ``archive`` into ``dest`` unless ``step`` is done; True when it ran."""

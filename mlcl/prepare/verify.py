@@ -18,7 +18,6 @@ from mlcl.data.splits import DataError, parse_split
 from mlcl.prepare.download import Log, say
 
 IGNORE = DataConfig().ignore_index
-DEFAULT_CLASSES = {"voc": 21, "cityscapes": 19}
 
 
 @dataclass
@@ -97,7 +96,7 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         report.splits.append(SplitReport(root, problems=[f"data root {root} does not exist"]))
         return report
     classes = data_classes(root)
-    k = num_classes or (len(classes[1]) if classes else DEFAULT_CLASSES[layout])
+    k = num_classes or (len(classes[1]) if classes else {"voc": 21, "cityscapes": 19}[layout])
     # a split file given relative to the data root (as in the config), else to the cwd
     files = ([p if p.is_absolute() or not (root / p).is_file() else root / p
               for p in map(Path, splits)] if splits else sorted((root / "splits").rglob("*.txt")))

@@ -67,9 +67,9 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
     steps = Steps(root)
     if force:
         steps.clear(*STEPS)
-    if done := steps.finished_counts("voc", expected):
-        log(f"[skip] VOC 2012 already prepared in {root}: {done}")
-        return done
+    if (done := steps.get("voc")) and done.get("counts") == expected:
+        log(f"[skip] VOC 2012 already prepared in {root}: {done['counts']}")
+        return done["counts"]
     root.mkdir(parents=True, exist_ok=True)
     tar = fetch(voc.url, downloads / voc.filename, md5=voc.md5, **fetch_kw)
     train, val = extract_voc(tar, root, steps, log)
