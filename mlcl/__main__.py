@@ -14,9 +14,8 @@ import sys
 
 from mlcl.errors import CommandLineParser, MlclError, run_reported
 
-# Each handler imports its command's modules: the parser loads only torch-free ones, so that
-# the light commands (synth, data but verify and pretrained, reproduce, figures, --help) never
-# load torch (tests/test_imports.py).
+# Each handler imports its command's modules; the parser loads only torch-free ones, so the
+# light commands (synth, data but verify/pretrained, reproduce, figures, --help) never do.
 
 
 def positive_int(text: str) -> int:
@@ -27,8 +26,7 @@ def positive_int(text: str) -> int:
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or a run folder "
-                   "(its best.pt)")
+    p.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (its best.pt)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
@@ -163,8 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)
 
-    p = sub.add_parser("figures", help="figures and tables from the results registry "
-                                       "(notebooks/figures.ipynb)")
+    p = sub.add_parser("figures", help="figures and tables of the results registry (notebooks/)")
     reproduce.add_figures_arguments(p)
     p.set_defaults(func=reproduce.figures_main)
 
@@ -175,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mlcl ARGV``: the command's exit status; every error ends as one line and
-    its status (mlcl.errors.run_reported)."""
+    """``python -m mlcl ARGV``: the exit status; an error ends as one line (mlcl.errors)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["measure"]:  # it parses its whole argument list itself
         from mlcl.measure import main as measure_main

@@ -25,9 +25,8 @@ _MEMBER = re.compile(r"^(?:\./)?((?:leftImg8bit|gtFine)/(train|val|test)/[^/]+/[
 
 
 def login(user: str, password: str, base_url: str = BASE_URL):
-    """A requests session logged in as cityscapesscripts' downloader does (a 302 answer means
-    success), without its credentials file. With a non-default ``base_url`` (a mirror, a test
-    server) every request for BASE_URL goes there, so cityscapesscripts' code runs unchanged."""
+    """A requests session logged in as cityscapesscripts' downloader does, without its
+    credentials file; requests for BASE_URL go to ``base_url`` (a mirror, a test server)."""
     session = requests.Session()
     base_url = base_url.rstrip("/")
     if base_url != BASE_URL:

@@ -43,8 +43,7 @@ def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
 
 
 def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: str) -> None:
-    """The options a dataset command shares: expected counts, verify, downloads, splits; the
-    final verify pass runs with ``data verify``'s defaults."""
+    """The options of voc and cityscapes: counts, downloads, splits, verify (its defaults)."""
     p.add_argument("--expect", type=_counts, metavar=counts,
                    help=f"expected counts (default: {real}; for tests)")
     p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
@@ -59,9 +58,8 @@ def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: s
                    ignore_index=DataConfig().ignore_index)
 
 
-DESCRIPTION = ("Download, prepare and verify Pascal VOC 2012 (+SBD) and Cityscapes, the standard "
-               "split lists and the backbone checkpoints. Every step is idempotent: re-running "
-               "skips what is done and verified. Run-book: docs/real_data.md.")
+DESCRIPTION = ("Download, prepare and verify VOC 2012 (+SBD), Cityscapes, the standard split "
+               "lists and the backbone checkpoints; a re-run skips what is done and verified.")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -101,8 +99,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     _dataset_args(p, "cityscapes", "train=N,val=N", "2975, 500")
 
     p = sub.add_parser("splits", help="UniMatch's split lists (pinned commit) or seeded stand-ins",
-                       description="Write ROOT/splits/DATASET/{NAME/labeled.txt, "
-                                   "NAME/unlabeled.txt, val.txt} and PROVENANCE.json.")
+                       description="Write ROOT/splits/DATASET/ and its PROVENANCE.json.")
     p.set_defaults(step=_splits)
     p.add_argument("--root", required=True, help="the prepared dataset folder")
     p.add_argument("--names", nargs="*", help="split names (default: all)")
@@ -113,9 +110,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     _split_args(p, None)
 
     p = sub.add_parser("verify", help="check a dataset against its split files",
-                       description="Counts per split, every listed file exists, image and mask "
-                                   "sizes agree, mask values in {0..K-1, --ignore-index}. "
-                                   "Exit 1 on any problem, naming each bad file.")
+                       description="Every listed file exists and decodes, sizes agree, mask values "
+                                   "in 0..K-1 or --ignore-index; exit 1 naming each bad file.")
     p.set_defaults(step=_verify)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
@@ -189,8 +185,7 @@ def _pretrained(args) -> int:
 
 
 def run(args) -> int:
-    """Run the parsed command; its exit status (an MlclError propagates; Ctrl-C becomes a
-    RunInterrupted saying that the same command resumes)."""
+    """The parsed command's exit status; Ctrl-C becomes a RunInterrupted (the command resumes)."""
     try:
         return args.step(args)
     except KeyboardInterrupt:

@@ -61,9 +61,8 @@ def check_lists(out: Path, dataset: str, names: list[str],
     """Line counts of the lists in ``out`` against the pool sizes; raise on any mismatch."""
     pools = pools or STANDARD_POOLS[dataset]
     total = pools[UNLABELED_POOL[dataset]]
-    problems, counts = [], {}
     val = _lines(out / "val.txt")
-    counts["val"] = len(val)
+    problems, counts = [], {"val": len(val)}
     if len(val) != pools["val"]:
         problems.append(f"val.txt has {len(val)} lines, expected {pools['val']}")
     for name in names:

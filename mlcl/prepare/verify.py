@@ -45,8 +45,8 @@ class Report:
         out = [f"dataset {self.root}"]
         for s in self.splits:
             rel = s.path.relative_to(self.root) if s.path.is_relative_to(self.root) else s.path
-            state = "OK" if not s.problems else f"{len(s.problems)} problem(s)"
-            out.append(f"  {rel}: {s.count} samples, {state}")
+            out.append(f"  {rel}: {s.count} samples, "
+                       + (f"{len(s.problems)} problem(s)" if s.problems else "OK"))
             out += [f"    {p}" for p in s.problems[:max_per_split]]
             if len(s.problems) > max_per_split:
                 out.append(f"    ... and {len(s.problems) - max_per_split} more")

@@ -36,7 +36,6 @@ SBD = Resource(
     url="https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
         "semantic_contours/benchmark.tgz",
     filename="benchmark.tgz", md5="82b4d87ceb2ed10f6038a1cba92111cb")
-STEPS = ("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks")
 SEG_SETS = Path("ImageSets", "Segmentation")
 
 _VOC_MEMBER = re.compile(r"^(?:\./)?VOCdevkit/VOC2012/"
@@ -66,7 +65,7 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
     fetch_kw = {"log": log, **(fetch_kw or {})}
     steps = Steps(root)
     if force:
-        steps.clear(*STEPS)
+        steps.clear("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks")
     if (done := steps.get("voc")) and done.get("counts") == expected:
         log(f"[skip] VOC 2012 already prepared in {root}: {done['counts']}")
         return done["counts"]
