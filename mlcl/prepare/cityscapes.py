@@ -48,9 +48,8 @@ def login(user: str, password: str, base_url: str = BASE_URL):
 
 
 def download(session, package: str, downloads: Path, log: Log = say) -> Path:
-    """One package via cityscapesscripts' ``download_packages`` (resuming a partial file: a
-    complete one is a zip, which :func:`find_zips` takes), md5-checked against the server's;
-    a file that fails the check is removed."""
+    """One package by cityscapesscripts, resuming a partial file (a complete one is a zip,
+    taken by :func:`find_zips`) and checking the server's md5; a file that fails is removed."""
     from cityscapesscripts.download.downloader import download_packages
 
     dest = downloads / package

@@ -18,8 +18,7 @@ from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fe
 UNIMATCH_REPO = "LiheYoung/UniMatch"
 UNIMATCH_COMMIT = "818609d195fa1079fbb67589299d9aec07acac46"
 RAW_BASE = "https://raw.githubusercontent.com"
-# path under splits/ -> sha256 of the file at UNIMATCH_COMMIT (fill in from a PROVENANCE.json
-# of a real fetch to pin them in code; empty = recorded on first fetch)
+# path under splits/ -> sha256 at UNIMATCH_COMMIT, from a real fetch's PROVENANCE.json (none yet)
 KNOWN_SHA256: dict[str, str] = {}
 
 # name -> (pool, divisor): labeled = ceil(len(pool) / divisor), which gives exactly the
