@@ -14,20 +14,20 @@ import sys
 
 from mlcl.errors import CommandLineParser, MlclError, run_reported
 
-# Each handler imports its command's modules: the parser loads only torch-free ones, so that
-# the light commands (synth, data but verify and pretrained, reproduce, figures, --help) never
-# load torch (tests/test_imports.py).
+# Each handler imports its command's modules; the parser loads only torch-free ones, so the
+# light commands (synth, data but verify/pretrained, reproduce, figures, --help) never do.
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return int(text)
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (its best.pt)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -110,14 +110,8 @@ def cmd_predict(args) -> int:
 def cmd_synth(args) -> int:
     from mlcl.study.synthetic import run_synth
 
-    run_synth(args)
+    run_synth(args)  # it returns the dataset's folder
     return 0
-
-
-def cmd_demo(args) -> int:
-    from mlcl.study.demo import run_demo
-
-    return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write the synthetic dataset")
-    from mlcl.study.synthetic import add_synth_args
+    from mlcl.study import demo, reproduce, synthetic
 
-    add_synth_args(p)
+    p = sub.add_parser("synth", help="write the synthetic dataset")
+    synthetic.add_synth_args(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train a method (resumes when output_dir has a checkpoint)")
@@ -136,16 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="mIoU of a checkpoint on the validation split")
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or a run folder "
-                   "(its best.pt)")
+    _checkpoint_args(p)
     p.add_argument("--out", help="also write the result as JSON here (a new file, or one an "
                    "earlier evaluate wrote)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="palette PNG predictions for a folder of images")
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or a run folder "
-                   "(its best.pt)")
+    _checkpoint_args(p)
     p.add_argument("--images", required=True, help="an image, or a folder of images")
     p.add_argument("--recursive", action="store_true", help="also the images of sub-folders")
     p.add_argument("--out", required=True, help="a new (or empty) folder for the predictions: "
@@ -156,7 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=positive_int,
                    help="images above TILE x TILE pixels are predicted in overlapping "
                         "TILE x TILE windows (default mlcl.predict.TILE, 1024)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_predict)
 
     from mlcl.prepare import cli as data_cli
@@ -165,36 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
                        description=data_cli.DESCRIPTION)
     data_cli.add_arguments(p)
 
-    # these hand their whole argument list to their own parsers (see main)
     sub.add_parser("measure", help="bench, rehearse, costs, gpu-check (measure --help)")
 
     p = sub.add_parser("reproduce", help="run a grid of runs (skips complete ones)")
-    from mlcl.study import reproduce
-
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.main)
 
-    p = sub.add_parser("figures", help="figures and tables from the results registry "
-                                       "(notebooks/figures.ipynb)")
+    p = sub.add_parser("figures", help="figures and tables of the results registry (notebooks/)")
     reproduce.add_figures_arguments(p)
     p.set_defaults(func=reproduce.figures_main)
 
     p = sub.add_parser("demo", help="the short CPU demo: synthetic data, train, evaluate")
-    p.add_argument("--out", default=None, help="runs folder (default runs/demo)")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--out", help="runs folder (default runs/demo)")
+    p.set_defaults(func=demo.run_demo)
     return parser
 
 
-PASS_THROUGH = {"measure": "mlcl.measure"}
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mlcl ARGV``: the command's exit status; every error ends as one line and
-    its status (mlcl.errors.run_reported)."""
+    """``python -m mlcl ARGV``: the exit status; an error ends as one line (mlcl.errors)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in PASS_THROUGH:
-        module = __import__(PASS_THROUGH[argv[0]], fromlist=["main"])
-        return run_reported(lambda: module.main(argv[1:]))
+    if argv[:1] == ["measure"]:  # it parses its whole argument list itself
+        from mlcl.measure import main as measure_main
+
+        return run_reported(lambda: measure_main(argv[1:]))
     args = build_parser().parse_args(argv)
     return run_reported(lambda: args.func(args))
 

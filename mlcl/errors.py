@@ -1,17 +1,7 @@
 """How a command ends on an error: one line on stderr, ``error: <file, key or flag>: <why>``,
-and an exit status; no traceback (``MLCL_DEBUG=1`` shows it, a stopped run excepted).
-
-Every error mlcl raises for its user is an :class:`MlclError`; its ``exit_code`` is the status:
-2 for bad input (configuration, data, files, flags: the default), 1 for a step that failed
-for another reason (a download, a checkpoint not written), 3 for a diverged run, 128 + the
-signal for a run stopped by one after its checkpoint (130 Ctrl-C, 143 SIGTERM). The standard
-library's OSError and ValueError (a missing file, an unreadable image) count as bad input.
-
-:func:`run_reported` turns an error into its line and status; ``python -m mlcl`` ends every
-subcommand through it, ``data`` and ``bench`` included, and :class:`CommandLineParser`
-reports a bad flag the same way. This module loads no heavy library (nor torch), so that
-every command reports its errors without loading them.
-"""
+and an exit status (docs/bad_input.md); ``MLCL_DEBUG=1`` shows the traceback instead.
+Every subcommand of ``python -m mlcl`` ends through :func:`run_reported`; this module loads
+no heavy library (nor torch), so that every command reports its errors without loading them."""
 from __future__ import annotations
 
 import argparse
@@ -24,9 +14,9 @@ BAD_INPUT_EXIT = 2
 
 
 class MlclError(Exception):
-    """An error for the user: the message is one line naming the file, key or flag and how to
-    fix it; ``exit_code`` is the command's status (module docstring); ``report`` is false on
-    all processes of a run but the main one (one line per run, not per process)."""
+    """An error for the user: one line naming the file, key or flag and how to fix it.
+    ``exit_code``: 2 bad input (the default), 1 a step that failed for another reason;
+    ``report`` is false on all processes of a run but the main one (one line per run)."""
 
     exit_code = BAD_INPUT_EXIT
     report = True
@@ -35,10 +25,6 @@ class MlclError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
-
-    def line(self) -> str:
-        """The line shown on stderr."""
-        return f"error: {error_line(self)}"
 
 
 class RunStopped(MlclError):
@@ -49,13 +35,10 @@ class RunStopped(MlclError):
 
 class RunInterrupted(RunStopped):
     """A stop signal ended the run (after a checkpoint, for training); the same command
-    resumes it. Its line is the message itself, not an error."""
+    resumes it. Its line is the message itself, not an error; status 128 + the signal."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message, 128 + signum)  # the shell's convention: 130 Ctrl-C, 143 TERM
-
-    def line(self) -> str:
-        return str(self)
 
 
 class RunDiverged(RunStopped):
@@ -65,9 +48,9 @@ class RunDiverged(RunStopped):
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported like every other bad input: one line,
-    ``error: <command>: <why> (see <command> --help)``, exit status 2 (not the usage block).
-    Sub-command parsers made by ``add_subparsers`` are of this class too."""
+    """argparse, with a bad flag reported as one line,
+    ``error: <command>: <why> (see <command> --help)``, and exit status 2 (not the usage
+    block); ``add_subparsers`` makes parsers of this class too."""
 
     def error(self, message: str):
         self.exit(BAD_INPUT_EXIT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
@@ -85,9 +68,9 @@ def error_line(e: BaseException) -> str:
 
 
 def run_reported(command: Callable[[], int | None]) -> int:
-    """``command()``'s exit status (None: 0), or for an :class:`MlclError`, a bad-input
-    OSError / ValueError or Ctrl-C its line on stderr and its status (module docstring).
-    Any other error propagates with its traceback: a bug, not bad input."""
+    """``command()``'s exit status (None: 0); for an :class:`MlclError`, an OSError or
+    ValueError (bad input) or Ctrl-C, its line on stderr and its status. Any other error
+    propagates with its traceback: a bug, not bad input."""
     try:
         return command() or 0
     except KeyboardInterrupt:  # outside a training loop, whose StopSignals take Ctrl-C
@@ -97,6 +80,6 @@ def run_reported(command: Callable[[], int | None]) -> int:
         if os.environ.get("MLCL_DEBUG") and not isinstance(e, RunStopped):
             raise
         if getattr(e, "report", True):
-            line = e.line() if isinstance(e, MlclError) else f"error: {error_line(e)}"
+            line = str(e) if isinstance(e, RunInterrupted) else f"error: {error_line(e)}"
             print(line, file=sys.stderr, flush=True)
         return getattr(e, "exit_code", BAD_INPUT_EXIT)

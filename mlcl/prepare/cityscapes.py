@@ -1,64 +1,32 @@
-"""Cityscapes (fine annotations) with trainId masks, in the layout UniMatch's lists name.
-
-Result under ``root`` (e.g. data/cityscapes)::
-
-    leftImg8bit/{train,val}/{city}/{city}_{seq}_{frame}_leftImg8bit.png        2,975 + 500
-    gtFine/{train,val}/{city}/{...}_gtFine_{polygons.json,labelIds.png,...}   as shipped
-    gtFine/{train,val}/{city}/{...}_gtFine_labelTrainIds.png                  19 classes, 255
-    splits/cityscapes/...                                                     (split_lists.py)
-
-The two zips (``leftImg8bit_trainvaltest.zip`` 11 GB, ``gtFine_trainvaltest.zip`` 241 MB) are
-taken from ``--zips DIR`` or the downloads folder when present; otherwise they are downloaded
-with cityscapesscripts' downloader, which needs an account: the credentials are read from the
-environment variables CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD and are never written to
-disk or printed (cityscapesscripts' own ``csDownload`` would offer to store them in a file).
-The trainId masks are made by cityscapesscripts' ``createTrainIdLabelImgs`` (which finds the
-data through the CITYSCAPES_DATASET variable, set here for the duration of the call).
-"""
+"""Cityscapes (fine) with trainId masks, in the layout UniMatch's lists name
+(docs/real_data.md): the two zips from ``--zips DIR``, the downloads folder, or cityscapesscripts'
+downloader with the account in the environment (never written or printed); the masks by
+cityscapesscripts' ``createTrainIdLabelImgs``."""
 from __future__ import annotations
 
 import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
+from unittest import mock
 
 import requests
 from requests.adapters import HTTPAdapter
 
 from mlcl.prepare.download import (DownloadError, Log, PrepareError, Steps, check_counts, digests,
                                    mark_downloaded, marker_path, read_marker, say)
-
-# cityscapesscripts is imported inside the functions that use it: only a download with an
-# account and the trainId step need it.
+from mlcl.prepare.split_lists import STANDARD_POOLS
 
 BASE_URL = "https://www.cityscapes-dataset.com"
 PACKAGES = ("gtFine_trainvaltest.zip", "leftImg8bit_trainvaltest.zip")
-COUNTS = {"train": 2975, "val": 500}
 USER_ENV, PASSWORD_ENV = "CITYSCAPES_USERNAME", "CITYSCAPES_PASSWORD"
 _MEMBER = re.compile(r"^(?:\./)?((?:leftImg8bit|gtFine)/(train|val|test)/[^/]+/[^/]+)$")
 
 
-class CredentialsError(PrepareError):
-    pass
-
-
-def credentials(env: Mapping[str, str]) -> tuple[str, str]:
-    """(username, password) from the environment, or a CredentialsError that says what to do."""
-    user, password = env.get(USER_ENV, ""), env.get(PASSWORD_ENV, "")
-    if user and password:
-        return user, password
-    missing = " and ".join(v for v, x in ((USER_ENV, user), (PASSWORD_ENV, password)) if not x)
-    raise CredentialsError(
-        f"Cityscapes needs an account to download (register at "
-        f"{BASE_URL}/register/). {missing} not set. Either export {USER_ENV} and "
-        f"{PASSWORD_ENV} (they are read from the environment only, never stored), or download "
-        f"{' and '.join(PACKAGES)} yourself and pass their folder with --zips DIR.")
-
-
-def _session(base_url: str):
-    """A requests session; with a non-default ``base_url`` (a mirror, or a test server) every
-    request for BASE_URL is sent there instead, so cityscapesscripts' code runs unchanged."""
+def login(user: str, password: str, base_url: str = BASE_URL):
+    """A requests session logged in as cityscapesscripts' downloader does, without its
+    credentials file; requests for BASE_URL go to ``base_url`` (a mirror, a test server)."""
     session = requests.Session()
     base_url = base_url.rstrip("/")
     if base_url != BASE_URL:
@@ -68,47 +36,23 @@ def _session(base_url: str):
                 return super().send(request, **kw)
 
         session.mount(BASE_URL, Rebase())
-    return session
-
-
-def login(user: str, password: str, base_url: str = BASE_URL):
-    """Log in as cityscapesscripts' downloader does (a 302 answer means success), without
-    its credentials file."""
-    session = _session(base_url)
     r = session.get(f"{BASE_URL}/login", allow_redirects=False)
     r.raise_for_status()
     r = session.post(f"{BASE_URL}/login", allow_redirects=False,
                      data={"username": user, "password": password, "submit": "Login"})
     r.raise_for_status()
     if r.status_code != 302:
-        raise CredentialsError(f"the Cityscapes server refused the login for the account in "
-                               f"{USER_ENV}; check {USER_ENV} / {PASSWORD_ENV}")
+        raise PrepareError(f"the Cityscapes server refused the login for the account in "
+                           f"{USER_ENV}; check {USER_ENV} / {PASSWORD_ENV}")
     return session
 
 
-def _server_md5(session, package: str) -> str:
-    from cityscapesscripts.download.downloader import get_available_packages
-
-    ids = {p["name"]: p["packageID"] for p in get_available_packages(session=session)}
-    if package not in ids:
-        raise DownloadError(f"the Cityscapes server does not offer {package} to this account")
-    r = session.get(f"{BASE_URL}/md5-sum/?packageID={ids[package]}", allow_redirects=False)
-    r.raise_for_status()
-    return r.text.split()[0]
-
-
 def download(session, package: str, downloads: Path, log: Log = say) -> Path:
-    """One package via cityscapesscripts' ``download_packages`` (resumed if a partial file
-    is there, md5-checked against the server's); a file that fails the check is removed."""
+    """One package by cityscapesscripts, resuming a partial file (a complete one is a zip,
+    taken by :func:`find_zips`) and checking the server's md5; a file that fails is removed."""
     from cityscapesscripts.download.downloader import download_packages
 
     dest = downloads / package
-    if dest.is_file():  # partial, or complete without our marker: compare with the server
-        md5 = _server_md5(session, package)
-        if digests(dest, ("md5",))["md5"] == md5:
-            log(f"[ok] {package}: present and matches the server's md5")
-            mark_downloaded(dest, md5=md5)
-            return dest
     log(f"[download] {package} from the Cityscapes server"
         f"{' (resuming)' if dest.is_file() else ''}")
     try:
@@ -131,18 +75,12 @@ def make_train_ids(root: Path, log: Log = say) -> None:
     from cityscapesscripts.preparation import createTrainIdLabelImgs
 
     log("[trainIds] cityscapesscripts createTrainIdLabelImgs (a few minutes on the real data)")
-    old = os.environ.get("CITYSCAPES_DATASET")
-    os.environ["CITYSCAPES_DATASET"] = str(root.resolve())
-    try:
-        createTrainIdLabelImgs.main()
+    try:  # it finds the data through CITYSCAPES_DATASET, set for the call only
+        with mock.patch.dict(os.environ, {"CITYSCAPES_DATASET": str(root.resolve())}):
+            createTrainIdLabelImgs.main()
     except SystemExit as e:
         raise PrepareError(f"createTrainIdLabelImgs failed (exit {e.code}): no "
                            f"gtFine/*/*/*_gtFine_polygons.json under {root}?") from None
-    finally:
-        if old is None:
-            os.environ.pop("CITYSCAPES_DATASET", None)
-        else:
-            os.environ["CITYSCAPES_DATASET"] = old
     print(flush=True)  # its progress line ends without a newline
 
 
@@ -163,30 +101,35 @@ def count(root: Path) -> dict[str, int]:
 
 def prepare_cityscapes(root: str | Path, downloads: Optional[str | Path] = None,
                        zips: Optional[str | Path] = None, base_url: str = BASE_URL,
-                       env: Optional[Mapping[str, str]] = None, with_test: bool = False,
-                       expected: Optional[dict[str, int]] = None, force: bool = False,
-                       log: Log = say) -> dict:
+                       with_test: bool = False, expected: Optional[dict[str, int]] = None,
+                       force: bool = False, log: Log = say) -> dict:
     """Get the two zips, extract train/val (and test with ``with_test``), make trainId masks,
-    check the counts (:data:`COUNTS`, or ``expected`` in tests); return the counts."""
+    check the counts (the standard ones, or ``expected`` in tests); return the counts."""
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
-    expected = dict(COUNTS if expected is None else expected)
+    expected = dict(STANDARD_POOLS["cityscapes"] if expected is None else expected)
     steps = Steps(root)
     if force:
         steps.clear("cityscapes", "trainids", *(f"extract-{p}" for p in PACKAGES))
-    if done := steps.finished_counts("cityscapes", expected):
-        log(f"[skip] Cityscapes already prepared in {root}: {done}")
-        return done
+    if (done := steps.get("cityscapes")) and done.get("counts") == expected:
+        log(f"[skip] Cityscapes already prepared in {root}: {done['counts']}")
+        return done["counts"]
     found = find_zips(zips, downloads)
     if missing := [p for p in PACKAGES if p not in found]:
-        found.update(download_zips(missing, downloads, base_url,
-                                   os.environ if env is None else env, log))
+        found.update(download_zips(missing, downloads, base_url, log))
     for p in found.values():
         if not zipfile.is_zipfile(p):
             raise PrepareError(f"{p} is not a complete zip file; delete it and run again")
     root.mkdir(parents=True, exist_ok=True)
-    extract_zips(found, root, ("train", "val", "test") if with_test else ("train", "val"),
-                 steps, log)
+    splits = ("train", "val", "test") if with_test else ("train", "val")
+
+    def select(name: str) -> Optional[str]:
+        m = _MEMBER.match(name)
+        return m.group(1) if m and m.group(2) in splits else None
+
+    for package, p in sorted(found.items()):
+        if steps.extract_once(f"extract-{package}", p, root, select, log):
+            steps.clear("trainids")  # new files: the trainId masks are due again
     if not steps.get("trainids"):
         make_train_ids(root, log)
         steps.done("trainids")
@@ -214,10 +157,17 @@ def find_zips(zips: Optional[str | Path], downloads: Path) -> dict[str, Path]:
 
 
 def download_zips(packages: list[str], downloads: Path, base_url: str,
-                  env: Mapping[str, str], log: Log = say) -> dict[str, Path]:
-    """Download ``packages`` into ``downloads`` with the account in ``env`` (checked before
-    any network call); package name -> file."""
-    user, password = credentials(env)
+                  log: Log = say) -> dict[str, Path]:
+    """Download ``packages`` into ``downloads`` with the account in the environment (checked
+    before any network call); package name -> file."""
+    user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
+    if not (user and password):
+        missing = " and ".join(v for v in (USER_ENV, PASSWORD_ENV) if not os.environ.get(v))
+        raise PrepareError(
+            f"Cityscapes needs an account to download (register at "
+            f"{BASE_URL}/register/). {missing} not set. Either export {USER_ENV} and "
+            f"{PASSWORD_ENV} (they are read from the environment only, never stored), or "
+            f"download {' and '.join(PACKAGES)} yourself and pass their folder with --zips DIR.")
     downloads.mkdir(parents=True, exist_ok=True)
     try:
         session = login(user, password, base_url)
@@ -225,16 +175,3 @@ def download_zips(packages: list[str], downloads: Path, base_url: str,
     except requests.RequestException as e:
         raise DownloadError(f"Cityscapes server: {type(e).__name__}: {e}; run again to "
                             f"resume") from None
-
-
-def extract_zips(found: dict[str, Path], root: Path, splits: tuple[str, ...], steps: Steps,
-                 log: Log = say) -> None:
-    """Extract the members of ``splits`` from each zip into ``root``, once per zip; a zip
-    extracted now makes the trainId masks due again."""
-    def select(name: str) -> Optional[str]:
-        m = _MEMBER.match(name)
-        return m.group(1) if m and m.group(2) in splits else None
-
-    for package, p in sorted(found.items()):
-        if steps.extract_once(f"extract-{package}", p, root, select, log):
-            steps.clear("trainids")

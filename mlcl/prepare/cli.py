@@ -1,26 +1,16 @@
-"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained} ...`` (and data_scripts/*.py).
-
-    python -m mlcl data voc --root data/VOC2012                 # + UniMatch splits + verify
-    CITYSCAPES_USERNAME=... CITYSCAPES_PASSWORD=... python -m mlcl data cityscapes
-    python -m mlcl data cityscapes --zips ~/Downloads           # zips already downloaded
-    python -m mlcl data splits --dataset pascal --root data/VOC2012 [--split-source generate]
-    python -m mlcl data verify --root data/VOC2012 --layout voc
-    python -m mlcl data pretrained --torchvision resnet50 resnet101 --check pretrained/resnet50.pth
-
-Exit status 0 on success, 1 on a failed step or check (the message says what to do), 2 on bad
-arguments, 130 on Ctrl-C (mlcl.errors). See docs/real_data.md.
+"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained} ...`` and data_scripts/*.py
+(examples: mlcl/prepare/__init__.py, docs/real_data.md). Exit status 0 on success, 1 on a
+failed step or check (the message says what to do), 2 on bad arguments, 130 on Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
 from mlcl.config import ConfigError, DataConfig
 from mlcl.errors import CommandLineParser, MlclError, RunInterrupted, run_reported
-from mlcl.prepare.download import Resource
 from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
 
 
@@ -35,15 +25,6 @@ def _retry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=4, help="attempts per download (default 4)")
     p.add_argument("--backoff", type=float, default=1.0,
                    help="seconds before the first retry, doubled each time (default 1)")
-
-
-def _download_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--downloads", default=None,
-                   help="folder for the archives (default: ROOT/../downloads)")
-    _retry_args(p)
-    p.add_argument("--force", action="store_true",
-                   help="forget the .done markers of this dataset and redo every step "
-                        "(downloads are still reused when their checksum is right)")
 
 
 def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
@@ -62,17 +43,23 @@ def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
 
 
 def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: str) -> None:
-    """The options a dataset command shares: expected counts, verify, downloads, splits."""
-    p.add_argument("--expect", type=_counts, default=None, metavar=counts,
+    """The options of voc and cityscapes: counts, downloads, splits, verify (its defaults)."""
+    p.add_argument("--expect", type=_counts, metavar=counts,
                    help=f"expected counts (default: {real}; for tests)")
     p.add_argument("--no-verify", action="store_true", help="skip the final verify pass")
-    _download_args(p)
+    p.add_argument("--downloads", help="folder for the archives (default: ROOT/../downloads)")
+    _retry_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="forget the .done markers of this dataset and redo every step "
+                        "(downloads are still reused when their checksum is right)")
     _split_args(p, dataset)
+    p.set_defaults(layout="voc" if dataset == "pascal" else dataset, splits=None,
+                   num_classes=None, no_values=False, workers=4, max_listed=20,
+                   ignore_index=DataConfig().ignore_index)
 
 
-DESCRIPTION = ("Download, prepare and verify Pascal VOC 2012 (+SBD) and Cityscapes, the standard "
-               "split lists and the backbone checkpoints. Every step is idempotent: re-running "
-               "skips what is done and verified. Run-book: docs/real_data.md.")
+DESCRIPTION = ("Download, prepare and verify VOC 2012 (+SBD), Cityscapes, the standard split "
+               "lists and the backbone checkpoints; a re-run skips what is done and verified.")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -81,61 +68,56 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     p = sub.add_parser("voc", help="VOC 2012 + augmented masks (10,582 train_aug), splits, verify",
-                       description="Download VOCtrainval_11-May-2012.tar and SBD's benchmark.tgz "
-                                   "(md5-verified, resumable), build SegmentationClass with the "
-                                   "augmented masks, fetch UniMatch's split lists, verify.")
+                       description="Download the VOC trainval tar and SBD (resumable, "
+                                   "md5-checked), build the augmented masks, fetch the split "
+                                   "lists, verify.")
     p.set_defaults(step=_voc)
     p.add_argument("--root", default="data/VOC2012", help="dataset folder (default: %(default)s)")
     p.add_argument("--aug", default="sbd",
                    help="'sbd' (download SBD and convert its .mat labels; default), or a "
                         "SegmentationClassAug folder or zip you already have")
-    p.add_argument("--voc-url", default=None, help="mirror of the VOC trainval tar")
-    p.add_argument("--voc-md5", default=None, help="md5 of that tar (default: the official)")
-    p.add_argument("--sbd-url", default=None, help="mirror of SBD's benchmark.tgz")
-    p.add_argument("--sbd-md5", default=None, help="md5 of that tgz (default: the official)")
+    p.add_argument("--voc-url", help="mirror of the VOC trainval tar")
+    p.add_argument("--voc-md5", help="md5 of that tar (default: the official)")
+    p.add_argument("--sbd-url", help="mirror of SBD's benchmark.tgz")
+    p.add_argument("--sbd-md5", help="md5 of that tgz (default: the official)")
     p.add_argument("--keep-staging", action="store_true", help="keep the extracted SBD .mat files")
     _dataset_args(p, "pascal", "train_aug=N,train=N,val=N", "10582, 1464, 1449")
 
     p = sub.add_parser("cityscapes",
                        help="Cityscapes fine: zips or account, trainIds, splits, verify",
-                       description="Use leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip "
-                                   "from --zips or the downloads folder, or download them with "
-                                   "cityscapesscripts using the account in CITYSCAPES_USERNAME / "
-                                   "CITYSCAPES_PASSWORD (environment only, never stored); "
-                                   "extract, make labelTrainIds with createTrainIdLabelImgs, fetch "
-                                   "UniMatch's split lists, verify.")
+                       description="The two *_trainvaltest.zip from --zips, the downloads folder "
+                                   "or the server (account in CITYSCAPES_USERNAME / "
+                                   "CITYSCAPES_PASSWORD, never stored); extract, make "
+                                   "labelTrainIds, fetch the split lists, verify.")
     p.set_defaults(step=_cityscapes)
     p.add_argument("--root", default="data/cityscapes",
                    help="dataset folder (default: %(default)s)")
-    p.add_argument("--zips", default=None, help="folder holding the two zips, if downloaded")
-    p.add_argument("--base-url", default=None,
+    p.add_argument("--zips", help="folder holding the two zips, if downloaded")
+    p.add_argument("--base-url",
                    help="Cityscapes server (default: the official; for mirrors and tests)")
     p.add_argument("--with-test", action="store_true", help="also extract the test images")
     _dataset_args(p, "cityscapes", "train=N,val=N", "2975, 500")
 
     p = sub.add_parser("splits", help="UniMatch's split lists (pinned commit) or seeded stand-ins",
-                       description="Write ROOT/splits/DATASET/{NAME/labeled.txt, "
-                                   "NAME/unlabeled.txt, val.txt} and PROVENANCE.json.")
+                       description="Write ROOT/splits/DATASET/ and its PROVENANCE.json.")
     p.set_defaults(step=_splits)
     p.add_argument("--root", required=True, help="the prepared dataset folder")
-    p.add_argument("--names", nargs="*", default=None, help="split names (default: all)")
-    p.add_argument("--expect", type=_counts, default=None, metavar="POOL=N,...",
+    p.add_argument("--names", nargs="*", help="split names (default: all)")
+    p.add_argument("--expect", type=_counts, metavar="POOL=N,...",
                    help="pool sizes (train[,train_aug],val) when not the real ones; for tests")
-    p.add_argument("--force", action="store_true",
-                   help="let generated lists replace standard ones")
+    p.add_argument("--force", action="store_true", help="let generated lists replace standard ones")
     _retry_args(p)
     _split_args(p, None)
 
     p = sub.add_parser("verify", help="check a dataset against its split files",
-                       description="Counts per split, every listed file exists, image and mask "
-                                   "sizes agree, mask values in {0..K-1, --ignore-index}. "
-                                   "Exit 1 on any problem, naming each bad file.")
-    p.set_defaults(step=_verify_command)
+                       description="Every listed file exists and decodes, sizes agree, mask values "
+                                   "in 0..K-1 or --ignore-index; exit 1 naming each bad file.")
+    p.set_defaults(step=_verify)
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
-    p.add_argument("--splits", nargs="*", default=None,
+    p.add_argument("--splits", nargs="*",
                    help="split files, relative to ROOT or absolute (default: ROOT/splits/**/*.txt)")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=int,
                    help="K (default: ROOT/classes.txt, else 21 voc, 19 cityscapes)")
     p.add_argument("--ignore-index", type=int, default=DataConfig().ignore_index,
                    help="the label of unscored pixels (data.ignore_index; default %(default)s)")
@@ -146,18 +128,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="problems printed per split (default 20)")
 
     p = sub.add_parser("pretrained", help="torchvision ImageNet weights; check deep-stem files",
-                       description="Download torchvision's ImageNet ResNet weights into the torch "
-                                   "hub cache (model.pretrained: true), and/or check UniMatch's "
-                                   "deep-stem checkpoints (model.pretrained: "
-                                   "pretrained/resnet50.pth) for size, sha256 and an exact load.")
+                       description="torchvision's ImageNet ResNets into the torch hub cache "
+                                   "(model.pretrained: true); check deep-stem checkpoints "
+                                   "(pretrained/resnet50.pth): size, sha256, exact load.")
     p.set_defaults(step=_pretrained)
     p.add_argument("--torchvision", nargs="*", default=[], metavar="ARCH",
                    help="e.g. resnet50 resnet101")
-    p.add_argument("--url", default=None, help="replace torchvision's URL (one ARCH only)")
+    p.add_argument("--url", help="replace torchvision's URL (one ARCH only)")
     p.add_argument("--check", nargs="*", default=[], metavar="PATH",
                    help="deep-stem checkpoints to check, e.g. pretrained/resnet50.pth")
-    p.add_argument("--backbone", default=None,
-                   help="backbone of --check files (default: from the file name)")
+    p.add_argument("--backbone", help="backbone of --check files (default: from the file name)")
     _retry_args(p)
 
 
@@ -165,23 +145,20 @@ def _fetch_kw(args) -> dict:
     return {"retries": args.retries, "backoff": args.backoff}
 
 
-def _splits_then_verify(args, dataset: str, layout: str, pools: Optional[dict]) -> int:
+def _splits_then_verify(args, dataset: str, pools: Optional[dict]) -> int:
     if args.split_mode != "none":
         get_splits(dataset, args.root, mode=args.split_mode, commit=args.commit,
                    base_url=args.split_base_url, pools=pools, seed=args.seed,
                    fetch_kw=_fetch_kw(args))
-    if args.no_verify:
-        return 0
-    return _verify_root(args.root, layout)
+    return 0 if args.no_verify else _verify(args)
 
 
-def _verify_root(root, layout, splits=None, num_classes=None, values=True, workers=4,
-            max_listed=20, ignore_index=DataConfig().ignore_index) -> int:
+def _verify(args) -> int:
     from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
-    report = verify_dataset(root, layout, splits, num_classes, values, workers,
-                            ignore_index=ignore_index)
-    print("\n".join(report.lines(max_listed)), flush=True)
+    report = verify_dataset(args.root, args.layout, args.splits, args.num_classes,
+                            not args.no_values, args.workers, ignore_index=args.ignore_index)
+    print("\n".join(report.lines(args.max_listed)), flush=True)
     return 0 if report.ok else 1
 
 
@@ -192,12 +169,13 @@ def _pretrained(args) -> int:
         raise MlclError("--url replaces the URL of one --torchvision ARCH only")
     # torch and torchvision load here only: the other data commands and --help need neither
     from mlcl.model import build_backbone
-    from mlcl.prepare.pretrained import backbone_for, check_checkpoint, fetch_torchvision
+    from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
 
     for arch in args.torchvision:
         fetch_torchvision(arch, url=args.url, **_fetch_kw(args))
     for path in args.check:
-        name = args.backbone or backbone_for(Path(path))
+        # by default the deep-stem backbone the file name suggests (resnet101.pth: R101)
+        name = args.backbone or f"resnet{101 if '101' in Path(path).name else 50}_deepstem"
         try:
             backbone = build_backbone(name)
         except ConfigError as e:
@@ -207,8 +185,7 @@ def _pretrained(args) -> int:
 
 
 def run(args) -> int:
-    """Run the parsed command; its exit status (an MlclError propagates; Ctrl-C becomes a
-    RunInterrupted saying that the same command resumes)."""
+    """The parsed command's exit status; Ctrl-C becomes a RunInterrupted (the command resumes)."""
     try:
         return args.step(args)
     except KeyboardInterrupt:
@@ -221,11 +198,11 @@ def run(args) -> int:
 def _voc(args) -> int:
     from mlcl.prepare import voc
 
-    vres = Resource(args.voc_url or voc.VOC.url, voc.VOC.filename, md5=args.voc_md5 or voc.VOC.md5)
-    sres = Resource(args.sbd_url or voc.SBD.url, voc.SBD.filename, md5=args.sbd_md5 or voc.SBD.md5)
+    vres = voc.VOC._replace(url=args.voc_url or voc.VOC.url, md5=args.voc_md5 or voc.VOC.md5)
+    sres = voc.SBD._replace(url=args.sbd_url or voc.SBD.url, md5=args.sbd_md5 or voc.SBD.md5)
     counts = voc.prepare_voc(args.root, args.downloads, args.aug, vres, sres, args.expect,
                              args.keep_staging, args.force, _fetch_kw(args))
-    return _splits_then_verify(args, "pascal", "voc", counts if args.expect else None)
+    return _splits_then_verify(args, "pascal", counts if args.expect else None)
 
 
 def _cityscapes(args) -> int:
@@ -234,7 +211,7 @@ def _cityscapes(args) -> int:
     counts = cityscapes.prepare_cityscapes(
         args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
         with_test=args.with_test, expected=args.expect, force=args.force)
-    return _splits_then_verify(args, "cityscapes", "cityscapes", counts if args.expect else None)
+    return _splits_then_verify(args, "cityscapes", counts if args.expect else None)
 
 
 def _splits(args) -> int:
@@ -244,18 +221,9 @@ def _splits(args) -> int:
     return 0
 
 
-def _verify_command(args) -> int:
-    return _verify_root(args.root, args.layout, args.splits, args.num_classes,
-                        not args.no_values, args.workers, args.max_listed, args.ignore_index)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m mlcl data ARGV`` (data_scripts/): the exit status (module docstring)."""
     ap = CommandLineParser(prog="python -m mlcl data", description=DESCRIPTION)
     add_arguments(ap)
     args = ap.parse_args(argv)
     return run_reported(lambda: run(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

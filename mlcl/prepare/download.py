@@ -1,17 +1,11 @@
-"""Resumable, checksum-verified downloads and safe archive extraction, each idempotent.
-
-``fetch(url, dest, md5=..., sha256=...)`` downloads into ``dest.part`` (resumed with an HTTP
-``Range`` request after an interruption or a dropped connection), verifies the checksum, moves
-the file into place and writes ``dest.done`` (a small JSON: url, bytes, md5, sha256, date).
-A re-run with a valid marker does nothing; a file that fails its checksum is removed.
-
-``extract(archive, dest, select=...)`` copies the members that ``select`` maps to a relative
-path, refusing absolute paths and ``..``; ``Steps(root)`` keeps the ``.done`` markers of
-multi-file steps under ``root/.mlcl-prepare/``.
-"""
+"""Resumable, checksum-verified downloads and safe archive extraction, each idempotent:
+:func:`fetch` resumes ``dest.part`` with HTTP Range requests and writes ``dest.done`` once the
+checksum is right; :func:`extract` refuses absolute paths and ``..``; :class:`Steps` keeps the
+``.done`` markers of multi-file steps."""
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import http.client
 import json
@@ -23,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
@@ -32,11 +25,7 @@ from mlcl.files import atomic_write_json
 
 Log = Callable[[str], None]
 CHUNK = 1 << 20
-USER_AGENT = "mlcl-prepare/0.1 (+docs/real_data.md)"
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
+say: Log = functools.partial(print, flush=True)
 
 
 class PrepareError(MlclError):
@@ -46,22 +35,11 @@ class PrepareError(MlclError):
 
 
 class DownloadError(PrepareError):
-    pass
+    """A download failed (a re-run resumes it)."""
 
 
 class ChecksumError(DownloadError):
-    pass
-
-
-@dataclass(frozen=True)
-class Resource:
-    """A file to download: where from, its name on disk and what it must hash to."""
-
-    url: str
-    filename: str
-    md5: Optional[str] = None
-    sha256: Optional[str] = None
-    size: Optional[int] = None  # bytes (for messages and the run-book only)
+    """A file does not hash to what it must."""
 
 
 def now() -> str:
@@ -70,13 +48,11 @@ def now() -> str:
 
 def human(n: float) -> str:
     """A byte count for messages: ``512 B``, ``1.5 MB``."""
-    if abs(n) < 1024:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB"):
+    for unit in ("B", "KB", "MB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-        if abs(n) < 1024 or unit == "GB":
-            break
-    return f"{n:.1f} {unit}"
+    return f"{n:.1f} GB"
 
 
 def digests(path: Path, algos: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
@@ -104,13 +80,11 @@ def read_marker(path: Path) -> Optional[dict]:
 # --------------------------------------------------------------------------- download
 def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
                       sha256_prefix: Optional[str] = None) -> str:
-    bad = []
+    """What in ``got`` (hex digests) differs from the expected ones; empty when nothing."""
+    bad = [f"{algo} {got.get(algo)} (expected {want})" for algo, want in
+           (("md5", md5), ("sha256", sha256)) if want and got.get(algo) != want.lower()]
     if sha256_prefix and not got.get("sha256", "").startswith(sha256_prefix.lower()):
-        bad.append(f"sha256 {got.get('sha256')} (expected it to start with {sha256_prefix})")
-    if md5 and got.get("md5") != md5.lower():
-        bad.append(f"md5 {got.get('md5')} (expected {md5})")
-    if sha256 and got.get("sha256") != sha256.lower():
-        bad.append(f"sha256 {got.get('sha256')} (expected {sha256})")
+        bad.insert(0, f"sha256 {got.get('sha256')} (expected it to start with {sha256_prefix})")
     return "; ".join(bad)
 
 
@@ -124,41 +98,13 @@ def _check_digests(path: Path, md5: Optional[str], sha256: Optional[str],
     return got
 
 
-def _marker_ok(dest: Path, md5: Optional[str], sha256: Optional[str],
-               sha256_prefix: Optional[str]) -> bool:
-    info = read_marker(marker_path(dest))
-    if not info or not dest.is_file() or info.get("bytes") != dest.stat().st_size:
-        return False
-    return not _checksum_problem(info, md5, sha256, sha256_prefix)
-
-
 def _total_from(resp, have: int) -> Optional[int]:
     """The full size of the remote file from Content-Range (206) or Content-Length (200)."""
-    cr = resp.headers.get("Content-Range")
-    if cr:
-        m = re.match(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", cr)
-        if m and m.group(3) != "*":
-            return int(m.group(3))
-    length = resp.headers.get("Content-Length")
-    if length is not None and length.isdigit():
-        return int(length) + (have if resp.status == 206 else 0)
-    return None
-
-
-def _copy(resp, out, have: int, total: Optional[int], name: str, log: Log) -> int:
-    """Stream ``resp`` into ``out`` with a progress line every 10% or 30 s."""
-    got, t0, last_t, last_pct = have, time.monotonic(), time.monotonic(), -10
-    while block := resp.read(CHUNK):
-        out.write(block)
-        got += len(block)
-        t = time.monotonic()
-        pct = int(100 * got / total) if total else -1
-        if (total and total > 4 * CHUNK and pct >= last_pct + 10) or t - last_t > 30:
-            speed = (got - have) / max(t - t0, 1e-6)
-            of = f" / {human(total)} ({pct}%)" if total else ""
-            log(f"  {name}: {human(got)}{of}, {human(speed)}/s")
-            last_t, last_pct = t, pct
-    return got
+    m = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+    if m:
+        return int(m.group(1))
+    length = resp.headers.get("Content-Length", "")
+    return int(length) + (have if resp.status == 206 else 0) if length.isdigit() else None
 
 
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
@@ -166,20 +112,13 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
           retries: int = 4, timeout: float = 60.0,
           backoff: float = 1.0, marker: bool = True, label: Optional[str] = None,
           log: Log = say) -> Path:
-    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``.
-
-    Skips the download when ``dest.done`` records the same size and checksums (or, with
-    ``marker=False``, when ``dest`` already hashes to the expected ``sha256``). A file placed
-    at ``dest`` by hand is verified and adopted. On a checksum mismatch the file is removed
-    and :class:`ChecksumError` is raised; network errors are retried ``retries`` times, each
-    resuming where the last stopped. ``label`` names the file in messages (default: its name).
-    """
-    # Hand-written on purpose: torch.hub.download_url_to_file (and pooch) verify a hash and show
-    # progress but restart a 2 GB archive from byte 0 after a dropped connection; resuming
-    # with an HTTP Range request is the point here.
-    dest = Path(dest)
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``; none
+    when ``dest.done`` (``marker=False``: ``dest``) verifies. A file failing its checksum is
+    removed (:class:`ChecksumError`). ``label`` names the file in messages."""
+    # not torch.hub's download_url_to_file nor pooch: they restart a 2 GB archive from byte 0
+    # after a dropped connection
+    dest, expect = Path(dest), (md5, sha256, sha256_prefix)
     name = label or dest.name
-    expect = (md5, sha256, sha256_prefix)
     if _usable_as_is(url, dest, name, expect, marker, log):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -198,12 +137,6 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     return dest
 
 
-def fetch_resource(res: Resource, folder: Path, **fetch_kw) -> Path:
-    """:func:`fetch` ``res.url`` into ``folder / res.filename``, checked against its hashes."""
-    return fetch(res.url, Path(folder) / res.filename, md5=res.md5, sha256=res.sha256,
-                 **fetch_kw)
-
-
 def mark_downloaded(dest: Path, **info) -> None:
     """Write ``dest.done``: ``info`` (url, digests) plus the file's size and today's date."""
     atomic_write_json(marker_path(dest), {**info, "bytes": dest.stat().st_size, "date": now()})
@@ -211,14 +144,14 @@ def mark_downloaded(dest: Path, **info) -> None:
 
 def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
                   log: Log) -> bool:
-    """True when ``dest`` needs no download: its marker matches ``expect`` (md5, sha256,
-    sha256 prefix), or a file already there verifies (it is adopted, marker written). A file
-    that fails its checksum is removed (False)."""
-    if marker and _marker_ok(dest, *expect):
-        log(f"[skip] {name}: already downloaded and verified")
-        return True
+    """True when ``dest`` needs no download: its marker, or the file itself (then adopted),
+    verifies against ``expect`` (md5, sha256, sha256 prefix); a file that fails is removed."""
     if not dest.is_file():
         return False
+    info = read_marker(marker_path(dest)) if marker else None
+    if info and info.get("bytes") == dest.stat().st_size and not _checksum_problem(info, *expect):
+        log(f"[skip] {name}: already downloaded and verified")
+        return True
     if not marker and not any(expect):
         log(f"[skip] {name}: present (no checksum to compare)")
         return True
@@ -236,9 +169,8 @@ def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
 
 def _download_with_retries(url: str, part: Path, name: str, retries: int, timeout: float,
                            backoff: float, log: Log) -> None:
-    """Fill ``part`` with the whole of ``url``: up to ``retries`` attempts, each resuming
-    where the last stopped, ``backoff`` seconds doubling between them; a 4xx other than
-    408/429 fails at once. Raises DownloadError when every attempt failed."""
+    """Fill ``part`` with ``url`` in up to ``retries`` resuming attempts, ``backoff`` seconds
+    doubling between them (a 4xx but 408/429 fails at once); else a DownloadError."""
     last_error: Optional[BaseException] = None
     for attempt in range(1, retries + 1):
         try:
@@ -262,10 +194,10 @@ def _download_with_retries(url: str, part: Path, name: str, retries: int, timeou
 
 
 def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) -> None:
-    """One request: append the rest of ``url`` to ``part`` (a Range request when ``part``
-    has bytes; start over when the server ignores it). Raises on a short or bad answer."""
+    """One request: the rest of ``url`` appended to ``part`` after a 206 (a Range request),
+    or the whole written afresh; raises on a short or bad answer."""
     have = part.stat().st_size if part.is_file() else 0
-    headers = {"User-Agent": USER_AGENT}
+    headers = {"User-Agent": "mlcl-prepare/0.1 (+docs/real_data.md)"}
     if have:
         headers["Range"] = f"bytes={have}-"
         log(f"[resume] {name}: {human(have)} on disk, asking for the rest")
@@ -273,75 +205,70 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
         log(f"[download] {name} <- {url}")
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                 timeout=timeout) as resp:
-        have, mode = _resume_point(resp, have, name, log)
+        start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
+        if have and resp.status == 206 and start and int(start.group(1)) != have:
+            raise DownloadError(f"server resumed at byte {start.group(1)}, not {have}")
+        if have and resp.status != 206:
+            log(f"  {name}: the server ignored the Range request; starting over")
+            have = 0
         total = _total_from(resp, have)
-        with open(part, mode) as out:
-            got = _copy(resp, out, have, total, name, log)
+        got, t0, last_t, last_pct = have, time.monotonic(), time.monotonic(), -10
+        with open(part, "ab" if have else "wb") as out:
+            while block := resp.read(CHUNK):  # a progress line every 10% or 30 s
+                out.write(block)
+                got += len(block)
+                t = time.monotonic()
+                pct = int(100 * got / total) if total else -1
+                if (total and total > 4 * CHUNK and pct >= last_pct + 10) or t - last_t > 30:
+                    speed = (got - have) / max(t - t0, 1e-6)
+                    of = f" / {human(total)} ({pct}%)" if total else ""
+                    log(f"  {name}: {human(got)}{of}, {human(speed)}/s")
+                    last_t, last_pct = t, pct
         if total is not None and got < total:
             raise DownloadError(f"connection closed at {got} of {total} bytes")
 
 
-def _resume_point(resp, have: int, name: str, log: Log) -> tuple[int, str]:
-    """(bytes kept, file mode): append after a 206 that starts at ``have``, else start over."""
-    if have and resp.status == 206:
-        start = re.match(r"bytes\s+(\d+)-", resp.headers.get("Content-Range", ""))
-        if start and int(start.group(1)) != have:
-            raise DownloadError(f"server resumed at byte {start.group(1)}, not {have}")
-        return have, "ab"
-    if have:
-        log(f"  {name}: the server ignored the Range request; starting over")
-    return 0, "wb"
-
-
 # --------------------------------------------------------------------------- extraction
-def _safe_target(rel: str, dest: Path) -> Path:
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise PrepareError(f"refusing to extract {rel!r}: absolute or outside the target")
-    return dest.joinpath(*p.parts)
-
-
 def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optional[str]],
             log: Log = say) -> int:
     """Copy each file member of ``archive`` (tar, tar.gz or zip) whose name ``select`` maps
     to a relative path to ``dest/<that path>``; return the number of files written."""
-    # Not tarfile's extractall(filter="data"): members are selected and renamed in one
-    # streaming pass over a 2 GB tar, which extractall does not do.
+    # not tarfile's extractall(filter="data"): it cannot select and rename in one streaming pass
     archive, dest = Path(archive), Path(dest)
+    log(f"[extract] {archive.name} -> {dest}")
     count = 0
-
-    def write(src, rel: str) -> None:
-        nonlocal count
-        target = _safe_target(rel, dest)
+    for name, open_member in _members(archive):
+        rel = select(name)
+        parts = PurePosixPath(rel or "").parts
+        if not parts:
+            continue
+        if parts[0] == "/" or ".." in parts:
+            raise PrepareError(f"refusing to extract {rel!r}: absolute or outside the target")
+        target = dest.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as out:
+        with open_member() as src, open(target, "wb") as out:
             shutil.copyfileobj(src, out, CHUNK)
         count += 1
         if count % 2000 == 0:
             log(f"  {archive.name}: {count} files extracted")
-
-    log(f"[extract] {archive.name} -> {dest}")
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                rel = None if info.is_dir() else select(info.filename)
-                if rel:
-                    with zf.open(info) as src:  # CRC-checked while reading
-                        write(src, rel)
-    else:
-        try:
-            tf = tarfile.open(archive, "r|*")  # streaming: one pass over a 2 GB tar
-        except tarfile.TarError as e:
-            raise PrepareError(f"{archive}: not a zip or tar archive ({e})") from e
-        with tf:
-            for member in tf:
-                rel = select(member.name) if member.isfile() else None
-                if rel:
-                    src = tf.extractfile(member)
-                    assert src is not None
-                    write(src, rel)
     log(f"  {archive.name}: {count} files extracted")
     return count
+
+
+def _members(archive: Path):
+    """(name, opener) of each file member: a zip's (CRC-checked while read), or a tar's in one
+    streaming pass (each opened before the next is read)."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            yield from ((i.filename, functools.partial(zf.open, i))
+                        for i in zf.infolist() if not i.is_dir())
+        return
+    try:
+        tf = tarfile.open(archive, "r|*")
+    except tarfile.TarError as e:
+        raise PrepareError(f"{archive}: not a zip or tar archive ({e})") from e
+    with tf:
+        yield from ((m.name, functools.partial(tf.extractfile, m)) for m in tf if m.isfile())
 
 
 class Steps:
@@ -359,11 +286,6 @@ class Steps:
     def clear(self, *steps: str) -> None:
         for step in steps:
             (self.dir / f"{step}.done").unlink(missing_ok=True)
-
-    def finished_counts(self, step: str, expected: dict[str, int]) -> Optional[dict[str, int]]:
-        """The counts ``step`` recorded when they equal ``expected``, else None (redo it)."""
-        done = self.get(step)
-        return done["counts"] if done and done.get("counts") == expected else None
 
     def extract_once(self, step: str, archive: Path, dest: Path,
                      select: Callable[[str], Optional[str]], log: Log = say) -> bool:

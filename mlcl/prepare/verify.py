@@ -1,18 +1,9 @@
-"""Check a prepared dataset against its split files, naming every missing or bad file.
-
-For each split file: its line count; that every listed image and mask exists; then the
-training run's own pre-flight check of each pair (:func:`mlcl.data.preflight.check_item`:
-the image decodes in full, so a truncated JPEG fails; the mask is a single-channel map the
-loader accepts, of the image's size, holding only 0..K-1 and the ignore index).
-``--no-values``: sizes only, read from the file headers, no decoding.
-Lines are resolved the way the loaders resolve them (:mod:`mlcl.data.splits`: an id, or an
-``image mask`` pair relative to the root); unlike the loaders, which stop at the first bad
-line, every problem is collected. Each distinct file is checked once however many lists
-name it.
-"""
+"""Check a prepared dataset against its split files, naming every missing or bad file: lines
+read as the loaders read them (:mod:`mlcl.data.splits`), each distinct pair checked once by
+training's pre-flight (:func:`mlcl.data.preflight.check_item`) or, ``values=False``, by header
+sizes; unlike the loaders, every problem is collected."""
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +18,6 @@ from mlcl.data.splits import DataError, parse_split
 from mlcl.prepare.download import Log, say
 
 IGNORE = DataConfig().ignore_index
-DEFAULT_CLASSES = {"voc": 21, "cityscapes": 19}
 
 
 @dataclass
@@ -55,23 +45,13 @@ class Report:
         out = [f"dataset {self.root}"]
         for s in self.splits:
             rel = s.path.relative_to(self.root) if s.path.is_relative_to(self.root) else s.path
-            state = "OK" if not s.problems else f"{len(s.problems)} problem(s)"
-            out.append(f"  {rel}: {s.count} samples, {state}")
+            out.append(f"  {rel}: {s.count} samples, "
+                       + (f"{len(s.problems)} problem(s)" if s.problems else "OK"))
             out += [f"    {p}" for p in s.problems[:max_per_split]]
             if len(s.problems) > max_per_split:
                 out.append(f"    ... and {len(s.problems) - max_per_split} more")
         out.append("OK" if self.ok else "FAILED")
         return out
-
-
-Entry = tuple[int, Path, Path]  # (line number, image, mask)
-
-
-def parse_lines(path: Path, root: Path, layout: str) -> tuple[list[Entry], list[str]]:
-    """(line number, image, mask) per entry of a split file, and the malformed lines."""
-    entries, bad = parse_split(path, layout)
-    return ([(lineno, root / image, root / mask) for lineno, _, image, mask in entries],
-            [f"line {lineno}: {msg}" for lineno, msg in bad])
 
 
 def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True,
@@ -104,15 +84,6 @@ def header_size(path: Path, what: str) -> tuple[int, int]:
         raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
-def _split_file(p: Path, root: Path) -> Path:
-    """A split file given relative to the data root (as in the config), else to the cwd."""
-    return p if p.is_absolute() or not (root / p).is_file() else root / p
-
-
-def default_splits(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "splits").rglob("*.txt")) if (root / "splits").is_dir() else []
-
-
 def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Path]] = None,
                    num_classes: Optional[int] = None, values: bool = True, workers: int = 4,
                    log: Log = say, ignore_index: int = IGNORE) -> Report:
@@ -120,18 +91,30 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
     ``num_classes`` classes (default: the root's classes.txt, else 21 for voc and 19 for
     cityscapes) and ``ignore_index`` (default: data.ignore_index's)."""
     root = Path(root)
-    found = data_classes(root) if root.is_dir() else None
-    k = num_classes or (len(found[1]) if found else DEFAULT_CLASSES[layout])
     report = Report(root)
     if not root.is_dir():
         report.splits.append(SplitReport(root, problems=[f"data root {root} does not exist"]))
         return report
-    files = [_split_file(Path(s), root) for s in splits] if splits else default_splits(root)
+    classes = data_classes(root)
+    k = num_classes or (len(classes[1]) if classes else {"voc": 21, "cityscapes": 19}[layout])
+    # a split file given relative to the data root (as in the config), else to the cwd
+    files = ([p if p.is_absolute() or not (root / p).is_file() else root / p
+              for p in map(Path, splits)] if splits else sorted((root / "splits").rglob("*.txt")))
     if not files:
         report.splits.append(SplitReport(root / "splits", problems=[
             f"no split files under {root / 'splits'}; pass --splits FILE ..."]))
         return report
-    parsed = _parse_all(files, root, layout, report)
+    parsed = {}  # readable split file -> its (line number, image, mask) entries
+    for f in files:
+        report.splits.append(sr := SplitReport(f))
+        if not f.is_file():
+            sr.problems.append(f"split file {f} does not exist")
+            continue
+        entries, bad = parse_split(f, layout)
+        parsed[f] = [(lineno, root / image, root / mask) for lineno, _, image, mask in entries]
+        sr.count, sr.problems = len(entries), [f"line {n}: {msg}" for n, msg in bad]
+        if not entries and not bad:
+            sr.problems.append("lists no samples")
     pairs = sorted({(img, m) for entries in parsed.values() for _, img, m in entries})
     log(f"[verify] {root}: {len(files)} split files, {len(pairs)} distinct image/mask pairs")
     results = _check_pairs(pairs, (k, values, ignore_index), workers, log)
@@ -141,39 +124,16 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
     return report
 
 
-def _parse_all(files: list[Path], root: Path, layout: str, report: Report
-               ) -> dict[Path, list[Entry]]:
-    """Entries per readable split file; a SplitReport per file (count, malformed lines) is
-    appended to ``report``."""
-    parsed = {}
-    for f in files:
-        sr = SplitReport(f)
-        report.splits.append(sr)
-        if not f.is_file():
-            sr.problems.append(f"split file {f} does not exist")
-            continue
-        entries, bad = parse_lines(f, root, layout)
-        sr.count, sr.problems = len(entries), bad
-        if not entries and not bad:
-            sr.problems.append("lists no samples")
-        parsed[f] = entries
-    return parsed
-
-
 def _check_pairs(pairs: list[tuple[Path, Path]], rules: tuple[int, bool, int], workers: int,
                  log: Log) -> dict[tuple[Path, Path], list[str]]:
     """:func:`check_pair` of every pair with ``rules`` (num_classes, values, ignore_index) on
     ``workers`` threads (decoding releases the GIL); a progress line every tenth (at least
     every 500 pairs)."""
-    done, step, lock = [0], max(len(pairs) // 10, 500), threading.Lock()
-
-    def check(pair: tuple[Path, Path]) -> list[str]:
-        problems = check_pair(*pair, *rules)
-        with lock:
-            done[0] += 1
-            if done[0] % step == 0:
-                log(f"  checked {done[0]}/{len(pairs)}")
-        return problems
-
+    results, step = {}, max(len(pairs) // 10, 500)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return dict(zip(pairs, pool.map(check, pairs)))
+        checked = pool.map(lambda pair: check_pair(*pair, *rules), pairs)
+        for n, (pair, problems) in enumerate(zip(pairs, checked), 1):
+            results[pair] = problems
+            if n % step == 0:
+                log(f"  checked {n}/{len(pairs)}")
+    return results

@@ -1,18 +1,8 @@
-"""Pascal VOC 2012 with the SBD augmentation, in the layout UniMatch's split files name.
-
-Result under ``root`` (e.g. data/VOC2012)::
-
-    JPEGImages/{id}.jpg                 all 17,125 VOC 2012 trainval images
-    SegmentationClass/{id}.png          the augmented label set: 10,582 train_aug + 1,449 val
-                                        masks, palette PNGs (0-20, 255 = ignore)
-    SegmentationClassVOC/{id}.png       VOC's own 2,913 fine masks, as shipped
-    ImageSets/Segmentation/{train,val,trainval,train_aug}.txt   ids (1,464 / 1,449 / - / 10,582)
-    splits/pascal/...                   written by the ``splits`` step (split_lists.py)
-
-``train_aug`` = (VOC train ∪ SBD train ∪ SBD val) − VOC val. Where VOC has its own fine mask
-(its 1,464 train and 1,449 val images) that mask is used; SBD's ``GTcls.Segmentation`` (or a
-SegmentationClassAug folder you already have) fills the rest. That is how the usual
-SegmentationClassAug was built and what UniMatch's ``SegmentationClass`` folder holds.
+"""Pascal VOC 2012 with the SBD augmentation, in the layout UniMatch's split files name
+(docs/real_data.md): ``SegmentationClass`` holds the 10,582 train_aug + 1,449 val masks, VOC's
+own fine mask where there is one, else SBD's (or a SegmentationClassAug set's);
+``SegmentationClassVOC`` VOC's masks as shipped; ``ImageSets/Segmentation/train_aug.txt``
+(VOC train ∪ SBD train ∪ SBD val) − VOC val.
 """
 from __future__ import annotations
 
@@ -27,8 +17,17 @@ from PIL import Image
 
 from mlcl.data.palette import voc_palette
 from mlcl.files import atomic_write
-from mlcl.prepare.download import (Log, PrepareError, Resource, Steps, check_counts,
-                                   fetch_resource, say)
+from mlcl.prepare.download import Log, PrepareError, Steps, check_counts, fetch, say
+from mlcl.prepare.split_lists import STANDARD_POOLS
+
+
+class Resource(NamedTuple):
+    """An archive to download: where from, its name on disk and its md5."""
+
+    url: str
+    filename: str
+    md5: str
+
 
 VOC = Resource(
     url="http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
@@ -37,25 +36,13 @@ SBD = Resource(
     url="https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
         "semantic_contours/benchmark.tgz",
     filename="benchmark.tgz", md5="82b4d87ceb2ed10f6038a1cba92111cb")
-COUNTS = {"train_aug": 10582, "train": 1464, "val": 1449}
-STEPS = ("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks")
 SEG_SETS = Path("ImageSets", "Segmentation")
 
-_VOC_MEMBER = re.compile(
-    r"^(?:\./)?VOCdevkit/VOC2012/"
-    r"(JPEGImages|SegmentationClass|ImageSets/Segmentation)/([^/]+)$")
+_VOC_MEMBER = re.compile(r"^(?:\./)?VOCdevkit/VOC2012/"
+                         r"(JPEGImages|SegmentationClass|ImageSets/Segmentation)/([^/]+)$")
 _SBD_MEMBER = re.compile(
     r"^(?:\./)?benchmark_RELEASE/dataset/(cls/[^/]+\.mat|train\.txt|val\.txt)$")
 _AUG_MEMBER = re.compile(r"(?:^|/)SegmentationClassAug/([^/]+\.png)$")
-
-
-class AugSource(NamedTuple):
-    """The augmentation label set: its image ids; the mask of id ``i`` is
-    ``folder / f"{i}{suffix}"`` (an SBD ``.mat`` or a SegmentationClassAug ``.png``)."""
-
-    ids: set[str]
-    folder: Path
-    suffix: str
 
 
 def read_ids(path: Path) -> list[str]:
@@ -65,51 +52,42 @@ def read_ids(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def sbd_mat_to_png(mat: Path, png: Path, palette: list[int]) -> None:
-    """SBD's ``GTcls.Segmentation`` (class indices 0-20) as a VOC palette PNG."""
-    try:
-        seg = scipy.io.loadmat(mat, squeeze_me=True, struct_as_record=False)["GTcls"].Segmentation
-    except Exception as e:  # noqa: BLE001 - any unreadable .mat is the same problem
-        raise PrepareError(f"{mat}: cannot read GTcls.Segmentation ({type(e).__name__}: {e})")
-    img = Image.fromarray(np.asarray(seg, dtype=np.uint8))
-    img.putpalette(palette)
-    atomic_write(png, lambda p: img.save(p, format="PNG"))
-
-
 def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: str = "sbd",
                 voc: Resource = VOC, sbd: Resource = SBD,
                 expected: Optional[dict[str, int]] = None, keep_staging: bool = False,
                 force: bool = False, fetch_kw: Optional[dict] = None, log: Log = say) -> dict:
     """Download, extract and assemble VOC 2012 + augmentation under ``root``; return counts.
-
-    ``aug`` is ``"sbd"`` (download SBD's benchmark.tgz and convert its .mat labels) or the
-    path of a SegmentationClassAug folder or zip you already have. ``expected`` replaces the
-    real counts (:data:`COUNTS`) for tests.
-    """
+    ``aug``: ``"sbd"`` (download SBD, convert its .mat labels) or a SegmentationClassAug
+    folder or zip; ``expected`` replaces the standard counts (tests)."""
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
-    expected = dict(COUNTS if expected is None else expected)
+    expected = dict(STANDARD_POOLS["pascal"] if expected is None else expected)
     fetch_kw = {"log": log, **(fetch_kw or {})}
     steps = Steps(root)
     if force:
-        steps.clear(*STEPS)
-    if done := steps.finished_counts("voc", expected):
-        log(f"[skip] VOC 2012 already prepared in {root}: {done}")
-        return done
+        steps.clear("voc", "voc-extract", "sbd-extract", "aug-extract", "voc-masks")
+    if (done := steps.get("voc")) and done.get("counts") == expected:
+        log(f"[skip] VOC 2012 already prepared in {root}: {done['counts']}")
+        return done["counts"]
     root.mkdir(parents=True, exist_ok=True)
-    train, val = extract_voc(fetch_resource(voc, downloads, **fetch_kw), root, steps, log)
+    tar = fetch(voc.url, downloads / voc.filename, md5=voc.md5, **fetch_kw)
+    train, val = extract_voc(tar, root, steps, log)
     staging = root / ".staging"
     if aug == "sbd":
-        source = sbd_source(fetch_resource(sbd, downloads, **fetch_kw), staging, steps, log)
+        tgz = fetch(sbd.url, downloads / sbd.filename, md5=sbd.md5, **fetch_kw)
+        source = sbd_source(tgz, staging, steps, log)
     else:
         source = aug_folder_source(aug, staging, steps, log)
-    train_aug = sorted((set(train) | source.ids) - set(val))
+    train_aug = sorted((set(train) | set(source)) - set(val))
     wanted = train_aug + sorted(set(val))
     build_masks(root, wanted, set(val), source, steps, log)
     (root / SEG_SETS / "train_aug.txt").write_text("".join(f"{i}\n" for i in train_aug))
     counts = {"train_aug": len(train_aug), "train": len(train), "val": len(val)}
     check_counts(counts, expected, "VOC 2012")
-    _check_all_masks(root, wanted)
+    n_masks = sum(1 for i in wanted if (root / "SegmentationClass" / f"{i}.png").is_file())
+    if n_masks != len(wanted):
+        raise PrepareError(f"SegmentationClass holds {n_masks} of {len(wanted)} masks; "
+                           f"run again with --force to rebuild it")
     if staging.exists() and not keep_staging:
         shutil.rmtree(staging)
         steps.clear("sbd-extract", "aug-extract")
@@ -134,17 +112,19 @@ def extract_voc(tar: Path, root: Path, steps: Steps,
     return read_ids(root / SEG_SETS / "train.txt"), read_ids(root / SEG_SETS / "val.txt")
 
 
-def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> AugSource:
-    """SBD's ``cls/*.mat`` and train/val lists extracted under ``staging/sbd``."""
+def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
+    """id -> mask of SBD's train and val lists: ``cls/<id>.mat`` extracted under
+    ``staging/sbd``."""
     sbd_dir = staging / "sbd"
     steps.extract_once("sbd-extract", tgz, sbd_dir,
                        lambda name: (m := _SBD_MEMBER.match(name)) and m.group(1), log)
-    ids = set(read_ids(sbd_dir / "train.txt")) | set(read_ids(sbd_dir / "val.txt"))
-    return AugSource(ids, sbd_dir / "cls", ".mat")
+    ids = read_ids(sbd_dir / "train.txt") + read_ids(sbd_dir / "val.txt")
+    return {i: sbd_dir / "cls" / f"{i}.mat" for i in ids}
 
 
-def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> AugSource:
-    """A SegmentationClassAug folder, or a zip holding one (extracted under ``staging/aug``)."""
+def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
+    """id -> mask of a SegmentationClassAug folder, or of a zip holding one (extracted under
+    ``staging/aug``)."""
     src = Path(aug).expanduser()
     if src.is_file():
         aug_dir = staging / "aug"
@@ -155,14 +135,14 @@ def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> 
     else:
         raise PrepareError(f"--aug {aug}: give 'sbd', a SegmentationClassAug folder or a zip "
                            f"holding SegmentationClassAug/*.png")
-    ids = {p.stem for p in aug_dir.glob("*.png")}
-    if not ids:
+    masks = {p.stem: p for p in aug_dir.glob("*.png")}
+    if not masks:
         raise PrepareError(f"{src}: no SegmentationClassAug/*.png masks found")
-    return AugSource(ids, aug_dir, ".png")
+    return masks
 
 
-def build_masks(root: Path, wanted: list[str], val: set[str], source: AugSource, steps: Steps,
-                log: Log = say) -> None:
+def build_masks(root: Path, wanted: list[str], val: set[str], source: dict[str, Path],
+                steps: Steps, log: Log = say) -> None:
     """``root/SegmentationClass/{id}.png`` for every id in ``wanted``: VOC's fine mask where
     there is one, else the augmentation set's (val ids must have a fine mask)."""
     no_image = [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
@@ -185,7 +165,7 @@ def build_masks(root: Path, wanted: list[str], val: set[str], source: AugSource,
     steps.done("voc-masks", masks=len(wanted), **made)
 
 
-def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: AugSource,
+def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: dict[str, Path],
               palette: list[int]) -> str:
     """Write ``dst`` for id ``i``; return where it came from: "kept", "voc" or "aug"."""
     if dst.is_file():  # written atomically by an interrupted earlier run
@@ -195,20 +175,17 @@ def _one_mask(i: str, dst: Path, fine: Path, is_val: bool, source: AugSource,
         return "voc"
     if is_val:
         raise PrepareError(f"val image {i} has no mask in {fine.parent}")
-    src = source.folder / f"{i}{source.suffix}"
-    if not src.is_file():
-        raise PrepareError(f"{i}: listed by the augmentation set but {src} is missing")
-    if src.suffix == ".mat":
-        sbd_mat_to_png(src, dst, palette)
-    else:
+    src = source.get(i)
+    if src is None or not src.is_file():
+        raise PrepareError(f"{i}: no mask in {fine.parent} nor the augmentation set ({src})")
+    if src.suffix == ".png":  # a SegmentationClassAug mask
         atomic_write(dst, lambda p: shutil.copyfile(src, p))
+        return "aug"
+    try:  # SBD's GTcls.Segmentation (class indices 0-20) as a VOC palette PNG
+        mat = scipy.io.loadmat(src, squeeze_me=True, struct_as_record=False)
+        img = Image.fromarray(np.asarray(mat["GTcls"].Segmentation, dtype=np.uint8))
+    except Exception as e:  # noqa: BLE001 - any unreadable .mat is the same problem
+        raise PrepareError(f"{src}: cannot read GTcls.Segmentation ({type(e).__name__}: {e})")
+    img.putpalette(palette)
+    atomic_write(dst, lambda p: img.save(p, format="PNG"))
     return "aug"
-
-
-def _check_all_masks(root: Path, wanted: list[str]) -> None:
-    out = root / "SegmentationClass"
-    n_masks = sum(1 for i in wanted if (out / f"{i}.png").is_file())
-    if n_masks != len(wanted):
-        raise PrepareError(f"SegmentationClass holds {n_masks} of {len(wanted)} masks; "
-                           f"run again with --force to rebuild it")
-
