@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from mlcl import losses, measure, methods, paths
+from mlcl import losses, measure, methods
 from mlcl.config import ConfigError, TrainConfig, config_from_dict, load_config, save_config
 from mlcl.measure import bench, gpu_check
 from mlcl.measure import rehearse as R

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mlcl.config import ConfigError, TrainConfig, load_config
+from mlcl.config import Config, ConfigError, TrainConfig, load_config
 from mlcl.data.datasets import UnlabeledDataset
 from mlcl.loaders import make_loader
 from mlcl.measure.fka_sai import Decoder, Released, fka_inputs, project_part
@@ -42,7 +42,7 @@ CHILD = "import sys; from mlcl.measure.bench import child_memory; child_memory(s
 CHILD_TAG, CHILD_TIMEOUT_S, GUARD_CALLS = "MLCL_MEASURE_MEMORY ", 900, 20
 
 
-def config_of(a: argparse.Namespace, method: str, *extra: str):
+def config_of(a: argparse.Namespace, method: str, *extra: str) -> Config:
     return step_config(method, a.config, a.device, [*a.overrides, *extra])
 
 
@@ -201,14 +201,13 @@ def machine(device: torch.device) -> dict[str, Any]:
         else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
                platform.processor() or None)
-    info = {"platform": platform.platform(), "cpu_model": cpu, "torch": torch.__version__,
+    gpu = device.type == "cuda"
+    return {"platform": platform.platform(), "cpu_model": cpu, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(device),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_avg": os.getloadavg()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    return info
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_avg": os.getloadavg(),
+            **({"gpu": torch.cuda.get_device_name(device), "gpu_memory_gib": torch.cuda.
+                get_device_properties(device).total_memory / 2 ** 30} if gpu else {})}
 
 
 def ratio(num, den):

@@ -4,6 +4,7 @@ for every cell of ``mlcl.prepare.split_lists`` (each listing the same few images
 checkpoint has the keys and shapes of UniMatch's deep-stem ImageNet files, random values."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -92,12 +93,10 @@ def _ids(dataset: str, split: str, n: int) -> list[str]:
 
 def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: int, val: int,
                       seed: int = 0) -> Path:
-    """Write a ``dataset`` ('pascal' or 'cityscapes') of ``labeled + unlabeled`` training and
-    ``val`` validation images under ``root`` and return ``root``. Every cell's labeled list
-    holds the first ``labeled`` training images and its unlabeled list the others.
-
-    A folder fabricated earlier with the same arguments is reused; one with other arguments
-    is replaced; a non-empty folder without the marker is refused (ConfigError)."""
+    """``root`` holding a ``dataset`` ('pascal' or 'cityscapes') of ``labeled + unlabeled``
+    training and ``val`` validation images, every cell listing the first ``labeled`` as
+    labeled. An earlier fabrication is reused (same arguments) or replaced; a non-empty
+    folder without the marker is refused (ConfigError)."""
     if dataset not in NUM_CLASSES:
         raise ValueError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {dataset!r}")
     if min(labeled, unlabeled, val) < 1:
@@ -127,11 +126,9 @@ def _reusable(root: Path, params: dict) -> bool:
     if not marker.is_file():
         raise ConfigError(f"{root} exists and was not fabricated by mlcl (no {MARKER}); "
                              f"choose another folder or remove it")
-    try:
+    with contextlib.suppress(ValueError):
         if json.loads(marker.read_text()) == params:
             return True
-    except ValueError:
-        pass
     shutil.rmtree(root)  # an older fabrication of ours, with other settings
     return False
 
@@ -142,9 +139,8 @@ def weights_name(backbone: str, width: int) -> str:
 
 
 def fabricate_backbone(path: str | Path, backbone: str, width: int = 64, seed: int = 0) -> Path:
-    """A checkpoint with the key names and shapes of ``backbone``'s ImageNet file (deep stem:
-    UniMatch's ``resnet50.pth`` / ``resnet101.pth``) and random values; written atomically,
-    reused when already there with its marker."""
+    """A checkpoint with the keys and shapes of ``backbone``'s ImageNet file (UniMatch's
+    ``resnet50.pth`` / ``resnet101.pth``), random values; reused when its marker matches."""
     path = Path(path)
     marker = path.with_name(path.name + ".fabricated.json")
     params = {"backbone": backbone, "width": width, "seed": seed}

@@ -5,6 +5,7 @@ every process it started past it (TIMEOUT). OUT/gpu_check.json and OUT/SUMMARY.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -118,33 +119,23 @@ def _left_by_a_check(folder: Path) -> bool:
 
 def run_group(command: list[str], timeout: float) -> tuple[Optional[int], str]:
     """Run ``command`` in a process group of its own: (return code, None past ``timeout``
-    seconds; the last 3000 characters of its output). On a timeout, or when this process is
-    interrupted, the whole group gets SIGTERM, then SIGKILL after 5 s (accelerate launch's
-    workers too, so none keeps the GPU)."""
+    seconds; the last 3000 characters of its output). On a timeout or an interruption the
+    whole group (accelerate launch's workers too) gets SIGTERM, then SIGKILL after 5 s."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", env=thread_env(),
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out = proc.communicate(timeout=timeout)[0]
         return proc.returncode, out[-3000:]
-    except subprocess.TimeoutExpired:
-        _stop_group(proc)
+    except BaseException as e:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):  # the group has already left
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
         return None, (proc.communicate()[0] or "")[-3000:]
-    except BaseException:
-        _stop_group(proc)
-        raise
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:  # the whole group has already left
-            pass
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _children_cpu() -> float:

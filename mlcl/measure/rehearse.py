@@ -115,8 +115,7 @@ class StageBook:
         self.preset, self.log, self.stages = preset, log, []
 
     def status(self, name: str, method: Optional[str] = None) -> Optional[str]:
-        return next((s.status for s in self.stages if (s.name, s.method) == (name, method)),
-                    None)
+        return next((s.status for s in self.stages if (s.name, s.method) == (name, method)), None)
 
     def run(self, name: str, method: Optional[str], fn: Callable[[], tuple[str, dict]],
             needs: tuple[tuple[str, Optional[str]], ...] = ()) -> Optional[dict]:
