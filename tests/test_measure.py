@@ -36,7 +36,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from mlcl import losses, measure, methods, paths
+from mlcl import losses, measure, methods
 from mlcl.config import ConfigError, TrainConfig, config_from_dict, load_config, save_config
 from mlcl.measure import bench, gpu_check
 from mlcl.measure import rehearse as R
@@ -85,7 +85,9 @@ def test_bench_runs_every_section_and_writes_the_keys(tmp_path):
         assert r.get(key) is not None, key
     assert set(r["step_s"]) == set(r["peak_mem_mb"]) == set(METHODS)
     assert all(v > 0 for v in r["step_s"].values())
-    assert all(s["n"] == 1 and "cpu" in s and "wall" in s for s in r["step"].values())
+    assert r["settings"]["clock"] == "cpu"  # one thread on a CPU: the process's CPU time
+    assert all(s["n"] == 1 and s["forward"]["median"] + s["backward"]["median"] == pytest.approx(
+        s["median"]) for s in r["step"].values())
     assert r["settings"]["crop"] == 33 and r["settings"]["backbone"] == "resnet18"
     assert r["machine"]["device"] == "cpu" and r["machine"]["torch"] == torch.__version__
     assert r["fka_sai"]["settings"]["feature_size"] == [81, 81]
@@ -94,7 +96,7 @@ def test_bench_runs_every_section_and_writes_the_keys(tmp_path):
     voc = r["memory"]["voc"]
     assert voc["backbone"] == bench.VOC["backbone"] and not voc["measured"] and voc["gib"] > 0
     assert set(bench.TARGETS) <= set(r["targets"]) and "voc_mlcl_memory_gib" in r["targets"]
-    assert "mlcl_released" in proc.stdout and "wrote" in proc.stdout
+    assert "| mlcl_released |" in proc.stdout and "wrote" in proc.stdout
     every = TrainConfig().log_every  # the guard is read as often as the loop reads it
     assert r["guard"]["log_every"] == every and r["guard"]["fraction_with_reads"] > 0
     assert f"with a read every {every} steps" in proc.stdout

@@ -1,44 +1,27 @@
 """``python -m mlcl measure [WHAT] [options] [key=value ...]``: what training costs, measured
 from outside the core on the real step (docs/performance.md).
 
-    python -m mlcl measure --device cpu           # every bench section (make bench)
-    python -m mlcl measure steps,fka_sai          # some of them
-    python -m mlcl measure rehearse --config pascal split=183
-    python -m mlcl measure costs --config cityscapes
-    python -m mlcl measure gpu-check              # make gpu-check; --device cpu: toy sizes
-
 WHAT is ``bench`` (the default: every section) or a comma-separated list of its sections,
-each timed on the real step (build_trainables, StepContext, forward_terms, backward_and_step)
-fed loader-shaped synthetic batches; JSON in --out (default runs/bench/bench_DEVICE.json):
+each on the real step fed loader-shaped synthetic batches; JSON in --out (default
+runs/bench/bench_DEVICE.json), a table on stdout:
 
-steps     forward + backward + optimiser step of each method (--methods: supervised,
-          unimatch, mlcl, mlcl_released = mlcl.released_passes=true), the methods taking
-          turns repeat by repeat; median and spread of --steps repeats after one warm-up,
-          on the process's CPU time on a CPU running one thread, else wall (CUDA events)
-memory    the peak memory of one steady-state step per method, each in a fresh subprocess
-          (CPU: the resident set's rise, VmHWM; GPU: max_memory_allocated), and MLCL at VOC
-          size (ResNet-50 deep stem, crop 321, 8 + 8): measured on a GPU, else estimated
-fka_sai   the MLCL part alone on VOC-sized features (8 x C x 81 x 81), forward + backward,
-          as the step calls it, against measure.fka_sai.Released, a re-creation of the
-          released algorithm: for the prototype branch and for the whole of FKA + SAI
+steps     forward + backward + optimiser step of each method (--methods), median of --steps
+memory    peak memory of one step per method in a fresh subprocess; MLCL at VOC size
+fka_sai   the MLCL part alone on VOC-sized features against the released re-creation
 pipeline  unlabeled samples per second through one loader worker at crop 321
 guard     the divergence guard's per-step work and its read, against an MLCL step
 
 or one of:
 
-rehearse  every stage of each preset of --config (comma-separated) on fabricated full-size
-          data: data, weights, then per method flops, train, checkpoint, resume, evaluate;
-          one PASS / FAIL / SKIP line each, OUT/PRESET/rehearse.json (default OUT
-          runs/rehearse); exit status 1 when a stage failed
+rehearse  every stage of each preset of --config on fabricated full-size data, PASS / FAIL /
+          SKIP each, OUT/PRESET/rehearse.json (default OUT runs/rehearse); exit 1 on a FAIL
 costs     FLOPs per step and projected cost of every cell of each preset (no training)
 gpu-check  bench in fp32 and bf16, every paper preset rehearsed in bf16, two processes
-          with two GPUs: runs/gpu-check/{gpu_check.json,SUMMARY.md}
+          with two GPUs: runs/gpu-check/{gpu_check.json,SUMMARY.md}; --device cpu: toy sizes
 
-key=value: configuration overrides of what is measured: bench on the preset of --config, or
-the device's defaults (ResNet-50 width 64, 21 classes; CPU crop 129 batch 2 fp32; GPU crop 321
-batch 8 bf16), e.g. model.backbone=resnet18 train.channels_last=true seed=1; rehearse and
-costs on the preset (data.root=DIR / model.pretrained=FILE: a prepared dataset, its lists cut
-to the rehearsal's size, and a real checkpoint instead of fabricated ones).
+key=value: configuration overrides of what is measured (bench: on --config's preset or the
+device's defaults; rehearse: data.root=DIR / model.pretrained=FILE use a prepared dataset and
+a real checkpoint instead of fabricated ones).
 """
 from __future__ import annotations
 
@@ -123,30 +106,21 @@ def run(a: argparse.Namespace) -> int:
         if a.config and len(a.config) > 1:
             raise ConfigError("bench: --config takes one preset")
         a.config = a.config[0] if a.config else None
-        a.methods = a.methods or list(bench.METHODS)
-        a.seed = load_config(a.config, a.overrides).seed
-        a.clock = "cpu" if a.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+        a.methods, a.seed = a.methods or list(bench.METHODS), load_config(a.config,
+                                                                          a.overrides).seed
         r = bench.bench(a)
         atomic_write_json(a.out, r)
-        print("\n".join([*bench.table(r), f"wrote {a.out}"]))
+        print("\n".join([*bench.summary(r), f"wrote {a.out}"]))
         return 0
     a.methods = a.methods or list(METHOD_NAMES)
-    if a.mode == "costs":
-        for preset in a.config:
-            print("\n".join(rehearse.cost_table(preset, a, preset_splits(preset))))
-        return 0
-    ok = True
-    for preset in a.config:
-        report = rehearse.rehearse(preset, a)
-        print("\n".join(rehearse.summary_lines(report)))
-        print(f"wrote {a.out / preset / 'rehearse.json'}")
-        ok = ok and report["ok"]
-    return 0 if ok else 1
+    for preset in a.config if a.mode == "costs" else []:
+        print("\n".join(rehearse.cost_table(preset, a, preset_splits(preset))))
+    reports = [rehearse.rehearse(preset, a) for preset in a.config if a.mode == "rehearse"]
+    return 0 if all(r["ok"] for r in reports) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command: exit status 0, 1 when a stage or part failed, 2 bad input (one line),
-    130 / 143 interrupted (mlcl.errors)."""
+    """Exit status 0, 1 when a stage or part failed, 2 bad input (one line), 130 / 143
+    interrupted (mlcl.errors)."""
     a = build_parser().parse_intermixed_args(argv)  # key=value before or after the options
     return run_reported(lambda: run(resolve(a)))
-

@@ -1,5 +1,5 @@
-"""The benchmark's sections (``steps``, ``memory``, ``fka_sai``, ``pipeline``, ``guard``: the
-package docstring says what each measures), its headline ratios, targets and printed table."""
+"""The benchmark's sections (the package docstring says what each measures), its headline
+keys and targets, and the table it prints."""
 from __future__ import annotations
 
 import argparse
@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from mlcl.config import ConfigError, TrainConfig, load_config
+from mlcl.config import Config, ConfigError, TrainConfig, load_config
 from mlcl.data.datasets import UnlabeledDataset
-from mlcl.study.synthetic import make_synthetic
 from mlcl.loaders import make_loader
-from mlcl.measure.harness import (METHODS, Clock, PeakMemory, Stepper, interleaved, lap_stats,
-                                  step_config, sync, timed)
 from mlcl.measure.fka_sai import Decoder, Released, fka_inputs, project_part
+from mlcl.measure.harness import (METHODS, Clock, PeakMemory, Stepper, interleaved, md_table,
+                                  stats, step_config, timed)
 from mlcl.outputs import git_commit
 from mlcl.prototypes import PrototypeBank
 from mlcl.stopping import NonFiniteGuard, gradient_norm
+from mlcl.study.synthetic import make_synthetic
 
 SECTIONS = ("steps", "memory", "fka_sai", "pipeline", "guard")
 VOC = {"backbone": "resnet50_deepstem", "crop": 321, "batch": 8, "gpu_gib": 24}
@@ -42,20 +42,21 @@ CHILD = "import sys; from mlcl.measure.bench import child_memory; child_memory(s
 CHILD_TAG, CHILD_TIMEOUT_S, GUARD_CALLS = "MLCL_MEASURE_MEMORY ", 900, 20
 
 
-def config_of(a: argparse.Namespace, method: str, *extra: str):
+def config_of(a: argparse.Namespace, method: str, *extra: str) -> Config:
     return step_config(method, a.config, a.device, [*a.overrides, *extra])
 
 
 def bench_steps(a: argparse.Namespace) -> dict[str, Any]:
     """Each method's whole step, the methods taking turns repeat by repeat."""
     runs = {m: Stepper(config_of(a, m), a.seed) for m in a.methods}
-    times = interleaved({m: r.timed for m, r in runs.items()},
-                        {m: (1, a.steps) for m in runs})
-    return {m: lap_stats(laps, a.clock) for m, laps in times.items()}
+    laps = interleaved({m: r.timed for m, r in runs.items()}, {m: (1, a.steps) for m in runs})
+    return {m: {**stats([t["s"] for t in v]), **{k: stats([t[k] for t in v])
+                                                 for k in ("forward", "backward")}}
+            for m, v in laps.items()}
 
 
 def child_memory(spec: str) -> None:
-    """In a fresh process (``spec``: JSON of method, preset, device, overrides, seed): one
+    """In a fresh process (``spec``: JSON of method, preset, device, overrides, seed): a
     warm-up step (optimiser state allocated), then the peak of one more step over the memory
     held before it, printed after CHILD_TAG."""
     s = json.loads(spec)
@@ -104,25 +105,22 @@ def bench_memory(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def voc_estimate(m: dict[str, Any]) -> dict[str, Any]:
-    """Scale the measured activation peak linearly in pixels x images to crop 321, batch 8
-    per view; add parameters, gradients and SGD momentum (fp32)."""
+    """The activation peak scaled linearly in pixels x images to crop 321, batch 8 per view,
+    plus parameters, gradients and SGD momentum (fp32)."""
     scale = (VOC["crop"] ** 2 * VOC["batch"]) / (m["crop"] ** 2 * m["batch"])
     act, state = m["increment_mb"] * scale / 1024, 3 * 4 * m["params"] / 2 ** 30
     return {**m, "measured": False, "pixel_scale": scale, "activations_fp32_gib": act,
             "weights_grads_momentum_gib": state, "gib": act + state,
-            "note": "estimate from the CPU peak of the same step at the bench crop/batch, "
-                    "scaled linearly in pixels x images; an fp32 upper bound for a bf16 run; "
-                    "excludes the CUDA context and allocator fragmentation (~1-2 GiB)"}
+            "note": "fp32 upper bound for a bf16 run; excludes the CUDA context and allocator "
+                    "fragmentation (~1-2 GiB)"}
 
 
 def bench_fka_sai(a: argparse.Namespace) -> dict[str, Any]:
     """The project's MLCL part against the released re-creation, on the same inputs."""
-    cfg = config_of(a, "mlcl")
-    B, h, C, K, m = FKA["batch"], FKA["size"], cfg.model.feature_channels, \
-        cfg.data.num_classes, cfg.mlcl
-    device = torch.device(a.device)
-    case = fka_inputs(B, C, h, K, device, a.seed)
-    decoder = Decoder(C, K).to(device)
+    cfg, device = config_of(a, "mlcl"), torch.device(a.device)
+    B, h, C, K, m = (FKA["batch"], FKA["size"], cfg.model.feature_channels,
+                     cfg.data.num_classes, cfg.mlcl)
+    case, decoder = fka_inputs(B, C, h, K, device, a.seed), Decoder(C, K).to(device)
     bank = PrototypeBank(K, C, momentum=m.bank_momentum, conf_thresh=m.bank_conf).to(device)
     torch.manual_seed(a.seed)
     bank.protos.copy_(torch.randn(K, C))  # every class initialised: the steady state
@@ -146,11 +144,12 @@ def bench_fka_sai(a: argparse.Namespace) -> dict[str, Any]:
     return {"settings": {"batch": B, "channels": C, "feature_size": [h, h],
                          "input_size": [4 * (h - 1) + 1] * 2, "classes": K,
                          "repeats": a.steps, "released_repeats": n_released},
-            **{k: lap_stats(v, a.clock) for k, v in times.items()}}
+            **{k: stats(v) for k, v in times.items()}}
 
 
 def bench_pipeline(a: argparse.Namespace) -> dict[str, Any]:
-    """Unlabeled samples per second through one in-process loader (= one worker)."""
+    """Unlabeled samples per second through one in-process loader (= one worker) on
+    synthetic JPEGs: decode, 3 views, ignore map, 2 CutMix boxes, collate."""
     p, threads = PIPELINE, torch.get_num_threads()
     torch.set_num_threads(1)  # what a DataLoader worker runs with
     try:
@@ -172,194 +171,116 @@ def bench_pipeline(a: argparse.Namespace) -> dict[str, Any]:
             dt = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
-    rate = n / dt
-    return {"samples_per_s": rate, "samples": n, "seconds": dt, "crop": p["crop"],
-            "batch": p["batch"], "image_size": [p["image_size"]] * 2,
-            "min_step_s_one_worker": p["batch"] / rate,
-            "what": "one in-process DataLoader (= one worker): JPEG decode, 3 views, ignore map, "
-                    "2 CutMix boxes, collate; synthetic JPEGs (quality 95)"}
+    return {"samples_per_s": n / dt, "samples": n, "seconds": dt, "crop": p["crop"],
+            "batch": p["batch"], "min_step_s_one_worker": p["batch"] * dt / n}
 
 
 def bench_guard(a: argparse.Namespace) -> dict[str, Any]:
-    """The divergence guard's per-step work (gradient norm and finiteness folded into device
-    tensors) and its read (one host sync, every train.log_every steps), on the gradients of
-    a real MLCL step, against that step's time on the same clock."""
-    run, steps, observe, read = Stepper(config_of(a, "mlcl"), a.seed), [], [], []
-    device = run.acc.device
-    for i in range(1 + max(a.steps // 2, 1)):
-        clock = Clock(device)
-        clock.mark()
-        terms = run.step()
-        clock.mark()
-        steps.append(clock.lap(a.clock))
-    guard = NonFiniteGuard(device)
-    for _ in range(max(a.steps, 3)):
-        clock = Clock(device)
-        clock.mark()
+    """The divergence guard's per-step work (observe) and its read (one host sync, every
+    train.log_every steps) on the gradients of a real MLCL step, against that step."""
+    run = Stepper(config_of(a, "mlcl"), a.seed)
+    guard, device, terms = NonFiniteGuard(run.acc.device), run.acc.device, run.step()
+    step = statistics.median(run.timed()["s"] for _ in range(max(a.steps // 2, 1)))
+
+    def observe():
         for _ in range(GUARD_CALLS):
             guard.observe(500, terms, gradient_norm(run.model))
-        sync(device)
-        clock.mark()
-        observe.append(clock.lap(a.clock) / GUARD_CALLS)
-        clock = Clock(device)
-        clock.mark()
-        guard.read(run.acc)
-        clock.mark()
-        read.append(clock.lap(a.clock))
-    step, per_step, per_read = (statistics.median(v) for v in (steps[1:], observe, read))
+
+    per_step = statistics.median(timed(observe, device) / GUARD_CALLS
+                                 for _ in range(max(a.steps, 3)))
+    per_read = statistics.median(timed(lambda: guard.read(run.acc), device)
+                                 for _ in range(max(a.steps, 3)))
     every = TrainConfig().log_every
     return {"step_s": step, "observe_s": per_step, "read_s": per_read,
             "fraction_of_step": per_step / step, "log_every": every,
-            "fraction_with_reads": (per_step + per_read / every) / step,
-            "clock": a.clock, "method": "mlcl"}
+            "fraction_with_reads": (per_step + per_read / every) / step, "method": "mlcl"}
 
 
-def check_paired_batch(a: argparse.Namespace) -> None:
-    """The semi-supervised steps pair each image with another of its batch (CutMix)."""
-    paired = [m for m in a.methods if m != "supervised"]
-    cfg = config_of(a, "supervised")
-    if {"steps", "memory", "guard"} & set(a.sections) and paired and cfg.train.batch_size < 2:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: the {'/'.join(paired)} "
-                          "steps pair each image with another image of the batch (the CutMix "
-                          "partner); give train.batch_size=2 or more, or --methods supervised")
-
-
-# --------------------------------------------------------------------------- report
 def machine(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor() or None,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
-            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in (cpuinfo.read_text().splitlines()
-             if cpuinfo.is_file() else []) if ln.startswith("model name")]
-    info["cpu_model"] = names[0] if names else None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-    return info
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if os.path.isfile("/proc/cpuinfo") \
+        else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+               platform.processor() or None)
+    gpu = device.type == "cuda"
+    return {"platform": platform.platform(), "cpu_model": cpu, "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": str(device),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_avg": os.getloadavg(),
+            **({"gpu": torch.cuda.get_device_name(device), "gpu_memory_gib": torch.cuda.
+                get_device_properties(device).total_memory / 2 ** 30} if gpu else {})}
 
 
 def ratio(num, den):
     return num / den if num is not None and den else None
 
 
-def summarise(r: dict[str, Any]) -> None:
-    """The headline keys (each ratio on the chosen clock, and _wall / _cpu) and targets."""
-    steps = r.get("step", {})
-    r["step_s"] = {m: s["median"] for m, s in steps.items()}
-    for clock in ("wall", "cpu"):
-        r[f"step_{clock}_s"] = {m: s[clock]["median"] for m, s in steps.items() if clock in s}
-    for suffix, t in (("", r["step_s"]), ("_wall", r["step_wall_s"]), ("_cpu", r["step_cpu_s"])):
-        for m in ("mlcl", "mlcl_released"):
-            r[f"ratio_{m}_over_unimatch{suffix}"] = ratio(t.get(m), t.get("unimatch"))
-    mem = r["peak_mem_mb"] = {m: v["increment_mb"] for m, v in
-                              r.get("memory", {}).get("per_method", {}).items()}
+def headline(r: dict[str, Any]) -> None:
+    """The headline keys and the targets, from the sections' results."""
+    step, fk = r.get("step", {}), r.get("fka_sai", {})
+    mem = r.get("memory", {})
+    r["step_s"] = {m: s["median"] for m, s in step.items()}
+    r["peak_mem_mb"] = {m: v["increment_mb"] for m, v in mem.get("per_method", {}).items()}
     for m in ("mlcl", "mlcl_released"):
-        r[f"mem_ratio_{m}_over_unimatch"] = ratio(mem.get(m), mem.get("unimatch"))
-    fk = {k: v for k, v in r.get("fka_sai", {}).items() if k != "settings"}
-    for suffix, pick in (("", lambda v: v["median"]), ("_wall", lambda v: v["wall"]["median"]),
-                         ("_cpu", lambda v: v["cpu"]["median"] if "cpu" in v else None)):
-        med = {k: pick(v) for k, v in fk.items()}
-        for part, key in (("proto", "proto"), ("whole", "fka_sai")):
-            r[f"{key}_speedup_over_released{suffix}"] = ratio(med.get(f"{part}_released"),
-                                                              med.get(f"{part}_vectorised"))
+        r[f"ratio_{m}_over_unimatch"] = ratio(r["step_s"].get(m), r["step_s"].get("unimatch"))
+        r[f"mem_ratio_{m}_over_unimatch"] = ratio(r["peak_mem_mb"].get(m),
+                                                  r["peak_mem_mb"].get("unimatch"))
+    for part, key in (("proto", "proto"), ("whole", "fka_sai")):
+        r[f"{key}_speedup_over_released"] = ratio(*(fk.get(f"{part}_{side}", {}).get("median")
+                                                    for side in ("released", "vectorised")))
     r["pipeline_samples_per_s"] = r.get("pipeline", {}).get("samples_per_s")
-    r["targets"] = {key: {"value": r.get(key), "target": f"{'<=' if kind == 'max' else '>='} "
-                          f"{bound}", "met": None if r.get(key) is None else
+    r["guard_fraction_with_reads"] = r.get("guard", {}).get("fraction_with_reads")
+    r["targets"] = {key: {"value": r[key], "target": f"{'<=' if kind == 'max' else '>='} "
+                          f"{bound}", "met": None if r[key] is None else
                           (r[key] <= bound if kind == "max" else r[key] >= bound)}
                     for key, (bound, kind) in TARGETS.items()}
-    voc = r.get("memory", {}).get("voc")
-    if voc:
-        r["targets"]["voc_mlcl_memory_gib"] = {
-            "value": voc["gib"], "target": f"<= {VOC['gpu_gib']}",
-            "met": voc["gib"] <= VOC["gpu_gib"], "measured": voc["measured"]}
+    if mem.get("voc"):
+        gib = mem["voc"]["gib"]
+        r["targets"]["voc_mlcl_memory_gib"] = {"value": gib, "target": f"<= {VOC['gpu_gib']}",
+                                               "met": gib <= VOC["gpu_gib"],
+                                               "measured": mem["voc"]["measured"]}
     rate, mlcl_step = r["pipeline_samples_per_s"], r["step_s"].get("mlcl")
-    if rate and mlcl_step:
+    if rate and mlcl_step:  # does one worker feed this device's MLCL step?
         consumed = r["settings"]["batch"] / mlcl_step
-        r["targets"]["pipeline_vs_step"] = {
-            "value": rate, "consumed_per_s_by_this_device_step": consumed,
-            "met_on_this_device": rate >= consumed,
-            "min_step_s_one_worker_keeps_up_with": r["pipeline"]["min_step_s_one_worker"]}
+        r["targets"]["pipeline_vs_step"] = {"value": rate, "target": f">= {consumed:.3g}",
+                                            "met": rate >= consumed}
 
 
-def fmt(v, spec=".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def fka_line(r: dict[str, Any]) -> list[str]:
-    """The FKA + SAI line of the printed summary (none without that section)."""
-    if not r.get("fka_sai"):
-        return []
-    fk, fs = r["fka_sai"], r["fka_sai"]["settings"]
-    return [f"FKA+SAI fwd+bwd (B={fs['batch']}, {fs['channels']}x{fs['feature_size'][0]}x"
-            f"{fs['feature_size'][1]}, {fs['classes']} classes): prototype branch "
-            f"{fk['proto_released']['median']:.3f} s released / "
-            f"{fk['proto_vectorised']['median']:.4f} s ours = "
-            f"{fmt(r['proto_speedup_over_released'], '.0f')}x; whole "
-            f"{fk['whole_released']['median']:.3f} / {fk['whole_vectorised']['median']:.3f} s = "
-            f"{fmt(r['fka_sai_speedup_over_released'], '.1f')}x (wall: "
-            f"{fmt(r['proto_speedup_over_released_wall'], '.0f')}x, "
-            f"{fmt(r['fka_sai_speedup_over_released_wall'], '.1f')}x)"]
-
-
-def table(r: dict[str, Any]) -> list[str]:
-    """The printed summary of a benchmark."""
-    s, mach = r["settings"], r["machine"]
-    lines = [f"\nmlcl measure on {mach.get('gpu') or mach.get('cpu_model') or 'cpu'} "
-             f"({mach['device']}, {mach['torch_threads']} threads): {s['backbone']} width "
-             f"{s['width']}, crop {s['crop']}, batch {s['batch']} per view, precision "
-             f"{s['mixed_precision']}; step times: {s['clock']} clock, median of {s['repeats']}"]
-    lines.append(f"{'method':<15}{'step s':>8}{'min':>8}{'max':>8}{'x uni':>7}{'wall s':>8}"
-                 f"{'x uni':>7}{'fwd s':>7}{'bwd s':>7}{'peak MB':>9}{'x uni':>7}")
-    uni = [r["step_s"].get("unimatch"), r["step_wall_s"].get("unimatch"),
-           r["peak_mem_mb"].get("unimatch")]
-    for m in METHODS:
-        st, mem = r.get("step", {}).get(m) or {}, r["peak_mem_mb"].get(m)
-        wall = st.get("wall", {}).get("median")
-        if st or mem is not None:
-            lines.append(
-                f"{m:<15}{fmt(st.get('median'), '.3f'):>8}{fmt(st.get('min'), '.3f'):>8}"
-                f"{fmt(st.get('max'), '.3f'):>8}{fmt(ratio(st.get('median'), uni[0])):>7}"
-                f"{fmt(wall, '.3f'):>8}{fmt(ratio(wall, uni[1])):>7}"
-                f"{fmt(st.get('forward', {}).get('median'), '.3f'):>7}"
-                f"{fmt(st.get('backward', {}).get('median'), '.3f'):>7}"
-                f"{fmt(mem, '.0f'):>9}{fmt(ratio(mem, uni[2])):>7}")
-    lines += fka_line(r)
-    if r.get("pipeline"):
-        p = r["pipeline"]
-        lines.append(f"pipeline: {p['samples_per_s']:.1f} unlabeled samples/s per worker at "
-                     f"crop {p['crop']} (one worker keeps up with steps >= "
-                     f"{p['min_step_s_one_worker']:.2f} s at batch {p['batch']})")
-    voc = r.get("memory", {}).get("voc")
-    if voc:
-        lines.append(f"VOC MLCL memory ({VOC['backbone']}, crop {VOC['crop']}, {VOC['batch']}+"
-                     f"{VOC['batch']}): {voc['gib']:.1f} GiB " + (
-                         "measured" if voc["measured"] else "estimated from the CPU peak (fp32)"))
-    g = r.get("guard")
-    if g:
-        lines.append(f"divergence guard: {g['observe_s'] * 1e3:.3f} ms per step + "
-                     f"{g['read_s'] * 1e3:.3f} ms per read = "
-                     f"{100 * g['fraction_with_reads']:.2f}% of an mlcl step ({g['step_s']:.3f} "
-                     f"s, {g['clock']} clock) with a read every {g['log_every']} steps")
-    return lines + [f"  target {k}: {fmt(t['value'])} {t['target']} -> "
-              f"{'met' if t['met'] else 'MISSED' if t['met'] is False else 'n/a'}"
-                    for k, t in r["targets"].items() if "met" in t]
+def summary(r: dict[str, Any]) -> list[str]:
+    """The printed table of a benchmark (from its JSON)."""
+    s, mach, uni, mem = r["settings"], r["machine"], r["step_s"].get("unimatch"), r["peak_mem_mb"]
+    rows = [{"method": m, f"step s ({s['clock']})": r["step_s"].get(m),
+             "x unimatch": ratio(r["step_s"].get(m), uni), "peak MB": mem.get(m),
+             "memory x unimatch": ratio(mem.get(m), mem.get("unimatch"))}
+            for m in METHODS if m in r["step_s"] or m in mem]
+    voc, g = r.get("memory", {}).get("voc"), r.get("guard")
+    return [f"\nmlcl measure on {mach.get('gpu') or mach['cpu_model']} ({mach['device']}, "
+            f"{mach['torch_threads']} threads): {s['backbone']} width {s['width']}, crop "
+            f"{s['crop']}, batch {s['batch']}, {s['mixed_precision']}, median of {s['repeats']}",
+            *md_table(rows),
+            *([f"VOC MLCL memory: {voc['gib']:.1f} GiB "
+               f"{'measured' if voc['measured'] else 'estimated (fp32)'}"] if voc else []),
+            *([f"divergence guard: {100 * g['fraction_with_reads']:.2f}% of an mlcl step with "
+               f"a read every {g['log_every']} steps"] if g else []),
+            *(f"{k}: {t['value']:.3g} {t['target']} -> {'met' if t['met'] else 'MISSED'}"
+              for k, t in r["targets"].items() if t["value"] is not None)]
 
 
 def bench(a: argparse.Namespace) -> dict[str, Any]:
     """Every asked section, then the headline keys."""
-    check_paired_batch(a)
+    paired = [m for m in a.methods if m != "supervised"]
     cfg, started = config_of(a, "supervised"), time.time()
+    if {"steps", "memory", "guard"} & set(a.sections) and paired and cfg.train.batch_size < 2:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: the {'/'.join(paired)} "
+                          "steps pair each image with another image of the batch (the CutMix "
+                          "partner); give train.batch_size=2 or more, or --methods supervised")
+    clock = "cpu" if Clock(torch.device(a.device)).cpu else "wall"
     settings = {"config": a.config, "overrides": a.overrides, "backbone": cfg.model.backbone,
                 "width": cfg.model.width, "crop": cfg.data.crop_size,
                 "batch": cfg.train.batch_size, "classes": cfg.data.num_classes,
                 "mixed_precision": cfg.train.mixed_precision,
                 "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
                 "warmup": 1, "repeats": a.steps, "seed": a.seed, "methods": a.methods,
-                "sections": a.sections, "clock": a.clock, "optimizer": cfg.train.optimizer,
-                "method_overrides": {m: METHODS[m] for m in a.methods},
+                "sections": a.sections, "clock": clock, "optimizer": cfg.train.optimizer,
                 "mlcl_iteration": "500 of 1000 (SAI on)"}
     r: dict[str, Any] = {"machine": machine(torch.device(a.device)), "settings": settings,
                          "git_commit": git_commit(),
@@ -370,7 +291,6 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
     for name in a.sections:
         key, fn = sections[name]
         r[key] = fn(a)
-    r["bench_wall_s"] = time.time() - started
-    r["machine"]["load_avg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    summarise(r)
+    r["bench_wall_s"], r["machine"]["load_avg_end"] = time.time() - started, os.getloadavg()
+    headline(r)
     return r

@@ -1,24 +1,10 @@
-"""Small datasets and backbone checkpoints in the real formats, for rehearsals (and tests).
-
-A fabricated dataset has the real folder layout, file formats, image sizes and class count of
-its dataset, and split lists in UniMatch's format for every cell of ``mlcl.prepare.split_lists``
-(each cell lists the same few images), so a preset runs on it with only ``data.root`` changed:
-
-    pascal      JPEGImages/{2007_000000,...}.jpg       JPEG, VOC's image sizes (<= 500 px)
-                SegmentationClass/{id}.png             palette PNG, 0..20, 255 borders
-                ImageSets/Segmentation/{train,val,train_aug}.txt
-                splits/pascal/{92,...,1_16,...,u2pl_1_4}/{labeled,unlabeled}.txt, val.txt
-    cityscapes  leftImg8bit/{train,val}/{city}/{city}_{seq}_000019_leftImg8bit.png  2048x1024 RGB
-                gtFine/{train,val}/{city}/..._gtFine_labelTrainIds.png          L, 0..18, 255
-                splits/cityscapes/{1_16,1_8,1_4,1_2}/{labeled,unlabeled}.txt, val.txt
-
-Images come from :func:`mlcl.study.synthetic.render`; Cityscapes frames are rendered at a
-quarter of the size and enlarged. A fabricated checkpoint has the key names and shapes of
-UniMatch's deep-stem ImageNet files (an ImageNet ``fc``, no ``num_batches_tracked``) and
-random values.
-"""
+"""Small datasets and backbone checkpoints in the real formats, for rehearsals and tests: a
+dataset has its real layout, file formats, image sizes and classes and UniMatch-format lists
+for every cell of ``mlcl.prepare.split_lists`` (each listing the same few images); a
+checkpoint has the keys and shapes of UniMatch's deep-stem ImageNet files, random values."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -43,7 +29,6 @@ CITYSCAPES_CITIES = {"train": ("aachen", "bochum", "zurich"), "val": ("frankfurt
 IMAGENET_CLASSES = 1000
 
 
-# --------------------------------------------------------------------------- names and lists
 def voc_ids(n: int, start: int = 0, year: int = 2007) -> list[str]:
     """VOC-style ids ``2007_000000``, ``2007_000001``, ..."""
     return [f"{year}_{start + i:06d}" for i in range(n)]
@@ -56,9 +41,9 @@ def cityscapes_ids(split: str, cities: tuple[str, ...], per_city: int) -> list[s
 
 def unimatch_lists(layout: str, train: list[str], val: list[str],
                    sizes: dict[str, int], extra_train: list[str] = ()) -> dict[str, str]:
-    """Split files in UniMatch's format, keyed by their path under ``splits/<dataset>/``:
-    ``NAME/labeled.txt`` (the first ``sizes[NAME]`` of ``train``), ``NAME/unlabeled.txt`` (the
-    rest of ``train`` plus ``extra_train``) and ``val.txt``."""
+    """UniMatch-format lists by path under ``splits/<dataset>/``: ``NAME/labeled.txt`` (the
+    first ``sizes[NAME]`` of ``train``), ``NAME/unlabeled.txt`` (the rest and ``extra_train``),
+    ``val.txt``."""
     def line(i: str) -> str:
         if layout == "voc":
             return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n"
@@ -71,49 +56,31 @@ def unimatch_lists(layout: str, train: list[str], val: list[str],
     return out
 
 
-# --------------------------------------------------------------------------- images
-def scene(seed: int, size: tuple[int, int], classes: int, shrink: int = 1
-          ) -> tuple[Image.Image, Image.Image]:
-    """An RGB image and its (H, W) class-index mask of ``size`` = (width, height), rendered at
-    1/``shrink`` of the size and enlarged."""
-    w, h = size
-    image, mask = render(np.random.default_rng(seed), h // shrink, w // shrink, classes)
-    img, m = Image.fromarray(image), Image.fromarray(mask)
-    if shrink > 1:
-        img, m = img.resize(size, Image.BILINEAR), m.resize(size, Image.NEAREST)
-    return img, m
-
-
-def _write_pair(root: Path, image_rel: str, mask_rel: str, img: Image.Image, mask: Image.Image,
-                palette: list[int] | None) -> None:
-    for rel in (image_rel, mask_rel):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-    if image_rel.endswith(".jpg"):
-        img.save(root / image_rel, quality=90)
-    else:  # fast zlib level: a 2048x1024 frame in ~0.1 s instead of ~0.6 s
-        img.save(root / image_rel, compress_level=1)
-    if palette is not None:
-        mask.putpalette(palette)  # L -> P with the indices kept, as VOC's masks
-    mask.save(root / mask_rel, compress_level=1)
-
-
-def _write_voc(root: Path, train: list[str], val: list[str], seed: int) -> None:
-    palette = voc_palette()
+def _write_images(root: Path, dataset: str, train: list[str], val: list[str], seed: int
+                  ) -> None:
+    """Rendered images and masks: VOC's sizes as JPEG and palette PNG, Cityscapes frames
+    rendered at a quarter size and enlarged, PNG and L masks."""
+    voc, palette = dataset == "pascal", voc_palette()
     for k, i in enumerate(train + val):
-        img, mask = scene(seed + k, VOC_SIZES[k % len(VOC_SIZES)], NUM_CLASSES["pascal"])
-        _write_pair(root, f"JPEGImages/{i}.jpg", f"SegmentationClass/{i}.png", img, mask,
-                    palette)
-    sets = root / "ImageSets" / "Segmentation"
-    sets.mkdir(parents=True, exist_ok=True)
-    for name, ids in (("train", train), ("val", val), ("train_aug", train)):
-        (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
-
-
-def _write_cityscapes(root: Path, train: list[str], val: list[str], seed: int) -> None:
-    for k, i in enumerate(train + val):
-        img, mask = scene(seed + k, CITYSCAPES_SIZE, NUM_CLASSES["cityscapes"], shrink=4)
-        _write_pair(root, f"leftImg8bit/{i}_leftImg8bit.png",
-                    f"gtFine/{i}_gtFine_labelTrainIds.png", img, mask, None)
+        w, h = VOC_SIZES[k % len(VOC_SIZES)] if voc else CITYSCAPES_SIZE
+        shrink = 1 if voc else 4
+        image, mask = render(np.random.default_rng(seed + k), h // shrink, w // shrink,
+                             NUM_CLASSES[dataset])
+        img = Image.fromarray(image).resize((w, h), Image.BILINEAR)
+        m = Image.fromarray(mask).resize((w, h), Image.NEAREST)
+        img_rel, mask_rel = unimatch_lists(LAYOUT[dataset], [], [i], {})["val.txt"].split()
+        for rel in (img_rel, mask_rel):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        # PNG at a fast zlib level: a 2048x1024 frame in ~0.1 s instead of ~0.6 s
+        img.save(root / img_rel, **({"quality": 90} if voc else {"compress_level": 1}))
+        if voc:
+            m.putpalette(palette)  # L -> P with the indices kept, as VOC's masks
+        m.save(root / mask_rel, compress_level=1)
+    if voc:
+        sets = root / "ImageSets" / "Segmentation"
+        sets.mkdir(parents=True, exist_ok=True)
+        for name, part in (("train", train), ("val", val), ("train_aug", train)):
+            (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in part))
 
 
 def _ids(dataset: str, split: str, n: int) -> list[str]:
@@ -124,15 +91,12 @@ def _ids(dataset: str, split: str, n: int) -> list[str]:
     return cityscapes_ids(split, cities, per_city)[:n]
 
 
-# --------------------------------------------------------------------------- the dataset
 def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: int, val: int,
                       seed: int = 0) -> Path:
-    """Write a ``dataset`` ('pascal' or 'cityscapes') of ``labeled + unlabeled`` training and
-    ``val`` validation images under ``root`` and return ``root``. Every cell's labeled list
-    holds the first ``labeled`` training images and its unlabeled list the others.
-
-    A folder fabricated earlier with the same arguments is reused; one with other arguments
-    is replaced; a non-empty folder without the marker is refused (ConfigError)."""
+    """``root`` holding a ``dataset`` ('pascal' or 'cityscapes') of ``labeled + unlabeled``
+    training and ``val`` validation images, every cell listing the first ``labeled`` as
+    labeled. An earlier fabrication is reused (same arguments) or replaced; a non-empty
+    folder without the marker is refused (ConfigError)."""
     if dataset not in NUM_CLASSES:
         raise ValueError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {dataset!r}")
     if min(labeled, unlabeled, val) < 1:
@@ -143,8 +107,7 @@ def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: i
     if _reusable(root, params):
         return root
     train, val_ids = _ids(dataset, "train", labeled + unlabeled), _ids(dataset, "val", val)
-    write = _write_voc if dataset == "pascal" else _write_cityscapes
-    write(root, train, val_ids, seed)
+    _write_images(root, dataset, train, val_ids, seed)
     lists = unimatch_lists(LAYOUT[dataset], train, val_ids,
                            {name: labeled for name in SPLITS[dataset]})
     for rel, text in lists.items():
@@ -163,25 +126,21 @@ def _reusable(root: Path, params: dict) -> bool:
     if not marker.is_file():
         raise ConfigError(f"{root} exists and was not fabricated by mlcl (no {MARKER}); "
                              f"choose another folder or remove it")
-    try:
+    with contextlib.suppress(ValueError):
         if json.loads(marker.read_text()) == params:
             return True
-    except ValueError:
-        pass
     shutil.rmtree(root)  # an older fabrication of ours, with other settings
     return False
 
 
-# --------------------------------------------------------------------------- the checkpoint
 def weights_name(backbone: str, width: int) -> str:
     """File name of a fabricated checkpoint, e.g. ``resnet50_deepstem-w64.pth``."""
     return f"{backbone}-w{width}.pth"
 
 
 def fabricate_backbone(path: str | Path, backbone: str, width: int = 64, seed: int = 0) -> Path:
-    """A checkpoint with the key names and shapes of ``backbone``'s ImageNet file (deep stem:
-    UniMatch's ``resnet50.pth`` / ``resnet101.pth``) and random values; written atomically,
-    reused when already there with its marker."""
+    """A checkpoint with the keys and shapes of ``backbone``'s ImageNet file (UniMatch's
+    ``resnet50.pth`` / ``resnet101.pth``), random values; reused when its marker matches."""
     path = Path(path)
     marker = path.with_name(path.name + ".fabricated.json")
     params = {"backbone": backbone, "width": width, "seed": seed}

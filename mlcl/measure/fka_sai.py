@@ -1,6 +1,5 @@
-"""The released FKA / SAI algorithm, re-created for timing (:class:`Released`), the inputs
-both it and the project's code receive (:func:`fka_inputs`), and the one place this tool
-calls the MLCL part of the project's step by itself (:func:`project_part`)."""
+"""The released FKA / SAI algorithm re-created for timing (:class:`Released`), the inputs it
+and the project's MLCL part (:func:`project_part`) receive (:func:`fka_inputs`)."""
 from __future__ import annotations
 
 import random
@@ -17,9 +16,8 @@ from mlcl.released import valid_bilinear
 
 
 class Decoder(nn.Module):
-    """The 1x1 classifier alone, with the model's ``decode`` API. It starts as the identity on
-    the first K channels, so the weak features of :func:`fka_inputs` decode to their crafted
-    pseudo-labels."""
+    """The model's 1x1 classifier (``decode``), the identity on the first K channels: the
+    weak features of :func:`fka_inputs` decode to their crafted pseudo-labels."""
 
     def __init__(self, channels: int, classes: int):
         super().__init__()
@@ -34,9 +32,8 @@ class Decoder(nn.Module):
 
 
 class FkaCase(NamedTuple):
-    """The inputs of the MLCL part (``x``) and what the re-created release reads besides:
-    the weak logits (B, K, h, w), probabilities of u_w and of the partner (B, K, H, W) and
-    the CutMix boxes (B, H, W)."""
+    """The MLCL part's inputs ``x``; what the release reads besides: weak logits (B, K, h, w),
+    probabilities of u_w and of the partner (B, K, H, W), CutMix boxes (B, H, W)."""
 
     x: methods.MLCLInputs
     logits_w: Tensor
@@ -46,13 +43,11 @@ class FkaCase(NamedTuple):
     box2: Tensor
 
 
-# --------------------------------------------------------------------------- the project's side
 def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int) -> FkaCase:
-    """What the MLCL part of a default step receives (C >= K): weak / CutMixed-weak / strong
-    features at h x h, the ignore map, CutMix boxes and SAI's targets at the input resolution
-    H = 4 (h - 1) + 1 (81 -> 321). The weak features decode (:class:`Decoder`) to VOC-like
-    pseudo-labels: ~60% background, two object classes per image in blobs, about half the
-    pixels above the 0.95 confidence. L_dt pulls the CutMixed s1 outside box1."""
+    """What the MLCL part of a step receives (C >= K): features at h x h, the ignore map,
+    boxes and SAI's targets at H = 4 (h - 1) + 1 (81 -> 321); the weak features decode to
+    VOC-like pseudo-labels (~60% background, two object classes in blobs, about half the
+    pixels above 0.95 confidence)."""
     g = torch.Generator().manual_seed(seed)
     H = 4 * (h - 1) + 1
     cells = torch.rand(B, 1, 6, 6, generator=g)
@@ -81,9 +76,8 @@ def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int) 
 
 def project_part(case: FkaCase, bank: PrototypeBank, cfg: Config, decoder: Decoder,
                  whole: bool) -> Tensor:
-    """The project's MLCL part as the training step calls it, forward and backward, the bank
-    updated: the prototype branch (L_dt), or with ``whole`` all of it (p2p + v, L_dt, SAI at
-    the end of the ramp-up, w = beta). The detached loss."""
+    """The project's MLCL part as the step calls it, forward, backward and bank update: the
+    prototype branch (L_dt), or with ``whole`` all of it (SAI weight beta); the loss."""
     parts = methods.mlcl_parts(cfg)
     if whole:
         loss = methods.mlcl_losses(decoder, case.x, bank, cfg, cfg.mlcl.beta, parts)[0]
@@ -93,22 +87,11 @@ def project_part(case: FkaCase, bank: PrototypeBank, cfg: Config, decoder: Decod
     return loss.detach()
 
 
-# --------------------------------------------------------------------------- the release
 class Released:
-    """A re-creation of the released FKA / SAI algorithm, for timing only. It measures the
-    algorithm, not its quirks: anchors are the true top 16, anchors and candidates pair by
-    class, L_dt is the mean over anchors, every class of the bank is updated (the paper
-    variant, which tests/test_measure.py checks it agrees with); the ignore map is resized
-    bilinearly as released.
-
-    Prototype branch (``prote.py``): for every class present, the rows of the class are
-    picked from the (B*h*w, C) feature rows with a boolean mask, sorted by cosine to the
-    prototype, and the anchors (16) / candidates (256) are taken one row at a time from the
-    re-indexed class features and concatenated; the loss and the bank update loop over the
-    classes. SAI (``MCCL.py``): per image a Python loop draws the noise and the masking
-    threshold and writes the perturbed map into a zero buffer; each of the four perturbed
-    maps is decoded, upsampled and compared separately; targets are CutMixed by boolean-mask
-    assignment."""
+    """The released FKA (``prote.py``) / SAI (``MCCL.py``) algorithm, for timing only: its
+    row-at-a-time selection, per-image perturbation loops and four separate decodes, with
+    the paper variant's arithmetic (tests/test_measure.py checks L_dt and the bank agree;
+    docs/performance.md)."""
 
     def __init__(self, bank: Tensor, kappa: float = 0.15, conf: float = 0.95,
                  anchors: int = 16, candidates: int = 256, momentum: float = 0.99):

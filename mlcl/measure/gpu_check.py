@@ -1,14 +1,11 @@
-"""``make gpu-check``: the acceptance check of a CUDA machine in one command, within 8 minutes
-on one current data-centre GPU. Each part is a ``python -m mlcl measure`` (or a two-process
-training) subprocess with its own time budget; a part past it is stopped with every process
-it started and marked TIMEOUT, and the whole check never runs past BUDGET_S. Then, from the
-rehearsals: MLCL's peak GPU memory against UniMatch's at the VOC preset and every method's
-sustained TFLOP/s (the number for ``measure costs --tflops``). Writes OUT/gpu_check.json and
-OUT/SUMMARY.md; with ``--device cpu`` every part runs on the CPU at toy sizes (a wiring check
-the test suite runs)."""
+"""``make gpu-check``: a CUDA machine's acceptance check within BUDGET_S (8 minutes). Each
+part is a ``measure`` (or two-process training) subprocess under its own budget, stopped with
+every process it started past it (TIMEOUT). OUT/gpu_check.json and OUT/SUMMARY.md; with
+``--device cpu`` every part at toy sizes (docs/performance.md)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -27,6 +24,7 @@ from mlcl.config import METHOD_NAMES, ConfigError
 from mlcl.files import atomic_write_json, atomic_write_text
 from mlcl.outputs import saved_config
 from mlcl.measure.fabricate import weights_name
+from mlcl.measure.harness import md_table
 from mlcl.study.reproduce import thread_env, train_command
 
 BUDGET_S = 480
@@ -121,33 +119,23 @@ def _left_by_a_check(folder: Path) -> bool:
 
 def run_group(command: list[str], timeout: float) -> tuple[Optional[int], str]:
     """Run ``command`` in a process group of its own: (return code, None past ``timeout``
-    seconds; the last 3000 characters of its output). On a timeout, or when this process is
-    interrupted, the whole group gets SIGTERM, then SIGKILL after 5 s (accelerate launch's
-    workers too, so none keeps the GPU)."""
+    seconds; the last 3000 characters of its output). On a timeout or an interruption the
+    whole group (accelerate launch's workers too) gets SIGTERM, then SIGKILL after 5 s."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", env=thread_env(),
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out = proc.communicate(timeout=timeout)[0]
         return proc.returncode, out[-3000:]
-    except subprocess.TimeoutExpired:
-        _stop_group(proc)
+    except BaseException as e:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):  # the group has already left
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
         return None, (proc.communicate()[0] or "")[-3000:]
-    except BaseException:
-        _stop_group(proc)
-        raise
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:  # the whole group has already left
-            pass
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _children_cpu() -> float:
@@ -166,25 +154,24 @@ def collect(parts: list[Part], out: Path) -> dict[str, Any]:
     """Headline numbers from the parts' JSON files (bench, rehearsals, two processes)."""
     found: dict[str, Any] = {"bench": {}, "rehearsals": {}, "sustained_tflops": {}}
     for p in parts:
-        if p.name.startswith("bench_"):
+        kind, _, key = p.name.partition("_")
+        if kind == "bench":
             b = _read_json(out / f"{p.name}.json")
-            p.result = {k: b.get(k) for k in (
+            p.result = found["bench"][key] = {k: b.get(k) for k in (
                 "step_s", "ratio_mlcl_over_unimatch", "peak_mem_mb", "targets",
                 "mem_ratio_mlcl_over_unimatch", "fka_sai_speedup_over_released",
                 "pipeline_samples_per_s")}
-            found["bench"][p.name.removeprefix("bench_")] = p.result
-        elif p.name.startswith("rehearse_"):
-            preset = p.name.removeprefix("rehearse_")
-            r = _read_json(out / "rehearse" / preset / "rehearse.json")
-            p.result = {"ok": r.get("ok"), "methods": r.get("methods", {}),
-                        "failed": [f"{s['method'] or preset} {s['name']}: {s['detail']}"
-                                   for s in r.get("stages", []) if s["status"] == "FAIL"]}
+        elif kind == "rehearse":
+            r = _read_json(out / "rehearse" / key / "rehearse.json")
+            p.result = found["rehearsals"][key] = {
+                "ok": r.get("ok"), "methods": r.get("methods", {}),
+                "failed": [f"{s['method'] or key} {s['name']}: {s['detail']}"
+                           for s in r.get("stages", []) if s["status"] == "FAIL"]}
             if p.status == "PASS" and not r:
                 p.status, p.tail = "FAIL", "no rehearse.json was written\n" + p.tail
-            found["rehearsals"][preset] = p.result
-            found["sustained_tflops"][preset] = {
-                m: n.get("achieved_tflops") for m, n in p.result["methods"].items()}
-        elif p.name == "two_process":
+            found["sustained_tflops"][key] = {m: n.get("achieved_tflops")
+                                              for m, n in p.result["methods"].items()}
+        else:  # two_process
             m = _read_json(out / "two_process" / "metrics.json")
             p.result = {k: m.get(k) for k in ("complete", "num_processes", "iterations",
                                               "bank_spread_across_processes")}
@@ -192,43 +179,28 @@ def collect(parts: list[Part], out: Path) -> dict[str, Any]:
                 p.status = "FAIL"
     methods = found["rehearsals"].get("pascal", {}).get("methods", {})
     peak = {m: methods.get(m, {}).get("peak_mb") for m in ("unimatch", "mlcl")}
-    found["memory_voc"] = {"peak_mb": peak, "mlcl_over_unimatch": peak["mlcl"] / peak[
-        "unimatch"] if peak["mlcl"] and peak["unimatch"] else None, "what": next(
-        (n.get("memory_what") for n in methods.values() if n.get("memory_what")), None)}
+    what = next((n["memory_what"] for n in methods.values() if n.get("memory_what")), None)
+    found["memory_voc"] = {"peak_mb": peak, "what": what, "mlcl_over_unimatch": peak["mlcl"] /
+                           peak["unimatch"] if peak["mlcl"] and peak["unimatch"] else None}
     return found
 
 
-def _g(x: Any, unit: str = "") -> str:
-    return "-" if x is None else (f"{x:.3g}" if isinstance(x, float) else str(x)) + unit
-
-
 def summary(check: dict[str, Any]) -> list[str]:
-    """The short human summary (SUMMARY.md)."""
-    m = check["machine"]
-    lines = [f"# gpu-check {'PASSED' if check['ok'] else 'FAILED'}", "",
-             f"{m.get('gpu') or 'CPU (toy sizes)'} x {m['gpus']}, torch {m['torch']}, "
-             f"{check['seconds']:.0f} s of {check['budget_s']} s", "",
-             "| part | status | seconds | CPU seconds | budget |", "|---|---|---|---|---|"]
-    lines += [f"| {p['name']} | {p['status']} | {p['seconds']:.0f} | {p['cpu_s']:.0f} | "
-              f"{p['budget_s']} |" for p in check["parts"]]
-    for name, b in check["bench"].items():
-        steps = ", ".join(f"{k} {v:.3f} s" for k, v in (b.get("step_s") or {}).items())
-        lines.append(f"\nbench {name}: {steps}; MLCL/UniMatch step "
-                     f"{_g(b.get('ratio_mlcl_over_unimatch'))}, memory "
-                     f"{_g(b.get('mem_ratio_mlcl_over_unimatch'))}")
-    for preset, r in check["rehearsals"].items():
-        per = ", ".join(f"{k} {_g(n.get('seconds_per_step'))} s/step, "
-                        f"{_g(n.get('peak_mb'), ' MB')}, {_g(n.get('achieved_tflops'))} TFLOP/s"
-                        for k, n in r.get("methods", {}).items())
-        lines.append(f"\nrehearse {preset}: {'ALL PASS' if r.get('ok') else 'FAILED'}; {per}")
-        lines += [f"- FAIL {f}" for f in r.get("failed", [])]
-    two = next((p["result"] for p in check["parts"] if p["name"] == "two_process"), None)
-    lines += [f"\ntwo processes: {two}"] if two else []
-    v = check["memory_voc"]
-    return lines + [f"\nVOC preset peak memory per process: MLCL "
-                    f"{_g(v['peak_mb']['mlcl'], ' MB')}, UniMatch "
-                    f"{_g(v['peak_mb']['unimatch'], ' MB')}, ratio "
-                    f"{_g(v['mlcl_over_unimatch'])} ({v['what']})"]
+    """SUMMARY.md, from gpu_check.json: the parts, then the headline numbers."""
+    m, v = check["machine"], check["memory_voc"]
+    per = [{"part": p["name"], "status": p["status"], "seconds": round(p["seconds"]),
+            "CPU seconds": round(p["cpu_s"]), "budget": p["budget_s"], **{
+                k: p["result"].get(k) for k in ("ratio_mlcl_over_unimatch",
+                                                "mem_ratio_mlcl_over_unimatch")}}
+           for p in check["parts"]]
+    return [f"# gpu-check {'PASSED' if check['ok'] else 'FAILED'}", "",
+            f"{m.get('gpu') or 'CPU (toy sizes)'} x {m['gpus']}, torch {m['torch']}, "
+            f"{check['seconds']:.0f} s of {check['budget_s']} s", "", *md_table(per), "",
+            *(f"rehearse {k}: {'ALL PASS' if r.get('ok') else 'FAILED'}; TFLOP/s "
+              f"{check['sustained_tflops'][k]}" for k, r in check["rehearsals"].items()),
+            *(f"- FAIL {f}" for r in check["rehearsals"].values() for f in r.get("failed", [])),
+            f"VOC preset peak memory per process (MB): {v['peak_mb']}, MLCL / UniMatch "
+            f"{v['mlcl_over_unimatch']} ({v['what']})"]
 
 
 def gpu_check(a: argparse.Namespace) -> int:

@@ -1,21 +1,9 @@
-"""The rehearsal of a paper preset: its own configuration, every stage, every method, one
-PASS / FAIL / SKIP line each, then the report; and what a whole run of each cell costs.
-
-Per preset: ``data`` (fabricated, or the ``data.root=`` given, checked with the project's
-verifier) and ``weights`` (fabricated, or the ``model.pretrained=`` given; loads into the
-preset's backbone as training loads it). Per method: ``flops`` (one step at the preset's
-batch, one evaluation, the projected full run), ``train`` (``fit`` for N steps),
-``checkpoint`` (checkpoints/LATEST, best.pt and last.pt load), ``resume`` (``fit`` to 2N steps
-takes N more, not 2N) and ``evaluate`` (last.pt evaluated as ``mlcl evaluate`` does agrees with
-training's own evaluation). Only data.root, model.pretrained, train.max_iters, output_dir and,
-on a CPU, the batch (2 per process) and train.cpu differ from the preset.
-
-Projection of a whole run (docs/real_data.md, section 9)::
-
-    iterations  = epochs * floor(unlabeled images / (batch per GPU * GPUs))
-    GPU-hours   = (iterations * GPUs * step FLOPs + evaluations * val images * eval FLOPs)
-                  / sustained FLOP/s per GPU / 3600;   wall hours = GPU-hours / GPUs
-"""
+"""The rehearsal of a paper preset: every stage on the preset's own configuration, one
+PASS / FAIL / SKIP line each, then OUT/PRESET/rehearse.json; and what a whole run of each
+cell costs. Stages: ``data`` and ``weights`` (fabricated, or the data.root= / model.pretrained=
+given), then per method ``flops``, ``train``, ``checkpoint``, ``resume`` (N more steps, not
+2N) and ``evaluate`` (last.pt as ``mlcl evaluate`` runs it equals training's evaluation);
+docs/real_data.md, section 9, has the projection's formula."""
 from __future__ import annotations
 
 import argparse
@@ -39,11 +27,11 @@ from mlcl.errors import RunInterrupted
 from mlcl.evaluate import evaluate
 from mlcl.files import atomic_write_json
 from mlcl.measure.fabricate import LAYOUT, fabricate_backbone, fabricate_dataset, weights_name
-from mlcl.measure.harness import MiB, PeakMemory, eval_flops, step_flops, sync
+from mlcl.measure.harness import MiB, PeakMemory, eval_flops, md_table, step_flops, sync
 from mlcl.model import build_backbone, load_backbone_weights
-from mlcl.study.predict import load_weights
 from mlcl.prepare.split_lists import STANDARD_POOLS, UNLABELED_POOL, standard_size
 from mlcl.prepare.verify import verify_dataset
+from mlcl.study.predict import load_weights
 from mlcl.train import fit
 
 OUT_MARKER = ".mlcl-rehearse"  # an output folder holding it was made by a rehearsal
@@ -72,7 +60,6 @@ def expect(ok: bool, reason: str) -> None:
         raise StageError(reason)
 
 
-# --------------------------------------------------------------------------- plan
 @dataclasses.dataclass
 class Plan:
     """The command line resolved against the preset."""
@@ -83,7 +70,6 @@ class Plan:
     device: torch.device
     batch: int
     given: dict[str, str]  # data.root / model.pretrained given as overrides
-    notes: list[str]
     latest: str = ""  # the checkpoint the train stage left (the resume starts from it)
 
     @property
@@ -106,21 +92,9 @@ def make_plan(preset: str, a: argparse.Namespace) -> Plan:
                  ("data.root", "model.pretrained"))
     batch = base.train.batch_size if a.device == "cuda" else min(CPU_BATCH,
                                                                  base.train.batch_size)
-    notes = [f"batch {batch} per process on CPU, not the preset's {base.train.batch_size}"] \
-        if batch != base.train.batch_size else []
-    return Plan(preset, base, a, torch.device(a.device), batch, given, notes)
+    return Plan(preset, base, a, torch.device(a.device), batch, given)
 
 
-def prepare_out(out: Path) -> None:
-    """Create ``out``, or reuse it if a rehearsal made it; refuse a folder it did not make."""
-    if out.exists() and any(out.iterdir()) and not (out / OUT_MARKER).is_file():
-        raise ConfigError(f"--out {out}: the folder exists and was not made by a rehearsal "
-                          f"(no {OUT_MARKER}); choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / OUT_MARKER).touch()
-
-
-# --------------------------------------------------------------------------- stages
 @dataclasses.dataclass
 class Stage:
     """One line of the rehearsal: ``status`` of ``name`` (for ``method``, or the preset)."""
@@ -130,7 +104,7 @@ class Stage:
     method: Optional[str]
     status: str
     detail: str
-    seconds: float
+    seconds: float = 0.0
     data: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -141,35 +115,30 @@ class StageBook:
         self.preset, self.log, self.stages = preset, log, []
 
     def status(self, name: str, method: Optional[str] = None) -> Optional[str]:
-        return next((s.status for s in self.stages if (s.name, s.method) == (name, method)),
-                    None)
+        return next((s.status for s in self.stages if (s.name, s.method) == (name, method)), None)
 
     def run(self, name: str, method: Optional[str], fn: Callable[[], tuple[str, dict]],
             needs: tuple[tuple[str, Optional[str]], ...] = ()) -> Optional[dict]:
         """Run ``fn`` -> (detail, data) unless a stage in ``needs`` did not pass; ``data`` on
-        PASS, else None. Any error is the stage's FAIL but a stop signal's RunInterrupted
-        (Ctrl-C, SIGTERM), which ends the rehearsal."""
+        PASS, else None. Any error is the stage's FAIL but RunInterrupted (Ctrl-C, SIGTERM),
+        which ends the rehearsal."""
         missing = [f"{n}{'/' + m if m else ''}" for n, m in needs if self.status(n, m) != PASS]
         if missing:
-            return self.skip(name, method, f"needs {', '.join(missing)}")
-        t0 = time.perf_counter()
+            return self.add(Stage(self.preset, name, method, SKIP, f"needs {', '.join(missing)}"))
+        t0, status = time.perf_counter(), PASS
         try:
             detail, data = fn()
-            status = PASS
         except RunInterrupted:
             raise
         except Exception as e:  # noqa: BLE001 - any failure is this stage's FAIL line
             text = " ".join(str(e).split()) or "(no message)"
             detail = text if isinstance(e, StageError) else f"{type(e).__name__}: {text}"
             status, data = FAIL, {"traceback": traceback.format_exc()}
-        self._add(Stage(self.preset, name, method, status, detail[:400],
-                        time.perf_counter() - t0, data))
+        self.add(Stage(self.preset, name, method, status, detail[:400],
+                       time.perf_counter() - t0, data))
         return data if status == PASS else None
 
-    def skip(self, name: str, method: Optional[str], why: str) -> None:
-        self._add(Stage(self.preset, name, method, SKIP, why, 0.0))
-
-    def _add(self, s: Stage) -> None:
+    def add(self, s: Stage) -> None:
         self.stages.append(s)
         who = f"{s.preset}/{s.method}" if s.method else s.preset
         self.log(f"{s.status}  {who:<32s} {s.name:<10s} {s.detail}")
@@ -229,8 +198,7 @@ def flops_stage(plan: Plan, method: str, full: tuple[int, int] | None) -> tuple[
                         f"train.batch_size={plan.batch}")
     run_step = counted(small, lambda: step_flops(small))
     h, w = EVAL_IMAGE[cfg.data.dataset]
-    per_image = counted(["eval", h, w, flatten(cfg.to_dict())],
-                        lambda: eval_flops(cfg, h, w))
+    per_image = counted(["eval", h, w, flatten(cfg.to_dict())], lambda: eval_flops(cfg, h, w))
     gpus = plan.a.gpus or REFERENCE_GPUS[cfg.data.dataset]
     tflops = plan.a.tflops or DEFAULT_TFLOPS[cfg.data.dataset]
     proj = projection(cfg, *(full or real_sizes(cfg)), gpus, step, per_image, tflops)
@@ -266,7 +234,7 @@ def projection(cfg: Config, unlabeled: int, val: int, gpus: int, step: int, per_
     (evaluation every train.eval_every epochs and at the end), at ``tflops`` per GPU."""
     batch, epochs = cfg.train.batch_size, cfg.train.epochs
     per_epoch, every = unlabeled // (batch * gpus), max(cfg.train.eval_every, 1)
-    evaluations = epochs // every + (1 if epochs % every else 0)
+    evaluations = -(-epochs // every)
     train, evaluation = epochs * per_epoch * gpus * step, evaluations * val * per_image
     gpu_hours = (train + evaluation) / (tflops * 1e12) / 3600
     return {"unlabeled": unlabeled, "val": val, "batch": batch, "gpus": gpus, "epochs": epochs,
@@ -278,20 +246,18 @@ def projection(cfg: Config, unlabeled: int, val: int, gpus: int, step: int, per_
 
 def human_flops(n: float) -> str:
     """1.23e15 -> '1.23 PFLOP'."""
-    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9),
-                        ("MFLOP", 1e6)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.3g} FLOP"
+    unit, scale = next(((u, s) for u, s in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12),
+                                            ("GFLOP", 1e9), ("MFLOP", 1e6)) if n >= s),
+                       ("FLOP", 1))
+    return f"{n / scale:.3g} {unit}"
 
 
 class StepProbe:
-    """While active, every call the training loop makes to ``methods.STEPS[method]`` is
-    counted and timed (start to start, the device synchronised) and its loss kept."""
+    """While active, every call the loop makes to ``methods.STEPS[method]`` is timed (start
+    to start, wall clock, the device synchronised) and its loss kept."""
 
     def __init__(self, method: str, device: torch.device):
-        self.method, self.device = method, device
-        self.starts, self.cpu_starts, self.losses = [], [], []
+        self.method, self.device, self.starts, self.losses = method, device, [], []
 
     def __enter__(self) -> "StepProbe":
         self.original = step = methods.STEPS[self.method]
@@ -299,7 +265,6 @@ class StepProbe:
         def probe(model, batch, ctx):
             sync(self.device)
             self.starts.append(time.perf_counter())
-            self.cpu_starts.append(time.process_time())  # this process's, not its workers'
             terms = step(model, batch, ctx)
             self.losses.append(float(terms["loss"].detach()))
             return terms
@@ -310,11 +275,10 @@ class StepProbe:
     def __exit__(self, *exc) -> None:
         methods.STEPS[self.method] = self.original
 
-    def intervals(self, cpu: bool = False) -> list[float]:
-        """Seconds (wall, or CPU) between consecutive steps, the first left out when there
-        are more: one full iteration each, loading included."""
-        t = self.cpu_starts if cpu else self.starts
-        gaps = [b - a for a, b in zip(t, t[1:])]
+    def intervals(self) -> list[float]:
+        """Seconds between steps (full iterations, loading included), the first left out
+        when there are more."""
+        gaps = [b - a for a, b in zip(self.starts, self.starts[1:])]
         return gaps[1:] if len(gaps) > 1 else gaps
 
 
@@ -332,22 +296,16 @@ def fit_stage(cfg: Config, plan: Plan, done: int) -> tuple[str, dict]:
         f" ({done + n} would mean it started over)" if done else ""))
     expect(all(math.isfinite(v) for v in probe.losses), f"non-finite loss: {probe.losses}")
     expect(metrics.get("last_miou") is not None, "fit did not evaluate at the end of the run")
-    after = latest_checkpoint(Path(cfg.output_dir))
-    step_s = statistics.median(probe.intervals()) if probe.intervals() else math.nan
+    pointer = Path(cfg.output_dir) / "checkpoints" / "LATEST"
+    expect(pointer.is_file(), f"{pointer} was not written")
+    after = pointer.read_text().strip()
+    expect((pointer.parent / after).is_dir(), f"{pointer} names {after!r}, not a folder")
+    step_s = statistics.median(probe.intervals())
     return (f"{'from ' + plan.latest + ': ' if done else ''}{n} steps, loss "
             f"{probe.losses[0]:.3f} -> {probe.losses[-1]:.3f}, LATEST -> {after}, "
             f"{step_s:.2f} s/step, peak {mem['peak_mb']:.0f} MB",
-            {"intervals": probe.intervals(), "cpu_intervals": probe.intervals(cpu=True),
-             "memory": mem, "metrics": metrics, "latest": after})
-
-
-def latest_checkpoint(out: Path) -> str:
-    """The folder name checkpoints/LATEST points to (StageError when there is none)."""
-    pointer = out / "checkpoints" / "LATEST"
-    expect(pointer.is_file(), f"{pointer} was not written")
-    name = pointer.read_text().strip()
-    expect((out / "checkpoints" / name).is_dir(), f"{pointer} names {name!r}, not a folder")
-    return name
+            {"intervals": probe.intervals(), "memory": mem, "metrics": metrics,
+             "latest": after})
 
 
 def checkpoint_stage(cfg: Config, latest: str) -> tuple[str, dict]:
@@ -385,15 +343,10 @@ def run_config(plan: Plan, method: str, data: dict, weights: str, iters: int) ->
 def rehearse_method(book: StageBook, plan: Plan, method: str, data: Optional[dict],
                     weights: Optional[str]) -> None:
     book.run("flops", method, lambda: flops_stage(plan, method, data and data["full"]))
-    if data is None or weights is None:
-        for name in ("train", "checkpoint", "resume", "evaluate"):
-            book.skip(name, method, "needs " + " and ".join(
-                n for n, ok in (("data", data), ("weights", weights)) if ok is None))
-        return
-    if (plan.dir / method).exists():
-        shutil.rmtree(plan.dir / method)  # an earlier rehearsal's run (under OUT_MARKER)
-    cfg = run_config(plan, method, data, weights, plan.a.steps)
-    trained = book.run("train", method, lambda: fit_stage(cfg, plan, 0))
+    shutil.rmtree(plan.dir / method, ignore_errors=True)  # an earlier rehearsal's run
+    cfg = data and weights and run_config(plan, method, data, weights, plan.a.steps)
+    trained = book.run("train", method, lambda: fit_stage(cfg, plan, 0),
+                       (("data", None), ("weights", None)))
     plan.latest = trained["latest"] if trained else ""
     book.run("checkpoint", method, lambda: checkpoint_stage(cfg, plan.latest),
              (("train", method),))
@@ -408,26 +361,32 @@ def rehearse(preset: str, a: argparse.Namespace, log: Callable[[str], None] = pr
     """Every stage of ``preset`` for ``a.methods``; the report, also written to
     OUT/PRESET/rehearse.json."""
     plan = make_plan(preset, a)
-    prepare_out(a.out)
-    log(f"rehearsal of {preset} (split {plan.base.split}) on {a.device}, batch {plan.batch} "
-        f"per process, {a.steps} steps then {a.steps} resumed" + "".join(
-            f"; {n}" for n in plan.notes))
+    if a.out.exists() and any(a.out.iterdir()) and not (a.out / OUT_MARKER).is_file():
+        raise ConfigError(f"--out {a.out}: the folder exists and was not made by a rehearsal "
+                          f"(no {OUT_MARKER}); choose another folder")
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / OUT_MARKER).touch()
+    cfg = plan.base
+    log(f"rehearsal of {preset} (split {cfg.split}) on {a.device}, batch {plan.batch} per "
+        f"process (preset {cfg.train.batch_size}), {a.steps} steps then {a.steps} resumed")
     book = StageBook(preset, log)
     data = book.run("data", None, lambda: data_stage(plan))
     weights = book.run("weights", None, lambda: weights_stage(plan))
     for method in a.methods:
         rehearse_method(book, plan, method, data, weights and weights["path"])
-    cfg = plan.base
+    failed = sum(s.status == FAIL for s in book.stages)
     report = {"preset": preset, "split": cfg.split, "dataset": cfg.data.dataset,
               "device": a.device, "batch": plan.batch, "preset_batch": cfg.train.batch_size,
               "mixed_precision": cfg.train.mixed_precision, "eval_mode": cfg.eval.mode,
               "crop": cfg.data.crop_size, "backbone": cfg.model.backbone, "steps": a.steps,
-              "val_images": VAL_IMAGES, "overrides": list(a.overrides), "notes": plan.notes,
+              "val_images": VAL_IMAGES, "overrides": list(a.overrides),
               "ok": all(s.status == PASS for s in book.stages),
               "methods": {m: method_numbers(book, m) for m in a.methods},
               "stages": [dataclasses.asdict(s) for s in book.stages],
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(plan.dir / "rehearse.json", report)
+    log(f"{'ALL PASS' if report['ok'] else f'{failed} stage(s) FAILED'}; wrote "
+        f"{plan.dir / 'rehearse.json'}")
     return report
 
 
@@ -435,13 +394,10 @@ def method_numbers(book: StageBook, method: str) -> dict[str, Any]:
     """Step time, memory and FLOPs of ``method`` from its stages' data."""
     got = {s.name: s.data for s in book.stages if s.method == method and s.status == PASS}
     fits = [got[n] for n in ("train", "resume") if n in got]
-    steps = [t for f in fits for t in f["intervals"]]
-    cpu = [t for f in fits for t in f["cpu_intervals"]]
-    mems = [f["memory"] for f in fits]
+    steps, mems = [t for f in fits for t in f["intervals"]], [f["memory"] for f in fits]
     out: dict[str, Any] = {
         "stages": {s.name: s.status for s in book.stages if s.method == method},
         "seconds_per_step": statistics.median(steps) if steps else None,
-        "cpu_seconds_per_step": statistics.median(cpu) if cpu else None,
         "step_samples": len(steps),
         "peak_mb": max(m["peak_mb"] for m in mems) if mems else None,
         "reserved_mb": max((m.get("reserved_mb", 0) for m in mems), default=None),
@@ -453,48 +409,18 @@ def method_numbers(book: StageBook, method: str) -> dict[str, Any]:
     return out
 
 
-def _fmt(x: Any, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def summary_lines(r: dict[str, Any]) -> list[str]:
-    """The human summary of one report."""
-    lines = [f"summary: {r['preset']} split {r['split']}, {r['device']}, batch {r['batch']} per "
-             f"process (preset {r['preset_batch']}), precision {r['mixed_precision']}, "
-             f"{r['eval_mode']} evaluation", *[f"  note: {n}" for n in r["notes"]],
-             f"  {'method':<11s}{'stages':>8s}{'s/step':>9s}{'CPU s':>8s}{'peak MB':>9s}"
-             f"{'FLOPs/step':>13s}{'TFLOP/s':>9s}{'full run':>12s}{'GPU-h':>9s}{'wall h':>8s}"]
-    for m, n in r["methods"].items():
-        p = n.get("projection") or {}
-        passed = sum(v == PASS for v in n["stages"].values())
-        lines.append(
-            f"  {m:<11s}{passed:>4d}/{len(n['stages']):<3d}{_fmt(n['seconds_per_step'], '9.2f')}"
-            f"{_fmt(n['cpu_seconds_per_step'], '8.2f')}{_fmt(n['peak_mb'], '9.0f')}"
-            f"{human_flops(n['step_flops']) if 'step_flops' in n else '-':>13s}"
-            f"{_fmt(n.get('achieved_tflops'), '9.3g')}"
-            f"{human_flops(p['total_flops']) if p else '-':>12s}"
-            f"{_fmt(p.get('gpu_hours'), '9.0f')}{_fmt(p.get('wall_hours'), '8.1f')}")
-    mem = next((n["memory_what"] for n in r["methods"].values() if n["memory_what"]), "")
-    lines += [f"  s/step: median full iteration (loading included), wall clock; CPU s: the "
-              f"main process's CPU time per step; peak: {mem}",
-              f"  FLOPs/step: FlopCounterMode (matmuls + convolutions, forward + backward) at "
-              f"the preset's batch {r['preset_batch']} per GPU; TFLOP/s: achieved in this run; "
-              f"GPU-h at --tflops per GPU, wall h on --gpus GPUs"]
-    failed = sum(s["status"] == FAIL for s in r["stages"])
-    return lines + [f"  {'ALL PASS' if r['ok'] else f'{failed} stage(s) FAILED'}"]
-
-
 def cost_table(preset: str, a: argparse.Namespace, cells: list[str]) -> list[str]:
     """Markdown table (one row per cell and method) of what a whole run costs."""
-    out = ["| cell | method | FLOPs / step / GPU | iterations | full run | GPU-hours | "
-           "wall hours |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for cell in cells:
         plan = make_plan(preset, argparse.Namespace(**{**vars(a), "overrides": [
             *a.overrides, f"split={cell}"]}))
         for m in a.methods:
             p = flops_stage(plan, m, None)[1]["projection"]
-            out.append(f"| {cell} | {m} | {human_flops(p['step_flops'])} | "
-                       f"{p['iterations']:,} ({p['epochs']} × {p['iters_per_epoch']:,}) | "
-                       f"{human_flops(p['total_flops'])} | {p['gpu_hours']:,.0f} | "
-                       f"{p['wall_hours']:,.1f} on {p['gpus']} |")
-    return out
+            rows.append({"cell": cell, "method": m, "FLOPs / step / GPU":
+                         human_flops(p["step_flops"]), "iterations": f"{p['iterations']:,} "
+                         f"({p['epochs']} × {p['iters_per_epoch']:,})",
+                         "full run": human_flops(p["total_flops"]),
+                         "GPU-hours": f"{p['gpu_hours']:,.0f}",
+                         "wall hours": f"{p['wall_hours']:,.1f} on {p['gpus']}"})
+    return md_table(rows)
