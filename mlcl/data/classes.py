@@ -1,11 +1,7 @@
 """The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order)
-gives the class names and count when present; a preset's ``data.num_classes`` /
-``data.class_names`` are defaults for data without one; an override that disagrees with the
-data is an error, and so is a checkpoint trained for another class count.
-
-    reconcile_classes(cfg)                      # training: cfg takes the data's classes
-    check_classes(cfg, "checkpoint runs/x/best.pt", 7, use_data=True)   # evaluation
-"""
+gives the class names and count; a preset's ``data.num_classes`` / ``data.class_names`` are
+defaults for data without one; an override that disagrees with the data is an error, and
+so is a checkpoint trained for another class count."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +15,8 @@ CLASSES_FILE = "classes.txt"
 
 def data_classes(root: str | Path) -> Optional[tuple[Path, list[str]]]:
     """(path, names) of ``root/classes.txt`` (blank lines skipped), or None without one."""
-    if not str(root).strip():
-        return None
     path = Path(root).expanduser() / CLASSES_FILE
-    if not path.is_file():
+    if not str(root).strip() or not path.is_file():
         return None
     names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
     if len(names) < 2:
@@ -57,14 +51,13 @@ def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config
         return cfg
     path, names = found
     d, pinned = cfg.data, overridden_keys(cfg)
-    if "data.num_classes" in pinned and d.num_classes != len(names):
-        raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, config "
-                          f"key 'data.num_classes' is {d.num_classes}: drop the override or "
-                          f"point data.root at the data you mean")
-    if "data.class_names" in pinned and d.class_names and len(d.class_names) != len(names):
-        raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, config "
-                          f"key 'data.class_names' has {len(d.class_names)}")
     keep_names = "data.class_names" in pinned and d.class_names
+    given = {"data.num_classes": d.num_classes, "data.class_names": len(d.class_names or names)}
+    for key, count in given.items():
+        if key in pinned and count != len(names):
+            raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, "
+                              f"config key '{key}' gives {count}: drop the override or point "
+                              "data.root at the data you mean")
     if d.num_classes != len(names):
         log(f"note: {len(names)} classes from {path} (the preset's data.num_classes was "
             f"{d.num_classes})")
