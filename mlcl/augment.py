@@ -1,9 +1,6 @@
-"""Paired (image, mask) augmentations: UniMatch's pipeline (docs/method.md, "Augmentations"):
-a geometry shared by every view of a sample, then strong views (jitter, grayscale, blur,
-a CutMix box), all normalised. Images and masks are ``tv_tensors.Image`` / ``Mask``, so
-torchvision.transforms.v2 moves them together. Every draw comes from ``rng``: training
-passes ``random.Random(draw_seed)`` (mlcl.loaders), direct calls default to ``random``.
-"""
+"""Paired (image, mask) augmentations: UniMatch's pipeline (docs/method.md, "Augmentations")
+on torchvision tv_tensors. Every draw comes from ``rng``: training passes
+``random.Random(draw_seed)`` (mlcl.loaders), direct calls default to ``random``."""
 from __future__ import annotations
 
 import math
@@ -20,7 +17,7 @@ from mlcl.config import AugmentConfig
 
 UNLABELED_PAD = 254  # mask fill of unlabeled crops' padding, then their ignore map (UniMatch)
 
-Rng = Any  # the `random` module or a random.Random: both have random/uniform/randint/shuffle
+Rng = Any  # the `random` module or a random.Random
 
 
 def to_tv(image: Image.Image, mask: np.ndarray | None = None
@@ -53,8 +50,7 @@ def rescale(image, mask, scale_range, rng: Rng = random):
 
 
 def pad_crop(image, mask, size: int, mask_fill: int, rng: Rng = random):
-    """Pad right/bottom up to ``size`` (image 0, mask ``mask_fill``), then a random
-    ``size`` x ``size`` crop."""
+    """Pad right/bottom up to ``size`` (image 0, mask ``mask_fill``), then a random crop."""
     h, w = image.shape[-2:]
     pad = [0, 0, max(size - w, 0), max(size - h, 0)]  # left, top, right, bottom
     if pad[2] or pad[3]:
@@ -75,9 +71,8 @@ def geometry(image, mask, crop_size: int, aug: AugmentConfig, mask_fill: int,
 
 
 def strong(image: torch.Tensor, aug: AugmentConfig, rng: Rng = random) -> torch.Tensor:
-    """uint8 (3, H, W) -> a strongly augmented uint8 (3, H, W): ColorJitter (as torchvision's,
-    the properties in a random order; a strength of 0 leaves one alone), grayscale, blur.
-    Runs on PIL, where these are fast."""
+    """uint8 (3, H, W) -> strongly augmented uint8 (3, H, W), on PIL (fast): ColorJitter (as
+    torchvision's, properties in a random order; strength 0 leaves one alone), gray, blur."""
     pil = F.to_pil_image(image.as_subclass(torch.Tensor))
     if rng.random() < aug.jitter_p:
         ops = [(fn, (max(0.0, 1 - strength), 1 + strength)) for strength, fn in (
@@ -134,8 +129,8 @@ def unlabeled_views(image: Image.Image, crop_size: int, aug: AugmentConfig,
         out["s" + k] = normalize(strong(img, aug, rng), aug)
         out["box" + k] = cutmix_box(crop_size, aug.cutmix_p, aug.cutmix_area,
                                     aug.cutmix_ratio, rng)
-    pad = pad.as_subclass(torch.Tensor)[0]
-    out["ignore"] = torch.where(pad == UNLABELED_PAD, ignore_index, 0).long()
+    out["ignore"] = torch.where(pad.as_subclass(torch.Tensor)[0] == UNLABELED_PAD,
+                                ignore_index, 0).long()
     return out
 
 

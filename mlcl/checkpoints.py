@@ -33,9 +33,8 @@ class TrainerState:
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0
-    # running sums of the epoch in progress, one row per process (exact float32 values)
-    sum_names: list[str] = field(default_factory=list)
-    sums: list[list[float]] = field(default_factory=list)
+    sum_names: list[str] = field(default_factory=list)  # the epoch's running loss sums,
+    sums: list[list[float]] = field(default_factory=list)  # one row per process (float32)
     # the GROWABLE settings in force; {"iteration", "changes"} per resume changing them
     settings: dict[str, Any] = field(default_factory=dict)
     resumes: list[dict[str, Any]] = field(default_factory=list)
@@ -55,17 +54,15 @@ def incomplete_because(path: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path.name} has no readable {MANIFEST} (its writing was interrupted)"
     for name, size in files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            found = f.stat().st_size if f.is_file() else "missing"
+        found = (path / name).stat().st_size if (path / name).is_file() else "missing"
+        if found != size:
             return f"{path.name}/{name} is {found} bytes, the manifest says {size}"
     return None
 
 
 class Checkpoints:
-    """Save / find / load the checkpoints of one output_dir (collective; the main process
-    writes the shared files). Several processes each save their model buffers too: without
-    SyncBatchNorm (CPU) batch-norm statistics are per process."""
+    """Save / find / load the checkpoints of one output_dir (collective); each process also
+    saves its model buffers (without SyncBatchNorm batch-norm statistics are per process)."""
 
     def __init__(self, out: Path, accelerator, model):
         self.root, self.acc, self.model = Path(out) / "checkpoints", accelerator, model
@@ -76,9 +73,8 @@ class Checkpoints:
         return path / f"buffers_{self.acc.process_index}.pt", dict(net.named_buffers())
 
     def save(self, state: TrainerState) -> Path:
-        """Write the checkpoint of ``state`` (unless already saved), point LATEST at it,
-        delete the older ones; return its folder. A write that fails on any process raises
-        CheckpointWriteError on every process."""
+        """Write the checkpoint of ``state`` (unless saved), point LATEST at it, delete the older
+        ones; return its folder. A failed write raises CheckpointWriteError on every process."""
         path = self.root / f"iter-{state.iteration:08d}-epoch-{state.epoch:04d}"  # sortable
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path
@@ -106,8 +102,8 @@ class Checkpoints:
             torch.save(buffers, file)
 
     def write_pointers(self, path: Path, state: TrainerState) -> None:
-        """The manifest of the complete folder ``path``, then LATEST naming it. Its files get
-        a plain open()'s mode first (safetensors writes 0600), so collaborators can read them."""
+        """The manifest of the complete folder ``path``, then LATEST naming it; its files get
+        :func:`plain_mode` (safetensors writes 0600)."""
         for p in path.rglob("*"):
             if p.is_file():
                 p.chmod(plain_mode())
@@ -162,8 +158,7 @@ class Checkpoints:
 
     def load(self, path: Path, iters_per_epoch: int) -> TrainerState:
         """Restore the state of ``path`` (model, optimiser, bank, RNGs, buffers); return its
-        TrainerState. A ConfigError when the iterations per epoch differ or a part cannot be
-        read."""
+        TrainerState. A ConfigError when iters_per_epoch differ or a part cannot be read."""
         saved = json.loads((path / MANIFEST).read_text())
         known = {f.name for f in dataclasses.fields(TrainerState)}
         state = TrainerState(**{k: v for k, v in saved.items() if k in known})
@@ -194,8 +189,7 @@ def schedule_settings(cfg: Config) -> dict[str, Any]:
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,
                  bank=None) -> None:
-    """A self-contained weights file for `mlcl evaluate` / `mlcl predict` (and the prototype
-    bank, for the notebooks)."""
+    """A self-contained weights file for `mlcl evaluate` / `predict` and the notebooks."""
     atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.to_dict(),
                              "class_names": names, "epoch": epoch, "miou": miou,
                              "bank": bank.state_dict() if bank is not None else None})

@@ -17,8 +17,7 @@ from mlcl.stopping import NonFiniteGuard, gradient_norm
 
 
 def make_accelerator(cfg: Config, project_dir: Path | None = None) -> Accelerator:
-    """The Accelerator of a run; with ``project_dir``, TensorBoard logging into
-    project_dir/tensorboard through accelerate's tracker (``accelerator.log``)."""
+    """The Accelerator of a run; with ``project_dir``, TensorBoard logs in it."""
     cpu = cfg.train.cpu or not torch.cuda.is_available()
     mp = cfg.train.mixed_precision
     if cpu and mp == "fp16":
@@ -34,9 +33,8 @@ def make_accelerator(cfg: Config, project_dir: Path | None = None) -> Accelerato
 
 def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float,
             lag: bool = False) -> None:
-    """lr = base_lr * (1 - t/total)^power per parameter group, for step ``it``: t = it, or
-    with ``lag`` t = max(it - 1, 0) -- the values UniMatch and the released code use, where
-    lr(t) is set after the optimiser step of iteration t (train.lr_lag)."""
+    """lr = base_lr * (1 - t/total)^power per parameter group for step ``it``: t = it, or
+    with ``lag`` t = max(it - 1, 0), as UniMatch and the release (train.lr_lag)."""
     t = max(it - 1, 0) if lag else it
     factor = (1 - t / total) ** power
     for group in optimizer.param_groups:
@@ -44,8 +42,7 @@ def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float,
 
 
 def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over the model's parameter groups (backbone at train.lr, the
-    rest at train.lr * train.lr_multi); each group keeps its ``base_lr`` for :func:`poly_lr`."""
+    """SGD (momentum) or AdamW over the model's parameter groups, each with its ``base_lr``."""
     t = cfg.train
     groups = [{**g, "base_lr": g["lr"]} for g in model.param_groups(t.lr, t.lr_multi)]
     if t.optimizer == "sgd":
@@ -61,9 +58,8 @@ def forward_terms(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, t
 
 def backward_and_step(model, optimizer, terms: dict[str, torch.Tensor], ctx: StepContext,
                       guard: NonFiniteGuard) -> None:
-    """Backward of terms['loss'], the divergence guard's look at the terms and the gradient
-    norm (on the device; none under fp16, whose loss scaler skips overflowing steps itself),
-    then the optimiser step."""
+    """Backward of terms['loss'], the guard's look at the terms and gradient norm (none under
+    fp16, whose loss scaler skips overflowing steps itself), the optimiser step."""
     optimizer.zero_grad(set_to_none=True)
     ctx.accelerator.backward(terms["loss"])
     norm = None if ctx.cfg.train.mixed_precision == "fp16" else gradient_norm(model)

@@ -22,9 +22,8 @@ def plain_mode() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-    The file gets :func:`plain_mode`, not mkstemp's private 0600, so collaborators can read
-    results."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place,
+    with :func:`plain_mode` (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,8 +56,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
 
 
 def nearest_existing(path: str | Path) -> Path:
-    """``path`` if it exists, else its nearest existing ancestor: where ``mkdir -p`` would
-    start, and the disk the path would be on."""
+    """``path`` if it exists, else its nearest existing ancestor (on the disk it would use)."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent

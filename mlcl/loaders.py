@@ -1,9 +1,6 @@
 """Training loaders whose every random draw is a pure function of (seed, epoch, sample,
-stream), so that neither loader workers, nor the number of processes, nor a resume (also
-mid-epoch: accelerate's ``skip_first_batches``) change a batch (docs/clusters.md). Streams,
-one per loader of a step: ``x`` labeled, ``u`` unlabeled, ``mix`` the CutMix partner of
-``train.mix_partner`` (docs/method.md).
-"""
+stream), so that loader workers, processes and resumes cannot change a batch
+(docs/clusters.md). Streams: ``x`` labeled, ``u`` unlabeled, ``mix`` the CutMix partner."""
 from __future__ import annotations
 
 import atexit
@@ -22,16 +19,14 @@ STREAMS = {"x": 1, "u": 2, "mix": 3}  # draw streams; also the order streams of 
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed, a pure function of the integers ``parts`` (numpy's SeedSequence mixes
-    them: nearby inputs give unrelated seeds)."""
+    """A 63-bit seed, a pure function of the integers ``parts`` (mixed by SeedSequence)."""
     words = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
 
 
 class DrawSampler(Sampler):
-    """Keys ``(index, draw_seed)`` over ``range(n)`` for the epoch set: ``torch.randperm(n)``
-    seeded by derive_seed(order_seed, epoch) (``shuffle``) or 0..n-1, with draw_seed =
-    derive_seed(draw_seed_base, epoch, index)."""
+    """Keys ``(index, derive_seed(draw_seed_base, epoch, index))`` of the epoch set, in the
+    order of a randperm seeded by derive_seed(order_seed, epoch) (``shuffle``) or 0..n-1."""
 
     def __init__(self, n: int, order_seed: int, draw_seed_base: int, shuffle: bool = True):
         self.n, self.order_seed, self.draw_seed_base = n, order_seed, draw_seed_base
@@ -53,8 +48,7 @@ class DrawSampler(Sampler):
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes its step,
-    checkpoints and shuts them down (a Ctrl-C reaches the whole process group)."""
+    """Loader workers leave SIGINT / SIGTERM (sent to the whole group) to the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -69,8 +63,7 @@ def stop_loader_workers() -> None:
 
 
 def worker_init(workers: int) -> Callable[[int], None] | None:
-    """The ``worker_init_fn`` of a loader with ``workers`` workers (None for none): they
-    ignore stop signals and are shut down at exit."""
+    """The ``worker_init_fn`` of a loader with ``workers`` workers (None for none)."""
     if workers == 0:
         return None
     atexit.unregister(stop_loader_workers)  # once, and last registered: run before the
@@ -80,9 +73,8 @@ def worker_init(workers: int) -> Callable[[int], None] | None:
 
 def make_loader(dataset: Dataset, cfg: Config, *, shuffle: bool = True, seed: int,
                 stream: int | None = None) -> DataLoader:
-    """A training DataLoader over ``dataset`` (full batches of train.batch_size) sampled by a
-    :class:`DrawSampler` (order seed ``seed``, draw stream ``stream``, default ``seed``); its
-    own generator keeps the global torch RNG (dropout, SAI) untouched."""
+    """A training DataLoader (full batches) sampled by a :class:`DrawSampler` (order ``seed``,
+    draws ``stream``, default ``seed``); its own generator spares the global torch RNG."""
     workers = cfg.data.num_workers
     sampler = DrawSampler(len(dataset), seed, seed if stream is None else stream, shuffle)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
@@ -96,9 +88,8 @@ def make_loader(dataset: Dataset, cfg: Config, *, shuffle: bool = True, seed: in
 
 
 def train_loaders(sets: dict[str, Dataset], cfg: Config) -> dict[str, DataLoader]:
-    """'x' (labeled) and, for the semi-supervised methods, 'u' and the CutMix partner 'mix'
-    (absent for mix_partner=roll). Order seeds: x and u their own; mix the same as u for
-    mix_partner=same (each image mixed with a second view of itself), its own for loader."""
+    """'x' (labeled) and, semi-supervised, 'u' and the CutMix partner 'mix' (mix_partner=same:
+    in the order of u, each image mixed with a second view; loader: its own; roll: none)."""
     def loader(split: str, name: str, order: str) -> DataLoader:
         return make_loader(sets[split], cfg, seed=derive_seed(cfg.seed, 0, STREAMS[order]),
                            stream=derive_seed(cfg.seed, 1, STREAMS[name]))
@@ -113,8 +104,7 @@ def train_loaders(sets: dict[str, Dataset], cfg: Config) -> dict[str, DataLoader
 
 
 def prepare_loaders(loaders: dict[str, DataLoader], accelerator) -> dict[str, Any]:
-    """accelerate-prepared :func:`make_loader` loaders (each process gets every N-th batch of
-    the one permutation), still carrying their ``draw_sampler``."""
+    """accelerate-prepared loaders (every N-th batch to each process) with their draw_sampler."""
     prepared = {name: accelerator.prepare(loader) for name, loader in loaders.items()}
     for name, loader in prepared.items():
         loader.draw_sampler = loaders[name].draw_sampler
@@ -122,17 +112,13 @@ def prepare_loaders(loaders: dict[str, DataLoader], accelerator) -> dict[str, An
 
 
 def epoch_batches(loaders: dict[str, Any], epoch: int, skip: int, accelerator) -> Iterator[dict]:
-    """Batches ``{name: batch}`` of ``epoch`` from its ``skip``-th step on (per process);
-    ``loaders`` as returned by :func:`prepare_loaders`."""
-    iters = {}
-    for name, loader in loaders.items():
+    """Batches ``{name: batch}`` of ``epoch`` from its ``skip``-th step on (per process)."""
+    iters = []
+    for loader in loaders.values():
         loader.draw_sampler.set_epoch(epoch)
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)
         loader.set_epoch(epoch)  # keeps accelerate's own epoch counter in step
-        iters[name] = iter(loader)
-    while True:
-        try:
-            yield {name: next(it) for name, it in iters.items()}
-        except StopIteration:
-            return
+        iters.append(iter(loader))
+    for batches in zip(*iters):  # until the shortest loader ends
+        yield dict(zip(loaders, batches))

@@ -31,8 +31,8 @@ STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
 
 @dataclass(frozen=True)
 class RunFolder:
-    """What ``train`` left in a run folder: config.yaml and metrics.json as mappings (None
-    when absent; an unreadable metrics.json reads as absent, it is rewritten every epoch)."""
+    """What ``train`` left in a run folder: config.yaml and metrics.json (None: absent or,
+    for metrics.json, unreadable)."""
 
     path: Path
     config: dict[str, Any] | None
@@ -49,8 +49,7 @@ class RunFolder:
 
 
 def read_run(out: str | Path) -> RunFolder:
-    """The run folder ``out``; a ConfigError when its config.yaml cannot be read or is not a
-    run's (written by another program)."""
+    """The run folder ``out``; a ConfigError as :func:`saved_config`."""
     return RunFolder(Path(out), saved_config(Path(out)), read_metrics(out))
 
 
@@ -72,8 +71,7 @@ def saved_config(out: Path) -> dict[str, Any] | None:
 
 
 def read_metrics(out: str | Path, name: str = "metrics.json") -> dict[str, Any] | None:
-    """``out/<name>`` (a JSON mapping), or None when it is missing or unreadable (a writer
-    replaces it atomically, so a reader never sees half of it)."""
+    """``out/<name>`` (a JSON mapping), or None when it is missing or unreadable."""
     try:
         data = json.loads((Path(out) / name).read_text())
     except (OSError, ValueError):
@@ -95,10 +93,9 @@ def resume_changes(metrics: dict[str, Any]) -> list[str]:
 
 
 def run_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """The one rule for "is this the same run?" (train, reproduce, the registry): how the
-    ``requested`` configuration differs from the ``stored`` one (nested or flat mappings), as
-    ``"key: stored -> requested"``, less RESULT_NEUTRAL and less a longer schedule (GROWABLE
-    keys raised; train.max_iters 0 means no cap). Empty: the same run, possibly continued."""
+    """The one rule for "is this the same run?" (train, reproduce, the registry): ``"key:
+    stored -> requested"`` for each difference (nested or flat mappings) but RESULT_NEUTRAL
+    keys and a longer schedule (GROWABLE raised; max_iters 0: no cap). Empty: the same run."""
     changes = config_changes(stored, requested, RESULT_NEUTRAL + GROWABLE)
     a, b = flatten(stored), flatten(requested)
     for key in GROWABLE:
@@ -116,9 +113,8 @@ def check_output_place(out: Path) -> None:
 
 
 def check_free_space(out: Path, model, optimizer_name: str) -> None:
-    """Refuse an output_dir whose disk cannot hold what a run keeps at most: two checkpoints
-    (while one is written; weights and 1 (SGD) or 2 (AdamW) moments), best.pt, last.pt and
-    64 MiB of logs."""
+    """Refuse an output_dir whose disk cannot hold two checkpoints (weights and 1 (SGD) or 2
+    (AdamW) moments), best.pt, last.pt and 64 MiB of logs."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     need = 2 * weights * (1 + (2 if optimizer_name == "adamw" else 1)) + 2 * weights + 2**26
     free = shutil.disk_usage(nearest_existing(out)).free
@@ -170,8 +166,7 @@ def save_progress(run, status: str) -> None:
 
 
 def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
-    """metrics.json of ``run`` (a mlcl.train.Run) in ``status`` (main process writes; all
-    return it)."""
+    """metrics.json of ``run`` (a mlcl.train.Run) in ``status``; the main process writes it."""
     cfg, s, acc, names = run.cfg, run.state, run.acc, run.names
     evaluated = [r for r in s.history if "miou" in r]
     last = evaluated[-1] if evaluated else {}

@@ -1,7 +1,5 @@
-"""Stopping a run on purpose (docs/clusters.md, "Stopping on purpose"): :class:`StopSignals`
-turns a first SIGTERM / SIGINT into a request honoured after the step (a checkpoint, then
-RunInterrupted) and a second into an exit at once; :class:`NonFiniteGuard` watches every
-step's loss terms and gradient norm on the device. The loop reads both in one gather, every
+"""Stopping a run on purpose (docs/clusters.md): :class:`StopSignals` (SIGTERM / SIGINT) and
+:class:`NonFiniteGuard` (the divergence guard), read together in one gather every
 ``train.log_every`` steps and at an epoch's end, so that all processes stop at one step."""
 from __future__ import annotations
 
@@ -15,22 +13,19 @@ import time
 import torch
 from torch import Tensor
 
-# A scheduler that signals every process of a job while `accelerate launch` forwards its own
-# copy delivers one notice twice within milliseconds; only a signal this much later is a
-# second request (a second Ctrl-C).
+# A scheduler and `accelerate launch` deliver one notice twice within milliseconds; only a
+# signal this much later is a second request (a second Ctrl-C).
 REPEAT_AFTER_S = 1.0
 
 
 class StopSignals:
-    """Context manager: SIGINT / SIGTERM handlers for the training loop (main thread only;
-    elsewhere, e.g. a notebook's worker thread, signals keep their previous handling).
-    ``on_abort()`` runs before an exit at once."""
+    """Context manager: SIGINT / SIGTERM handlers for the loop (main thread only, else signals
+    keep their handling); ``on_abort()`` runs before an exit at once."""
 
     def __init__(self, accelerator, on_abort=None):
         self.acc, self.on_abort = accelerator, on_abort
         self.signum: int | None = None
-        self.first_at = 0.0
-        self.previous: dict[int, object] = {}
+        self.first_at, self.previous = 0.0, {}
         self.seen_shared = False  # several processes: a request was seen by a shared read
 
     def __enter__(self) -> "StopSignals":
@@ -42,7 +37,6 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        self.previous.clear()
 
     def handle(self, signum: int, _frame) -> None:
         """The signal handler: record the first request; exit at once on a later one."""
@@ -72,8 +66,7 @@ class StopSignals:
         self.seen_shared = self.seen_shared or any_process
 
     def poll(self) -> bool:
-        """Whether to stop here: this process's request (one process), or one a shared read
-        saw (several: all stop at the same step). No device work."""
+        """Whether to stop here: this process's request, or with several one a shared read saw."""
         return self.requested() if self.acc.num_processes == 1 else self.seen_shared
 
     def exit_signal(self) -> int:
@@ -106,9 +99,8 @@ class NonFiniteGuard:
 
     def read(self, accelerator, stop_requested: bool = False
              ) -> tuple[tuple[int, list[str]] | None, bool]:
-        """((iteration index, names of the non-finite terms) of the first bad step on any
-        process, or None; whether any process had ``stop_requested``): one gather and one
-        host synchronisation for both; every process must call it together."""
+        """((iteration, names of the non-finite terms) of the first bad step on any process or
+        None, whether any process had ``stop_requested``): one gather, on every process."""
         device = self.first_iter.device
         row = torch.cat([torch.full((1,), int(stop_requested), device=device),
                          self.first_iter.view(1)]

@@ -1,8 +1,6 @@
-"""fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one CPU
-process, one GPU, or several through `accelerate launch`): :func:`setup`, then per epoch
-:func:`train_epoch` (the step: mlcl.engine) and :func:`end_of_epoch` (evaluate, best.pt /
-last.pt, checkpoint, metrics.json), then :func:`finish`. Exact resuming, SIGTERM / SIGINT,
-the divergence guard and the files of output_dir: docs/clusters.md.
+"""fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one or
+several processes): setup, then per epoch train_epoch (the step: mlcl.engine) and
+end_of_epoch, then finish. Resuming, stopping and output_dir's files: docs/clusters.md.
 """
 from __future__ import annotations
 
@@ -82,8 +80,7 @@ def fit(cfg: Config) -> dict[str, Any]:
 
 
 def setup(cfg: Config) -> Run:
-    """Everything before the first step; bad input fails here, in one line, before
-    output_dir is created or changed."""
+    """Everything before the first step; bad input fails here, before output_dir changes."""
     out = Path(cfg.output_dir)
     created = not out.exists()
     check_output_place(out)
@@ -118,8 +115,7 @@ def setup(cfg: Config) -> Run:
 
 
 def training_data(cfg: Config, acc: Accelerator) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(datasets, their unprepared training loaders), after the pre-flight of the sets the
-    run reads (a supervised run counts its epoch in unlabeled images but never reads them)."""
+    """(datasets, their unprepared training loaders), after the pre-flight of the sets read."""
     sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
     if cfg.method != "supervised" and "unlabeled" not in sets:
         raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
@@ -148,21 +144,18 @@ def build_trainables(cfg: Config, acc: Accelerator):
 
 
 def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
-    """(iterations per epoch, total iterations, epochs), per process. An epoch is one pass
-    over the unlabeled set for every method, so all take the same number of steps."""
+    """(iterations per epoch, total iterations, epochs), per process; every method's epoch
+    is one pass over the unlabeled set (the labeled set repeats to its length)."""
     ipe = min(len(v) for v in loaders.values())
     if ipe == 0:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
                           "is larger than the training set's share of a process")
-    total = cfg.train.epochs * ipe
-    if cfg.train.max_iters > 0:
-        total = min(total, cfg.train.max_iters)
+    total = min(cfg.train.epochs * ipe, cfg.train.max_iters or cfg.train.epochs * ipe)
     return ipe, total, math.ceil(total / ipe)
 
 
 def resume(run: Run) -> None:
-    """Load output_dir's checkpoint, if any, and record a longer schedule (GROWABLE settings
-    raised since) in ``run.state.resumes``."""
+    """Load output_dir's checkpoint, if any; a longer schedule goes to run.state.resumes."""
     path = run.ckpt.resume_point()
     if path is not None:
         # optimiser settings (lr, ...) from the configuration given now, its state from path
@@ -187,8 +180,7 @@ def resume(run: Run) -> None:
 
 
 def check_same_run(out: Path, cfg: Config) -> None:
-    """Refuse an output_dir holding another run (run_changes between its config.yaml and
-    ``cfg``), or a run's files (RUN_FILES) but no config.yaml."""
+    """Refuse an output_dir holding another run (run_changes), or a run's files but no config."""
     saved = saved_config(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if saved is None and found:
@@ -202,9 +194,8 @@ def check_same_run(out: Path, cfg: Config) -> None:
 
 
 def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
-    """Refuse to continue from checkpoint ``path`` (None: none) under the longer schedule
-    ``changes``: results without a checkpoint; a checkpoint past the schedule, or whose last
-    epoch train.max_iters ended early; a complete run to which the schedule adds no step."""
+    """Refuse results without checkpoint ``path`` under a longer schedule (``changes``), a
+    checkpoint past the schedule or ended mid-epoch, a complete run the schedule cannot grow."""
     it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
     left = [name for name in RESULT_FILES if (run.out / name).exists()]
     if path is None and left and changes:
@@ -242,8 +233,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
 
 
 def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
-    """One optimiser step on ``batch`` ({'x', 'u', 'mix'?}); returns its loss terms ('loss'
-    and the method's named terms, 0-d tensors), also added to the epoch's sums."""
+    """One optimiser step on ``batch`` ({'x', 'u', 'mix'?}); its loss terms (0-d tensors)."""
     ctx, t = run.ctx, run.cfg.train
     ctx.iteration, ctx.epoch = run.state.iteration, epoch
     poly_lr(run.optimizer, ctx.iteration, run.total_iters, t.poly_power, t.lr_lag)
@@ -317,8 +307,7 @@ def save_checkpoint(run: Run) -> Path:
 
 def check_finite(run: Run, stop: StopSignals | None = None) -> None:
     """Raise RunDiverged if a step had a non-finite loss term or gradient norm; with ``stop``,
-    also share the stop requests. The loop's one host synchronisation, called by every
-    process at the same points."""
+    also share the stop requests. The loop's one host sync, on every process together."""
     bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.requested())
     if stop is not None:
         stop.record_shared_read(stop_requested)
@@ -344,8 +333,8 @@ def interrupt(run: Run, stop: StopSignals) -> None:
 
 @contextlib.contextmanager
 def stop_status(run: Run) -> Iterator[None]:
-    """Record why a run stopped early in metrics.json / progress.json, or remove the
-    output_dir it created when it failed before its first checkpoint."""
+    """Record why a run stopped early (metrics.json, progress.json), or remove the output_dir
+    it created when it failed before its first checkpoint."""
     try:
         yield
     except BaseException as e:
@@ -363,8 +352,8 @@ def stop_status(run: Run) -> Iterator[None]:
 
 
 def leave_at_once(run: Run) -> None:
-    """Before the exit at once of a second stop signal: progress.json says so, or the
-    output_dir this run created goes when it holds no checkpoint yet."""
+    """Before a second stop signal's exit: progress.json says so, or the output_dir this run
+    created goes when it holds no checkpoint yet."""
     if run.acc.is_main_process and not (run.created_out and
                                         remove_fresh_output(run.out, run.ckpt.root)):
         save_progress(run, "interrupted")

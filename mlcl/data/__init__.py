@@ -3,11 +3,9 @@ data pre-flight. The names below load on first use, so that the torch-free modul
 (splits, classes, palette) serve data preparation and the figures without torch."""
 import importlib
 
-_LAZY = {"mlcl.data.classes": ("class_names",),
-         "mlcl.data.datasets": ("LabeledDataset", "UnlabeledDataset", "ValDataset",
-                                "build_datasets"),
-         "mlcl.data.splits": ("DataError", "read_split")}
-_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+_WHERE = {"class_names": "mlcl.data.classes", "DataError": "mlcl.data.splits",
+          "read_split": "mlcl.data.splits", **{name: "mlcl.data.datasets" for name in (
+              "LabeledDataset", "UnlabeledDataset", "ValDataset", "build_datasets")}}
 __all__ = list(_WHERE)
 
 

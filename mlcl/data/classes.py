@@ -1,7 +1,5 @@
 """The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order)
-gives the class names and count; a preset's ``data.num_classes`` / ``data.class_names`` are
-defaults for data without one; an override that disagrees with the data is an error, and
-so is a checkpoint trained for another class count."""
+gives the class names and count; a preset's are defaults for data without one."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,9 +41,8 @@ def class_names(cfg: Config) -> list[str]:
 
 
 def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config:
-    """Give ``cfg`` the data's class count and names (in place; returns it). An override of
-    ``data.num_classes`` or ``data.class_names`` that disagrees with the data is a
-    ConfigError naming both; a preset value that disagrees is replaced (with a note)."""
+    """Give ``cfg`` the data's class count and names (in place; returns it): an override that
+    disagrees is a ConfigError naming both, a preset value is replaced (with a note)."""
     found = data_classes(cfg.data.root)
     if found is None:
         return cfg
@@ -68,12 +65,10 @@ def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config
 
 
 def check_classes(cfg: Config, source: str, count: int, use_data: bool = True) -> None:
-    """Raise a ConfigError naming all three values when the data's class count (its
-    classes.txt; with ``use_data``), the config's ``data.num_classes`` and ``count`` (what
-    ``source``, e.g. "checkpoint runs/x/best.pt", predicts) are not all equal."""
+    """A ConfigError naming all three unless the data's class count (with ``use_data``), the
+    config's ``data.num_classes`` and ``count`` (what ``source`` predicts) are equal."""
     found = data_classes(cfg.data.root) if use_data else None
-    values = {cfg.data.num_classes, count} | ({len(found[1])} if found else set())
-    if len(values) == 1:
+    if len({cfg.data.num_classes, count} | ({len(found[1])} if found else set())) == 1:
         return
     data = (f"data {found[0]} lists {len(found[1])}" if found else
             f"data {cfg.data.root or '(no data.root)'} has no {CLASSES_FILE}" if use_data

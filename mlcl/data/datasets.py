@@ -25,15 +25,14 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()  # decode now, so that a truncated file fails here
             return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is OSError
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
 def load_mask(path: Path, num_classes: int, ignore_index: int,
               image: tuple[Path, tuple[int, int]] | None = None) -> np.ndarray:
-    """A mask as class indices (H, W) uint8. Palette (P) PNGs give their indices, grayscale
-    (L) ones their values; any value other than 0..num_classes-1 and ignore is an error, and
-    so is a size other than ``image``'s (its path, (width, height)) when given."""
+    """A (palette or grayscale) mask as class indices (H, W) uint8; a DataError for a value
+    not 0..num_classes-1 or ignore, or a size not ``image``'s ((path, (width, height)))."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -65,9 +64,7 @@ def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
 def index_and_rng(key: int | tuple[int, int]) -> tuple[int, Any]:
     """A sample key -> (index, source of the augmentation draws): a training sampler's
     ``(index, draw_seed)`` gives ``random.Random(draw_seed)``; a plain index ``random``."""
-    if isinstance(key, tuple):
-        return key[0], random.Random(key[1])
-    return key, random
+    return (key[0], random.Random(key[1])) if isinstance(key, tuple) else (key, random)
 
 
 class _SplitDataset(Dataset):
@@ -83,8 +80,7 @@ class _SplitDataset(Dataset):
 
 
 class LabeledDataset(_SplitDataset):
-    """Labeled crops ``{'x', 'y', 'id'}``; with ``nsample`` the list is repeated up to that
-    length (UniMatch's)."""
+    """Labeled crops ``{'x', 'y', 'id'}``, the list repeated up to ``nsample`` (UniMatch's)."""
 
     def __init__(self, cfg: Config, split_file: str | Path, nsample: int | None = None):
         super().__init__(cfg, split_file)
@@ -121,8 +117,7 @@ class ValDataset(_SplitDataset):
 
 
 def build_datasets(cfg: Config, with_unlabeled: bool) -> dict[str, Dataset]:
-    """'labeled' (repeated to the unlabeled set's length), 'unlabeled' (with_unlabeled) and
-    'val'."""
+    """'labeled' (repeated to the unlabeled set's length), 'unlabeled' (optional), 'val'."""
     check_root(cfg.data.root, cfg.data.dataset)
     u = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split")) if with_unlabeled else None
     sets = {"labeled": LabeledDataset(cfg, cfg.split_path("labeled_split"),

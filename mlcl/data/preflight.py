@@ -1,11 +1,9 @@
 """Pre-flight (docs/bad_input.md): before the first training step every file the run will
-read is opened once, so a bad file fails the run in seconds with one line, instead of after
-an epoch. Samples that passed are cached (``paths.cache_dir()/preflight``).
-
-    preflight.check(cfg, sets, accelerator)   # sets = build_datasets(cfg, ...)
-"""
+read is opened once, so a bad file fails the run in seconds, in one line; samples that
+passed are cached (``paths.cache_dir()/preflight``)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,8 +25,8 @@ Item = tuple[Path, Optional[Path]]  # (image, mask or None when the mask is not 
 
 
 def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]:
-    """The problem with one sample (None when fine): its image decodes in full (JPEGs at
-    reduced scale, every byte still read); its mask as :func:`load_mask` checks it."""
+    """The problem with one sample, or None: its image decodes in full (JPEGs at reduced
+    scale, every byte still read), its mask passes :func:`load_mask`."""
     image, mask = item
     try:
         with Image.open(image) as im:
@@ -46,41 +44,22 @@ def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]
     return None
 
 
-class Cache:
-    """Keys of the samples that passed, one JSON file per data root; a key holds K, the
-    ignore index and each file's path, size and mtime."""
+def cache_file(root: str | Path) -> Path:
+    """Where the keys of a data root's samples that passed are kept (a JSON file)."""
+    digest = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()
+    return paths.cache_dir() / "preflight" / f"{digest[:16]}.json"
 
-    def __init__(self, root: str | Path, num_classes: int, ignore_index: int):
-        digest = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()
-        self.path = paths.cache_dir() / "preflight" / f"{digest[:16]}.json"
-        self.tag = f"{num_classes}|{ignore_index}"
-        self.keys = self.read()
 
-    def read(self) -> set[str]:
-        try:
-            return set(json.loads(self.path.read_text())["passed"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return set()
-
-    def key(self, item: Item) -> str:
-        """The key of ``item``; an OSError when a file has gone."""
-        return "\n".join([self.tag] + [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}"
-                                       for p in item if p is not None])
-
-    def save(self, passed: list[str]) -> None:
-        """Add ``passed`` (merged with other processes' writes); failing only costs time."""
-        if passed:
-            try:
-                atomic_write_json(self.path, {"passed": sorted(self.read() | self.keys
-                                                               | set(passed))})
-            except OSError:
-                pass
+def cached(path: Path) -> set[str]:
+    try:
+        return set(json.loads(path.read_text())["passed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] = print) -> None:
-    """Check this process's share of the samples of ``sets`` (masks of unlabeled samples are
-    not read) against ``cfg``'s classes; raise one DataError naming the first bad file and
-    the number of problems, the same on every process (a collective)."""
+    """Check this process's share of the samples of ``sets`` (a collective): one DataError,
+    the same on every process, naming the first bad file and the number of problems."""
     rank, world = 0, 1
     if accelerator is not None:
         log, rank, world = accelerator.print, accelerator.process_index, accelerator.num_processes
@@ -107,22 +86,27 @@ def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] 
 
 def share_problems(cfg: Config, items: list[Item], log: Callable[[str], None]
                    ) -> tuple[int, Optional[str], int]:
-    """(number of problems, the first or None, samples decoded) among ``items``; those the
-    cache does not know are decoded in threads, the good ones cached."""
-    cache = Cache(cfg.data.root, cfg.data.num_classes, cfg.data.ignore_index)
+    """(number of problems, the first or None, samples decoded) among ``items``: those the
+    cache does not know (by K, ignore index, path, size, mtime) are decoded in threads."""
+    d, cache = cfg.data, cache_file(cfg.data.root)
+    known = cached(cache)
     try:
-        keys = [cache.key(item) for item in items]
+        keys = ["\n".join([f"{d.num_classes}|{d.ignore_index}"] + [
+            f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in item if p is not None])
+            for item in items]
     except OSError as e:  # a file vanished since the split was read
         return 1, str(e), 0
-    todo = [(item, k) for item, k in zip(items, keys) if k not in cache.keys]
+    todo = [(item, k) for item, k in zip(items, keys) if k not in known]
     if todo:
         log(f"pre-flight: checking {len(todo)} of {len(items)} samples "
             f"({len(items) - len(todo)} known good)")
     workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        found = list(pool.map(lambda t: check_item(t[0], cfg.data.num_classes,
-                                                   cfg.data.ignore_index), todo))
-    cache.save([k for (_, k), problem in zip(todo, found) if problem is None])
+        found = list(pool.map(lambda t: check_item(t[0], d.num_classes, d.ignore_index), todo))
+    passed = {k for (_, k), problem in zip(todo, found) if problem is None}
+    if passed:  # merged with other processes' writes; failing only costs time
+        with contextlib.suppress(OSError):
+            atomic_write_json(cache, {"passed": sorted(cached(cache) | known | passed)})
     problems = [p for p in found if p is not None]
     return len(problems), (problems[0] if problems else None), len(todo)

@@ -41,14 +41,13 @@ class Sample(NamedTuple):
     mask: Optional[Path]  # None where no mask is needed and none exists
 
 
-# The command that makes a dataset of each kind (data.dataset) at a root.
 MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
                 "cityscapes": "python -m mlcl data cityscapes --root {root}",
                 "synthetic": "python -m mlcl synth --out {root}"}
 
 
 def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
-    """``root`` as a Path, or a DataError that says how to get one (MAKE_DATASET)."""
+    """``root`` as a Path, or a DataError naming the command that makes a ``dataset`` there."""
     if not str(root).strip():
         raise DataError("data.root is empty: set data.root=DIR (e.g. data.root=data/synthetic "
                         "after `python -m mlcl synth --out data/synthetic`)")
@@ -63,9 +62,7 @@ def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
 
 
 def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
-    """Image and mask paths (relative to the root) of an id in format (a): voc
-    JPEGImages/{id}.jpg, SegmentationClass/{id}.png; cityscapes (id train/aachen/aachen_..)
-    leftImg8bit/{id}_leftImg8bit.png, gtFine/{id}_gtFine_labelTrainIds.png."""
+    """Image and mask paths (relative to the root) of an id in format (a)."""
     if layout == "voc":
         return f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"
     if layout == "cityscapes":
@@ -87,9 +84,8 @@ def id_for_path(image: str, layout: str) -> str:
 
 def parse_split(path: str | Path, layout: str
                 ) -> tuple[list[tuple[int, str, str, str]], list[tuple[int, str]]]:
-    """The entries of a split file without touching the data: (line number, id, image, mask)
-    with image/mask relative to the data root, and the malformed lines as (line number,
-    message)."""
+    """The entries (line number, id, image, mask relative to the data root) of a split file
+    and its malformed lines (line number, message), without touching the data."""
     entries, bad = [], []
     for lineno, raw in enumerate(Path(path).read_text().splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -97,8 +93,7 @@ def parse_split(path: str | Path, layout: str
             continue
         tokens = line.split()
         if len(tokens) == 1:
-            image, mask = paths_for_id(tokens[0], layout)
-            entries.append((lineno, tokens[0], image, mask))
+            entries.append((lineno, tokens[0], *paths_for_id(tokens[0], layout)))
         elif len(tokens) == 2:
             entries.append((lineno, id_for_path(tokens[0], layout), *tokens))
         else:
