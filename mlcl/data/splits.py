@@ -74,11 +74,9 @@ def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
 def id_for_path(image: str, layout: str) -> str:
     """The id of a format-(b) image path: the inverse of :func:`paths_for_id` where the path
     follows the layout, else the file name without its extension."""
-    p = Path(image)
-    if layout == "cityscapes" and "leftImg8bit" in p.parts[:-1] and p.name.endswith(
-            "_leftImg8bit.png"):
-        rel = p.parts[p.parts.index("leftImg8bit") + 1:]
-        return str(Path(*rel)).removesuffix("_leftImg8bit.png")
+    p, suffix = Path(image), "_leftImg8bit.png"
+    if layout == "cityscapes" and "leftImg8bit" in p.parts[:-1] and p.name.endswith(suffix):
+        return str(Path(*p.parts[p.parts.index("leftImg8bit") + 1:])).removesuffix(suffix)
     return p.stem
 
 
