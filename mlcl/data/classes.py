@@ -49,11 +49,12 @@ def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config
     path, names = found
     d, pinned = cfg.data, overridden_keys(cfg)
     keep_names = "data.class_names" in pinned and d.class_names
-    given = {"data.num_classes": d.num_classes, "data.class_names": len(d.class_names or names)}
-    for key, count in given.items():
+    given = {"data.num_classes": ("is", d.num_classes),
+             "data.class_names": ("has", len(d.class_names or names))}
+    for key, (verb, count) in given.items():
         if key in pinned and count != len(names):
             raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, "
-                              f"config key '{key}' gives {count}: drop the override or point "
+                              f"config key '{key}' {verb} {count}: drop the override or point "
                               "data.root at the data you mean")
     if d.num_classes != len(names):
         log(f"note: {len(names)} classes from {path} (the preset's data.num_classes was "
