@@ -1,21 +1,6 @@
-"""Paired (image, mask) augmentations: UniMatch's pipeline (docs/method.md, "Augmentations").
-
-Geometry (shared by every view of a sample): rescale the long side by a random factor in
-``aug.scale_range``, pad to the crop (image 0; mask ``ignore_index`` for labeled samples,
-:data:`UNLABELED_PAD` for unlabeled ones, where it marks padding and becomes the ignore map),
-random crop, horizontal flip with p = ``aug.hflip_p``. The image and mask are
-``tv_tensors.Image`` / ``tv_tensors.Mask`` so that torchvision.transforms.v2 moves them
-together (masks resize NEAREST; pads use each type's fill value).
-
-Strong views (independently for s1 and s2, after the shared geometry): colour jitter with
-p = ``aug.jitter_p``, grayscale with p = ``aug.grayscale_p``, Gaussian blur with
-p = ``aug.blur_p`` (PIL's, far faster than v2's on CPU), then a CutMix box
-(:func:`cutmix_box`). Every view is normalised with ``aug.mean`` / ``aug.std``.
-
-Randomness: every draw comes from ``rng``. Training passes ``random.Random(draw_seed)``, a
-pure function of (seed, epoch, sample) (mlcl.loaders); the default, Python's ``random``
-module, is for direct calls.
-"""
+"""Paired (image, mask) augmentations: UniMatch's pipeline (docs/method.md, "Augmentations")
+on torchvision tv_tensors. Every draw comes from ``rng``: training passes
+``random.Random(draw_seed)`` (mlcl.loaders), direct calls default to ``random``."""
 from __future__ import annotations
 
 import math
@@ -30,23 +15,18 @@ from torchvision.transforms.v2 import functional as F
 
 from mlcl.config import AugmentConfig
 
-# Mask fill for the padding of unlabeled crops: a value no real class or ignore label takes,
-# turned into the ignore map (UniMatch's convention).
-UNLABELED_PAD = 254
+UNLABELED_PAD = 254  # mask fill of unlabeled crops' padding, then their ignore map (UniMatch)
 
-Rng = Any  # the `random` module or a random.Random: both have random/uniform/randint/shuffle
+Rng = Any  # the `random` module or a random.Random
 
 
-# --------------------------------------------------------------------------- conversion
 def to_tv(image: Image.Image, mask: np.ndarray | None = None
           ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """PIL RGB image and (H, W) uint8 mask -> Image (3, H, W) and Mask (1, H, W), uint8.
     Without a mask, an all-zero one (it then only tracks padding)."""
     img = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
-    if mask is None:
-        m = torch.zeros((1, *img.shape[-2:]), dtype=torch.uint8)
-    else:
-        m = torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True))[None]
+    m = (torch.zeros((1, *img.shape[-2:]), dtype=torch.uint8) if mask is None
+         else torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True))[None])
     return img, tv_tensors.Mask(m)
 
 
@@ -56,7 +36,6 @@ def normalize(image: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
     return F.normalize(x, mean=list(aug.mean), std=list(aug.std)).as_subclass(torch.Tensor)
 
 
-# --------------------------------------------------------------------------- geometry
 def rescale(image, mask, scale_range, rng: Rng = random):
     """Resize both so that the long side is a random integer in long * scale_range
     (aspect kept; image bilinear, mask nearest)."""
@@ -71,8 +50,7 @@ def rescale(image, mask, scale_range, rng: Rng = random):
 
 
 def pad_crop(image, mask, size: int, mask_fill: int, rng: Rng = random):
-    """Pad right/bottom up to ``size`` (image 0, mask ``mask_fill``), then a random
-    ``size`` x ``size`` crop."""
+    """Pad right/bottom up to ``size`` (image 0, mask ``mask_fill``), then a random crop."""
     h, w = image.shape[-2:]
     pad = [0, 0, max(size - w, 0), max(size - h, 0)]  # left, top, right, bottom
     if pad[2] or pad[3]:
@@ -82,44 +60,29 @@ def pad_crop(image, mask, size: int, mask_fill: int, rng: Rng = random):
     return F.crop(image, top, left, size, size), F.crop(mask, top, left, size, size)
 
 
-def hflip(image, mask, p: float, rng: Rng = random):
-    if rng.random() < p:
+def geometry(image, mask, crop_size: int, aug: AugmentConfig, mask_fill: int,
+             rng: Rng = random):
+    """The shared geometry: rescale, pad to the crop (mask: ``mask_fill``), crop, flip."""
+    image, mask = rescale(image, mask, aug.scale_range, rng)
+    image, mask = pad_crop(image, mask, crop_size, mask_fill, rng)
+    if rng.random() < aug.hflip_p:
         return F.horizontal_flip(image), F.horizontal_flip(mask)
     return image, mask
 
 
-def geometry(image, mask, crop_size: int, aug: AugmentConfig, mask_fill: int,
-             rng: Rng = random):
-    """The shared geometry: rescale, pad to the crop, crop, flip."""
-    image, mask = rescale(image, mask, aug.scale_range, rng)
-    image, mask = pad_crop(image, mask, crop_size, mask_fill, rng)
-    return hflip(image, mask, aug.hflip_p, rng)
-
-
-# --------------------------------------------------------------------------- strong views
-def color_jitter(pil: Image.Image, aug: AugmentConfig, rng: Rng = random) -> Image.Image:
-    """ColorJitter(brightness, contrast, saturation, hue) in a random order, as torchvision
-    does; a strength of 0 leaves that property alone."""
-    ops = []
-    for strength, fn in ((aug.brightness, F.adjust_brightness),
-                         (aug.contrast, F.adjust_contrast),
-                         (aug.saturation, F.adjust_saturation)):
-        if strength > 0:
-            ops.append((fn, (max(0.0, 1 - strength), 1 + strength)))
-    if aug.hue > 0:
-        ops.append((F.adjust_hue, (-aug.hue, aug.hue)))
-    rng.shuffle(ops)
-    for fn, (lo, hi) in ops:
-        pil = fn(pil, rng.uniform(lo, hi))
-    return pil
-
-
 def strong(image: torch.Tensor, aug: AugmentConfig, rng: Rng = random) -> torch.Tensor:
-    """uint8 (3, H, W) -> a strongly augmented uint8 (3, H, W): jitter, grayscale, blur.
-    Runs on PIL, where these are fast."""
+    """uint8 (3, H, W) -> strongly augmented uint8 (3, H, W), on PIL (fast): ColorJitter (as
+    torchvision's, properties in a random order; strength 0 leaves one alone), gray, blur."""
     pil = F.to_pil_image(image.as_subclass(torch.Tensor))
     if rng.random() < aug.jitter_p:
-        pil = color_jitter(pil, aug, rng)
+        ops = [(fn, (max(0.0, 1 - strength), 1 + strength)) for strength, fn in (
+            (aug.brightness, F.adjust_brightness), (aug.contrast, F.adjust_contrast),
+            (aug.saturation, F.adjust_saturation)) if strength > 0]
+        if aug.hue > 0:
+            ops.append((F.adjust_hue, (-aug.hue, aug.hue)))
+        rng.shuffle(ops)
+        for fn, (lo, hi) in ops:
+            pil = fn(pil, rng.uniform(lo, hi))
     if rng.random() < aug.grayscale_p:
         pil = F.rgb_to_grayscale(pil, num_output_channels=3)
     if rng.random() < aug.blur_p:
@@ -130,9 +93,8 @@ def strong(image: torch.Tensor, aug: AugmentConfig, rng: Rng = random) -> torch.
 
 def cutmix_box(size: int | tuple[int, int], p: float, area, ratio,
                rng: Rng = random) -> torch.Tensor:
-    """A CutMix box as a BoolTensor (H, W): all False with probability 1 - p, else a box
-    whose area is a random fraction in ``area`` of H * W and whose aspect ratio (h / w) is
-    in ``ratio``, placed uniformly where it fits (UniMatch's rejection sampling)."""
+    """A CutMix box as a BoolTensor (H, W): all False with probability 1 - p, else a box of
+    area ``area`` x H * W and aspect ratio (h / w) in ``ratio``, placed where it fits."""
     h, w = (size, size) if isinstance(size, int) else size
     box = torch.zeros((h, w), dtype=torch.bool)
     if rng.random() >= p:
@@ -150,7 +112,6 @@ def cutmix_box(size: int | tuple[int, int], p: float, area, ratio,
     return box
 
 
-# --------------------------------------------------------------------------- per sample
 def labeled_views(image: Image.Image, mask: np.ndarray, crop_size: int, aug: AugmentConfig,
                   ignore_index: int, rng: Rng = random) -> tuple[torch.Tensor, torch.Tensor]:
     """x float (3, S, S) and y long (S, S), padding = ``ignore_index``."""
@@ -168,8 +129,8 @@ def unlabeled_views(image: Image.Image, crop_size: int, aug: AugmentConfig,
         out["s" + k] = normalize(strong(img, aug, rng), aug)
         out["box" + k] = cutmix_box(crop_size, aug.cutmix_p, aug.cutmix_area,
                                     aug.cutmix_ratio, rng)
-    pad = pad.as_subclass(torch.Tensor)[0]
-    out["ignore"] = torch.where(pad == UNLABELED_PAD, ignore_index, 0).long()
+    out["ignore"] = torch.where(pad.as_subclass(torch.Tensor)[0] == UNLABELED_PAD,
+                                ignore_index, 0).long()
     return out
 
 

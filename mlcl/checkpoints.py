@@ -1,13 +1,6 @@
-"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``,
-and the weights files ``best.pt`` / ``last.pt``.
-
-A folder ``iter-<iteration>-epoch-<epochs done>`` holds model, optimiser, prototype bank
-(registered for checkpointing), every process's RNG states and ``trainer.json`` (the loop's
-:class:`TrainerState` and a manifest of the folder's files and sizes), written last; then
-``LATEST`` names the folder (atomically), and only then is the previous one deleted. A kill
-at any moment leaves a complete checkpoint: a broken ``LATEST`` or a truncated folder falls
-back to the newest complete folder, or fails with one line saying what to delete.
-"""
+"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``
+(written, pointed at by ``LATEST`` and pruned so that a kill at any moment leaves a complete
+one: docs/clusters.md), and the weights files ``best.pt`` / ``last.pt``."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +19,7 @@ from mlcl.files import atomic_torch_save, atomic_write_json, atomic_write_text, 
 from mlcl.errors import RunStopped, error_line
 from mlcl.outputs import GROWABLE
 
-MANIFEST = "trainer.json"
+MANIFEST = "trainer.json"  # the TrainerState and {file: size} of a folder, written last
 
 
 @dataclass
@@ -40,11 +33,9 @@ class TrainerState:
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0
-    # running sums of the epoch in progress, one row per process (exact float32 values)
-    sum_names: list[str] = field(default_factory=list)
-    sums: list[list[float]] = field(default_factory=list)
-    # the GROWABLE settings in force, and {"iteration", "changes"} per resume
-    # that changed them (metrics.json "resumes")
+    sum_names: list[str] = field(default_factory=list)  # the epoch's running loss sums,
+    sums: list[list[float]] = field(default_factory=list)  # one row per process (float32)
+    # the GROWABLE settings in force; {"iteration", "changes"} per resume changing them
     settings: dict[str, Any] = field(default_factory=dict)
     resumes: list[dict[str, Any]] = field(default_factory=list)
     git_commits: list[str] = field(default_factory=list)  # of the run's parts, in order
@@ -56,11 +47,6 @@ class CheckpointWriteError(RunStopped):
     exit_code = 1
 
 
-def checkpoint_name(state: TrainerState) -> str:
-    """The folder name of a checkpoint; zero-padded, so names sort by iteration."""
-    return f"iter-{state.iteration:08d}-epoch-{state.epoch:04d}"
-
-
 def incomplete_because(path: Path) -> str | None:
     """Why ``path`` is not a complete checkpoint folder, or None when it is."""
     try:
@@ -68,30 +54,28 @@ def incomplete_because(path: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path.name} has no readable {MANIFEST} (its writing was interrupted)"
     for name, size in files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            found = f.stat().st_size if f.is_file() else "missing"
+        found = (path / name).stat().st_size if (path / name).is_file() else "missing"
+        if found != size:
             return f"{path.name}/{name} is {found} bytes, the manifest says {size}"
     return None
 
 
 class Checkpoints:
-    """Save / find / load the checkpoints of one output_dir (collective; the main process
-    writes the shared files). With several processes each also saves its model buffers
-    (``buffers_<process>.pt``): without SyncBatchNorm (CPU) batch-norm statistics are per
-    process, and accelerate saves the main process's model only."""
+    """Save / find / load the checkpoints of one output_dir (collective); each process also
+    saves its model buffers (without SyncBatchNorm batch-norm statistics are per process)."""
 
     def __init__(self, out: Path, accelerator, model):
         self.root, self.acc, self.model = Path(out) / "checkpoints", accelerator, model
 
-    def buffers_file(self, path: Path) -> Path:
-        return path / f"buffers_{self.acc.process_index}.pt"
+    def buffers(self, path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+        """(this process's buffers file in ``path``, the model's buffers by name)."""
+        net = self.acc.unwrap_model(self.model, keep_torch_compile=False)
+        return path / f"buffers_{self.acc.process_index}.pt", dict(net.named_buffers())
 
     def save(self, state: TrainerState) -> Path:
-        """Write the checkpoint of ``state`` (unless already saved), point LATEST at it,
-        delete the older ones; return its folder. A write that fails on any process raises
-        CheckpointWriteError on every process."""
-        path = self.root / checkpoint_name(state)
+        """Write the checkpoint of ``state`` (unless saved), point LATEST at it, delete the older
+        ones; return its folder. A failed write raises CheckpointWriteError on every process."""
+        path = self.root / f"iter-{state.iteration:08d}-epoch-{state.epoch:04d}"  # sortable
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path
         acc = self.acc
@@ -101,8 +85,12 @@ class Checkpoints:
         self.write_on_all(path, lambda: self.write_parts(path))  # also waits for every part
         self.write_on_all(path, lambda: self.write_pointers(path, state)
                           if acc.is_main_process else None)
-        if acc.is_main_process:
-            self.prune(keep=path)
+        if acc.is_main_process:  # delete older folders and interrupted atomic writes
+            for p in self.root.iterdir():
+                if p.is_dir() and p != path:
+                    shutil.rmtree(p, ignore_errors=True)
+                elif p.name.startswith(".") and p.name.endswith(".tmp"):
+                    p.unlink(missing_ok=True)
         acc.wait_for_everyone()
         return path
 
@@ -110,23 +98,22 @@ class Checkpoints:
         """accelerate's state (and this process's buffers) into ``path``."""
         self.acc.save_state(str(path))
         if self.acc.num_processes > 1:
-            torch.save(dict(self.acc.unwrap_model(self.model, keep_torch_compile=False)
-                            .named_buffers()), self.buffers_file(path))
+            file, buffers = self.buffers(path)
+            torch.save(buffers, file)
 
     def write_pointers(self, path: Path, state: TrainerState) -> None:
-        """The manifest of the complete folder ``path``, then LATEST naming it. Its files get
-        a plain open()'s mode first (safetensors writes 0600), so collaborators can read them."""
-        mode = plain_mode()
+        """The manifest of the complete folder ``path``, then LATEST naming it; its files get
+        :func:`plain_mode` (safetensors writes 0600)."""
         for p in path.rglob("*"):
             if p.is_file():
-                p.chmod(mode)
+                p.chmod(plain_mode())
         files = {p.name: p.stat().st_size for p in sorted(path.iterdir())}
         atomic_write_json(path / MANIFEST, {**dataclasses.asdict(state), "files": files})
         atomic_write_text(self.root / "LATEST", path.name + "\n")
 
     def write_on_all(self, path: Path, write) -> None:
-        """Run ``write()`` on every process; raise CheckpointWriteError on every process when
-        it failed on any, naming the first failure (collective)."""
+        """Run ``write()`` on every process; when it failed on any, remove ``path`` and raise
+        CheckpointWriteError on every process, naming the first failure (collective)."""
         error = None
         try:
             write()
@@ -135,62 +122,43 @@ class Checkpoints:
         failure = None if error is None else error_line(error)
         if self.acc.num_processes > 1:  # everyone stops, not just the process that failed
             failure = next((f for f in gather_object([failure]) if f is not None), None)
-        if failure is not None:
-            self.discard(path, failure, error)
-
-    def discard(self, path: Path, failure: str, error: Exception | None) -> None:
-        """Remove the half-written ``path`` and raise CheckpointWriteError for ``failure``
-        (this process's ``error``, or another process's)."""
+        if failure is None:
+            return
         if self.acc.is_main_process:
             shutil.rmtree(path, ignore_errors=True)
         raise CheckpointWriteError(
             f"could not write checkpoint {path} ({failure}); the previous checkpoint is intact: "
             "free disk space (or fix the folder) and run the same command again") from error
 
-    def prune(self, keep: Path) -> None:
-        """Delete every other folder (older checkpoints, interrupted writes) and the
-        temporary files of interrupted atomic writes."""
-        for p in self.root.iterdir():
-            if p.is_dir() and p != keep:
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.name.startswith(".") and p.name.endswith(".tmp"):
-                p.unlink(missing_ok=True)
-
     def resume_point(self) -> Path | None:
         """LATEST's checkpoint, else the newest complete folder (with a note), else None (a
         fresh run); a ConfigError when folders exist but none is complete."""
         if not self.root.is_dir():
             return None
-        named, why = self.named_by_latest()
-        if named is not None and why is None:
-            return named
+        pointer = self.root / "LATEST"
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            name, why = None, f"{pointer} is missing or unreadable"
+        if name is not None:
+            named = self.root / name
+            why = (incomplete_because(named) if name and "/" not in name and named.is_dir()
+                   else f"{pointer} names {name[:40]!r}, which is not a checkpoint folder")
+            if why is None:
+                return named
         complete = [p for p in self.root.iterdir() if p.is_dir() and incomplete_because(p) is None]
         if complete:
             best = max(complete, key=lambda p: p.name)  # zero-padded: newest last
             print(f"note: {why}; resuming from {best}", file=sys.stderr, flush=True)
             return best
-        if named is not None or (self.root / "LATEST").exists() or any(
-                p.is_dir() for p in self.root.iterdir()):
+        if pointer.exists() or any(p.is_dir() for p in self.root.iterdir()):
             raise ConfigError(f"{self.root} holds no complete checkpoint ({why}): delete "
                               f"{self.root} to start this run over")
         return None
 
-    def named_by_latest(self) -> tuple[Path | None, str | None]:
-        """(LATEST's folder, why it cannot be used or None)."""
-        pointer = self.root / "LATEST"
-        try:
-            name = pointer.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            return None, f"{pointer} is missing or unreadable"
-        path = self.root / name
-        if not name or "/" in name or not path.is_dir():
-            return None, f"{pointer} names {name[:40]!r}, which is not a checkpoint folder"
-        return path, incomplete_because(path)
-
     def load(self, path: Path, iters_per_epoch: int) -> TrainerState:
         """Restore the state of ``path`` (model, optimiser, bank, RNGs, buffers); return its
-        TrainerState. A ConfigError when the iterations per epoch differ or a part cannot be
-        read."""
+        TrainerState. A ConfigError when iters_per_epoch differ or a part cannot be read."""
         saved = json.loads((path / MANIFEST).read_text())
         known = {f.name for f in dataclasses.fields(TrainerState)}
         state = TrainerState(**{k: v for k, v in saved.items() if k in known})
@@ -202,20 +170,15 @@ class Checkpoints:
         try:
             self.acc.load_state(str(path))
             if self.acc.num_processes > 1:
-                self.load_buffers(path)
+                file, buffers = self.buffers(path)
+                kept = torch.load(file, map_location="cpu", weights_only=True)
+                for name, buf in buffers.items():
+                    buf.copy_(kept[name])
         except Exception as e:  # noqa: BLE001 - any unreadable part: one line, what to delete
             raise ConfigError(f"checkpoint {path} cannot be loaded ({error_line(e)}): delete "
                               f"{path} to resume from an earlier one, or {self.root} to start "
                               "over") from e
         return state
-
-    def load_buffers(self, path: Path) -> None:
-        """This process's own model buffers (batch-norm statistics) from ``path``."""
-        saved = torch.load(self.buffers_file(path), map_location="cpu",
-                           weights_only=True)
-        for name, buf in self.acc.unwrap_model(self.model,
-                                               keep_torch_compile=False).named_buffers():
-            buf.copy_(saved[name])
 
 
 def schedule_settings(cfg: Config) -> dict[str, Any]:
@@ -226,8 +189,7 @@ def schedule_settings(cfg: Config) -> dict[str, Any]:
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,
                  bank=None) -> None:
-    """A self-contained weights file for `mlcl evaluate` / `mlcl predict` (and the prototype
-    bank, for the notebooks)."""
+    """A self-contained weights file for `mlcl evaluate` / `predict` and the notebooks."""
     atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.to_dict(),
                              "class_names": names, "epoch": epoch, "miou": miou,
                              "bank": bank.state_dict() if bank is not None else None})

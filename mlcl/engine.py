@@ -1,6 +1,6 @@
 """The pieces of a training step, shared by the loop (mlcl.train) and the measuring tool:
 the Accelerator, the optimiser and its poly lr, forward / backward / guard / optimiser step,
-and the running sums of the loss terms over an epoch."""
+the running sums of the loss terms over an epoch."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,17 +17,14 @@ from mlcl.stopping import NonFiniteGuard, gradient_norm
 
 
 def make_accelerator(cfg: Config, project_dir: Path | None = None) -> Accelerator:
-    """The Accelerator of a run; with ``project_dir``, TensorBoard logging into
-    project_dir/tensorboard through accelerate's tracker (``accelerator.log``)."""
+    """The Accelerator of a run; with ``project_dir``, TensorBoard logs in it."""
     cpu = cfg.train.cpu or not torch.cuda.is_available()
     mp = cfg.train.mixed_precision
     if cpu and mp == "fp16":
         raise ConfigError("config key 'train.mixed_precision': fp16 needs a GPU (use bf16 or no)")
-    # broadcast_buffers=False: batch-norm statistics stay per process (SyncBatchNorm on GPU
-    # handles them), as in UniMatch; several forward passes precede one backward.
+    # batch-norm statistics stay per process (SyncBatchNorm on GPU), as in UniMatch; pinned
+    # batches (data.pin_memory) are copied without blocking, overlapping the step
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    # batches from pinned host memory (data.pin_memory, GPU only) are copied without blocking,
-    # so the copy overlaps the step; without pinning, non_blocking would buy nothing
     loading = DataLoaderConfiguration(non_blocking=not cpu and cfg.data.pin_memory)
     tracking = {"log_with": "tensorboard", "project_dir": str(project_dir)} if project_dir else {}
     return Accelerator(cpu=cpu, mixed_precision=mp, kwargs_handlers=[ddp],
@@ -36,9 +33,8 @@ def make_accelerator(cfg: Config, project_dir: Path | None = None) -> Accelerato
 
 def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float,
             lag: bool = False) -> None:
-    """lr = base_lr * (1 - t/total)^power per parameter group, for step ``it``: t = it, or
-    with ``lag`` t = max(it - 1, 0) -- the values UniMatch and the released code use, where
-    lr(t) is set after the optimiser step of iteration t (train.lr_lag)."""
+    """lr = base_lr * (1 - t/total)^power per parameter group for step ``it``: t = it, or
+    with ``lag`` t = max(it - 1, 0), as UniMatch and the release (train.lr_lag)."""
     t = max(it - 1, 0) if lag else it
     factor = (1 - t / total) ** power
     for group in optimizer.param_groups:
@@ -46,12 +42,9 @@ def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float,
 
 
 def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
-    """SGD (momentum) or AdamW over the model's parameter groups (backbone at train.lr, the
-    rest at train.lr * train.lr_multi); each group keeps its ``base_lr`` for :func:`poly_lr`."""
-    groups = model.param_groups(cfg.train.lr, cfg.train.lr_multi)
-    for g in groups:
-        g["base_lr"] = g["lr"]
+    """SGD (momentum) or AdamW over the model's parameter groups, each with its ``base_lr``."""
     t = cfg.train
+    groups = [{**g, "base_lr": g["lr"]} for g in model.param_groups(t.lr, t.lr_multi)]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
@@ -65,12 +58,10 @@ def forward_terms(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, t
 
 def backward_and_step(model, optimizer, terms: dict[str, torch.Tensor], ctx: StepContext,
                       guard: NonFiniteGuard) -> None:
-    """Backward of terms['loss'], the divergence guard's look at the terms and the gradient
-    norm (on the device; none under fp16, whose loss scaler skips overflowing steps itself),
-    then the optimiser step."""
-    acc = ctx.accelerator
+    """Backward of terms['loss'], the guard's look at the terms and gradient norm (none under
+    fp16, whose loss scaler skips overflowing steps itself), the optimiser step."""
     optimizer.zero_grad(set_to_none=True)
-    acc.backward(terms["loss"])
+    ctx.accelerator.backward(terms["loss"])
     norm = None if ctx.cfg.train.mixed_precision == "fp16" else gradient_norm(model)
     guard.observe(ctx.iteration, terms, norm)
     optimizer.step()
@@ -94,12 +85,10 @@ class EpochSums:
 
     def save(self, acc, state: TrainerState) -> None:
         """Every process's sums into ``state`` (exact float32 values; collective)."""
-        state.sum_names = list(self.values)
+        state.sum_names, state.sums = list(self.values), []
         if self.values:
             rows = torch.stack(list(self.values.values())).unsqueeze(0)
             state.sums = (acc.gather(rows) if acc.num_processes > 1 else rows).tolist()
-        else:
-            state.sums = []
 
     def restore(self, acc, state: TrainerState) -> None:
         """This process's sums from ``state`` (as :meth:`save` wrote them), on the device."""

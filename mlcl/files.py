@@ -9,31 +9,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def current_umask() -> int:
-    """The process's umask (read without changing it where /proc allows)."""
+def plain_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask (read
+    from /proc where it can be, without changing it)."""
     try:
         with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # elsewhere: set and restore
-    os.umask(mask)
-    return mask
-
-
-def plain_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask."""
-    return 0o666 & ~current_umask()
+            mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)  # elsewhere: set and restore
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-    The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask),
-    not mkstemp's private 0600, so collaborators can read results."""
-    # tempfile + os.replace, no package: atomicwrites, the usual one, is archived and itself
-    # points to os.replace.
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place,
+    with :func:`plain_mode` (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -66,8 +56,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
 
 
 def nearest_existing(path: str | Path) -> Path:
-    """``path`` if it exists, else its nearest existing ancestor: where ``mkdir -p`` would
-    start, and the disk the path would be on."""
+    """``path`` if it exists, else its nearest existing ancestor (on the disk it would use)."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -75,10 +64,8 @@ def nearest_existing(path: str | Path) -> Path:
 
 
 def place_problem(path: str | Path) -> str | None:
-    """None if ``path`` can be written or made: it, or if it does not exist its nearest
-    existing ancestor, is a folder this process may write into and enter. Otherwise the
-    reason, naming the culprit: ``"P is a file, not a folder"``, ``"P lies under the file
-    F"`` or ``"F is not writable"``. The one walk-up check of every output place."""
+    """None if ``path`` can be written or made (it, or its nearest existing ancestor, is a
+    folder this process may write into and enter), else the reason naming the culprit."""
     p = Path(path)
     existing = nearest_existing(p)
     if not existing.is_dir():

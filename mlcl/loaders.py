@@ -1,22 +1,9 @@
-"""Training loaders whose every random draw is a pure function of (seed, epoch, sample, stream).
-
-A :class:`DrawSampler` yields keys ``(index, draw_seed)``: an epoch's order is a permutation
-drawn from (order seed, epoch), each sample's ``draw_seed`` comes from (draw stream, epoch,
-index), and the datasets augment with ``random.Random(draw_seed)``. So neither loader
-workers, nor the number of processes (accelerate shards the batches of the one
-permutation), nor a resume change what a sample looks like; resuming mid-epoch skips the
-sampler's first index lists (accelerate's ``skip_first_batches``).
-
-Streams, one per loader of a step: ``x`` labeled, ``u`` unlabeled, ``mix`` the CutMix
-partner. ``train.mix_partner``: ``roll`` (no partner loader: the unlabeled batch rolled by
-one), ``loader`` (a partner loader of its own order), ``same`` (UniMatch and the release: the
-partner walks the permutation of ``u`` with its own draws, so each image is mixed with a
-second view of itself).
-"""
+"""Training loaders whose every random draw is a pure function of (seed, epoch, sample,
+stream), so that loader workers, processes and resumes cannot change a batch
+(docs/clusters.md). Streams: ``x`` labeled, ``u`` unlabeled, ``mix`` the CutMix partner."""
 from __future__ import annotations
 
 import atexit
-import functools
 import gc
 import signal
 from typing import Any, Callable, Iterator
@@ -32,18 +19,14 @@ STREAMS = {"x": 1, "u": 2, "mix": 3}  # draw streams; also the order streams of 
 
 
 def derive_seed(*parts: int) -> int:
-    """A 63-bit seed, a pure function of the integers ``parts`` (numpy's SeedSequence mixes
-    them: nearby inputs give unrelated seeds)."""
+    """A 63-bit seed, a pure function of the integers ``parts`` (mixed by SeedSequence)."""
     words = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
 
 
 class DrawSampler(Sampler):
-    """Keys ``(index, draw_seed)`` over ``range(n)``, an epoch at a time.
-
-    order: ``torch.randperm(n)`` seeded by derive_seed(order_seed, epoch) (``shuffle``) or
-    0..n-1; draw_seed = derive_seed(draw_seed_base, epoch, index). Two samplers with the same
-    ``order_seed`` and different ``draw_seed_base`` yield the same images, augmented apart."""
+    """Keys ``(index, derive_seed(draw_seed_base, epoch, index))`` of the epoch set, in the
+    order of a randperm seeded by derive_seed(order_seed, epoch) (``shuffle``) or 0..n-1."""
 
     def __init__(self, n: int, order_seed: int, draw_seed_base: int, shuffle: bool = True):
         self.n, self.order_seed, self.draw_seed_base = n, order_seed, draw_seed_base
@@ -52,15 +35,12 @@ class DrawSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def order(self) -> list[int]:
-        """The indices of the current epoch, in the order they are yielded."""
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(derive_seed(self.order_seed, self.epoch))
-        return torch.randperm(self.n, generator=g).tolist()
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.order():
+        order = range(self.n)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(derive_seed(self.order_seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        for i in order:
             yield i, derive_seed(self.draw_seed_base, self.epoch, i)
 
     def __len__(self) -> int:
@@ -68,98 +48,77 @@ class DrawSampler(Sampler):
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGINT / SIGTERM to the main process, which finishes its step,
-    checkpoints and shuts them down (a Ctrl-C reaches the whole process group)."""
+    """Loader workers leave SIGINT / SIGTERM (sent to the whole group) to the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def stop_loader_workers() -> None:
-    """Shut down the workers of every loader iterator still alive, as torch does when one is
-    released. Run at exit: an iterator an error left referenced would otherwise meet
-    multiprocessing's exit handler, whose SIGTERM its workers ignore, and wait for ever."""
+    """Shut down the workers of every loader iterator still alive (at exit: otherwise those
+    of one an error left referenced ignore multiprocessing's SIGTERM, which waits for ever)."""
     for obj in gc.get_objects():
         # type(), not isinstance(), which asks lazy modules for __class__ (and warns)
         if type(obj) is _MultiProcessingDataLoaderIter:
             obj._shutdown_workers()  # a no-op for an iterator already shut down
 
 
-@functools.cache
-def stop_workers_at_exit() -> None:
-    """Register :func:`stop_loader_workers` once; atexit runs it before multiprocessing's and
-    torch's own handlers (last registered, first run)."""
-    atexit.register(stop_loader_workers)
-
-
 def worker_init(workers: int) -> Callable[[int], None] | None:
-    """The ``worker_init_fn`` of a loader with ``workers`` workers (None for none): they
-    ignore stop signals and are shut down at exit."""
+    """The ``worker_init_fn`` of a loader with ``workers`` workers (None for none)."""
     if workers == 0:
         return None
-    stop_workers_at_exit()
+    atexit.unregister(stop_loader_workers)  # once, and last registered: run before the
+    atexit.register(stop_loader_workers)    # handlers of multiprocessing and torch
     return ignore_stop_signals
 
 
 def make_loader(dataset: Dataset, cfg: Config, *, shuffle: bool = True, seed: int,
                 stream: int | None = None) -> DataLoader:
-    """A training DataLoader over ``dataset`` (full batches of train.batch_size) sampled by a
-    :class:`DrawSampler` (order seed ``seed``, draw stream ``stream``, default ``seed``); its
-    own generator keeps the global torch RNG (dropout, SAI) untouched."""
-    gpu = torch.cuda.is_available() and not cfg.train.cpu
+    """A training DataLoader (full batches) sampled by a :class:`DrawSampler` (order ``seed``,
+    draws ``stream``, default ``seed``); its own generator spares the global torch RNG."""
     workers = cfg.data.num_workers
     sampler = DrawSampler(len(dataset), seed, seed if stream is None else stream, shuffle)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=workers, pin_memory=gpu and cfg.data.pin_memory,
-                      persistent_workers=workers > 0 and cfg.data.persistent_workers,
-                      worker_init_fn=worker_init(workers),
-                      generator=torch.Generator().manual_seed(seed))
+                        num_workers=workers, worker_init_fn=worker_init(workers),
+                        pin_memory=torch.cuda.is_available() and not cfg.train.cpu
+                        and cfg.data.pin_memory,
+                        persistent_workers=workers > 0 and cfg.data.persistent_workers,
+                        generator=torch.Generator().manual_seed(seed))
     loader.draw_sampler = sampler  # reachable after accelerate wraps the loader
     return loader
 
 
 def train_loaders(sets: dict[str, Dataset], cfg: Config) -> dict[str, DataLoader]:
-    """'x' (labeled) and, for the semi-supervised methods, 'u' and the CutMix partner 'mix'
-    (absent for mix_partner=roll). Order seeds: x and u their own; mix the same as u for
-    mix_partner=same, its own for loader."""
-    def order(name: str) -> int:
-        return derive_seed(cfg.seed, 0, STREAMS[name])
+    """'x' (labeled) and, semi-supervised, 'u' and the CutMix partner 'mix' (mix_partner=same:
+    in the order of u, each image mixed with a second view; loader: its own; roll: none)."""
+    def loader(split: str, name: str, order: str) -> DataLoader:
+        return make_loader(sets[split], cfg, seed=derive_seed(cfg.seed, 0, STREAMS[order]),
+                           stream=derive_seed(cfg.seed, 1, STREAMS[name]))
 
-    def draws(name: str) -> int:
-        return derive_seed(cfg.seed, 1, STREAMS[name])
-
-    loaders = {"x": make_loader(sets["labeled"], cfg, seed=order("x"), stream=draws("x"))}
-    if cfg.method == "supervised":
-        return loaders
-    loaders["u"] = make_loader(sets["unlabeled"], cfg, seed=order("u"), stream=draws("u"))
-    partner = cfg.train.mix_partner
-    if partner in ("loader", "same"):
-        seed = order("u") if partner == "same" else order("mix")
-        loaders["mix"] = make_loader(sets["unlabeled"], cfg, seed=seed, stream=draws("mix"))
+    loaders = {"x": loader("labeled", "x", "x")}
+    if cfg.method != "supervised":
+        loaders["u"] = loader("unlabeled", "u", "u")
+        partner = cfg.train.mix_partner
+        if partner in ("loader", "same"):
+            loaders["mix"] = loader("unlabeled", "mix", "u" if partner == "same" else "mix")
     return loaders
 
 
 def prepare_loaders(loaders: dict[str, DataLoader], accelerator) -> dict[str, Any]:
-    """accelerate-prepared :func:`make_loader` loaders (each process gets every N-th batch of
-    the one permutation), still carrying their ``draw_sampler``."""
-    prepared = {}
-    for name, loader in loaders.items():
-        prepared[name] = accelerator.prepare(loader)
-        prepared[name].draw_sampler = loader.draw_sampler
+    """accelerate-prepared loaders (every N-th batch to each process) with their draw_sampler."""
+    prepared = {name: accelerator.prepare(loader) for name, loader in loaders.items()}
+    for name, loader in prepared.items():
+        loader.draw_sampler = loaders[name].draw_sampler
     return prepared
 
 
 def epoch_batches(loaders: dict[str, Any], epoch: int, skip: int, accelerator) -> Iterator[dict]:
-    """Batches ``{name: batch}`` of ``epoch`` from its ``skip``-th step on (per process);
-    ``loaders`` as returned by :func:`prepare_loaders`."""
-    iters = {}
-    for name, loader in loaders.items():
+    """Batches ``{name: batch}`` of ``epoch`` from its ``skip``-th step on (per process)."""
+    iters = []
+    for loader in loaders.values():
         loader.draw_sampler.set_epoch(epoch)
         if skip:
             loader = accelerator.skip_first_batches(loader, skip)
         loader.set_epoch(epoch)  # keeps accelerate's own epoch counter in step
-        iters[name] = iter(loader)
-    while True:
-        try:
-            yield {name: next(it) for name, it in iters.items()}
-        except StopIteration:
-            return
+        iters.append(iter(loader))
+    for batches in zip(*iters):  # until the shortest loader ends
+        yield dict(zip(loaders, batches))

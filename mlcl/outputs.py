@@ -1,18 +1,6 @@
 """A run folder: the one reader of what ``train`` leaves there (config.yaml, metrics.json,
-progress.json), the one rule for "the same run", the files it writes besides its checkpoints,
-and the checks that output_dir can hold them.
-
-``progress.json`` (rewritten atomically every ``train.log_every`` iterations, after every
-validation and at the end; shown by mlcl.progress)::
-
-    {"iteration", "total_iters", "epoch", "epochs", "miou" (latest validation or null),
-     "best_miou" (or null), "elapsed_s", "status", "updated" (unix time)}
-
-``metrics.json`` (after every epoch and when the run stops): method, dataset, split, seed,
-best / last mIoU and per-class IoU, per-epoch history, iterations, the settings changed on
-resuming (``resumes``), wall time, git commit (a list when resumed parts ran different
-checkouts) and ``status``. Both use one vocabulary: STATUSES.
-"""
+progress.json: docs/clusters.md), the one rule for "the same run", the files it writes
+besides its checkpoints, and the checks that output_dir can hold them."""
 from __future__ import annotations
 
 import json
@@ -41,21 +29,14 @@ GROWABLE = ("train.epochs", "train.max_iters")
 STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
 
 
-# --------------------------------------------------------------------------- a run folder
 @dataclass(frozen=True)
 class RunFolder:
-    """What ``train`` left in a run folder: config.yaml and metrics.json as mappings (None
-    when absent; an unreadable metrics.json reads as absent, it is rewritten every epoch)."""
+    """What ``train`` left in a run folder: config.yaml and metrics.json (None: absent or,
+    for metrics.json, unreadable)."""
 
     path: Path
     config: dict[str, Any] | None
     metrics: dict[str, Any] | None
-
-    @property
-    def status(self) -> str:
-        """metrics.json's status (running | complete | failed | interrupted | diverged), or
-        "new" when the run has written none."""
-        return (self.metrics or {}).get("status") or "new"
 
     @property
     def complete(self) -> bool:
@@ -63,16 +44,13 @@ class RunFolder:
 
     @property
     def resume_changes(self) -> list[str]:
-        """``"resumed at iteration N with key: a -> b"`` per setting changed when the run was
-        continued (metrics.json ``resumes``): its result is not a fresh run's."""
+        """The settings changed when the run was continued: its result is not a fresh run's."""
         return resume_changes(self.metrics or {})
 
 
 def read_run(out: str | Path) -> RunFolder:
-    """The run folder ``out``; a ConfigError when its config.yaml cannot be read or is not a
-    run's (written by another program)."""
-    out = Path(out)
-    return RunFolder(out, saved_config(out), read_metrics(out))
+    """The run folder ``out``; a ConfigError as :func:`saved_config`."""
+    return RunFolder(Path(out), saved_config(Path(out)), read_metrics(out))
 
 
 def saved_config(out: Path) -> dict[str, Any] | None:
@@ -92,50 +70,40 @@ def saved_config(out: Path) -> dict[str, Any] | None:
     return saved
 
 
-def read_metrics(out: Path) -> dict[str, Any] | None:
-    """``out/metrics.json``, or None when it is missing or unreadable."""
+def read_metrics(out: str | Path, name: str = "metrics.json") -> dict[str, Any] | None:
+    """``out/<name>`` (a JSON mapping), or None when it is missing or unreadable."""
     try:
-        return json.loads((Path(out) / "metrics.json").read_text())
+        data = json.loads((Path(out) / name).read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def read_progress(out: str | Path) -> dict[str, Any] | None:
     """``out/progress.json``, or None while there is none (or it cannot be read)."""
-    try:
-        data = json.loads((Path(out) / PROGRESS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and "iteration" in data else None
+    data = read_metrics(out, PROGRESS_FILE)
+    return data if data and "iteration" in data else None
 
 
 def resume_changes(metrics: dict[str, Any]) -> list[str]:
-    """The settings changed when the run of ``metrics`` was continued, one line each."""
+    """``"resumed at iteration N with key: a -> b"`` per setting changed when the run of
+    ``metrics`` was continued (metrics.json ``resumes``)."""
     return [f"resumed at iteration {r.get('iteration')} with {change}"
             for r in metrics.get("resumes") or [] for change in r.get("changes") or []]
 
 
 def run_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
-    """The one rule for "is this the same run?" (train, reproduce, the registry): how the
-    ``requested`` configuration differs from the ``stored`` one (nested or flat mappings), as
-    ``"key: stored -> requested"``, less RESULT_NEUTRAL and less a longer schedule (GROWABLE
-    keys raised; train.max_iters 0 means no cap). Empty: the same run, possibly continued."""
+    """The one rule for "is this the same run?" (train, reproduce, the registry): ``"key:
+    stored -> requested"`` for each difference (nested or flat mappings) but RESULT_NEUTRAL
+    keys and a longer schedule (GROWABLE raised; max_iters 0: no cap). Empty: the same run."""
     changes = config_changes(stored, requested, RESULT_NEUTRAL + GROWABLE)
     a, b = flatten(stored), flatten(requested)
     for key in GROWABLE:
-        if key in a and key in b and _shorter(a[key], b[key]):
+        if key in a and key in b and b[key] != 0 and (a[key] == 0 or b[key] < a[key]):
             changes.append(f"{key}: {a[key]!r} -> {b[key]!r} (a run may only grow longer)")
     return changes
 
 
-def _shorter(before: int, after: int) -> bool:
-    """Whether a schedule bound (epochs, or max_iters with 0 = no cap) went down."""
-    if after == 0:  # no cap
-        return False
-    return before == 0 or after < before
-
-
-# --------------------------------------------------------------------------- bad places
 def check_output_place(out: Path) -> None:
     """Refuse an output_dir that is a file, lies under one, or cannot be written."""
     why = place_problem(out)
@@ -144,22 +112,16 @@ def check_output_place(out: Path) -> None:
                           "can write to)")
 
 
-def check_free_space(out: Path, need_bytes: int) -> None:
-    """Refuse an output_dir whose disk cannot hold ``need_bytes`` (two checkpoints while one
-    is written, best.pt and last.pt)."""
-    free = shutil.disk_usage(nearest_existing(out)).free
-    if free < need_bytes:
-        raise ConfigError(f"output_dir {out}: {free / 2**20:.0f} MiB free on its disk, a run "
-                          f"needs about {need_bytes / 2**20:.0f} MiB (checkpoints and weights): "
-                          "free space or choose another output_dir")
-
-
-def run_bytes(model, optimizer_name: str) -> int:
-    """What a run keeps on disk at most: two checkpoints (weights and 1 (SGD) or 2 (AdamW)
-    moments), best.pt and last.pt, 64 MiB of logs."""
+def check_free_space(out: Path, model, optimizer_name: str) -> None:
+    """Refuse an output_dir whose disk cannot hold two checkpoints (weights and 1 (SGD) or 2
+    (AdamW) moments), best.pt, last.pt and 64 MiB of logs."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    moments = 2 if optimizer_name == "adamw" else 1
-    return 2 * weights * (1 + moments) + 2 * weights + 64 * 2**20
+    need = 2 * weights * (1 + (2 if optimizer_name == "adamw" else 1)) + 2 * weights + 2**26
+    free = shutil.disk_usage(nearest_existing(out)).free
+    if free < need:
+        raise ConfigError(f"output_dir {out}: {free / 2**20:.0f} MiB free on its disk, a run "
+                          f"needs about {need / 2**20:.0f} MiB (checkpoints and weights): "
+                          "free space or choose another output_dir")
 
 
 def remove_fresh_output(out: Path, checkpoints: Path) -> bool:
@@ -170,7 +132,6 @@ def remove_fresh_output(out: Path, checkpoints: Path) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- progress, metrics
 def git_commit() -> str:
     """The checkout's HEAD commit, or "unknown" outside a git checkout."""
     try:
@@ -183,7 +144,7 @@ def git_commit() -> str:
 def write_progress(out: str | Path, *, iteration: int, total_iters: int, epoch: int,
                    epochs: int, miou: float | None, best_miou: float | None,
                    elapsed_s: float, status: str = "running") -> Path:
-    """Write ``out/progress.json`` (atomically) in the format above."""
+    """Write ``out/progress.json`` (atomically; its keys: these and ``updated``, unix time)."""
     if status not in STATUSES:
         raise ValueError(f"progress status must be one of {', '.join(STATUSES)}, got {status!r}")
     return atomic_write_json(Path(out) / PROGRESS_FILE, {
@@ -194,45 +155,33 @@ def write_progress(out: str | Path, *, iteration: int, total_iters: int, epoch: 
 
 def save_progress(run, status: str) -> None:
     """progress.json of ``run`` (a mlcl.train.Run); main process only."""
-    if not run.acc.is_main_process:
-        return
     s = run.state
-    evaluated = [r["miou"] for r in s.history if "miou" in r]
-    epoch = min(s.iteration // run.iters_per_epoch + 1, run.epochs) if status == "running" \
-        else s.epoch
-    write_progress(run.out, iteration=s.iteration, total_iters=run.total_iters, epoch=epoch,
-                   epochs=run.epochs, miou=evaluated[-1] if evaluated else None,
-                   best_miou=s.best_miou if s.best_epoch >= 0 else None,
-                   elapsed_s=run.elapsed(), status=status)
+    running = min(s.iteration // run.iters_per_epoch + 1, run.epochs)
+    if run.acc.is_main_process:
+        write_progress(run.out, iteration=s.iteration, total_iters=run.total_iters,
+                       epoch=running if status == "running" else s.epoch, epochs=run.epochs,
+                       miou=([None] + [r["miou"] for r in s.history if "miou" in r])[-1],
+                       best_miou=s.best_miou if s.best_epoch >= 0 else None,
+                       elapsed_s=run.elapsed(), status=status)
 
 
-def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
-    """The content of metrics.json for ``run`` (a mlcl.train.Run) in ``status``."""
+def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
+    """metrics.json of ``run`` (a mlcl.train.Run) in ``status``; the main process writes it."""
     cfg, s, acc, names = run.cfg, run.state, run.acc, run.names
     evaluated = [r for r in s.history if "miou" in r]
     last = evaluated[-1] if evaluated else {}
     best = max(evaluated, key=lambda r: r["miou"]) if evaluated else {}
-    return {
-        "method": cfg.method,
-        "variant": cfg.mlcl.variant if cfg.method == "mlcl" else None,
-        "dataset": cfg.data.dataset,
-        "split": cfg.split,
-        "seed": cfg.seed,
-        "status": status,
-        "complete": status == "complete",
-        "error": error,
-        "best_miou": best.get("miou"),
-        "best_epoch": best.get("epoch"),
-        "last_miou": last.get("miou"),
-        "last_epoch": last.get("epoch"),
-        "class_names": names,
+    metrics = {
+        "method": cfg.method, "variant": cfg.mlcl.variant if cfg.method == "mlcl" else None,
+        "dataset": cfg.data.dataset, "split": cfg.split, "seed": cfg.seed, "status": status,
+        "complete": status == "complete", "error": error, "best_miou": best.get("miou"),
+        "best_epoch": best.get("epoch"), "last_miou": last.get("miou"),
+        "last_epoch": last.get("epoch"), "class_names": names,
         "best_iou": dict(zip(names, best.get("iou", []))),
         "last_iou": dict(zip(names, last.get("iou", []))),
-        "epochs": s.history,
-        "iterations": s.iteration,
-        "resumes": s.resumes,  # {"iteration", "changes"}: settings changed on resuming
-        "wall_time_s": run.elapsed(),
-        "num_processes": acc.num_processes,
+        # resumes: {"iteration", "changes"} per part whose settings changed on resuming
+        "epochs": s.history, "iterations": s.iteration, "resumes": s.resumes,
+        "wall_time_s": run.elapsed(), "num_processes": acc.num_processes,
         "device": str(acc.device),
         # the commit, or the list of them when resumed parts ran different checkouts
         "git_commit": s.git_commits[0] if len(s.git_commits) == 1 else (s.git_commits or None),
@@ -240,12 +189,6 @@ def build_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         # MLCL: every process must hold the same bank (largest difference at the last epoch)
         **({"bank_spread_across_processes": run.bank_spread} if run.bank is not None else {}),
     }
-
-
-def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
-    """metrics.json of ``run`` in ``status`` (main process writes; all return it)."""
-    metrics = build_metrics(run, status, error)
-    if run.acc.is_main_process:
+    if acc.is_main_process:
         atomic_write_json(run.out / "metrics.json", metrics)
     return metrics
-

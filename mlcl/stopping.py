@@ -1,16 +1,6 @@
-"""Stopping a run on purpose: pre-emption signals and the divergence guard.
-
-:class:`StopSignals`: the first SIGTERM / SIGINT is a request the loop honours after the
-current step (a checkpoint, then :class:`mlcl.errors.RunInterrupted`); a second one, a
-second or more later, exits at once (the previous complete checkpoint stays usable). With
-several processes the requests are shared where the loop synchronises anyway (the guard's
-read, every ``train.log_every`` steps and at the end of an epoch), so all stop at the same
-step (a checkpoint is collective) and no step waits for the host.
-
-:class:`NonFiniteGuard` watches every step's loss terms and gradient norm on the device; the
-loop reads it (one gather, which also carries the stop requests) at those same points and
-raises :class:`mlcl.errors.RunDiverged` naming the first bad iteration and terms.
-"""
+"""Stopping a run on purpose (docs/clusters.md): :class:`StopSignals` (SIGTERM / SIGINT) and
+:class:`NonFiniteGuard` (the divergence guard), read together in one gather every
+``train.log_every`` steps and at an epoch's end, so that all processes stop at one step."""
 from __future__ import annotations
 
 import contextlib
@@ -23,34 +13,30 @@ import time
 import torch
 from torch import Tensor
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# A scheduler that signals every process of a job while `accelerate launch` forwards its own
-# copy delivers one notice twice within milliseconds; only a signal this much later is a
-# second request (a second Ctrl-C).
+# A scheduler and `accelerate launch` deliver one notice twice within milliseconds; only a
+# signal this much later is a second request (a second Ctrl-C).
 REPEAT_AFTER_S = 1.0
 
 
 class StopSignals:
-    """Context manager: SIGINT / SIGTERM handlers for the training loop (main thread only;
-    elsewhere, e.g. a notebook's worker thread, signals keep their previous handling)."""
+    """Context manager: SIGINT / SIGTERM handlers for the loop (main thread only, else signals
+    keep their handling); ``on_abort()`` runs before an exit at once."""
 
     def __init__(self, accelerator, on_abort=None):
-        self.acc, self.on_abort = accelerator, on_abort  # on_abort(): before an exit at once
+        self.acc, self.on_abort = accelerator, on_abort
         self.signum: int | None = None
-        self.first_at = 0.0
-        self.previous: dict[int, object] = {}
+        self.first_at, self.previous = 0.0, {}
         self.seen_shared = False  # several processes: a request was seen by a shared read
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        self.previous.clear()
 
     def handle(self, signum: int, _frame) -> None:
         """The signal handler: record the first request; exit at once on a later one."""
@@ -76,16 +62,12 @@ class StopSignals:
         return self.signum is not None
 
     def record_shared_read(self, any_process: bool) -> None:
-        """Note the result of a shared read of the requests (``any_process``: whether some
-        process had one); every process must see the same value."""
+        """Note whether a shared read (the same on every process) saw a request anywhere."""
         self.seen_shared = self.seen_shared or any_process
 
     def poll(self) -> bool:
-        """Whether every process should stop here: its own request (one process), or whether
-        a shared read saw one (several: all stop at the same step). No device work."""
-        if self.acc.num_processes == 1:
-            return self.requested()
-        return self.seen_shared
+        """Whether to stop here: this process's request, or with several one a shared read saw."""
+        return self.requested() if self.acc.num_processes == 1 else self.seen_shared
 
     def exit_signal(self) -> int:
         """The signal to report (SIGTERM when another process received it)."""
@@ -117,9 +99,8 @@ class NonFiniteGuard:
 
     def read(self, accelerator, stop_requested: bool = False
              ) -> tuple[tuple[int, list[str]] | None, bool]:
-        """((iteration index, names of the non-finite terms) of the first bad step on any
-        process, or None; whether any process had ``stop_requested``): one gather and one
-        host synchronisation for both; every process must call it together."""
+        """((iteration, names of the non-finite terms) of the first bad step on any process or
+        None, whether any process had ``stop_requested``): one gather, on every process."""
         device = self.first_iter.device
         row = torch.cat([torch.full((1,), int(stop_requested), device=device),
                          self.first_iter.view(1)]

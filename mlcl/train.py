@@ -1,20 +1,6 @@
-"""fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one CPU
-process, one GPU, or several through `accelerate launch`).
-
-    fit(cfg)
-      setup            output_dir checks, accelerator, data, model, optimiser, resume
-      train_epoch      the steps of an epoch: lr, forward (STEPS[cfg.method]), backward,
-                       divergence guard, optimiser; every log_every steps: guard, log,
-                       progress; a stop request or checkpoint_every: a checkpoint
-      end_of_epoch     evaluate, best.pt / last.pt, checkpoint, metrics.json
-      finish           trackers closed, the metrics returned
-
-The step itself is mlcl.engine's. ``output_dir`` receives config.yaml, metrics.json and
-progress.json (mlcl.outputs), checkpoints/ (mlcl.checkpoints), best.pt / last.pt and
-tensorboard/. The same command again resumes exactly where a run stopped: data order and
-augmentation are pure functions of (seed, epoch, sample) (mlcl.loaders), and the checkpoint
-holds model, optimiser, bank, RNG states and the sums of the epoch in progress. SIGTERM /
-SIGINT checkpoint and exit; a non-finite loss or gradient stops without saving (mlcl.stopping).
+"""fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one or
+several processes): setup, then per epoch train_epoch (the step: mlcl.engine) and
+end_of_epoch, then finish. Resuming, stopping and output_dir's files: docs/clusters.md.
 """
 from __future__ import annotations
 
@@ -44,13 +30,12 @@ from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.outputs import (RESULT_FILES, RUN_FILES, check_free_space, check_output_place,
-                          git_commit, read_metrics, remove_fresh_output, run_bytes, run_changes,
+                          git_commit, read_metrics, remove_fresh_output, run_changes,
                           save_progress, saved_config, write_metrics)
 from mlcl.errors import RunDiverged, RunInterrupted, RunStopped
 from mlcl.stopping import NonFiniteGuard, StopSignals
 
 
-# --------------------------------------------------------------------------- the run
 @dataclass
 class Run:
     """Everything a training run holds, built by :func:`setup`."""
@@ -68,9 +53,9 @@ class Run:
     total_iters: int
     epochs: int
     created_out: bool
-    ctx: StepContext | None = None  # the next three: filled in by setup
-    ckpt: Checkpoints | None = None
-    guard: NonFiniteGuard | None = None
+    ctx: StepContext
+    ckpt: Checkpoints
+    guard: NonFiniteGuard
     state: TrainerState = field(default_factory=TrainerState)
     sums: EpochSums = field(default_factory=EpochSums)
     last_checkpoint: Path | None = None
@@ -94,47 +79,50 @@ def fit(cfg: Config) -> dict[str, Any]:
     return finish(run)
 
 
-# --------------------------------------------------------------------------- set-up
 def setup(cfg: Config) -> Run:
-    """Everything before the first step; bad input fails here, in one line, before
-    output_dir is created or changed."""
+    """Everything before the first step; bad input fails here, before output_dir changes."""
     out = Path(cfg.output_dir)
     created = not out.exists()
     check_output_place(out)
     acc = make_accelerator(cfg, project_dir=out)
     set_seed(cfg.seed, device_specific=True)
     reconcile_classes(cfg, acc.print)  # the data's classes.txt gives the classes
-    check_same_run(out, cfg)  # output_dir holds nothing, or this run
+    check_same_run(out, cfg)
     sets, plain_loaders = training_data(cfg, acc)
     model, optimizer, bank = build_trainables(cfg, acc)
-    check_free_space(out, run_bytes(acc.unwrap_model(model), cfg.train.optimizer))
+    check_free_space(out, acc.unwrap_model(model), cfg.train.optimizer)
     loaders = prepare_loaders(plain_loaders, acc)
     ipe, total, epochs = schedule(cfg, loaders)
     if cfg.train.compile:
         model = torch.compile(model)
+    ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total, iters_per_epoch=ipe)
     run = Run(cfg=cfg, acc=acc, out=out, model=model, optimizer=optimizer, bank=bank,
               loaders=loaders, val_set=sets["val"], names=class_names(cfg), iters_per_epoch=ipe,
-              total_iters=total, epochs=epochs, created_out=created)
-    run.ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total,
-                          iters_per_epoch=ipe)
-    run.ckpt, run.guard = Checkpoints(out, acc, model), NonFiniteGuard(acc.device)
+              total_iters=total, epochs=epochs, created_out=created, ctx=ctx,
+              ckpt=Checkpoints(out, acc, model), guard=NonFiniteGuard(acc.device))
     resume(run)
-    note_commit(run)
-    open_output(run)
+    commit = [git_commit() if acc.is_main_process else None]  # the main process's, shared
+    commit = broadcast_object_list(commit) if acc.num_processes > 1 else commit
+    if commit[0] not in run.state.git_commits[-1:]:  # a new part on another checkout
+        run.state.git_commits.append(commit[0])
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    acc.init_trackers("tensorboard")
+    save_progress(run, "running")
     return run
 
 
 def training_data(cfg: Config, acc: Accelerator) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(datasets, their unprepared training loaders), after the pre-flight of the sets the
-    run reads (a supervised run counts its epoch in unlabeled images but never reads them)."""
+    """(datasets, their unprepared training loaders), after the pre-flight of the sets read."""
     sets = build_datasets(cfg, with_unlabeled=bool(cfg.data.unlabeled_split))
     if cfg.method != "supervised" and "unlabeled" not in sets:
         raise ConfigError(f"config key 'data.unlabeled_split': method={cfg.method} needs "
                           "an unlabeled split")
     loaders = train_loaders(sets, cfg)
-    read = [loader.dataset for loader in loaders.values()]
-    preflight.check(cfg, {k: ds for k, ds in sets.items()
-                          if k == "val" or any(ds is r for r in read)}, acc)  # before step 1
+    read = {id(loader.dataset) for loader in loaders.values()}
+    preflight.check(cfg, {k: ds for k, ds in sets.items() if k == "val" or id(ds) in read}, acc)
     return sets, loaders
 
 
@@ -156,25 +144,21 @@ def build_trainables(cfg: Config, acc: Accelerator):
 
 
 def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
-    """(iterations per epoch, total iterations, epochs), per process. An epoch is one pass
-    over the unlabeled set for every method, so all take the same number of steps."""
+    """(iterations per epoch, total iterations, epochs), per process; every method's epoch
+    is one pass over the unlabeled set (the labeled set repeats to its length)."""
     ipe = min(len(v) for v in loaders.values())
     if ipe == 0:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
                           "is larger than the training set's share of a process")
-    total = cfg.train.epochs * ipe
-    if cfg.train.max_iters > 0:
-        total = min(total, cfg.train.max_iters)
+    total = min(cfg.train.epochs * ipe, cfg.train.max_iters or cfg.train.epochs * ipe)
     return ipe, total, math.ceil(total / ipe)
 
 
 def resume(run: Run) -> None:
-    """Load output_dir's checkpoint, if any, after :func:`check_continuation`; a longer
-    schedule (GROWABLE settings raised since) is recorded in ``run.state.resumes``."""
+    """Load output_dir's checkpoint, if any; a longer schedule goes to run.state.resumes."""
     path = run.ckpt.resume_point()
     if path is not None:
-        # the optimiser's settings (e.g. lr) come from the configuration given now, its
-        # state (momenta) from the checkpoint
+        # optimiser settings (lr, ...) from the configuration given now, its state from path
         settings = [{k: v for k, v in g.items() if k != "params"}
                     for g in run.optimizer.param_groups]
         run.state = run.ckpt.load(path, run.iters_per_epoch)
@@ -184,8 +168,7 @@ def resume(run: Run) -> None:
         run.started = time.time() - run.state.wall_time_s
         run.last_checkpoint = path
     now = schedule_settings(run.cfg)
-    before = run.state.settings or saved_config(run.out) or {}
-    changes = config_changes(before, now, ignore=())
+    changes = config_changes(run.state.settings or saved_config(run.out) or {}, now, ignore=())
     check_continuation(run, path, changes)
     run.state.iters_per_epoch, run.state.settings = run.iters_per_epoch, now
     if path is None:
@@ -197,8 +180,7 @@ def resume(run: Run) -> None:
 
 
 def check_same_run(out: Path, cfg: Config) -> None:
-    """Refuse, before any work, an output_dir holding another run (mlcl.outputs.run_changes
-    between its config.yaml and ``cfg``), or a run's files (RUN_FILES) but no config.yaml."""
+    """Refuse an output_dir holding another run (run_changes), or a run's files but no config."""
     saved = saved_config(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if saved is None and found:
@@ -212,11 +194,8 @@ def check_same_run(out: Path, cfg: Config) -> None:
 
 
 def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
-    """What resuming needs beyond :func:`check_same_run`, given the checkpoint ``path`` (None:
-    none) and ``changes``, the longer schedule asked since. Refused: results without a
-    checkpoint under a longer schedule (another run over them); a checkpoint past the
-    schedule; one whose last epoch train.max_iters ended early when more steps are asked;
-    a complete run whose longer schedule adds no step (config.yaml would claim its result)."""
+    """Refuse results without checkpoint ``path`` under a longer schedule (``changes``), a
+    checkpoint past the schedule or ended mid-epoch, a complete run the schedule cannot grow."""
     it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
     left = [name for name in RESULT_FILES if (run.out / name).exists()]
     if path is None and left and changes:
@@ -239,27 +218,6 @@ def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
                           "or raise train.epochs / train.max_iters to continue it")
 
 
-def note_commit(run: Run) -> None:
-    """Append the checkout's commit (read by the main process, shared) to
-    ``run.state.git_commits`` unless the part before ran the same one."""
-    found = [git_commit() if run.acc.is_main_process else None]
-    if run.acc.num_processes > 1:
-        found = broadcast_object_list(found)
-    if found[0] not in run.state.git_commits[-1:]:
-        run.state.git_commits.append(found[0])
-
-
-def open_output(run: Run) -> None:
-    """Create output_dir, write config.yaml and progress.json, start the tracker."""
-    if run.acc.is_main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
-        save_config(run.cfg, run.out / "config.yaml")
-    run.acc.wait_for_everyone()
-    run.acc.init_trackers("tensorboard")
-    save_progress(run, "running")
-
-
-# --------------------------------------------------------------------------- one epoch
 def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     """The steps of ``epoch`` from where the run stands (mid-epoch after a resume)."""
     done = run.state.iteration - epoch * run.iters_per_epoch
@@ -275,8 +233,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
 
 
 def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
-    """One optimiser step on ``batch`` ({'x', 'u', 'mix'?}); returns its loss terms ('loss'
-    and the method's named terms, 0-d tensors), also added to the epoch's sums."""
+    """One optimiser step on ``batch`` ({'x', 'u', 'mix'?}); its loss terms (0-d tensors)."""
     ctx, t = run.ctx, run.cfg.train
     ctx.iteration, ctx.epoch = run.state.iteration, epoch
     poly_lr(run.optimizer, ctx.iteration, run.total_iters, t.poly_power, t.lr_lag)
@@ -288,50 +245,50 @@ def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.T
 
 
 def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
-    """Every log_every steps: guard and stop requests (one host sync), logs, progress.json;
-    then a stop request or a mid-epoch checkpoint (end_of_epoch writes the epoch's)."""
+    """Every log_every steps: guard and stop requests (one host sync), the scalar terms and
+    lr to the tracker, progress.json; then a stop request or a mid-epoch checkpoint."""
     it, t = run.state.iteration, run.cfg.train
     if it % t.log_every == 0:
         check_finite(run, stop)
-        log_step(run, terms, bar)
+        values = {f"train/{k}": float(v.detach()) for k, v in terms.items()
+                  if torch.is_tensor(v) and v.dim() == 0}
+        run.acc.log({**values, "train/lr": run.optimizer.param_groups[0]["lr"]}, step=it)
+        if "loss" in run.sums.values:  # the epoch's running mean (bar.n: its steps so far)
+            bar.set_postfix(loss=f"{float(run.sums.values['loss']) / max(bar.n, 1):.3f}")
         save_progress(run, "running")
     if stop.poll():
         interrupt(run, stop)
-    epoch_end = it % run.iters_per_epoch == 0 or it == run.total_iters
+    epoch_end = it % run.iters_per_epoch == 0 or it == run.total_iters  # end_of_epoch saves
     if t.checkpoint_every and it % t.checkpoint_every == 0 and not epoch_end:
         save_checkpoint(run)
 
 
-def log_step(run: Run, terms: dict[str, Any], bar) -> None:
-    """The step's scalar terms and lr to the tracker (``train/<name>``); the epoch's running
-    mean loss on the bar."""
-    values = {f"train/{k}": float(v.detach()) for k, v in terms.items()
-              if torch.is_tensor(v) and v.dim() == 0}
-    values["train/lr"] = run.optimizer.param_groups[0]["lr"]
-    run.acc.log(values, step=run.state.iteration)
-    if "loss" in run.sums.values:  # the epoch's running mean (bar.n: its steps so far)
-        bar.set_postfix(loss=f"{float(run.sums.values['loss']) / max(bar.n, 1):.3f}")
-
-
-# --------------------------------------------------------------------------- end of epoch
 def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
-    """Evaluate (every eval_every epochs and at the end), keep the weights, checkpoint,
-    write metrics.json and progress.json."""
+    """Evaluate (every eval_every epochs and at the end; best.pt when best so far, last.pt),
+    checkpoint, write metrics.json and progress.json."""
     check_finite(run, stop)
     if stop.poll():  # before a possibly long evaluation
         interrupt(run, stop)
-    s = run.state
-    record = {"epoch": epoch + 1, "iteration": s.iteration,
-              **run.sums.means(run.acc, run.steps_in(epoch))}
-    if epoch + 1 == run.epochs or (epoch + 1) % run.cfg.train.eval_every == 0:
-        evaluate_and_keep(run, record, epoch + 1)
+    s, acc, done = run.state, run.acc, epoch + 1
+    record = {"epoch": done, "iteration": s.iteration, **run.sums.means(acc, run.steps_in(epoch))}
+    if done == run.epochs or done % run.cfg.train.eval_every == 0:
+        result = evaluate(run.model, run.val_set, run.cfg, acc)
+        record["miou"], record["iou"] = result["miou"], result["iou"]
+        acc.print(f"epoch {done}/{run.epochs}: loss {record.get('loss', 0):.4f} "
+                  f"mIoU {result['miou']:.2f}")
+        kept = ["last.pt"]
+        if result["miou"] > s.best_miou:
+            s.best_miou, s.best_epoch = result["miou"], done
+            kept.insert(0, "best.pt")
+        net = acc.unwrap_model(run.model, keep_torch_compile=False)  # keys without _orig_mod.
+        for name in kept if acc.is_main_process else []:
+            save_weights(run.out / name, net, run.cfg, run.names, done, result["miou"], run.bank)
     s.history.append(record)
-    s.epoch = epoch + 1
+    s.epoch = done
     run.sums = EpochSums()
-    run.acc.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)},
-                step=s.iteration)
+    acc.log({f"epoch/{k}": v for k, v in record.items() if isinstance(v, float)}, step=s.iteration)
     if run.bank is not None:  # every process must hold the same bank; record the spread
-        banks = run.acc.gather(run.bank.protos.unsqueeze(0))
+        banks = acc.gather(run.bank.protos.unsqueeze(0))
         run.bank_spread = float((banks - banks[:1]).abs().max())
     save_checkpoint(run)
     status = "complete" if s.iteration >= run.total_iters else "running"
@@ -339,25 +296,6 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     save_progress(run, status)
 
 
-def evaluate_and_keep(run: Run, record: dict[str, Any], epoch: int) -> None:
-    """Validation mIoU into ``record``; best.pt when best so far, last.pt always."""
-    s, acc = run.state, run.acc
-    result = evaluate(run.model, run.val_set, run.cfg, acc)
-    record["miou"], record["iou"] = result["miou"], result["iou"]
-    acc.print(f"epoch {epoch}/{run.epochs}: loss {record.get('loss', 0):.4f} "
-              f"mIoU {result['miou']:.2f}")
-    net = acc.unwrap_model(run.model, keep_torch_compile=False)  # keys without _orig_mod.
-    if result["miou"] > s.best_miou:
-        s.best_miou, s.best_epoch = result["miou"], epoch
-        if acc.is_main_process:
-            save_weights(run.out / "best.pt", net, run.cfg, run.names, epoch, result["miou"],
-                         run.bank)
-    if acc.is_main_process:
-        save_weights(run.out / "last.pt", net, run.cfg, run.names, epoch, result["miou"],
-                     run.bank)
-
-
-# --------------------------------------------------------------------------- stopping
 def save_checkpoint(run: Run) -> Path:
     """A checkpoint of the run as it stands (after the guard: nothing non-finite is saved)."""
     check_finite(run)
@@ -369,8 +307,7 @@ def save_checkpoint(run: Run) -> Path:
 
 def check_finite(run: Run, stop: StopSignals | None = None) -> None:
     """Raise RunDiverged if a step had a non-finite loss term or gradient norm; with ``stop``,
-    also share the stop requests. The loop's one host synchronisation (every log_every
-    steps, at an epoch's end, before saving), called by every process at the same points."""
+    also share the stop requests. The loop's one host sync, on every process together."""
     bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.requested())
     if stop is not None:
         stop.record_shared_read(stop_requested)
@@ -388,16 +325,16 @@ def check_finite(run: Run, stop: StopSignals | None = None) -> None:
 def interrupt(run: Run, stop: StopSignals) -> None:
     """Checkpoint, then raise RunInterrupted (exit status 128 + the signal received)."""
     path = save_checkpoint(run)
-    name = signal.Signals(stop.exit_signal()).name
     raise RunInterrupted(
-        f"{name}: stopped at iteration {run.state.iteration} of {run.total_iters}; checkpoint "
-        f"{path}; run the same command again to resume", stop.exit_signal())
+        f"{signal.Signals(stop.exit_signal()).name}: stopped at iteration {run.state.iteration} "
+        f"of {run.total_iters}; checkpoint {path}; run the same command again to resume",
+        stop.exit_signal())
 
 
 @contextlib.contextmanager
 def stop_status(run: Run) -> Iterator[None]:
-    """Record why a run stopped early in metrics.json / progress.json, or remove the
-    output_dir it created when it failed before its first checkpoint."""
+    """Record why a run stopped early (metrics.json, progress.json), or remove the output_dir
+    it created when it failed before its first checkpoint."""
     try:
         yield
     except BaseException as e:
@@ -415,8 +352,8 @@ def stop_status(run: Run) -> Iterator[None]:
 
 
 def leave_at_once(run: Run) -> None:
-    """Before the exit at once of a second stop signal: progress.json says so, or the
-    output_dir this run created goes when it holds no checkpoint yet."""
+    """Before a second stop signal's exit: progress.json says so, or the output_dir this run
+    created goes when it holds no checkpoint yet."""
     if run.acc.is_main_process and not (run.created_out and
                                         remove_fresh_output(run.out, run.ckpt.root)):
         save_progress(run, "interrupted")
@@ -431,4 +368,3 @@ def finish(run: Run) -> dict[str, Any]:
     run.acc.wait_for_everyone()
     run.acc.end_training()
     return metrics
-

@@ -1,23 +1,11 @@
 """Data: split files, datasets (labeled / unlabeled / val), class names and colours, the
-data pre-flight.
-
-    from mlcl.data import build_datasets
-    sets = build_datasets(cfg, with_unlabeled=cfg.method != "supervised")
-
-The names below are imported on first use (as ``mlcl.build_model`` is), so that the modules
-without torch (splits, classes, palette) load without it: data preparation, the
-grid's checks and the figures use them.
-"""
+data pre-flight. The names below load on first use, so that the torch-free modules
+(splits, classes, palette) serve data preparation and the figures without torch."""
 import importlib
 
-_LAZY = {
-    "mlcl.data.classes": ("check_classes", "class_names", "default_class_names",
-                          "reconcile_classes"),
-    "mlcl.data.datasets": ("LabeledDataset", "UnlabeledDataset", "ValDataset", "build_datasets",
-                           "load_image", "load_mask"),
-    "mlcl.data.splits": ("DataError", "Sample", "check_root", "read_split"),
-}
-_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+_WHERE = {"class_names": "mlcl.data.classes", "DataError": "mlcl.data.splits",
+          "read_split": "mlcl.data.splits", **{name: "mlcl.data.datasets" for name in (
+              "LabeledDataset", "UnlabeledDataset", "ValDataset", "build_datasets")}}
 __all__ = list(_WHERE)
 
 

@@ -1,11 +1,5 @@
 """The data decides the classes: a dataset's ``classes.txt`` (one name a line, index order)
-gives the class names and count when present; a preset's ``data.num_classes`` /
-``data.class_names`` are defaults for data without one; an override that disagrees with the
-data is an error, and so is a checkpoint trained for another class count.
-
-    reconcile_classes(cfg)                      # training: cfg takes the data's classes
-    check_classes(cfg, "checkpoint runs/x/best.pt", 7, use_data=True)   # evaluation
-"""
+gives the class names and count; a preset's are defaults for data without one."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,10 +13,8 @@ CLASSES_FILE = "classes.txt"
 
 def data_classes(root: str | Path) -> Optional[tuple[Path, list[str]]]:
     """(path, names) of ``root/classes.txt`` (blank lines skipped), or None without one."""
-    if not str(root).strip():
-        return None
     path = Path(root).expanduser() / CLASSES_FILE
-    if not path.is_file():
+    if not str(root).strip() or not path.is_file():
         return None
     names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
     if len(names) < 2:
@@ -49,22 +41,21 @@ def class_names(cfg: Config) -> list[str]:
 
 
 def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config:
-    """Give ``cfg`` the data's class count and names (in place; returns it). An override of
-    ``data.num_classes`` or ``data.class_names`` that disagrees with the data is a
-    ConfigError naming both; a preset value that disagrees is replaced (with a note)."""
+    """Give ``cfg`` the data's class count and names (in place; returns it): an override that
+    disagrees is a ConfigError naming both, a preset value is replaced (with a note)."""
     found = data_classes(cfg.data.root)
     if found is None:
         return cfg
     path, names = found
     d, pinned = cfg.data, overridden_keys(cfg)
-    if "data.num_classes" in pinned and d.num_classes != len(names):
-        raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, config "
-                          f"key 'data.num_classes' is {d.num_classes}: drop the override or "
-                          f"point data.root at the data you mean")
-    if "data.class_names" in pinned and d.class_names and len(d.class_names) != len(names):
-        raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, config "
-                          f"key 'data.class_names' has {len(d.class_names)}")
     keep_names = "data.class_names" in pinned and d.class_names
+    given = {"data.num_classes": ("is", d.num_classes),
+             "data.class_names": ("has", len(d.class_names or names))}
+    for key, (verb, count) in given.items():
+        if key in pinned and count != len(names):
+            raise ConfigError(f"classes disagree: data {path} lists {len(names)} classes, "
+                              f"config key '{key}' {verb} {count}: drop the override or point "
+                              "data.root at the data you mean")
     if d.num_classes != len(names):
         log(f"note: {len(names)} classes from {path} (the preset's data.num_classes was "
             f"{d.num_classes})")
@@ -75,12 +66,10 @@ def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config
 
 
 def check_classes(cfg: Config, source: str, count: int, use_data: bool = True) -> None:
-    """Raise a ConfigError naming all three values when the data's class count (its
-    classes.txt; with ``use_data``), the config's ``data.num_classes`` and ``count`` (what
-    ``source``, e.g. "checkpoint runs/x/best.pt", predicts) are not all equal."""
+    """A ConfigError naming all three unless the data's class count (with ``use_data``), the
+    config's ``data.num_classes`` and ``count`` (what ``source`` predicts) are equal."""
     found = data_classes(cfg.data.root) if use_data else None
-    values = {cfg.data.num_classes, count} | ({len(found[1])} if found else set())
-    if len(values) == 1:
+    if len({cfg.data.num_classes, count} | ({len(found[1])} if found else set())) == 1:
         return
     data = (f"data {found[0]} lists {len(found[1])}" if found else
             f"data {cfg.data.root or '(no data.root)'} has no {CLASSES_FILE}" if use_data

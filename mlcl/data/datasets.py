@@ -1,15 +1,7 @@
 """Datasets in UniMatch's vocabulary: ``x``/``y`` labeled, ``w``/``s1``/``s2`` the weak and
-strong views of an unlabeled image ``u``, ``ignore`` its padding, ``box1``/``box2`` the CutMix
-boxes that paste a partner's strong view into s1 / s2.
-
-    sets = build_datasets(cfg, with_unlabeled=True)
-    sets["labeled"][0]    # {'x': (3,S,S) float, 'y': (S,S) long, 'id'}
-    sets["unlabeled"][0]  # {'w','s1','s2': (3,S,S) float, 'ignore': (S,S) long,
-                          #  'box1','box2': (S,S) bool, 'id'}
-    sets["val"][0]        # {'x': (3,H,W) float, whole image, 'y': (H,W) long, 'id'}
-
-Bad files fail with a one-line :class:`DataError` naming the file: an unreadable image, a
-mask of another size than its image, a mask value that is neither a class nor ignore.
+strong views of an unlabeled image, ``ignore`` its padding, ``box1``/``box2`` the CutMix boxes
+that paste a partner's strong view into s1 / s2 (shapes: mlcl.augment). Bad files fail with
+a one-line :class:`DataError` naming the file.
 """
 from __future__ import annotations
 
@@ -27,22 +19,20 @@ from mlcl.config import Config
 from mlcl.data.splits import DataError, Sample, check_root, read_split
 
 
-# --------------------------------------------------------------------------- file reading
 def load_image(path: Path) -> Image.Image:
     """An RGB PIL image, or a DataError naming the file."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so that a truncated file fails here
             return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is OSError
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 
 
 def load_mask(path: Path, num_classes: int, ignore_index: int,
               image: tuple[Path, tuple[int, int]] | None = None) -> np.ndarray:
-    """A mask as class indices (H, W) uint8. Palette (P) PNGs give their indices, grayscale
-    (L) ones their values; any value other than 0..num_classes-1 and ignore is an error, and
-    so is a size other than ``image``'s (its path, (width, height)) when given."""
+    """A (palette or grayscale) mask as class indices (H, W) uint8; a DataError for a value
+    not 0..num_classes-1 or ignore, or a size not ``image``'s ((path, (width, height)))."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -65,32 +55,23 @@ def load_mask(path: Path, num_classes: int, ignore_index: int,
 
 
 def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
-    """The RGB image and its (H, W) uint8 mask, checked against each other (same size) and
-    the config (values); a DataError naming the file otherwise."""
+    """The RGB image and its (H, W) uint8 mask, checked (size, values) by :func:`load_mask`."""
     image = load_image(sample.image)
-    if sample.mask is None:
-        raise DataError(f"sample {sample.id} ({sample.image}) has no mask")
-    mask = load_mask(sample.mask, cfg.data.num_classes, cfg.data.ignore_index,
-                     (sample.image, image.size))
-    return image, mask
+    return image, load_mask(sample.mask, cfg.data.num_classes, cfg.data.ignore_index,
+                            (sample.image, image.size))
 
 
-# --------------------------------------------------------------------------- datasets
 def index_and_rng(key: int | tuple[int, int]) -> tuple[int, Any]:
     """A sample key -> (index, source of the augmentation draws): a training sampler's
-    ``(index, draw_seed)`` gives ``random.Random(draw_seed)``, so the views are a pure
-    function of the key (mlcl.loaders); a plain index draws from the ``random`` module."""
-    if isinstance(key, tuple):
-        return key[0], random.Random(key[1])
-    return key, random
+    ``(index, draw_seed)`` gives ``random.Random(draw_seed)``; a plain index ``random``."""
+    return (key[0], random.Random(key[1])) if isinstance(key, tuple) else (key, random)
 
 
 class _SplitDataset(Dataset):
     require_mask = True
 
     def __init__(self, cfg: Config, split_file: str | Path):
-        self.cfg = cfg
-        self.split_file = Path(split_file)
+        self.cfg, self.split_file = cfg, Path(split_file)
         self.samples = read_split(self.split_file, cfg.data.root, cfg.data.layout,
                                   require_mask=self.require_mask)
 
@@ -99,8 +80,7 @@ class _SplitDataset(Dataset):
 
 
 class LabeledDataset(_SplitDataset):
-    """Labeled crops ``{'x', 'y', 'id'}``; with ``nsample`` the list is repeated up to that
-    length (UniMatch repeats the labeled set to the unlabeled set's length)."""
+    """Labeled crops ``{'x', 'y', 'id'}``, the list repeated up to ``nsample`` (UniMatch's)."""
 
     def __init__(self, cfg: Config, split_file: str | Path, nsample: int | None = None):
         super().__init__(cfg, split_file)
@@ -109,10 +89,9 @@ class LabeledDataset(_SplitDataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i, rng = index_and_rng(key)
-        s = self.samples[i]
-        image, mask = load_pair(s, self.cfg)
-        x, y = augment.labeled_views(image, mask, self.cfg.data.crop_size, self.cfg.data.aug,
-                                     self.cfg.data.ignore_index, rng)
+        d, s = self.cfg.data, self.samples[i]
+        x, y = augment.labeled_views(*load_pair(s, self.cfg), d.crop_size, d.aug,
+                                     d.ignore_index, rng)
         return {"x": x, "y": y, "id": s.id}
 
 
@@ -123,10 +102,9 @@ class UnlabeledDataset(_SplitDataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i, rng = index_and_rng(key)
-        s = self.samples[i]
-        views = augment.unlabeled_views(load_image(s.image), self.cfg.data.crop_size,
-                                        self.cfg.data.aug, self.cfg.data.ignore_index, rng)
-        return {**views, "id": s.id}
+        d, s = self.cfg.data, self.samples[i]
+        return {**augment.unlabeled_views(load_image(s.image), d.crop_size, d.aug,
+                                          d.ignore_index, rng), "id": s.id}
 
 
 class ValDataset(_SplitDataset):
@@ -139,15 +117,10 @@ class ValDataset(_SplitDataset):
 
 
 def build_datasets(cfg: Config, with_unlabeled: bool) -> dict[str, Dataset]:
-    """'labeled', 'val' and (with_unlabeled) 'unlabeled'; the labeled set is repeated to the
-    unlabeled set's length when there is one."""
+    """'labeled' (repeated to the unlabeled set's length), 'unlabeled' (optional), 'val'."""
     check_root(cfg.data.root, cfg.data.dataset)
-    out: dict[str, Dataset] = {}
-    nsample = None
-    if with_unlabeled:
-        out["unlabeled"] = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split"))
-        nsample = len(out["unlabeled"])
-    out["labeled"] = LabeledDataset(cfg, cfg.split_path("labeled_split"), nsample)
-    out["val"] = ValDataset(cfg, cfg.split_path("val_split"))
-    return {k: out[k] for k in ("labeled", "unlabeled", "val") if k in out}
-
+    u = UnlabeledDataset(cfg, cfg.split_path("unlabeled_split")) if with_unlabeled else None
+    sets = {"labeled": LabeledDataset(cfg, cfg.split_path("labeled_split"),
+                                      None if u is None else len(u))}
+    return {**sets, **({"unlabeled": u} if u is not None else {}),
+            "val": ValDataset(cfg, cfg.split_path("val_split"))}

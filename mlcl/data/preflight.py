@@ -1,16 +1,9 @@
-"""Pre-flight: before the first training step every file the run will read is opened once,
-so a bad file fails the run in seconds instead of after an epoch.
-
-    preflight.check(cfg, sets, accelerator)   # sets = build_datasets(cfg, ...)
-
-Per sample: the image decodes in full; for labeled and val samples the mask decodes, has the
-image's size and holds only 0..K-1 and the ignore index. The run stops with one line naming
-the first problem and how many there are (the same line on every process, each checking its
-share). Samples that passed are cached (``paths.cache_dir()/preflight``, keyed by each
-file's path, size and mtime, K and the ignore index), so no run on the same data pays twice.
-"""
+"""Pre-flight (docs/bad_input.md): before the first training step every file the run will
+read is opened once, so a bad file fails the run in seconds, in one line; samples that
+passed are cached (``paths.cache_dir()/preflight``)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,25 +24,19 @@ from mlcl.files import atomic_write_json
 Item = tuple[Path, Optional[Path]]  # (image, mask or None when the mask is not read)
 
 
-def decode_image(path: Path) -> tuple[int, int]:
-    """(width, height) of ``path``, decoded in full (JPEGs at reduced scale, every byte still
-    read); a DataError naming the file when it cannot be."""
+def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]:
+    """The problem with one sample, or None: its image decodes in full (JPEGs at reduced
+    scale, every byte still read), its mask passes :func:`load_mask`."""
+    image, mask = item
     try:
-        with Image.open(path) as im:
+        with Image.open(image) as im:
             size = im.size
             if im.format == "JPEG":
                 im.draft("RGB", (max(size[0] // 8, 1), max(size[1] // 8, 1)))
             im.load()
-            return size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
-
-
-def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]:
-    """The problem with one sample (None when fine)."""
-    image, mask = item
+        return f"cannot read image {image}: {e}"
     try:
-        size = decode_image(image)
         if mask is not None:
             load_mask(mask, num_classes, ignore_index, (image, size))
     except DataError as e:
@@ -57,100 +44,69 @@ def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]
     return None
 
 
-def items_of(sets: dict) -> list[Item]:
-    """The distinct (image, mask) pairs the sets read; masks of unlabeled samples are not."""
-    items: dict[Item, None] = {}
-    for name, ds in sets.items():
-        for s in ds.samples:
-            items[(s.image, None if name == "unlabeled" else s.mask)] = None
-    return list(items)
+def cache_file(root: str | Path) -> Path:
+    """Where the keys of a data root's samples that passed are kept (a JSON file)."""
+    digest = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()
+    return paths.cache_dir() / "preflight" / f"{digest[:16]}.json"
 
 
-class Cache:
-    """Keys of the samples that passed, one JSON file per data root."""
-
-    def __init__(self, root: str | Path, num_classes: int, ignore_index: int):
-        digest = hashlib.sha1(str(Path(root).expanduser().resolve()).encode()).hexdigest()
-        self.path = paths.cache_dir() / "preflight" / f"{digest[:16]}.json"
-        self.tag = f"{num_classes}|{ignore_index}"
-        self.keys = self._read()
-
-    def _read(self) -> set[str]:
-        try:
-            return set(json.loads(self.path.read_text())["passed"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return set()
-
-    def key(self, item: Item) -> str:
-        """K, the ignore index, each file's path, size and mtime (an OSError when it has gone)."""
-        parts = [self.tag]
-        for p in item:
-            if p is not None:
-                st = p.stat()
-                parts.append(f"{p}|{st.st_size}|{st.st_mtime_ns}")
-        return "\n".join(parts)
-
-    def save(self, passed: list[str]) -> None:
-        """Add ``passed`` (merged with other processes' writes); failing only costs time."""
-        if not passed:
-            return
-        try:
-            atomic_write_json(self.path, {"passed": sorted(self._read() | self.keys
-                                                           | set(passed))})
-        except OSError:
-            pass
+def cached(path: Path) -> set[str]:
+    try:
+        return set(json.loads(path.read_text())["passed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
 
 
 def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] = print) -> None:
-    """Check this process's share of the samples of ``sets`` against ``cfg``'s classes;
-    raise one DataError naming the first bad file and the number of problems, the same on
-    every process (a collective)."""
+    """Check this process's share of the samples of ``sets`` (a collective): one DataError,
+    the same on every process, naming the first bad file and the number of problems."""
+    rank, world = 0, 1
     if accelerator is not None:
-        log = accelerator.print
-    rank, world = ((accelerator.process_index, accelerator.num_processes)
-                   if accelerator is not None else (0, 1))
+        log, rank, world = accelerator.print, accelerator.process_index, accelerator.num_processes
     started = time.time()
-    items = items_of(sets)[rank::world]
+    items = list({(s.image, None if name == "unlabeled" else s.mask): None
+                  for name, ds in sets.items() for s in ds.samples})[rank::world]
     count, first, checked = share_problems(cfg, items, log)
     if world > 1:  # every process learns every process's problems
         shares = gather_object([(count, first)])
         count = sum(c for c, _ in shares)
         first = next((f for _, f in shares if f is not None), None)
+    if count == 1:
+        raise DataError(f"data pre-flight: {first}")
     if count:
-        raise DataError(problem_line(count, first, sets, cfg))
+        splits = " ".join(sorted({str(ds.split_file) for ds in sets.values()}))
+        d = cfg.data
+        raise DataError(f"data pre-flight: {count} bad samples, the first: {first} (all of "
+                        f"them: python -m mlcl data verify --root {d.root} --layout {d.layout} "
+                        f"--num-classes {d.num_classes} --ignore-index {d.ignore_index} "
+                        f"--splits {splits})")
     if checked:
         log(f"pre-flight: {len(items)} samples OK ({time.time() - started:.1f} s)")
 
 
 def share_problems(cfg: Config, items: list[Item], log: Callable[[str], None]
                    ) -> tuple[int, Optional[str], int]:
-    """(number of problems, the first or None, samples decoded) among ``items``; those the
-    cache does not know are decoded in threads, the good ones cached."""
-    cache = Cache(cfg.data.root, cfg.data.num_classes, cfg.data.ignore_index)
+    """(number of problems, the first or None, samples decoded) among ``items``: those the
+    cache does not know (by K, ignore index, path, size, mtime) are decoded in threads."""
+    d, cache = cfg.data, cache_file(cfg.data.root)
+    known = cached(cache)
     try:
-        keys = [cache.key(item) for item in items]
+        keys = ["\n".join([f"{d.num_classes}|{d.ignore_index}"] + [
+            f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in item if p is not None])
+            for item in items]
     except OSError as e:  # a file vanished since the split was read
         return 1, str(e), 0
-    todo = [(item, k) for item, k in zip(items, keys) if k not in cache.keys]
+    todo = [(item, k) for item, k in zip(items, keys) if k not in known]
     if todo:
         log(f"pre-flight: checking {len(todo)} of {len(items)} samples "
             f"({len(items) - len(todo)} known good)")
     workers = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        found = list(pool.map(lambda t: check_item(t[0], cfg.data.num_classes,
-                                                   cfg.data.ignore_index), todo))
-    cache.save([k for (_, k), problem in zip(todo, found) if problem is None])
+        found = list(pool.map(lambda t: check_item(t[0], d.num_classes, d.ignore_index), todo))
+    passed = {k for (_, k), problem in zip(todo, found) if problem is None}
+    if passed:  # merged with other processes' writes; failing only costs time
+        with contextlib.suppress(OSError):
+            atomic_write_json(cache, {"passed": sorted(cached(cache) | known | passed)})
     problems = [p for p in found if p is not None]
     return len(problems), (problems[0] if problems else None), len(todo)
-
-
-def problem_line(count: int, first: str, sets: dict, cfg: Config) -> str:
-    """The first problem; for several, also the command that lists them all."""
-    if count == 1:
-        return f"data pre-flight: {first}"
-    splits = " ".join(sorted({str(ds.split_file) for ds in sets.values()}))
-    return (f"data pre-flight: {count} bad samples, the first: {first} (all of "
-            f"them: python -m mlcl data verify --root {cfg.data.root} --layout "
-            f"{cfg.data.layout} --num-classes {cfg.data.num_classes} --ignore-index "
-            f"{cfg.data.ignore_index} --splits {splits})")

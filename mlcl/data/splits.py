@@ -1,19 +1,8 @@
-"""Split files: which images (and masks) a dataset reads.
-
-Two formats are found in the wild, and a file may mix them line by line:
-
-(a) one image id per line, resolved by the folder layout::
-
-        voc:         2007_000032                      -> JPEGImages/2007_000032.jpg
-                                                         SegmentationClass/2007_000032.png
-        cityscapes:  train/aachen/aachen_000000_000019 -> leftImg8bit/{id}_leftImg8bit.png
-                                                         gtFine/{id}_gtFine_labelTrainIds.png
-
-(b) ``image-path mask-path`` pairs relative to the data root, as in UniMatch's and the MLCL
-    release's split files.
-
-Blank lines and ``#`` comments are skipped. Every listed file is checked up front, so a bad
-split fails at start-up with the split file, the line and the missing path in one line.
+"""Split files: which images (and masks) a dataset reads. A line is (a) an image id, resolved
+by the folder layout (:func:`paths_for_id`), or (b) ``image-path mask-path`` relative to the
+data root, as in UniMatch's and the MLCL release's split files; a file may mix them. Blank
+lines and ``#`` comments are skipped. Every listed file is checked up front, so a bad split
+fails at start-up with the split file, the line and the missing path in one line.
 """
 from __future__ import annotations
 
@@ -28,8 +17,7 @@ LAYOUTS = ("voc", "cityscapes")
 
 def original_message(text: str) -> str:
     """The one-line message inside a DataLoader worker's re-raised error ("Caught X in
-    DataLoader worker process 0. Original Traceback ...": the traceback's last line without
-    its exception type), or ``text`` itself."""
+    DataLoader worker ... Original Traceback ...": its last line less the type), or ``text``."""
     if not text.startswith("Caught ") or "Original Traceback" not in text:
         return text
     last = [line for line in text.splitlines() if line.strip()][-1].strip()
@@ -38,10 +26,8 @@ def original_message(text: str) -> str:
 
 
 class DataError(MlclError, ValueError):
-    """Bad input data; the one-line message names the file at fault. Raised in a loader
-    worker, it reaches the main process with the same one line (torch re-creates the error
-    there from a message holding the worker's traceback; the constructor keeps its last
-    line)."""
+    """Bad input data; the one-line message names the file at fault (also when torch
+    re-creates it from a loader worker's traceback: the constructor keeps its last line)."""
 
     def __init__(self, message: str = ""):
         super().__init__(original_message(str(message)))
@@ -55,15 +41,13 @@ class Sample(NamedTuple):
     mask: Optional[Path]  # None where no mask is needed and none exists
 
 
-# The command that makes a dataset of each kind (data.dataset) at a root.
 MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
                 "cityscapes": "python -m mlcl data cityscapes --root {root}",
                 "synthetic": "python -m mlcl synth --out {root}"}
 
 
 def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
-    """``root`` as a Path, or a DataError that says how to get one (the command that makes
-    a ``dataset`` there: ``data voc``, ``data cityscapes`` or ``synth``)."""
+    """``root`` as a Path, or a DataError naming the command that makes a ``dataset`` there."""
     if not str(root).strip():
         raise DataError("data.root is empty: set data.root=DIR (e.g. data.root=data/synthetic "
                         "after `python -m mlcl synth --out data/synthetic`)")
@@ -90,20 +74,16 @@ def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
 def id_for_path(image: str, layout: str) -> str:
     """The id of a format-(b) image path: the inverse of :func:`paths_for_id` where the path
     follows the layout, else the file name without its extension."""
-    p = Path(image)
-    if layout == "cityscapes":
-        parts = p.parts
-        if "leftImg8bit" in parts[:-1] and p.name.endswith("_leftImg8bit.png"):
-            rel = parts[parts.index("leftImg8bit") + 1:]
-            return str(Path(*rel)).removesuffix("_leftImg8bit.png")
+    p, suffix = Path(image), "_leftImg8bit.png"
+    if layout == "cityscapes" and "leftImg8bit" in p.parts[:-1] and p.name.endswith(suffix):
+        return str(Path(*p.parts[p.parts.index("leftImg8bit") + 1:])).removesuffix(suffix)
     return p.stem
 
 
 def parse_split(path: str | Path, layout: str
                 ) -> tuple[list[tuple[int, str, str, str]], list[tuple[int, str]]]:
-    """The entries of a split file without touching the data: (line number, id, image, mask)
-    with image/mask relative to the data root, and the malformed lines as (line number,
-    message). Blank lines and ``#`` comments are skipped."""
+    """The entries (line number, id, image, mask relative to the data root) of a split file
+    and its malformed lines (line number, message), without touching the data."""
     entries, bad = [], []
     for lineno, raw in enumerate(Path(path).read_text().splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -111,8 +91,7 @@ def parse_split(path: str | Path, layout: str
             continue
         tokens = line.split()
         if len(tokens) == 1:
-            image, mask = paths_for_id(tokens[0], layout)
-            entries.append((lineno, tokens[0], image, mask))
+            entries.append((lineno, tokens[0], *paths_for_id(tokens[0], layout)))
         elif len(tokens) == 2:
             entries.append((lineno, id_for_path(tokens[0], layout), *tokens))
         else:
@@ -132,14 +111,12 @@ def read_split(path: str | Path, root: str | Path, layout: str,
         raise DataError(f"{path}:{bad[0][0]}: {bad[0][1]}")
     samples = []
     for lineno, sample_id, image, mask in entries:
-        image_path, mask_path = root / image, root / mask
-        if not image_path.is_file():
-            raise DataError(f"{path}:{lineno}: image {image_path} does not exist")
-        if not mask_path.is_file():
-            if require_mask:
-                raise DataError(f"{path}:{lineno}: mask {mask_path} does not exist")
-            mask_path = None
-        samples.append(Sample(sample_id, image_path, mask_path))
+        image, mask = root / image, root / mask
+        if not image.is_file():
+            raise DataError(f"{path}:{lineno}: image {image} does not exist")
+        if require_mask and not mask.is_file():
+            raise DataError(f"{path}:{lineno}: mask {mask} does not exist")
+        samples.append(Sample(sample_id, image, mask if mask.is_file() else None))
     if not samples:
         raise DataError(f"split file {path} lists no samples")
     return samples
