@@ -143,10 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "<image name>.png, legend.png, legend.txt")
     p.add_argument("--overlay", action="store_true", help="also write image/prediction blends")
     p.add_argument("--max-pixels", type=positive_int,
-                   help="larger images are skipped (default mlcl.predict.MAX_PIXELS, 25000000)")
+                   help="larger images are skipped (default 25000000: "
+                        "mlcl.study.predict.MAX_PIXELS)")
     p.add_argument("--tile", type=positive_int,
                    help="images above TILE x TILE pixels are predicted in overlapping "
-                        "TILE x TILE windows (default mlcl.predict.TILE, 1024)")
+                        "TILE x TILE windows (default mlcl.study.predict.TILE, 1024)")
     p.set_defaults(func=cmd_predict)
 
     from mlcl.prepare import cli as data_cli
