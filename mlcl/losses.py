@@ -177,7 +177,10 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
             fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, initialised(protos),
             conf_thresh, num_anchors, num_candidates)
         a_ok = a_ok & c_ok.any(1, keepdim=True)  # classes with anchors and candidates
-        best = dt_best_match(unit_features(fw, a_idx), unit_features(fs, c_idx), c_ok)
+        # candidates through the identity index the release's pairing generalises: the same
+        # values, and a backward that adds in the order earlier results were made with
+        cands = unit_features(fs, c_idx)[torch.arange(protos.shape[0], device=fs.device)]
+        best = dt_best_match(unit_features(fw, a_idx), cands, c_ok)
         return dt_mean(best, a_ok, a_ok.sum())
 
 
