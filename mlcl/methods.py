@@ -26,7 +26,6 @@ class StepContext:
     bank: Any
     accelerator: Any
     total_iters: int
-    iters_per_epoch: int
     iteration: int = 0
     epoch: int = 0
 

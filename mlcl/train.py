@@ -95,7 +95,7 @@ def setup(cfg: Config) -> Run:
     ipe, total, epochs = schedule(cfg, loaders)
     if cfg.train.compile:
         model = torch.compile(model)
-    ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total, iters_per_epoch=ipe)
+    ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total)
     run = Run(cfg=cfg, acc=acc, out=out, model=model, optimizer=optimizer, bank=bank,
               loaders=loaders, val_set=sets["val"], names=class_names(cfg), iters_per_epoch=ipe,
               total_iters=total, epochs=epochs, created_out=created, ctx=ctx,

@@ -30,7 +30,7 @@ def setup(synth_root, method, *extra, batch=4):
     batch_d = {"x": batch_x, "u": batch_u}
     model = build_model(cfg)
     bank = make_bank(cfg)
-    ctx = StepContext(cfg=cfg, bank=bank, accelerator=None, total_iters=10, iters_per_epoch=10,
+    ctx = StepContext(cfg=cfg, bank=bank, accelerator=None, total_iters=10,
                       iteration=9)  # late in the schedule: the SAI weight is at its largest
     return cfg, model, bank, batch_d, ctx
 

@@ -80,7 +80,7 @@ class Stepper:
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.ctx = StepContext(cfg=cfg, bank=self.bank, accelerator=self.acc, total_iters=1000,
-                               iters_per_epoch=1000, iteration=500)
+                               iteration=500)
         self.guard = NonFiniteGuard(self.acc.device)
         self.batch = synthetic_batch(cfg, self.acc.device, seed)
         self.model.train()
