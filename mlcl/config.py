@@ -205,6 +205,7 @@ class MLCLConfig:
     use_mask: bool = True
     use_noise: bool = True
     released_passes: bool = False  # the release's separate passes ("Forward passes")
+    weak_features: str = "forward"  # F_1, F_2: forward (a pass over w1, w2) | mixed (none)
     # RELEASED_QUIRKS; None follows the variant (filled in by fill_defaults)
     double_transform: Union[bool, None] = None
     pair_by_position: Union[bool, None] = None
@@ -259,6 +260,7 @@ CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes"),
            "train.optimizer": ("sgd", "adamw"), "train.loss": ("ce", "ohem"),
            "train.mixed_precision": ("no", "bf16", "fp16"),
            "train.mix_partner": ("roll", "loader", "same"), "mlcl.variant": ("paper", "released"),
+           "mlcl.weak_features": ("forward", "mixed"),
            "eval.mode": ("whole", "sliding"),
            "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
                               "resnet50_deepstem", "resnet101_deepstem")}
@@ -460,6 +462,9 @@ def check_relations(cfg: Config) -> None:
         raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
                           "(the CutMix partner must be another image); use "
                           "train.mix_partner=loader")
+    if cfg.mlcl.released_passes and cfg.mlcl.weak_features == "mixed":
+        raise ConfigError("config key 'mlcl.weak_features': 'mixed' replaces a pass that "
+                          "mlcl.released_passes=true runs; set one of them")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -51,7 +51,8 @@ def mlcl_parts(cfg: Config) -> MLCLParts:
                  "keep_uninitialised": m.dt_uninitialised}
     bank_quirks = {"early_stop": m.bank_early_stop, "average_banks": m.bank_local_update}
     return MLCLParts(
-        passes=released.separate_passes if m.released_passes else joint_passes,
+        passes=(released.separate_passes if m.released_passes
+            else mixed_passes if m.weak_features == "mixed" else joint_passes),
         valid_at_features=(released.valid_bilinear if m.bilinear_ignore
                            else losses.valid_at_features),
         loss_dt=(partial(released.loss_dt, **dt_quirks) if any(dt_quirks.values())
@@ -116,6 +117,7 @@ class UniMatchPasses:
     out_s: Any  # SegOutput of the cat(s1, s2) pass
     prob_w: Tensor  # (B, K, H, W) softmax of u_w (train mode, detached)
     prob_mix: Tensor  # (B, K, H, W) softmax of the mix source (eval mode)
+    f_mix: Tensor  # (B, C, h, w) features of the mix source (the same pass)
     boxes: list[Tensor]  # box1, box2 (B, H, W) bool
     mix: dict[str, Tensor]  # the CutMix partner batch (mix_source)
     n_x: int  # labeled images at the front of the cat(x, u_w) pass
@@ -131,8 +133,9 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     # 1. pseudo-labels of the mix source: eval mode, no gradient
     model.eval()
     with torch.no_grad():
-        prob_mix = model(mix["w"]).softmax(1)
+        out_mix = model(mix["w"], return_features=True)
     model.train()
+    prob_mix = out_mix.logits.softmax(1)
     conf_mix, label_mix = prob_mix.max(1)
 
     # 2. CutMix the strong views with the partner's strong views
@@ -164,7 +167,7 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     terms = {"x": loss_x.detach(), "s": (loss_s1.detach() + loss_s2.detach()) / 2,
              "fp": loss_fp.detach(), "conf_ratio": conf_ratio.detach().float()}
     return UniMatchPasses(terms=terms, total=total, out_xw=out_xw, out_s=out_s, prob_w=prob_w,
-                          prob_mix=prob_mix, boxes=boxes, mix=mix, n_x=n_x)
+                          prob_mix=prob_mix, f_mix=out_mix.features, boxes=boxes, mix=mix, n_x=n_x)
 
 
 def step_unimatch(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
@@ -198,6 +201,18 @@ def joint_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], p: UniMatc
     with torch.no_grad():  # train mode, as the released passes (BN batch statistics)
         f1, f2 = model(torch.cat([w1, w2]), return_features=True).features.chunk(2)
     return f1, f2, p.out_xw.features[p.n_x:], f_s1, p.boxes[0]
+
+
+def mixed_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], p: UniMatchPasses,
+                 f_s1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As :func:`joint_passes` without its pass (``mlcl.weak_features=mixed``): F_1, F_2 are
+    F_w and the mix source's features (from its pseudo-label pass) CutMixed at feature
+    resolution with b1, b2 at the pixel under each feature position (docs/method.md,
+    "Weak features without a pass"). w1, w2 are not read."""
+    f_w = p.out_xw.features[p.n_x:]
+    boxes = losses.at_feature_pixels(torch.stack(p.boxes), tuple(f_w.shape[-2:]))
+    f1, f2 = paste(boxes, p.f_mix, f_w.detach())
+    return f1, f2, f_w, f_s1, p.boxes[0]
 
 
 def mlcl_inputs(model, p: UniMatchPasses, u: dict[str, Tensor], passes: Callable

@@ -3,13 +3,14 @@ tiny batch lower the loss."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from mlcl import losses, methods, released
-from mlcl.config import RELEASED_QUIRKS, load_config
+from mlcl.config import RELEASED_QUIRKS, ConfigError, load_config
 from mlcl.data.datasets import build_datasets
 from mlcl.methods import STEPS, StepContext, make_bank, paste
 from mlcl.model import build_model
@@ -51,6 +52,7 @@ class ImageCounter:
     ("unimatch", (), 5),
     ("mlcl", (), 7),
     ("mlcl", ("mlcl.released_passes=true",), 9),
+    ("mlcl", ("mlcl.weak_features=mixed",), 5),
 ])
 def test_image_batches_through_the_backbone(synth_root, method, extra, image_batches):
     cfg, model, bank, batch, ctx = setup(synth_root, method, *extra)
@@ -107,6 +109,36 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss(synth_root, method):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_mixed_weak_features_are_the_passes_features_cutmixed_at_feature_pixels(synth_root):
+    """mlcl.weak_features=mixed: F_1 (F_2) at feature position (i, j) is the partner's feature
+    when the image pixel under (i, j) lies in box1 (box2), else u_w's; a loop over positions
+    with the nearest pixel to i * (H - 1) / (h - 1) (the model's bilinear upsampling,
+    align_corners) checks the vectorised paste."""
+    cfg, model, bank, batch, ctx = setup(synth_root, "mlcl", "mlcl.weak_features=mixed")
+    u = batch["u"]
+    u["box1"].zero_()
+    u["box1"][0, 3:17, 5:30] = True  # edges between feature positions
+    u["box1"][2, :, 31] = True  # one column: the last feature column only
+    p = methods.unimatch_passes(model, batch, ctx)
+    f1, f2, f_w, f_dt, dt_box = methods.mixed_passes(model, None, None, u, p, None)
+    own, partner = p.out_xw.features[p.n_x:], p.f_mix
+    (B, C, h, w), (H, W) = own.shape, u["box1"].shape[-2:]
+    for b in range(B):
+        for i in range(h):
+            for j in range(w):
+                r = math.floor(i * (H - 1) / (h - 1) + 0.5)
+                c = math.floor(j * (W - 1) / (w - 1) + 0.5)
+                for f, box in ((f1, u["box1"]), (f2, u["box2"])):
+                    src = partner if box[b, r, c] else own
+                    assert torch.equal(f[b, :, i, j], src[b, :, i, j]), (b, i, j)
+    assert not f1.requires_grad and f_w.requires_grad and dt_box is u["box1"]
+    assert f1[2, :, :, -1].equal(partner[2, :, :, -1])
+    assert f1[2, :, :, :-1].equal(own[2, :, :, :-1])
+    with pytest.raises(ConfigError, match="mlcl.weak_features"):
+        load_config(None, ["method=mlcl", "mlcl.weak_features=mixed",
+                           "mlcl.released_passes=true"])
+
+
 def test_paste_is_cutmix_for_every_shape_it_takes():
     g = torch.Generator().manual_seed(0)
     box = torch.rand(2, 4, 5, generator=g) < 0.5  # (B, H, W)
@@ -160,9 +192,12 @@ def test_mlcl_parts_pick_the_paper_or_each_released_quirk():
                                     "keep_uninitialised": False}
     assert one.mask_ratio is losses.sai_mask_ratio  # the double transform needs the noise
     assert one.bank is PrototypeBank and one.passes is methods.joint_passes
+    mixed = load_config(None, ["method=mlcl", "mlcl.weak_features=mixed"])
+    assert methods.mlcl_parts(mixed).passes is methods.mixed_passes
 
 
-@pytest.mark.parametrize("extra", [(), ("mlcl.variant=released",)])
+@pytest.mark.parametrize("extra", [(), ("mlcl.variant=released",),
+                                   ("mlcl.weak_features=mixed",)])
 def test_the_mlcl_part_replayed_from_its_inputs_gives_the_step(synth_root, monkeypatch, extra):
     """methods.mlcl_losses and methods.prototype_branch, replayed on the inputs a real
     step_mlcl built (same bank, same random state), give exactly the step's MLCL part: its

@@ -74,6 +74,11 @@ def build_grid(name: str) -> list[Run]:
                     (f"train.mix_partner={partner}",))
                 for seed in (0, 1, 2) for m, v in (("mlcl", "released"), ("unimatch", "paper"))
                 for partner in ("roll", "same")]
+    if name == "weak-features":  # F_1, F_2 from a pass or CutMixed features (seeds: --seeds)
+        return [Run("synthetic", "1_16", m, seed, "paper", abl, ov)
+                for seed in range(10) for m, abl, ov in (
+                    ("unimatch", "", ()), ("mlcl", "", ()),
+                    ("mlcl", "mixed", ("mlcl.weak_features=mixed",)))]
     if name == "voc-original":
         return _methods_grid("pascal", ("92", "183", "366", "732", "1464"), (0,))
     if name == "voc-blended":
@@ -108,5 +113,5 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "mix-partner", "voc-original",
-         "voc-blended", "cityscapes")
+GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "mix-partner", "weak-features",
+         "voc-original", "voc-blended", "cityscapes")
