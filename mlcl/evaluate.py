@@ -1,6 +1,5 @@
-"""Evaluation: confusion matrix -> mIoU, in two modes (whole image, sliding window). With
-several processes every validation image is counted exactly once: each process takes every
-n-th image (no padding, unlike a distributed sampler) and the confusion matrices are summed."""
+"""Evaluation: confusion matrix -> mIoU, whole image or sliding window; with several
+processes every validation image counts once (:func:`shard`, no padding)."""
 from __future__ import annotations
 
 import math
@@ -24,8 +23,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
 
 
 def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
-    """Per-class IoU = TP / (TP + FP + FN). A class absent from both ground truth and
-    prediction has no IoU (NaN) and is left out of the mean."""
+    """(mIoU, per-class IoU = TP / (TP + FP + FN)); NaN (not in the mean) for an absent class."""
     cm = cm.double()
     tp = cm.diag()
     union = cm.sum(0) + cm.sum(1) - tp
