@@ -21,8 +21,7 @@ Rng = Any  # the `random` module or a random.Random
 
 def to_tv(image: Image.Image, mask: np.ndarray | None = None
           ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    """PIL RGB image and (H, W) uint8 mask -> Image (3, H, W) and Mask (1, H, W), uint8.
-    Without a mask, an all-zero one (it then only tracks padding)."""
+    """PIL image, (H, W) mask (None: zeros, to track padding) -> uint8 Image and Mask (1, H, W)."""
     img = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
     m = (torch.zeros((1, *img.shape[-2:]), dtype=torch.uint8) if mask is None
          else torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True))[None])

@@ -71,8 +71,7 @@ class Checkpoints:
         return path / f"buffers_{self.acc.process_index}.pt", dict(net.named_buffers())
 
     def save(self, state: TrainerState) -> Path:
-        """Write the checkpoint of ``state`` (unless saved), point LATEST at it, delete the older
-        ones; return its folder (CheckpointWriteError on every process if a write failed)."""
+        """Write ``state``'s checkpoint (unless saved), point LATEST at it, prune; its folder."""
         path = self.root / f"iter-{state.iteration:08d}-epoch-{state.epoch:04d}"  # sortable
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path

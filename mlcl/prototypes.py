@@ -13,8 +13,7 @@ def initialised(protos: Tensor) -> Tensor:
 
 
 class PrototypeBank(nn.Module):
-    """rho (K, C): one prototype per class, all zeros until the class is first seen; the buffer
-    ``protos`` is in the ``state_dict``, so checkpoints carry it."""
+    """rho (K, C): a prototype per class, zeros until first seen; a buffer, so checkpointed."""
 
     def __init__(self, num_classes: int, channels: int, momentum: float = 0.99,
                  conf_thresh: float = 0.95):

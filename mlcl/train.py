@@ -198,15 +198,13 @@ def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
                           f"settings ({'; '.join(changes)}) and no checkpoint to continue: "
                           "choose another output_dir, or delete those files")
     if path is not None and it > total:
-        raise ConfigError(
-            f"checkpoint {path} is at iteration {it}, past the {total} iterations "
-            "train.epochs / train.max_iters now give: raise them back or choose another "
-            "output_dir")
+        raise ConfigError(f"checkpoint {path} is at iteration {it}, past the {total} iterations "
+                          "train.epochs / train.max_iters now give: raise them back or choose "
+                          "another output_dir")
     if path is not None and it < total and it < epoch * run.iters_per_epoch:
-        raise ConfigError(
-            f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
-            f"(train.max_iters): a run continues only from the end of a whole epoch; keep "
-            "train.max_iters, or choose another output_dir")
+        raise ConfigError(f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
+                          "(train.max_iters): a run continues only from the end of a whole "
+                          "epoch; keep train.max_iters, or choose another output_dir")
     if path is not None and changes and it >= total:
         raise ConfigError(f"output_dir {run.out} holds a complete run, which a changed setting "
                           f"cannot change ({'; '.join(changes)}): choose another output_dir, "
