@@ -1,8 +1,5 @@
 """mlcl: semi-supervised semantic segmentation with Multi-Level Consistency Learning.
-
-Public names: Config, ConfigError, load_config, build_model, fit (the last two are imported on
-first use, so that the light commands, such as `synth`, `data splits` and `reproduce`, do not
-load torch: tests/test_imports.py); evaluation is ``mlcl.evaluate.evaluate``."""
+build_model and fit load (torch) on first use, so the light commands do not."""
 import importlib
 
 from mlcl.config import Config, ConfigError, load_config

@@ -1,6 +1,5 @@
-"""Paired (image, mask) augmentations: UniMatch's pipeline (docs/method.md, "Augmentations")
-on torchvision tv_tensors. Every draw comes from ``rng``: training passes
-``random.Random(draw_seed)`` (mlcl.loaders), direct calls default to ``random``."""
+"""Paired (image, mask) augmentations: UniMatch's (docs/method.md, "Augmentations") on
+tv_tensors; every draw comes from ``rng`` (training: a seeded ``random.Random``)."""
 from __future__ import annotations
 
 import math
@@ -22,8 +21,7 @@ Rng = Any  # the `random` module or a random.Random
 
 def to_tv(image: Image.Image, mask: np.ndarray | None = None
           ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-    """PIL RGB image and (H, W) uint8 mask -> Image (3, H, W) and Mask (1, H, W), uint8.
-    Without a mask, an all-zero one (it then only tracks padding)."""
+    """PIL image, (H, W) mask (None: zeros, to track padding) -> uint8 Image and Mask (1, H, W)."""
     img = tv_tensors.Image(F.pil_to_tensor(image.convert("RGB")))
     m = (torch.zeros((1, *img.shape[-2:]), dtype=torch.uint8) if mask is None
          else torch.from_numpy(np.array(mask, dtype=np.uint8, copy=True))[None])
@@ -37,15 +35,10 @@ def normalize(image: torch.Tensor, aug: AugmentConfig) -> torch.Tensor:
 
 
 def rescale(image, mask, scale_range, rng: Rng = random):
-    """Resize both so that the long side is a random integer in long * scale_range
-    (aspect kept; image bilinear, mask nearest)."""
-    h, w = image.shape[-2:]
-    long = max(h, w)
+    """Resize both (aspect kept) so that the long side is a random integer in long * scale_range."""
+    long = max(image.shape[-2:])
     new_long = max(1, rng.randint(int(long * scale_range[0]), int(long * scale_range[1])))
-    if h > w:
-        size = [new_long, max(1, int(w * new_long / h + 0.5))]
-    else:
-        size = [max(1, int(h * new_long / w + 0.5)), new_long]
+    size = [max(1, int(d * new_long / long + 0.5)) for d in image.shape[-2:]]
     return F.resize(image, size, antialias=True), F.resize(mask, size)
 
 

@@ -1,6 +1,5 @@
-"""Checkpoints of a run: accelerate ``save_state`` folders under ``output_dir/checkpoints``
-(written, pointed at by ``LATEST`` and pruned so that a kill at any moment leaves a complete
-one: docs/clusters.md), and the weights files ``best.pt`` / ``last.pt``."""
+"""Checkpoints (accelerate ``save_state`` folders under ``output_dir/checkpoints``, a complete
+one at any moment: docs/clusters.md) and the weights files ``best.pt`` / ``last.pt``."""
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +60,7 @@ def incomplete_because(path: Path) -> str | None:
 
 
 class Checkpoints:
-    """Save / find / load the checkpoints of one output_dir (collective); each process also
-    saves its model buffers (without SyncBatchNorm batch-norm statistics are per process)."""
+    """An output_dir's checkpoints (collective), with each process's batch-norm buffers."""
 
     def __init__(self, out: Path, accelerator, model):
         self.root, self.acc, self.model = Path(out) / "checkpoints", accelerator, model
@@ -73,8 +71,7 @@ class Checkpoints:
         return path / f"buffers_{self.acc.process_index}.pt", dict(net.named_buffers())
 
     def save(self, state: TrainerState) -> Path:
-        """Write the checkpoint of ``state`` (unless saved), point LATEST at it, delete the older
-        ones; return its folder. A failed write raises CheckpointWriteError on every process."""
+        """Write ``state``'s checkpoint (unless saved), point LATEST at it, prune; its folder."""
         path = self.root / f"iter-{state.iteration:08d}-epoch-{state.epoch:04d}"  # sortable
         if incomplete_because(path) is None:  # the same point of the run, already saved
             return path
@@ -102,8 +99,7 @@ class Checkpoints:
             torch.save(buffers, file)
 
     def write_pointers(self, path: Path, state: TrainerState) -> None:
-        """The manifest of the complete folder ``path``, then LATEST naming it; its files get
-        :func:`plain_mode` (safetensors writes 0600)."""
+        """The manifest of the complete folder ``path``, then LATEST naming it; plain modes."""
         for p in path.rglob("*"):
             if p.is_file():
                 p.chmod(plain_mode())
@@ -112,14 +108,12 @@ class Checkpoints:
         atomic_write_text(self.root / "LATEST", path.name + "\n")
 
     def write_on_all(self, path: Path, write) -> None:
-        """Run ``write()`` on every process; when it failed on any, remove ``path`` and raise
-        CheckpointWriteError on every process, naming the first failure (collective)."""
-        error = None
+        """``write()`` on every process; a failure anywhere: CheckpointWriteError everywhere."""
+        error = failure = None
         try:
             write()
-        except Exception as e:  # noqa: BLE001 - any failure (safetensors raises its own
-            error = e          # SafetensorError on a full disk) must reach every process
-        failure = None if error is None else error_line(error)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own on a full disk
+            error, failure = e, error_line(e)
         if self.acc.num_processes > 1:  # everyone stops, not just the process that failed
             failure = next((f for f in gather_object([failure]) if f is not None), None)
         if failure is None:
@@ -157,8 +151,7 @@ class Checkpoints:
         return None
 
     def load(self, path: Path, iters_per_epoch: int) -> TrainerState:
-        """Restore the state of ``path`` (model, optimiser, bank, RNGs, buffers); return its
-        TrainerState. A ConfigError when iters_per_epoch differ or a part cannot be read."""
+        """Restore ``path`` (model, optimiser, bank, RNGs, buffers); return its TrainerState."""
         saved = json.loads((path / MANIFEST).read_text())
         known = {f.name for f in dataclasses.fields(TrainerState)}
         state = TrainerState(**{k: v for k, v in saved.items() if k in known})

@@ -31,7 +31,6 @@ class ConfigError(MlclError, ValueError):
     """A configuration problem; the message names the key and says how to fix it."""
 
 
-# --------------------------------------------------------------------------- value ranges
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
 
@@ -272,7 +271,6 @@ RESULT_NEUTRAL = ("output_dir", "data.root", "data.num_workers", "data.pin_memor
                   "train.cpu", "train.compile", "train.channels_last")
 
 
-# --------------------------------------------------------------------------- overlays
 class CliValue(str):
     """A value typed on the command line: parsed as YAML unless the key wants a string."""
 
@@ -311,8 +309,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:
-    """Set the dotted ``key`` (e.g. ``data.crop_size``) to ``value``, checking its type; a
-    section's key takes a mapping of its keys."""
+    """Set the dotted ``key`` to ``value``, checking its type (a section's: a mapping)."""
     obj, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(obj):
@@ -346,14 +343,12 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------- presets
 def list_presets() -> list[str]:
     return sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
 
 
 def _preset_chain(name: str | Path) -> list[dict[str, Any]]:
-    """The mappings of the preset (a name of mlcl/configs or a YAML path) and its ``base``
-    ancestors, root first."""
+    """The mappings of the preset (mlcl/configs name or YAML path) and its bases, root first."""
     chain, seen = [], set()
     while name:
         path = Path(name)
@@ -388,8 +383,7 @@ def preset_splits(preset: str | Path) -> list[str]:
 
 def load_config(preset: str | Path | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """The Config of ``preset`` (name or YAML path; None: the defaults) with ``overrides``
-    (``["key=value", ...]`` or a mapping) on top, in the order of the module docstring."""
+    """The Config of ``preset`` (None: the defaults) with ``overrides`` on top (module doc)."""
     cfg = Config()
     over = parse_overrides(overrides)
     cells: dict[str, Any] = {}
@@ -410,14 +404,12 @@ def load_config(preset: str | Path | None = None,
 
 
 def overridden_keys(cfg: Config) -> frozenset[str]:
-    """The keys :func:`load_config` took from its overrides (command line, notebook
-    parameters) to make ``cfg``; empty for a config made otherwise."""
+    """The keys :func:`load_config` took from its overrides to make ``cfg`` (else empty)."""
     return cfg.__dict__.get("_overridden", frozenset())
 
 
 def fill_defaults(cfg: Config) -> Config:
-    """Fill the values that follow from others (the variant's defaults, the output folder) and
-    check every choice, range and relation; ``cfg``, changed in place."""
+    """``cfg`` with the values that follow from others filled in, every check passed."""
     m = cfg.mlcl
     released = m.variant == "released"
     if cfg.train.mix_partner is None:
@@ -499,15 +491,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-# Keys a config.yaml or checkpoint written before they were removed may hold; all were fixed
-# at the values the code now always uses: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2,
-# k = 5 in w(t), no SAI ignore mask, output stride 16.
+# Keys older config.yaml files and checkpoints may hold, since fixed at what the code does
 REMOVED_KEYS = ("unimatch", "mlcl.rampup_k", "mlcl.sai_ignore_mask", "model.output_stride")
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
-    """The Config of a ``to_dict()`` tree (a saved config.yaml or checkpoint), without
-    :data:`REMOVED_KEYS`; ``d`` is not changed."""
+    """The Config of a saved ``to_dict()`` tree ``d`` (unchanged) less :data:`REMOVED_KEYS`."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for key in REMOVED_KEYS:
         section, _, name = key.rpartition(".")

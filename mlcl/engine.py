@@ -1,6 +1,4 @@
-"""The pieces of a training step, shared by the loop (mlcl.train) and the measuring tool:
-the Accelerator, the optimiser and its poly lr, forward / backward / guard / optimiser step,
-the running sums of the loss terms over an epoch."""
+"""The pieces of a training step, shared by the loop (mlcl.train) and the measuring tool."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,7 +1,5 @@
 """How a command ends on an error: one line on stderr, ``error: <file, key or flag>: <why>``,
-and an exit status (docs/bad_input.md); ``MLCL_DEBUG=1`` shows the traceback instead.
-Every subcommand of ``python -m mlcl`` ends through :func:`run_reported`; this module loads
-no heavy library (nor torch), so that every command reports its errors without loading them."""
+and an exit status (docs/bad_input.md); torch-free, so that every command can use it."""
 from __future__ import annotations
 
 import argparse
@@ -14,9 +12,8 @@ BAD_INPUT_EXIT = 2
 
 
 class MlclError(Exception):
-    """An error for the user: one line naming the file, key or flag and how to fix it.
-    ``exit_code``: 2 bad input (the default), 1 a step that failed for another reason;
-    ``report`` is false on all processes of a run but the main one (one line per run)."""
+    """One line for the user naming the file, key or flag and the fix; ``exit_code``: 2 bad
+    input, 1 another failure; ``report``: false on a run's processes but the main one."""
 
     exit_code = BAD_INPUT_EXIT
     report = True
@@ -48,17 +45,14 @@ class RunDiverged(RunStopped):
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported as one line,
-    ``error: <command>: <why> (see <command> --help)``, and exit status 2 (not the usage
-    block); ``add_subparsers`` makes parsers of this class too."""
+    """argparse, reporting a bad flag in one line (not the usage block), exit status 2."""
 
     def error(self, message: str):
         self.exit(BAD_INPUT_EXIT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def error_line(e: BaseException) -> str:
-    """An error's one line: the message (the original one for an error re-raised from a data
-    loader worker), or for an OS error the file and the reason."""
+    """An error's one line: its message (a loader worker's original), or an OSError's file: why."""
     from mlcl.data.splits import original_message  # torch-free; mlcl.data loads lazily
 
     if isinstance(e, OSError) and e.filename and e.strerror:
@@ -68,9 +62,8 @@ def error_line(e: BaseException) -> str:
 
 
 def run_reported(command: Callable[[], int | None]) -> int:
-    """``command()``'s exit status (None: 0); for an :class:`MlclError`, an OSError or
-    ValueError (bad input) or Ctrl-C, its line on stderr and its status. Any other error
-    propagates with its traceback: a bug, not bad input."""
+    """``command()``'s exit status (None: 0); an MlclError, OSError, ValueError or Ctrl-C: its
+    line on stderr and status (``MLCL_DEBUG=1``: the traceback); other errors (bugs) raise."""
     try:
         return command() or 0
     except KeyboardInterrupt:  # outside a training loop, whose StopSignals take Ctrl-C

@@ -1,6 +1,5 @@
-"""Evaluation: confusion matrix -> mIoU, in two modes (whole image, sliding window). With
-several processes every validation image is counted exactly once: each process takes every
-n-th image (no padding, unlike a distributed sampler) and the confusion matrices are summed."""
+"""Evaluation: confusion matrix -> mIoU, whole image or sliding window; with several
+processes every validation image counts once (:func:`shard`, no padding)."""
 from __future__ import annotations
 
 import math
@@ -16,16 +15,14 @@ from mlcl.loaders import worker_init
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
                      ignore_index: int = 255) -> Tensor:
-    """(K, K) counts of ``pred`` and ``target`` (class indices of one shape), rows = ground
-    truth, columns = prediction; pixels where ``target`` is ``ignore_index`` are dropped."""
+    """(K, K) counts of (target, pred) class pairs, rows = ground truth; ignore_index dropped."""
     valid = target != ignore_index
     idx = target[valid].long() * num_classes + pred[valid].long()
     return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
-    """Per-class IoU = TP / (TP + FP + FN). A class absent from both ground truth and
-    prediction has no IoU (NaN) and is left out of the mean."""
+    """(mIoU, per-class IoU = TP / (TP + FP + FN)); NaN (not in the mean) for an absent class."""
     cm = cm.double()
     tp = cm.diag()
     union = cm.sum(0) + cm.sum(1) - tp
@@ -69,8 +66,7 @@ def shard(dataset, index: int, count: int):
 
 @torch.no_grad()
 def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
-    """mIoU of ``model`` on ``dataset`` (dicts with 'x' (3,H,W) and 'y' (H,W)), summed over
-    processes. Returns {'miou', 'iou', 'confusion', 'num_images'}."""
+    """{'miou', 'iou', 'confusion', 'num_images'} of ``model`` on ``dataset``, all processes."""
     was_training = model.training
     model.eval()
     part = shard(dataset, accelerator.process_index, accelerator.num_processes)

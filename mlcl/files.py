@@ -10,8 +10,7 @@ from typing import Any, Callable
 
 
 def plain_mode() -> int:
-    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask (read
-    from /proc where it can be, without changing it)."""
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask."""
     try:
         with open("/proc/self/status") as fh:
             mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
@@ -22,8 +21,7 @@ def plain_mode() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place,
-    with :func:`plain_mode` (not mkstemp's 0600)."""
+    """``write(tmp)`` on a temporary file beside ``path``, renamed there with :func:`plain_mode`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -64,8 +62,7 @@ def nearest_existing(path: str | Path) -> Path:
 
 
 def place_problem(path: str | Path) -> str | None:
-    """None if ``path`` can be written or made (it, or its nearest existing ancestor, is a
-    folder this process may write into and enter), else the reason naming the culprit."""
+    """None if ``path`` can be written or made (in its nearest existing folder), else why."""
     p = Path(path)
     existing = nearest_existing(p)
     if not existing.is_dir():

@@ -1,6 +1,5 @@
 """Training loaders whose every random draw is a pure function of (seed, epoch, sample,
-stream), so that loader workers, processes and resumes cannot change a batch
-(docs/clusters.md). Streams: ``x`` labeled, ``u`` unlabeled, ``mix`` the CutMix partner."""
+stream), so that workers, processes and resumes cannot change a batch (docs/clusters.md)."""
 from __future__ import annotations
 
 import atexit
@@ -15,7 +14,7 @@ from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from mlcl.config import Config
 
-STREAMS = {"x": 1, "u": 2, "mix": 3}  # draw streams; also the order streams of x, u, mix
+STREAMS = {"x": 1, "u": 2, "mix": 3}  # labeled, unlabeled, CutMix partner: draws and orders
 
 
 def derive_seed(*parts: int) -> int:

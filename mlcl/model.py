@@ -1,8 +1,6 @@
-"""DeepLabV3+ on a ResNet, split into ``encode`` (x -> the fused map F) and ``decode`` (the 1x1
-classifier alone, F -> logits) as MLCL needs it (docs/method.md, "Model: encoder and decoder").
-Parameter names are torchvision's (the deep stem's: UniMatch's ``pretrained/resnet50.pth``), so
-ImageNet checkpoints load strictly (:func:`load_backbone_weights`).
-"""
+"""DeepLabV3+ on a ResNet, split into ``encode`` (x -> F) and ``decode`` (the 1x1 classifier,
+F -> logits) as MLCL needs it (docs/method.md, "Model: encoder and decoder"); parameter names
+are torchvision's (deep stem: UniMatch's), so ImageNet checkpoints load strictly."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,18 +45,17 @@ def upsample(t: Tensor, size) -> Tensor:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1,
+                 stride: int = 1) -> nn.Sequential:
     pad = dilation * (kernel - 1) // 2
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, dilation, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-# --------------------------------------------------------------------------- backbone
 def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int,
                 dilation: int = 1) -> nn.Sequential:
-    """One ResNet stage, named as torchvision names it (``N.conv1``, ``0.downsample.0`` ...).
-    As torchvision's ``replace_stride_with_dilation``, the first block keeps dilation 1 and the
-    others' 3×3 convs get ``dilation`` (set after construction: BasicBlock refuses it)."""
+    """One ResNet stage with torchvision's names; as its ``replace_stride_with_dilation``, the
+    3×3 convs of all blocks but the first get ``dilation`` (set after: BasicBlock refuses it)."""
     out = planes * block.expansion
     downsample = None
     if stride != 1 or inplanes != out:
@@ -73,26 +70,17 @@ def _make_stage(block, inplanes: int, planes: int, blocks: int, stride: int,
 
 
 class ResNetBackbone(nn.Module):
-    """A torchvision-topology ResNet without avgpool/fc, returning (c1, c4); stage i has
-    width·2^i channels; deep_stem: UniMatch's ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``);
-    output stride 16: layer4 keeps layer3's resolution, dilated 2."""
+    """A torchvision ResNet without avgpool/fc, returning (c1, c4), output stride 16 (layer4
+    dilated 2); deep_stem: UniMatch's ResNet-C stem (3→w s2, w→w, w→2w, then ``bn1``)."""
 
     def __init__(self, block, layers, width: int = 64, deep_stem: bool = False):
         super().__init__()
-        if deep_stem:  # keys conv1.{0,1,3,4,6}.* and bn1.*, as UniMatch's checkpoint
-            stem = 2 * width
-            self.conv1 = nn.Sequential(
-                nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(width, stem, 3, padding=1, bias=False),
-            )
-        else:
-            stem = width
-            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        stem = 2 * width if deep_stem else width
+        # deep stem: keys conv1.{0,1,3,4,6}.* and bn1.*, as UniMatch's checkpoint
+        self.conv1 = (nn.Sequential(*conv_bn_relu(3, width, 3, stride=2),
+                                    *conv_bn_relu(width, width, 3),
+                                    nn.Conv2d(width, stem, 3, padding=1, bias=False))
+                      if deep_stem else nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False))
         self.bn1 = nn.BatchNorm2d(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -105,12 +93,9 @@ class ResNetBackbone(nn.Module):
         self.low_level_channels = width * e  # c1
         self.out_channels = width * 8 * e  # c4
 
-        for m in self.modules():  # torchvision's ResNet init
+        for m in self.modules():  # torchvision's ResNet init (batch norms: 1 and 0 already)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, stem, H/4, W/4)
@@ -119,10 +104,8 @@ class ResNetBackbone(nn.Module):
         return c1, c4
 
 
-# --------------------------------------------------------------------------- head
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: 1×1, one 3×3 per dilation, image pooling; each
-    BN+ReLU; concatenated and projected (1×1, BN, ReLU) to ``out_channels``."""
+    """ASPP: 1×1, a 3×3 per dilation, image pooling (each BN+ReLU); concatenated, projected."""
 
     def __init__(self, in_channels: int, out_channels: int, dilations):
         super().__init__()
@@ -139,9 +122,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabV3+ with the encoder/decoder split of the module docstring. The ASPP width is
-    UniMatch's rule, c4 channels // 8: 256 for ResNet-50/101 at width 64 (UniMatch's and the
-    release's head), proportionally smaller for the narrow CPU backbones."""
+    """DeepLabV3+ split as the module docstring says; ASPP width: c4 channels // 8 (UniMatch)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
@@ -170,9 +151,8 @@ class DeepLabV3Plus(nn.Module):
         return self.classifier(features)
 
     def forward(self, x: Tensor, fp: bool = False, return_features: bool = False):
-        """Logits (B, K, H, W) at the input size, or a :class:`SegOutput` when ``fp`` or
-        ``return_features`` asks for more; ``fp=True``: UniMatch's feature perturbation, c1 and
-        c4 fused and decoded with their Dropout2d copy as one batch of 2B."""
+        """Logits (B, K, H, W), or a :class:`SegOutput` when ``fp`` (UniMatch's feature
+        perturbation: c1, c4 and their Dropout2d copy as one batch) or ``return_features``."""
         size = x.shape[-2:]
         c1, c4 = self.backbone(x)
         if fp:
@@ -186,15 +166,13 @@ class DeepLabV3Plus(nn.Module):
         return out if return_features else out._replace(features=None, features_fp=None)
 
     def param_groups(self, lr: float, lr_multi: float) -> list[dict]:
-        """Optimizer groups: the backbone at ``lr``; ASPP, fusion and classifier at
-        ``lr * lr_multi``. ``lr_scale`` (the group's lr / lr) lets a schedule rescale each."""
+        """Optimizer groups: the backbone at ``lr``, the rest (the head) at lr * lr_multi."""
         backbone = list(self.backbone.parameters())
         head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
-        return [{"name": "backbone", "params": backbone, "lr": lr, "lr_scale": 1.0},
-                {"name": "head", "params": head, "lr": lr * lr_multi, "lr_scale": lr_multi}]
+        return [{"name": "backbone", "params": backbone, "lr": lr},
+                {"name": "head", "params": head, "lr": lr * lr_multi}]
 
 
-# --------------------------------------------------------------------------- builders
 def build_backbone(name: str, width: int = 64) -> ResNetBackbone:
     """The ``name`` backbone of :data:`BACKBONES` (random init), e.g. to load a checkpoint into."""
     if name not in BACKBONES:
@@ -213,8 +191,7 @@ def imagenet_file(arch: str) -> Path:
 
 
 def pretrained_file(m: ModelConfig) -> Path | None:
-    """The weights file ``model.pretrained`` names (None for false), checked against
-    ``model.backbone`` / ``model.width`` before anything is built."""
+    """The weights file ``model.pretrained`` names (None for false), checked early."""
     if m.pretrained is True:
         why = "true means torchvision's ImageNet weights, which"
         if m.backbone not in TORCHVISION_WEIGHTS:
@@ -247,10 +224,8 @@ def _first(keys, n: int = 5) -> str:
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a weights-only checkpoint file (a state dict, plain or under 'state_dict' /
-    'model') strictly into ``backbone``, less the classifier keys ``fc.*`` and the BN
-    ``num_batches_tracked`` counters a file may lack (UniMatch's, pre-1.0 torchvision's); a
-    missing or bad file, a missing or unexpected key or a shape mismatch is a ConfigError."""
+    """Load a state dict file (plain or under 'state_dict' / 'model') strictly into
+    ``backbone``, less ``fc.*`` and the ``num_batches_tracked`` a file may lack."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
@@ -283,8 +258,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 
 def build_model(cfg: Config) -> DeepLabV3Plus:
-    """DeepLabV3+ for ``cfg.model`` and ``cfg.data.num_classes``, with the backbone weights
-    ``cfg.model.pretrained`` names (:func:`pretrained_file`; false: random init)."""
+    """DeepLabV3+ of ``cfg.model`` and ``cfg.data.num_classes``, model.pretrained loaded."""
     path = pretrained_file(cfg.model)  # a bad value fails before the model is built
     model = DeepLabV3Plus(cfg.model, cfg.data.num_classes)
     if path is not None:

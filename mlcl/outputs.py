@@ -1,6 +1,5 @@
-"""A run folder: the one reader of what ``train`` leaves there (config.yaml, metrics.json,
-progress.json: docs/clusters.md), the one rule for "the same run", the files it writes
-besides its checkpoints, and the checks that output_dir can hold them."""
+"""A run folder (docs/clusters.md): reading and writing its files but checkpoints, the one
+rule for "the same run", the checks that output_dir can hold a run."""
 from __future__ import annotations
 
 import json
@@ -31,8 +30,7 @@ STATUSES = ("running", "complete", "failed", "interrupted", "diverged")
 
 @dataclass(frozen=True)
 class RunFolder:
-    """What ``train`` left in a run folder: config.yaml and metrics.json (None: absent or,
-    for metrics.json, unreadable)."""
+    """A run folder's config.yaml and metrics.json (None: absent, or unreadable metrics)."""
 
     path: Path
     config: dict[str, Any] | None
@@ -54,8 +52,7 @@ def read_run(out: str | Path) -> RunFolder:
 
 
 def saved_config(out: Path) -> dict[str, Any] | None:
-    """``out/config.yaml`` as a nested mapping, None when there is none; a ConfigError when
-    it cannot be read or is not a run's."""
+    """``out/config.yaml`` as a nested mapping, None if absent; a ConfigError if not a run's."""
     path = Path(out) / "config.yaml"
     if not path.is_file():
         return None
@@ -86,8 +83,7 @@ def read_progress(out: str | Path) -> dict[str, Any] | None:
 
 
 def resume_changes(metrics: dict[str, Any]) -> list[str]:
-    """``"resumed at iteration N with key: a -> b"`` per setting changed when the run of
-    ``metrics`` was continued (metrics.json ``resumes``)."""
+    """``"resumed at iteration N with key: a -> b"`` per change in metrics.json's resumes."""
     return [f"resumed at iteration {r.get('iteration')} with {change}"
             for r in metrics.get("resumes") or [] for change in r.get("changes") or []]
 
@@ -113,9 +109,9 @@ def check_output_place(out: Path) -> None:
 
 
 def check_free_space(out: Path, model, optimizer_name: str) -> None:
-    """Refuse an output_dir whose disk cannot hold two checkpoints (weights and 1 (SGD) or 2
-    (AdamW) moments), best.pt, last.pt and 64 MiB of logs."""
+    """Refuse an output_dir whose disk cannot hold two checkpoints, best.pt, last.pt, logs."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # checkpoints: weights and 1 (SGD) or 2 (AdamW) moments; then the weights files, 64 MiB
     need = 2 * weights * (1 + (2 if optimizer_name == "adamw" else 1)) + 2 * weights + 2**26
     free = shutil.disk_usage(nearest_existing(out)).free
     if free < need:
@@ -179,14 +175,12 @@ def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         "last_epoch": last.get("epoch"), "class_names": names,
         "best_iou": dict(zip(names, best.get("iou", []))),
         "last_iou": dict(zip(names, last.get("iou", []))),
-        # resumes: {"iteration", "changes"} per part whose settings changed on resuming
         "epochs": s.history, "iterations": s.iteration, "resumes": s.resumes,
         "wall_time_s": run.elapsed(), "num_processes": acc.num_processes,
         "device": str(acc.device),
         # the commit, or the list of them when resumed parts ran different checkouts
         "git_commit": s.git_commits[0] if len(s.git_commits) == 1 else (s.git_commits or None),
         "output_dir": str(cfg.output_dir),
-        # MLCL: every process must hold the same bank (largest difference at the last epoch)
         **({"bank_spread_across_processes": run.bank_spread} if run.bank is not None else {}),
     }
     if acc.is_main_process:

@@ -15,8 +15,6 @@ def runs_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Caches that only save time (the data pre-flight's results); MLCL_CACHE overrides,
-    else $XDG_CACHE_HOME/mlcl or ~/.cache/mlcl."""
-    if os.environ.get("MLCL_CACHE"):
-        return Path(os.environ["MLCL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlcl"
+    """Caches that only save time: MLCL_CACHE, else $XDG_CACHE_HOME/mlcl or ~/.cache/mlcl."""
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("MLCL_CACHE") or xdg / "mlcl")

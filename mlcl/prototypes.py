@@ -13,8 +13,7 @@ def initialised(protos: Tensor) -> Tensor:
 
 
 class PrototypeBank(nn.Module):
-    """rho (K, C): one prototype per class, all zeros until the class is first seen; the buffer
-    ``protos`` is in the ``state_dict``, so checkpoints carry it."""
+    """rho (K, C): a prototype per class, zeros until first seen; a buffer, so checkpointed."""
 
     def __init__(self, num_classes: int, channels: int, momentum: float = 0.99,
                  conf_thresh: float = 0.95):
@@ -38,9 +37,8 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
-        """The bank (K, C) after one EMA step from class sums (K, C) and counts (K,), not stored:
-        for each class with counts > 0, mean_k = sums_k / counts_k; rho_k <- mean_k if rho_k is
-        all zeros, else m rho_k + (1 - m) mean_k."""
+        """The bank (K, C) after one EMA step (not stored) from sums (K, C) and counts (K,): for
+        counts_k > 0, rho_k <- mean_k if rho_k is all zeros, else m rho_k + (1 - m) mean_k."""
         present = counts > 0
         mean = sums / counts.clamp(min=1).unsqueeze(1)
         seen, m = initialised(self.protos), self.momentum
@@ -49,9 +47,7 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def update(self, feats: Tensor, labels: Tensor, conf: Tensor, valid: Tensor) -> None:
-        """One EMA step (:meth:`stepped`) in place from the class sums and counts of
-        :meth:`class_sums`' arguments, summed over processes: every process applies the global
-        batch's step, so the banks stay identical."""
+        """:meth:`stepped` in place from :meth:`class_sums` summed over processes (one bank)."""
         sums, counts = self.class_sums(feats, labels, conf, valid)
         packed = reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), reduction="sum")
         self.protos.copy_(self.stepped(packed[:, :-1], packed[:, -1]))

@@ -1,6 +1,5 @@
-"""Stopping a run on purpose (docs/clusters.md): :class:`StopSignals` (SIGTERM / SIGINT) and
-:class:`NonFiniteGuard` (the divergence guard), read together in one gather every
-``train.log_every`` steps and at an epoch's end, so that all processes stop at one step."""
+"""Stopping a run on purpose (docs/clusters.md): stop signals and the divergence guard, read
+together in one gather, so that all processes stop at one step."""
 from __future__ import annotations
 
 import contextlib
@@ -13,18 +12,17 @@ import time
 import torch
 from torch import Tensor
 
-# A scheduler and `accelerate launch` deliver one notice twice within milliseconds; only a
-# signal this much later is a second request (a second Ctrl-C).
+# one notice comes twice (scheduler, accelerate launch); a second request comes this much later
 REPEAT_AFTER_S = 1.0
 
 
 class StopSignals:
-    """Context manager: SIGINT / SIGTERM handlers for the loop (main thread only, else signals
-    keep their handling); ``on_abort()`` runs before an exit at once."""
+    """Context manager: SIGINT / SIGTERM handlers (main thread only); ``on_abort()`` before an
+    exit at once."""
 
     def __init__(self, accelerator, on_abort=None):
         self.acc, self.on_abort = accelerator, on_abort
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first stop signal this process received
         self.first_at, self.previous = 0.0, {}
         self.seen_shared = False  # several processes: a request was seen by a shared read
 
@@ -57,26 +55,13 @@ class StopSignals:
             print(f"{name}: finishing {when}, then writing a checkpoint (send it again to "
                   "stop at once)", file=sys.stderr, flush=True)
 
-    def requested(self) -> bool:
-        """Whether this process received a stop signal."""
-        return self.signum is not None
-
-    def record_shared_read(self, any_process: bool) -> None:
-        """Note whether a shared read (the same on every process) saw a request anywhere."""
-        self.seen_shared = self.seen_shared or any_process
-
     def poll(self) -> bool:
         """Whether to stop here: this process's request, or with several one a shared read saw."""
-        return self.requested() if self.acc.num_processes == 1 else self.seen_shared
-
-    def exit_signal(self) -> int:
-        """The signal to report (SIGTERM when another process received it)."""
-        return self.signum or int(signal.SIGTERM)
+        return self.signum is not None if self.acc.num_processes == 1 else self.seen_shared
 
 
 class NonFiniteGuard:
-    """The first iteration with a non-finite loss term or gradient norm, and which were
-    non-finite then, kept as device tensors: :meth:`observe` never synchronises."""
+    """The first step with non-finite terms (or gradient norm) and which, as device tensors."""
 
     def __init__(self, device: torch.device):
         self.names: list[str] | None = None

@@ -1,7 +1,5 @@
 """fit(cfg): the one training loop, for every method, on HuggingFace Accelerate (one or
-several processes): setup, then per epoch train_epoch (the step: mlcl.engine) and
-end_of_epoch, then finish. Resuming, stopping and output_dir's files: docs/clusters.md.
-"""
+several processes); resuming, stopping and output_dir's files: docs/clusters.md."""
 from __future__ import annotations
 
 import contextlib
@@ -101,13 +99,11 @@ def setup(cfg: Config) -> Run:
               total_iters=total, epochs=epochs, created_out=created, ctx=ctx,
               ckpt=Checkpoints(out, acc, model), guard=NonFiniteGuard(acc.device))
     resume(run)
-    commit = [git_commit() if acc.is_main_process else None]  # the main process's, shared
-    commit = broadcast_object_list(commit) if acc.num_processes > 1 else commit
-    if commit[0] not in run.state.git_commits[-1:]:  # a new part on another checkout
-        run.state.git_commits.append(commit[0])
+    commit = broadcast_object_list([git_commit() if acc.is_main_process else None])[0]  # main's
+    if commit not in run.state.git_commits[-1:]:
+        run.state.git_commits.append(commit)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml")  # creates out
     acc.wait_for_everyone()
     acc.init_trackers("tensorboard")
     save_progress(run, "running")
@@ -144,8 +140,7 @@ def build_trainables(cfg: Config, acc: Accelerator):
 
 
 def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
-    """(iterations per epoch, total iterations, epochs), per process; every method's epoch
-    is one pass over the unlabeled set (the labeled set repeats to its length)."""
+    """(iterations per epoch, total iterations, epochs), per process."""
     ipe = min(len(v) for v in loaders.values())
     if ipe == 0:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
@@ -194,8 +189,8 @@ def check_same_run(out: Path, cfg: Config) -> None:
 
 
 def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
-    """Refuse results without checkpoint ``path`` under a longer schedule (``changes``), a
-    checkpoint past the schedule or ended mid-epoch, a complete run the schedule cannot grow."""
+    """Refuse results without a checkpoint under ``changes``, a checkpoint past the schedule
+    or ended mid-epoch, a complete run whose ``changes`` cannot grow it."""
     it, total, epoch = run.state.iteration, run.total_iters, run.state.epoch
     left = [name for name in RESULT_FILES if (run.out / name).exists()]
     if path is None and left and changes:
@@ -203,15 +198,13 @@ def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
                           f"settings ({'; '.join(changes)}) and no checkpoint to continue: "
                           "choose another output_dir, or delete those files")
     if path is not None and it > total:
-        raise ConfigError(
-            f"checkpoint {path} is at iteration {it}, past the {total} iterations "
-            "train.epochs / train.max_iters now give: raise them back or choose another "
-            "output_dir")
+        raise ConfigError(f"checkpoint {path} is at iteration {it}, past the {total} iterations "
+                          "train.epochs / train.max_iters now give: raise them back or choose "
+                          "another output_dir")
     if path is not None and it < total and it < epoch * run.iters_per_epoch:
-        raise ConfigError(
-            f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
-            f"(train.max_iters): a run continues only from the end of a whole epoch; keep "
-            "train.max_iters, or choose another output_dir")
+        raise ConfigError(f"checkpoint {path} ended epoch {epoch} early at iteration {it} "
+                          "(train.max_iters): a run continues only from the end of a whole "
+                          "epoch; keep train.max_iters, or choose another output_dir")
     if path is not None and changes and it >= total:
         raise ConfigError(f"output_dir {run.out} holds a complete run, which a changed setting "
                           f"cannot change ({'; '.join(changes)}): choose another output_dir, "
@@ -245,8 +238,7 @@ def train_step(run: Run, batch: dict[str, Any], epoch: int) -> dict[str, torch.T
 
 
 def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
-    """Every log_every steps: guard and stop requests (one host sync), the scalar terms and
-    lr to the tracker, progress.json; then a stop request or a mid-epoch checkpoint."""
+    """Every log_every steps: the guard, the tracker, progress.json; then stop or checkpoint."""
     it, t = run.state.iteration, run.cfg.train
     if it % t.log_every == 0:
         check_finite(run, stop)
@@ -264,8 +256,7 @@ def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
 
 
 def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
-    """Evaluate (every eval_every epochs and at the end; best.pt when best so far, last.pt),
-    checkpoint, write metrics.json and progress.json."""
+    """Evaluate (then best.pt, last.pt), checkpoint, write metrics.json and progress.json."""
     check_finite(run, stop)
     if stop.poll():  # before a possibly long evaluation
         interrupt(run, stop)
@@ -306,11 +297,10 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def check_finite(run: Run, stop: StopSignals | None = None) -> None:
-    """Raise RunDiverged if a step had a non-finite loss term or gradient norm; with ``stop``,
-    also share the stop requests. The loop's one host sync, on every process together."""
-    bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.requested())
-    if stop is not None:
-        stop.record_shared_read(stop_requested)
+    """RunDiverged after a non-finite term or norm; with ``stop``, share its requests (one sync)."""
+    bad, stop_requested = run.guard.read(run.acc, stop is not None and stop.signum is not None)
+    if stop is not None:  # the shared read, the same on every process
+        stop.seen_shared |= stop_requested
     if bad is None:
         return
     it, names = bad
@@ -325,16 +315,15 @@ def check_finite(run: Run, stop: StopSignals | None = None) -> None:
 def interrupt(run: Run, stop: StopSignals) -> None:
     """Checkpoint, then raise RunInterrupted (exit status 128 + the signal received)."""
     path = save_checkpoint(run)
-    raise RunInterrupted(
-        f"{signal.Signals(stop.exit_signal()).name}: stopped at iteration {run.state.iteration} "
-        f"of {run.total_iters}; checkpoint {path}; run the same command again to resume",
-        stop.exit_signal())
+    signum = stop.signum or int(signal.SIGTERM)  # SIGTERM when another process received it
+    raise RunInterrupted(f"{signal.Signals(signum).name}: stopped at iteration "
+                         f"{run.state.iteration} of {run.total_iters}; checkpoint {path}; run "
+                         "the same command again to resume", signum)
 
 
 @contextlib.contextmanager
 def stop_status(run: Run) -> Iterator[None]:
-    """Record why a run stopped early (metrics.json, progress.json), or remove the output_dir
-    it created when it failed before its first checkpoint."""
+    """Record why a run stopped early; remove the output_dir it made if it failed unsaved."""
     try:
         yield
     except BaseException as e:
@@ -352,8 +341,7 @@ def stop_status(run: Run) -> Iterator[None]:
 
 
 def leave_at_once(run: Run) -> None:
-    """Before a second stop signal's exit: progress.json says so, or the output_dir this run
-    created goes when it holds no checkpoint yet."""
+    """Before a second stop signal's exit: as :func:`stop_status`, without metrics.json."""
     if run.acc.is_main_process and not (run.created_out and
                                         remove_fresh_output(run.out, run.ckpt.root)):
         save_progress(run, "interrupted")

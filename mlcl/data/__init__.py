@@ -1,6 +1,5 @@
-"""Data: split files, datasets (labeled / unlabeled / val), class names and colours, the
-data pre-flight. The names below load on first use, so that the torch-free modules
-(splits, classes, palette) serve data preparation and the figures without torch."""
+"""Data: split files, datasets, classes, colours, pre-flight; the names below load on first
+use, so that the torch-free modules (splits, classes, palette) do not load torch."""
 import importlib
 
 _WHERE = {"class_names": "mlcl.data.classes", "DataError": "mlcl.data.splits",

@@ -29,8 +29,7 @@ def default_class_names(count: int) -> list[str]:
 
 
 def class_names(cfg: Config) -> list[str]:
-    """cfg.data.class_names, else the data's classes.txt (a DataError when its count is not
-    data.num_classes), else :func:`default_class_names`."""
+    """cfg.data.class_names, else the data's classes.txt (checked), else default_class_names."""
     k = cfg.data.num_classes
     if cfg.data.class_names:
         return list(cfg.data.class_names)

@@ -1,8 +1,6 @@
 """Datasets in UniMatch's vocabulary: ``x``/``y`` labeled, ``w``/``s1``/``s2`` the weak and
 strong views of an unlabeled image, ``ignore`` its padding, ``box1``/``box2`` the CutMix boxes
-that paste a partner's strong view into s1 / s2 (shapes: mlcl.augment). Bad files fail with
-a one-line :class:`DataError` naming the file.
-"""
+that paste a partner's strong view into s1 / s2 (shapes: mlcl.augment)."""
 from __future__ import annotations
 
 import math
@@ -62,8 +60,7 @@ def load_pair(sample: Sample, cfg: Config) -> tuple[Image.Image, np.ndarray]:
 
 
 def index_and_rng(key: int | tuple[int, int]) -> tuple[int, Any]:
-    """A sample key -> (index, source of the augmentation draws): a training sampler's
-    ``(index, draw_seed)`` gives ``random.Random(draw_seed)``; a plain index ``random``."""
+    """(index, draws) of a key: ``(index, draw_seed)`` a seeded random.Random, an index random."""
     return (key[0], random.Random(key[1])) if isinstance(key, tuple) else (key, random)
 
 

@@ -1,6 +1,5 @@
-"""Pre-flight (docs/bad_input.md): before the first training step every file the run will
-read is opened once, so a bad file fails the run in seconds, in one line; samples that
-passed are cached (``paths.cache_dir()/preflight``)."""
+"""Pre-flight (docs/bad_input.md): every file a run will read is opened before its first
+step; samples that passed are cached (``paths.cache_dir()/preflight``)."""
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +24,7 @@ Item = tuple[Path, Optional[Path]]  # (image, mask or None when the mask is not 
 
 
 def check_item(item: Item, num_classes: int, ignore_index: int) -> Optional[str]:
-    """The problem with one sample, or None: its image decodes in full (JPEGs at reduced
-    scale, every byte still read), its mask passes :func:`load_mask`."""
+    """The problem with one sample, or None: its image decodes, its mask passes load_mask."""
     image, mask = item
     try:
         with Image.open(image) as im:

@@ -1,9 +1,6 @@
-"""Split files: which images (and masks) a dataset reads. A line is (a) an image id, resolved
-by the folder layout (:func:`paths_for_id`), or (b) ``image-path mask-path`` relative to the
-data root, as in UniMatch's and the MLCL release's split files; a file may mix them. Blank
-lines and ``#`` comments are skipped. Every listed file is checked up front, so a bad split
-fails at start-up with the split file, the line and the missing path in one line.
-"""
+"""Split files: a line is (a) an image id, resolved by the folder layout (:func:`paths_for_id`),
+or (b) ``image-path mask-path`` relative to the data root (UniMatch's and the release's);
+blank lines and ``#`` comments are skipped."""
 from __future__ import annotations
 
 import re
@@ -72,8 +69,7 @@ def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
 
 
 def id_for_path(image: str, layout: str) -> str:
-    """The id of a format-(b) image path: the inverse of :func:`paths_for_id` where the path
-    follows the layout, else the file name without its extension."""
+    """The id of a format-(b) image path (:func:`paths_for_id` inverted, else the file's stem)."""
     p, suffix = Path(image), "_leftImg8bit.png"
     if layout == "cityscapes" and "leftImg8bit" in p.parts[:-1] and p.name.endswith(suffix):
         return str(Path(*p.parts[p.parts.index("leftImg8bit") + 1:])).removesuffix(suffix)
