@@ -30,13 +30,6 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="synthetic",
-                   help="preset name (mlcl/configs/NAME.yaml) or a YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted config overrides, e.g. method=mlcl data.root=DIR split=1_8")
-
-
 def cmd_train(args) -> int:
     from accelerate import PartialState
 
@@ -107,13 +100,6 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_synth(args) -> int:
-    from mlcl.study.synthetic import run_synth
-
-    run_synth(args)  # it returns the dataset's folder
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="python -m mlcl", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic dataset")
     synthetic.add_synth_args(p)
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(func=synthetic.run_synth)
 
     p = sub.add_parser("train", help="train a method (resumes when output_dir has a checkpoint)")
-    _config_args(p)
+    p.add_argument("--config", default="synthetic",
+                   help="preset name (mlcl/configs/NAME.yaml) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. method=mlcl data.root=DIR split=1_8")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="mIoU of a checkpoint on the validation split")

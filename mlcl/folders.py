@@ -55,19 +55,15 @@ class OutputFolder:
             raise ValueError(f"{flag} {why}: give a folder you can write to")
         return listed
 
-    def make(self) -> None:
-        """Create the folder; a ValueError naming the flag if it cannot."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create {self.flag} {self.path} ({e.strerror}): give a "
-                             "folder you can write to") from None
-
     def write(self, rel: str | Path, write: Callable[[Path], None]) -> Path:
         """Write ``self.path / rel`` atomically, recording it in the manifest first."""
         rel = str(rel)
         if rel not in self.listed:
-            self.make()
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create {self.flag} {self.path} ({e.strerror}): give "
+                                 "a folder you can write to") from None
             with open(self.manifest, "a") as fh:
                 fh.write(rel + "\n")
             self.listed.add(rel)

@@ -79,7 +79,7 @@ def read_marker(path: Path) -> Optional[dict]:
 
 # --------------------------------------------------------------------------- download
 def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
-                      sha256_prefix: Optional[str] = None) -> str:
+                      sha256_prefix: Optional[str]) -> str:
     """What in ``got`` (hex digests) differs from the expected ones; empty when nothing."""
     bad = [f"{algo} {got.get(algo)} (expected {want})" for algo, want in
            (("md5", md5), ("sha256", sha256)) if want and got.get(algo) != want.lower()]
@@ -88,23 +88,13 @@ def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[
     return "; ".join(bad)
 
 
-def _check_digests(path: Path, md5: Optional[str], sha256: Optional[str],
-            sha256_prefix: Optional[str] = None) -> dict[str, str]:
-    """Digests of ``path`` (md5 only where one is expected); raise ChecksumError on mismatch."""
-    got = digests(path, ("sha256", "md5") if md5 else ("sha256",))
-    problem = _checksum_problem(got, md5, sha256, sha256_prefix)
-    if problem:
+def _check_digests(path: Path, expect: tuple) -> dict[str, str]:
+    """Digests of ``path`` (md5 only where one is expected); ChecksumError unless they match
+    ``expect`` (md5, sha256, sha256 prefix)."""
+    got = digests(path, ("sha256", "md5") if expect[0] else ("sha256",))
+    if problem := _checksum_problem(got, *expect):
         raise ChecksumError(problem)
     return got
-
-
-def _total_from(resp, have: int) -> Optional[int]:
-    """The full size of the remote file from Content-Range (206) or Content-Length (200)."""
-    m = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
-    if m:
-        return int(m.group(1))
-    length = resp.headers.get("Content-Length", "")
-    return int(length) + (have if resp.status == 206 else 0) if length.isdigit() else None
 
 
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
@@ -125,7 +115,7 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     part = dest.with_name(dest.name + ".part")
     _download_with_retries(url, part, name, retries, timeout, backoff, log)
     try:
-        got = _check_digests(part, *expect)
+        got = _check_digests(part, expect)
     except ChecksumError as e:
         part.unlink(missing_ok=True)
         raise ChecksumError(f"{name} from {url}: {e}; the file was removed, run again to "
@@ -156,7 +146,7 @@ def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
         log(f"[skip] {name}: present (no checksum to compare)")
         return True
     try:
-        got = _check_digests(dest, *expect)
+        got = _check_digests(dest, expect)
     except ChecksumError as e:
         log(f"[redo] {name}: the file on disk fails its checksum ({e}); downloading again")
         dest.unlink()
@@ -211,7 +201,10 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
         if have and resp.status != 206:
             log(f"  {name}: the server ignored the Range request; starting over")
             have = 0
-        total = _total_from(resp, have)
+        size = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+        length = resp.headers.get("Content-Length", "")  # of the rest after a 206
+        total = int(size.group(1)) if size else int(length) + (
+            have if resp.status == 206 else 0) if length.isdigit() else None
         got, t0, last_t, last_pct = have, time.monotonic(), time.monotonic(), -10
         with open(part, "ab" if have else "wb") as out:
             while block := resp.read(CHUNK):  # a progress line every 10% or 30 s

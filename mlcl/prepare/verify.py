@@ -14,7 +14,7 @@ from PIL import Image
 from mlcl.config import DataConfig
 from mlcl.data.classes import data_classes
 from mlcl.data.preflight import check_item
-from mlcl.data.splits import DataError, parse_split
+from mlcl.data.splits import parse_split
 from mlcl.prepare.download import Log, say
 
 IGNORE = DataConfig().ignore_index
@@ -62,26 +62,20 @@ def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True,
                 if not p.is_file()]
     if problems:
         return problems
-    try:
-        if values:
-            problem = check_item((image, mask), num_classes, ignore_index)
-            return [problem] if problem else []
-        (iw, ih), (mw, mh) = header_size(image, "image"), header_size(mask, "mask")
-    except DataError as e:
-        return [str(e)]
-    if (iw, ih) != (mw, mh):
+    if values:
+        problem = check_item((image, mask), num_classes, ignore_index)
+        return [problem] if problem else []
+    sizes = {}
+    for what, path in (("image", image), ("mask", mask)):
+        try:
+            with Image.open(path) as im:  # the header only: nothing decoded
+                sizes[what] = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return [f"cannot read {what} {path}: {e}"]
+    if sizes["image"] != sizes["mask"]:
+        (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
         return [f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}"]
     return []
-
-
-def header_size(path: Path, what: str) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding; a DataError naming
-    ``what`` and the file when it cannot be opened."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
 def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Path]] = None,

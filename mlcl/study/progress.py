@@ -4,6 +4,7 @@ tqdm bar per running run on a terminal, else one plain line per run every ``ever
 Messages go through :meth:`Board.write`, so none lands on a bar's line."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -46,7 +47,7 @@ def describe(p: dict[str, Any] | None) -> str:
     return f"{val}, ETA {clock(eta_s(p))}" if status == "running" else f"{val}, {status}"
 
 
-class Tracker:
+class Tracker(contextlib.AbstractContextManager):
     """The display of one running run in bar ``position``; a context manager that closes it."""
 
     def __init__(self, board: "Board", name: str, output_dir: Path, position: int):
@@ -78,9 +79,6 @@ class Tracker:
             self.bar.close()
         with self.board.lock:
             self.board.taken.discard(self.position)
-
-    def __enter__(self) -> "Tracker":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

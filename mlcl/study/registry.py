@@ -17,8 +17,6 @@ from mlcl.files import atomic_write_json
 from mlcl.outputs import read_run, resume_changes
 from mlcl.paths import REPO, runs_dir
 
-# torch (environment) and pandas (runs_frame) are imported where they are used.
-
 # what names a grid cell (mlcl.study.grids.Run): the registry's ``run`` record and table rows
 CELL_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
 METRIC_COLUMNS = ("best_miou", "last_miou", "best_epoch", "last_epoch", "iterations")
@@ -181,9 +179,10 @@ TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_s
 VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
 
 
-def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
-    """``"B vs A (key: a -> b; ...)"`` per complete entry whose settings differ from the
-    first of its table (preset, dataset) or cell, then per entry resumed with changes."""
+def check_comparable(entries: list[dict[str, Any]]) -> None:
+    """A ValueError naming the runs and keys (``B vs A (key: a -> b; ...)``) when a complete
+    entry's settings differ from the first of its table (preset, dataset) or cell, or an entry
+    was resumed with changes."""
     tables: dict[tuple, list[dict[str, Any]]] = {}
     cells: dict[tuple, list[dict[str, Any]]] = {}
     resumed = []
@@ -195,9 +194,14 @@ def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
             table = (f["preset"], ((e.get("config") or {}).get("data") or {}).get("dataset"))
             tables.setdefault(table, []).append(e)
             cells.setdefault(table + (f["method"], f["variant"], f["ablation"]), []).append(e)
-    return ([line for group in tables.values() for line in _differences(group, False)]
-            + [line for group in cells.values() for line in _differences(group, True)]
-            + resumed)
+    problems = ([line for group in tables.values() for line in _differences(group, False)]
+                + [line for group in cells.values() for line in _differences(group, True)]
+                + resumed)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"the registry mixes runs of different settings: {problems[0]}{more}; "
+                         "keep them in separate registries (reproduce --runs DIR) or train "
+                         "the old ones again (reproduce --rerun-changed)")
 
 
 def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:
@@ -212,16 +216,6 @@ def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:
         if changes:
             out.append(f"{e.get('name')} vs {group[0].get('name')} ({'; '.join(changes)})")
     return out
-
-
-def check_comparable(entries: list[dict[str, Any]]) -> None:
-    """A ValueError naming the runs and keys when the entries mix settings in one table."""
-    problems = settings_conflicts(entries)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"the registry mixes runs of different settings: {problems[0]}{more}; "
-                         "keep them in separate registries (reproduce --runs DIR) or train "
-                         "the old ones again (reproduce --rerun-changed)")
 
 
 def runs_frame(entries: list[dict[str, Any]]):

@@ -104,10 +104,16 @@ def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log:
 
 
 def run_figures(registry_dir: Path, figures: Path, notebook: Path) -> int:
-    """The figures notebook on ``registry_dir`` into ``figures``, executed as ``notebook``."""
-    return run_papermill(FIGURES_NOTEBOOK, notebook, {"registry_dir": str(registry_dir),
-                                                      "figures_dir": str(figures)},
-                         notebook.with_suffix(".log"))
+    """The figures notebook on ``registry_dir`` into ``figures``, executed as ``notebook``;
+    its exit status, said with where the figures went or the failure's log and cause."""
+    log = notebook.with_suffix(".log")
+    rc = run_papermill(FIGURES_NOTEBOOK, notebook, {"registry_dir": str(registry_dir),
+                                                    "figures_dir": str(figures)}, log)
+    cause = "" if rc == 0 else cause_line(log)
+    print(f"figures written to {figures} (notebook {notebook})" if rc == 0 else
+          f"  FAILED  figures notebook (exit {rc}; log {log}){': ' + cause if cause else ''}",
+          flush=True)
+    return rc
 
 
 def figures_main(args) -> int:
@@ -123,10 +129,7 @@ def figures_main(args) -> int:
     nb = runs_dir() / "notebooks" / "figures.ipynb"
     print(f"reading the registry {reg} ({count} runs); writing figures and tables into "
           f"{out} ...", flush=True)
-    rc = run_figures(reg, out, nb)
-    print(f"{'done' if rc == 0 else 'FAILED'}: executed notebook {nb}"
-          + ("" if rc == 0 else f" (log {nb.with_suffix('.log')})"), flush=True)
-    return rc
+    return run_figures(reg, out, nb)
 
 
 def cell_config(run: Run, out: Path, overrides: list[str]):
@@ -309,15 +312,8 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     if figures:
         out = figures_dir or registry.figures_dir()
         nb = root / "notebooks" / f"figures-{grid}.ipynb"
-        rc = run_figures(runner.registry, out, nb)
-        if rc == 0:
-            result["figures"].append(str(nb))
-            print(f"figures written to {out} (notebook {nb})")
-        else:
-            result["failed"].append("figures")
-            cause = cause_line(nb.with_suffix(".log"))
-            print(f"  FAILED  figures notebook (exit {rc}; log {nb.with_suffix('.log')})"
-                  f"{': ' + cause if cause else ''}")
+        ok = run_figures(runner.registry, out, nb) == 0
+        result["figures" if ok else "failed"].append(str(nb) if ok else "figures")
     runner.report()
     return result
 

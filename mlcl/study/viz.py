@@ -24,7 +24,6 @@ from mlcl.study.registry import figures_dir, runs_frame
 # figures notebook draws from the registry alone and does not load torch.
 
 NOT_RUN = "not run"
-NO_PAIR = "no supervised run of the same seed and schedule"
 SYNTHETIC_MARK = "†"
 SYNTHETIC_STAMP = "SYNTHETIC DATA (shapes set): not Pascal VOC / Cityscapes results"
 SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CPU schedules): "
@@ -98,14 +97,12 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
     values = paper_table_values(entries, key)
     cols = [c.label for c in t.columns]
     out: dict[tuple[str, str], list[str]] = {}
-    ours = {"supervised": [("supervised", "")], "unimatch": [("unimatch", "")],
-            "augseg": [], "mlcl": [("mlcl", "paper"), ("mlcl", "released")]}
     for pkey, plabel in paper.PUBLISHED_LABELS.items():
         if pkey not in t.published:
             continue
         group = plabel.split(" (")[0]
         out[(group, f"published: {plabel}")] = [f"{v:.2f}" for v in t.published[pkey]]
-        for method, variant in ours[pkey]:
+        for method, variant in (mv for mv in METHOD_LABELS if mv[0] == pkey):
             v = values[(values.method == method) & (values.variant == variant)]
             v = v.set_index("column").loc[cols]
             tag = "ours" if method != "mlcl" else f"ours, {variant} variant"
@@ -174,7 +171,8 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
         row[(cell, "best")] = fmt(r.best_mean, r.best_std, r.n)
         row[(cell, "last")] = fmt(r.last_mean, r.last_std, r.n)
         row[(cell, "gain vs supervised")] = "—" if r.method == "supervised" else _paired_text(
-            r.gain_mean, r.gain_std, r.gain_n, r.gain_positive, NO_PAIR)
+            r.gain_mean, r.gain_std, r.gain_n, r.gain_positive,
+            "no supervised run of the same seed and schedule")
         row[(cell, "MLCL vs UniMatch")] = "—" if r.method != "mlcl" else _paired_text(
             r.vs_uni_mean, r.vs_uni_std, r.vs_uni_n, r.vs_uni_positive,
             "no UniMatch run of the same seed and schedule")
@@ -241,9 +239,8 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
             df = df[df[col] == want]
     if df.empty:
         return {}
-    slot = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
-            ("mlcl", "paper"): "MLCL", ("mlcl", "released"): "MLCL"}
-    df = df.assign(slot=[slot.get((m, v)) for m, v in zip(df.method, df.variant)])
+    df = df.assign(slot=[METHOD_LABELS.get((m, v), "").split(" (")[0] or None
+                         for m, v in zip(df.method, df.variant)])
     df = df[df.slot.notna()]
     score = df.groupby(["preset", "split", "seed"]).agg(k=("slot", "nunique"),
                                                         syn=("synthetic", "any"))
@@ -273,6 +270,12 @@ def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, fi
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
+def _folder(directory: str | Path | None) -> Path:
+    d = Path(directory) if directory else figures_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
     """``<name>.png``, ``.pdf`` and ``.json`` into ``directory`` (default: figures_dir()); a
@@ -281,9 +284,7 @@ def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = 
     if synthetic and not any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
         fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
                  fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
-    d = Path(directory) if directory else figures_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    text = _caption(caption, runs, synthetic)
+    d, text = _folder(directory), _caption(caption, runs, synthetic)
     files = [d / f"{name}.png", d / f"{name}.pdf"]
     fig.savefig(files[0], dpi=150, bbox_inches="tight", metadata={"Description": text})
     fig.savefig(files[1], bbox_inches="tight", metadata={"Subject": text, "Title": name})
@@ -300,9 +301,7 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
                directory: str | Path | None = None) -> list[Path]:
     """``<name>.csv``, ``.tex``, ``.json`` and ``values`` as ``<name>_values.csv``."""
     runs = list(runs)
-    d = Path(directory) if directory else figures_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    text = _caption(caption, runs, synthetic)
+    d, text = _folder(directory), _caption(caption, runs, synthetic)
     files = [d / f"{name}.csv", d / f"{name}.tex"]
     df.to_csv(files[0])
     latex_text = "".join(_LATEX.get(c, c) for c in text)
