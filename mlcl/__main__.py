@@ -14,9 +14,6 @@ import sys
 
 from mlcl.errors import CommandLineParser, MlclError, run_reported
 
-# Each handler imports its command's modules; the parser loads only torch-free ones, so the
-# light commands (synth, data but verify/pretrained, reproduce, figures, --help) never do.
-
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""

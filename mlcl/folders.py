@@ -1,6 +1,7 @@
 """Result folders and files of predict and evaluate: they rewrite only what they wrote."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -10,11 +11,8 @@ from mlcl.files import atomic_write, place_problem
 def temp_target(path: Path) -> Path:
     """The file an interrupted :func:`atomic_write`'s ``.<name>.<random>.tmp`` was for, or
     ``path`` itself for any other name."""
-    name = path.name
-    if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
-        return path
-    target = name[1:-len(".tmp")].rsplit(".", 1)[0]
-    return path.with_name(target) if target else path
+    m = re.fullmatch(r"\.(.+)\.[^.]*\.tmp", path.name)
+    return path.with_name(m.group(1)) if m else path
 
 
 class OutputFolder:

@@ -77,7 +77,6 @@ def read_marker(path: Path) -> Optional[dict]:
         return None
 
 
-# --------------------------------------------------------------------------- download
 def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
                       sha256_prefix: Optional[str]) -> str:
     """What in ``got`` (hex digests) differs from the expected ones; empty when nothing."""
@@ -221,7 +220,6 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
             raise DownloadError(f"connection closed at {got} of {total} bytes")
 
 
-# --------------------------------------------------------------------------- extraction
 def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optional[str]],
             log: Log = say) -> int:
     """Copy each file member of ``archive`` (tar, tar.gz or zip) whose name ``select`` maps

@@ -2,8 +2,7 @@
 (docs/real_data.md): ``SegmentationClass`` holds the 10,582 train_aug + 1,449 val masks, VOC's
 own fine mask where there is one, else SBD's (or a SegmentationClassAug set's);
 ``SegmentationClassVOC`` VOC's masks as shipped; ``ImageSets/Segmentation/train_aug.txt``
-(VOC train ∪ SBD train ∪ SBD val) − VOC val.
-"""
+(VOC train ∪ SBD train ∪ SBD val) − VOC val."""
 from __future__ import annotations
 
 import re
@@ -101,14 +100,8 @@ def extract_voc(tar: Path, root: Path, steps: Steps,
                 log: Log = say) -> tuple[list[str], list[str]]:
     """VOC trainval's images, fine masks (as ``SegmentationClassVOC``) and segmentation lists
     into ``root``; return the (train, val) ids."""
-    def select(name: str) -> Optional[str]:
-        m = _VOC_MEMBER.match(name)
-        if not m:
-            return None
-        folder = "SegmentationClassVOC" if m.group(1) == "SegmentationClass" else m.group(1)
-        return f"{folder}/{m.group(2)}"
-
-    steps.extract_once("voc-extract", tar, root, select, log)
+    steps.extract_once("voc-extract", tar, root, lambda name: (m := _VOC_MEMBER.match(name)) and (
+        f"{m.group(1).replace('SegmentationClass', 'SegmentationClassVOC')}/{m.group(2)}"), log)
     return read_ids(root / SEG_SETS / "train.txt"), read_ids(root / SEG_SETS / "val.txt")
 
 

@@ -14,8 +14,6 @@ from mlcl.study.registry import NOTEBOOKS, data_dir, demo_dir, figures_dir, load
 from mlcl.study.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
 from mlcl.study.synthetic import make_synthetic
 
-# mlcl.study.viz (matplotlib, pandas: about 1.5 s) is imported inside run_demo for its last step.
-
 DEMO_METHODS = ("supervised", "unimatch", "mlcl")
 SYNTHETIC = {"num_train": 1000, "num_val": 200, "size": 64, "classes": 7, "seed": 0}
 
@@ -28,17 +26,15 @@ def demo_runs() -> dict[str, grids.Run]:
 def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[list[tuple]]:
     """The post-training notebooks as two chains run side by side: [prototypes] and
     [perturbations, figures]; each job is (name, notebook, executed copy, parameters)."""
-    nb_dir = runs / "notebooks"
+    nb, out = runs / "notebooks", str(figures)
     best = {m: str(cells[m] / "best.pt") for m in cells}
-    protos = ("prototypes", NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
+    return [[("prototypes", NOTEBOOKS / "prototypes.ipynb", nb / "prototypes-demo.ipynb",
               {"checkpoints": {"UniMatch": best["unimatch"], "MLCL": best["mlcl"]},
-               "out_dir": str(figures)})
-    perts = ("perturbations", NOTEBOOKS / "perturbations.ipynb",
-             nb_dir / "perturbations-demo.ipynb",
-             {"checkpoint": best["mlcl"], "out_dir": str(figures)})
-    figs = ("figures", FIGURES_NOTEBOOK, nb_dir / "figures-demo.ipynb",
-            {"registry_dir": str(runs / "registry"), "figures_dir": str(figures)})
-    return [[protos], [perts, figs]]
+               "out_dir": out})],
+            [("perturbations", NOTEBOOKS / "perturbations.ipynb", nb / "perturbations-demo.ipynb",
+              {"checkpoint": best["mlcl"], "out_dir": out}),
+             ("figures", FIGURES_NOTEBOOK, nb / "figures-demo.ipynb",
+              {"registry_dir": str(runs / "registry"), "figures_dir": out})]]
 
 
 def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:

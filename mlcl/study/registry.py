@@ -82,13 +82,11 @@ def environment() -> dict[str, Any]:
     """Python, torch, platform and host, and the GPU when there is one."""
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform(), "cuda": torch.cuda.is_available(),
-           "host": platform.node()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["gpus"] = torch.cuda.device_count()
-    return env
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cuda": cuda, "host": platform.node(),
+            **({"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
+               if cuda else {})}
 
 
 def git_dirty() -> bool | None:

@@ -25,9 +25,6 @@ from mlcl.study import grids, progress, registry
 from mlcl.study.grids import GRIDS, Run
 from mlcl.study.registry import CELL_KEYS, NOTEBOOKS, find_registry, fix_data_root, load_entry
 
-# mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
-# this process: reproduce itself only launches runs in subprocesses and reads their files.
-
 EXECUTORS = ("papermill", "cli")
 RUN_NOTEBOOK = NOTEBOOKS / "run.ipynb"
 FIGURES_NOTEBOOK = NOTEBOOKS / "figures.ipynb"

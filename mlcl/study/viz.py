@@ -20,9 +20,6 @@ from mlcl.files import atomic_write_json
 from mlcl.study import paper
 from mlcl.study.registry import figures_dir, runs_frame
 
-# torch and mlcl.study.explore are imported inside the plots of checkpoint quantities: the
-# figures notebook draws from the registry alone and does not load torch.
-
 NOT_RUN = "not run"
 SYNTHETIC_MARK = "†"
 SYNTHETIC_STAMP = "SYNTHETIC DATA (shapes set): not Pascal VOC / Cityscapes results"
@@ -400,7 +397,7 @@ IGNORE_LABEL = "ignore (255): object edges, not scored"
 def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
                  title: str = "class colours") -> None:
     """A legend of the class colours (and the ignore label's) below the panels."""
-    colours = _class_colours(dataset, 256)
+    colours = palette_for(dataset) / 255.0
     handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
                for k, name in enumerate(class_names)]
     if ignore:
@@ -512,10 +509,6 @@ def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
     return df
 
 
-def _class_colours(dataset: str, k: int) -> np.ndarray:
-    return palette_for(dataset)[:k] / 255.0
-
-
 def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
     """Per checkpoint (rows): its prototypes (K x C heatmap) and their pairwise cosines."""
     fig, axes = plt.subplots(len(sets), 2, figsize=(10, 2.6 * len(sets)), squeeze=False,
@@ -545,7 +538,7 @@ def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
     """``panels`` (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2)) as scatters."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (title, fs, xy, pxy) in zip(axes[0], panels):
-        colours = _class_colours(dataset, len(fs.class_names))
+        colours = palette_for(dataset) / 255.0
         for k, name in enumerate(fs.class_names):
             sel = fs.labels == k
             if sel.any():
