@@ -9,17 +9,15 @@ from mlcl.files import atomic_write, place_problem
 
 
 def temp_target(path: Path) -> Path:
-    """The file an interrupted :func:`atomic_write`'s ``.<name>.<random>.tmp`` was for, or
-    ``path`` itself for any other name."""
+    """The file an interrupted atomic_write's ``.<name>.<random>.tmp`` was for, else ``path``."""
     m = re.fullmatch(r"\.(.+)\.[^.]*\.tmp", path.name)
     return path.with_name(m.group(1)) if m else path
 
 
 class OutputFolder:
-    """A folder for a command's results only: its manifest (``.mlcl-written``, a relative
-    path a line, appended before each write) lists what the command wrote, which it may
-    rewrite; any other file (or the ``inputs``) in it is a ValueError naming ``flag``, at
-    construction. The folder is made at the first :meth:`write`."""
+    """A folder for a command's results only, made at the first :meth:`write`: its manifest
+    (``.mlcl-written``, appended before each write) lists what it may rewrite; any other file
+    (or an ``inputs``) in it is a ValueError naming ``flag``, at construction."""
 
     MANIFEST = ".mlcl-written"
 

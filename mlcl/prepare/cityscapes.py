@@ -1,7 +1,6 @@
-"""Cityscapes (fine) with trainId masks, in the layout UniMatch's lists name
-(docs/real_data.md): the two zips from ``--zips DIR``, the downloads folder, or cityscapesscripts'
-downloader with the account in the environment (never written or printed); the masks by
-cityscapesscripts' ``createTrainIdLabelImgs``."""
+"""Cityscapes (fine) with trainId masks in the layout UniMatch's lists name (docs/real_data.md):
+the two zips from ``--zips``, the downloads folder or cityscapesscripts' downloader (account
+from the environment, never written or printed); masks by its createTrainIdLabelImgs."""
 from __future__ import annotations
 
 import os

@@ -1,6 +1,6 @@
-"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained} ...`` and data_scripts/*.py
-(examples: mlcl/prepare/__init__.py, docs/real_data.md). Exit status 0 on success, 1 on a
-failed step or check (the message says what to do), 2 on bad arguments, 130 on Ctrl-C."""
+"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained}`` and data_scripts/*.py
+(docs/real_data.md): exit status 0 on success, 1 on a failed step or check (the message says
+what to do), 2 on bad arguments, 130 on Ctrl-C."""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,6 @@
-"""Resumable, checksum-verified downloads and safe archive extraction, each idempotent:
-:func:`fetch` resumes ``dest.part`` with HTTP Range requests and writes ``dest.done`` once the
-checksum is right; :func:`extract` refuses absolute paths and ``..``; :class:`Steps` keeps the
-``.done`` markers of multi-file steps."""
+"""Idempotent, resumable, checksum-verified downloads (:func:`fetch`: ``dest.part`` resumed by
+HTTP Range, ``dest.done`` once verified), safe extraction (:func:`extract`) and the ``.done``
+markers of multi-file steps (:class:`Steps`)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -88,8 +87,7 @@ def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[
 
 
 def _check_digests(path: Path, expect: tuple) -> dict[str, str]:
-    """Digests of ``path`` (md5 only where one is expected); ChecksumError unless they match
-    ``expect`` (md5, sha256, sha256 prefix)."""
+    """Digests of ``path``; a ChecksumError unless they match ``expect`` (md5, sha256, prefix)."""
     got = digests(path, ("sha256", "md5") if expect[0] else ("sha256",))
     if problem := _checksum_problem(got, *expect):
         raise ChecksumError(problem)

@@ -1,7 +1,6 @@
-"""The standard semi-supervised split lists, UniMatch's (Yang et al., CVPR 2023) at commit
-:data:`UNIMATCH_COMMIT`, in ``<root>/splits/<dataset>/`` with ``PROVENANCE.json`` (URL, sha256
-pinned in :data:`KNOWN_SHA256` or recorded on first fetch, lines, date); offline, seeded
-stand-ins of the same sizes marked ``# NON-STANDARD``. Run-book: docs/real_data.md."""
+"""The standard split lists, UniMatch's (CVPR 2023) at :data:`UNIMATCH_COMMIT`, into
+``<root>/splits/<dataset>/`` with ``PROVENANCE.json`` (URLs, sha256, lines, dates); offline,
+seeded stand-ins of the same sizes marked ``# NON-STANDARD``. Run-book: docs/real_data.md."""
 from __future__ import annotations
 
 import math
@@ -154,9 +153,8 @@ def _pool_ids(dataset: str, root: Path) -> dict[str, list[str]]:
 
 def generate_splits(dataset: str, root: str | Path, names: Optional[list[str]] = None,
                     seed: int = 0, force: bool = False, log: Log = say) -> Path:
-    """Seeded stand-ins for the standard lists, drawn from the prepared dataset's ids: sizes
-    ceil(pool / d) as in the standard lists, the splits of one pool nested (1/16 ⊂ 1/8 ⊂ ...),
-    the U2PL-named ones from their own draw."""
+    """Seeded stand-ins of the standard sizes from the prepared dataset's ids, the splits of one
+    pool nested (1/16 ⊂ 1/8 ⊂ ...), the U2PL-named ones from their own draw."""
     root = Path(root)
     out = root / "splits" / dataset
     names = list(SPLITS[dataset]) if names is None else names

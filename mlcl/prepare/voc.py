@@ -1,8 +1,6 @@
-"""Pascal VOC 2012 with the SBD augmentation, in the layout UniMatch's split files name
-(docs/real_data.md): ``SegmentationClass`` holds the 10,582 train_aug + 1,449 val masks, VOC's
-own fine mask where there is one, else SBD's (or a SegmentationClassAug set's);
-``SegmentationClassVOC`` VOC's masks as shipped; ``ImageSets/Segmentation/train_aug.txt``
-(VOC train ∪ SBD train ∪ SBD val) − VOC val."""
+"""Pascal VOC 2012 + SBD in the layout UniMatch's split files name (docs/real_data.md):
+``SegmentationClass`` the train_aug and val masks (VOC's fine one where there is one, else the
+augmentation set's), ``SegmentationClassVOC`` VOC's as shipped, ``train_aug.txt``."""
 from __future__ import annotations
 
 import re
@@ -55,9 +53,8 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
                 voc: Resource = VOC, sbd: Resource = SBD,
                 expected: Optional[dict[str, int]] = None, keep_staging: bool = False,
                 force: bool = False, fetch_kw: Optional[dict] = None, log: Log = say) -> dict:
-    """Download, extract and assemble VOC 2012 + augmentation under ``root``; return counts.
-    ``aug``: ``"sbd"`` (download SBD, convert its .mat labels) or a SegmentationClassAug
-    folder or zip; ``expected`` replaces the standard counts (tests)."""
+    """VOC 2012 + ``aug`` (``"sbd"``, or a SegmentationClassAug folder or zip) under ``root``;
+    the counts, checked against ``expected`` (default: the standard ones)."""
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
     expected = dict(STANDARD_POOLS["pascal"] if expected is None else expected)
@@ -106,8 +103,7 @@ def extract_voc(tar: Path, root: Path, steps: Steps,
 
 
 def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
-    """id -> mask of SBD's train and val lists: ``cls/<id>.mat`` extracted under
-    ``staging/sbd``."""
+    """id -> mask of SBD's train and val lists (``cls/<id>.mat`` under ``staging/sbd``)."""
     sbd_dir = staging / "sbd"
     steps.extract_once("sbd-extract", tgz, sbd_dir,
                        lambda name: (m := _SBD_MEMBER.match(name)) and m.group(1), log)

@@ -1,8 +1,6 @@
-"""`make demo` (= ``python -m mlcl demo``): the synthetic dataset (written once), the ``demo``
-grid (supervised, UniMatch and MLCL at 1/32 labels, one seed, a short CPU schedule) through
-notebooks/run.ipynb two at a time, then the prototypes, perturbations and figures notebooks,
-the three methods' mIoU and where everything landed. Runs go under runs/demo/, figures into
-figures/demo/; a second `make demo` trains nothing and rebuilds the figures."""
+"""`make demo` (= ``python -m mlcl demo``): the synthetic data (written once), the ``demo``
+grid (the three methods at 1/32 labels, one seed) through notebooks/run.ipynb into runs/demo/,
+then the prototypes, perturbations and figures notebooks into figures/demo/."""
 from __future__ import annotations
 
 import time

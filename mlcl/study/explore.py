@@ -1,7 +1,6 @@
-"""Inside trained checkpoints, for the notebooks: predictions on validation images, SAI's
-perturbations of unlabeled images, pixel features and prototypes. Method quantities come from
-the core (``model.encode/decode``, mlcl.losses), in eval mode; what is computed here is for
-display only (PCA colours, 2-D embeddings, compactness)."""
+"""Inside trained checkpoints, for the notebooks: predictions, SAI's perturbations, pixel
+features and prototypes, by the core's own functions in eval mode; what is computed here is
+for display only (PCA colours, 2-D embeddings, compactness)."""
 from __future__ import annotations
 
 import random

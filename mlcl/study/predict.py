@@ -1,7 +1,6 @@
-"""Loading trained weights, and `python -m mlcl predict`: palette PNG masks named after their
-images' whole names (``a.jpg`` -> ``a.jpg.png``) in an mlcl.folders.OutputFolder, with the
-class colours in ``legend.png`` / ``legend.txt``. Unreadable or oversized images are reported
-and skipped; large images are predicted in overlapping tiles."""
+"""Loading trained weights, and `python -m mlcl predict`: palette PNG masks (``a.jpg`` ->
+``a.jpg.png``) and ``legend.png`` / ``.txt`` in an OutputFolder; unreadable or oversized
+images are reported and skipped, large ones predicted in overlapping tiles."""
 from __future__ import annotations
 
 import sys
@@ -26,8 +25,7 @@ TILE = 1024  # images above TILE*TILE pixels are predicted in windows of this si
 
 
 def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
-    """The class colours as a picture (swatch and name per class) and as text
-    ('index<TAB>name<TAB>r,g,b' per line)."""
+    """The class colours as a picture and as text ('index<TAB>name<TAB>r,g,b' per line)."""
     pal = palette_for(dataset)
     row = 18
     img = Image.new("RGB", (220, row * len(names) + 4), "white")

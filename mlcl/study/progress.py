@@ -1,7 +1,6 @@
-"""Live progress of the runs that `make demo` and `python -m mlcl reproduce` train: a waiting
-worker polls the run's ``progress.json`` (mlcl.outputs) and shows it on a :class:`Board`, one
-tqdm bar per running run on a terminal, else one plain line per run every ``every`` seconds.
-Messages go through :meth:`Board.write`, so none lands on a bar's line."""
+"""Live progress of the runs reproduce trains: each waiting worker polls its run's
+``progress.json`` onto a :class:`Board`, a tqdm bar per run on a terminal, else a plain line
+every ``every`` seconds; messages go through :meth:`Board.write`, never onto a bar."""
 from __future__ import annotations
 
 import contextlib
@@ -85,9 +84,8 @@ class Tracker(contextlib.AbstractContextManager):
 
 
 class Board:
-    """What the terminal shows while runs train, shared by reproduce's worker threads.
-    ``tty``: bars (default: whether ``stream`` is a terminal); ``every``: seconds between two
-    plain lines about one run."""
+    """What the terminal shows while reproduce's workers train: bars when ``tty`` (default:
+    ``stream`` is a terminal), else a plain line per run every ``every`` seconds."""
 
     def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
                  every: float = 30.0):

@@ -1,7 +1,5 @@
-"""The results registry: one JSON per run, ``<runs>/registry/<name>.json``, written atomically:
-name, run (the grid cell: CELL_KEYS and overrides), grid, config, metrics (metrics.json),
-git_commit, git_dirty, environment, timings, wall_time_s, synthetic, output_dir. The figures
-notebook and mlcl.study.viz read only this. Also where the study's files go."""
+"""The results registry, ``<runs>/registry/<name>.json`` per run (the keys: :func:`record_run`),
+the only input of the figures notebook and mlcl.study.viz; and where the study's files go."""
 from __future__ import annotations
 
 import json

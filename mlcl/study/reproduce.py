@@ -1,7 +1,6 @@
-"""Batch reproduction: train every cell of a grid (mlcl.study.grids) into
-``<runs>/cells/<Run.name>``, ``jobs`` at a time with one OpenMP thread each, record each in
-``<runs>/registry``, then execute notebooks/figures.ipynb on the registry. A complete cell is
-skipped; a cell trained with other settings stops the grid before anything trains."""
+"""Batch reproduction: every cell of a grid into ``<runs>/cells/<Run.name>``, ``jobs`` at a
+time with one OpenMP thread each, recorded in ``<runs>/registry``, then the figures notebook;
+a complete cell is skipped, one trained with other settings stops the grid beforehand."""
 from __future__ import annotations
 
 import argparse
@@ -139,9 +138,8 @@ def cell_config(run: Run, out: Path, overrides: list[str]):
 
 
 def stored_changes(out: Path, cfg) -> list[str]:
-    """``"key: stored -> requested"`` per way the run in ``out`` (trained before, complete or
-    not) differs from ``cfg`` by mlcl.outputs.run_changes, the rule train applies, and per
-    change of schedule it was resumed with; empty when it is the same run or none."""
+    """``"key: stored -> requested"`` per way the run in ``out`` differs from ``cfg`` (train's
+    rule, mlcl.outputs.run_changes) or was resumed with; empty for the same run or none."""
     stored = read_run(out)
     if stored.config is None:
         return []
@@ -150,10 +148,9 @@ def stored_changes(out: Path, cfg) -> list[str]:
 
 def check_cells(todo: list[Run], root: Path, overrides: list[str],
                 rerun_changed: bool = False) -> list[str]:
-    """Before anything trains: one ConfigError when a cell's configuration does not build
-    (naming the first error) or a cell was trained with other settings (naming the keys),
-    unless ``rerun_changed``: then each changed cell moves to ``<name>.replaced-<time>`` (its
-    registry entry dropped) to train anew. Returns the names of the cells moved aside."""
+    """Before anything trains: a ConfigError when a cell's config does not build or a cell
+    was trained with other settings, unless ``rerun_changed``: then each changed cell moves to
+    ``<name>.replaced-<time>`` (registry entry dropped). The names of the cells moved aside."""
     errors: dict[str, list[str]] = {}
     changed: dict[str, list[str]] = {}
     for run in todo:

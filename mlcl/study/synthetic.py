@@ -1,8 +1,6 @@
-"""A synthetic shapes dataset in VOC's or Cityscapes' folder layout (`python -m mlcl synth`):
-2-5 rotated, occluding shapes per image on a cluttered background, each class with a jittered
-hue and an overlapping texture prior (docs/synthetic_study.md, "The data"), a 255 ignore band
-along every object edge. The same arguments give byte-identical files (one numpy Generator
-per image, seeded by (seed, split, index))."""
+"""A synthetic shapes dataset in VOC's or Cityscapes' layout (`python -m mlcl synth`; the
+design: docs/synthetic_study.md, "The data"), 255 along object edges; the same arguments give
+byte-identical files (one numpy Generator per image, seeded by (seed, split, index))."""
 from __future__ import annotations
 
 import argparse
@@ -152,8 +150,7 @@ def edge_band(instance: np.ndarray) -> np.ndarray:
 
 def render(rng: np.random.Generator, h: int, w: int, classes: int
            ) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (0..classes-1, 255 on edges),
-    drawn from ``rng`` in a fixed order."""
+    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (255 on edges) from ``rng``."""
     yy, xx = np.mgrid[0:h, 0:w].astype(float)
     img = _clutter(rng, _background(rng, yy, xx))
     label, instance = _objects(rng, img, yy, xx, classes)

@@ -1,6 +1,5 @@
-"""Figures (``plot_*``: matplotlib) and tables (``*_table``: display strings; ``*_values``:
-the numbers) from the results registry or from what mlcl.study.explore computed, and
-``save_figure`` / ``save_table``: PNG + PDF, CSV + LaTeX with a JSON sidecar naming the runs.
+"""Figures (``plot_*``) and tables (``*_table``: strings; ``*_values``: numbers) from the
+registry or mlcl.study.explore, saved with a JSON sidecar naming the runs (``save_*``).
 mIoU in %; "mean ± std (n=k)" over seeds (ddof=1); "†": synthetic data."""
 from __future__ import annotations
 
@@ -121,9 +120,8 @@ def paper_table_caption(entries: list[dict], key: str) -> str:
 
 
 def synthetic_values(entries: list[dict]) -> pd.DataFrame:
-    """Synthetic runs (no ablation) per (preset, split, iterations, method, variant):
-    best/last numbers, the gain over supervised paired by seed (``gain_*``) and, for MLCL,
-    the difference to UniMatch (``vs_uni_*``)."""
+    """Synthetic runs (no ablation) per (preset, split, iterations, method, variant): best/last,
+    the gain over supervised paired by seed (``gain_*``), MLCL's over UniMatch (``vs_uni_*``)."""
     df = _complete(entries)
     df = df[df.synthetic & (df.ablation == "")]
     rows = []
@@ -180,9 +178,8 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
 
 
 def ablation_values(entries: list[dict]) -> pd.DataFrame:
-    """MLCL (paper variant) with each component off, per (preset, split, iterations) with
-    ablations: best/last numbers and the paired difference to the full method (``delta_*``);
-    UniMatch of the same cell as the reference."""
+    """MLCL (paper variant) with each component off, per (preset, split, iterations): best/last
+    and the paired difference to the full method (``delta_*``); UniMatch as the reference."""
     df = _complete(entries)
     rows = []
     mlcl = df[(df.method == "mlcl") & (df.variant == "paper")]
