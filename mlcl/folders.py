@@ -31,8 +31,7 @@ class OutputFolder:
         if p.exists() and not p.is_dir():
             raise ValueError(f"{flag} {p} is a file: give a folder for the results")
         here = p.resolve()
-        inside = [i for i in inputs if i.resolve().is_relative_to(here)]
-        if inside:
+        if inside := [i for i in inputs if i.resolve().is_relative_to(here)]:
             raise ValueError(f"{flag} {p} holds the inputs (e.g. {inside[0]}): give a folder "
                              "of its own, so that no input is overwritten")
         if not p.is_dir():
@@ -46,8 +45,7 @@ class OutputFolder:
         if foreign:
             raise ValueError(f"{flag} {p} holds files this command did not write (e.g. "
                              f"{foreign[0]}): give an empty or new folder")
-        why = place_problem(p)
-        if why:
+        if why := place_problem(p):
             raise ValueError(f"{flag} {why}: give a folder you can write to")
         return listed
 
@@ -81,6 +79,5 @@ def check_output_file(path: str | Path, flag: str, is_ours: Callable[[Path], boo
 
 def check_creatable(path: Path, flag: str) -> None:
     """A ValueError naming ``flag`` unless ``path`` may be made (:func:`place_problem`)."""
-    why = place_problem(path.parent)
-    if why:
+    if why := place_problem(path.parent):
         raise ValueError(f"{flag} {path} cannot be made: {why}")

@@ -95,10 +95,9 @@ def _check_digests(path: Path, expect: tuple) -> dict[str, str]:
 
 
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
-          sha256: Optional[str] = None, sha256_prefix: Optional[str] = None,
-          retries: int = 4, timeout: float = 60.0,
-          backoff: float = 1.0, marker: bool = True, label: Optional[str] = None,
-          log: Log = say) -> Path:
+          sha256: Optional[str] = None, sha256_prefix: Optional[str] = None, retries: int = 4,
+          timeout: float = 60.0, backoff: float = 1.0, marker: bool = True,
+          label: Optional[str] = None, log: Log = say) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``; none
     when ``dest.done`` (``marker=False``: ``dest``) verifies. A file failing its checksum is
     removed (:class:`ChecksumError`). ``label`` names the file in messages."""
@@ -129,8 +128,7 @@ def mark_downloaded(dest: Path, **info) -> None:
     atomic_write_json(marker_path(dest), {**info, "bytes": dest.stat().st_size, "date": now()})
 
 
-def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
-                  log: Log) -> bool:
+def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool, log: Log) -> bool:
     """True when ``dest`` needs no download: its marker, or the file itself (then adopted),
     verifies against ``expect`` (md5, sha256, sha256 prefix); a file that fails is removed."""
     if not dest.is_file():
@@ -181,8 +179,7 @@ def _download_with_retries(url: str, part: Path, name: str, retries: int, timeou
 
 
 def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) -> None:
-    """One request: the rest of ``url`` appended to ``part`` after a 206 (a Range request),
-    or the whole written afresh; raises on a short or bad answer."""
+    """One request: the rest of ``url`` onto ``part`` (a 206), or all afresh; raises if short."""
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": "mlcl-prepare/0.1 (+docs/real_data.md)"}
     if have:

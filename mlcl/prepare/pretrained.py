@@ -35,8 +35,7 @@ def fetch_torchvision(arch: str, url: Optional[str] = None, log: Log = say, **fe
 
 
 def check_checkpoint(path: str | Path, backbone: nn.Module, name: str, log: Log = say) -> dict:
-    """Size, sha256 and an exact load into ``backbone`` (the ``name`` backbone, e.g. from
-    :func:`mlcl.model.build_backbone`) of a deep-stem checkpoint; return what was recorded."""
+    """Size, sha256 and an exact load into ``backbone`` (``name``); what was recorded."""
     path = Path(path)
     arch = name.removesuffix("_deepstem")
     if not path.is_file():

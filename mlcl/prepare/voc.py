@@ -93,10 +93,8 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
     return counts
 
 
-def extract_voc(tar: Path, root: Path, steps: Steps,
-                log: Log = say) -> tuple[list[str], list[str]]:
-    """VOC trainval's images, fine masks (as ``SegmentationClassVOC``) and segmentation lists
-    into ``root``; return the (train, val) ids."""
+def extract_voc(tar: Path, root: Path, steps: Steps, log: Log = say) -> tuple[list[str], list[str]]:
+    """VOC trainval's images, fine masks and id lists into ``root``; the (train, val) ids."""
     steps.extract_once("voc-extract", tar, root, lambda name: (m := _VOC_MEMBER.match(name)) and (
         f"{m.group(1).replace('SegmentationClass', 'SegmentationClassVOC')}/{m.group(2)}"), log)
     return read_ids(root / SEG_SETS / "train.txt"), read_ids(root / SEG_SETS / "val.txt")
@@ -112,8 +110,7 @@ def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> dict[s
 
 
 def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
-    """id -> mask of a SegmentationClassAug folder, or of a zip holding one (extracted under
-    ``staging/aug``)."""
+    """id -> mask of a SegmentationClassAug folder, or of a zip holding one (into staging)."""
     src = Path(aug).expanduser()
     if src.is_file():
         aug_dir = staging / "aug"
@@ -124,8 +121,7 @@ def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> 
     else:
         raise PrepareError(f"--aug {aug}: give 'sbd', a SegmentationClassAug folder or a zip "
                            f"holding SegmentationClassAug/*.png")
-    masks = {p.stem: p for p in aug_dir.glob("*.png")}
-    if not masks:
+    if not (masks := {p.stem: p for p in aug_dir.glob("*.png")}):
         raise PrepareError(f"{src}: no SegmentationClassAug/*.png masks found")
     return masks
 
@@ -134,8 +130,7 @@ def build_masks(root: Path, wanted: list[str], val: set[str], source: dict[str, 
                 steps: Steps, log: Log = say) -> None:
     """``root/SegmentationClass/{id}.png`` for every id in ``wanted``: VOC's fine mask where
     there is one, else the augmentation set's (val ids must have a fine mask)."""
-    no_image = [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
-    if no_image:
+    if no_image := [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]:
         raise PrepareError(f"{len(no_image)} labelled ids have no JPEGImages/<id>.jpg "
                            f"(first: {', '.join(no_image[:5])}); is the VOC archive complete?")
     if steps.get("voc-masks"):

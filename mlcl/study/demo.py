@@ -3,12 +3,14 @@ grid (the three methods at 1/32 labels, one seed) through notebooks/run.ipynb in
 then the prototypes, perturbations and figures notebooks into figures/demo/."""
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mlcl.paths import REPO
 from mlcl.study import grids, progress
-from mlcl.study.registry import NOTEBOOKS, data_dir, demo_dir, figures_dir, load_entry
+from mlcl.study.registry import NOTEBOOKS, demo_dir, figures_dir, load_entry
 from mlcl.study.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
 from mlcl.study.synthetic import make_synthetic
 
@@ -22,8 +24,7 @@ def demo_runs() -> dict[str, grids.Run]:
 
 
 def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[list[tuple]]:
-    """The post-training notebooks as two chains run side by side: [prototypes] and
-    [perturbations, figures]; each job is (name, notebook, executed copy, parameters)."""
+    """Two chains run side by side of (name, notebook, executed copy, parameters) jobs."""
     nb, out = runs / "notebooks", str(figures)
     best = {m: str(cells[m] / "best.pt") for m in cells}
     return [[("prototypes", NOTEBOOKS / "prototypes.ipynb", nb / "prototypes-demo.ipynb",
@@ -93,7 +94,7 @@ def run_demo(args) -> int:
     started = time.time()
     runs = Path(getattr(args, "out", None) or demo_dir()).resolve()
     figures = figures_dir() / "demo"  # the study's figures stay in figures/ itself
-    data_root = (data_dir() / "synthetic").resolve()
+    data_root = (Path(os.environ.get("MLCL_DATA", REPO / "data")) / "synthetic").resolve()
     if not (data_root / "ImageSets" / "Segmentation" / "val.txt").is_file():  # written once
         print(f"writing the synthetic dataset to {data_root} ...", flush=True)
         make_synthetic(data_root, **SYNTHETIC)

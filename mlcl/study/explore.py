@@ -47,8 +47,7 @@ def device_of(model) -> torch.device:
 
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
                     device: str | torch.device | None = None) -> Checkpoint:
-    """A ``best.pt``/``last.pt`` or run folder (its best.pt; :func:`resolve`d), the model on
-    ``device`` (default: the GPU if there is one)."""
+    """A checkpoint or run folder (its best.pt), the model on ``device`` (default: a GPU)."""
     path = checkpoint_file(resolve(path))
     raw = read_checkpoint(path)
     model, cfg, names = model_from_checkpoint(raw, path, overrides)

@@ -43,12 +43,10 @@ def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
 def checkpoint_file(path: str | Path) -> Path:
     """``path``, or a run folder's ``best.pt``; a FileNotFoundError saying what is missing."""
     path = Path(path)
-    if path.is_dir():
-        best = path / "best.pt"
-        if not best.is_file():
-            raise FileNotFoundError(f"run folder {path} has no best.pt (training writes it at "
-                                    "the first validation); give a .pt file with --checkpoint")
-        return best
+    if path.is_dir() and not (path / "best.pt").is_file():
+        raise FileNotFoundError(f"run folder {path} has no best.pt (training writes it at "
+                                "the first validation); give a .pt file with --checkpoint")
+    path = path / "best.pt" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (training writes best.pt "
                                 "and last.pt into its output_dir)")

@@ -51,8 +51,7 @@ class Tracker(contextlib.AbstractContextManager):
 
     def __init__(self, board: "Board", name: str, output_dir: Path, position: int):
         self.board, self.name, self.output_dir, self.position = board, name, output_dir, position
-        self.last_line = -float("inf")
-        self.bar = None
+        self.last_line, self.bar = -float("inf"), None
         if board.tty:
             self.bar = tqdm(total=1, desc=name, position=position, leave=False,
                             file=board.stream, dynamic_ncols=True, mininterval=0,
@@ -87,8 +86,7 @@ class Board:
     """What the terminal shows while reproduce's workers train: bars when ``tty`` (default:
     ``stream`` is a terminal), else a plain line per run every ``every`` seconds."""
 
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
-                 every: float = 30.0):
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None, every: float = 30.0):
         self._stream = stream
         self.tty = bool(self.stream.isatty()) if tty is None else tty
         self.every = every

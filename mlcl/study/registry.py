@@ -21,11 +21,6 @@ METRIC_COLUMNS = ("best_miou", "last_miou", "best_epoch", "last_epoch", "iterati
 NOTEBOOKS = REPO / "notebooks"
 
 
-def data_dir() -> Path:
-    """Default home of datasets (MLCL_DATA overrides)."""
-    return Path(os.environ.get("MLCL_DATA", REPO / "data"))
-
-
 def figures_dir() -> Path:
     """Where the figures notebook writes (MLCL_FIGURES overrides)."""
     return Path(os.environ.get("MLCL_FIGURES", REPO / "figures"))
@@ -113,8 +108,7 @@ def record_run(name: str, metrics: dict[str, Any], config: dict[str, Any],
                **extra.pop("timings", {})}
     entry = {"name": name, "config": config, "metrics": metrics, "environment": environment(),
              "git_commit": metrics.get("git_commit"), "git_dirty": git_dirty(),
-             "wall_time_s": train_s,
-             "timings": timings, "synthetic": is_synthetic(config),
+             "wall_time_s": train_s, "timings": timings, "synthetic": is_synthetic(config),
              "output_dir": metrics.get("output_dir") or config.get("output_dir"), **extra}
     return atomic_write_json(registry_dir(root) / f"{name}.json", entry)
 

@@ -148,8 +148,7 @@ def edge_band(instance: np.ndarray) -> np.ndarray:
     return band
 
 
-def render(rng: np.random.Generator, h: int, w: int, classes: int
-           ) -> tuple[np.ndarray, np.ndarray]:
+def render(rng: np.random.Generator, h: int, w: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
     """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (255 on edges) from ``rng``."""
     yy, xx = np.mgrid[0:h, 0:w].astype(float)
     img = _clutter(rng, _background(rng, yy, xx))
@@ -222,8 +221,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, size: int = 64,
                    classes: int = 7, seed: int = 0, layout: str = "voc") -> Path:
-    """Write the dataset under ``out`` (images, masks, classes.txt, splits/{train,val}.txt,
-    nested splits/<fraction>/{labeled,unlabeled}.txt) and return ``out``."""
+    """``out``, with the dataset written into it (images, masks, classes.txt, splits/)."""
     if layout not in ("voc", "cityscapes"):
         raise ValueError(f"layout must be voc or cityscapes, got {layout!r}")
     if classes < 2:
@@ -272,7 +270,7 @@ def _write_lists(out: Path, ids: dict[str, list[str]], layout: str, classes: int
         _write_lines(out / "splits" / name / "unlabeled.txt", pairs(unlabeled))
 
 
-def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/synthetic",
                         help="output folder (the synthetic preset's data.root; "
                              "default: %(default)s)")
@@ -283,7 +281,6 @@ def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="number of classes including background (= data.num_classes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=("voc", "cityscapes"), default="voc")
-    return parser
 
 
 def run_synth(args: argparse.Namespace) -> int:

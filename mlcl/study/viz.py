@@ -60,14 +60,12 @@ def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool =
     """'mean ± std (n=k)' (no ± for one run); NOT_RUN when n == 0; † when synthetic."""
     if n == 0:
         return NOT_RUN
-    spec = "+.2f" if signed else ".2f"
-    text = f"{mean:{spec}}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
+    text = f"{mean:{'+' if signed else ''}.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
     return text + (f" {SYNTHETIC_MARK}" if synthetic else "")
 
 
 def _complete(entries: list[dict]) -> pd.DataFrame:
-    df = runs_frame(entries)
-    return df[df["complete"]].copy()
+    return runs_frame(entries).query("complete")
 
 
 def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
@@ -272,8 +270,7 @@ def _folder(directory: str | Path | None) -> Path:
 
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory`` (default: figures_dir()); a
-    synthetic figure gets the mark on the picture itself, so a PNG says what it is."""
+    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory``; synthetic: marked on the PNG."""
     runs = list(runs)
     if synthetic and not any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
         fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
@@ -501,9 +498,7 @@ def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
         for key, name in (("mask_ratio", "r"), ("dropped", "dropped"), ("amplitude", "a"),
                           ("mse_m", "L_m"), ("mse_n", "L_n")):
             cols[f"{name} ({variant})"] = v[key].float().numpy()
-    df = pd.DataFrame(cols)
-    df.index.name = "image"
-    return df
+    return pd.DataFrame(cols).rename_axis("image")
 
 
 def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
