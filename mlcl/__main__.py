@@ -14,9 +14,6 @@ import sys
 
 from mlcl.errors import CommandLineParser, MlclError, run_reported
 
-# Each handler imports its command's modules; the parser loads only torch-free ones, so the
-# light commands (synth, data but verify/pretrained, reproduce, figures, --help) never do.
-
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
@@ -28,13 +25,6 @@ def positive_int(text: str) -> int:
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder (its best.pt)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="synthetic",
-                   help="preset name (mlcl/configs/NAME.yaml) or a YAML file")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted config overrides, e.g. method=mlcl data.root=DIR split=1_8")
 
 
 def cmd_train(args) -> int:
@@ -107,13 +97,6 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_synth(args) -> int:
-    from mlcl.study.synthetic import run_synth
-
-    run_synth(args)  # it returns the dataset's folder
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(prog="python -m mlcl", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,10 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the synthetic dataset")
     synthetic.add_synth_args(p)
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(func=synthetic.run_synth)
 
     p = sub.add_parser("train", help="train a method (resumes when output_dir has a checkpoint)")
-    _config_args(p)
+    p.add_argument("--config", default="synthetic",
+                   help="preset name (mlcl/configs/NAME.yaml) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted config overrides, e.g. method=mlcl data.root=DIR split=1_8")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="mIoU of a checkpoint on the validation split")

@@ -1,6 +1,7 @@
 """Result folders and files of predict and evaluate: they rewrite only what they wrote."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -8,20 +9,15 @@ from mlcl.files import atomic_write, place_problem
 
 
 def temp_target(path: Path) -> Path:
-    """The file an interrupted :func:`atomic_write`'s ``.<name>.<random>.tmp`` was for, or
-    ``path`` itself for any other name."""
-    name = path.name
-    if not (name.startswith(".") and name.endswith(".tmp")) or name.count(".") < 3:
-        return path
-    target = name[1:-len(".tmp")].rsplit(".", 1)[0]
-    return path.with_name(target) if target else path
+    """The file an interrupted atomic_write's ``.<name>.<random>.tmp`` was for, else ``path``."""
+    m = re.fullmatch(r"\.(.+)\.[^.]*\.tmp", path.name)
+    return path.with_name(m.group(1)) if m else path
 
 
 class OutputFolder:
-    """A folder for a command's results only: its manifest (``.mlcl-written``, a relative
-    path a line, appended before each write) lists what the command wrote, which it may
-    rewrite; any other file (or the ``inputs``) in it is a ValueError naming ``flag``, at
-    construction. The folder is made at the first :meth:`write`."""
+    """A folder for a command's results only, made at the first :meth:`write`: its manifest
+    (``.mlcl-written``, appended before each write) lists what it may rewrite; any other file
+    (or an ``inputs``) in it is a ValueError naming ``flag``, at construction."""
 
     MANIFEST = ".mlcl-written"
 
@@ -35,8 +31,7 @@ class OutputFolder:
         if p.exists() and not p.is_dir():
             raise ValueError(f"{flag} {p} is a file: give a folder for the results")
         here = p.resolve()
-        inside = [i for i in inputs if i.resolve().is_relative_to(here)]
-        if inside:
+        if inside := [i for i in inputs if i.resolve().is_relative_to(here)]:
             raise ValueError(f"{flag} {p} holds the inputs (e.g. {inside[0]}): give a folder "
                              "of its own, so that no input is overwritten")
         if not p.is_dir():
@@ -50,24 +45,19 @@ class OutputFolder:
         if foreign:
             raise ValueError(f"{flag} {p} holds files this command did not write (e.g. "
                              f"{foreign[0]}): give an empty or new folder")
-        why = place_problem(p)
-        if why:
+        if why := place_problem(p):
             raise ValueError(f"{flag} {why}: give a folder you can write to")
         return listed
-
-    def make(self) -> None:
-        """Create the folder; a ValueError naming the flag if it cannot."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create {self.flag} {self.path} ({e.strerror}): give a "
-                             "folder you can write to") from None
 
     def write(self, rel: str | Path, write: Callable[[Path], None]) -> Path:
         """Write ``self.path / rel`` atomically, recording it in the manifest first."""
         rel = str(rel)
         if rel not in self.listed:
-            self.make()
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create {self.flag} {self.path} ({e.strerror}): give "
+                                 "a folder you can write to") from None
             with open(self.manifest, "a") as fh:
                 fh.write(rel + "\n")
             self.listed.add(rel)
@@ -89,6 +79,5 @@ def check_output_file(path: str | Path, flag: str, is_ours: Callable[[Path], boo
 
 def check_creatable(path: Path, flag: str) -> None:
     """A ValueError naming ``flag`` unless ``path`` may be made (:func:`place_problem`)."""
-    why = place_problem(path.parent)
-    if why:
+    if why := place_problem(path.parent):
         raise ValueError(f"{flag} {path} cannot be made: {why}")

@@ -1,7 +1,6 @@
-"""Cityscapes (fine) with trainId masks, in the layout UniMatch's lists name
-(docs/real_data.md): the two zips from ``--zips DIR``, the downloads folder, or cityscapesscripts'
-downloader with the account in the environment (never written or printed); the masks by
-cityscapesscripts' ``createTrainIdLabelImgs``."""
+"""Cityscapes (fine) with trainId masks in the layout UniMatch's lists name (docs/real_data.md):
+the two zips from ``--zips``, the downloads folder or cityscapesscripts' downloader (account
+from the environment, never written or printed); masks by its createTrainIdLabelImgs."""
 from __future__ import annotations
 
 import os
@@ -103,8 +102,7 @@ def prepare_cityscapes(root: str | Path, downloads: Optional[str | Path] = None,
                        zips: Optional[str | Path] = None, base_url: str = BASE_URL,
                        with_test: bool = False, expected: Optional[dict[str, int]] = None,
                        force: bool = False, log: Log = say) -> dict:
-    """Get the two zips, extract train/val (and test with ``with_test``), make trainId masks,
-    check the counts (the standard ones, or ``expected`` in tests); return the counts."""
+    """Zips, extraction (test too ``with_test``), trainId masks; the counts, checked."""
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
     expected = dict(STANDARD_POOLS["cityscapes"] if expected is None else expected)
@@ -158,8 +156,7 @@ def find_zips(zips: Optional[str | Path], downloads: Path) -> dict[str, Path]:
 
 def download_zips(packages: list[str], downloads: Path, base_url: str,
                   log: Log = say) -> dict[str, Path]:
-    """Download ``packages`` into ``downloads`` with the account in the environment (checked
-    before any network call); package name -> file."""
+    """package name -> its file, downloaded with the account in the environment."""
     user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV, "")
     if not (user and password):
         missing = " and ".join(v for v in (USER_ENV, PASSWORD_ENV) if not os.environ.get(v))

@@ -1,7 +1,6 @@
-"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained} ...`` and data_scripts/*.py
-(examples: mlcl/prepare/__init__.py, docs/real_data.md). Exit status 0 on success, 1 on a
-failed step or check (the message says what to do), 2 on bad arguments, 130 on Ctrl-C.
-"""
+"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained}`` and data_scripts/*.py
+(docs/real_data.md): exit status 0 on success, 1 on a failed step or check (the message says
+what to do), 2 on bad arguments, 130 on Ctrl-C."""
 from __future__ import annotations
 
 import argparse
@@ -193,8 +192,6 @@ def run(args) -> int:
                              signal.SIGINT) from None
 
 
-# The dataset modules load in their commands: scipy (voc) and requests (cityscapes) are the
-# `prepare` extra's, not needed by the parser.
 def _voc(args) -> int:
     from mlcl.prepare import voc
 

@@ -1,7 +1,6 @@
-"""Resumable, checksum-verified downloads and safe archive extraction, each idempotent:
-:func:`fetch` resumes ``dest.part`` with HTTP Range requests and writes ``dest.done`` once the
-checksum is right; :func:`extract` refuses absolute paths and ``..``; :class:`Steps` keeps the
-``.done`` markers of multi-file steps."""
+"""Idempotent, resumable, checksum-verified downloads (:func:`fetch`: ``dest.part`` resumed by
+HTTP Range, ``dest.done`` once verified), safe extraction (:func:`extract`) and the ``.done``
+markers of multi-file steps (:class:`Steps`)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -77,9 +76,8 @@ def read_marker(path: Path) -> Optional[dict]:
         return None
 
 
-# --------------------------------------------------------------------------- download
 def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
-                      sha256_prefix: Optional[str] = None) -> str:
+                      sha256_prefix: Optional[str]) -> str:
     """What in ``got`` (hex digests) differs from the expected ones; empty when nothing."""
     bad = [f"{algo} {got.get(algo)} (expected {want})" for algo, want in
            (("md5", md5), ("sha256", sha256)) if want and got.get(algo) != want.lower()]
@@ -88,30 +86,18 @@ def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[
     return "; ".join(bad)
 
 
-def _check_digests(path: Path, md5: Optional[str], sha256: Optional[str],
-            sha256_prefix: Optional[str] = None) -> dict[str, str]:
-    """Digests of ``path`` (md5 only where one is expected); raise ChecksumError on mismatch."""
-    got = digests(path, ("sha256", "md5") if md5 else ("sha256",))
-    problem = _checksum_problem(got, md5, sha256, sha256_prefix)
-    if problem:
+def _check_digests(path: Path, expect: tuple) -> dict[str, str]:
+    """Digests of ``path``; a ChecksumError unless they match ``expect`` (md5, sha256, prefix)."""
+    got = digests(path, ("sha256", "md5") if expect[0] else ("sha256",))
+    if problem := _checksum_problem(got, *expect):
         raise ChecksumError(problem)
     return got
 
 
-def _total_from(resp, have: int) -> Optional[int]:
-    """The full size of the remote file from Content-Range (206) or Content-Length (200)."""
-    m = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
-    if m:
-        return int(m.group(1))
-    length = resp.headers.get("Content-Length", "")
-    return int(length) + (have if resp.status == 206 else 0) if length.isdigit() else None
-
-
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
-          sha256: Optional[str] = None, sha256_prefix: Optional[str] = None,
-          retries: int = 4, timeout: float = 60.0,
-          backoff: float = 1.0, marker: bool = True, label: Optional[str] = None,
-          log: Log = say) -> Path:
+          sha256: Optional[str] = None, sha256_prefix: Optional[str] = None, retries: int = 4,
+          timeout: float = 60.0, backoff: float = 1.0, marker: bool = True,
+          label: Optional[str] = None, log: Log = say) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``; none
     when ``dest.done`` (``marker=False``: ``dest``) verifies. A file failing its checksum is
     removed (:class:`ChecksumError`). ``label`` names the file in messages."""
@@ -125,7 +111,7 @@ def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
     part = dest.with_name(dest.name + ".part")
     _download_with_retries(url, part, name, retries, timeout, backoff, log)
     try:
-        got = _check_digests(part, *expect)
+        got = _check_digests(part, expect)
     except ChecksumError as e:
         part.unlink(missing_ok=True)
         raise ChecksumError(f"{name} from {url}: {e}; the file was removed, run again to "
@@ -142,8 +128,7 @@ def mark_downloaded(dest: Path, **info) -> None:
     atomic_write_json(marker_path(dest), {**info, "bytes": dest.stat().st_size, "date": now()})
 
 
-def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
-                  log: Log) -> bool:
+def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool, log: Log) -> bool:
     """True when ``dest`` needs no download: its marker, or the file itself (then adopted),
     verifies against ``expect`` (md5, sha256, sha256 prefix); a file that fails is removed."""
     if not dest.is_file():
@@ -156,7 +141,7 @@ def _usable_as_is(url: str, dest: Path, name: str, expect: tuple, marker: bool,
         log(f"[skip] {name}: present (no checksum to compare)")
         return True
     try:
-        got = _check_digests(dest, *expect)
+        got = _check_digests(dest, expect)
     except ChecksumError as e:
         log(f"[redo] {name}: the file on disk fails its checksum ({e}); downloading again")
         dest.unlink()
@@ -194,8 +179,7 @@ def _download_with_retries(url: str, part: Path, name: str, retries: int, timeou
 
 
 def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) -> None:
-    """One request: the rest of ``url`` appended to ``part`` after a 206 (a Range request),
-    or the whole written afresh; raises on a short or bad answer."""
+    """One request: the rest of ``url`` onto ``part`` (a 206), or all afresh; raises if short."""
     have = part.stat().st_size if part.is_file() else 0
     headers = {"User-Agent": "mlcl-prepare/0.1 (+docs/real_data.md)"}
     if have:
@@ -211,7 +195,10 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
         if have and resp.status != 206:
             log(f"  {name}: the server ignored the Range request; starting over")
             have = 0
-        total = _total_from(resp, have)
+        size = re.match(r"bytes\s+\d+-\d+/(\d+)", resp.headers.get("Content-Range", ""))
+        length = resp.headers.get("Content-Length", "")  # of the rest after a 206
+        total = int(size.group(1)) if size else int(length) + (
+            have if resp.status == 206 else 0) if length.isdigit() else None
         got, t0, last_t, last_pct = have, time.monotonic(), time.monotonic(), -10
         with open(part, "ab" if have else "wb") as out:
             while block := resp.read(CHUNK):  # a progress line every 10% or 30 s
@@ -228,7 +215,6 @@ def _download_once(url: str, part: Path, name: str, timeout: float, log: Log) ->
             raise DownloadError(f"connection closed at {got} of {total} bytes")
 
 
-# --------------------------------------------------------------------------- extraction
 def extract(archive: str | Path, dest: str | Path, select: Callable[[str], Optional[str]],
             log: Log = say) -> int:
     """Copy each file member of ``archive`` (tar, tar.gz or zip) whose name ``select`` maps

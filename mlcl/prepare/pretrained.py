@@ -1,7 +1,6 @@
-"""Backbone weights (docs/real_data.md): torchvision's ImageNet files fetched into the torch
-hub cache with :func:`~mlcl.prepare.download.fetch` (torch.hub's neither resumes nor retries);
-UniMatch's deep-stem checkpoints checked: size and sha256 recorded in PROVENANCE.json on first
-sight (none is published), a later change refused, and training's strict load."""
+"""Backbone weights (docs/real_data.md): torchvision's ImageNet files into the torch hub cache
+(resumed, retried); UniMatch's deep-stem checkpoints checked: sha256 recorded on first sight
+(none is published) and a later change refused, and training's strict load."""
 from __future__ import annotations
 
 import re
@@ -36,8 +35,7 @@ def fetch_torchvision(arch: str, url: Optional[str] = None, log: Log = say, **fe
 
 
 def check_checkpoint(path: str | Path, backbone: nn.Module, name: str, log: Log = say) -> dict:
-    """Size, sha256 and an exact load into ``backbone`` (the ``name`` backbone, e.g. from
-    :func:`mlcl.model.build_backbone`) of a deep-stem checkpoint; return what was recorded."""
+    """Size, sha256 and an exact load into ``backbone`` (``name``); what was recorded."""
     path = Path(path)
     arch = name.removesuffix("_deepstem")
     if not path.is_file():

@@ -1,7 +1,6 @@
 """Check a prepared dataset against its split files, naming every missing or bad file: lines
-read as the loaders read them (:mod:`mlcl.data.splits`), each distinct pair checked once by
-training's pre-flight (:func:`mlcl.data.preflight.check_item`) or, ``values=False``, by header
-sizes; unlike the loaders, every problem is collected."""
+read as the loaders read them, each distinct pair checked once by training's pre-flight
+(``values=False``: header sizes only); unlike the loaders, every problem is collected."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,7 @@ from PIL import Image
 from mlcl.config import DataConfig
 from mlcl.data.classes import data_classes
 from mlcl.data.preflight import check_item
-from mlcl.data.splits import DataError, parse_split
+from mlcl.data.splits import parse_split
 from mlcl.prepare.download import Log, say
 
 IGNORE = DataConfig().ignore_index
@@ -62,34 +61,27 @@ def check_pair(image: Path, mask: Path, num_classes: int, values: bool = True,
                 if not p.is_file()]
     if problems:
         return problems
-    try:
-        if values:
-            problem = check_item((image, mask), num_classes, ignore_index)
-            return [problem] if problem else []
-        (iw, ih), (mw, mh) = header_size(image, "image"), header_size(mask, "mask")
-    except DataError as e:
-        return [str(e)]
-    if (iw, ih) != (mw, mh):
+    if values:
+        problem = check_item((image, mask), num_classes, ignore_index)
+        return [problem] if problem else []
+    sizes = {}
+    for what, path in (("image", image), ("mask", mask)):
+        try:
+            with Image.open(path) as im:  # the header only: nothing decoded
+                sizes[what] = im.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            return [f"cannot read {what} {path}: {e}"]
+    if sizes["image"] != sizes["mask"]:
+        (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
         return [f"mask {mask} is {mw}x{mh} but image {image} is {iw}x{ih}"]
     return []
-
-
-def header_size(path: Path, what: str) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding; a DataError naming
-    ``what`` and the file when it cannot be opened."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
 def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Path]] = None,
                    num_classes: Optional[int] = None, values: bool = True, workers: int = 4,
                    log: Log = say, ignore_index: int = IGNORE) -> Report:
-    """Check ``splits`` (default: every ``*.txt`` under ``root/splits``) of the dataset, with
-    ``num_classes`` classes (default: the root's classes.txt, else 21 for voc and 19 for
-    cityscapes) and ``ignore_index`` (default: data.ignore_index's)."""
+    """Check ``splits`` (default: ``root/splits/**/*.txt``) with ``num_classes`` classes
+    (default: the root's classes.txt, else 21 for voc, 19 for cityscapes)."""
     root = Path(root)
     report = Report(root)
     if not root.is_dir():
@@ -127,8 +119,7 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
 def _check_pairs(pairs: list[tuple[Path, Path]], rules: tuple[int, bool, int], workers: int,
                  log: Log) -> dict[tuple[Path, Path], list[str]]:
     """:func:`check_pair` of every pair with ``rules`` (num_classes, values, ignore_index) on
-    ``workers`` threads (decoding releases the GIL); a progress line every tenth (at least
-    every 500 pairs)."""
+    ``workers`` threads (decoding releases the GIL), saying every tenth (>= 500) done."""
     results, step = {}, max(len(pairs) // 10, 500)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checked = pool.map(lambda pair: check_pair(*pair, *rules), pairs)

@@ -1,9 +1,6 @@
-"""Pascal VOC 2012 with the SBD augmentation, in the layout UniMatch's split files name
-(docs/real_data.md): ``SegmentationClass`` holds the 10,582 train_aug + 1,449 val masks, VOC's
-own fine mask where there is one, else SBD's (or a SegmentationClassAug set's);
-``SegmentationClassVOC`` VOC's masks as shipped; ``ImageSets/Segmentation/train_aug.txt``
-(VOC train ∪ SBD train ∪ SBD val) − VOC val.
-"""
+"""Pascal VOC 2012 + SBD in the layout UniMatch's split files name (docs/real_data.md):
+``SegmentationClass`` the train_aug and val masks (VOC's fine one where there is one, else the
+augmentation set's), ``SegmentationClassVOC`` VOC's as shipped, ``train_aug.txt``."""
 from __future__ import annotations
 
 import re
@@ -56,9 +53,8 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
                 voc: Resource = VOC, sbd: Resource = SBD,
                 expected: Optional[dict[str, int]] = None, keep_staging: bool = False,
                 force: bool = False, fetch_kw: Optional[dict] = None, log: Log = say) -> dict:
-    """Download, extract and assemble VOC 2012 + augmentation under ``root``; return counts.
-    ``aug``: ``"sbd"`` (download SBD, convert its .mat labels) or a SegmentationClassAug
-    folder or zip; ``expected`` replaces the standard counts (tests)."""
+    """VOC 2012 + ``aug`` (``"sbd"``, or a SegmentationClassAug folder or zip) under ``root``;
+    the counts, checked against ``expected`` (default: the standard ones)."""
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
     expected = dict(STANDARD_POOLS["pascal"] if expected is None else expected)
@@ -97,24 +93,15 @@ def prepare_voc(root: str | Path, downloads: Optional[str | Path] = None, aug: s
     return counts
 
 
-def extract_voc(tar: Path, root: Path, steps: Steps,
-                log: Log = say) -> tuple[list[str], list[str]]:
-    """VOC trainval's images, fine masks (as ``SegmentationClassVOC``) and segmentation lists
-    into ``root``; return the (train, val) ids."""
-    def select(name: str) -> Optional[str]:
-        m = _VOC_MEMBER.match(name)
-        if not m:
-            return None
-        folder = "SegmentationClassVOC" if m.group(1) == "SegmentationClass" else m.group(1)
-        return f"{folder}/{m.group(2)}"
-
-    steps.extract_once("voc-extract", tar, root, select, log)
+def extract_voc(tar: Path, root: Path, steps: Steps, log: Log = say) -> tuple[list[str], list[str]]:
+    """VOC trainval's images, fine masks and id lists into ``root``; the (train, val) ids."""
+    steps.extract_once("voc-extract", tar, root, lambda name: (m := _VOC_MEMBER.match(name)) and (
+        f"{m.group(1).replace('SegmentationClass', 'SegmentationClassVOC')}/{m.group(2)}"), log)
     return read_ids(root / SEG_SETS / "train.txt"), read_ids(root / SEG_SETS / "val.txt")
 
 
 def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
-    """id -> mask of SBD's train and val lists: ``cls/<id>.mat`` extracted under
-    ``staging/sbd``."""
+    """id -> mask of SBD's train and val lists (``cls/<id>.mat`` under ``staging/sbd``)."""
     sbd_dir = staging / "sbd"
     steps.extract_once("sbd-extract", tgz, sbd_dir,
                        lambda name: (m := _SBD_MEMBER.match(name)) and m.group(1), log)
@@ -123,8 +110,7 @@ def sbd_source(tgz: Path, staging: Path, steps: Steps, log: Log = say) -> dict[s
 
 
 def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> dict[str, Path]:
-    """id -> mask of a SegmentationClassAug folder, or of a zip holding one (extracted under
-    ``staging/aug``)."""
+    """id -> mask of a SegmentationClassAug folder, or of a zip holding one (into staging)."""
     src = Path(aug).expanduser()
     if src.is_file():
         aug_dir = staging / "aug"
@@ -135,8 +121,7 @@ def aug_folder_source(aug: str, staging: Path, steps: Steps, log: Log = say) -> 
     else:
         raise PrepareError(f"--aug {aug}: give 'sbd', a SegmentationClassAug folder or a zip "
                            f"holding SegmentationClassAug/*.png")
-    masks = {p.stem: p for p in aug_dir.glob("*.png")}
-    if not masks:
+    if not (masks := {p.stem: p for p in aug_dir.glob("*.png")}):
         raise PrepareError(f"{src}: no SegmentationClassAug/*.png masks found")
     return masks
 
@@ -145,8 +130,7 @@ def build_masks(root: Path, wanted: list[str], val: set[str], source: dict[str, 
                 steps: Steps, log: Log = say) -> None:
     """``root/SegmentationClass/{id}.png`` for every id in ``wanted``: VOC's fine mask where
     there is one, else the augmentation set's (val ids must have a fine mask)."""
-    no_image = [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]
-    if no_image:
+    if no_image := [i for i in wanted if not (root / "JPEGImages" / f"{i}.jpg").is_file()]:
         raise PrepareError(f"{len(no_image)} labelled ids have no JPEGImages/<id>.jpg "
                            f"(first: {', '.join(no_image[:5])}); is the VOC archive complete?")
     if steps.get("voc-masks"):

@@ -1,4 +1,2 @@
-"""The study around the core: synthetic data (synthetic), grids of runs (grids), batch
-reproduction and its results registry (reproduce, registry), the demo, predictions from
-checkpoints (predict), what the notebooks look at inside checkpoints (explore), the
-published numbers (paper) and the figures and tables (viz). The core never imports it."""
+"""The study around the core (which never imports it): synthetic data, grids of runs, batch
+reproduction, its registry, the demo, predict, the notebooks' explore, paper numbers, viz."""

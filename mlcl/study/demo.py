@@ -1,31 +1,21 @@
-"""`make demo` (= ``python -m mlcl demo``): the synthetic dataset (written once), the ``demo``
-grid (supervised, UniMatch and MLCL at 1/32 labels, one seed, a short CPU schedule) through
-notebooks/run.ipynb two at a time, then the prototypes, perturbations and figures notebooks,
-the three methods' mIoU and where everything landed. Runs go under runs/demo/, figures into
-figures/demo/; a second `make demo` trains nothing and rebuilds the figures."""
+"""`make demo` (= ``python -m mlcl demo``): the synthetic data (written once), the ``demo``
+grid (the three methods at 1/32 labels, one seed) through notebooks/run.ipynb into runs/demo/,
+then the prototypes, perturbations and figures notebooks into figures/demo/."""
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from mlcl.paths import REPO
 from mlcl.study import grids, progress
-from mlcl.study.registry import NOTEBOOKS, data_dir, demo_dir, figures_dir, load_entry
+from mlcl.study.registry import NOTEBOOKS, demo_dir, figures_dir, load_entry
 from mlcl.study.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
 from mlcl.study.synthetic import make_synthetic
 
-# mlcl.study.viz (matplotlib, pandas: about 1.5 s) is imported inside run_demo for its last step.
-
 DEMO_METHODS = ("supervised", "unimatch", "mlcl")
 SYNTHETIC = {"num_train": 1000, "num_val": 200, "size": 64, "classes": 7, "seed": 0}
-
-
-def ensure_synthetic(root: Path) -> Path:
-    """The default synthetic dataset (1000 train / 200 val at 64 px), written once."""
-    if not (root / "ImageSets" / "Segmentation" / "val.txt").is_file():
-        print(f"writing the synthetic dataset to {root} ...", flush=True)
-        make_synthetic(root, **SYNTHETIC)
-    return root
 
 
 def demo_runs() -> dict[str, grids.Run]:
@@ -34,19 +24,16 @@ def demo_runs() -> dict[str, grids.Run]:
 
 
 def notebook_jobs(runs: Path, figures: Path, cells: dict[str, Path]) -> list[list[tuple]]:
-    """The post-training notebooks as two chains run side by side: [prototypes] and
-    [perturbations, figures]; each job is (name, notebook, executed copy, parameters)."""
-    nb_dir = runs / "notebooks"
+    """Two chains run side by side of (name, notebook, executed copy, parameters) jobs."""
+    nb, out = runs / "notebooks", str(figures)
     best = {m: str(cells[m] / "best.pt") for m in cells}
-    protos = ("prototypes", NOTEBOOKS / "prototypes.ipynb", nb_dir / "prototypes-demo.ipynb",
+    return [[("prototypes", NOTEBOOKS / "prototypes.ipynb", nb / "prototypes-demo.ipynb",
               {"checkpoints": {"UniMatch": best["unimatch"], "MLCL": best["mlcl"]},
-               "out_dir": str(figures)})
-    perts = ("perturbations", NOTEBOOKS / "perturbations.ipynb",
-             nb_dir / "perturbations-demo.ipynb",
-             {"checkpoint": best["mlcl"], "out_dir": str(figures)})
-    figs = ("figures", FIGURES_NOTEBOOK, nb_dir / "figures-demo.ipynb",
-            {"registry_dir": str(runs / "registry"), "figures_dir": str(figures)})
-    return [[protos], [perts, figs]]
+               "out_dir": out})],
+            [("perturbations", NOTEBOOKS / "perturbations.ipynb", nb / "perturbations-demo.ipynb",
+              {"checkpoint": best["mlcl"], "out_dir": out}),
+             ("figures", FIGURES_NOTEBOOK, nb / "figures-demo.ipynb",
+              {"registry_dir": str(runs / "registry"), "figures_dir": out})]]
 
 
 def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
@@ -63,13 +50,21 @@ def run_chain(chain: list[tuple], board: progress.Board) -> list[str]:
     return failed
 
 
-def summary_lines(runs: Path) -> list[str]:
-    """Best and last validation mIoU and training time per method (or its log)."""
-    run = demo_runs()["mlcl"]
-    lines = [f"Short demo on SYNTHETIC data ({run.split.replace('_', '/')} labels, one seed, "
-             f"{schedule_text()}) - not the study, not VOC results:",
+def schedule_text() -> str:
+    """e.g. '400 iterations, validation every epoch' from the demo grid's overrides."""
+    ov = dict(o.split("=", 1) for o in demo_runs()["mlcl"].overrides)
+    return f"{ov.get('train.max_iters', '?')} iterations, validation every epoch"
+
+
+def report_lines(runs: Path, figures: Path) -> list[str]:
+    """Best and last validation mIoU and training time per method (or its log), where the
+    demo's outputs are and what to try next."""
+    by_method = demo_runs()
+    lines = [f"Short demo on SYNTHETIC data ({by_method['mlcl'].split.replace('_', '/')} labels,"
+             f" one seed, {schedule_text()}) - not the study, not VOC results:",
              f"  {'method':<11s} {'best mIoU':>9s} {'last mIoU':>9s} {'train (wall s)':>14s}"]
-    for method, run in sorted(demo_runs().items(), key=lambda kv: DEMO_METHODS.index(kv[0])):
+    for method in DEMO_METHODS:
+        run = by_method[method]
         entry = load_entry(run.name, runs / "registry")
         if entry is None:
             lines.append(f"  {method:<11s} FAILED (see {runs / 'cells' / (run.name + '.log')})")
@@ -77,19 +72,8 @@ def summary_lines(runs: Path) -> list[str]:
         m = entry["metrics"]
         lines.append(f"  {method:<11s} {m['best_miou']:9.2f} {m['last_miou']:9.2f} "
                      f"{m.get('wall_time_s') or 0:14.0f}")
-    return lines
-
-
-def schedule_text() -> str:
-    """e.g. '400 iterations, validation every epoch' from the demo grid's overrides."""
-    ov = dict(o.split("=", 1) for o in demo_runs()["mlcl"].overrides)
-    return f"{ov.get('train.max_iters', '?')} iterations, validation every epoch"
-
-
-def where_lines(runs: Path, figures: Path) -> list[str]:
-    """Where the demo's outputs are, and what to try next."""
-    mlcl = runs / "cells" / demo_runs()["mlcl"].name
-    return [
+    mlcl = runs / "cells" / by_method["mlcl"].name
+    return lines + [
         "", "Where everything is:",
         "  runs (best.pt, last.pt, metrics.json, tensorboard/, run.ipynb): "
         f"{runs / 'cells'}/<run>/",
@@ -110,7 +94,10 @@ def run_demo(args) -> int:
     started = time.time()
     runs = Path(getattr(args, "out", None) or demo_dir()).resolve()
     figures = figures_dir() / "demo"  # the study's figures stay in figures/ itself
-    data_root = ensure_synthetic(data_dir() / "synthetic").resolve()
+    data_root = (Path(os.environ.get("MLCL_DATA", REPO / "data")) / "synthetic").resolve()
+    if not (data_root / "ImageSets" / "Segmentation" / "val.txt").is_file():  # written once
+        print(f"writing the synthetic dataset to {data_root} ...", flush=True)
+        make_synthetic(data_root, **SYNTHETIC)
     board = progress.Board()
     print(f"training {', '.join(DEMO_METHODS)} (grid 'demo': {schedule_text()}) through "
           f"notebooks/run.ipynb, 2 at a time, into {runs / 'cells'} ...", flush=True)
@@ -123,8 +110,7 @@ def run_demo(args) -> int:
         for names in pool.map(lambda c: run_chain(c, board), notebook_jobs(runs, figures, cells)):
             failed += names
     write_index(figures, {"registry": str(runs / "registry")})
-    print("\n" + "\n".join(summary_lines(runs)))
-    print("\n".join(where_lines(runs, figures)))
+    print("\n" + "\n".join(report_lines(runs, figures)))
     print(f"\nmake demo took {time.time() - started:.0f} s")
     if failed:
         print("failed: " + ", ".join(failed))

@@ -1,7 +1,6 @@
-"""Inside trained checkpoints, for the notebooks: predictions on validation images, SAI's
-perturbations of unlabeled images, pixel features and prototypes. Method quantities come from
-the core (``model.encode/decode``, mlcl.losses), in eval mode; what is computed here is for
-display only (PCA colours, 2-D embeddings, compactness)."""
+"""Inside trained checkpoints, for the notebooks: predictions, SAI's perturbations, pixel
+features and prototypes, by the core's own functions in eval mode; what is computed here is
+for display only (PCA colours, 2-D embeddings, compactness)."""
 from __future__ import annotations
 
 import random
@@ -26,9 +25,6 @@ from mlcl.prototypes import initialised
 from mlcl.study.predict import checkpoint_file, model_from_checkpoint, read_checkpoint
 from mlcl.study.registry import fix_data_root, resolve
 
-# sklearn (about 2 s to import) is imported inside embed_2d, the one function that uses it.
-
-
 @dataclass
 class Checkpoint:
     """A loaded best.pt / last.pt: the model (eval mode), its config, classes and bank."""
@@ -40,19 +36,9 @@ class Checkpoint:
     epoch: int | None
     miou: float | None
     path: Path
-
-    @property
-    def method(self) -> str:
-        return self.cfg.method
-
-    @property
-    def run_name(self) -> str:
-        """The run the checkpoint belongs to (its output folder's name)."""
-        return self.path.resolve().parent.name
-
-    @property
-    def synthetic(self) -> bool:
-        return self.cfg.data.dataset == "synthetic"
+    method: str  # cfg.method
+    run_name: str  # the run it belongs to: its output folder's name
+    synthetic: bool  # trained on the synthetic shapes data
 
 
 def device_of(model) -> torch.device:
@@ -61,15 +47,15 @@ def device_of(model) -> torch.device:
 
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
                     device: str | torch.device | None = None) -> Checkpoint:
-    """A ``best.pt``/``last.pt`` or run folder (its best.pt; :func:`resolve`d), the model on
-    ``device`` (default: the GPU if there is one)."""
+    """A checkpoint or run folder (its best.pt), the model on ``device`` (default: a GPU)."""
     path = checkpoint_file(resolve(path))
     raw = read_checkpoint(path)
     model, cfg, names = model_from_checkpoint(raw, path, overrides)
     model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bank = (raw.get("bank") or {}).get("protos")
     return Checkpoint(model.eval(), fix_data_root(cfg), names, bank, raw.get("epoch"),
-                      raw.get("miou"), path)
+                      raw.get("miou"), path, cfg.method, path.resolve().parent.name,
+                      cfg.data.dataset == "synthetic")
 
 
 def evaluate_checkpoint(ck: Checkpoint) -> dict[str, Any]:
@@ -200,9 +186,10 @@ class FeatureSet:
 
 
 @torch.no_grad()
-def pixel_features(ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Features (N, C) and classes (N,) of validation pixels, ``max_pixels`` / K per class."""
+def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
+                seed: int = 0) -> FeatureSet:
+    """Features and classes of validation pixels (``max_pixels`` / K per class), with the
+    prototypes of ``ck`` (its memory bank, else the class means)."""
     cfg = ck.cfg
     ds = ValDataset(cfg, cfg.split_path("val_split"))
     feats, labels = [], []
@@ -221,7 +208,15 @@ def pixel_features(ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
     chosen = [rng.permutation(np.flatnonzero(labels == k))[:cap]
               for k in range(cfg.data.num_classes)]
     idx = np.sort(np.concatenate(chosen))
-    return feats[idx], labels[idx]
+    feats, labels = feats[idx], labels[idx]
+    means = class_means(feats, labels, cfg.data.num_classes)
+    if ck.bank is not None and bool(initialised(ck.bank).any()):
+        protos = ck.bank.double().numpy().copy()
+        protos[~initialised(ck.bank).numpy()] = np.nan
+        source = "memory bank"
+    else:
+        protos, source = means.copy(), "class means"
+    return FeatureSet(label, ck.method, feats, labels, protos, source, means, ck.class_names)
 
 
 def class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -231,20 +226,6 @@ def class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.n
         if (labels == k).any():
             out[k] = feats[labels == k].mean(0)
     return out
-
-
-def feature_set(label: str, ck: Checkpoint, num_images: int = 16, max_pixels: int = 2000,
-                seed: int = 0) -> FeatureSet:
-    """Pixel features and prototypes (the memory bank, else the class means) of ``ck``."""
-    feats, labels = pixel_features(ck, num_images, max_pixels, seed)
-    means = class_means(feats, labels, ck.cfg.data.num_classes)
-    if ck.bank is not None and bool(initialised(ck.bank).any()):
-        protos = ck.bank.double().numpy().copy()
-        protos[~initialised(ck.bank).numpy()] = np.nan
-        source = "memory bank"
-    else:
-        protos, source = means.copy(), "class means"
-    return FeatureSet(label, ck.method, feats, labels, protos, source, means, ck.class_names)
 
 
 def unit_rows(a: np.ndarray) -> np.ndarray:

@@ -28,10 +28,9 @@ class Run:
 
     def config_overrides(self) -> list[str]:
         """The ``key=value`` overrides that make the preset this run."""
-        out = [f"split={self.split}", f"method={self.method}", f"seed={self.seed}"]
-        if self.method == "mlcl":
-            out.append(f"mlcl.variant={self.variant}")
-        return out + list(self.overrides)
+        variant = [f"mlcl.variant={self.variant}"] if self.method == "mlcl" else []
+        return [f"split={self.split}", f"method={self.method}", f"seed={self.seed}", *variant,
+                *self.overrides]
 
 
 # The MLCL ablations of the paper: each component off on its own.

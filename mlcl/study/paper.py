@@ -25,10 +25,8 @@ class PaperTable:
 
     def value(self, method: str, preset: str, split: str) -> float | None:
         """The published mIoU of ``method`` in the column of (preset, split), if any."""
-        for col, v in zip(self.columns, self.published.get(method, ())):
-            if (col.preset, col.split) == (preset, split):
-                return v
-        return None
+        return next((v for col, v in zip(self.columns, self.published.get(method, ()))
+                     if (col.preset, col.split) == (preset, split)), None)
 
 
 # Row labels of the published rows; AugSeg is a baseline of Table I we do not reimplement.

@@ -1,7 +1,6 @@
-"""Loading trained weights, and `python -m mlcl predict`: palette PNG masks named after their
-images' whole names (``a.jpg`` -> ``a.jpg.png``) in an mlcl.folders.OutputFolder, with the
-class colours in ``legend.png`` / ``legend.txt``. Unreadable or oversized images are reported
-and skipped; large images are predicted in overlapping tiles."""
+"""Loading trained weights, and `python -m mlcl predict`: palette PNG masks (``a.jpg`` ->
+``a.jpg.png``) and ``legend.png`` / ``.txt`` in an OutputFolder; unreadable or oversized
+images are reported and skipped, large ones predicted in overlapping tiles."""
 from __future__ import annotations
 
 import sys
@@ -26,8 +25,7 @@ TILE = 1024  # images above TILE*TILE pixels are predicted in windows of this si
 
 
 def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
-    """The class colours as a picture (swatch and name per class) and as text
-    ('index<TAB>name<TAB>r,g,b' per line)."""
+    """The class colours as a picture and as text ('index<TAB>name<TAB>r,g,b' per line)."""
     pal = palette_for(dataset)
     row = 18
     img = Image.new("RGB", (220, row * len(names) + 4), "white")
@@ -45,12 +43,10 @@ def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
 def checkpoint_file(path: str | Path) -> Path:
     """``path``, or a run folder's ``best.pt``; a FileNotFoundError saying what is missing."""
     path = Path(path)
-    if path.is_dir():
-        best = path / "best.pt"
-        if not best.is_file():
-            raise FileNotFoundError(f"run folder {path} has no best.pt (training writes it at "
-                                    "the first validation); give a .pt file with --checkpoint")
-        return best
+    if path.is_dir() and not (path / "best.pt").is_file():
+        raise FileNotFoundError(f"run folder {path} has no best.pt (training writes it at "
+                                "the first validation); give a .pt file with --checkpoint")
+    path = path / "best.pt" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (training writes best.pt "
                                 "and last.pt into its output_dir)")

@@ -1,9 +1,9 @@
-"""Live progress of the runs that `make demo` and `python -m mlcl reproduce` train: a waiting
-worker polls the run's ``progress.json`` (mlcl.outputs) and shows it on a :class:`Board`, one
-tqdm bar per running run on a terminal, else one plain line per run every ``every`` seconds.
-Messages go through :meth:`Board.write`, so none lands on a bar's line."""
+"""Live progress of the runs reproduce trains: each waiting worker polls its run's
+``progress.json`` onto a :class:`Board`, a tqdm bar per run on a terminal, else a plain line
+every ``every`` seconds; messages go through :meth:`Board.write`, never onto a bar."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -46,13 +46,12 @@ def describe(p: dict[str, Any] | None) -> str:
     return f"{val}, ETA {clock(eta_s(p))}" if status == "running" else f"{val}, {status}"
 
 
-class Tracker:
+class Tracker(contextlib.AbstractContextManager):
     """The display of one running run in bar ``position``; a context manager that closes it."""
 
     def __init__(self, board: "Board", name: str, output_dir: Path, position: int):
         self.board, self.name, self.output_dir, self.position = board, name, output_dir, position
-        self.last_line = -float("inf")
-        self.bar = None
+        self.last_line, self.bar = -float("inf"), None
         if board.tty:
             self.bar = tqdm(total=1, desc=name, position=position, leave=False,
                             file=board.stream, dynamic_ncols=True, mininterval=0,
@@ -79,20 +78,15 @@ class Tracker:
         with self.board.lock:
             self.board.taken.discard(self.position)
 
-    def __enter__(self) -> "Tracker":
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
 
 class Board:
-    """What the terminal shows while runs train, shared by reproduce's worker threads.
-    ``tty``: bars (default: whether ``stream`` is a terminal); ``every``: seconds between two
-    plain lines about one run."""
+    """What the terminal shows while reproduce's workers train: bars when ``tty`` (default:
+    ``stream`` is a terminal), else a plain line per run every ``every`` seconds."""
 
-    def __init__(self, stream: TextIO | None = None, tty: bool | None = None,
-                 every: float = 30.0):
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None, every: float = 30.0):
         self._stream = stream
         self.tty = bool(self.stream.isatty()) if tty is None else tty
         self.every = every

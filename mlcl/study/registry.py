@@ -1,7 +1,5 @@
-"""The results registry: one JSON per run, ``<runs>/registry/<name>.json``, written atomically:
-name, run (the grid cell: CELL_KEYS and overrides), grid, config, metrics (metrics.json),
-git_commit, git_dirty, environment, timings, wall_time_s, synthetic, output_dir. The figures
-notebook and mlcl.study.viz read only this. Also where the study's files go."""
+"""The results registry, ``<runs>/registry/<name>.json`` per run (the keys: :func:`record_run`),
+the only input of the figures notebook and mlcl.study.viz; and where the study's files go."""
 from __future__ import annotations
 
 import json
@@ -17,17 +15,10 @@ from mlcl.files import atomic_write_json
 from mlcl.outputs import read_run, resume_changes
 from mlcl.paths import REPO, runs_dir
 
-# torch (environment) and pandas (runs_frame) are imported where they are used.
-
 # what names a grid cell (mlcl.study.grids.Run): the registry's ``run`` record and table rows
 CELL_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
 METRIC_COLUMNS = ("best_miou", "last_miou", "best_epoch", "last_epoch", "iterations")
 NOTEBOOKS = REPO / "notebooks"
-
-
-def data_dir() -> Path:
-    """Default home of datasets (MLCL_DATA overrides)."""
-    return Path(os.environ.get("MLCL_DATA", REPO / "data"))
 
 
 def figures_dir() -> Path:
@@ -84,13 +75,11 @@ def environment() -> dict[str, Any]:
     """Python, torch, platform and host, and the GPU when there is one."""
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "platform": platform.platform(), "cuda": torch.cuda.is_available(),
-           "host": platform.node()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-        env["gpus"] = torch.cuda.device_count()
-    return env
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cuda": cuda, "host": platform.node(),
+            **({"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count()}
+               if cuda else {})}
 
 
 def git_dirty() -> bool | None:
@@ -119,8 +108,7 @@ def record_run(name: str, metrics: dict[str, Any], config: dict[str, Any],
                **extra.pop("timings", {})}
     entry = {"name": name, "config": config, "metrics": metrics, "environment": environment(),
              "git_commit": metrics.get("git_commit"), "git_dirty": git_dirty(),
-             "wall_time_s": train_s,
-             "timings": timings, "synthetic": is_synthetic(config),
+             "wall_time_s": train_s, "timings": timings, "synthetic": is_synthetic(config),
              "output_dir": metrics.get("output_dir") or config.get("output_dir"), **extra}
     return atomic_write_json(registry_dir(root) / f"{name}.json", entry)
 
@@ -181,9 +169,10 @@ TABLE_AXES = ("method", "seed", "split", "data.labeled_split", "data.unlabeled_s
 VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
 
 
-def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
-    """``"B vs A (key: a -> b; ...)"`` per complete entry whose settings differ from the
-    first of its table (preset, dataset) or cell, then per entry resumed with changes."""
+def check_comparable(entries: list[dict[str, Any]]) -> None:
+    """A ValueError naming the runs and keys (``B vs A (key: a -> b; ...)``) when a complete
+    entry's settings differ from the first of its table (preset, dataset) or cell, or an entry
+    was resumed with changes."""
     tables: dict[tuple, list[dict[str, Any]]] = {}
     cells: dict[tuple, list[dict[str, Any]]] = {}
     resumed = []
@@ -195,9 +184,14 @@ def settings_conflicts(entries: list[dict[str, Any]]) -> list[str]:
             table = (f["preset"], ((e.get("config") or {}).get("data") or {}).get("dataset"))
             tables.setdefault(table, []).append(e)
             cells.setdefault(table + (f["method"], f["variant"], f["ablation"]), []).append(e)
-    return ([line for group in tables.values() for line in _differences(group, False)]
-            + [line for group in cells.values() for line in _differences(group, True)]
-            + resumed)
+    problems = ([line for group in tables.values() for line in _differences(group, False)]
+                + [line for group in cells.values() for line in _differences(group, True)]
+                + resumed)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"the registry mixes runs of different settings: {problems[0]}{more}; "
+                         "keep them in separate registries (reproduce --runs DIR) or train "
+                         "the old ones again (reproduce --rerun-changed)")
 
 
 def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:
@@ -212,16 +206,6 @@ def _differences(group: list[dict[str, Any]], variant_axes: bool) -> list[str]:
         if changes:
             out.append(f"{e.get('name')} vs {group[0].get('name')} ({'; '.join(changes)})")
     return out
-
-
-def check_comparable(entries: list[dict[str, Any]]) -> None:
-    """A ValueError naming the runs and keys when the entries mix settings in one table."""
-    problems = settings_conflicts(entries)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ValueError(f"the registry mixes runs of different settings: {problems[0]}{more}; "
-                         "keep them in separate registries (reproduce --runs DIR) or train "
-                         "the old ones again (reproduce --rerun-changed)")
 
 
 def runs_frame(entries: list[dict[str, Any]]):

@@ -1,7 +1,6 @@
-"""Batch reproduction: train every cell of a grid (mlcl.study.grids) into
-``<runs>/cells/<Run.name>``, ``jobs`` at a time with one OpenMP thread each, record each in
-``<runs>/registry``, then execute notebooks/figures.ipynb on the registry. A complete cell is
-skipped; a cell trained with other settings stops the grid before anything trains."""
+"""Batch reproduction: every cell of a grid into ``<runs>/cells/<Run.name>``, ``jobs`` at a
+time with one OpenMP thread each, recorded in ``<runs>/registry``, then the figures notebook;
+a complete cell is skipped, one trained with other settings stops the grid beforehand."""
 from __future__ import annotations
 
 import argparse
@@ -25,9 +24,6 @@ from mlcl.study import grids, progress, registry
 from mlcl.study.grids import GRIDS, Run
 from mlcl.study.registry import CELL_KEYS, NOTEBOOKS, find_registry, fix_data_root, load_entry
 
-# mlcl.train (torch, accelerate) is imported inside train_run, the one place that trains in
-# this process: reproduce itself only launches runs in subprocesses and reads their files.
-
 EXECUTORS = ("papermill", "cli")
 RUN_NOTEBOOK = NOTEBOOKS / "run.ipynb"
 FIGURES_NOTEBOOK = NOTEBOOKS / "figures.ipynb"
@@ -35,8 +31,7 @@ FIGURES_NOTEBOOK = NOTEBOOKS / "figures.ipynb"
 
 def thread_env() -> dict[str, str]:
     """Children's environment: one OpenMP / MKL thread, tqdm refreshed every 10 s at most."""
-    return {"TQDM_MININTERVAL": "10", **os.environ, "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1"}
+    return {"TQDM_MININTERVAL": "10", **os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def run_record(run: Run) -> dict[str, Any]:
@@ -55,8 +50,7 @@ def train_command(preset: str, overrides: list[str], num_processes: int = 1) -> 
 
 
 def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict[str, Any]:
-    """Train (or resume) a run, here or with ``num_processes`` > 1 through ``accelerate
-    launch`` (output streamed); its metrics. data.root is fix_data_root'd."""
+    """Train (or resume) a run here, or through ``accelerate launch``; its metrics."""
     cfg = load_config(preset, overrides)  # bad keys fail here, before any launch
     root = cfg.data.root
     if fix_data_root(cfg).data.root != root:
@@ -78,8 +72,7 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
 def run_logged(cmd: list[str], log: Path, poll=None) -> int:
     """The exit status of ``cmd``, its output into ``log``, ``poll()`` called meanwhile."""
     with open(log, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
+        print(" ".join(cmd), file=fh, flush=True)
         proc = subprocess.Popen(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
         return progress.wait(proc, poll)
 
@@ -104,15 +97,20 @@ def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log:
 
 
 def run_figures(registry_dir: Path, figures: Path, notebook: Path) -> int:
-    """The figures notebook on ``registry_dir`` into ``figures``, executed as ``notebook``."""
-    return run_papermill(FIGURES_NOTEBOOK, notebook, {"registry_dir": str(registry_dir),
-                                                      "figures_dir": str(figures)},
-                         notebook.with_suffix(".log"))
+    """The figures notebook on ``registry_dir`` into ``figures``, executed as ``notebook``;
+    its exit status, said with where the figures went or the failure's log and cause."""
+    log = notebook.with_suffix(".log")
+    rc = run_papermill(FIGURES_NOTEBOOK, notebook, {"registry_dir": str(registry_dir),
+                                                    "figures_dir": str(figures)}, log)
+    cause = "" if rc == 0 else cause_line(log)
+    print(f"figures written to {figures} (notebook {notebook})" if rc == 0 else
+          f"  FAILED  figures notebook (exit {rc}; log {log}){': ' + cause if cause else ''}",
+          flush=True)
+    return rc
 
 
 def figures_main(args) -> int:
-    """``python -m mlcl figures [--registry DIR] [--out DIR]``: the figures notebook on the
-    registry :func:`find_registry` picks, saying which; a ConfigError when it has no runs."""
+    """``python -m mlcl figures``: the figures notebook on :func:`find_registry`'s registry."""
     reg = find_registry(args.registry)
     count = len(list(reg.glob("*.json")))
     if count == 0:
@@ -123,25 +121,12 @@ def figures_main(args) -> int:
     nb = runs_dir() / "notebooks" / "figures.ipynb"
     print(f"reading the registry {reg} ({count} runs); writing figures and tables into "
           f"{out} ...", flush=True)
-    rc = run_figures(reg, out, nb)
-    print(f"{'done' if rc == 0 else 'FAILED'}: executed notebook {nb}"
-          + ("" if rc == 0 else f" (log {nb.with_suffix('.log')})"), flush=True)
-    return rc
-
-
-def cell_config(run: Run, out: Path, overrides: list[str]):
-    """The configuration a cell trains with; a ConfigError / DataError when it cannot."""
-    cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}", *run.config_overrides(),
-                                                 *overrides]))
-    if not read_run(out).complete:  # a complete cell is skipped: its data need not be here
-        check_root(cfg.data.root, cfg.data.dataset)
-    return reconcile_classes(cfg, log=lambda msg: None)
+    return run_figures(reg, out, nb)
 
 
 def stored_changes(out: Path, cfg) -> list[str]:
-    """``"key: stored -> requested"`` per way the run in ``out`` (trained before, complete or
-    not) differs from ``cfg`` by mlcl.outputs.run_changes, the rule train applies, and per
-    change of schedule it was resumed with; empty when it is the same run or none."""
+    """``"key: stored -> requested"`` per way the run in ``out`` differs from ``cfg`` (train's
+    rule, mlcl.outputs.run_changes) or was resumed with; empty for the same run or none."""
     stored = read_run(out)
     if stored.config is None:
         return []
@@ -150,16 +135,19 @@ def stored_changes(out: Path, cfg) -> list[str]:
 
 def check_cells(todo: list[Run], root: Path, overrides: list[str],
                 rerun_changed: bool = False) -> list[str]:
-    """Before anything trains: one ConfigError when a cell's configuration does not build
-    (naming the first error) or a cell was trained with other settings (naming the keys),
-    unless ``rerun_changed``: then each changed cell moves to ``<name>.replaced-<time>`` (its
-    registry entry dropped) to train anew. Returns the names of the cells moved aside."""
+    """Before anything trains: a ConfigError when a cell's config does not build or a cell
+    was trained with other settings, unless ``rerun_changed``: then each changed cell moves to
+    ``<name>.replaced-<time>`` (registry entry dropped). The names of the cells moved aside."""
     errors: dict[str, list[str]] = {}
     changed: dict[str, list[str]] = {}
     for run in todo:
         out = root / "cells" / run.name
-        try:
-            changes = stored_changes(out, cell_config(run, out, overrides))
+        try:  # the configuration the cell trains with
+            cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}",
+                                                         *run.config_overrides(), *overrides]))
+            if not read_run(out).complete:  # a complete cell is skipped: its data need not be here
+                check_root(cfg.data.root, cfg.data.dataset)
+            changes = stored_changes(out, reconcile_classes(cfg, log=lambda msg: None))
         except (ConfigError, DataError) as e:
             errors.setdefault(str(e), []).append(run.name)
             continue
@@ -199,17 +187,6 @@ def cause_line(log: Path) -> str:
     found = [line.strip() for line in lines if (m := ERROR_LINE.match(line))
              and not m.group(1).startswith("papermill.")]
     return found[-1] if found else ""
-
-
-def tidy_failed_cell(out: Path, existed: bool, notebook: Path | None) -> Path | None:
-    """Remove a new cell that failed before its first checkpoint, its notebook kept beside."""
-    if existed or not out.is_dir() or (out / "checkpoints" / "LATEST").exists():
-        return notebook
-    kept = None
-    if notebook is not None and notebook.is_file():
-        kept = notebook.replace(out.parent / f"{out.name}.ipynb")
-    shutil.rmtree(out, ignore_errors=True)
-    return kept
 
 
 class GridRunner:
@@ -263,22 +240,15 @@ class GridRunner:
                              f"{metrics['best_miou']:.2f}, last {metrics['last_miou']:.2f})")
         else:
             self.result["failed"].append(run.name)
-            notebook = tidy_failed_cell(out, existed, notebook)
+            if not existed and out.is_dir() and not (out / "checkpoints" / "LATEST").exists():
+                # a new cell failed before its first checkpoint: removed, its notebook beside
+                notebook = notebook.replace(out.parent / f"{out.name}.ipynb") \
+                    if notebook is not None and notebook.is_file() else None
+                shutil.rmtree(out, ignore_errors=True)
             cause = self.causes[run.name] = cause_line(log)
             self.board.write(f"  FAILED  {run.name} (exit {rc}; log {log}"
                              f"{'; notebook ' + str(notebook) if notebook else ''})"
                              f"{': ' + cause if cause else ''}")
-
-    def report(self) -> None:
-        """Print the counts and each failed run with its log and cause."""
-        r = self.result
-        print(f"{len(r['done'])} done, {len(r['skipped'])} skipped (complete), "
-              f"{len(r['failed'])} failed", flush=True)
-        if r["failed"]:
-            print("failed:\n  " + "\n  ".join(
-                f"{n}  (log {self.logs[n]})"
-                + (f"\n      {self.causes[n]}" if self.causes.get(n) else "")
-                if n in self.logs else n for n in r["failed"]), flush=True)
 
 
 def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] | None = None,
@@ -309,16 +279,15 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     if figures:
         out = figures_dir or registry.figures_dir()
         nb = root / "notebooks" / f"figures-{grid}.ipynb"
-        rc = run_figures(runner.registry, out, nb)
-        if rc == 0:
-            result["figures"].append(str(nb))
-            print(f"figures written to {out} (notebook {nb})")
-        else:
-            result["failed"].append("figures")
-            cause = cause_line(nb.with_suffix(".log"))
-            print(f"  FAILED  figures notebook (exit {rc}; log {nb.with_suffix('.log')})"
-                  f"{': ' + cause if cause else ''}")
-    runner.report()
+        ok = run_figures(runner.registry, out, nb) == 0
+        result["figures" if ok else "failed"].append(str(nb) if ok else "figures")
+    print(f"{len(result['done'])} done, {len(result['skipped'])} skipped (complete), "
+          f"{len(result['failed'])} failed", flush=True)
+    if result["failed"]:  # each with its log and cause
+        print("failed:\n  " + "\n  ".join(
+            f"{n}  (log {runner.logs[n]})"
+            + (f"\n      {runner.causes[n]}" if runner.causes.get(n) else "")
+            if n in runner.logs else n for n in result["failed"]), flush=True)
     return result
 
 
@@ -334,13 +303,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="papermill: the run notebook per run (default); cli: mlcl train")
     p.add_argument("--num-processes", type=int, default=1,
                    help="processes (GPUs) per run, through accelerate launch when > 1")
-    p.add_argument("--figures", default=None,
-                   help="folder for the figures notebook's output (default: figures/)")
+    p.add_argument("--figures", help="folder for the figures notebook's output (default: figures/)")
     p.add_argument("--no-figures", action="store_true", help="do not run the figures notebook")
     p.add_argument("--rerun-changed", action="store_true",
-                   help="train again the cells trained with other settings than requested now "
-                        "(the old runs are kept as cells/<name>.replaced-<time>); without it "
-                        "such cells stop the grid before anything trains")
+                   help="train again the cells trained with other settings (the old runs kept "
+                        "as cells/<name>.replaced-<time>); else they stop the grid beforehand")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides for every run, e.g. data.root=DIR")
 
@@ -349,15 +316,13 @@ def add_figures_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default=None,
                    help="registry folder (default: runs/registry when it has runs, else the "
                         "demo's runs/demo/registry)")
-    p.add_argument("--out", default=None,
-                   help="figures folder (default: figures/, or figures/demo/ for the demo's)")
+    p.add_argument("--out", help="figures folder (default: figures/; the demo's: figures/demo/)")
 
 
 def main(args) -> int:
     """``python -m mlcl reproduce``: 1 when a run or the figures failed, else 0."""
     result = reproduce(args.grid, runs_root=args.runs, overrides=args.overrides,
                        jobs=args.jobs, only=args.only, executor=args.executor, seeds=args.seeds,
-                       figures=not args.no_figures,
-                       figures_dir=Path(args.figures) if args.figures else None,
+                       figures=not args.no_figures, figures_dir=args.figures and Path(args.figures),
                        num_processes=args.num_processes, rerun_changed=args.rerun_changed)
     return 1 if result["failed"] else 0

@@ -1,8 +1,6 @@
-"""A synthetic shapes dataset in VOC's or Cityscapes' folder layout (`python -m mlcl synth`):
-2-5 rotated, occluding shapes per image on a cluttered background, each class with a jittered
-hue and an overlapping texture prior (docs/synthetic_study.md, "The data"), a 255 ignore band
-along every object edge. The same arguments give byte-identical files (one numpy Generator
-per image, seeded by (seed, split, index))."""
+"""A synthetic shapes dataset in VOC's or Cityscapes' layout (`python -m mlcl synth`; the
+design: docs/synthetic_study.md, "The data"), 255 along object edges; the same arguments give
+byte-identical files (one numpy Generator per image, seeded by (seed, split, index))."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from mlcl.data.palette import voc_palette
+from mlcl.data.splits import paths_for_id
 
 FAMILIES = ("disc", "rectangle", "triangle", "ring", "star", "cross")
 TEXTURES = ("flat", "stripes", "checker", "spots", "gradient")
@@ -32,11 +31,9 @@ FAMILY_SCALE = {"triangle": 1.3, "star": 1.3}
 
 def class_names(classes: int) -> list[str]:
     """background, then the shape families, cycled (disc_2, ...) when classes > 7."""
-    names = ["background"]
-    for c in range(1, classes):
-        family, cycle = FAMILIES[(c - 1) % len(FAMILIES)], (c - 1) // len(FAMILIES)
-        names.append(family if cycle == 0 else f"{family}_{cycle + 1}")
-    return names
+    n = len(FAMILIES)
+    return ["background"] + [FAMILIES[c % n] + (f"_{c // n + 1}" if c >= n else "")
+                             for c in range(classes - 1)]
 
 
 def sample_id(split: str, i: int, layout: str) -> str:
@@ -45,12 +42,6 @@ def sample_id(split: str, i: int, layout: str) -> str:
         city = cities[i % len(cities)]
         return f"{split}/{city}/{city}_{i // len(cities):06d}_000019"
     return f"{split}_{i:06d}"
-
-
-def sample_paths(sid: str, layout: str) -> tuple[str, str]:
-    if layout == "cityscapes":
-        return f"leftImg8bit/{sid}_leftImg8bit.png", f"gtFine/{sid}_gtFine_labelTrainIds.png"
-    return f"JPEGImages/{sid}.jpg", f"SegmentationClass/{sid}.png"
 
 
 def hsv_to_rgb(h, s, v) -> np.ndarray:
@@ -102,14 +93,6 @@ def texture(kind: str, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray)
     if kind == "spots":
         return smooth_noise(rng, h, w, int(rng.integers(6, 12)))
     return (u - u.mean()) / max(float(np.ptp(u)), 1.0) * 2  # "gradient"
-
-
-def texture_prior(family: int) -> np.ndarray:
-    """Overlapping texture probabilities: 0.5 own, 0.2 the next, the rest spread evenly."""
-    n = len(TEXTURES)
-    p = np.full(n, 0.3 / (n - 2))
-    p[family % n], p[(family + 1) % n] = 0.5, 0.2
-    return p
 
 
 def shape_polygons(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
@@ -165,10 +148,8 @@ def edge_band(instance: np.ndarray) -> np.ndarray:
     return band
 
 
-def render(rng: np.random.Generator, h: int, w: int, classes: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (0..classes-1, 255 on edges),
-    drawn from ``rng`` in a fixed order."""
+def render(rng: np.random.Generator, h: int, w: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB uint8 (h, w, 3) image and its uint8 (h, w) mask (255 on edges) from ``rng``."""
     yy, xx = np.mgrid[0:h, 0:w].astype(float)
     img = _clutter(rng, _background(rng, yy, xx))
     label, instance = _objects(rng, img, yy, xx, classes)
@@ -222,7 +203,9 @@ def _objects(rng: np.random.Generator, img: np.ndarray, yy: np.ndarray, xx: np.n
         else:
             oh = (c - 1) / (classes - 1) + rng.normal(0, HUE_JITTER)
             os_, ov = rng.uniform(0.55, 1.0), rng.uniform(0.5, 0.95)
-        kind = TEXTURES[rng.choice(len(TEXTURES), p=texture_prior(family))]
+        prior = np.full(len(TEXTURES), 0.3 / (len(TEXTURES) - 2))  # 0.5 own, 0.2 the next
+        prior[family % len(TEXTURES)], prior[(family + 1) % len(TEXTURES)] = 0.5, 0.2
+        kind = TEXTURES[rng.choice(len(TEXTURES), p=prior)]
         tex = texture(kind, rng, yy, xx)
         v = np.clip(ov + rng.uniform(0.1, 0.25) * tex, 0, 1)
         s = np.clip(os_ + 0.1 * tex, 0, 1)
@@ -238,47 +221,38 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 def make_synthetic(out: str | Path, num_train: int = 1000, num_val: int = 200, size: int = 64,
                    classes: int = 7, seed: int = 0, layout: str = "voc") -> Path:
-    """Write the dataset under ``out`` (images, masks, classes.txt, splits/{train,val}.txt,
-    nested splits/<fraction>/{labeled,unlabeled}.txt) and return ``out``."""
+    """``out``, with the dataset written into it (images, masks, classes.txt, splits/)."""
     if layout not in ("voc", "cityscapes"):
         raise ValueError(f"layout must be voc or cityscapes, got {layout!r}")
     if classes < 2:
         raise ValueError(f"classes counts the background and must be >= 2, got {classes}")
     if num_train < 1 or num_val < 1 or size < 16:
         raise ValueError("need num_train >= 1, num_val >= 1 and size >= 16")
-    out = Path(out)
-    h, w = size, (2 * size if layout == "cityscapes" else size)
+    out, voc = Path(out), layout == "voc"
+    h, w = size, (size if voc else 2 * size)
     palette = voc_palette()
     ids: dict[str, list[str]] = {}
     for split_no, (split, n) in enumerate((("train", num_train), ("val", num_val))):
         ids[split] = [sample_id(split, i, layout) for i in range(n)]
         for i, sid in enumerate(ids[split]):
             image, mask = render(np.random.default_rng([seed, split_no, i]), h, w, classes)
-            _save_sample(out, sid, layout, image, mask, palette)
+            image_rel, mask_rel = paths_for_id(sid, layout)
+            for rel in (image_rel, mask_rel):
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(out / image_rel, quality=95)  # PNG ignores quality
+            m = Image.fromarray(mask)
+            if voc:
+                m.putpalette(palette)  # L -> P: VOC's palette PNGs
+            m.save(out / mask_rel)
     _write_lists(out, ids, layout, classes, seed)
     return out
-
-
-def _save_sample(out: Path, sid: str, layout: str, image: np.ndarray, mask: np.ndarray,
-                 palette: list[int]) -> None:
-    """The image and mask of ``sid`` (voc: JPEG and palette PNG)."""
-    image_rel, mask_rel = sample_paths(sid, layout)
-    (out / image_rel).parent.mkdir(parents=True, exist_ok=True)
-    (out / mask_rel).parent.mkdir(parents=True, exist_ok=True)
-    m = Image.fromarray(mask)
-    if layout == "voc":
-        Image.fromarray(image).save(out / image_rel, quality=95)
-        m.putpalette(palette)  # L -> P: VOC's palette PNGs
-    else:
-        Image.fromarray(image).save(out / image_rel)
-    m.save(out / mask_rel)
 
 
 def _write_lists(out: Path, ids: dict[str, list[str]], layout: str, classes: int,
                  seed: int) -> None:
     """classes.txt, VOC's id lists and the split lists of every fraction in FRACTIONS."""
     def pairs(sids: list[str]) -> list[str]:
-        return [" ".join(sample_paths(s, layout)) for s in sids]
+        return [" ".join(paths_for_id(s, layout)) for s in sids]
 
     _write_lines(out / "classes.txt", class_names(classes))
     if layout == "voc":
@@ -296,7 +270,7 @@ def _write_lists(out: Path, ids: dict[str, list[str]], layout: str, classes: int
         _write_lines(out / "splits" / name / "unlabeled.txt", pairs(unlabeled))
 
 
-def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="data/synthetic",
                         help="output folder (the synthetic preset's data.root; "
                              "default: %(default)s)")
@@ -307,13 +281,12 @@ def add_synth_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="number of classes including background (= data.num_classes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", choices=("voc", "cityscapes"), default="voc")
-    return parser
 
 
-def run_synth(args: argparse.Namespace) -> Path:
-    """``python -m mlcl synth``: :func:`make_synthetic` with the parsed arguments."""
+def run_synth(args: argparse.Namespace) -> int:
+    """``python -m mlcl synth``: :func:`make_synthetic` with the parsed arguments; 0."""
     out = make_synthetic(args.out, args.num_train, args.num_val, args.size, args.classes,
                          args.seed, args.layout)
     print(f"wrote {args.num_train} train + {args.num_val} val images ({args.layout} layout, "
           f"{args.classes} classes) to {out}")
-    return out
+    return 0

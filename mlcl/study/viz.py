@@ -1,6 +1,5 @@
-"""Figures (``plot_*``: matplotlib) and tables (``*_table``: display strings; ``*_values``:
-the numbers) from the results registry or from what mlcl.study.explore computed, and
-``save_figure`` / ``save_table``: PNG + PDF, CSV + LaTeX with a JSON sidecar naming the runs.
+"""Figures (``plot_*``) and tables (``*_table``: strings; ``*_values``: numbers) from the
+registry or mlcl.study.explore, saved with a JSON sidecar naming the runs (``save_*``).
 mIoU in %; "mean ± std (n=k)" over seeds (ddof=1); "†": synthetic data."""
 from __future__ import annotations
 
@@ -20,11 +19,7 @@ from mlcl.files import atomic_write_json
 from mlcl.study import paper
 from mlcl.study.registry import figures_dir, runs_frame
 
-# torch and mlcl.study.explore are imported inside the plots of checkpoint quantities: the
-# figures notebook draws from the registry alone and does not load torch.
-
 NOT_RUN = "not run"
-NO_PAIR = "no supervised run of the same seed and schedule"
 SYNTHETIC_MARK = "†"
 SYNTHETIC_STAMP = "SYNTHETIC DATA (shapes set): not Pascal VOC / Cityscapes results"
 SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CPU schedules): "
@@ -65,14 +60,12 @@ def fmt(mean: float, std: float, n: int, synthetic: bool = False, signed: bool =
     """'mean ± std (n=k)' (no ± for one run); NOT_RUN when n == 0; † when synthetic."""
     if n == 0:
         return NOT_RUN
-    spec = "+.2f" if signed else ".2f"
-    text = f"{mean:{spec}}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
+    text = f"{mean:{'+' if signed else ''}.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f" (n={n})"
     return text + (f" {SYNTHETIC_MARK}" if synthetic else "")
 
 
 def _complete(entries: list[dict]) -> pd.DataFrame:
-    df = runs_frame(entries)
-    return df[df["complete"]].copy()
+    return runs_frame(entries).query("complete")
 
 
 def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
@@ -98,14 +91,12 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
     values = paper_table_values(entries, key)
     cols = [c.label for c in t.columns]
     out: dict[tuple[str, str], list[str]] = {}
-    ours = {"supervised": [("supervised", "")], "unimatch": [("unimatch", "")],
-            "augseg": [], "mlcl": [("mlcl", "paper"), ("mlcl", "released")]}
     for pkey, plabel in paper.PUBLISHED_LABELS.items():
         if pkey not in t.published:
             continue
         group = plabel.split(" (")[0]
         out[(group, f"published: {plabel}")] = [f"{v:.2f}" for v in t.published[pkey]]
-        for method, variant in ours[pkey]:
+        for method, variant in (mv for mv in METHOD_LABELS if mv[0] == pkey):
             v = values[(values.method == method) & (values.variant == variant)]
             v = v.set_index("column").loc[cols]
             tag = "ours" if method != "mlcl" else f"ours, {variant} variant"
@@ -127,9 +118,8 @@ def paper_table_caption(entries: list[dict], key: str) -> str:
 
 
 def synthetic_values(entries: list[dict]) -> pd.DataFrame:
-    """Synthetic runs (no ablation) per (preset, split, iterations, method, variant):
-    best/last numbers, the gain over supervised paired by seed (``gain_*``) and, for MLCL,
-    the difference to UniMatch (``vs_uni_*``)."""
+    """Synthetic runs (no ablation) per (preset, split, iterations, method, variant): best/last,
+    the gain over supervised paired by seed (``gain_*``), MLCL's over UniMatch (``vs_uni_*``)."""
     df = _complete(entries)
     df = df[df.synthetic & (df.ablation == "")]
     rows = []
@@ -174,7 +164,8 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
         row[(cell, "best")] = fmt(r.best_mean, r.best_std, r.n)
         row[(cell, "last")] = fmt(r.last_mean, r.last_std, r.n)
         row[(cell, "gain vs supervised")] = "—" if r.method == "supervised" else _paired_text(
-            r.gain_mean, r.gain_std, r.gain_n, r.gain_positive, NO_PAIR)
+            r.gain_mean, r.gain_std, r.gain_n, r.gain_positive,
+            "no supervised run of the same seed and schedule")
         row[(cell, "MLCL vs UniMatch")] = "—" if r.method != "mlcl" else _paired_text(
             r.vs_uni_mean, r.vs_uni_std, r.vs_uni_n, r.vs_uni_positive,
             "no UniMatch run of the same seed and schedule")
@@ -185,9 +176,8 @@ def synthetic_table(entries: list[dict]) -> pd.DataFrame:
 
 
 def ablation_values(entries: list[dict]) -> pd.DataFrame:
-    """MLCL (paper variant) with each component off, per (preset, split, iterations) with
-    ablations: best/last numbers and the paired difference to the full method (``delta_*``);
-    UniMatch of the same cell as the reference."""
+    """MLCL (paper variant) with each component off, per (preset, split, iterations): best/last
+    and the paired difference to the full method (``delta_*``); UniMatch as the reference."""
     df = _complete(entries)
     rows = []
     mlcl = df[(df.method == "mlcl") & (df.variant == "paper")]
@@ -241,9 +231,8 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
             df = df[df[col] == want]
     if df.empty:
         return {}
-    slot = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
-            ("mlcl", "paper"): "MLCL", ("mlcl", "released"): "MLCL"}
-    df = df.assign(slot=[slot.get((m, v)) for m, v in zip(df.method, df.variant)])
+    df = df.assign(slot=[METHOD_LABELS.get((m, v), "").split(" (")[0] or None
+                         for m, v in zip(df.method, df.variant)])
     df = df[df.slot.notna()]
     score = df.groupby(["preset", "split", "seed"]).agg(k=("slot", "nunique"),
                                                         syn=("synthetic", "any"))
@@ -273,17 +262,20 @@ def _sidecar(directory: Path, name: str, caption: str, runs, synthetic: bool, fi
         "files": [p.name for p in files], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
+def _folder(directory: str | Path | None) -> Path:
+    d = Path(directory) if directory else figures_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def save_figure(fig: plt.Figure, name: str, caption: str, runs: Iterable[str] = (),
                 synthetic: bool = False, directory: str | Path | None = None) -> list[Path]:
-    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory`` (default: figures_dir()); a
-    synthetic figure gets the mark on the picture itself, so a PNG says what it is."""
+    """``<name>.png``, ``.pdf`` and ``.json`` into ``directory``; synthetic: marked on the PNG."""
     runs = list(runs)
     if synthetic and not any(t.get_text() == SYNTHETIC_STAMP for t in fig.texts):
         fig.text(0.5, 1.0, SYNTHETIC_STAMP, ha="center", va="bottom", fontsize=8, color="white",
                  fontweight="bold", bbox={"facecolor": "#b2182b", "edgecolor": "none", "pad": 3})
-    d = Path(directory) if directory else figures_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    text = _caption(caption, runs, synthetic)
+    d, text = _folder(directory), _caption(caption, runs, synthetic)
     files = [d / f"{name}.png", d / f"{name}.pdf"]
     fig.savefig(files[0], dpi=150, bbox_inches="tight", metadata={"Description": text})
     fig.savefig(files[1], bbox_inches="tight", metadata={"Subject": text, "Title": name})
@@ -300,9 +292,7 @@ def save_table(df: pd.DataFrame, name: str, caption: str, runs: Iterable[str] = 
                directory: str | Path | None = None) -> list[Path]:
     """``<name>.csv``, ``.tex``, ``.json`` and ``values`` as ``<name>_values.csv``."""
     runs = list(runs)
-    d = Path(directory) if directory else figures_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    text = _caption(caption, runs, synthetic)
+    d, text = _folder(directory), _caption(caption, runs, synthetic)
     files = [d / f"{name}.csv", d / f"{name}.tex"]
     df.to_csv(files[0])
     latex_text = "".join(_LATEX.get(c, c) for c in text)
@@ -401,7 +391,7 @@ IGNORE_LABEL = "ignore (255): object edges, not scored"
 def class_legend(fig: plt.Figure, class_names: list[str], dataset: str, ignore: bool = True,
                  title: str = "class colours") -> None:
     """A legend of the class colours (and the ignore label's) below the panels."""
-    colours = _class_colours(dataset, 256)
+    colours = palette_for(dataset) / 255.0
     handles = [Patch(facecolor=colours[k], edgecolor="0.4", label=name)
                for k, name in enumerate(class_names)]
     if ignore:
@@ -508,13 +498,7 @@ def sai_table(views_by_variant: dict[str, dict[str, Any]]) -> pd.DataFrame:
         for key, name in (("mask_ratio", "r"), ("dropped", "dropped"), ("amplitude", "a"),
                           ("mse_m", "L_m"), ("mse_n", "L_n")):
             cols[f"{name} ({variant})"] = v[key].float().numpy()
-    df = pd.DataFrame(cols)
-    df.index.name = "image"
-    return df
-
-
-def _class_colours(dataset: str, k: int) -> np.ndarray:
-    return palette_for(dataset)[:k] / 255.0
+    return pd.DataFrame(cols).rename_axis("image")
 
 
 def plot_prototypes(sets: list, dataset: str = "synthetic") -> plt.Figure:
@@ -546,7 +530,7 @@ def plot_embeddings(panels: list[tuple[str, Any, np.ndarray, np.ndarray]],
     """``panels`` (title, FeatureSet, pixel xy (N, 2), prototype xy (K, 2)) as scatters."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (title, fs, xy, pxy) in zip(axes[0], panels):
-        colours = _class_colours(dataset, len(fs.class_names))
+        colours = palette_for(dataset) / 255.0
         for k, name in enumerate(fs.class_names):
             sel = fs.labels == k
             if sel.any():
