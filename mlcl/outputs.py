@@ -2,8 +2,11 @@
 rule for "the same run", the checks that output_dir can hold a run."""
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from mlcl.files import atomic_write_json, nearest_existing, place_problem
 # what a run writes into output_dir after its config.yaml: its results, then the rest
 RESULT_FILES = ("metrics.json", "best.pt", "last.pt")
 PROGRESS_FILE = "progress.json"
+LOCK_FILE = ".mlcl-train.lock"
 RUN_FILES = RESULT_FILES + (PROGRESS_FILE, "checkpoints")
 # keys every config.yaml this program writes has (another program's config.yaml lacks them)
 RUN_KEYS = {"method", "seed", "split", "output_dir", "data.dataset", "model.backbone"}
@@ -118,6 +122,37 @@ def check_free_space(out: Path, model, optimizer_name: str) -> None:
         raise ConfigError(f"output_dir {out}: {free / 2**20:.0f} MiB free on its disk, a run "
                           f"needs about {need / 2**20:.0f} MiB (checkpoints and weights): "
                           "free space or choose another output_dir")
+
+
+class OutputLock:
+    """Holds output_dir for one run: an exclusive lock on its ``.mlcl-train.lock`` (pid and
+    host inside), which the system drops with the process, killed or not. A ConfigError when
+    another run holds it. ``release(failed=True)`` also removes what taking it made."""
+
+    def __init__(self, out: Path):
+        self.out, self.made_dir = out, not out.exists()
+        self.made_file = not (out / LOCK_FILE).exists()
+        out.mkdir(parents=True, exist_ok=True)
+        self.handle = open(out / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise ConfigError(f"output_dir {out}: another training run is writing there "
+                              f"({holder}): wait for it to end, or choose another "
+                              "output_dir") from None
+        self.handle.truncate(0)
+        self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.handle.flush()
+
+    def release(self, failed: bool = False) -> None:
+        self.handle.close()
+        if failed and self.made_dir:
+            shutil.rmtree(self.out, ignore_errors=True)
+        elif failed and self.made_file:
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
 
 
 def remove_fresh_output(out: Path, checkpoints: Path) -> bool:

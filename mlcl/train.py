@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
@@ -28,8 +28,8 @@ from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
 from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.outputs import (RESULT_FILES, RUN_FILES, check_free_space, check_output_place,
-                          git_commit, read_metrics, remove_fresh_output, run_changes,
-                          save_progress, saved_config, write_metrics)
+                          git_commit, OutputLock, read_metrics, remove_fresh_output,
+                          run_changes, save_progress, saved_config, write_metrics)
 from mlcl.errors import RunDiverged, RunInterrupted, RunStopped
 from mlcl.stopping import NonFiniteGuard, StopSignals
 
@@ -59,6 +59,7 @@ class Run:
     last_checkpoint: Path | None = None
     bank_spread: float | None = None
     started: float = field(default_factory=time.time)
+    lock: OutputLock | None = None  # output_dir held (main process)
 
     def steps_in(self, epoch: int) -> int:
         return min(self.iters_per_epoch, self.total_iters - epoch * self.iters_per_epoch)
@@ -70,19 +71,36 @@ class Run:
 def fit(cfg: Config) -> dict[str, Any]:
     """Train ``cfg.method`` (resuming output_dir's checkpoint, if any); return metrics.json."""
     run = setup(cfg)
-    with StopSignals(run.acc, on_abort=lambda: leave_at_once(run)) as stop, stop_status(run):
-        for epoch in range(run.state.epoch, run.epochs):
-            train_epoch(run, epoch, stop)
-            end_of_epoch(run, epoch, stop)
-    return finish(run)
+    try:
+        with StopSignals(run.acc, on_abort=lambda: leave_at_once(run)) as stop, stop_status(run):
+            for epoch in range(run.state.epoch, run.epochs):
+                train_epoch(run, epoch, stop)
+                end_of_epoch(run, epoch, stop)
+        return finish(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 def setup(cfg: Config) -> Run:
-    """Everything before the first step; bad input fails here, before output_dir changes."""
+    """Everything before the first step; bad input fails here, before output_dir changes
+    (beyond the lock file of a folder that then stays, or the folder made for it)."""
     out = Path(cfg.output_dir)
     created = not out.exists()
     check_output_place(out)
     acc = make_accelerator(cfg, project_dir=out)
+    lock = OutputLock(out) if acc.is_main_process else None
+    try:
+        return build_run(cfg, acc, out, created, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed=True)
+        raise
+
+
+def build_run(cfg: Config, acc: Accelerator, out: Path, created: bool,
+              lock: OutputLock | None) -> Run:
+    """:func:`setup` once output_dir is held."""
     set_seed(cfg.seed, device_specific=True)
     reconcile_classes(cfg, acc.print)  # the data's classes.txt gives the classes
     check_same_run(out, cfg)
@@ -97,7 +115,7 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg=cfg, acc=acc, out=out, model=model, optimizer=optimizer, bank=bank,
               loaders=loaders, val_set=sets["val"], names=class_names(cfg), iters_per_epoch=ipe,
               total_iters=total, epochs=epochs, created_out=created, ctx=ctx,
-              ckpt=Checkpoints(out, acc, model), guard=NonFiniteGuard(acc.device))
+              ckpt=Checkpoints(out, acc, model), guard=NonFiniteGuard(acc.device), lock=lock)
     resume(run)
     commit = broadcast_object_list([git_commit() if acc.is_main_process else None])[0]  # main's
     if commit not in run.state.git_commits[-1:]:
@@ -143,8 +161,12 @@ def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
     """(iterations per epoch, total iterations, epochs), per process."""
     ipe = min(len(v) for v in loaders.values())
     if ipe == 0:
-        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} per process "
-                          "is larger than the training set's share of a process")
+        name = min(loaders, key=lambda k: len(loaders[k]))
+        images, procs = len(loaders[name].dataset), PartialState().num_processes
+        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} images per "
+                          f"process, but the {'labeled' if name == 'x' else 'unlabeled'} set "
+                          f"has {images} over {procs} process(es): give train.batch_size="
+                          f"{max(1, images // procs)} or less, or more images")
     total = min(cfg.train.epochs * ipe, cfg.train.max_iters or cfg.train.epochs * ipe)
     return ipe, total, math.ceil(total / ipe)
 

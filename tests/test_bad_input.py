@@ -592,3 +592,51 @@ def test_checkpoint_that_is_not_weights(run7, images, tmp_path, capsys):
     assert rc == 2 and f"checkpoint {run7 / 'config.yaml'} cannot be read as weights" in line
     assert "weights_only" not in line  # torch's advice to unpickle untrusted files is not ours
     assert not (tmp_path / "pred").exists()
+
+
+# --------------------------------------------------------------------------- silent wrongs
+def test_byte_order_marks_in_split_files_and_classes_txt_are_dropped(data, tmp_path, capsys):
+    """Some editors start a UTF-8 file with a byte-order mark: it is not part of an id or
+    a class name."""
+    labeled = data / "splits" / "1_8" / "labeled.txt"
+    labeled.write_bytes(b"\xef\xbb\xbf" + labeled.read_bytes())
+    classes = data / "classes.txt"
+    classes.write_bytes(b"\xef\xbb\xbf" + classes.read_bytes())
+    out = tmp_path / "run"
+    rc, err = _train(capsys, data, out, "method=supervised")
+    assert rc == 0, err
+    names = json.loads((out / "metrics.json").read_text())["class_names"]
+    assert names[0] == "background" and not any("\ufeff" in n for n in names)
+
+
+def test_a_second_train_into_a_running_output_dir_is_refused(synth_root, tmp_path, capsys):
+    """The first run holds output_dir's lock; a second one exits 2 naming it; the lock of a
+    killed run is gone with its process."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from mlcl.outputs import OutputLock; h = OutputLock(Path(sys.argv[1])); "
+         "print('held', flush=True); time.sleep(600)", str(out)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, err = _train(capsys, synth_root, out, "method=supervised")
+        line = one_line_error(err)
+        assert rc == 2 and f"output_dir {out}: another training run" in line
+        assert f"pid {holder.pid}" in line and out.is_dir()  # kept: the other run's folder
+    finally:
+        holder.kill()
+        holder.wait()
+    rc, err = _train(capsys, synth_root, out, "method=supervised")
+    assert rc == 0, err
+
+
+def test_a_set_smaller_than_a_batch_names_its_size_and_the_fix(data, tmp_path, capsys):
+    (data / "splits" / "1_8" / "labeled.txt").write_text("train_000000\ntrain_000001\n"
+                                                         "train_000002\n")
+    out = tmp_path / "run"
+    rc, err = _train(capsys, data, out, "method=supervised", "data.unlabeled_split=")
+    line = one_line_error(err)
+    assert rc == 2 and "'train.batch_size': 4 images per process" in line
+    assert "the labeled set has 3 over 1 process(es): give train.batch_size=3" in line
+    assert not out.exists()  # the folder made for the lock goes with the failed start

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mlcl.config import Config, ConfigError, check_relations, overridden_keys
-from mlcl.data.splits import DataError
+from mlcl.data.splits import DataError, read_lines
 
 CLASSES_FILE = "classes.txt"
 
@@ -16,7 +16,7 @@ def data_classes(root: str | Path) -> Optional[tuple[Path, list[str]]]:
     path = Path(root).expanduser() / CLASSES_FILE
     if not str(root).strip() or not path.is_file():
         return None
-    names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
+    names = [n.strip() for n in read_lines(path) if n.strip()]
     if len(names) < 2:
         raise DataError(f"{path} lists {len(names)} class(es): a segmentation dataset needs "
                         "at least 2 (one name a line, background first)")

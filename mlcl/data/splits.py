@@ -76,12 +76,17 @@ def id_for_path(image: str, layout: str) -> str:
     return p.stem
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """A text file's lines, a UTF-8 byte-order mark (as some editors write) dropped."""
+    return Path(path).read_text(encoding="utf-8-sig").splitlines()
+
+
 def parse_split(path: str | Path, layout: str
                 ) -> tuple[list[tuple[int, str, str, str]], list[tuple[int, str]]]:
     """The entries (line number, id, image, mask relative to the data root) of a split file
     and its malformed lines (line number, message), without touching the data."""
     entries, bad = [], []
-    for lineno, raw in enumerate(Path(path).read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(read_lines(path), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
