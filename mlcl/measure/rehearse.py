@@ -67,11 +67,8 @@ class Plan:
     device: torch.device
     batch: int
     given: dict[str, str]  # data.root / model.pretrained given as overrides
+    dir: Path  # OUT/PRESET
     latest: str = ""  # the checkpoint the train stage left (the resume starts from it)
-
-    @property
-    def dir(self) -> Path:
-        return self.a.out / self.preset
 
     def config(self, *extra: str) -> Config:
         return load_config(self.preset, [*self.a.overrides, *extra,
@@ -89,7 +86,7 @@ def make_plan(preset: str, a: argparse.Namespace) -> Plan:
                  ("data.root", "model.pretrained"))
     batch = base.train.batch_size if a.device == "cuda" else min(CPU_BATCH,
                                                                  base.train.batch_size)
-    return Plan(preset, base, a, torch.device(a.device), batch, given)
+    return Plan(preset, base, a, torch.device(a.device), batch, given, a.out / preset)
 
 
 @dataclasses.dataclass
