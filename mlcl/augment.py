@@ -120,8 +120,7 @@ def unlabeled_views(image: Image.Image, crop_size: int, aug: AugmentConfig,
     out = {"w": normalize(img, aug)}
     for k in ("1", "2"):
         out["s" + k] = normalize(strong(img, aug, rng), aug)
-        out["box" + k] = cutmix_box(crop_size, aug.cutmix_p, aug.cutmix_area,
-                                    aug.cutmix_ratio, rng)
+        out["box" + k] = cutmix_box(crop_size, aug.cutmix_p, aug.cutmix_area, aug.cutmix_ratio, rng)
     out["ignore"] = torch.where(pad.as_subclass(torch.Tensor)[0] == UNLABELED_PAD,
                                 ignore_index, 0).long()
     return out

@@ -1,5 +1,5 @@
 """Evaluation: confusion matrix -> mIoU, whole image or sliding window; with several
-processes every validation image counts once (:func:`shard`, no padding)."""
+processes every validation image counts once (no padding)."""
 from __future__ import annotations
 
 import math
@@ -59,17 +59,13 @@ def predict_logits(model, x: Tensor, cfg) -> Tensor:
     return model(x)
 
 
-def shard(dataset, index: int, count: int):
-    """Every ``count``-th item starting at ``index``: a partition, so each item is seen once."""
-    return dataset if count == 1 else Subset(dataset, list(range(index, len(dataset), count)))
-
-
 @torch.no_grad()
 def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
     """{'miou', 'iou', 'confusion', 'num_images'} of ``model`` on ``dataset``, all processes."""
     was_training = model.training
     model.eval()
-    part = shard(dataset, accelerator.process_index, accelerator.num_processes)
+    part = Subset(dataset, range(accelerator.process_index, len(dataset),
+                                 accelerator.num_processes))  # each image on one process
     loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers,
                         worker_init_fn=worker_init(cfg.data.num_workers))
     k = cfg.data.num_classes

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlcl.model import upsample
 from mlcl.prototypes import initialised
 
 # The released code measures cosines with nn.CosineSimilarity(eps=1e-6).
@@ -239,9 +240,7 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
         for i in range(0, z.shape[0], chunk):
             with torch.enable_grad():
                 zc = z[i:i + chunk].detach().requires_grad_(want_grad)
-                # model.upsample (bilinear, align_corners=True), then the softmax in fp32
-                p = F.interpolate(zc, size=size, mode="bilinear", align_corners=True)
-                p = p.float().softmax(1)
+                p = upsample(zc, size).float().softmax(1)  # as the model's logits, in fp32
                 part = F.mse_loss(p, target[i:i + chunk].float(), reduction="sum") / n
             if want_grad:
                 grads.append(torch.autograd.grad(part, zc)[0])

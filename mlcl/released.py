@@ -1,8 +1,7 @@
 """Every place where the authors' release (github.com/MKSAQW/MCCL) computes something other
 than the paper's equations, each behind the switch its docstring names (docs/method.md, "Paper
 versus release"). :func:`mlcl.methods.mlcl_parts` is the one place that picks these instead of
-the paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`.
-"""
+the paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`."""
 from __future__ import annotations
 
 import torch
@@ -50,8 +49,7 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
         fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()
         protos = protos.detach().float()
         K = protos.shape[0]
-        classes = (torch.ones(K, dtype=torch.bool, device=protos.device) if keep_uninitialised
-                   else prototypes.initialised(protos))
+        classes = prototypes.initialised(protos) | keep_uninitialised  # True: every class
         a_idx, a_ok, c_idx, c_ok = losses.dt_select(
             fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, classes, conf_thresh,
             num_anchors, num_candidates)
@@ -86,8 +84,7 @@ class ReleasedBank(prototypes.PrototypeBank):
     @torch.no_grad()
     def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
         """The paper's step; with ``early_stop``, once a class is initialised in this step the
-        EMA of every later (higher-index) class is skipped (later all-zero classes are still
-        initialised)."""
+        EMA of every higher-index class is skipped (all-zero ones are still initialised)."""
         new = super().stepped(sums, counts)
         if not self.early_stop:
             return new
@@ -108,9 +105,8 @@ class ReleasedBank(prototypes.PrototypeBank):
 
 def separate_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], *unused
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
-    """:func:`mlcl.methods.joint_passes` as released (``mlcl.released_passes``): separate
-    train-mode passes, each building a graph, over w1, w2, u_w and the un-mixed s1 (so no
-    CutMix box to skip, None)."""
+    """:func:`mlcl.methods.joint_passes` as released (``mlcl.released_passes``): a train-mode
+    pass with graph over each of w1, w2, u_w and the un-mixed s1 (no CutMix box to skip: None)."""
     f1 = model(w1, return_features=True).features.detach()
     f2 = model(w2, return_features=True).features.detach()
     f_w = model(u["w"], return_features=True).features

@@ -86,9 +86,8 @@ class NonFiniteGuard:
              ) -> tuple[tuple[int, list[str]] | None, bool]:
         """((iteration, names of the non-finite terms) of the first bad step on any process or
         None, whether any process had ``stop_requested``): one gather, on every process."""
-        device = self.first_iter.device
-        row = torch.cat([torch.full((1,), int(stop_requested), device=device),
-                         self.first_iter.view(1)]
+        it = self.first_iter.view(1)
+        row = torch.cat([it.new_full((1,), int(stop_requested)), it]
                         + ([self.first_bad.long()] if self.names is not None else []))
         rows = (accelerator.gather(row.unsqueeze(0)) if accelerator.num_processes > 1
                 else row.unsqueeze(0)).cpu()
