@@ -56,8 +56,7 @@ def pad_crop(image, mask, size: int, mask_fill: int, rng: Rng = random):
 def geometry(image, mask, crop_size: int, aug: AugmentConfig, mask_fill: int,
              rng: Rng = random):
     """The shared geometry: rescale, pad to the crop (mask: ``mask_fill``), crop, flip."""
-    image, mask = rescale(image, mask, aug.scale_range, rng)
-    image, mask = pad_crop(image, mask, crop_size, mask_fill, rng)
+    image, mask = pad_crop(*rescale(image, mask, aug.scale_range, rng), crop_size, mask_fill, rng)
     if rng.random() < aug.hflip_p:
         return F.horizontal_flip(image), F.horizontal_flip(mask)
     return image, mask

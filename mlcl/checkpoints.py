@@ -43,8 +43,6 @@ class TrainerState:
 class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written (a full disk); the previous one is intact."""
 
-    exit_code = 1
-
 
 def incomplete_because(path: Path) -> str | None:
     """Why ``path`` is not a complete checkpoint folder, or None when it is."""

@@ -1,7 +1,6 @@
 """One configuration tree: ``load_config("synthetic", ["method=mlcl", "split=1_8"])`` overlays
-on the dataclasses below the preset's ``base`` chain, the preset, its named cell (``split=NAME``
-picks one of its ``splits:``), then the overrides; a bad key or value is a :class:`ConfigError`
-naming the key."""
+on the dataclasses below the preset's ``base`` chain, the preset, its named cell (``split=NAME``,
+one of its ``splits:``), then the overrides; a bad key or value is a ConfigError naming it."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +19,7 @@ from mlcl.errors import MlclError
 from mlcl.files import atomic_write_text
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
-# The release's deviations from the paper, one switch each; None follows ``mlcl.variant``
-# (True for released). docs/method.md, "Paper versus release" describes each.
+# The release's deviations from the paper, one switch each (docs/method.md, "Paper versus release")
 RELEASED_QUIRKS = ("double_transform", "pair_by_position", "duplicate_top_anchor",
                    "normalise_by_candidates", "bank_early_stop", "bilinear_ignore",
                    "dt_uninitialised", "bank_local_update")
@@ -35,8 +33,7 @@ _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le
 
 
 def in_range(value: float, spec: str) -> bool:
-    """Whether ``value`` lies in ``spec``: ``"> 0"``, ``">= 1"``, ``"< 1"``, ``"[0, 1]"``,
-    ``"(0, 1]"``, ``"[0, 1)"`` (inf allowed as a bound)."""
+    """Whether ``value`` lies in ``spec``: "> 0", ">= 1", "< 1", "[0, 1]", "(0, 1]", "[0, inf)"."""
     op, _, bound = spec.partition(" ")
     if op in _OPS:
         return _OPS[op](value, float(bound))
@@ -46,9 +43,8 @@ def in_range(value: float, spec: str) -> bool:
 
 
 def check_ranges(obj: Any, prefix: str = "") -> None:
-    """Check ``obj`` and its sections against their ``RANGES``: ``"SPEC"`` a number in
-    :func:`in_range`'s SPEC (None allowed where the type allows it), ``"SPEC pair"`` a [low,
-    high] list of such numbers, ``"len N"`` a list of N values."""
+    """Check ``obj`` and its sections against their ``RANGES``: "SPEC" a number in in_range's
+    SPEC (or None), "SPEC pair" a [low, high] list of such numbers, "len N" a list of N values."""
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
         spec = type(obj).RANGES.get(f.name)
@@ -166,8 +162,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
-    # CutMix partner: roll (the batch rolled by one) | loader (an independently shuffled
-    # loader) | same (a second view of the same image); None: same if released, else roll
+    # CutMix partner (methods.mix_source): roll | loader | same; None: same if released, else roll
     mix_partner: Union[str, None] = None
     # the lr of step t is lr(t - 1) (UniMatch / released); None: true if released
     lr_lag: Union[bool, None] = None
@@ -443,8 +438,7 @@ def check_relations(cfg: Config) -> None:
                           f"(data.num_classes={d.num_classes}); allowed: {d.num_classes}..255")
     if cfg.method != "supervised" and cfg.train.mix_partner == "roll" and cfg.train.batch_size < 2:
         raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
-                          "(the CutMix partner must be another image); use "
-                          "train.mix_partner=loader")
+                          "(the CutMix partner is another image); use train.mix_partner=loader")
     if cfg.mlcl.released_passes and cfg.mlcl.weak_features == "mixed":
         raise ConfigError("config key 'mlcl.weak_features': 'mixed' replaces a pass that "
                           "mlcl.released_passes=true runs; set one of them")

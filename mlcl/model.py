@@ -147,13 +147,12 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: Tensor, fp: bool = False, return_features: bool = False):
         """Logits (B, K, H, W), or a :class:`SegOutput` when ``fp`` (UniMatch's feature
         perturbation: c1, c4 and their Dropout2d copy as one batch) or ``return_features``."""
-        size = x.shape[-2:]
         c1, c4 = self.backbone(x)
         if fp:
             c1 = torch.cat((c1, self.fp_dropout(c1)))  # (2B, ·, H/4, W/4)
             c4 = torch.cat((c4, self.fp_dropout(c4)))  # (2B, ·, H/16, W/16)
         feats = self.fuse(c1, c4)  # (B or 2B, C, H/4, W/4)
-        logits = upsample(self.decode(feats), size)  # (B or 2B, K, H, W)
+        logits = upsample(self.decode(feats), x.shape[-2:])  # (B or 2B, K, H, W)
         if not (fp or return_features):
             return logits
         out = SegOutput(*logits.chunk(2), *feats.chunk(2)) if fp else SegOutput(logits, None, feats)

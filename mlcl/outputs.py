@@ -106,8 +106,7 @@ def run_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
 
 def check_output_place(out: Path) -> None:
     """Refuse an output_dir that is a file, lies under one, or cannot be written."""
-    why = place_problem(out)
-    if why:
+    if why := place_problem(out):
         raise ConfigError(f"output_dir {out}: {why}: choose another output_dir (a folder you "
                           "can write to)")
 

@@ -18,9 +18,8 @@ def sai_mask_ratio_twice(v: Tensor, kappa: float) -> Tensor:
 
 
 def valid_bilinear(ignore: Tensor, size: tuple[int, int], ignore_index: int = 255) -> Tensor:
-    """(B, h, w) bool, valid = True: the ignore map (B, H, W) resized as the release does
-    (``mlcl.bilinear_ignore``): bilinearly, truncated to integers, only exact ``ignore_index``
-    values stay ignored."""
+    """(B, h, w) bool, True = valid: the ignore map (B, H, W) resized as released
+    (``mlcl.bilinear_ignore``): bilinearly, truncated to integers; exact ignore_index stays."""
     x = F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
                       align_corners=True).squeeze(0)
     return x.long() != ignore_index
@@ -48,7 +47,6 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     with torch.autocast(f_s.device.type, enabled=False):
         fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()
         protos = protos.detach().float()
-        K = protos.shape[0]
         classes = prototypes.initialised(protos) | keep_uninitialised  # True: every class
         a_idx, a_ok, c_idx, c_ok = losses.dt_select(
             fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, classes, conf_thresh,
@@ -56,18 +54,12 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
         if duplicate_top_anchor:  # the valid slots come first, so a_ok stays as it is
             a_idx = torch.cat([a_idx[:, :1], a_idx[:, :-1]], dim=1)
         has_a, has_c = a_ok.any(1), c_ok.any(1)
-        if pair_by_position:
-            partner, paired = position_pairing(has_a, has_c)
-        else:
-            partner, paired = torch.arange(K, device=fw.device), has_a & has_c
+        partner, paired = (position_pairing(has_a, has_c) if pair_by_position
+                           else (torch.arange(len(protos), device=fw.device), has_a & has_c))
         a_ok = a_ok & paired.unsqueeze(1)
         cands = losses.unit_features(fs, c_idx)[partner]  # (K, S, C) of the partner class
         best = losses.dt_best_match(losses.unit_features(fw, a_idx), cands, c_ok[partner])
-        if normalise_by_candidates:
-            n_c = c_ok.sum(1)[partner]
-            den = torch.where(paired, n_c, torch.zeros_like(n_c)).sum()
-        else:
-            den = a_ok.sum()
+        den = (c_ok.sum(1)[partner] * paired).sum() if normalise_by_candidates else a_ok.sum()
         return losses.dt_mean(best, a_ok, den)
 
 
@@ -97,8 +89,7 @@ class ReleasedBank(prototypes.PrototypeBank):
         """The paper's update, or with ``average_banks`` each process steps its bank from its
         local batch and the banks are then averaged (the same with one process)."""
         if not self.average_banks:
-            super().update(feats, labels, conf, valid)
-            return
+            return super().update(feats, labels, conf, valid)
         sums, counts = self.class_sums(feats, labels, conf, valid)
         self.protos.copy_(prototypes.reduce(self.stepped(sums, counts), reduction="mean"))
 
