@@ -56,8 +56,7 @@ def pad_crop(image, mask, size: int, mask_fill: int, rng: Rng = random):
 def geometry(image, mask, crop_size: int, aug: AugmentConfig, mask_fill: int,
              rng: Rng = random):
     """The shared geometry: rescale, pad to the crop (mask: ``mask_fill``), crop, flip."""
-    image, mask = rescale(image, mask, aug.scale_range, rng)
-    image, mask = pad_crop(image, mask, crop_size, mask_fill, rng)
+    image, mask = pad_crop(*rescale(image, mask, aug.scale_range, rng), crop_size, mask_fill, rng)
     if rng.random() < aug.hflip_p:
         return F.horizontal_flip(image), F.horizontal_flip(mask)
     return image, mask
@@ -120,8 +119,7 @@ def unlabeled_views(image: Image.Image, crop_size: int, aug: AugmentConfig,
     out = {"w": normalize(img, aug)}
     for k in ("1", "2"):
         out["s" + k] = normalize(strong(img, aug, rng), aug)
-        out["box" + k] = cutmix_box(crop_size, aug.cutmix_p, aug.cutmix_area,
-                                    aug.cutmix_ratio, rng)
+        out["box" + k] = cutmix_box(crop_size, aug.cutmix_p, aug.cutmix_area, aug.cutmix_ratio, rng)
     out["ignore"] = torch.where(pad.as_subclass(torch.Tensor)[0] == UNLABELED_PAD,
                                 ignore_index, 0).long()
     return out

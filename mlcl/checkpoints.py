@@ -43,8 +43,6 @@ class TrainerState:
 class CheckpointWriteError(RunStopped):
     """A checkpoint could not be written (a full disk); the previous one is intact."""
 
-    exit_code = 1
-
 
 def incomplete_because(path: Path) -> str | None:
     """Why ``path`` is not a complete checkpoint folder, or None when it is."""
@@ -132,14 +130,13 @@ class Checkpoints:
         pointer = self.root / "LATEST"
         try:
             name = pointer.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            name, why = None, f"{pointer} is missing or unreadable"
-        if name is not None:
             named = self.root / name
             why = (incomplete_because(named) if name and "/" not in name and named.is_dir()
                    else f"{pointer} names {name[:40]!r}, which is not a checkpoint folder")
-            if why is None:
-                return named
+        except (OSError, UnicodeDecodeError):
+            why = f"{pointer} is missing or unreadable"
+        if why is None:
+            return named
         complete = [p for p in self.root.iterdir() if p.is_dir() and incomplete_because(p) is None]
         if complete:
             best = max(complete, key=lambda p: p.name)  # zero-padded: newest last
@@ -176,8 +173,7 @@ class Checkpoints:
 
 def schedule_settings(cfg: Config) -> dict[str, Any]:
     """The GROWABLE keys of ``cfg`` and their values."""
-    flat = flatten(cfg.to_dict())
-    return {k: flat[k] for k in GROWABLE}
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if k in GROWABLE}
 
 
 def save_weights(path: Path, model, cfg: Config, names: list[str], epoch: int, miou: float,

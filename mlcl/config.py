@@ -1,7 +1,6 @@
 """One configuration tree: ``load_config("synthetic", ["method=mlcl", "split=1_8"])`` overlays
-on the dataclasses below the preset's ``base`` chain, the preset, its named cell (``split=NAME``
-picks one of its ``splits:``), then the overrides; a bad key or value is a :class:`ConfigError`
-naming the key."""
+on the dataclasses below the preset's ``base`` chain, the preset, its named cell (``split=NAME``,
+one of its ``splits:``), then the overrides; a bad key or value is a ConfigError naming it."""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +19,7 @@ from mlcl.errors import MlclError
 from mlcl.files import atomic_write_text
 
 METHOD_NAMES = ("supervised", "unimatch", "mlcl")
-# The release's deviations from the paper, one switch each; None follows ``mlcl.variant``
-# (True for released). docs/method.md, "Paper versus release" describes each.
+# The release's deviations from the paper, one switch each (docs/method.md, "Paper versus release")
 RELEASED_QUIRKS = ("double_transform", "pair_by_position", "duplicate_top_anchor",
                    "normalise_by_candidates", "bank_early_stop", "bilinear_ignore",
                    "dt_uninitialised", "bank_local_update")
@@ -35,8 +33,7 @@ _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le
 
 
 def in_range(value: float, spec: str) -> bool:
-    """Whether ``value`` lies in ``spec``: ``"> 0"``, ``">= 1"``, ``"< 1"``, ``"[0, 1]"``,
-    ``"(0, 1]"``, ``"[0, 1)"`` (inf allowed as a bound)."""
+    """Whether ``value`` lies in ``spec``: "> 0", ">= 1", "< 1", "[0, 1]", "(0, 1]", "[0, inf)"."""
     op, _, bound = spec.partition(" ")
     if op in _OPS:
         return _OPS[op](value, float(bound))
@@ -46,9 +43,8 @@ def in_range(value: float, spec: str) -> bool:
 
 
 def check_ranges(obj: Any, prefix: str = "") -> None:
-    """Check ``obj`` and its sections against their ``RANGES``: ``"SPEC"`` a number in
-    :func:`in_range`'s SPEC (None allowed where the type allows it), ``"SPEC pair"`` a [low,
-    high] list of such numbers, ``"len N"`` a list of N values."""
+    """Check ``obj`` and its sections against their ``RANGES``: "SPEC" a number in in_range's
+    SPEC (or None), "SPEC pair" a [low, high] list of such numbers, "len N" a list of N values."""
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
         spec = type(obj).RANGES.get(f.name)
@@ -104,9 +100,8 @@ class AugmentConfig:
 class DataConfig:
     """Where the data is and how it is read: root, layout, split files, crop, classes."""
 
-    RANGES: ClassVar[dict[str, str]] = {
-        "crop_size": ">= 1", "num_classes": "[2, 255]", "ignore_index": "[0, 255]",
-        "num_workers": ">= 0"}
+    RANGES: ClassVar[dict[str, str]] = {"crop_size": ">= 1", "num_classes": "[2, 255]",
+                                        "ignore_index": "[0, 255]", "num_workers": ">= 0"}
 
     dataset: str = "synthetic"  # synthetic | pascal | cityscapes (names and reporting)
     layout: str = "voc"  # voc | cityscapes: folder structure and split-file conventions
@@ -167,8 +162,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
-    # CutMix partner: roll (the batch rolled by one) | loader (an independently shuffled
-    # loader) | same (a second view of the same image); None: same if released, else roll
+    # CutMix partner (methods.mix_source): roll | loader | same; None: same if released, else roll
     mix_partner: Union[str, None] = None
     # the lr of step t is lr(t - 1) (UniMatch / released); None: true if released
     lr_lag: Union[bool, None] = None
@@ -183,10 +177,9 @@ class MLCLConfig:
     """FKA + SAI (docs/method.md, "MLCL"; the switches: "Paper versus release")."""
 
     RANGES: ClassVar[dict[str, str]] = {
-        "alpha": ">= 0", "omega": ">= 0", "beta": ">= 0",
-        "num_anchors": ">= 1", "num_candidates": ">= 1", "bank_momentum": "[0, 1]",
-        "bank_conf": "[0, 1]", "kappa": "[0, 0.5]", "mask_jitter": "[0, 1]",
-        "warmup_epochs": ">= 0"}
+        "alpha": ">= 0", "omega": ">= 0", "beta": ">= 0", "num_anchors": ">= 1",
+        "num_candidates": ">= 1", "bank_momentum": "[0, 1]", "bank_conf": "[0, 1]",
+        "kappa": "[0, 0.5]", "mask_jitter": "[0, 1]", "warmup_epochs": ">= 0"}
 
     variant: str = "paper"  # paper | released
     alpha: Union[float, None] = None  # L_p2p weight; None: 0.1 (paper) / 0 (released)
@@ -257,10 +250,9 @@ class Config:
 
 CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes"),
            "train.optimizer": ("sgd", "adamw"), "train.loss": ("ce", "ohem"),
-           "train.mixed_precision": ("no", "bf16", "fp16"),
+           "train.mixed_precision": ("no", "bf16", "fp16"), "eval.mode": ("whole", "sliding"),
            "train.mix_partner": ("roll", "loader", "same"), "mlcl.variant": ("paper", "released"),
            "mlcl.weak_features": ("forward", "mixed"),
-           "eval.mode": ("whole", "sliding"),
            "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
                               "resnet50_deepstem", "resnet101_deepstem")}
 
@@ -343,10 +335,6 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
-
-
 def _preset_chain(name: str | Path) -> list[dict[str, Any]]:
     """The mappings of the preset (mlcl/configs name or YAML path) and its bases, root first."""
     chain, seen = [], set()
@@ -355,8 +343,8 @@ def _preset_chain(name: str | Path) -> list[dict[str, Any]]:
         if path.suffix not in (".yaml", ".yml"):
             path = paths.CONFIGS / f"{name}.yaml"
             if not path.is_file():
-                raise ConfigError(f"unknown preset '{name}' (available: "
-                                  f"{', '.join(list_presets())})")
+                names = sorted(p.stem for p in paths.CONFIGS.glob("*.yaml"))
+                raise ConfigError(f"unknown preset '{name}' (available: {', '.join(names)})")
         elif not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         if path in seen:
@@ -432,9 +420,8 @@ def fill_defaults(cfg: Config) -> Config:
             dataset=cfg.data.dataset, split=cfg.split or "default", method=cfg.method,
             variant=m.variant, seed=cfg.seed, tag=tag)
     except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} "
-                          f"({e}); use {{dataset}}, {{split}}, {{method}}, {{variant}}, "
-                          "{seed} or {tag}") from e
+        raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} ({e}); "
+                          "use {dataset}, {split}, {method}, {variant}, {seed} or {tag}") from e
     check_ranges(cfg)
     check_relations(cfg)
     return cfg
@@ -448,12 +435,10 @@ def check_relations(cfg: Config) -> None:
                           f"data.num_classes={d.num_classes}")
     if d.ignore_index < d.num_classes:
         raise ConfigError(f"config key 'data.ignore_index': {d.ignore_index} is a class index "
-                          f"(data.num_classes={d.num_classes}); allowed: "
-                          f"{d.num_classes}..255")
+                          f"(data.num_classes={d.num_classes}); allowed: {d.num_classes}..255")
     if cfg.method != "supervised" and cfg.train.mix_partner == "roll" and cfg.train.batch_size < 2:
         raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
-                          "(the CutMix partner must be another image); use "
-                          "train.mix_partner=loader")
+                          "(the CutMix partner is another image); use train.mix_partner=loader")
     if cfg.mlcl.released_passes and cfg.mlcl.weak_features == "mixed":
         raise ConfigError("config key 'mlcl.weak_features': 'mixed' replaces a pass that "
                           "mlcl.released_passes=true runs; set one of them")
@@ -473,9 +458,8 @@ def config_changes(before: dict[str, Any], after: dict[str, Any],
     less the keys in ``ignore`` (an entry ending in "." a section) and keys missing from one."""
     a, b = flatten(before), flatten(after)
     sections = tuple(k for k in ignore if k.endswith("."))
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a
-            if k in b and k not in ignore and not k.startswith(sections)
-            and _differs(a[k], b[k])]
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and k not in ignore
+            and not k.startswith(sections) and _differs(a[k], b[k])]
 
 
 def _differs(x: Any, y: Any) -> bool:

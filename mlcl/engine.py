@@ -34,9 +34,8 @@ def poly_lr(optimizer: torch.optim.Optimizer, it: int, total: int, power: float,
     """lr = base_lr * (1 - t/total)^power per parameter group for step ``it``: t = it, or
     with ``lag`` t = max(it - 1, 0), as UniMatch and the release (train.lr_lag)."""
     t = max(it - 1, 0) if lag else it
-    factor = (1 - t / total) ** power
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
+        group["lr"] = group["base_lr"] * (1 - t / total) ** power
 
 
 def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:

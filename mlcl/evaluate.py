@@ -1,5 +1,4 @@
-"""Evaluation: confusion matrix -> mIoU, whole image or sliding window; with several
-processes every validation image counts once (:func:`shard`, no padding)."""
+"""Evaluation: confusion matrix -> mIoU, whole or sliding window, each image on one process."""
 from __future__ import annotations
 
 import math
@@ -25,10 +24,8 @@ def iou_from_confusion(cm: Tensor) -> tuple[float, list[float]]:
     """(mIoU, per-class IoU = TP / (TP + FP + FN)); NaN (not in the mean) for an absent class."""
     cm = cm.double()
     tp = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-    miou = float(torch.nanmean(iou)) if bool((union > 0).any()) else float("nan")
-    return miou, [float(v) for v in iou]
+    iou = tp / (cm.sum(0) + cm.sum(1) - tp)  # 0 / 0: NaN for a class neither seen nor predicted
+    return float(torch.nanmean(iou)), iou.tolist()
 
 
 def sliding_window_logits(model, x: Tensor, num_classes: int, window: int, stride: int) -> Tensor:
@@ -59,17 +56,13 @@ def predict_logits(model, x: Tensor, cfg) -> Tensor:
     return model(x)
 
 
-def shard(dataset, index: int, count: int):
-    """Every ``count``-th item starting at ``index``: a partition, so each item is seen once."""
-    return dataset if count == 1 else Subset(dataset, list(range(index, len(dataset), count)))
-
-
 @torch.no_grad()
 def evaluate(model, dataset, cfg, accelerator) -> dict[str, Any]:
     """{'miou', 'iou', 'confusion', 'num_images'} of ``model`` on ``dataset``, all processes."""
     was_training = model.training
     model.eval()
-    part = shard(dataset, accelerator.process_index, accelerator.num_processes)
+    part = Subset(dataset, range(accelerator.process_index, len(dataset),
+                                 accelerator.num_processes))  # each image on one process
     loader = DataLoader(part, batch_size=1, shuffle=False, num_workers=cfg.data.num_workers,
                         worker_init_fn=worker_init(cfg.data.num_workers))
     k = cfg.data.num_classes

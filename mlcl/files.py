@@ -1,5 +1,4 @@
-"""Atomic file writes (a reader never sees a half-written result, config or checkpoint) and
-the one check of an output place (:func:`place_problem`)."""
+"""Atomic file writes (a reader never sees a half-written file) and the check of an output place."""
 from __future__ import annotations
 
 import json
@@ -71,4 +70,3 @@ def place_problem(path: str | Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable"
     return None
-

@@ -1,8 +1,7 @@
 """The paper's losses as pure functions of tensors, one per term (docs/method.md, "Equations
 and functions"); the release's deviations build on them in :mod:`mlcl.released`. Shapes: ``B``
 images, ``K`` classes, ``C`` feature channels, ``H x W`` input and ``h x w`` feature resolution.
-Nothing here waits on the device (docs/method.md, "No waiting on the device").
-"""
+Nothing here waits on the device (docs/method.md, "No waiting on the device")."""
 from __future__ import annotations
 
 import math
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlcl.model import upsample
 from mlcl.prototypes import initialised
 
 # The released code measures cosines with nn.CosineSimilarity(eps=1e-6).
@@ -56,8 +56,7 @@ def pseudo_label_ce(logits: Tensor, pseudo: Tensor, conf: Tensor, ignore: Tensor
     pseudo, conf, ignore (B, H, W). The sum of CE over pixels with conf >= tau and not
     ``ignore_index``, over the number of non-ignored pixels (UniMatch's normalisation)."""
     valid = ignore != ignore_index
-    ce = F.cross_entropy(logits.float(), pseudo.long(), ignore_index=ignore_index,
-                         reduction="none")
+    ce = F.cross_entropy(logits.float(), pseudo.long(), ignore_index=ignore_index, reduction="none")
     mask = (conf >= tau) & valid
     return (ce * mask).sum() / valid.sum().clamp(min=1)
 
@@ -74,8 +73,7 @@ def feature_pixel_index(n_in: int, n_out: int, device: torch.device | None = Non
 
 
 def at_feature_pixels(t: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H, W) -> (B, h, w) = ``size``: ``t`` at the input pixel under each feature
-    position."""
+    """(B, H, W) -> (B, h, w) = ``size``: ``t`` at the input pixel under each feature position."""
     rows = feature_pixel_index(t.shape[-2], size[0], t.device)
     cols = feature_pixel_index(t.shape[-1], size[1], t.device)
     return t.index_select(-2, rows).index_select(-1, cols)
@@ -167,9 +165,8 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     """L_dt (FKA's prototype-based intra-class compactness), 0-dim, in fp32: the mean over all
     anchors of 1 - m(a), m(a) = max over the candidates of its class of cos(a, s); 0 when no
     class has both (:func:`dt_select`, among the classes whose prototype is initialised).
-    f_w (B, C, h, w) weak features (detached here); conf_w, label_w, valid_w (B, h, w) at
-    feature resolution; f_s (B, C, h, w) strong features (get the gradient); valid_s (B, h, w);
-    protos (K, C) the bank (read only)."""
+    f_w, f_s (B, C, h, w) weak (detached here) and strong features (with gradient); conf_w,
+    label_w, valid_w, valid_s (B, h, w) at feature resolution; protos (K, C) the bank (read)."""
     with torch.autocast(f_s.device.type, enabled=False):
         fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()  # (B, C, P)
         protos = protos.detach().float()
@@ -239,9 +236,7 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
         for i in range(0, z.shape[0], chunk):
             with torch.enable_grad():
                 zc = z[i:i + chunk].detach().requires_grad_(want_grad)
-                # model.upsample (bilinear, align_corners=True), then the softmax in fp32
-                p = F.interpolate(zc, size=size, mode="bilinear", align_corners=True)
-                p = p.float().softmax(1)
+                p = upsample(zc, size).float().softmax(1)  # as the model's logits, in fp32
                 part = F.mse_loss(p, target[i:i + chunk].float(), reduction="sum") / n
             if want_grad:
                 grads.append(torch.autograd.grad(part, zc)[0])
@@ -259,8 +254,7 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
 def loss_sai(logits: Tensor, target: Tensor, chunk: int | None = None) -> Tensor:
     """L_m / L_n of SAI, 0-dim float32, from the decoder's logits (N, K, h, w): the value and
     gradient of ``sai_mse(upsample(logits).float().softmax(1), target)``, target (N, K, H, W),
-    ``chunk`` images at a time (default: 1 on CPU, all on GPU), keeping no input-resolution
-    tensor for the backward."""
+    ``chunk`` images at a time (default: 1 on CPU, all on GPU), no input-resolution tensor kept."""
     if chunk is None:
         chunk = 1 if logits.device.type == "cpu" else logits.shape[0]
     return _UpsampledSoftmaxMSE.apply(logits, target.detach(), max(1, int(chunk)))

@@ -1,8 +1,7 @@
 """One step function per method, ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
 (docs/method.md, "One training step"). UniMatch's names: ``x``/``y`` labeled images and masks;
 ``u`` the unlabeled batch, views ``w`` (weak) and ``s1``/``s2`` (strong), ``ignore`` (255 on
-padding), CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner batch; ``fp`` the
-feature-perturbation branch."""
+padding), CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner; ``fp`` feature noise."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,14 +40,12 @@ class MLCLParts(NamedTuple):
 
 
 def mlcl_parts(cfg: Config) -> MLCLParts:
-    """The one place where the configuration chooses between the paper's implementation of
-    each part and the release's (:mod:`mlcl.released`; docs/method.md, "Paper versus
-    release")."""
+    """The one place where the configuration chooses between the paper's implementation of each
+    part and the release's (:mod:`mlcl.released`; docs/method.md, "Paper versus release")."""
     m = cfg.mlcl
-    dt_quirks = {"pair_by_position": m.pair_by_position,
+    dt_quirks = {"pair_by_position": m.pair_by_position, "keep_uninitialised": m.dt_uninitialised,
                  "duplicate_top_anchor": m.duplicate_top_anchor,
-                 "normalise_by_candidates": m.normalise_by_candidates,
-                 "keep_uninitialised": m.dt_uninitialised}
+                 "normalise_by_candidates": m.normalise_by_candidates}
     bank_quirks = {"early_stop": m.bank_early_stop, "average_banks": m.bank_local_update}
     return MLCLParts(
         passes=(released.separate_passes if m.released_passes
@@ -83,8 +80,7 @@ def labeled_loss(logits: Tensor, y: Tensor, cfg: Config) -> Tensor:
 # --------------------------------------------------------------------------- supervised
 def step_supervised(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
     """L_x on the labeled batch (docs/method.md, "Supervised"): {'loss', 'x'}."""
-    x, y = batch["x"]["x"], batch["x"]["y"]
-    loss = labeled_loss(model(x), y, ctx.cfg)
+    loss = labeled_loss(model(batch["x"]["x"]), batch["x"]["y"], ctx.cfg)
     return {"loss": loss, "x": loss.detach()}
 
 
@@ -100,8 +96,7 @@ def mix_source(batch: dict[str, Any]) -> dict[str, Tensor]:
 
 def paste(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
     """CutMix: ``inside`` where ``box`` is set, ``outside`` elsewhere. inside, outside (B, H, W)
-    or (B, K, H, W); box (B, H, W) bool, or (n, B, H, W) for n boxes at once (the result then
-    has a leading n)."""
+    or (B, K, H, W); box (B, H, W) bool, or (n, B, H, W) for n boxes (the result: a leading n)."""
     if inside.dim() == 4:
         box = box.unsqueeze(-3)
     return torch.where(box, inside, outside)
@@ -286,8 +281,7 @@ def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: flo
     # w(t) logged as a fill on the device: a copy from the host would wait for the device
     weight = p2p.new_full((), sai_w, dtype=torch.float32)
     return loss, {"p2p": p2p.detach(), "dt": dt.detach(), "mask": l_m.detach(),
-                  "noise": l_n.detach(), "sai_w": weight,
-                  "sim_v": torch.cat([v1, v2]).mean()}
+                  "noise": l_n.detach(), "sai_w": weight, "sim_v": torch.cat([v1, v2]).mean()}
 
 
 def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:

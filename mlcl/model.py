@@ -4,7 +4,7 @@ are torchvision's (deep stem: UniMatch's), so ImageNet checkpoints load strictly
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,20 +12,14 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-from mlcl.config import ConfigError, ModelConfig
-
-if TYPE_CHECKING:
-    from mlcl.config import Config
+from mlcl.config import Config, ConfigError, ModelConfig
 
 # name -> (block, blocks per stage, deep stem)
 BACKBONES: dict[str, tuple[type[nn.Module], tuple[int, int, int, int], bool]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2), False),
-    "resnet34": (BasicBlock, (3, 4, 6, 3), False),
-    "resnet50": (Bottleneck, (3, 4, 6, 3), False),
-    "resnet101": (Bottleneck, (3, 4, 23, 3), False),
+    "resnet18": (BasicBlock, (2, 2, 2, 2), False), "resnet34": (BasicBlock, (3, 4, 6, 3), False),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), False), "resnet101": (Bottleneck, (3, 4, 23, 3), False),
     "resnet50_deepstem": (Bottleneck, (3, 4, 6, 3), True),
-    "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True),
-}
+    "resnet101_deepstem": (Bottleneck, (3, 4, 23, 3), True)}
 # ``model.pretrained: true``: IMAGENET1K_V1 (the original 76.1% ResNet-50), as DeepLab code uses
 TORCHVISION_WEIGHTS = {f"resnet{n}": getattr(tvm, f"ResNet{n}_Weights").IMAGENET1K_V1
                        for n in (18, 34, 50, 101)}
@@ -153,13 +147,12 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: Tensor, fp: bool = False, return_features: bool = False):
         """Logits (B, K, H, W), or a :class:`SegOutput` when ``fp`` (UniMatch's feature
         perturbation: c1, c4 and their Dropout2d copy as one batch) or ``return_features``."""
-        size = x.shape[-2:]
         c1, c4 = self.backbone(x)
         if fp:
             c1 = torch.cat((c1, self.fp_dropout(c1)))  # (2B, ·, H/4, W/4)
             c4 = torch.cat((c4, self.fp_dropout(c4)))  # (2B, ·, H/16, W/16)
         feats = self.fuse(c1, c4)  # (B or 2B, C, H/4, W/4)
-        logits = upsample(self.decode(feats), size)  # (B or 2B, K, H, W)
+        logits = upsample(self.decode(feats), x.shape[-2:])  # (B or 2B, K, H, W)
         if not (fp or return_features):
             return logits
         out = SegOutput(*logits.chunk(2), *feats.chunk(2)) if fp else SegOutput(logits, None, feats)
@@ -205,10 +198,9 @@ def pretrained_file(m: ModelConfig) -> Path | None:
         path = imagenet_file(m.backbone)
         if not path.is_file():
             raise ConfigError(
-                f"model.pretrained: true: torchvision's ImageNet weights for {m.backbone} are "
-                f"not in the hub cache ({path}): run `python -m mlcl data pretrained "
-                f"--torchvision {m.backbone}`, or put the file from "
-                f"{TORCHVISION_WEIGHTS[m.backbone].url} there")
+                f"model.pretrained: true: torchvision's ImageNet weights for {m.backbone} are not "
+                f"in the hub cache ({path}): run `python -m mlcl data pretrained --torchvision "
+                f"{m.backbone}`, or put the file from {TORCHVISION_WEIGHTS[m.backbone].url} there")
         return path
     if isinstance(m.pretrained, str) and not m.pretrained.strip():
         raise ConfigError("config key 'model.pretrained': empty path; give a checkpoint file, "

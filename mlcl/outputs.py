@@ -106,8 +106,7 @@ def run_changes(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
 
 def check_output_place(out: Path) -> None:
     """Refuse an output_dir that is a file, lies under one, or cannot be written."""
-    why = place_problem(out)
-    if why:
+    if why := place_problem(out):
         raise ConfigError(f"output_dir {out}: {why}: choose another output_dir (a folder you "
                           "can write to)")
 
@@ -140,9 +139,8 @@ class OutputLock:
             self.handle.seek(0)
             holder = self.handle.read().strip() or "another process"
             self.handle.close()
-            raise ConfigError(f"output_dir {out}: another training run is writing there "
-                              f"({holder}): wait for it to end, or choose another "
-                              "output_dir") from None
+            raise ConfigError(f"output_dir {out}: another training run writes there ({holder}): "
+                              "wait for it to end, or choose another output_dir") from None
         self.handle.truncate(0)
         self.handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.handle.flush()
@@ -209,10 +207,9 @@ def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         "best_epoch": best.get("epoch"), "last_miou": last.get("miou"),
         "last_epoch": last.get("epoch"), "class_names": names,
         "best_iou": dict(zip(names, best.get("iou", []))),
-        "last_iou": dict(zip(names, last.get("iou", []))),
-        "epochs": s.history, "iterations": s.iteration, "resumes": s.resumes,
-        "wall_time_s": run.elapsed(), "num_processes": acc.num_processes,
-        "device": str(acc.device),
+        "last_iou": dict(zip(names, last.get("iou", []))), "epochs": s.history,
+        "iterations": s.iteration, "resumes": s.resumes, "wall_time_s": run.elapsed(),
+        "num_processes": acc.num_processes, "device": str(acc.device),
         # the commit, or the list of them when resumed parts ran different checkouts
         "git_commit": s.git_commits[0] if len(s.git_commits) == 1 else (s.git_commits or None),
         "output_dir": str(cfg.output_dir),

@@ -1,5 +1,4 @@
-"""The class-prototype memory bank of FKA (docs/method.md, "Prototype memory bank"); the
-release's update is :class:`mlcl.released.ReleasedBank`."""
+"""FKA's class-prototype memory bank (docs/method.md); the release's: mlcl.released.ReleasedBank."""
 from __future__ import annotations
 
 import torch

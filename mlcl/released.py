@@ -1,8 +1,7 @@
 """Every place where the authors' release (github.com/MKSAQW/MCCL) computes something other
 than the paper's equations, each behind the switch its docstring names (docs/method.md, "Paper
 versus release"). :func:`mlcl.methods.mlcl_parts` is the one place that picks these instead of
-the paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`.
-"""
+the paper's functions in :mod:`mlcl.losses`, :mod:`mlcl.prototypes` and :mod:`mlcl.methods`."""
 from __future__ import annotations
 
 import torch
@@ -19,9 +18,8 @@ def sai_mask_ratio_twice(v: Tensor, kappa: float) -> Tensor:
 
 
 def valid_bilinear(ignore: Tensor, size: tuple[int, int], ignore_index: int = 255) -> Tensor:
-    """(B, h, w) bool, valid = True: the ignore map (B, H, W) resized as the release does
-    (``mlcl.bilinear_ignore``): bilinearly, truncated to integers, only exact ``ignore_index``
-    values stay ignored."""
+    """(B, h, w) bool, True = valid: the ignore map (B, H, W) resized as released
+    (``mlcl.bilinear_ignore``): bilinearly, truncated to integers; exact ignore_index stays."""
     x = F.interpolate(ignore.unsqueeze(0).float(), size=size, mode="bilinear",
                       align_corners=True).squeeze(0)
     return x.long() != ignore_index
@@ -49,27 +47,19 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
     with torch.autocast(f_s.device.type, enabled=False):
         fw, fs = f_w.detach().flatten(2).float(), f_s.flatten(2).float()
         protos = protos.detach().float()
-        K = protos.shape[0]
-        classes = (torch.ones(K, dtype=torch.bool, device=protos.device) if keep_uninitialised
-                   else prototypes.initialised(protos))
+        classes = prototypes.initialised(protos) | keep_uninitialised  # True: every class
         a_idx, a_ok, c_idx, c_ok = losses.dt_select(
             fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, classes, conf_thresh,
             num_anchors, num_candidates)
         if duplicate_top_anchor:  # the valid slots come first, so a_ok stays as it is
             a_idx = torch.cat([a_idx[:, :1], a_idx[:, :-1]], dim=1)
         has_a, has_c = a_ok.any(1), c_ok.any(1)
-        if pair_by_position:
-            partner, paired = position_pairing(has_a, has_c)
-        else:
-            partner, paired = torch.arange(K, device=fw.device), has_a & has_c
+        partner, paired = (position_pairing(has_a, has_c) if pair_by_position
+                           else (torch.arange(len(protos), device=fw.device), has_a & has_c))
         a_ok = a_ok & paired.unsqueeze(1)
         cands = losses.unit_features(fs, c_idx)[partner]  # (K, S, C) of the partner class
         best = losses.dt_best_match(losses.unit_features(fw, a_idx), cands, c_ok[partner])
-        if normalise_by_candidates:
-            n_c = c_ok.sum(1)[partner]
-            den = torch.where(paired, n_c, torch.zeros_like(n_c)).sum()
-        else:
-            den = a_ok.sum()
+        den = (c_ok.sum(1)[partner] * paired).sum() if normalise_by_candidates else a_ok.sum()
         return losses.dt_mean(best, a_ok, den)
 
 
@@ -86,8 +76,7 @@ class ReleasedBank(prototypes.PrototypeBank):
     @torch.no_grad()
     def stepped(self, sums: Tensor, counts: Tensor) -> Tensor:
         """The paper's step; with ``early_stop``, once a class is initialised in this step the
-        EMA of every later (higher-index) class is skipped (later all-zero classes are still
-        initialised)."""
+        EMA of every higher-index class is skipped (all-zero ones are still initialised)."""
         new = super().stepped(sums, counts)
         if not self.early_stop:
             return new
@@ -100,17 +89,15 @@ class ReleasedBank(prototypes.PrototypeBank):
         """The paper's update, or with ``average_banks`` each process steps its bank from its
         local batch and the banks are then averaged (the same with one process)."""
         if not self.average_banks:
-            super().update(feats, labels, conf, valid)
-            return
+            return super().update(feats, labels, conf, valid)
         sums, counts = self.class_sums(feats, labels, conf, valid)
         self.protos.copy_(prototypes.reduce(self.stepped(sums, counts), reduction="mean"))
 
 
 def separate_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], *unused
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
-    """:func:`mlcl.methods.joint_passes` as released (``mlcl.released_passes``): separate
-    train-mode passes, each building a graph, over w1, w2, u_w and the un-mixed s1 (so no
-    CutMix box to skip, None)."""
+    """:func:`mlcl.methods.joint_passes` as released (``mlcl.released_passes``): a train-mode
+    pass with graph over each of w1, w2, u_w and the un-mixed s1 (no CutMix box to skip: None)."""
     f1 = model(w1, return_features=True).features.detach()
     f2 = model(w2, return_features=True).features.detach()
     f_w = model(u["w"], return_features=True).features

@@ -17,10 +17,9 @@ REPEAT_AFTER_S = 1.0
 
 
 class StopSignals:
-    """Context manager: SIGINT / SIGTERM handlers (main thread only); ``on_abort()`` before an
-    exit at once."""
+    """SIGINT/SIGTERM handlers (main thread only), a context manager; on_abort() before aborts."""
 
-    def __init__(self, accelerator, on_abort=None):
+    def __init__(self, accelerator, on_abort):
         self.acc, self.on_abort = accelerator, on_abort
         self.signum: int | None = None  # the first stop signal this process received
         self.first_at, self.previous = 0.0, {}
@@ -44,9 +43,8 @@ class StopSignals:
                 return  # the same notice, delivered twice
             print(f"{name} again: stopping at once; the last complete checkpoint stays usable",
                   file=sys.stderr, flush=True)
-            if self.on_abort is not None:
-                with contextlib.suppress(Exception):
-                    self.on_abort()
+            with contextlib.suppress(Exception):
+                self.on_abort()
             os._exit(128 + signum)
         self.signum, self.first_at = signum, time.monotonic()
         if self.acc.is_main_process:
@@ -75,8 +73,7 @@ class NonFiniteGuard:
             scalars["grad_norm"] = grad_norm
         if self.names is None:
             self.names = list(scalars)
-            self.first_bad = torch.zeros(len(self.names), dtype=torch.bool,
-                                         device=self.first_iter.device)
+            self.first_bad = self.first_iter.new_zeros(len(self.names), dtype=torch.bool)
         bad = ~torch.isfinite(torch.stack([scalars[k].detach().float() for k in self.names]))
         first = bad.any() & (self.first_iter < 0)
         self.first_bad = torch.where(first, bad, self.first_bad)
@@ -86,9 +83,8 @@ class NonFiniteGuard:
              ) -> tuple[tuple[int, list[str]] | None, bool]:
         """((iteration, names of the non-finite terms) of the first bad step on any process or
         None, whether any process had ``stop_requested``): one gather, on every process."""
-        device = self.first_iter.device
-        row = torch.cat([torch.full((1,), int(stop_requested), device=device),
-                         self.first_iter.view(1)]
+        it = self.first_iter.view(1)
+        row = torch.cat([it.new_full((1,), int(stop_requested)), it]
                         + ([self.first_bad.long()] if self.names is not None else []))
         rows = (accelerator.gather(row.unsqueeze(0)) if accelerator.num_processes > 1
                 else row.unsqueeze(0)).cpu()

@@ -224,7 +224,7 @@ def test_several_processes_share_stop_requests_only_in_the_guards_read():
             raise AssertionError("a collective outside the guard's read")
 
     acc, guard = TwoProcesses(), NonFiniteGuard(torch.device("cpu"))
-    stop = StopSignals(acc)
+    stop = StopSignals(acc, on_abort=lambda: None)
     guard.observe(0, {"loss": torch.tensor(1.0)}, None)
     acc.other = torch.tensor([[1, -1, 0]])  # the other process was signalled; all finite
     assert not stop.poll() and stop.signum is None  # not seen before a shared read
