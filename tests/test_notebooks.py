@@ -145,7 +145,8 @@ def test_figures_notebook_reads_the_registry(tiny_runs, tmp_path):
                for s, b in enumerate([50.0, 52.0, 54.0])]
     entries += [fake_entry("pascal", "183", "mlcl", 0, 74.0, variant="released")]
     for method, variant in (("supervised", ""), ("unimatch", ""), ("mlcl", "paper")):
-        entries += [fake_entry("synthetic", "1_8", method, s, 40.0 + s + 2 * (method != "supervised"),
+        gain = 2 * (method != "supervised")
+        entries += [fake_entry("synthetic", "1_8", method, s, 40.0 + s + gain,
                                variant=variant or "paper", output_dir=str(tiny_runs[method]))
                     for s in range(2)]
     entries += [fake_entry("synthetic", "1_8", "mlcl", s, 41.0, ablation="no_sai")

@@ -1,4 +1,5 @@
-"""mlcl.study.viz tables and plots, mlcl.study.paper, mlcl.study.registry and mlcl.study.explore on small inputs.
+"""mlcl.study.viz tables and plots, mlcl.study.paper, mlcl.study.registry and
+mlcl.study.explore on small inputs.
 
 ``fake_entry`` / ``write_registry`` build plausible registry entries (also used by the
 notebook tests)."""
@@ -234,7 +235,8 @@ def test_sai_views_follow_the_losses(tiny_model):
     rgb = mi.pca_rgb([paper_v["f_w"][0], paper_v["f_mk"][0]])
     assert rgb[0].shape == (8, 8, 3) and 0 <= rgb[0].min() and rgb[1].max() <= 1
     table = viz.sai_table({"paper": paper_v, "released": rel})
-    assert table.shape == (4, 11) and list(table.columns[:3]) == ["v", "r (paper)", "dropped (paper)"]
+    assert table.shape == (4, 11)
+    assert list(table.columns[:3]) == ["v", "r (paper)", "dropped (paper)"]
     fig = viz.plot_perturbations(mi.head(paper_v, 2), cfg)
     assert len(fig.axes) == 2 * 11
     # the row labels (v, r, a, dropped) read at the size of the column titles, not 7 pt
