@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: install lock test demo lab reproduce figures bench gpu-check clean-runs
+.PHONY: install lock test demo lab lab-copies reproduce figures bench gpu-check clean-runs
 
 install: $(STAMP)
 
@@ -41,9 +41,21 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mlcl demo
 
-# JupyterLab on notebooks/; as root (containers) Jupyter needs --allow-root, added here.
-lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+# JupyterLab on copies of notebooks/ in LAB_DIR (under the untracked runs/): what you run and
+# save there leaves the tracked notebooks clean. A copy is made once and then kept (your
+# edits); delete it for a fresh one. As root (containers) Jupyter needs --allow-root, added here.
+LAB_DIR ?= runs/lab/notebooks
+lab: $(STAMP) lab-copies
+	$(VENV)/bin/jupyter lab $(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root)
+
+lab-copies:
+	@mkdir -p $(LAB_DIR)
+	@for nb in notebooks/*.ipynb; do \
+		copy=$(LAB_DIR)/$$(basename $$nb); \
+		if [ ! -e $$copy ]; then cp $$nb $$copy && echo "copied $$nb to $$copy"; \
+		elif [ $$nb -nt $$copy ]; then echo "kept $$copy: $$nb changed since (delete the copy for it)"; \
+		fi; \
+	done
 
 # make reproduce GRID=synthetic-study JOBS=2 ARGS="--executor cli data.root=data/synthetic"
 GRID ?= synthetic-study

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +234,11 @@ def check_continuation(run: Run, path: Path | None, changes: list[str]) -> None:
                           "or raise train.epochs / train.max_iters to continue it")
 
 
+def live_bar() -> bool:
+    """A progress bar on a terminal or in a notebook; plain lines when stderr is a file."""
+    return sys.stderr.isatty() or any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+
+
 def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     """The steps of ``epoch`` from where the run stands (mid-epoch after a resume)."""
     done = run.state.iteration - epoch * run.iters_per_epoch
@@ -240,7 +246,7 @@ def train_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     run.model.train()
     batches = itertools.islice(epoch_batches(run.loaders, epoch, done, run.acc), n - done)
     with tqdm(total=n, initial=done, desc=f"epoch {epoch + 1}/{run.epochs}", leave=False,
-              disable=not run.acc.is_local_main_process) as bar:
+              disable=not (run.acc.is_local_main_process and live_bar())) as bar:
         for batch in batches:
             terms = train_step(run, batch, epoch)
             bar.update()
@@ -267,8 +273,11 @@ def after_step(run: Run, terms: dict[str, Any], bar, stop: StopSignals) -> None:
         values = {f"train/{k}": float(v.detach()) for k, v in terms.items()
                   if torch.is_tensor(v) and v.dim() == 0}
         run.acc.log({**values, "train/lr": run.optimizer.param_groups[0]["lr"]}, step=it)
-        if "loss" in run.sums.values:  # the epoch's running mean (bar.n: its steps so far)
-            bar.set_postfix(loss=f"{float(run.sums.values['loss']) / max(bar.n, 1):.3f}")
+        if "loss" in run.sums.values:  # the epoch's running mean over its steps so far
+            loss = float(run.sums.values["loss"]) / ((it - 1) % run.iters_per_epoch + 1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if bar.disable:  # no bar (stderr is a file, or not the main process): a plain line
+                run.acc.print(f"iteration {it}/{run.total_iters}: loss {loss:.4f} (epoch mean)")
         save_progress(run, "running")
     if stop.poll():
         interrupt(run, stop)

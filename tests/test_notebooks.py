@@ -62,6 +62,29 @@ def test_notebooks_are_committed_clean():
         assert "json" in code[-1].source.lower(), f"{name}: the last cell writes JSON"
 
 
+def test_make_lab_opens_copies_and_keeps_them(tmp_path):
+    """`make lab` runs JupyterLab on untracked copies: saving a run notebook there (outputs
+    and all) leaves notebooks/*.ipynb clean; a copy once made is kept."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on PATH")
+    repo, lab = registry.NOTEBOOKS.parent, tmp_path / "lab"
+    make = ["make", "-C", str(repo), f"LAB_DIR={lab}"]
+    subprocess.run([*make, "lab-copies"], check=True, capture_output=True)
+    for name in NOTEBOOKS:
+        assert (lab / f"{name}.ipynb").read_bytes() == \
+            (registry.NOTEBOOKS / f"{name}.ipynb").read_bytes()
+    (lab / "run.ipynb").write_text("edited")
+    subprocess.run([*make, "lab-copies"], check=True, capture_output=True)
+    assert (lab / "run.ipynb").read_text() == "edited"
+    plan = subprocess.run([*make, "-n", "lab"], check=True, capture_output=True, text=True)
+    opened = [ln.split()[2] for ln in plan.stdout.splitlines() if " lab " in f"{ln} "
+              and ln.split()[0].endswith("jupyter")]
+    assert opened == [str(lab)]
+
+
 def test_run_notebook_trains_evaluates_and_records(synth_root, tmp_path):
     out, reg = tmp_path / "cells" / "r", tmp_path / "registry"
     nb = execute("run", tmp_path / "run.ipynb", preset="synthetic", split="1_8", method="mlcl",
@@ -122,7 +145,8 @@ def test_figures_notebook_reads_the_registry(tiny_runs, tmp_path):
                for s, b in enumerate([50.0, 52.0, 54.0])]
     entries += [fake_entry("pascal", "183", "mlcl", 0, 74.0, variant="released")]
     for method, variant in (("supervised", ""), ("unimatch", ""), ("mlcl", "paper")):
-        entries += [fake_entry("synthetic", "1_8", method, s, 40.0 + s + 2 * (method != "supervised"),
+        gain = 2 * (method != "supervised")
+        entries += [fake_entry("synthetic", "1_8", method, s, 40.0 + s + gain,
                                variant=variant or "paper", output_dir=str(tiny_runs[method]))
                     for s in range(2)]
     entries += [fake_entry("synthetic", "1_8", "mlcl", s, 41.0, ablation="no_sai")

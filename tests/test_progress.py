@@ -96,3 +96,55 @@ def test_bars_on_a_terminal_and_messages_on_their_own_line(tmp_path):
 def test_wait_returns_the_exit_status_without_a_poller(tmp_path):
     assert progress.wait(fake_run(tmp_path, rc=2), None, interval=0.05) == 2
     assert json.loads((tmp_path / "progress.json").read_text())["status"] == "complete"
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text`` (carriage return, line feed as CR LF, cursor up;
+    the column kept on cursor up, as a terminal does)."""
+    rows: dict[int, list[str]] = {}
+    row = col = 0
+    for token in re.findall(r"\x1b\[A|.|\n", text, flags=re.S):
+        if token == "\x1b[A":
+            row = max(row - 1, 0)
+        elif token in "\r\n":
+            row, col = row + (token == "\n"), 0
+        else:
+            line = rows.setdefault(row, [])
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = token
+            col += 1
+    return ["".join(rows.get(i, [])).rstrip() for i in range(max(rows, default=-1) + 1)]
+
+
+def test_a_message_after_the_last_bar_closes_starts_at_column_0(tmp_path):
+    """The demo's last 'done' line came after the second bar (position 1) closed, 65-100
+    columns right: that bar left the cursor at the end of its text."""
+    stream = io.StringIO()
+    board = progress.Board(stream=stream, tty=True)
+    first, second = board.track("run-a", tmp_path), board.track("run-b", tmp_path)
+    first.poll(), second.poll()
+    first.close()
+    board.write("  done    run-a")
+    second.close()
+    board.write("  done    run-b")
+    print("3 done", file=stream)
+    shown = [line for line in screen(stream.getvalue()) if line.strip()]
+    assert shown == ["  done    run-a", "  done    run-b", "3 done"]
+
+
+def test_train_into_a_file_writes_plain_lines(synth_root, tmp_path):
+    """`python -m mlcl train > log 2>&1`: no progress-bar frames ('\\r'), a line per
+    train.log_every iterations instead."""
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "mlcl", "train", "--config", "synthetic",
+           f"data.root={synth_root}", "data.crop_size=32", "train.batch_size=4",
+           "model.width=16", "data.num_workers=0", "train.max_iters=4", "train.epochs=1",
+           "split=1_8", "train.log_every=2", f"output_dir={tmp_path / 'run'}"]
+    with open(out, "w") as fo, open(err, "w") as fe:
+        assert subprocess.run(cmd, stdout=fo, stderr=fe, timeout=300).returncode == 0
+    text = out.read_text() + err.read_text()
+    assert "\r" not in text and "it/s" not in text
+    lines = text.splitlines()
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("iteration ")] == \
+        ["iteration 2/4", "iteration 4/4"]
+    assert any(ln.startswith("epoch 1/1: loss") for ln in lines)

@@ -1,4 +1,5 @@
-"""mlcl.study.viz tables and plots, mlcl.study.paper, mlcl.study.registry and mlcl.study.explore on small inputs.
+"""mlcl.study.viz tables and plots, mlcl.study.paper, mlcl.study.registry and
+mlcl.study.explore on small inputs.
 
 ``fake_entry`` / ``write_registry`` build plausible registry entries (also used by the
 notebook tests)."""
@@ -234,9 +235,12 @@ def test_sai_views_follow_the_losses(tiny_model):
     rgb = mi.pca_rgb([paper_v["f_w"][0], paper_v["f_mk"][0]])
     assert rgb[0].shape == (8, 8, 3) and 0 <= rgb[0].min() and rgb[1].max() <= 1
     table = viz.sai_table({"paper": paper_v, "released": rel})
-    assert table.shape == (4, 11) and list(table.columns[:3]) == ["v", "r (paper)", "dropped (paper)"]
+    assert table.shape == (4, 11)
+    assert list(table.columns[:3]) == ["v", "r (paper)", "dropped (paper)"]
     fig = viz.plot_perturbations(mi.head(paper_v, 2), cfg)
     assert len(fig.axes) == 2 * 11
+    # the row labels (v, r, a, dropped) read at the size of the column titles, not 7 pt
+    assert fig.axes[0].yaxis.label.get_size() >= 10 and fig.axes[0].title.get_size() >= 10
 
 
 def test_compactness_and_embeddings():
@@ -323,3 +327,69 @@ def test_load_checkpoint_takes_a_run_folder_and_reads_the_file_once(tiny_model, 
     ck = mi.load_checkpoint(tmp_path / "run", device="cpu")
     assert ck.path == tmp_path / "run" / "best.pt" and (ck.epoch, ck.miou) == (3, 40.0)
     assert reads == [ck.path]
+
+
+# --------------------------------------------------------------------------- figure defects
+def test_compactness_legend_clear_of_the_bars_and_a_missing_prototype_said():
+    rng = np.random.default_rng(0)
+    names = ["background", "disc", "star"]
+    protos = rng.uniform(0.5, 1.0, size=(3, 8))
+    labels = np.repeat(np.arange(3), 20)
+    feats = protos[labels] * rng.uniform(0.5, 2.0, size=(60, 1))  # cosines near 1: tall bars
+    bank = protos.copy()
+    bank[2] = np.nan  # the bank never initialised "star"
+    means = mi.class_means(feats, labels, 3)
+    sets = [mi.FeatureSet("MLCL", "mlcl", feats, labels, bank, "memory bank", means, names),
+            mi.FeatureSet("UniMatch", "unimatch", feats, labels, means, "class means", means,
+                          names)]
+    table = viz.compactness_table(sets)
+    assert np.isnan(table.at["star", ("MLCL", "to prototypes (memory bank)")])
+    fig = viz.plot_compactness(table)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    assert not [p for p in ax.patches if legend.overlaps(p.get_window_extent())]
+    said = [t for t in ax.texts if t.get_text() == "prototype never initialised"]
+    star_x = 2 + (0 - (3 - 1) / 2) * 0.8 / 3  # the first column's bar of the third class
+    assert len(said) == 1 and said[0].get_position()[0] == pytest.approx(star_x)
+    assert [t.get_text() for t in fig.texts] == [viz.BANK_NOTE]
+
+
+def curve_entries(epochs_by_method: dict[str, list[dict]], output_dir=None) -> list[dict]:
+    out = []
+    for method, epochs in epochs_by_method.items():
+        e = fake_entry("synthetic", "1_16", method, 0, 50.0, output_dir=output_dir)
+        e["metrics"]["epochs"] = epochs
+        out.append(e)
+    return out
+
+
+def test_training_curves_plot_the_term_every_method_has():
+    """Not the totals (MLCL's adds L_p2p, L_dt and SAI's terms to UniMatch's): L_x."""
+    ep = {m: [{"epoch": k, "iteration": 10 * k, "loss": total * k, "x": 1.0 / k, "miou": 40.0}
+              for k in (1, 2, 3)] for m, total in (("supervised", 1.0), ("mlcl", 9.0))}
+    fig = viz.plot_training_curves(curve_entries(ep))
+    ax_l = fig.axes[1]
+    assert [list(line.get_ydata()) for line in ax_l.lines] == [[1.0, 0.5, 1 / 3]] * 2
+    assert "L_x" in ax_l.get_title() and "L_x" in ax_l.get_ylabel()
+    assert viz.LOSS_NOTE in [t.get_text() for t in fig.texts]
+
+
+def test_a_short_run_shows_a_loss_curve(tmp_path):
+    """run.ipynb's defaults: 100 iterations, one epoch record: the per-log L_x of TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    one = {"mlcl": [{"epoch": 1, "iteration": 100, "loss": 3.0, "x": 0.8, "miou": 30.0}]}
+    fig = viz.plot_training_curves(curve_entries(one))  # no logs: one point, visible, said
+    line = fig.axes[1].lines[0]
+    assert list(line.get_xdata()) == [100] and line.get_marker() == "o"
+    assert any("one L_x point per run" in t.get_text() for t in fig.axes[1].texts)
+    with SummaryWriter(tmp_path / "tensorboard") as writer:
+        for it in range(20, 101, 20):
+            writer.add_scalar("train/x", 2.0 - it / 100, it)
+            writer.add_scalar("train/loss", 5.0, it)
+    fig = viz.plot_training_curves(curve_entries(one, str(tmp_path)))
+    line = fig.axes[1].lines[0]
+    assert list(line.get_xdata()) == [20, 40, 60, 80, 100]
+    assert np.allclose(line.get_ydata(), [1.8, 1.6, 1.4, 1.2, 1.0])
+    assert not fig.axes[1].texts

@@ -83,7 +83,8 @@ def report_lines(runs: Path, figures: Path) -> list[str]:
         "", "Next:",
         f"  python -m mlcl evaluate --checkpoint {mlcl / 'best.pt'}",
         f"  .venv/bin/tensorboard --logdir {runs / 'cells'}",
-        "  make lab          # the notebooks, with these runs as their defaults",
+        "  make lab          # copies of the notebooks in runs/lab/notebooks/, these runs "
+        "as their defaults",
         "  README.md, 'What next': the synthetic study, real data"]
 
 

@@ -75,6 +75,8 @@ class Tracker(contextlib.AbstractContextManager):
         """Remove the bar and free its position for the next run."""
         if self.bar is not None:
             self.bar.close()
+            # a bar below the first leaves the cursor where its text ended: back to column 0
+            self.board.stream.write("\r")
         with self.board.lock:
             self.board.taken.discard(self.position)
 

@@ -315,10 +315,31 @@ def write_index(directory: str | Path | None = None, extra: dict | None = None) 
     return atomic_write_json(d / "figures.json", {"items": items, **(extra or {})})
 
 
+LOSS_NOTE = ("training loss: L_x, the cross-entropy on labeled images, the one term every "
+             "method has (their total losses add different terms: not comparable); per log "
+             "(every train.log_every iterations, TensorBoard), else per epoch (mean)")
+
+
+def logged_loss(output_dir: str | None) -> tuple[list[int], list[float]]:
+    """(iterations, L_x) a run logged to TensorBoard every train.log_every iterations, the
+    last value of an iteration logged twice (a resume); empty without its logs."""
+    folder = Path(output_dir) / "tensorboard" if output_dir else None
+    if folder is None or not folder.is_dir():
+        return [], []
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    if "train/x" not in logs.Tags()["scalars"]:
+        return [], []
+    by_it = {e.step: e.value for e in logs.Scalars("train/x")}
+    return sorted(by_it), [by_it[i] for i in sorted(by_it)]
+
+
 def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
-    """Validation mIoU and training loss per iteration, one line per run."""
+    """Validation mIoU and the labeled loss L_x (:data:`LOSS_NOTE`) per iteration, one line
+    per run; a note on the loss panel when no run has two points of it."""
     fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(10, 3.6))
-    seen = set()
+    seen, points = set(), []
     for e in sorted(entries, key=lambda e: e.get("name", "")):
         df = runs_frame([e]).iloc[0]
         label = METHOD_LABELS.get((df.method, df.variant), f"{df.method} {df.variant}".strip())
@@ -328,17 +349,26 @@ def plot_training_curves(entries: list[dict], title: str = "") -> plt.Figure:
         kw = {"color": COLOURS.get(label), "alpha": 0.8, "label": None if label in seen else label}
         ev = [r for r in ep if "miou" in r]
         ax_m.plot([r["iteration"] for r in ev], [r["miou"] for r in ev], marker="o", ms=3, **kw)
-        ax_l.plot([r["iteration"] for r in ep], [r.get("loss", np.nan) for r in ep], **kw)
+        its, loss = logged_loss(df.output_dir)
+        if len(its) < 2:
+            its, loss = [r["iteration"] for r in ep if "x" in r], [r["x"] for r in ep if "x" in r]
+        ax_l.plot(its, loss, marker="o" if len(its) < 30 else None, ms=3, **kw)
+        points.append(len(its))
         seen.add(label)
     ax_m.set(xlabel="iteration", ylabel="validation mIoU (%)", title="validation mIoU")
-    ax_l.set(xlabel="iteration", ylabel="training loss (epoch mean)", title="training loss",
-             yscale="log")
+    ax_l.set(xlabel="iteration", ylabel="L_x (labeled cross-entropy)",
+             title="training loss L_x (comparable across methods)", yscale="log")
+    if max(points, default=0) < 2:
+        ax_l.text(0.5, 0.5, "no L_x recorded" if not any(points) else
+                  "one L_x point per run: a curve needs two logs\n(train.log_every) or epochs",
+                  ha="center", va="center", fontsize=8, transform=ax_l.transAxes)
     for ax in (ax_m, ax_l):
         ax.grid(alpha=0.3)
     if seen:
         ax_m.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
+    fig.text(0.5, 0.0, LOSS_NOTE, ha="center", va="top", fontsize=7, wrap=True)
     return fig
 
 
@@ -422,6 +452,9 @@ def plot_prediction_grid(samples: dict[str, Any], title: str = "") -> plt.Figure
     return fig
 
 
+ROW_LABEL_SIZE = 10  # the perturbation grid's per-image v, r, a and fraction dropped
+
+
 def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
                        class_names: list[str] | None = None) -> plt.Figure:
     """Per image: the views, attention A, keep mask, features F_w, F_s, F_mk, F_ne (one PCA
@@ -445,10 +478,10 @@ def plot_perturbations(views: dict[str, Any], cfg, title: str = "",
                       **({"vmin": 0, "vmax": 1} if j == 3 else {}))
             ax.set(xticks=[], yticks=[])
             if i == 0:
-                ax.set_title(cols[j], fontsize=8)
+                ax.set_title(cols[j], fontsize=10)
         axes[i, 0].set_ylabel(f"v={views['v'][i]:.2f}\nr={views['mask_ratio'][i]:.2f} "
                               f"a={views['amplitude'][i]:.2f}\ndropped "
-                              f"{100 * views['dropped'][i]:.0f}%", fontsize=7)
+                              f"{100 * views['dropped'][i]:.0f}%", fontsize=ROW_LABEL_SIZE)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     names = class_names or cfg.data.class_names or default_class_names(cfg.data.num_classes)
@@ -556,22 +589,47 @@ def compactness_table(sets: list) -> pd.DataFrame:
         if fs.proto_source != "class means":
             cols[(fs.label, "to class means")] = compactness(fs.feats, fs.labels, fs.class_means)
     df = pd.DataFrame(cols, index=sets[0].class_names)
-    df.loc["mean over classes"] = df.mean(0)
+    df.loc["mean over classes"] = df.mean(axis=0)  # over the classes with a value
     df.columns = pd.MultiIndex.from_tuples(df.columns, names=["checkpoint", "reference"])
     return df
 
 
+def missing_reason(table: pd.DataFrame, column: tuple[str, str], cls: str) -> str:
+    """Why the compactness ``table`` has no value for class ``cls`` in ``column``."""
+    checkpoint, reference = column
+    means = table.get((checkpoint, "to class means"))
+    if "memory bank" in reference and means is not None and np.isfinite(means[cls]):
+        return "prototype never initialised"
+    return "class not in the pixels sampled"
+
+
+BANK_NOTE = ("prototype never initialised: no pixel of the class reached the memory bank's "
+             "confidence threshold (mlcl.bank_conf) in training, so the bank holds no "
+             "prototype for it; the mean over classes leaves it out")
+
+
 def plot_compactness(table: pd.DataFrame) -> plt.Figure:
-    """Grouped bars of the compactness table (classes on x)."""
-    fig, ax = plt.subplots(figsize=(8, 3.4))
+    """Grouped bars of the compactness table (classes on x), the legend beside the axes; a
+    missing value says why (:func:`missing_reason`) where its bar would be."""
+    fig, ax = plt.subplots(figsize=(10, 3.6))
     n = table.shape[1]
     width = 0.8 / n
+    reasons = set()
     for i, col in enumerate(table.columns):
-        ax.bar(np.arange(len(table)) + (i - (n - 1) / 2) * width, table[col], width,
-               label=" / ".join(col))
+        x = np.arange(len(table)) + (i - (n - 1) / 2) * width
+        ax.bar(x, table[col], width, label=" / ".join(col), color=f"C{i}")
+        for xi, cls in zip(x, table.index):
+            if not np.isfinite(table.at[cls, col]):
+                reason = missing_reason(table, col, cls)
+                reasons.add(reason)
+                ax.text(xi, 0.02, reason, rotation=90,
+                        transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                        fontsize=7, color=f"C{i}")
     ax.set_xticks(range(len(table)), table.index, rotation=30, fontsize=8)
     ax.set(ylabel="mean cosine to prototype", title="intra-class compactness")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    if "prototype never initialised" in reasons:
+        fig.text(0.5, 0.0, BANK_NOTE, ha="center", va="top", fontsize=7, wrap=True)
     return fig
