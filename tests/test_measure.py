@@ -14,8 +14,8 @@ What runs at which size (the rehearsal and gpu-check tests take about 2.5 minute
   321, a fabricated checkpoint with the real keys and shapes, fabricated VOC images of VOC's
   sizes; the supervised method at batch 2, 2 + 2 steps: every stage.
 - **Every preset, every stage** (~90 s): ``measure gpu-check --device cpu``, i.e. the exact
-  commands ``make gpu-check`` runs, at toy sizes (width 4, crop 161, 2 + 2 steps; Cityscapes
-  evaluated on the centre crop).
+  commands ``make gpu-check`` runs, at toy sizes (width 4, crop 161, 2 + 2 steps; fabricated
+  images scaled with the crop, 161 / the preset's: Cityscapes frames of 412 x 206).
 """
 from __future__ import annotations
 
@@ -321,7 +321,7 @@ def test_step_flops_of_a_tiny_deeplab_equal_the_sum_over_its_convolutions():
     """The harness's supervised step (build_trainables, forward_terms, backward_and_step):
     every convolution's 2*out*C_in/groups*k_h*k_w FLOPs, three times (forward, input and
     weight gradients) except the first, whose input is the image (twice); no matmuls. The
-    count on fake tensors equals the count on real ones."""
+    count of step_flops (model, bank and batch built on fake tensors) equals it."""
     cfg = load_config("synthetic", ["model.backbone=resnet50_deepstem", "model.width=2",
                                     "model.feature_channels=8", "model.low_level_channels=4",
                                     "train.batch_size=2", "data.crop_size=33", "train.cpu=true",
@@ -371,7 +371,7 @@ def test_every_cell_of_every_preset_is_costed_at_real_size(capsys):
     city = load_config("cityscapes", ["method=mlcl", "model.pretrained=false"])
     whole = load_config("cityscapes", ["method=mlcl", "eval.mode=whole",
                                        "model.pretrained=false"])
-    assert eval_flops(city, 1024, 2048) == 8 * eval_flops(whole, 801, 801)
+    assert R.image_flops(city) == 8 * eval_flops(whole, 801, 801)
 
 
 # --------------------------------------------------------------------------- the rehearsal
@@ -397,6 +397,8 @@ def test_pascal_at_real_size_passes_every_stage(tmp_path, capsys):
     assert n["seconds_per_step"] > 0 and n["peak_mb"] > 500 and n["step_samples"] == 2
     assert n["projection"]["iterations"] == 80 * ((10582 - 1464) // 8)  # split 1464, 2 x 4
     assert json.loads((tmp_path / "pascal" / "rehearse.json").read_text())["ok"]
+    first = tmp_path / "data" / "pascal" / "JPEGImages" / "2007_000000.jpg"
+    assert Image.open(first).size == (500, 375)  # at the preset's crop: VOC's own sizes
     saved = yaml.safe_load((tmp_path / "pascal" / "supervised" / "config.yaml").read_text())
     cfg = config_from_dict(saved)  # what training ran: the preset's own settings
     base = load_config("pascal")
@@ -532,6 +534,8 @@ def test_gpu_check_at_toy_sizes_runs_every_part_and_rehearses_every_preset(tiny_
         assert {m: n["achieved_tflops"] > 0 for m, n in r["methods"].items()} == {
             "unimatch": True, "mlcl": True}
     assert check["bench"]["bf16"]["step_s"]["mlcl"] > 0
+    frame = next((out / "rehearse" / "data" / "cityscapes" / "leftImg8bit").rglob("*.png"))
+    assert Image.open(frame).size == (412, 206)  # 2048 x 1024 scaled by the crop, 161 / 801
     voc = check["memory_voc"]
     assert voc["mlcl_over_unimatch"] == pytest.approx(
         voc["peak_mb"]["mlcl"] / voc["peak_mb"]["unimatch"]) and "VmHWM" in voc["what"]

@@ -56,9 +56,8 @@ def bench_steps(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_memory(spec: str) -> None:
-    """In a fresh process (``spec``: JSON of method, preset, device, overrides, seed): a
-    warm-up step (optimiser state allocated), then the peak of one more step over the memory
-    held before it, printed after CHILD_TAG."""
+    """In a fresh process (``spec``: JSON of method, preset, device, overrides, seed), after a
+    warm-up step: the peak of one more step over the memory held before it, after CHILD_TAG."""
     s = json.loads(spec)
     cfg = step_config(s["method"], s["preset"], s["device"], s["overrides"])
     run = Stepper(cfg, s["seed"])
@@ -201,13 +200,13 @@ def machine(device: torch.device) -> dict[str, Any]:
         else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
                platform.processor() or None)
-    gpu = device.type == "cuda"
     return {"platform": platform.platform(), "cpu_model": cpu, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": str(device),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_avg": os.getloadavg(),
             **({"gpu": torch.cuda.get_device_name(device), "gpu_memory_gib": torch.cuda.
-                get_device_properties(device).total_memory / 2 ** 30} if gpu else {})}
+                get_device_properties(device).total_memory / 2 ** 30}
+               if device.type == "cuda" else {})}
 
 
 def ratio(num, den):
@@ -216,8 +215,7 @@ def ratio(num, den):
 
 def headline(r: dict[str, Any]) -> None:
     """The headline keys and the targets, from the sections' results."""
-    step, fk = r.get("step", {}), r.get("fka_sai", {})
-    mem = r.get("memory", {})
+    step, fk, mem = r.get("step", {}), r.get("fka_sai", {}), r.get("memory", {})
     r["step_s"] = {m: s["median"] for m, s in step.items()}
     r["peak_mem_mb"] = {m: v["increment_mb"] for m, v in mem.get("per_method", {}).items()}
     for m in ("mlcl", "mlcl_released"):
@@ -274,14 +272,13 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
                           "steps pair each image with another image of the batch (the CutMix "
                           "partner); give train.batch_size=2 or more, or --methods supervised")
     clock = "cpu" if Clock(torch.device(a.device)).cpu else "wall"
+    t = cfg.train
     settings = {"config": a.config, "overrides": a.overrides, "backbone": cfg.model.backbone,
-                "width": cfg.model.width, "crop": cfg.data.crop_size,
-                "batch": cfg.train.batch_size, "classes": cfg.data.num_classes,
-                "mixed_precision": cfg.train.mixed_precision,
-                "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
-                "warmup": 1, "repeats": a.steps, "seed": a.seed, "methods": a.methods,
-                "sections": a.sections, "clock": clock, "optimizer": cfg.train.optimizer,
-                "mlcl_iteration": "500 of 1000 (SAI on)"}
+                "width": cfg.model.width, "crop": cfg.data.crop_size, "batch": t.batch_size,
+                "classes": cfg.data.num_classes, "mixed_precision": t.mixed_precision,
+                "channels_last": t.channels_last, "compile": t.compile, "warmup": 1,
+                "repeats": a.steps, "seed": a.seed, "methods": a.methods, "sections": a.sections,
+                "clock": clock, "optimizer": t.optimizer, "mlcl_iteration": "500 of 1000 (SAI on)"}
     r: dict[str, Any] = {"machine": machine(torch.device(a.device)), "settings": settings,
                          "git_commit": git_commit(),
                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -1,7 +1,6 @@
-"""Small datasets and backbone checkpoints in the real formats, for rehearsals and tests: a
-dataset has its real layout, file formats, image sizes and classes and UniMatch-format lists
-for every cell of ``mlcl.prepare.split_lists`` (each listing the same few images); a
-checkpoint has the keys and shapes of UniMatch's deep-stem ImageNet files, random values."""
+"""Small datasets (real layout, formats, image sizes, classes; UniMatch lists for every cell
+listing the same few images) and backbone checkpoints (the keys and shapes of UniMatch's
+deep-stem ImageNet files, random values) for rehearsals and tests."""
 from __future__ import annotations
 
 import contextlib
@@ -56,13 +55,14 @@ def unimatch_lists(layout: str, train: list[str], val: list[str],
     return out
 
 
-def _write_images(root: Path, dataset: str, train: list[str], val: list[str], seed: int
-                  ) -> None:
-    """Rendered images and masks: VOC's sizes as JPEG and palette PNG, Cityscapes frames
-    rendered at a quarter size and enlarged, PNG and L masks."""
+def _write_images(root: Path, dataset: str, train: list[str], val: list[str], seed: int,
+                  scale: float) -> None:
+    """Rendered images and masks at ``scale`` times the real sizes: VOC's as JPEG and palette
+    PNG, Cityscapes frames rendered at a quarter size and enlarged, PNG and L masks."""
     voc, palette = dataset == "pascal", voc_palette()
     for k, i in enumerate(train + val):
-        w, h = VOC_SIZES[k % len(VOC_SIZES)] if voc else CITYSCAPES_SIZE
+        w, h = (round(n * scale) for n in (VOC_SIZES[k % len(VOC_SIZES)] if voc
+                                            else CITYSCAPES_SIZE))
         shrink = 1 if voc else 4
         image, mask = render(np.random.default_rng(seed + k), h // shrink, w // shrink,
                              NUM_CLASSES[dataset])
@@ -83,31 +83,28 @@ def _write_images(root: Path, dataset: str, train: list[str], val: list[str], se
             (sets / f"{name}.txt").write_text("".join(f"{i}\n" for i in part))
 
 
-def _ids(dataset: str, split: str, n: int) -> list[str]:
-    if dataset == "pascal":
-        return voc_ids(n, start=0 if split == "train" else 100_000)
-    cities = CITYSCAPES_CITIES[split]
-    per_city = -(-n // len(cities))
-    return cityscapes_ids(split, cities, per_city)[:n]
-
-
 def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: int, val: int,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, scale: float = 1.0) -> Path:
     """``root`` holding a ``dataset`` ('pascal' or 'cityscapes') of ``labeled + unlabeled``
-    training and ``val`` validation images, every cell listing the first ``labeled`` as
-    labeled. An earlier fabrication is reused (same arguments) or replaced; a non-empty
-    folder without the marker is refused (ConfigError)."""
+    training and ``val`` validation images at ``scale`` times the real sizes, every cell
+    listing the first ``labeled`` as labeled. An earlier fabrication is reused (same
+    arguments) or replaced; a non-empty folder without the marker is refused (ConfigError)."""
     if dataset not in NUM_CLASSES:
         raise ValueError(f"dataset must be one of {', '.join(NUM_CLASSES)}, got {dataset!r}")
     if min(labeled, unlabeled, val) < 1:
         raise ValueError("need at least one labeled, one unlabeled and one val image")
     root = Path(root)
     params = {"dataset": dataset, "labeled": labeled, "unlabeled": unlabeled, "val": val,
-              "seed": seed, "format": 1}
-    if _reusable(root, params):
+              "seed": seed, "scale": scale, "format": 1}
+    if _reusable(root, root / MARKER, params):
         return root
-    train, val_ids = _ids(dataset, "train", labeled + unlabeled), _ids(dataset, "val", val)
-    _write_images(root, dataset, train, val_ids, seed)
+    if dataset == "pascal":
+        train, val_ids = voc_ids(labeled + unlabeled), voc_ids(val, start=100_000)
+    else:
+        cities = CITYSCAPES_CITIES
+        train, val_ids = (cityscapes_ids(s, cities[s], -(-n // len(cities[s])))[:n]
+                          for s, n in (("train", labeled + unlabeled), ("val", val)))
+    _write_images(root, dataset, train, val_ids, seed, scale)
     lists = unimatch_lists(LAYOUT[dataset], train, val_ids,
                            {name: labeled for name in SPLITS[dataset]})
     for rel, text in lists.items():
@@ -118,18 +115,19 @@ def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: i
     return root
 
 
-def _reusable(root: Path, params: dict) -> bool:
-    """True if ``root`` holds a fabrication with ``params``; clear an older fabrication."""
-    if not root.exists() or not any(root.iterdir()):
+def _reusable(path: Path, marker: Path, params: dict) -> bool:
+    """True if ``path`` holds a fabrication with ``params``; an older one is removed, anything
+    else there refused (ConfigError)."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return False
-    marker = root / MARKER
     if not marker.is_file():
-        raise ConfigError(f"{root} exists and was not fabricated by mlcl (no {MARKER}); "
-                             f"choose another folder or remove it")
+        raise ConfigError(f"{path} exists and was not fabricated by mlcl (no {marker.name}); "
+                          f"choose another folder or --out, or remove it")
     with contextlib.suppress(ValueError):
         if json.loads(marker.read_text()) == params:
             return True
-    shutil.rmtree(root)  # an older fabrication of ours, with other settings
+    if path.is_dir():
+        shutil.rmtree(path)  # an older fabrication of ours, with other settings
     return False
 
 
@@ -144,11 +142,8 @@ def fabricate_backbone(path: str | Path, backbone: str, width: int = 64, seed: i
     path = Path(path)
     marker = path.with_name(path.name + ".fabricated.json")
     params = {"backbone": backbone, "width": width, "seed": seed}
-    if path.is_file() and marker.is_file() and json.loads(marker.read_text()) == params:
+    if _reusable(path, marker, params):
         return path
-    if path.exists() and not marker.is_file():
-        raise ConfigError(f"{path} exists and was not fabricated by mlcl; choose another "
-                             f"--out or remove it")
     torch.manual_seed(seed)
     net = build_backbone(backbone, width)  # kaiming-random convolutions
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}

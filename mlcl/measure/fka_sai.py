@@ -1,5 +1,5 @@
-"""The released FKA / SAI algorithm re-created for timing (:class:`Released`), the inputs it
-and the project's MLCL part (:func:`project_part`) receive (:func:`fka_inputs`)."""
+"""The released FKA / SAI algorithm re-created for timing, and the inputs it and the
+project's MLCL part receive."""
 from __future__ import annotations
 
 import random
@@ -16,8 +16,8 @@ from mlcl.released import valid_bilinear
 
 
 class Decoder(nn.Module):
-    """The model's 1x1 classifier (``decode``), the identity on the first K channels: the
-    weak features of :func:`fka_inputs` decode to their crafted pseudo-labels."""
+    """A 1x1 classifier, the identity on the first K channels: :func:`fka_inputs`' weak
+    features decode to their pseudo-labels."""
 
     def __init__(self, channels: int, classes: int):
         super().__init__()
@@ -101,9 +101,8 @@ class Released:
 
     @staticmethod
     def _rows_and_ignore(f: Tensor, ignore: Tensor) -> tuple[Tensor, Tensor]:
-        B, C, h, w = f.shape
-        rows = f.permute(0, 2, 3, 1).contiguous().view(B * h * w, C)
-        return rows, valid_bilinear(ignore, (h, w)).reshape(-1)
+        rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+        return rows, valid_bilinear(ignore, f.shape[-2:]).reshape(-1)
 
     def _per_class(self, f, label, ignore, conf, n: int, most_similar: bool):
         """{class: its n rows most (least) similar to the prototype, picked one at a time}."""
@@ -164,9 +163,7 @@ class Released:
         for i in range(f.shape[0]):
             a = float((v[i].detach() + 1) * self.kappa)
             noised[i] = f[i] * torch.empty(f.shape[1:], device=f.device).uniform_(-a, a) + f[i]
-        for i in range(f.shape[0]):
-            r = 1 - float((v[i].detach() + 1) * self.kappa)
-            att = f[i].mean(0, keepdim=True)
+            r, att = 1 - a, f[i].mean(0, keepdim=True)
             top = att.view(-1).max(0, keepdim=True)[0]
             masked[i] = f[i] * (att < top * random.uniform(r - 0.1, r + 0.1)).float()
         return [noised, masked]

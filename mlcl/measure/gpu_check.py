@@ -1,7 +1,5 @@
-"""``make gpu-check``: a CUDA machine's acceptance check within BUDGET_S (8 minutes). Each
-part is a ``measure`` (or two-process training) subprocess under its own budget, stopped with
-every process it started past it (TIMEOUT). OUT/gpu_check.json and OUT/SUMMARY.md; with
-``--device cpu`` every part at toy sizes (docs/performance.md)."""
+"""``make gpu-check``: a CUDA machine's acceptance check within BUDGET_S, each part a
+subprocess under its own budget (docs/performance.md); ``--device cpu``: toy sizes."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +21,7 @@ import torch
 from mlcl.config import METHOD_NAMES, ConfigError
 from mlcl.files import atomic_write_json, atomic_write_text
 from mlcl.outputs import saved_config
+from mlcl.measure import bench
 from mlcl.measure.fabricate import weights_name
 from mlcl.measure.harness import md_table
 from mlcl.study.reproduce import thread_env, train_command
@@ -63,21 +62,19 @@ def plan_parts(a: argparse.Namespace) -> list[Part]:
                          str(out / f"{name}.json"), *(TINY_BENCH if tiny else []),
                          *(["--methods", "supervised,mlcl"] if tiny else [])],
                   PART_BUDGET_S[name]) for name, (sections, precision) in BENCH.items()]
+    precision = f"train.mixed_precision={'no' if tiny else 'bf16'}"
     for preset in a.config:
-        methods = a.methods or PRESET_METHODS.get(preset, ",".join(METHOD_NAMES))
+        methods = ",".join(a.methods or []) or PRESET_METHODS.get(preset, ",".join(METHOD_NAMES))
         parts.append(Part(f"rehearse_{preset}", [
             *measure, "rehearse", "--config", preset, "--steps", str(2 if tiny else a.steps),
-            "--methods", methods if isinstance(methods, str) else ",".join(methods),
-            "--out", str(out / "rehearse"), f"train.mixed_precision={'no' if tiny else 'bf16'}",
-            *(TINY_MODEL if tiny else [])],
-            PART_BUDGET_S.get(f"rehearse_{preset}", 90)))
+            "--methods", methods, "--out", str(out / "rehearse"), precision,
+            *(TINY_MODEL if tiny else [])], PART_BUDGET_S.get(f"rehearse_{preset}", 90)))
     if a.processes > 1 and "pascal" in a.config:
         weights = out / "rehearse" / "pretrained" / weights_name("resnet50_deepstem",
                                                                  4 if tiny else 64)
         over = [f"data.root={out / 'rehearse' / 'data' / 'pascal'}", "method=mlcl",
                 f"model.pretrained={weights}", "train.max_iters=2",
-                f"output_dir={out / 'two_process'}",
-                f"train.mixed_precision={'no' if tiny else 'bf16'}",
+                f"output_dir={out / 'two_process'}", precision,
                 *([*TINY_MODEL, "train.batch_size=2"] if tiny else [])]
         parts.append(Part("two_process", train_command("pascal", over, num_processes=2),
                           PART_BUDGET_S["two_process"], fresh=str(out / "two_process")))
@@ -87,8 +84,8 @@ def plan_parts(a: argparse.Namespace) -> list[Part]:
 
 
 def run_part(part: Part, deadline: float) -> None:
-    """Run ``part`` within its budget and what is left before ``deadline``, in a folder of
-    its own emptied first (``part.fresh``: only a run an earlier check left there)."""
+    """Run ``part`` within its budget and before ``deadline``, in ``part.fresh`` emptied first
+    (only of a run an earlier check left there)."""
     left, fresh = deadline - time.monotonic(), Path(part.fresh) if part.fresh else None
     if left < 5:
         part.status, part.tail = "SKIP", "no time left in the check's budget"
@@ -144,10 +141,9 @@ def _children_cpu() -> float:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
+    with contextlib.suppress(OSError, ValueError):
         return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    return {}
 
 
 def collect(parts: list[Part], out: Path) -> dict[str, Any]:
@@ -220,11 +216,8 @@ def gpu_check(a: argparse.Namespace) -> int:
         print(f"gpu-check interrupted: its parts so far are in their folders under {a.out}; "
               "no gpu_check.json was written", file=sys.stderr)
         return 130
-    machine = {"torch": torch.__version__, "gpus": torch.cuda.device_count(),
+    machine = {**bench.machine(torch.device(a.device)), "gpus": torch.cuda.device_count(),
                "cuda": torch.version.cuda}
-    if machine["gpus"]:
-        machine.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=torch.cuda.
-                       get_device_properties(0).total_memory / 2 ** 30)
     check = {"ok": all(p.status == "PASS" for p in parts), "tiny": a.device == "cpu",
              "seconds": time.monotonic() - t0, "budget_s": budget, "machine": machine,
              "parts": [asdict(p) for p in parts], **collect(parts, a.out),

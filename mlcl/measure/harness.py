@@ -1,7 +1,5 @@
-"""What every measurement runs: a method's real training step, built as training builds it
-(``train.build_trainables``, ``methods.StepContext``, ``engine.forward_terms`` /
-``backward_and_step``) on loader-shaped synthetic batches; the clock, FLOP counter and
-peak-memory meter; the markdown table every summary prints."""
+"""What every measurement runs: a method's real training step (built as training builds it)
+on loader-shaped synthetic batches; the clock, FLOP counter, memory meter and table."""
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +22,7 @@ from mlcl import augment
 from mlcl.config import Config, load_config
 from mlcl.engine import backward_and_step, forward_terms, make_accelerator
 from mlcl.evaluate import predict_logits
-from mlcl.methods import StepContext
+from mlcl.methods import StepContext, make_bank
 from mlcl.model import build_model
 from mlcl.stopping import NonFiniteGuard
 from mlcl.train import build_trainables
@@ -43,8 +41,8 @@ MiB = 2 ** 20
 
 
 def step_config(method: str, preset: str | None, device: str, overrides: list[str]) -> Config:
-    """The preset (or the device's defaults), the user's overrides, the method's; random
-    initial weights; on the CPU when ``device`` is cpu."""
+    """The preset (or the device's defaults), then the overrides, the method's, random weights
+    and ``device``."""
     base = [] if preset else DEVICE_DEFAULTS[device]
     return load_config(preset, [*base, *overrides, *METHODS[method], "model.pretrained=false",
                                 f"train.cpu={device == 'cpu'}"])
@@ -69,9 +67,8 @@ def synthetic_batch(cfg: Config, device: torch.device, seed: int) -> dict[str, d
 
 
 class Stepper:
-    """One method's training step, run again and again: build_trainables' model (compiled
-    when train.compile), optimiser and bank, a StepContext at iteration 500 of 1000 (SAI on,
-    every term runs) and one synthetic batch."""
+    """One method's training step, again and again: build_trainables' model (compiled when
+    train.compile), optimiser, bank, one synthetic batch; iteration 500 of 1000 (SAI on)."""
 
     def __init__(self, cfg: Config, seed: int = 0):
         torch.manual_seed(seed)
@@ -86,8 +83,7 @@ class Stepper:
         self.model.train()
 
     def step(self, clock: Clock | None = None) -> dict[str, Tensor]:
-        """forward_terms then backward_and_step, as the loop runs them (``clock`` marked
-        before, between and after); the step's terms."""
+        """The step's terms of forward_terms then backward_and_step, ``clock`` marked around."""
         mark = clock.mark if clock else (lambda: None)
         mark()
         terms = forward_terms(self.model, self.batch, self.ctx)
@@ -115,18 +111,26 @@ def count_flops(fn: Callable[[], Any], fake: bool = True) -> int:
 
 
 def step_flops(cfg: Config) -> int:
-    """FLOPs of forward_terms and its loss's backward (the optimiser step has none to count
-    and reads its step counter on the host, which a FakeTensor cannot give)."""
-    run = Stepper(cfg)
-    return count_flops(lambda: run.acc.backward(forward_terms(run.model, run.batch,
-                                                              run.ctx)["loss"]))
+    """FLOPs of forward_terms and its loss's backward, with the model, bank and batch built on
+    FakeTensors (no weights drawn, no accelerate prepare). The optimiser step has none to
+    count and reads its step counter on the host, which a FakeTensor cannot give."""
+    acc = make_accelerator(cfg)
+
+    def step():
+        with acc.device:
+            model, bank = build_model(cfg).train(), make_bank(cfg)
+        ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=1000, iteration=500)
+        acc.backward(forward_terms(model, synthetic_batch(cfg, acc.device, 0), ctx)["loss"])
+
+    return count_flops(step)
 
 
 def eval_flops(cfg: Config, height: int, width: int) -> int:
-    """FLOPs of evaluating one (height x width) image in ``cfg.eval.mode``."""
-    model = build_model(cfg).eval()
+    """FLOPs of evaluating one (height x width) image in ``cfg.eval.mode`` (a FakeTensor
+    model)."""
     with torch.no_grad():
-        return count_flops(lambda: predict_logits(model, torch.empty(1, 3, height, width), cfg))
+        return count_flops(lambda: predict_logits(build_model(cfg).eval(),
+                                                  torch.empty(1, 3, height, width), cfg))
 
 
 def sync(device: torch.device) -> None:
@@ -168,9 +172,8 @@ def stats(samples: list[float]) -> dict[str, Any]:
 
 def interleaved(jobs: dict[str, Callable[[], Any]], plan: dict[str, tuple[int, int]]
                 ) -> dict[str, list[Any]]:
-    """The jobs in turn, round after round, so that load from other processes falls on all
-    alike; ``plan[name] = (warmup, repeats)``, a job with fewer runs joining in the last
-    rounds. Each job's results after its warm-up."""
+    """Each job's results after its warm-up, ``plan[name] = (warmup, repeats)``, the jobs run
+    in turn round after round (a job with fewer runs joins late) so load falls on all alike."""
     out: dict[str, list[Any]] = {k: [] for k in jobs}
     rounds = max(w + n for w, n in plan.values())
     for r in range(rounds):

@@ -1,12 +1,10 @@
-"""The rehearsal of a paper preset: every stage on the preset's own configuration, one
-PASS / FAIL / SKIP line each, then OUT/PRESET/rehearse.json; and what a whole run of each
-cell costs. Stages: ``data`` and ``weights`` (fabricated, or the data.root= / model.pretrained=
-given), then per method ``flops``, ``train``, ``checkpoint``, ``resume`` (N more steps, not
-2N) and ``evaluate`` (last.pt as ``mlcl evaluate`` runs it equals training's evaluation);
-docs/real_data.md, section 9, has the projection's formula."""
+"""The rehearsal of a paper preset on its own configuration, a PASS / FAIL / SKIP line per
+stage, then OUT/PRESET/rehearse.json; and what a whole run of each cell costs (the stages and
+the projection's formula: docs/real_data.md, section 9)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -15,7 +13,7 @@ import statistics
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -63,18 +61,14 @@ def expect(ok: bool, reason: str) -> None:
 @dataclasses.dataclass
 class Plan:
     """The command line resolved against the preset."""
-
     preset: str
     base: Config  # the preset + the user's overrides
     a: argparse.Namespace
     device: torch.device
     batch: int
     given: dict[str, str]  # data.root / model.pretrained given as overrides
+    dir: Path  # OUT/PRESET
     latest: str = ""  # the checkpoint the train stage left (the resume starts from it)
-
-    @property
-    def dir(self) -> Path:
-        return self.a.out / self.preset
 
     def config(self, *extra: str) -> Config:
         return load_config(self.preset, [*self.a.overrides, *extra,
@@ -92,13 +86,12 @@ def make_plan(preset: str, a: argparse.Namespace) -> Plan:
                  ("data.root", "model.pretrained"))
     batch = base.train.batch_size if a.device == "cuda" else min(CPU_BATCH,
                                                                  base.train.batch_size)
-    return Plan(preset, base, a, torch.device(a.device), batch, given)
+    return Plan(preset, base, a, torch.device(a.device), batch, given, a.out / preset)
 
 
 @dataclasses.dataclass
 class Stage:
     """One line of the rehearsal: ``status`` of ``name`` (for ``method``, or the preset)."""
-
     preset: str
     name: str
     method: Optional[str]
@@ -119,9 +112,8 @@ class StageBook:
 
     def run(self, name: str, method: Optional[str], fn: Callable[[], tuple[str, dict]],
             needs: tuple[tuple[str, Optional[str]], ...] = ()) -> Optional[dict]:
-        """Run ``fn`` -> (detail, data) unless a stage in ``needs`` did not pass; ``data`` on
-        PASS, else None. Any error is the stage's FAIL but RunInterrupted (Ctrl-C, SIGTERM),
-        which ends the rehearsal."""
+        """``fn()`` -> (detail, data) unless a stage in ``needs`` did not pass; ``data`` on
+        PASS, else None. An error is FAIL; RunInterrupted (Ctrl-C, SIGTERM) ends it all."""
         missing = [f"{n}{'/' + m if m else ''}" for n, m in needs if self.status(n, m) != PASS]
         if missing:
             return self.add(Stage(self.preset, name, method, SKIP, f"needs {', '.join(missing)}"))
@@ -145,25 +137,29 @@ class StageBook:
 
 
 def data_stage(plan: Plan) -> tuple[str, dict]:
+    """The given data.root's lists cut to the rehearsal, or a fabricated dataset whose images
+    are the real sizes times data.crop_size over the preset's (1 at the preset's crop)."""
     cfg, n_unl = plan.base, plan.a.steps * plan.batch
     if "data.root" in plan.given:
         root, lists, full = Path(plan.given["data.root"]), *cut_lists(plan, n_unl)
+        kind = "given"
     else:
+        scale = cfg.data.crop_size / load_config(plan.preset).data.crop_size
         root = fabricate_dataset(cfg.data.dataset, plan.a.out / "data" / cfg.data.dataset,
-                                 labeled=plan.batch, unlabeled=n_unl, val=VAL_IMAGES)
-        lists, full = [], real_sizes(cfg)
+                                 labeled=plan.batch, unlabeled=n_unl, val=VAL_IMAGES,
+                                 scale=scale)
+        lists, full, kind = [], real_sizes(cfg), f"fabricated, {scale:.3g} x the real sizes"
     paths = [v.split("=", 1)[1] for v in lists] or [getattr(cfg.data, k) for k in SPLIT_KEYS]
     report = verify_dataset(root, cfg.data.layout, paths, cfg.data.num_classes,
                             log=lambda msg: None, ignore_index=cfg.data.ignore_index)
     expect(report.ok, "verify: " + "; ".join(p for s in report.splits for p in s.problems[:3]))
     counts = ", ".join(f"{Path(s.path).name} {s.count}" for s in report.splits)
-    kind = "given" if lists else "fabricated"
-    return f"{kind} {root} verified ({counts})", {"root": root, "lists": lists, "full": full}
+    return f"{root} ({kind}) verified ({counts})", {"root": root, "lists": lists, "full": full}
 
 
 def cut_lists(plan: Plan, n_unl: int) -> tuple[list[str], tuple[int, int]]:
-    """Overrides naming copies of the cell's lists cut to the rehearsal's size (in
-    OUT/PRESET/lists); the full unlabeled and val counts, for the projection."""
+    """Overrides naming the cell's lists cut to the rehearsal (OUT/PRESET/lists); the full
+    unlabeled and val counts."""
     want = {"labeled_split": plan.batch, "unlabeled_split": n_unl, "val_split": VAL_IMAGES}
     overrides, full = [], {}
     for key, n in want.items():
@@ -190,22 +186,35 @@ def weights_stage(plan: Plan) -> tuple[str, dict]:
 
 
 def flops_stage(plan: Plan, method: str, full: tuple[int, int] | None) -> tuple[str, dict]:
-    """FLOPs of a step at the preset's batch and at the rehearsal's, of an evaluation, and of
-    the whole run."""
-    cfg = plan.config(f"method={method}", "model.pretrained=false")
-    step = counted(cfg, lambda: step_flops(cfg))
+    """FLOPs of a step at the preset's batch and at the rehearsal's, and of the whole run."""
+    proj = cell_cost(plan, method, full)
     small = plan.config(f"method={method}", "model.pretrained=false",
                         f"train.batch_size={plan.batch}")
     run_step = counted(small, lambda: step_flops(small))
-    h, w = EVAL_IMAGE[cfg.data.dataset]
-    per_image = counted(["eval", h, w, flatten(cfg.to_dict())], lambda: eval_flops(cfg, h, w))
-    gpus = plan.a.gpus or REFERENCE_GPUS[cfg.data.dataset]
-    tflops = plan.a.tflops or DEFAULT_TFLOPS[cfg.data.dataset]
-    proj = projection(cfg, *(full or real_sizes(cfg)), gpus, step, per_image, tflops)
-    return (f"{human_flops(step)}/step at batch {cfg.train.batch_size}; full run "
+    return (f"{human_flops(proj['step_flops'])}/step at batch {proj['batch']}; full run "
             f"{human_flops(proj['total_flops'])} = {proj['gpu_hours']:.0f} GPU-h at "
-            f"{tflops:g} TFLOP/s/GPU ({proj['wall_hours']:.1f} h on {gpus} GPUs)",
-            {"step_flops": step, "run_step_flops": run_step, "projection": proj})
+            f"{proj['tflops_per_gpu']:g} TFLOP/s/GPU ({proj['wall_hours']:.1f} h on "
+            f"{proj['gpus']} GPUs)",
+            {"step_flops": proj["step_flops"], "run_step_flops": run_step, "projection": proj})
+
+
+def cell_cost(plan: Plan, method: str, full: tuple[int, int] | None) -> dict[str, Any]:
+    """:func:`projection` of ``method`` on the preset, ``full`` (unlabeled, val) images or
+    the real dataset's; a step counted once per config, an evaluation once per model."""
+    cfg = plan.config(f"method={method}", "model.pretrained=false")
+    step = counted(cfg, lambda: step_flops(cfg))
+    return projection(cfg, *(full or real_sizes(cfg)), plan.a.gpus or REFERENCE_GPUS[
+        cfg.data.dataset], step, image_flops(cfg), plan.a.tflops or DEFAULT_TFLOPS[
+        cfg.data.dataset])
+
+
+def image_flops(cfg: Config) -> int:
+    """FLOPs of evaluating one image of the real dataset's size, once per model and eval
+    settings."""
+    h, w = EVAL_IMAGE[cfg.data.dataset]
+    what = {k: v for k, v in flatten(cfg.to_dict()).items() if k.startswith(("model.", "eval."))
+            or k in ("data.crop_size", "data.num_classes")}
+    return counted(["eval", h, w, what], lambda: eval_flops(cfg, h, w))
 
 
 _counted: dict[str, int] = {}
@@ -252,34 +261,24 @@ def human_flops(n: float) -> str:
     return f"{n / scale:.3g} {unit}"
 
 
-class StepProbe:
-    """While active, every call the loop makes to ``methods.STEPS[method]`` is timed (start
-    to start, wall clock, the device synchronised) and its loss kept."""
+@contextlib.contextmanager
+def step_probe(method: str, device: torch.device) -> Iterator[tuple[list, list]]:
+    """(starts, losses): the wall-clock start (the device synchronised) and the loss of every
+    call the loop makes to ``methods.STEPS[method]`` while active."""
+    step, starts, losses = methods.STEPS[method], [], []
 
-    def __init__(self, method: str, device: torch.device):
-        self.method, self.device, self.starts, self.losses = method, device, [], []
+    def probe(model, batch, ctx):
+        sync(device)
+        starts.append(time.perf_counter())
+        terms = step(model, batch, ctx)
+        losses.append(float(terms["loss"].detach()))
+        return terms
 
-    def __enter__(self) -> "StepProbe":
-        self.original = step = methods.STEPS[self.method]
-
-        def probe(model, batch, ctx):
-            sync(self.device)
-            self.starts.append(time.perf_counter())
-            terms = step(model, batch, ctx)
-            self.losses.append(float(terms["loss"].detach()))
-            return terms
-
-        methods.STEPS[self.method] = probe
-        return self
-
-    def __exit__(self, *exc) -> None:
-        methods.STEPS[self.method] = self.original
-
-    def intervals(self) -> list[float]:
-        """Seconds between steps (full iterations, loading included), the first left out
-        when there are more."""
-        gaps = [b - a for a, b in zip(self.starts, self.starts[1:])]
-        return gaps[1:] if len(gaps) > 1 else gaps
+    methods.STEPS[method] = probe
+    try:
+        yield starts, losses
+    finally:
+        methods.STEPS[method] = step
 
 
 def fit_stage(cfg: Config, plan: Plan, done: int) -> tuple[str, dict]:
@@ -287,25 +286,25 @@ def fit_stage(cfg: Config, plan: Plan, done: int) -> tuple[str, dict]:
     N more steps, not 2N) and end with an evaluation."""
     n, meter = plan.a.steps, PeakMemory(plan.device)
     meter.reset()
-    with StepProbe(cfg.method, plan.device) as probe:
+    with step_probe(cfg.method, plan.device) as (starts, losses):
         metrics = fit(cfg)
     mem = meter.read()
     expect(metrics.get("iterations") == done + n,
            f"fit reports {metrics.get('iterations')} iterations, expected {done + n}")
-    expect(len(probe.starts) == n, f"the loop ran {len(probe.starts)} steps, expected {n}" + (
+    expect(len(starts) == n, f"the loop ran {len(starts)} steps, expected {n}" + (
         f" ({done + n} would mean it started over)" if done else ""))
-    expect(all(math.isfinite(v) for v in probe.losses), f"non-finite loss: {probe.losses}")
+    expect(all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}")
     expect(metrics.get("last_miou") is not None, "fit did not evaluate at the end of the run")
     pointer = Path(cfg.output_dir) / "checkpoints" / "LATEST"
     expect(pointer.is_file(), f"{pointer} was not written")
     after = pointer.read_text().strip()
     expect((pointer.parent / after).is_dir(), f"{pointer} names {after!r}, not a folder")
-    step_s = statistics.median(probe.intervals())
+    gaps = [b - a for a, b in zip(starts, starts[1:])]  # loading included; not the first
+    gaps = gaps[1:] if len(gaps) > 1 else gaps
     return (f"{'from ' + plan.latest + ': ' if done else ''}{n} steps, loss "
-            f"{probe.losses[0]:.3f} -> {probe.losses[-1]:.3f}, LATEST -> {after}, "
-            f"{step_s:.2f} s/step, peak {mem['peak_mb']:.0f} MB",
-            {"intervals": probe.intervals(), "memory": mem, "metrics": metrics,
-             "latest": after})
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}, LATEST -> {after}, "
+            f"{statistics.median(gaps):.2f} s/step, peak {mem['peak_mb']:.0f} MB",
+            {"intervals": gaps, "memory": mem, "metrics": metrics, "latest": after})
 
 
 def checkpoint_stage(cfg: Config, latest: str) -> tuple[str, dict]:
@@ -347,7 +346,7 @@ def rehearse_method(book: StageBook, plan: Plan, method: str, data: Optional[dic
     cfg = data and weights and run_config(plan, method, data, weights, plan.a.steps)
     trained = book.run("train", method, lambda: fit_stage(cfg, plan, 0),
                        (("data", None), ("weights", None)))
-    plan.latest = trained["latest"] if trained else ""
+    plan.latest = (trained or {}).get("latest", "")
     book.run("checkpoint", method, lambda: checkpoint_stage(cfg, plan.latest),
              (("train", method),))
     resumed = book.run("resume", method, lambda: fit_stage(
@@ -358,23 +357,20 @@ def rehearse_method(book: StageBook, plan: Plan, method: str, data: Optional[dic
 
 
 def rehearse(preset: str, a: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
-    """Every stage of ``preset`` for ``a.methods``; the report, also written to
-    OUT/PRESET/rehearse.json."""
+    """Every stage of ``preset`` for ``a.methods``; the report (OUT/PRESET/rehearse.json)."""
     plan = make_plan(preset, a)
     if a.out.exists() and any(a.out.iterdir()) and not (a.out / OUT_MARKER).is_file():
         raise ConfigError(f"--out {a.out}: the folder exists and was not made by a rehearsal "
                           f"(no {OUT_MARKER}); choose another folder")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / OUT_MARKER).touch()
-    cfg = plan.base
+    cfg, book = plan.base, StageBook(preset, log)
     log(f"rehearsal of {preset} (split {cfg.split}) on {a.device}, batch {plan.batch} per "
         f"process (preset {cfg.train.batch_size}), {a.steps} steps then {a.steps} resumed")
-    book = StageBook(preset, log)
     data = book.run("data", None, lambda: data_stage(plan))
     weights = book.run("weights", None, lambda: weights_stage(plan))
     for method in a.methods:
         rehearse_method(book, plan, method, data, weights and weights["path"])
-    failed = sum(s.status == FAIL for s in book.stages)
     report = {"preset": preset, "split": cfg.split, "dataset": cfg.data.dataset,
               "device": a.device, "batch": plan.batch, "preset_batch": cfg.train.batch_size,
               "mixed_precision": cfg.train.mixed_precision, "eval_mode": cfg.eval.mode,
@@ -385,6 +381,7 @@ def rehearse(preset: str, a: argparse.Namespace, log: Callable[[str], None] = pr
               "stages": [dataclasses.asdict(s) for s in book.stages],
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(plan.dir / "rehearse.json", report)
+    failed = sum(s.status == FAIL for s in book.stages)
     log(f"{'ALL PASS' if report['ok'] else f'{failed} stage(s) FAILED'}; wrote "
         f"{plan.dir / 'rehearse.json'}")
     return report
@@ -398,10 +395,9 @@ def method_numbers(book: StageBook, method: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "stages": {s.name: s.status for s in book.stages if s.method == method},
         "seconds_per_step": statistics.median(steps) if steps else None,
-        "step_samples": len(steps),
+        "step_samples": len(steps), "memory_what": mems[0]["what"] if mems else None,
         "peak_mb": max(m["peak_mb"] for m in mems) if mems else None,
-        "reserved_mb": max((m.get("reserved_mb", 0) for m in mems), default=None),
-        "memory_what": mems[0]["what"] if mems else None}
+        "reserved_mb": max((m.get("reserved_mb", 0) for m in mems), default=None)}
     if "flops" in got:
         out.update({k: got["flops"][k] for k in ("step_flops", "run_step_flops", "projection")})
         if out["seconds_per_step"]:
@@ -416,7 +412,7 @@ def cost_table(preset: str, a: argparse.Namespace, cells: list[str]) -> list[str
         plan = make_plan(preset, argparse.Namespace(**{**vars(a), "overrides": [
             *a.overrides, f"split={cell}"]}))
         for m in a.methods:
-            p = flops_stage(plan, m, None)[1]["projection"]
+            p = cell_cost(plan, m, None)
             rows.append({"cell": cell, "method": m, "FLOPs / step / GPU":
                          human_flops(p["step_flops"]), "iterations": f"{p['iterations']:,} "
                          f"({p['epochs']} × {p['iters_per_epoch']:,})",
