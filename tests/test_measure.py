@@ -55,6 +55,8 @@ TINY_BENCH = ["--device", "cpu", "--steps", "1", "model.backbone=resnet18", "mod
 TINY = ["model.width=4", "model.feature_channels=8", "model.low_level_channels=4",
         "data.crop_size=161", "data.num_workers=0"]
 KEYS = ("step_s", "ratio_mlcl_over_unimatch", "ratio_mlcl_released_over_unimatch",
+        "ratio_mlcl_mixed_over_unimatch", "mem_ratio_mlcl_mixed_over_unimatch",
+        "fka_sai_over_floor",
         "proto_speedup_over_released", "fka_sai_speedup_over_released",
         "mem_ratio_mlcl_over_unimatch", "pipeline_samples_per_s", "peak_mem_mb")
 
@@ -96,7 +98,10 @@ def test_bench_runs_every_section_and_writes_the_keys(tmp_path):
     voc = r["memory"]["voc"]
     assert voc["backbone"] == bench.VOC["backbone"] and not voc["measured"] and voc["gib"] > 0
     assert set(bench.TARGETS) <= set(r["targets"]) and "voc_mlcl_memory_gib" in r["targets"]
-    assert "| mlcl_released |" in proc.stdout and "wrote" in proc.stdout
+    assert "| mlcl_released |" in proc.stdout and "| mlcl_mixed |" in proc.stdout
+    assert "wrote" in proc.stdout and "x its floor" in proc.stdout
+    # the floor does less than the whole MLCL part
+    assert r["fka_sai"]["whole_floor"]["median"] < r["fka_sai"]["whole_vectorised"]["median"]
     every = TrainConfig().log_every  # the guard is read as often as the loop reads it
     assert r["guard"]["log_every"] == every and r["guard"]["fraction_with_reads"] > 0
     assert f"with a read every {every} steps" in proc.stdout

@@ -393,3 +393,33 @@ def test_a_short_run_shows_a_loss_curve(tmp_path):
     assert list(line.get_xdata()) == [20, 40, 60, 80, 100]
     assert np.allclose(line.get_ydata(), [1.8, 1.6, 1.4, 1.2, 1.0])
     assert not fig.axes[1].texts
+
+
+def test_paired_seed_summary_against_a_slow_computation():
+    """The weak-features study's numbers: per seed best / last / mean of the last three
+    evaluations, then the paired differences' mean, std, 95 % t-interval and sign count, here
+    against sums written out by hand (t quantile of 3 degrees of freedom: 3.182446)."""
+    uni = {0: 60.0, 1: 63.5, 2: 61.0, 3: 64.0}
+    mixed = {0: 61.0, 1: 63.0, 2: 62.5, 3: 64.5, 4: 70.0}  # seed 4: no partner, left out
+    entries = ([fake_entry("synthetic", "1_16", "unimatch", s, b) for s, b in uni.items()]
+               + [fake_entry("synthetic", "1_16", "mlcl", s, b, ablation="mixed")
+                  for s, b in mixed.items()]
+               + [fake_entry("synthetic", "1_16", "mlcl", 0, 99.0)])  # another cell
+    a = viz.seed_values(entries, "mlcl", "mixed")
+    b = viz.seed_values(entries, "unimatch")
+    assert list(a.index) == [0, 1, 2, 3, 4] and a.loc[1, "best"] == 63.0
+    # fake_entry's evaluations: best - 4, best - 2, last (= best - 0.5)
+    assert a.loc[2, "last"] == 62.0 and a.loc[2, "last3"] == (58.5 + 60.5 + 62.0) / 3
+    summary = viz.paired_summary(a, b)
+    d = [1.0, -0.5, 1.5, 0.5]
+    mean = sum(d) / 4
+    sd = (sum((x - mean) ** 2 for x in d) / 3) ** 0.5
+    half = 3.182446 * sd / 4 ** 0.5
+    for metric in ("best", "last", "last3"):  # last and last3 move with best in fake_entry
+        row = summary.loc[metric]
+        assert row.n == 4 and row.positive == 3
+        assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(sd)
+        assert (row.ci_low, row.ci_high) == pytest.approx((mean - half, mean + half), abs=1e-5)
+    fig = viz.plot_paired_differences({"mixed - UniMatch": a - b})
+    dots = [c for c in fig.axes[0].collections if len(c.get_offsets()) == 4]
+    assert len(fig.axes) == 3 and len(dots) == 1

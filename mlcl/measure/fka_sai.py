@@ -87,6 +87,17 @@ def project_part(case: FkaCase, bank: PrototypeBank, cfg: Config, decoder: Decod
     return loss.detach()
 
 
+def sai_floor(case: FkaCase):
+    """The floor of the MLCL part: per perturbed map (masked and noised, of s1 and of s2) one
+    softmax over input-resolution logits and its MSE to SAI's target; nothing else (no
+    decode, upsampling, backward, FKA or L_dt). A function to time."""
+    logits = torch.randn_like(case.x.sai_target)  # (2B, K, H, W): s1's and s2's maps
+
+    def floor() -> Tensor:
+        return sum(F.mse_loss(logits.softmax(1), case.x.sai_target) for _ in ("mask", "noise"))
+    return floor
+
+
 class Released:
     """The released FKA (``prote.py``) / SAI (``MCCL.py``) algorithm, for timing only: its
     row-at-a-time selection, per-image perturbation loops and four separate decodes, with

@@ -31,6 +31,7 @@ METHODS = {  # measured name -> its config overrides
     "supervised": ["method=supervised"],
     "unimatch": ["method=unimatch"],
     "mlcl": ["method=mlcl"],
+    "mlcl_mixed": ["method=mlcl", "mlcl.weak_features=mixed"],
     "mlcl_released": ["method=mlcl", "mlcl.released_passes=true"],
 }
 # without --config: the default model at a size a CPU steps in seconds, or VOC's on a GPU

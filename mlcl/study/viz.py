@@ -17,7 +17,7 @@ from mlcl.data.classes import default_class_names
 from mlcl.data.palette import colourise, palette_for
 from mlcl.files import atomic_write_json
 from mlcl.study import paper
-from mlcl.study.registry import figures_dir, runs_frame
+from mlcl.study.registry import check_comparable, figures_dir, run_fields, runs_frame
 
 NOT_RUN = "not run"
 SYNTHETIC_MARK = "†"
@@ -632,4 +632,68 @@ def plot_compactness(table: pd.DataFrame) -> plt.Figure:
     fig.tight_layout()
     if "prototype never initialised" in reasons:
         fig.text(0.5, 0.0, BANK_NOTE, ha="center", va="top", fontsize=7, wrap=True)
+    return fig
+
+
+# --------------------------------------------------------------------------- paired seeds
+PAIRED_METRICS = {"best": "best epoch", "last": "last epoch", "last3": "mean of the last three"}
+
+
+def seed_values(entries: list[dict], method: str, ablation: str = "",
+                variant: str = "paper") -> pd.DataFrame:
+    """Per seed of the complete runs of one cell (MLCL: of ``variant``): best, last and last3
+    (the mean of the last three evaluations) mIoU, indexed by seed."""
+    check_comparable(entries)
+    rows = {}
+    for e in entries:
+        f, m = run_fields(e), e.get("metrics") or {}
+        if not m.get("complete") or (f["method"], f["ablation"]) != (method, ablation) or (
+                method == "mlcl" and f["variant"] != variant):
+            continue
+        evals = [x["miou"] for x in m.get("epochs", []) if x.get("miou") is not None]
+        rows[f["seed"]] = {"best": m["best_miou"], "last": m["last_miou"],
+                           "last3": float(np.mean(evals[-3:])) if evals else np.nan}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(PAIRED_METRICS),
+                                  dtype=float).sort_index()
+
+
+def paired_summary(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """``a - b`` over the seeds both hold (:func:`seed_values` frames), per metric: mean, sample
+    std, n, the 95 % t-interval of the mean difference and the seeds with a > b."""
+    from scipy import stats
+
+    d = (a - b).dropna()
+    rows = {}
+    for metric in PAIRED_METRICS:
+        x = d[metric].to_numpy()
+        n, mean = len(x), float(x.mean()) if len(x) else np.nan
+        sd = float(x.std(ddof=1)) if n > 1 else np.nan
+        half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else np.nan
+        rows[metric] = {"mean": mean, "std": sd, "n": n, "ci_low": mean - half,
+                        "ci_high": mean + half, "positive": int((x > 0).sum())}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def plot_paired_differences(diffs: dict[str, pd.DataFrame], title: str = "") -> plt.Figure:
+    """One panel per metric; per comparison (label -> ``a - b`` per seed) a dot per seed and
+    the mean with its 95 % t-interval."""
+    from scipy import stats
+
+    fig, axes = plt.subplots(1, len(PAIRED_METRICS), figsize=(4 * len(PAIRED_METRICS), 3.2),
+                             sharey=True)
+    for ax, (metric, name) in zip(axes, PAIRED_METRICS.items()):
+        for i, (label, d) in enumerate(diffs.items()):
+            x = d[metric].dropna().to_numpy()
+            jitter = np.linspace(-0.12, 0.12, len(x)) if len(x) > 1 else np.zeros(len(x))
+            ax.scatter(i + jitter, x, s=18, alpha=0.7, color="#555555", zorder=3)
+            if len(x) > 1:
+                half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+                ax.errorbar(i + 0.3, x.mean(), yerr=half, fmt="o", color="#d62728", capsize=4)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(diffs)), list(diffs), rotation=15, ha="right", fontsize=8)
+        ax.set_title(f"{name} mIoU", fontsize=10)
+    axes[0].set_ylabel("paired difference (mIoU points)")
+    fig.suptitle(title or "paired by seed: dots = seeds, red = mean and 95 % t-interval",
+                 fontsize=10)
+    fig.tight_layout()
     return fig
