@@ -151,6 +151,10 @@ def test_figures_notebook_reads_the_registry(tiny_runs, tmp_path):
                     for s in range(2)]
     entries += [fake_entry("synthetic", "1_8", "mlcl", s, 41.0, ablation="no_sai")
                 for s in range(2)]
+    weak = {("unimatch", ""): [60.0, 63.0, 61.0], ("mlcl", ""): [61.0, 62.0, 62.5],
+            ("mlcl", "mixed"): [60.5, 63.5, 62.0]}  # the weak-features grid, seeds 0-2
+    entries += [fake_entry("synthetic", "1_16", m, s, b, ablation=a)
+                for (m, a), bests in weak.items() for s, b in enumerate(bests)]
     reg = write_registry(tmp_path / "registry", entries)
     figs = tmp_path / "figures"
     execute("figures", tmp_path / "figures.ipynb", registry_dir=str(reg), figures_dir=str(figs),
@@ -170,7 +174,8 @@ def test_figures_notebook_reads_the_registry(tiny_runs, tmp_path):
     assert study.loc[("synthetic", "Supervised"), ("1_8, 600 it.", "best")] \
         == "40.50 ± 0.71 (n=2)"
     ablation = pd.read_csv(figs / "ablation.csv", index_col=[0, 1], dtype=str)
-    assert ablation.iloc[1]["Δ best vs all components"].startswith("-1.50")
+    no_sai = ablation[ablation.index.get_level_values(1) == "without SAI"]
+    assert no_sai.iloc[0]["Δ best vs all components"].startswith("-1.50")
     qual = json.loads((figs / "qualitative.json").read_text())
     assert qual["synthetic"] and qual["caption"].startswith("SYNTHETIC-DATA RESULTS")
     assert set(qual["runs"]) == {"synthetic-1_8-supervised-s0", "synthetic-1_8-unimatch-s0",
@@ -181,6 +186,12 @@ def test_figures_notebook_reads_the_registry(tiny_runs, tmp_path):
     t1_caption = json.loads((figs / "table_I.json").read_text())
     assert set(t1_caption["runs"]) == {e["name"] for e in entries[:4]}
     assert not t1_caption["synthetic"]
+    per_seed = pd.read_csv(figs / "weak_features_per_seed.csv", header=[0, 1], index_col=0)
+    assert list(per_seed[("MLCL mixed", "best")]) == [60.5, 63.5, 62.0]
+    paired = pd.read_csv(figs / "weak_features_per_seed_values.csv", index_col=[0, 1])
+    assert paired.loc[("mixed − forward", "best"), "mean"] == pytest.approx(0.5 / 3)
+    assert paired.loc[("MLCL mixed − UniMatch", "best"), "positive"] == 3
+    assert (figs / "weak_features_paired.png").stat().st_size > 0
     index = json.loads((figs / "figures.json").read_text())
     assert {"table_I", "table_II", "table_III", "qualitative", "ablation"} <= \
         {i["name"] for i in index["items"]}

@@ -405,8 +405,9 @@ def test_paired_seed_summary_against_a_slow_computation():
                + [fake_entry("synthetic", "1_16", "mlcl", s, b, ablation="mixed")
                   for s, b in mixed.items()]
                + [fake_entry("synthetic", "1_16", "mlcl", 0, 99.0)])  # another cell
-    a = viz.seed_values(entries, "mlcl", "mixed")
-    b = viz.seed_values(entries, "unimatch")
+    cell = {"preset": "synthetic", "split": "1_16"}
+    a = viz.seed_values(entries, **cell, method="mlcl", variant="paper", ablation="mixed")
+    b = viz.seed_values(entries, **cell, method="unimatch", ablation="")
     assert list(a.index) == [0, 1, 2, 3, 4] and a.loc[1, "best"] == 63.0
     # fake_entry's evaluations: best - 4, best - 2, last (= best - 0.5)
     assert a.loc[2, "last"] == 62.0 and a.loc[2, "last3"] == (58.5 + 60.5 + 62.0) / 3
@@ -420,6 +421,8 @@ def test_paired_seed_summary_against_a_slow_computation():
         assert row.n == 4 and row.positive == 3
         assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(sd)
         assert (row.ci_low, row.ci_high) == pytest.approx((mean - half, mean + half), abs=1e-5)
+    with pytest.raises(ValueError, match="two complete runs of seed 0"):
+        viz.seed_values(entries, method="mlcl")  # the forward and the mixed cell
     fig = viz.plot_paired_differences({"mixed - UniMatch": a - b})
     dots = [c for c in fig.axes[0].collections if len(c.get_offsets()) == 4]
     assert len(fig.axes) == 3 and len(dots) == 1

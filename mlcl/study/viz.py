@@ -32,7 +32,8 @@ COLOURS = {"Supervised": "#7f7f7f", "UniMatch": "#1f77b4", "MLCL (paper variant)
            "MLCL (released variant)": "#ff7f0e"}
 ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
                    "no_dt": "without L_dt", "no_mask": "without F_mk (SAI masking)",
-                   "no_noise": "without F_ne (SAI noise)", "no_sai": "without SAI"}
+                   "no_noise": "without F_ne (SAI noise)", "no_sai": "without SAI",
+                   "mixed": "F_1, F_2 CutMixed from features (mlcl.weak_features=mixed)"}
 
 
 def results_kind(entries: list[dict]) -> str:
@@ -639,17 +640,19 @@ def plot_compactness(table: pd.DataFrame) -> plt.Figure:
 PAIRED_METRICS = {"best": "best epoch", "last": "last epoch", "last3": "mean of the last three"}
 
 
-def seed_values(entries: list[dict], method: str, ablation: str = "",
-                variant: str = "paper") -> pd.DataFrame:
-    """Per seed of the complete runs of one cell (MLCL: of ``variant``): best, last and last3
-    (the mean of the last three evaluations) mIoU, indexed by seed."""
+def seed_values(entries: list[dict], **cell: str) -> pd.DataFrame:
+    """Per seed of the complete runs whose run fields (:func:`registry.run_fields`) match
+    ``cell`` (e.g. preset, split, method, variant, ablation): best, last and last3 (the mean of
+    the last three evaluations) mIoU, indexed by seed; a ValueError when two runs share one."""
     check_comparable(entries)
-    rows = {}
+    rows: dict[int, dict[str, float]] = {}
     for e in entries:
         f, m = run_fields(e), e.get("metrics") or {}
-        if not m.get("complete") or (f["method"], f["ablation"]) != (method, ablation) or (
-                method == "mlcl" and f["variant"] != variant):
+        if not m.get("complete") or any(f[k] != v for k, v in cell.items()):
             continue
+        if f["seed"] in rows:
+            raise ValueError(f"two complete runs of seed {f['seed']} match {cell}: name the "
+                             "preset, split, method, variant and ablation")
         evals = [x["miou"] for x in m.get("epochs", []) if x.get("miou") is not None]
         rows[f["seed"]] = {"best": m["best_miou"], "last": m["last_miou"],
                            "last3": float(np.mean(evals[-3:])) if evals else np.nan}
