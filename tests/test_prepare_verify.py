@@ -99,7 +99,7 @@ def test_malformed_lines_and_missing_split_files(synth, tmp_path, capsys):
     assert cli.main(["verify", "--root", str(root), "--layout", "voc",
                      "--splits", str(bad), "splits/nope.txt"]) == 1
     out = capsys.readouterr().out
-    assert "line 1: expected an id or 'image mask'" in out
+    assert "line 1: expected an id, an image path or 'image mask'" in out
     assert "splits/nope.txt does not exist" in out
 
 

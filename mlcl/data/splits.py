@@ -1,6 +1,7 @@
 """Split files: a line is (a) an image id, resolved by the folder layout (:func:`paths_for_id`),
-or (b) ``image-path mask-path`` relative to the data root (UniMatch's and the release's);
-blank lines and ``#`` comments are skipped."""
+(b) ``image-path mask-path`` relative to the data root (UniMatch's and the release's), or (c)
+an image path alone (its mask where the layout puts its id's); blank lines and ``#`` comments
+are skipped. Layouts: voc, cityscapes, and folder (``images/``, ``masks/``: docs/own_data.md)."""
 from __future__ import annotations
 
 import re
@@ -9,7 +10,8 @@ from typing import NamedTuple, Optional
 
 from mlcl.errors import MlclError
 
-LAYOUTS = ("voc", "cityscapes")
+LAYOUTS = ("voc", "cityscapes", "folder")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # what mlcl reads
 
 
 def original_message(text: str) -> str:
@@ -40,7 +42,8 @@ class Sample(NamedTuple):
 
 MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
                 "cityscapes": "python -m mlcl data cityscapes --root {root}",
-                "synthetic": "python -m mlcl synth --out {root}"}
+                "synthetic": "python -m mlcl synth --out {root}",
+                "folder": "python -m mlcl data split --root {root} --labeled 1/8 (docs/own_data.md)"}
 
 
 def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
@@ -53,13 +56,19 @@ def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
         raise DataError(f"data root {root} is a file, not a folder: set data.root to the "
                         "dataset's folder")
     if not root.is_dir():
-        make = MAKE_DATASET.get(dataset, MAKE_DATASET["synthetic"]).format(root=root)
-        raise DataError(f"data root {root} does not exist: set data.root=... or run `{make}`")
+        make = MAKE_DATASET.get(dataset)
+        raise DataError(f"data root {root} does not exist: set data.root=... " + (
+            f"or run `{make.format(root=root)}`" if make else "(your dataset's folder)"))
     return root
 
 
-def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
-    """Image and mask paths (relative to the root) of an id in format (a)."""
+def paths_for_id(sample_id: str, layout: str, root: Optional[Path] = None) -> tuple[str, str]:
+    """Image and mask paths (relative to the root) of an id in format (a); in the folder
+    layout the image is the first of ``images/<id>.<suffix>`` found under ``root``."""
+    if layout == "folder":
+        images = [f"images/{sample_id}{suffix}" for suffix in IMAGE_SUFFIXES]
+        found = [p for p in images if root is not None and (root / p).is_file()]
+        return (found or images)[0], f"masks/{sample_id}.png"
     if layout == "voc":
         return f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"
     if layout == "cityscapes":
@@ -69,10 +78,12 @@ def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
 
 
 def id_for_path(image: str, layout: str) -> str:
-    """The id of a format-(b) image path (:func:`paths_for_id` inverted, else the file's stem)."""
+    """The id of an image path (:func:`paths_for_id` inverted, else the file's stem)."""
     p, suffix = Path(image), "_leftImg8bit.png"
     if layout == "cityscapes" and "leftImg8bit" in p.parts[:-1] and p.name.endswith(suffix):
         return str(Path(*p.parts[p.parts.index("leftImg8bit") + 1:])).removesuffix(suffix)
+    if layout == "folder" and p.parts[:1] == ("images",) and len(p.parts) > 1:
+        return str(Path(*p.parts[1:]).with_suffix(""))
     return p.stem
 
 
@@ -81,22 +92,25 @@ def read_lines(path: str | Path) -> list[str]:
     return Path(path).read_text(encoding="utf-8-sig").splitlines()
 
 
-def parse_split(path: str | Path, layout: str
+def parse_split(path: str | Path, layout: str, root: Optional[Path] = None
                 ) -> tuple[list[tuple[int, str, str, str]], list[tuple[int, str]]]:
     """The entries (line number, id, image, mask relative to the data root) of a split file
-    and its malformed lines (line number, message), without touching the data."""
+    and its malformed lines (line number, message); only a folder-layout id looks at ``root``."""
     entries, bad = [], []
     for lineno, raw in enumerate(read_lines(path), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         tokens = line.split()
-        if len(tokens) == 1:
-            entries.append((lineno, tokens[0], *paths_for_id(tokens[0], layout)))
+        if len(tokens) == 1 and Path(tokens[0]).suffix.lower() in IMAGE_SUFFIXES:  # (c)
+            sample_id = id_for_path(tokens[0], layout)
+            entries.append((lineno, sample_id, tokens[0], paths_for_id(sample_id, layout)[1]))
+        elif len(tokens) == 1:
+            entries.append((lineno, tokens[0], *paths_for_id(tokens[0], layout, root)))
         elif len(tokens) == 2:
             entries.append((lineno, id_for_path(tokens[0], layout), *tokens))
         else:
-            bad.append((lineno, f"expected an id or 'image mask', got {line!r}"))
+            bad.append((lineno, f"expected an id, an image path or 'image mask', got {line!r}"))
     return entries, bad
 
 
@@ -106,8 +120,9 @@ def read_split(path: str | Path, root: str | Path, layout: str,
     root = check_root(root)
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"split file {path} does not exist")
-    entries, bad = parse_split(path, layout)
+        make = MAKE_DATASET["folder"].format(root=root) if layout == "folder" else ""
+        raise DataError(f"split file {path} does not exist" + (f": run `{make}`" if make else ""))
+    entries, bad = parse_split(path, layout, root)
     if bad:
         raise DataError(f"{path}:{bad[0][0]}: {bad[0][1]}")
     samples = []
