@@ -68,8 +68,9 @@ def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config
     disagrees is a ConfigError naming both, a preset value is replaced (with a note)."""
     found = data_classes(cfg.data.root)
     needs = NEEDS_CLASSES.get(cfg.data.layout) or NEEDS_CLASSES.get(cfg.data.dataset)
-    if found is None and needs and str(cfg.data.root).strip():
-        raise DataError(f"{Path(cfg.data.root).expanduser() / CLASSES_FILE} does not exist: "
+    root = str(cfg.data.root).strip()
+    if found is None and needs and root and Path(root).expanduser().is_dir():
+        raise DataError(f"{Path(root).expanduser() / CLASSES_FILE} does not exist: "
                         f"{needs} names its classes there, {HOW_TO_WRITE}")
     if found is None:
         return cfg

@@ -43,7 +43,7 @@ class Sample(NamedTuple):
 MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
                 "cityscapes": "python -m mlcl data cityscapes --root {root}",
                 "synthetic": "python -m mlcl synth --out {root}",
-                "folder": "python -m mlcl data split --root {root} --labeled 1/8 (docs/own_data.md)"}
+                "folder": "python -m mlcl data split --root {root} --labeled 1/8"}
 
 
 def check_root(root: str | Path, dataset: str = "synthetic") -> Path:

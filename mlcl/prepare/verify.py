@@ -128,8 +128,8 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
     return report
 
 
-def _check_pairs(pairs: list[tuple[Path, Optional[Path]]], rules: tuple[int, bool, int], workers: int,
-                 log: Log) -> dict[tuple[Path, Optional[Path]], list[str]]:
+def _check_pairs(pairs: list[tuple[Path, Optional[Path]]], rules: tuple[int, bool, int],
+                 workers: int, log: Log) -> dict[tuple[Path, Optional[Path]], list[str]]:
     """:func:`check_pair` of every pair with ``rules`` (num_classes, values, ignore_index) on
     ``workers`` threads (decoding releases the GIL), saying every tenth (>= 500) done."""
     results, step = {}, max(len(pairs) // 10, 500)
