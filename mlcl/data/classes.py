@@ -65,7 +65,8 @@ def class_names(cfg: Config) -> list[str]:
 
 def reconcile_classes(cfg: Config, log: Callable[[str], None] = print) -> Config:
     """Give ``cfg`` the data's class count and names (in place; returns it): an override that
-    disagrees is a ConfigError naming both, a preset value is replaced (with a note)."""
+    disagrees is a ConfigError naming both, a preset value is replaced (with a note); data
+    that must name its classes (NEEDS_CLASSES) and does not is a DataError."""
     found = data_classes(cfg.data.root)
     needs = NEEDS_CLASSES.get(cfg.data.layout) or NEEDS_CLASSES.get(cfg.data.dataset)
     root = str(cfg.data.root).strip()
