@@ -87,9 +87,12 @@ def test_a_line_holding_an_image_path_is_that_image(tmp_path):
     (own / "masks/sub").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(own / "images/sub/x.png")
     Image.new("L", (8, 8)).save(own / "masks/sub/x.png")
-    split.write_text("images/sub/x.png\nsub/x\n")  # a path, then the same image by its id
-    a, b = read_split(split, own, "folder")
-    assert a == b and a.id == "sub/x" and a.mask == own / "masks/sub/x.png"
+    split.write_text("images/sub/x.png\n")
+    (a,) = read_split(split, own, "folder")
+    assert a.id == "sub/x" and a.mask == own / "masks/sub/x.png"
+    split.write_text("images/sub/x.png\nsub/x\n")  # no ids in the folder layout
+    with pytest.raises(DataError, match=r"paths.txt:2: expected an image path or 'image mask'"):
+        read_split(split, own, "folder")
 
 
 def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):

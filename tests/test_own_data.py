@@ -53,6 +53,9 @@ def make_own_dataset(root: Path, labeled: int = 28, unlabeled: int = 24) -> Path
     grey16 = (np.asarray(draw(rng)[0].convert("L"), dtype=np.uint16) * 257)
     Image.fromarray(grey16).save(root / "images" / "grey16.png")  # unlabeled, 16-bit
     draw(rng)[0].save(root / "images" / "anim.gif")
+    blank = Image.new("L", (48, 48))
+    blank.save(root / "masks" / "orphan.png")  # a mask without an image
+    blank.save(root / "masks" / f"img_{labeled:03d}.jpg")  # not a PNG: named, not used
     (root / "classes.txt").write_text(CLASSES)
     return root
 
@@ -79,6 +82,8 @@ def test_data_split_writes_lists_names_skipped_files_and_keeps_val(own, trained,
     rc, out, _ = run_cli(capsys, "data", "split", "--root", str(own), "--labeled", "8")
     assert rc == 0, out
     assert "skipped images/anim.gif (not an image mlcl reads" in out
+    assert "skipped masks/orphan.png (no image images/orphan.*)" in out
+    assert "skipped masks/img_028.jpg (a mask is a PNG" in out
     lines = {role: [ln for ln in (own / "splits" / f).read_text().splitlines()
                     if not ln.startswith("#")]
              for role, f in (("labeled", "8/labeled.txt"), ("unlabeled", "8/unlabeled.txt"),

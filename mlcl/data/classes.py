@@ -23,15 +23,12 @@ def read_classes(path: Path) -> list[tuple[str, Optional[tuple[int, int, int]]]]
     out = []
     for lineno, line in enumerate(read_lines(path), start=1):
         tokens = line.split()
-        colour = None
-        if len(tokens) >= 4 and all(t.isdigit() for t in tokens[-3:]):
-            colour = tuple(int(t) for t in tokens[-3:])
-            tokens = tokens[:-3]
-            if max(colour) > 255:
-                raise DataError(f"{path}:{lineno}: colour {' '.join(map(str, colour))} is not "
-                                f"three values 0..255 (`name r g b`)")
+        rgb = tokens[-3:] if len(tokens) > 3 and all(t.isdigit() for t in tokens[-3:]) else []
+        if any(int(t) > 255 for t in rgb):
+            raise DataError(f"{path}:{lineno}: colour {' '.join(rgb)} is not three values "
+                            "0..255 (`name r g b`)")
         if tokens:
-            out.append((" ".join(tokens), colour))
+            out.append((" ".join(tokens[:len(tokens) - len(rgb)]), tuple(map(int, rgb)) or None))
     return out
 
 

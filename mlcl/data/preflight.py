@@ -73,8 +73,8 @@ def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] 
         raise DataError(f"data pre-flight: {first}")
     if count:
         files = {name: str(ds.split_file) for name, ds in sets.items()}
-        splits = " ".join(sorted({f for name, f in files.items() if name != "unlabeled"}))
-        images_only = f" --unlabeled {files['unlabeled']}" if "unlabeled" in files else ""
+        images_only = f" --unlabeled {files.pop('unlabeled')}" if "unlabeled" in files else ""
+        splits = " ".join(sorted(set(files.values())))
         d = cfg.data
         raise DataError(f"data pre-flight: {count} bad samples, the first: {first} (all of "
                         f"them: python -m mlcl data verify --root {d.root} --layout {d.layout} "

@@ -1,7 +1,8 @@
 """Split files: a line is (a) an image id, resolved by the folder layout (:func:`paths_for_id`),
 (b) ``image-path mask-path`` relative to the data root (UniMatch's and the release's), or (c)
-an image path alone (its mask where the layout puts its id's); blank lines and ``#`` comments
-are skipped. Layouts: voc, cityscapes, and folder (``images/``, ``masks/``: docs/own_data.md)."""
+an image path alone (its mask where the layout puts its id's); blank lines and ``#``
+comments are skipped. Layouts: voc, cityscapes, folder (``images/``, ``masks/``; no ids:
+docs/own_data.md)."""
 from __future__ import annotations
 
 import re
@@ -62,13 +63,11 @@ def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
     return root
 
 
-def paths_for_id(sample_id: str, layout: str, root: Optional[Path] = None) -> tuple[str, str]:
-    """Image and mask paths (relative to the root) of an id in format (a); in the folder
-    layout the image is the first of ``images/<id>.<suffix>`` found under ``root``."""
+def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
+    """Image and mask paths (relative to the root) of an id in format (a) (in the folder
+    layout, the mask of format (c))."""
     if layout == "folder":
-        images = [f"images/{sample_id}{suffix}" for suffix in IMAGE_SUFFIXES]
-        found = [p for p in images if root is not None and (root / p).is_file()]
-        return (found or images)[0], f"masks/{sample_id}.png"
+        return f"images/{sample_id}", f"masks/{sample_id}.png"
     if layout == "voc":
         return f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"
     if layout == "cityscapes":
@@ -92,10 +91,10 @@ def read_lines(path: str | Path) -> list[str]:
     return Path(path).read_text(encoding="utf-8-sig").splitlines()
 
 
-def parse_split(path: str | Path, layout: str, root: Optional[Path] = None
+def parse_split(path: str | Path, layout: str
                 ) -> tuple[list[tuple[int, str, str, str]], list[tuple[int, str]]]:
     """The entries (line number, id, image, mask relative to the data root) of a split file
-    and its malformed lines (line number, message); only a folder-layout id looks at ``root``."""
+    and its malformed lines (line number, message), without touching the data."""
     entries, bad = [], []
     for lineno, raw in enumerate(read_lines(path), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -105,12 +104,12 @@ def parse_split(path: str | Path, layout: str, root: Optional[Path] = None
         if len(tokens) == 1 and Path(tokens[0]).suffix.lower() in IMAGE_SUFFIXES:  # (c)
             sample_id = id_for_path(tokens[0], layout)
             entries.append((lineno, sample_id, tokens[0], paths_for_id(sample_id, layout)[1]))
-        elif len(tokens) == 1:
-            entries.append((lineno, tokens[0], *paths_for_id(tokens[0], layout, root)))
-        elif len(tokens) == 2:
-            entries.append((lineno, id_for_path(tokens[0], layout), *tokens))
+        elif len(tokens) == 2 or (len(tokens) == 1 and layout != "folder"):
+            entries.append((lineno, id_for_path(tokens[0], layout), *tokens) if len(tokens) == 2
+                           else (lineno, tokens[0], *paths_for_id(tokens[0], layout)))
         else:
-            bad.append((lineno, f"expected an id, an image path or 'image mask', got {line!r}"))
+            what = "an image path" if layout == "folder" else "an id, an image path"
+            bad.append((lineno, f"expected {what} or 'image mask', got {line!r}"))
     return entries, bad
 
 
@@ -122,7 +121,7 @@ def read_split(path: str | Path, root: str | Path, layout: str,
     if not path.is_file():
         make = MAKE_DATASET["folder"].format(root=root) if layout == "folder" else ""
         raise DataError(f"split file {path} does not exist" + (f": run `{make}`" if make else ""))
-    entries, bad = parse_split(path, layout, root)
+    entries, bad = parse_split(path, layout)
     if bad:
         raise DataError(f"{path}:{bad[0][0]}: {bad[0][1]}")
     samples = []

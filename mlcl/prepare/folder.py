@@ -56,10 +56,12 @@ def scan(root: Path) -> tuple[dict[str, str], list[str], list[str]]:
             else:
                 unlabeled.append(rel)
     masks = root / "masks"
-    for path in sorted(masks.rglob("*") if masks.is_dir() else []):
-        rel = path.relative_to(masks)
-        if path.is_file() and str(rel.with_suffix("")) not in seen:
-            skipped.append(f"masks/{rel.as_posix()} (no image images/{rel.with_suffix('')}.*)")
+    for path in sorted(p for p in (masks.rglob("*") if masks.is_dir() else []) if p.is_file()):
+        rel, stem = path.relative_to(masks).as_posix(), path.relative_to(masks).with_suffix("")
+        if path.suffix != ".png":
+            skipped.append(f"masks/{rel} (a mask is a PNG: masks/<image name>.png)")
+        elif stem.as_posix() not in seen:
+            skipped.append(f"masks/{rel} (no image images/{stem.as_posix()}.*)")
     return labeled, unlabeled, skipped
 
 
@@ -76,9 +78,9 @@ def write_list(path: Path, lines: list[str], command: str) -> None:
     atomic_write_text(path, "\n".join([f"{HEADER} ({command})", *lines]) + "\n")
 
 
-def read_val(path: Path, root: Path) -> list[str]:
+def read_val(path: Path) -> list[str]:
     """The image paths of an existing val split file (kept: every split shares one val set)."""
-    entries, bad = parse_split(path, "folder", root)
+    entries, bad = parse_split(path, "folder")
     if bad:
         raise DataError(f"{path}:{bad[0][0]}: {bad[0][1]}")
     return [image for _, _, image, _ in entries]
@@ -111,7 +113,7 @@ def make_splits(root: str | Path, labeled: str, seed: int = 0, val: str = "1/10"
     rng = random.Random(seed)
     pool = list(masked)
     kept_val = files["val"].is_file()
-    val_images = (read_val(files["val"], root) if kept_val
+    val_images = (read_val(files["val"]) if kept_val
                   else draw(pool, parse_amount(val)[1], "--val", rng))
     pool = [p for p in pool if p not in set(val_images)]
     chosen = draw(pool, amount, "--labeled", rng)

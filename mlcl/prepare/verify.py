@@ -112,7 +112,7 @@ def verify_dataset(root: str | Path, layout: str, splits: Optional[list[str | Pa
         if not f.is_file():
             sr.problems.append(f"split file {f} does not exist")
             continue
-        entries, bad = parse_split(f, layout, root)
+        entries, bad = parse_split(f, layout)
         parsed[f] = [(lineno, root / image, None if f in images_only else root / mask)
                      for lineno, _, image, mask in entries]
         sr.count, sr.problems = len(entries), [f"line {n}: {msg}" for n, msg in bad]
