@@ -103,8 +103,8 @@ class DataConfig:
     RANGES: ClassVar[dict[str, str]] = {"crop_size": ">= 1", "num_classes": "[2, 255]",
                                         "ignore_index": "[0, 255]", "num_workers": ">= 0"}
 
-    dataset: str = "synthetic"  # synthetic | pascal | cityscapes (names and reporting)
-    layout: str = "voc"  # voc | cityscapes: folder structure and split-file conventions
+    dataset: str = "synthetic"  # synthetic | pascal | cityscapes | folder (-> the root's name)
+    layout: str = "voc"  # voc | cityscapes | folder: folder structure and split-file conventions
     root: str = ""
     labeled_split: str = ""  # split files: absolute, or relative to data.root
     unlabeled_split: str = ""
@@ -248,7 +248,7 @@ class Config:
         return Path(self.data.root).expanduser() / Path(getattr(self.data, name)).expanduser()
 
 
-CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes"),
+CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes", "folder"),
            "train.optimizer": ("sgd", "adamw"), "train.loss": ("ce", "ohem"),
            "train.mixed_precision": ("no", "bf16", "fp16"), "eval.mode": ("whole", "sliding"),
            "train.mix_partner": ("roll", "loader", "same"), "mlcl.variant": ("paper", "released"),
@@ -381,12 +381,16 @@ def load_config(preset: str | Path | None = None,
             set_key(cfg, k, v)
     if "split" in over:
         set_key(cfg, "split", over.pop("split"))
-    if cfg.split and cfg.split not in cells:
+    if cfg.split and cfg.split not in cells and "*" not in cells:
         raise ConfigError(f"config key 'split': preset '{preset}' has no split '{cfg.split}' "
                           f"(available: {', '.join(cells) or 'none'})")
-    for mapping in ([cells[cfg.split] or {}] if cfg.split else []) + [over]:
+    cell = cells.get(cfg.split, cells.get("*")) or {} if cfg.split else {}  # "*": any name
+    for mapping in ({k: v.replace("{split}", cfg.split) if isinstance(v, str) else v
+                     for k, v in cell.items()}, over):
         for k, v in mapping.items():
             set_key(cfg, k, v)
+    if cfg.data.dataset == "folder" and cfg.data.root.strip():  # runs named after the folder
+        cfg.data.dataset = Path(cfg.data.root).expanduser().resolve().name
     cfg.__dict__["_overridden"] = frozenset(over)  # not a field: never saved
     return fill_defaults(cfg)
 

@@ -640,3 +640,71 @@ def test_a_set_smaller_than_a_batch_names_its_size_and_the_fix(data, tmp_path, c
     assert rc == 2 and "'train.batch_size': 4 images per process" in line
     assert "the labeled set has 3 over 1 process(es): give train.batch_size=3" in line
     assert not out.exists()  # the folder made for the lock goes with the failed start
+
+
+# --------------------------------------------------------------------------- one's own data
+def own_folder(tmp_path: Path) -> Path:
+    from test_own_data import make_own_dataset  # noqa: E402  (tests/ is on sys.path)
+
+    return make_own_dataset(tmp_path / "mine", labeled=12, unlabeled=2)
+
+
+def test_data_without_classes_txt_is_not_given_the_presets_classes(data, tmp_path, capsys):
+    """The folder layout and `synth` data name their classes in classes.txt: without it, no
+    run trains as the preset's 7 synthetic classes."""
+    (data / "classes.txt").unlink()
+    rc, err = _train(capsys, data, tmp_path / "run", "method=supervised")
+    line = one_line_error(err)
+    assert rc == 2 and f"{data / 'classes.txt'} does not exist" in line and "name r g b" in line
+    own = own_folder(tmp_path)
+    assert main(["data", "split", "--root", str(own), "--labeled", "4"]) == 0
+    (own / "classes.txt").unlink()
+    capsys.readouterr()
+    rc, _, err = run_cli(capsys, "train", "--config", "folder", f"data.root={own}", "split=4",
+                         f"output_dir={tmp_path / 'run'}")
+    line = one_line_error(err)
+    assert rc == 2 and f"{own / 'classes.txt'} does not exist: the folder layout" in line
+    rc, _, err = run_cli(capsys, "data", "verify", "--root", str(own), "--layout", "folder")
+    assert rc == 2 and "classes.txt does not exist" in one_line_error(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_split_refusals(tmp_path, capsys):
+    own = own_folder(tmp_path)
+    mine = own / "splits" / "1_4" / "labeled.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("images/img_000.jpg masks/img_000.png\n")
+    with unchanged(own):
+        rc, _, err = run_cli(capsys, "data", "split", "--root", str(own), "--labeled", "1/4")
+        assert rc == 2 and f"{mine} exists and was not written by" in one_line_error(err)
+        for bad in ("0", "1/0", "3/2", "a"):
+            rc, _, err = run_cli(capsys, "data", "split", "--root", str(own), "--labeled", bad)
+            assert rc == 2 and "--labeled" in one_line_error(err), bad
+        rc, _, err = run_cli(capsys, "data", "split", "--root", str(own), "--labeled", "50")
+        assert rc == 2 and "--labeled 50: only 10 images with a mask" in one_line_error(err)
+        rc, _, err = run_cli(capsys, "data", "split", "--root", str(tmp_path), "--labeled", "2")
+        assert rc == 2 and f"{tmp_path / 'images'} does not exist" in one_line_error(err)
+    assert not (own / "splits" / "50").exists()
+
+
+def test_predict_names_every_skipped_file_and_reads_16_bit_grayscale(run7, tmp_path, capsys):
+    """A .gif is named, not passed over; a 16-bit grayscale PNG is predicted as its 8-bit
+    twin is (not as a white image)."""
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+    grey[8:24, 8:24] = 250
+    Image.fromarray(grey).save(pics / "grey8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(pics / "grey16.png")
+    Image.fromarray(grey).save(pics / "clip.gif")
+    rc, out, err = _predict(capsys, run7, pics, tmp_path / "pred")
+    assert rc == 1 and f"skipped: {pics / 'clip.gif'} is not an image mlcl reads" in err
+    assert "error: 1 image(s) skipped" in err
+    masks = [np.asarray(Image.open(tmp_path / "pred" / f"{n}.png")) for n in ("grey8.png",
+                                                                              "grey16.png")]
+    assert (masks[0] == masks[1]).all()
+    from mlcl.study.predict import MAX_PIXELS, read_image
+
+    twins = [np.asarray(read_image(pics / n, MAX_PIXELS)) for n in ("grey8.png", "grey16.png")]
+    assert (twins[0] == twins[1]).all() and twins[1].min() < 255

@@ -12,7 +12,9 @@ from PIL import Image
 from mlcl.config import load_config
 from mlcl.data import (DataError, LabeledDataset, UnlabeledDataset, ValDataset, build_datasets,
                        class_names, read_split)
-from mlcl.data.palette import voc_palette
+from mlcl.data.classes import data_classes
+from mlcl.data.datasets import load_image
+from mlcl.data.palette import palette_for, voc_palette
 
 
 def _mini_root(tmp_path, n=3, size=(24, 20)):
@@ -69,6 +71,46 @@ def test_read_split_comments_blank_lines_and_mixed(tmp_path):
     split.write_text("# a comment\n\na0\n  JPEGImages/a1.jpg SegmentationClass/a1.png  \n"
                      "a2  # trailing comment\n")
     assert [s.id for s in read_split(split, root, "voc")] == ["a0", "a1", "a2"]
+
+
+def test_a_line_holding_an_image_path_is_that_image(tmp_path):
+    """Format (c): ``JPEGImages/a1.jpg`` alone is that image (not JPEGImages/JPEGImages/...jpg.jpg)
+    with its id's mask; in the folder layout ``images/x.png`` pairs with ``masks/x.png``."""
+    root = _mini_root(tmp_path)
+    split = tmp_path / "paths.txt"
+    split.write_text("JPEGImages/a1.jpg\n")
+    (s,) = read_split(split, root, "voc")
+    assert (s.id, s.image, s.mask) == ("a1", root / "JPEGImages/a1.jpg",
+                                       root / "SegmentationClass/a1.png")
+    own = tmp_path / "own"
+    (own / "images/sub").mkdir(parents=True)
+    (own / "masks/sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(own / "images/sub/x.png")
+    Image.new("L", (8, 8)).save(own / "masks/sub/x.png")
+    split.write_text("images/sub/x.png\n")
+    (a,) = read_split(split, own, "folder")
+    assert a.id == "sub/x" and a.mask == own / "masks/sub/x.png"
+    split.write_text("images/sub/x.png\nsub/x\n")  # no ids in the folder layout
+    with pytest.raises(DataError, match=r"paths.txt:2: expected an image path or 'image mask'"):
+        read_split(split, own, "folder")
+
+
+def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")
+    rgb = np.asarray(load_image(tmp_path / "g16.png"))
+    assert rgb.shape == (16, 16, 3) and (rgb[..., 0] == np.arange(256).reshape(16, 16)).all()
+
+
+def test_classes_txt_names_and_colours(tmp_path):
+    (tmp_path / "classes.txt").write_text("background\ntraffic light 250 170 30\ncar\n")
+    assert data_classes(tmp_path)[1] == ["background", "traffic light", "car"]
+    pal = palette_for("folder", tmp_path)
+    assert pal[1].tolist() == [250, 170, 30] and pal[2].tolist() == voc_palette()[6:9]
+    (tmp_path / "classes.txt").write_text("background\ncar 300 0 0\n")
+    with pytest.raises(DataError, match=r"classes.txt:2: colour 300 0 0"):
+        data_classes(tmp_path)
 
 
 def test_missing_root_says_how_to_fix(tmp_path):

@@ -99,8 +99,26 @@ def test_malformed_lines_and_missing_split_files(synth, tmp_path, capsys):
     assert cli.main(["verify", "--root", str(root), "--layout", "voc",
                      "--splits", str(bad), "splits/nope.txt"]) == 1
     out = capsys.readouterr().out
-    assert "line 1: expected an id or 'image mask'" in out
+    assert "line 1: expected an id, an image path or 'image mask'" in out
     assert "splits/nope.txt does not exist" in out
+
+
+def test_unlabeled_splits_need_no_masks_as_in_training(synth, tmp_path, capsys):
+    """verify and training agree: an unlabeled split's images need no mask (by its name, or
+    listed with --unlabeled); a labeled split's do."""
+    root = tmp_path / "voc"
+    shutil.copytree(synth["voc"], root)
+    (root / "SegmentationClass/train_000000.png").unlink()
+    (root / "splits/mine.txt").write_text("train_000000\n")
+    shutil.copy(root / "splits/mine.txt", root / "splits/unlabeled_extra.txt")
+    report = verify_dataset(root, "voc", ["splits/mine.txt", "splits/unlabeled_extra.txt"], 7,
+                            log=quiet)
+    assert [len(s.problems) for s in report.splits] == [1, 0]
+    assert "missing mask" in report.splits[0].problems[0]
+    assert cli.main(["verify", "--root", str(root), "--layout", "voc",
+                     "--unlabeled", "splits/mine.txt"]) == 1  # the other lists' train_000000
+    out = capsys.readouterr().out
+    assert "mine.txt: 1 samples, OK" in out
 
 
 def test_no_split_files_is_a_failure(tmp_path, capsys):

@@ -17,12 +17,21 @@ from mlcl.config import Config
 from mlcl.data.splits import DataError, Sample, check_root, read_split
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB; 16-bit grayscale (modes I;16, I) scaled 0..65535 -> 0..255,
+    where PIL's own conversion clips every value above 255 to white."""
+    if im.mode.startswith("I"):
+        arr = np.asarray(im).astype(np.int64)  # I;16 (0..65535) or I (16-bit PNGs as I)
+        return Image.fromarray((np.clip(arr, 0, 65535) // 257).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
-    """An RGB PIL image, or a DataError naming the file."""
+    """An RGB PIL image (:func:`to_rgb`), or a DataError naming the file."""
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so that a truncated file fails here
-            return im.convert("RGB")
+            return to_rgb(im)
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
 

@@ -1,13 +1,18 @@
-"""Class colours: Pascal VOC's colour map, Cityscapes' trainId colours, and masks as palette
-images. One place for what predictions, figures, VOC's stored masks and the synthetic data's
-masks look like.
+"""Class colours: Pascal VOC's colour map, Cityscapes' trainId colours, those a dataset's
+classes.txt gives (``name r g b``), and masks as palette images. One place for what
+predictions, figures, VOC's stored masks and the synthetic data's masks look like.
 
     colourise(mask, "cityscapes").save("pred.png")     # (H, W) class indices -> 'P' image
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
 from PIL import Image
+
+from mlcl.data.classes import CLASSES_FILE, read_classes
 
 # Cityscapes' 19 trainId colours (from the dataset's label definitions).
 CITYSCAPES_COLOURS = [
@@ -33,16 +38,21 @@ def voc_palette() -> list[int]:
     return pal
 
 
-def palette_for(dataset: str) -> np.ndarray:
-    """(256, 3) uint8 colours: the VOC colour map, with Cityscapes' trainId colours first."""
+def palette_for(dataset: str, root: Optional[str | Path] = None) -> np.ndarray:
+    """(256, 3) uint8 colours: the VOC colour map, with Cityscapes' trainId colours first,
+    and the colours ``root``'s classes.txt gives (if any) over both."""
     pal = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
     if dataset == "cityscapes":
         pal[: len(CITYSCAPES_COLOURS)] = CITYSCAPES_COLOURS
+    path = Path(root or "").expanduser() / CLASSES_FILE
+    if str(root or "").strip() and path.is_file():
+        for i, (_, colour) in enumerate(read_classes(path)):
+            pal[i] = colour if colour is not None else pal[i]
     return pal
 
 
-def colourise(mask: np.ndarray, dataset: str) -> Image.Image:
-    """(H, W) class indices -> palette ('P' mode) image; 255 keeps the VOC border colour."""
+def colourise(mask: np.ndarray, dataset: str, root: Optional[str | Path] = None) -> Image.Image:
+    """(H, W) class indices -> palette ('P' mode) image (:func:`palette_for`'s colours)."""
     img = Image.fromarray(mask.astype(np.uint8), mode="P")
-    img.putpalette(palette_for(dataset).reshape(-1).tolist())
+    img.putpalette(palette_for(dataset, root).reshape(-1).tolist())
     return img

@@ -72,12 +72,14 @@ def check(cfg: Config, sets: dict, accelerator=None, log: Callable[[str], None] 
     if count == 1:
         raise DataError(f"data pre-flight: {first}")
     if count:
-        splits = " ".join(sorted({str(ds.split_file) for ds in sets.values()}))
+        files = {name: str(ds.split_file) for name, ds in sets.items()}
+        images_only = f" --unlabeled {files.pop('unlabeled')}" if "unlabeled" in files else ""
+        splits = " ".join(sorted(set(files.values())))
         d = cfg.data
         raise DataError(f"data pre-flight: {count} bad samples, the first: {first} (all of "
                         f"them: python -m mlcl data verify --root {d.root} --layout {d.layout} "
                         f"--num-classes {d.num_classes} --ignore-index {d.ignore_index} "
-                        f"--splits {splits})")
+                        f"--splits {splits}{images_only})")
     if checked:
         log(f"pre-flight: {len(items)} samples OK ({time.time() - started:.1f} s)")
 

@@ -1,6 +1,8 @@
 """Split files: a line is (a) an image id, resolved by the folder layout (:func:`paths_for_id`),
-or (b) ``image-path mask-path`` relative to the data root (UniMatch's and the release's);
-blank lines and ``#`` comments are skipped."""
+(b) ``image-path mask-path`` relative to the data root (UniMatch's and the release's), or (c)
+an image path alone (its mask where the layout puts its id's); blank lines and ``#``
+comments are skipped. Layouts: voc, cityscapes, folder (``images/``, ``masks/``; no ids:
+docs/own_data.md)."""
 from __future__ import annotations
 
 import re
@@ -9,7 +11,8 @@ from typing import NamedTuple, Optional
 
 from mlcl.errors import MlclError
 
-LAYOUTS = ("voc", "cityscapes")
+LAYOUTS = ("voc", "cityscapes", "folder")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # what mlcl reads
 
 
 def original_message(text: str) -> str:
@@ -40,7 +43,8 @@ class Sample(NamedTuple):
 
 MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
                 "cityscapes": "python -m mlcl data cityscapes --root {root}",
-                "synthetic": "python -m mlcl synth --out {root}"}
+                "synthetic": "python -m mlcl synth --out {root}",
+                "folder": "python -m mlcl data split --root {root} --labeled 1/8"}
 
 
 def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
@@ -53,13 +57,17 @@ def check_root(root: str | Path, dataset: str = "synthetic") -> Path:
         raise DataError(f"data root {root} is a file, not a folder: set data.root to the "
                         "dataset's folder")
     if not root.is_dir():
-        make = MAKE_DATASET.get(dataset, MAKE_DATASET["synthetic"]).format(root=root)
-        raise DataError(f"data root {root} does not exist: set data.root=... or run `{make}`")
+        make = MAKE_DATASET.get(dataset)
+        raise DataError(f"data root {root} does not exist: set data.root=... " + (
+            f"or run `{make.format(root=root)}`" if make else "(your dataset's folder)"))
     return root
 
 
 def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
-    """Image and mask paths (relative to the root) of an id in format (a)."""
+    """Image and mask paths (relative to the root) of an id in format (a) (in the folder
+    layout, the mask of format (c))."""
+    if layout == "folder":
+        return f"images/{sample_id}", f"masks/{sample_id}.png"
     if layout == "voc":
         return f"JPEGImages/{sample_id}.jpg", f"SegmentationClass/{sample_id}.png"
     if layout == "cityscapes":
@@ -69,10 +77,12 @@ def paths_for_id(sample_id: str, layout: str) -> tuple[str, str]:
 
 
 def id_for_path(image: str, layout: str) -> str:
-    """The id of a format-(b) image path (:func:`paths_for_id` inverted, else the file's stem)."""
+    """The id of an image path (:func:`paths_for_id` inverted, else the file's stem)."""
     p, suffix = Path(image), "_leftImg8bit.png"
     if layout == "cityscapes" and "leftImg8bit" in p.parts[:-1] and p.name.endswith(suffix):
         return str(Path(*p.parts[p.parts.index("leftImg8bit") + 1:])).removesuffix(suffix)
+    if layout == "folder" and p.parts[:1] == ("images",) and len(p.parts) > 1:
+        return str(Path(*p.parts[1:]).with_suffix(""))
     return p.stem
 
 
@@ -91,12 +101,15 @@ def parse_split(path: str | Path, layout: str
         if not line:
             continue
         tokens = line.split()
-        if len(tokens) == 1:
-            entries.append((lineno, tokens[0], *paths_for_id(tokens[0], layout)))
-        elif len(tokens) == 2:
-            entries.append((lineno, id_for_path(tokens[0], layout), *tokens))
+        if len(tokens) == 1 and Path(tokens[0]).suffix.lower() in IMAGE_SUFFIXES:  # (c)
+            sample_id = id_for_path(tokens[0], layout)
+            entries.append((lineno, sample_id, tokens[0], paths_for_id(sample_id, layout)[1]))
+        elif len(tokens) == 2 or (len(tokens) == 1 and layout != "folder"):
+            entries.append((lineno, id_for_path(tokens[0], layout), *tokens) if len(tokens) == 2
+                           else (lineno, tokens[0], *paths_for_id(tokens[0], layout)))
         else:
-            bad.append((lineno, f"expected an id or 'image mask', got {line!r}"))
+            what = "an image path" if layout == "folder" else "an id, an image path"
+            bad.append((lineno, f"expected {what} or 'image mask', got {line!r}"))
     return entries, bad
 
 
@@ -106,7 +119,8 @@ def read_split(path: str | Path, root: str | Path, layout: str,
     root = check_root(root)
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"split file {path} does not exist")
+        make = MAKE_DATASET["folder"].format(root=root) if layout == "folder" else ""
+        raise DataError(f"split file {path} does not exist" + (f": run `{make}`" if make else ""))
     entries, bad = parse_split(path, layout)
     if bad:
         raise DataError(f"{path}:{bad[0][0]}: {bad[0][1]}")

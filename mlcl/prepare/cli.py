@@ -1,4 +1,4 @@
-"""``python -m mlcl data {voc,cityscapes,splits,verify,pretrained}`` and data_scripts/*.py
+"""``python -m mlcl data {voc,cityscapes,splits,split,verify,pretrained}`` and data_scripts/*.py
 (docs/real_data.md): exit status 0 on success, 1 on a failed step or check (the message says
 what to do), 2 on bad arguments, 130 on Ctrl-C."""
 from __future__ import annotations
@@ -9,8 +9,19 @@ from pathlib import Path
 from typing import Optional
 
 from mlcl.config import ConfigError, DataConfig
+from mlcl.data.splits import LAYOUTS
 from mlcl.errors import CommandLineParser, MlclError, RunInterrupted, run_reported
 from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
+
+
+def _amount(text: str) -> str:
+    from mlcl.prepare.folder import parse_amount
+
+    try:
+        parse_amount(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _counts(text: str) -> dict[str, int]:
@@ -52,7 +63,7 @@ def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: s
                    help="forget the .done markers of this dataset and redo every step "
                         "(downloads are still reused when their checksum is right)")
     _split_args(p, dataset)
-    p.set_defaults(layout="voc" if dataset == "pascal" else dataset, splits=None,
+    p.set_defaults(layout="voc" if dataset == "pascal" else dataset, splits=None, unlabeled=[],
                    num_classes=None, no_values=False, workers=4, max_listed=20,
                    ignore_index=DataConfig().ignore_index)
 
@@ -108,14 +119,31 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     _retry_args(p)
     _split_args(p, None)
 
+    p = sub.add_parser("split", help="labeled / unlabeled / val split files for your own data",
+                       description="For ROOT/images/ and ROOT/masks/ (docs/own_data.md): write "
+                                   "ROOT/splits/NAME/{labeled,unlabeled}.txt and, unless it "
+                                   "exists, ROOT/splits/val.txt; images without a mask are "
+                                   "unlabeled.")
+    p.set_defaults(step=_own_split)
+    p.add_argument("--root", required=True, help="the dataset folder")
+    p.add_argument("--labeled", required=True, type=_amount,
+                   help="a fraction of the images with a mask (1/8) or a count (92)")
+    p.add_argument("--val", default="1/10", type=_amount,
+                   help="validation images, drawn first (default %(default)s; kept once written)")
+    p.add_argument("--seed", type=int, default=0, help="the draw's seed (default 0)")
+    p.add_argument("--name", default="", help="split name (default: --labeled, / as _)")
+
     p = sub.add_parser("verify", help="check a dataset against its split files",
                        description="Every listed file exists and decodes, sizes agree, mask values "
                                    "in 0..K-1 or --ignore-index; exit 1 naming each bad file.")
     p.set_defaults(step=_verify)
     p.add_argument("--root", required=True, help="dataset folder")
-    p.add_argument("--layout", choices=("voc", "cityscapes"), required=True)
+    p.add_argument("--layout", choices=LAYOUTS, required=True)
     p.add_argument("--splits", nargs="*",
                    help="split files, relative to ROOT or absolute (default: ROOT/splits/**/*.txt)")
+    p.add_argument("--unlabeled", nargs="*", default=[],
+                   help="split files read as training reads data.unlabeled_split: images only, "
+                        "masks neither needed nor read (also any split named unlabeled*.txt)")
     p.add_argument("--num-classes", type=int,
                    help="K (default: ROOT/classes.txt, else 21 voc, 19 cityscapes)")
     p.add_argument("--ignore-index", type=int, default=DataConfig().ignore_index,
@@ -156,9 +184,17 @@ def _verify(args) -> int:
     from mlcl.prepare.verify import verify_dataset  # here: it loads torch (mlcl.data.preflight)
 
     report = verify_dataset(args.root, args.layout, args.splits, args.num_classes,
-                            not args.no_values, args.workers, ignore_index=args.ignore_index)
+                            not args.no_values, args.workers, ignore_index=args.ignore_index,
+                            unlabeled=args.unlabeled)
     print("\n".join(report.lines(args.max_listed)), flush=True)
     return 0 if report.ok else 1
+
+
+def _own_split(args) -> int:
+    from mlcl.prepare.folder import make_splits
+
+    make_splits(args.root, args.labeled, args.seed, args.val, args.name)
+    return 0
 
 
 def _pretrained(args) -> int:

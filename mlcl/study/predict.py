@@ -1,6 +1,6 @@
 """Loading trained weights, and `python -m mlcl predict`: palette PNG masks (``a.jpg`` ->
-``a.jpg.png``) and ``legend.png`` / ``.txt`` in an OutputFolder; unreadable or oversized
-images are reported and skipped, large ones predicted in overlapping tiles."""
+``a.jpg.png``) and ``legend.png`` / ``.txt`` in an OutputFolder; unreadable, unsupported or
+oversized files are named and skipped, large images predicted in overlapping tiles."""
 from __future__ import annotations
 
 import sys
@@ -14,19 +14,20 @@ from PIL import Image, ImageDraw
 from mlcl.augment import normalize, to_tv
 from mlcl.config import Config, config_from_dict, fill_defaults, parse_overrides, set_key
 from mlcl.data.classes import check_classes, default_class_names
+from mlcl.data.datasets import to_rgb
 from mlcl.data.palette import colourise, palette_for
+from mlcl.data.splits import IMAGE_SUFFIXES
 from mlcl.evaluate import predict_logits, sliding_window_logits
 from mlcl.folders import OutputFolder
 from mlcl.model import build_model
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 25_000_000  # images above this are refused (the class scores alone take K*4*N bytes)
 TILE = 1024  # images above TILE*TILE pixels are predicted in windows of this size
 
 
-def legend(names: list[str], dataset: str) -> tuple[Image.Image, str]:
-    """The class colours as a picture and as text ('index<TAB>name<TAB>r,g,b' per line)."""
-    pal = palette_for(dataset)
+def legend(names: list[str], pal: np.ndarray) -> tuple[Image.Image, str]:
+    """The class colours ``pal`` (palette_for's) as a picture and as text
+    ('index<TAB>name<TAB>r,g,b' per line)."""
     row = 18
     img = Image.new("RGB", (220, row * len(names) + 4), "white")
     draw = ImageDraw.Draw(img)
@@ -91,22 +92,25 @@ def model_from_checkpoint(ckpt: dict, path: Path, overrides: list[str] | None = 
     return model.eval(), cfg, ckpt.get("class_names") or default_class_names(classes)
 
 
-def list_images(images: str | Path, recursive: bool = False) -> tuple[Path, list[Path]]:
-    """(base folder, sorted image files) of an image file or folder (``recursive``)."""
+def list_images(images: str | Path, recursive: bool = False
+                ) -> tuple[Path, list[Path], list[Path]]:
+    """(base folder, sorted image files, the other files) of an image file or folder
+    (``recursive``)."""
     images = Path(images)
     if images.is_file():
         if images.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"--images {images} is not an image ({', '.join(IMAGE_SUFFIXES)})")
-        return images.parent, [images]
+        return images.parent, [images], []
     if not images.is_dir():
         raise FileNotFoundError(f"--images {images} does not exist")
-    found = sorted(p for p in (images.rglob("*") if recursive else images.iterdir())
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in (images.rglob("*") if recursive else images.iterdir())
+                   if p.is_file())
+    found = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     if not found:
         more = "" if recursive else " (sub-folders are read with --recursive)"
         raise ValueError(f"--images {images} holds no images ({', '.join(IMAGE_SUFFIXES)})"
                          f"{more}")
-    return images, found
+    return images, found, [p for p in files if p not in set(found)]
 
 
 def read_image(path: Path, max_pixels: int) -> Image.Image:
@@ -117,7 +121,7 @@ def read_image(path: Path, max_pixels: int) -> Image.Image:
             if w * h > max_pixels:
                 raise ValueError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of "
                                  f"{max_pixels:,} (--max-pixels)")
-            return im.convert("RGB")
+            return to_rgb(im)
     except Image.DecompressionBombError as e:
         raise ValueError(f"image {path} is too large to open ({e})") from None
     except (OSError, SyntaxError) as e:
@@ -146,9 +150,13 @@ def predict_images(model, cfg: Config, names: list[str], images: str | Path, out
                    max_pixels: int = MAX_PIXELS, tile: int = TILE) -> Prediction:
     """``<name>.png`` masks (and ``<name>.overlay.jpg`` blends) of ``images`` (a file or
     folder) and the legend into ``out``; skipped images on stderr and in ``failed``."""
-    base, files = list_images(images, recursive)
+    base, files, others = list_images(images, recursive)
     folder = OutputFolder(out, "--out", tuple(files))
     result = Prediction()
+    for path in others:
+        result.failed.append(f"{path} is not an image mlcl reads ({' '.join(IMAGE_SUFFIXES)})")
+        print(f"skipped: {result.failed[-1]}", file=sys.stderr, flush=True)
+    pal = palette_for(cfg.data.dataset, cfg.data.root)
     for path in files:
         try:
             rgb = read_image(path, max_pixels)
@@ -156,7 +164,7 @@ def predict_images(model, cfg: Config, names: list[str], images: str | Path, out
             print(f"skipped: {e}", file=sys.stderr, flush=True)
             result.failed.append(str(e))
             continue
-        mask = colourise(predict_image(model, cfg, rgb, tile), cfg.data.dataset)
+        mask = colourise(predict_image(model, cfg, rgb, tile), cfg.data.dataset, cfg.data.root)
         rel = path.relative_to(base)
         result.written.append(folder.write(f"{rel}.png", lambda p: mask.save(p, format="PNG")))
         if overlay:
@@ -164,7 +172,7 @@ def predict_images(model, cfg: Config, names: list[str], images: str | Path, out
             result.written.append(folder.write(
                 f"{rel}.overlay.jpg", lambda p: blend.save(p, format="JPEG", quality=90)))
     if result.written:
-        picture, text = legend(names, cfg.data.dataset)
+        picture, text = legend(names, pal)
         result.written.append(folder.write("legend.png", lambda p: picture.save(p, "PNG")))
         result.written.append(folder.write("legend.txt", lambda p: p.write_text(text)))
     return result
