@@ -92,7 +92,7 @@ def cmd_predict(args) -> int:
                             recursive=args.recursive, **limits)
     print(f"wrote {len(result.written)} files to {args.out}")
     if result.failed:
-        raise MlclError(f"{len(result.failed)} image(s) skipped, the first: {result.failed[0]}",
+        raise MlclError(f"{len(result.failed)} file(s) skipped, the first: {result.failed[0]}",
                         exit_code=1)  # the others were predicted
     return 0
 

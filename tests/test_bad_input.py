@@ -438,7 +438,7 @@ def test_predict_skips_an_unreadable_image_and_exits_non_zero(run7, images, tmp_
     out = tmp_path / "pred"
     with unchanged(images):
         rc, _, err = _predict(capsys, run7, images, out)
-    assert rc == 1 and err.strip().splitlines()[-1].startswith("error: 1 image(s) skipped")
+    assert rc == 1 and err.strip().splitlines()[-1].startswith("error: 1 file(s) skipped")
     assert f"cannot read image {images / 'c.jpg'}" in err
     assert {"a.png.png", "a.jpg.png", "b.jpg.png"} <= {p.name for p in out.iterdir()}
 
@@ -700,7 +700,7 @@ def test_predict_names_every_skipped_file_and_reads_16_bit_grayscale(run7, tmp_p
     Image.fromarray(grey).save(pics / "clip.gif")
     rc, out, err = _predict(capsys, run7, pics, tmp_path / "pred")
     assert rc == 1 and f"skipped: {pics / 'clip.gif'} is not an image mlcl reads" in err
-    assert "error: 1 image(s) skipped" in err
+    assert "error: 1 file(s) skipped" in err
     masks = [np.asarray(Image.open(tmp_path / "pred" / f"{n}.png")) for n in ("grey8.png",
                                                                               "grey16.png")]
     assert (masks[0] == masks[1]).all()

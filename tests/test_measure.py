@@ -271,7 +271,7 @@ def test_fabricated_voc_has_the_real_formats_and_passes_verify(tmp_path):
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.strip().endswith("OK"), ok.stdout + ok.stderr
     # the verifier does see a bad file in it
-    Image.fromarray(np.full((9, 9), 40, np.uint8)).save(root / "SegmentationClass/2007_000003.png")
+    Image.fromarray(np.full((9, 9), 40, np.uint8)).save(root / "SegmentationClass/2007_000000.png")
     assert not verify_dataset(root, "voc", log=quiet).ok
     # a second fabrication with other sizes replaces ours; a folder of someone else is refused
     fabricate_dataset("pascal", root, labeled=2, unlabeled=2, val=1)
