@@ -40,6 +40,8 @@ class Sample(NamedTuple):
 
 MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
                 "cityscapes": "python -m mlcl data cityscapes --root {root}",
+                "ade20k": "python -m mlcl data ade20k --root {root}",
+                "coco": "python -m mlcl data coco --root {root}",
                 "synthetic": "python -m mlcl synth --out {root}"}
 
 
