@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fakes import LocalServer
-from mlcl.prepare import cli
+from mlcl.prepare import cli, coco
 from mlcl.prepare.split_lists import SPLITS, UNIMATCH_COMMIT, UNIMATCH_REPO
 
 pytest.importorskip("pycocotools")
@@ -109,12 +109,36 @@ def test_coco_end_to_end_then_a_second_run_is_a_noop(served, tmp_path, capsys):
     names = (root / "classes.txt").read_text().splitlines()
     assert names == ["background", "person", "car", "toothbrush"]
     assert not (root / ".staging").exists()
-
     srv, _ = served
-    n = len(srv.requests)
-    assert cli.main(args(root, served)) == 0
-    assert len(srv.requests) == n, "a finished preparation must not touch the network"
+    requests = len(srv.requests)
+    assert cli.main(args(root, served)) == 0 and len(srv.requests) == requests
     assert "[skip] COCO already prepared" in capsys.readouterr().out
+
+
+def test_coco_interrupted_while_painting_masks_resumes(served, tmp_path, capsys, monkeypatch):
+    """Ctrl-C at val's second mask: exit 130; the next run keeps the masks written, paints the
+    rest and downloads nothing again."""
+    painted = []
+
+    def interrupted(*a):
+        if len(painted) == 4:  # 3 train masks, 1 val mask
+            raise KeyboardInterrupt
+        painted.append(a[1])
+        return real(*a)
+
+    real = coco.semantic_mask
+    monkeypatch.setattr(coco, "semantic_mask", interrupted)
+    root = tmp_path / "coco"
+    assert cli.main(args(root, served)) == 130
+    assert len(list((root / "masks").glob("*.png"))) == 4
+    monkeypatch.setattr(coco, "semantic_mask", real)
+    srv, _ = served
+    requests = len(srv.requests)
+    assert cli.main(args(root, served)) == 0
+    out = capsys.readouterr().out
+    assert "[ok] COCO val2017 masks: 1 written, 1 already there" in out
+    assert len(list((root / "masks").glob("*.png"))) == 5
+    assert not any("/zips/" in p for p in srv.paths_requested()[requests:])
 
 
 def test_coco_wrong_counts_fail_naming_them(served, tmp_path, capsys):

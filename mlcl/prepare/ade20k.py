@@ -90,9 +90,15 @@ def prepare_ade20k(root: str | Path, downloads: Optional[str | Path] = None,
         names = class_names(staging / "objectInfo150.txt")
         (root / "classes.txt").write_text("".join(f"{n}\n" for n in names))
         steps.done("ade20k-masks", **made)
-    counts = {pool: len(v) for pool, v in paired_samples("ade20k", root).items()}
-    check_counts(counts, expected, "ADE20K")
-    shutil.rmtree(staging, ignore_errors=True)
-    steps.done("ade20k", counts=counts)
-    log(f"[ok] ADE20K ready in {root}: {counts['train']} train, {counts['val']} val")
+    return finish(root, "ade20k", "ADE20K", expected, log)
+
+
+def finish(root: Path, dataset: str, what: str, expected: dict[str, int], log: Log = say) -> dict:
+    """The last step of ADE20K's and COCO's preparation: the pools counted (every image with
+    its mask) and checked against ``expected``, the staging folder removed; the counts."""
+    counts = {pool: len(v) for pool, v in paired_samples(dataset, root).items()}
+    check_counts(counts, expected, what)
+    shutil.rmtree(root / ".staging", ignore_errors=True)
+    Steps(root).done(dataset, counts=counts)
+    log(f"[ok] {what} ready in {root}: {counts['train']} train, {counts['val']} val")
     return counts

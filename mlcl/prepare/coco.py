@@ -4,15 +4,14 @@ in id order) painted from the instance annotations with pycocotools; ``classes.t
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from mlcl.prepare.ade20k import write_masks
-from mlcl.prepare.download import Log, PrepareError, Steps, check_counts, fetch, say
-from mlcl.prepare.split_lists import STANDARD_POOLS, paired_samples
+from mlcl.prepare.ade20k import finish, write_masks
+from mlcl.prepare.download import Log, PrepareError, Steps, fetch, say
+from mlcl.prepare.split_lists import STANDARD_POOLS
 from mlcl.prepare.voc import Resource
 
 HOST = "http://images.cocodataset.org"
@@ -68,7 +67,7 @@ def prepare_coco(root: str | Path, downloads: Optional[str | Path] = None,
     root = Path(root)
     downloads = Path(downloads) if downloads else root.parent / "downloads"
     expected = dict(STANDARD_POOLS["coco"] if expected is None else expected)
-    steps, staging = Steps(root), root / ".staging"
+    steps = Steps(root)
     if force:
         steps.clear("coco", *(f"coco-extract-{r.filename}" for r in archives),
                     *(f"coco-masks-{s}" for s in SPLITS))
@@ -93,9 +92,4 @@ def prepare_coco(root: str | Path, downloads: Optional[str | Path] = None,
             made, names = make_masks(root, split, log)
             (root / "classes.txt").write_text("".join(f"{n}\n" for n in ["background", *names]))
             steps.done(f"coco-masks-{split}", **made)
-    counts = {pool: len(v) for pool, v in paired_samples("coco", root).items()}
-    check_counts(counts, expected, "COCO 2017")
-    shutil.rmtree(staging, ignore_errors=True)
-    steps.done("coco", counts=counts)
-    log(f"[ok] COCO ready in {root}: {counts['train']} train, {counts['val']} val")
-    return counts
+    return finish(root, "coco", "COCO 2017", expected, log)
