@@ -16,8 +16,8 @@ from mlcl.prepare.download import Log, PrepareError, Steps, check_counts, fetch,
 from mlcl.prepare.split_lists import STANDARD_POOLS, paired_samples
 from mlcl.prepare.voc import Resource
 
-ADE = Resource(url="http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
-               filename="ADEChallengeData2016.zip", md5="7328b3957e407ddae1d3cbf487f149ef")
+ARCHIVES = (Resource("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+                     "ADEChallengeData2016.zip", "7328b3957e407ddae1d3cbf487f149ef"),)
 IGNORE = 255
 _MEMBER = re.compile(r"^(?:\./)?ADEChallengeData2016/((images|annotations)/"
                      r"(?:training|validation)/[^/]+\.(?:jpg|png)|objectInfo150\.txt)$")
@@ -59,7 +59,7 @@ def class_names(info: Path) -> list[str]:
 
 
 def prepare_ade20k(root: str | Path, downloads: Optional[str | Path] = None,
-                   ade: Resource = ADE, expected: Optional[dict[str, int]] = None,
+                   archives: tuple[Resource] = ARCHIVES, expected: Optional[dict[str, int]] = None,
                    force: bool = False, fetch_kw: Optional[dict] = None, log: Log = say) -> dict:
     """ADEChallengeData2016.zip downloaded (md5-checked) and extracted under ``root``, its
     annotations shifted (ignore 255), classes.txt; the counts, checked against ``expected``."""
@@ -75,6 +75,7 @@ def prepare_ade20k(root: str | Path, downloads: Optional[str | Path] = None,
     if not force and not steps.get("ade20k-extract") and (root / "annotations").exists():
         raise PrepareError(f"{root / 'annotations'} exists but this command did not write it "
                            f"(ADE's own 0..150 labels?): give an empty --root, or remove it")
+    (ade,) = archives
     archive = fetch(ade.url, downloads / ade.filename, md5=ade.md5, **{"log": log,
                                                                        **(fetch_kw or {})})
 

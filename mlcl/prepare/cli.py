@@ -228,7 +228,10 @@ def _cityscapes(args) -> int:
 
 
 def _md5s(text: str) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in text.split(",") if "=" in kv)
+    pairs = [kv.split("=", 1) for kv in text.split(",")]
+    if any(len(kv) != 2 for kv in pairs):
+        raise argparse.ArgumentTypeError(f"expected FILE=MD5[,...], got {text!r}")
+    return dict(pairs)
 
 
 def _paired(args) -> int:
@@ -237,18 +240,14 @@ def _paired(args) -> int:
 
     from mlcl.prepare import ade20k, coco
 
-    dataset = args.paired
-    archives = (ade20k.ADE,) if dataset == "ade20k" else coco.ARCHIVES
+    archives, prepare = {"ade20k": (ade20k.ARCHIVES, ade20k.prepare_ade20k),
+                         "coco": (coco.ARCHIVES, coco.prepare_coco)}[args.paired]
     archives = tuple(r._replace(url=args.mirror.rstrip("/") + urlsplit(r.url).path
                                 if args.mirror else r.url, md5=args.md5.get(r.filename, r.md5))
                      for r in archives)
-    if dataset == "ade20k":
-        counts = ade20k.prepare_ade20k(args.root, args.downloads, archives[0], args.expect,
-                                       args.force, _fetch_kw(args))
-    else:
-        counts = coco.prepare_coco(args.root, args.downloads, archives, args.expect,
-                                   args.force, _fetch_kw(args))
-    return _splits_then_verify(args, dataset, counts if args.expect else None)
+    counts = prepare(args.root, args.downloads, archives, args.expect, args.force,
+                     _fetch_kw(args))
+    return _splits_then_verify(args, args.paired, counts if args.expect else None)
 
 
 def _splits(args) -> int:
