@@ -14,7 +14,7 @@ from PIL import Image
 
 from fakes import LocalServer
 from mlcl.prepare import cli
-from mlcl.prepare.split_lists import SOURCES, SPLITS
+from mlcl.prepare.split_lists import NON_STANDARD, SOURCES, SPLITS, standard_size
 
 TRAIN = [f"ADE_train_{k:08d}" for k in range(1, 5)]
 VAL = [f"ADE_val_{k:08d}" for k in range(1, 3)]
@@ -114,3 +114,18 @@ def test_ade20k_bad_md5_is_refused(served, tmp_path, capsys):
     assert cli.main(a) == 1
     assert "md5" in capsys.readouterr().err
     assert not list((tmp_path / "downloads").glob("ADEChallengeData2016.zip"))
+
+
+def test_published_sizes_and_offline_stand_ins_of_ade20k_and_coco(served, tmp_path):
+    """ADE20K's published sizes follow no divisor rule (631 = 1/32 of 20,210, not 632); COCO's
+    are ⌈118,287 / d⌉. Offline, stand-ins of those sizes are drawn from the prepared images."""
+    assert [standard_size("ade20k", n) for n in SPLITS["ade20k"]] == [
+        316, 631, 1263, 2526, 5052, 10105]
+    assert [standard_size("coco", n) for n in SPLITS["coco"]] == [232, 463, 925, 1849, 3697]
+    root = tmp_path / "ade20k"
+    assert cli.main(args(root, served, "--split-source", "none", "--no-verify")) == 0
+    assert cli.main(["splits", "--dataset", "ade20k", "--root", str(root), "--split-source",
+                     "generate", "--expect", EXPECT]) == 0
+    lines = (root / "splits/ade20k/1_2/labeled.txt").read_text().splitlines()
+    assert lines[0].startswith(NON_STANDARD) and len(lines) == 1 + 2
+    assert all(ln.startswith("images/training/ADE_train_") for ln in lines[1:])
