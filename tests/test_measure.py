@@ -16,6 +16,9 @@ What runs at which size (the rehearsal and gpu-check tests take about 2.5 minute
 - **Every preset, every stage** (~90 s): ``measure gpu-check --device cpu``, i.e. the exact
   commands ``make gpu-check`` runs, at toy sizes (width 4, crop 161, 2 + 2 steps; fabricated
   images scaled with the crop, 161 / the preset's: Cityscapes frames of 412 x 206).
+- **ADE20K and COCO, every stage**: ``measure rehearse`` of each at the same toy sizes, every
+  method (at real size, crop 518 and ResNet-101, a semi-supervised step takes minutes on a
+  CPU: their real-size rehearsals are in docs/real_data.md, section 11).
 """
 from __future__ import annotations
 
