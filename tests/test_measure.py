@@ -16,6 +16,9 @@ What runs at which size (the rehearsal and gpu-check tests take about 2.5 minute
 - **Every preset, every stage** (~90 s): ``measure gpu-check --device cpu``, i.e. the exact
   commands ``make gpu-check`` runs, at toy sizes (width 4, crop 161, 2 + 2 steps; fabricated
   images scaled with the crop, 161 / the preset's: Cityscapes frames of 412 x 206).
+- **ADE20K and COCO, every stage**: ``measure rehearse`` of each at the same toy sizes, every
+  method (at real size, crop 518 and ResNet-101, a semi-supervised step takes minutes on a
+  CPU: their real-size rehearsals are in docs/real_data.md, section 11).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from mlcl.measure.harness import METHODS, Stepper, count_flops, eval_flops, inte
 from mlcl.measure.fka_sai import Decoder, Released, fka_inputs
 from mlcl.model import build_backbone, upsample
 from mlcl.paths import REPO
+from mlcl.prepare.split_lists import SPLITS
 from mlcl.prepare.verify import verify_dataset
 from mlcl.prototypes import PrototypeBank
 
@@ -296,6 +300,21 @@ def test_fabricated_cityscapes_has_the_real_formats_and_passes_verify(city_root)
     assert verify_dataset(city_root, "cityscapes", log=quiet).ok
 
 
+@pytest.mark.parametrize("dataset, first, size, classes", [
+    ("ade20k", "images/training/ADE_train_00000001.jpg annotations/training/"
+     "ADE_train_00000001.png", (683, 512), 150),
+    ("coco", "train2017/000000000001.jpg masks/000000000001.png", (640, 480), 81)])
+def test_fabricated_ade20k_and_coco_are_named_as_uniMatchs_lists_and_pass_verify(
+        tmp_path, dataset, first, size, classes):
+    root = fabricate_dataset(dataset, tmp_path / dataset, labeled=1, unlabeled=1, val=1)
+    cell = next(iter(SPLITS[dataset]))
+    assert (root / f"splits/{dataset}/{cell}/labeled.txt").read_text().splitlines() == [first]
+    image, mask = (Image.open(root / rel) for rel in first.split())
+    assert image.format == "JPEG" and image.size == mask.size == size and mask.mode == "L"
+    assert set(np.unique(np.asarray(mask)).tolist()) - {255} <= set(range(classes))
+    assert verify_dataset(root, "voc", num_classes=classes, log=quiet).ok
+
+
 @pytest.mark.parametrize("backbone, fc_in", [("resnet50_deepstem", 2048),
                                              ("resnet101_deepstem", 2048)])
 def test_fabricated_checkpoint_has_unimatchs_keys_and_shapes(tmp_path, backbone, fc_in):
@@ -379,6 +398,19 @@ def test_every_cell_of_every_preset_is_costed_at_real_size(capsys):
     assert R.image_flops(city) == 8 * eval_flops(whole, 801, 801)
 
 
+def test_ade20k_and_coco_cells_are_costed_on_their_real_pools(capsys):
+    """UniMatch V2's schedules on the real pools: ADE20K 1/64 (316 labeled of 20,210) on 4 GPUs
+    x 2, COCO 1/512 (232 of 118,287) on 4 GPUs x 4."""
+    for preset, cells in (("ade20k", 6), ("coco", 5)):
+        assert measure.main(["costs", "--config", preset, "--device", "cpu"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 2 + 3 * cells
+    for preset, split, want in (("ade20k", "1_64", (19894, 2000, 2486, 60 * 2486)),
+                                ("coco", "1_512", (118055, 5000, 7378, 20 * 7378))):
+        cfg = load_config(preset, ["method=mlcl", f"split={split}"])
+        s = R.projection(cfg, *R.real_sizes(cfg), gpus=4, step=1, per_image=1, tflops=1.0)
+        assert (s["unlabeled"], s["val"], s["iters_per_epoch"], s["iterations"]) == want
+
+
 # --------------------------------------------------------------------------- the rehearsal
 def _stages(report: dict) -> dict[tuple[str, str | None], str]:
     return {(s["name"], s["method"]): s["status"] for s in report["stages"]}
@@ -455,6 +487,19 @@ def test_a_run_that_starts_over_fails_the_resume_stage(tmp_path, monkeypatch):
         R.run_config(plan, "supervised", data, weights, 4), plan, 2))
     assert [s.status for s in book.stages] == [R.PASS, R.FAIL]
     assert "ran 4 steps, expected 2 (4 would mean it started over)" in book.stages[1].detail
+
+
+@pytest.mark.parametrize("preset", ["ade20k", "coco"])
+def test_ade20k_and_coco_rehearse_every_stage_at_toy_size(tmp_path, capsys, preset):
+    """Every stage of every method on fabricated ADE20K / COCO at toy width and crop (at real
+    size each takes longer than this suite affords on a CPU: docs/real_data.md, section 9)."""
+    code = measure.main(["rehearse", "--config", preset, "--out", str(tmp_path), "--steps", "2",
+                         "--device", "cpu", *TINY])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / preset / "rehearse.json").read_text())
+    assert code == 0 and report["ok"], out
+    assert len(report["stages"]) == 2 + 5 * 3 and report["backbone"] == "resnet101_deepstem"
+    assert out.strip().splitlines()[-1].startswith("ALL PASS")
 
 
 def test_given_data_root_is_cut_to_the_rehearsal_and_costed_in_full(tmp_path, capsys):

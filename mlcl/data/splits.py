@@ -43,6 +43,8 @@ class Sample(NamedTuple):
 
 MAKE_DATASET = {"pascal": "python -m mlcl data voc --root {root}",
                 "cityscapes": "python -m mlcl data cityscapes --root {root}",
+                "ade20k": "python -m mlcl data ade20k --root {root}",
+                "coco": "python -m mlcl data coco --root {root}",
                 "synthetic": "python -m mlcl synth --out {root}",
                 "folder": "python -m mlcl data split --root {root} --labeled 1/8"}
 

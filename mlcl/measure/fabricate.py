@@ -16,14 +16,17 @@ from mlcl.config import ConfigError
 from mlcl.study.synthetic import render, voc_palette
 from mlcl.files import atomic_torch_save, atomic_write_json
 from mlcl.model import build_backbone
-from mlcl.prepare.split_lists import SPLITS
+from mlcl.prepare.split_lists import PAIRED, SPLITS
 
 MARKER = "FABRICATED.json"  # written last; its presence means mlcl wrote the folder
-NUM_CLASSES = {"pascal": 21, "cityscapes": 19}
-LAYOUT = {"pascal": "voc", "cityscapes": "cityscapes"}
-# (width, height) of VOC images: at most 500 px on the long side, as in VOC 2012
-VOC_SIZES = ((500, 375), (375, 500), (500, 333), (500, 500), (334, 500), (500, 281))
-CITYSCAPES_SIZE = (2048, 1024)
+NUM_CLASSES = {"pascal": 21, "cityscapes": 19, "ade20k": 150, "coco": 81}
+# how the lists name a sample: an id of VOC's or Cityscapes' layout, or its `image mask` pair
+LAYOUT = {"pascal": "voc", "cityscapes": "cityscapes", "ade20k": "pairs", "coco": "pairs"}
+# (width, height) of the images: VOC's at most 500 px on the long side, as in VOC 2012; ADE's
+# mostly 512 on the short side; COCO's at most 640 on the long side
+SIZES = {"pascal": ((500, 375), (375, 500), (500, 333), (500, 500), (334, 500), (500, 281)),
+         "cityscapes": ((2048, 1024),), "ade20k": ((683, 512), (512, 683), (512, 512), (768, 512)),
+         "coco": ((640, 480), (480, 640), (640, 427), (427, 640), (640, 640))}
 CITYSCAPES_CITIES = {"train": ("aachen", "bochum", "zurich"), "val": ("frankfurt", "munster")}
 IMAGENET_CLASSES = 1000
 
@@ -38,12 +41,22 @@ def cityscapes_ids(split: str, cities: tuple[str, ...], per_city: int) -> list[s
     return [f"{split}/{c}/{c}_{k:06d}_000019" for c in cities for k in range(per_city)]
 
 
+def paired_lines(dataset: str, pool: str, n: int) -> list[str]:
+    """``image mask`` lines of ``n`` images of an ADE20K or COCO pool, named as theirs are."""
+    (images, masks), start = PAIRED[dataset][pool], 1 if pool == "train" else 500_001
+    stems = ([f"ADE_{'train' if pool == 'train' else 'val'}_{k:08d}" for k in range(1, n + 1)]
+             if dataset == "ade20k" else [f"{start + k:012d}" for k in range(n)])
+    return [f"{images}/{s}.jpg {masks}/{s}.png" for s in stems]
+
+
 def unimatch_lists(layout: str, train: list[str], val: list[str],
                    sizes: dict[str, int], extra_train: list[str] = ()) -> dict[str, str]:
     """UniMatch-format lists by path under ``splits/<dataset>/``: ``NAME/labeled.txt`` (the
     first ``sizes[NAME]`` of ``train``), ``NAME/unlabeled.txt`` (the rest and ``extra_train``),
     ``val.txt``."""
     def line(i: str) -> str:
+        if layout == "pairs":  # already an `image mask` line
+            return f"{i}\n"
         if layout == "voc":
             return f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n"
         return f"leftImg8bit/{i}_leftImg8bit.png gtFine/{i}_gtFine_labelTrainIds.png\n"
@@ -57,13 +70,13 @@ def unimatch_lists(layout: str, train: list[str], val: list[str],
 
 def _write_images(root: Path, dataset: str, train: list[str], val: list[str], seed: int,
                   scale: float) -> None:
-    """Rendered images and masks at ``scale`` times the real sizes: VOC's as JPEG and palette
-    PNG, Cityscapes frames rendered at a quarter size and enlarged, PNG and L masks."""
-    voc, palette = dataset == "pascal", voc_palette()
+    """Rendered images and masks at ``scale`` times the real sizes: JPEG images (Cityscapes'
+    frames PNG, rendered at a quarter size and enlarged), L masks (VOC's palette PNG)."""
+    voc, jpeg, palette = dataset == "pascal", dataset != "cityscapes", voc_palette()
     for k, i in enumerate(train + val):
-        w, h = (round(n * scale) for n in (VOC_SIZES[k % len(VOC_SIZES)] if voc
-                                            else CITYSCAPES_SIZE))
-        shrink = 1 if voc else 4
+        sizes = SIZES[dataset]
+        w, h = (round(n * scale) for n in sizes[k % len(sizes)])
+        shrink = 1 if jpeg else 4
         image, mask = render(np.random.default_rng(seed + k), h // shrink, w // shrink,
                              NUM_CLASSES[dataset])
         img = Image.fromarray(image).resize((w, h), Image.BILINEAR)
@@ -72,7 +85,7 @@ def _write_images(root: Path, dataset: str, train: list[str], val: list[str], se
         for rel in (img_rel, mask_rel):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
         # PNG at a fast zlib level: a 2048x1024 frame in ~0.1 s instead of ~0.6 s
-        img.save(root / img_rel, **({"quality": 90} if voc else {"compress_level": 1}))
+        img.save(root / img_rel, **({"quality": 90} if jpeg else {"compress_level": 1}))
         if voc:
             m.putpalette(palette)  # L -> P with the indices kept, as VOC's masks
         m.save(root / mask_rel, compress_level=1)
@@ -85,7 +98,7 @@ def _write_images(root: Path, dataset: str, train: list[str], val: list[str], se
 
 def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: int, val: int,
                       seed: int = 0, scale: float = 1.0) -> Path:
-    """``root`` holding a ``dataset`` ('pascal' or 'cityscapes') of ``labeled + unlabeled``
+    """``root`` holding a ``dataset`` (a key of NUM_CLASSES) of ``labeled + unlabeled``
     training and ``val`` validation images at ``scale`` times the real sizes, every cell
     listing the first ``labeled`` as labeled. An earlier fabrication is reused (same
     arguments) or replaced; a non-empty folder without the marker is refused (ConfigError)."""
@@ -100,6 +113,9 @@ def fabricate_dataset(dataset: str, root: str | Path, labeled: int, unlabeled: i
         return root
     if dataset == "pascal":
         train, val_ids = voc_ids(labeled + unlabeled), voc_ids(val, start=100_000)
+    elif dataset in PAIRED:
+        train, val_ids = (paired_lines(dataset, pool, n) for pool, n in
+                          (("train", labeled + unlabeled), ("val", val)))
     else:
         cities = CITYSCAPES_CITIES
         train, val_ids = (cityscapes_ids(s, cities[s], -(-n // len(cities[s])))[:n]

@@ -35,14 +35,18 @@ from mlcl.train import fit
 OUT_MARKER = ".mlcl-rehearse"  # an output folder holding it was made by a rehearsal
 CPU_BATCH = 2  # the smallest batch ASPP's image-pooling batch norm and the CutMix roll allow
 VAL_IMAGES = 2
-EVAL_IMAGE = {"pascal": (375, 500), "cityscapes": (1024, 2048)}  # (H, W) for the eval FLOPs
+# (H, W) for the eval FLOPs: a typical image of each dataset
+EVAL_IMAGE = {"pascal": (375, 500), "cityscapes": (1024, 2048), "ade20k": (512, 683),
+              "coco": (480, 640)}
 MIOU_TOLERANCE = 0.1  # points: last.pt re-evaluated vs training's evaluation (GPU kernels vary)
 SPLIT_KEYS = ("labeled_split", "unlabeled_split", "val_split")
-# the global batch of the presets (docs/real_data.md, section 7): VOC 2 GPUs x 4, Cityscapes 4
-REFERENCE_GPUS = {"pascal": 2, "cityscapes": 4}
+# the global batch of the presets (docs/real_data.md, section 7): VOC 2 GPUs x 4, Cityscapes,
+# ADE20K and COCO 4 GPUs
+REFERENCE_GPUS = {"pascal": 2, "cityscapes": 4, "ade20k": 4, "coco": 4}
 # sustained TFLOP/s per GPU (FLOPs as counted here) of UniMatch's own published runs: VOC R50
-# split 183, 80 epochs in 14.3 h on 4 GPUs at batch 2; Cityscapes R50 1/4, 240 epochs in 26.6 h
-DEFAULT_TFLOPS = {"pascal": 4.1, "cityscapes": 9.4}
+# split 183, 80 epochs in 14.3 h on 4 GPUs at batch 2; Cityscapes R50 1/4, 240 epochs in 26.6 h.
+# ADE20K and COCO: no published time; VOC's (the same kind of run: DeepLabV3+, whole-image eval)
+DEFAULT_TFLOPS = {"pascal": 4.1, "cityscapes": 9.4, "ade20k": 4.1, "coco": 4.1}
 NOT_IN_A_STEP = ("split", "output_dir", "data.root", "data.labeled_split", "data.unlabeled_split",
                  "data.val_split", "model.pretrained", "train.epochs", "train.max_iters",
                  "train.cpu", "data.num_workers")
@@ -79,7 +83,7 @@ def make_plan(preset: str, a: argparse.Namespace) -> Plan:
     base = load_config(preset, a.overrides)
     if base.data.dataset not in LAYOUT or not base.split:
         raise ConfigError(f"--config {preset}: rehearsals are for the paper's presets (pascal, "
-                          f"pascal_blended, pascal_blended_r101, cityscapes)")
+                          f"pascal_blended, pascal_blended_r101, cityscapes, ade20k, coco)")
     if a.steps < 2:
         raise ConfigError("--steps: at least 2 (a step time needs two steps)")
     given = dict(o.split("=", 1) for o in a.overrides if o.split("=", 1)[0] in

@@ -1,6 +1,6 @@
-"""``python -m mlcl data {voc,cityscapes,splits,split,verify,pretrained}`` and data_scripts/*.py
-(docs/real_data.md): exit status 0 on success, 1 on a failed step or check (the message says
-what to do), 2 on bad arguments, 130 on Ctrl-C."""
+"""``python -m mlcl data {voc,cityscapes,ade20k,coco,splits,split,verify,pretrained}`` and
+data_scripts/*.py (docs/real_data.md): exit status 0 on success, 1 on a failed step or check
+(the message says what to do), 2 on bad arguments, 130 on Ctrl-C."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from typing import Optional
 from mlcl.config import ConfigError, DataConfig
 from mlcl.data.splits import LAYOUTS
 from mlcl.errors import CommandLineParser, MlclError, RunInterrupted, run_reported
-from mlcl.prepare.split_lists import RAW_BASE, UNIMATCH_COMMIT, get_splits
+from mlcl.prepare.split_lists import RAW_BASE, SPLITS, get_splits
 
 
 def _amount(text: str) -> str:
@@ -39,14 +39,14 @@ def _retry_args(p: argparse.ArgumentParser) -> None:
 
 def _split_args(p: argparse.ArgumentParser, dataset: Optional[str]) -> None:
     if dataset is None:
-        p.add_argument("--dataset", choices=("pascal", "cityscapes"), required=True)
+        p.add_argument("--dataset", choices=tuple(SPLITS), required=True)
     p.add_argument("--split-source", dest="split_mode", default="auto",
                    choices=("auto", "fetch", "generate", "none") if dataset else
                    ("auto", "fetch", "generate"),
                    help="fetch UniMatch's lists; generate NON-STANDARD seeded stand-ins; auto: "
                         "fetch, generate only if the source is unreachable (default)")
-    p.add_argument("--commit", default=UNIMATCH_COMMIT,
-                   help="UniMatch commit the lists are pinned to (default: %(default)s)")
+    p.add_argument("--commit", help="commit of UniMatch's repository (UniMatch V2's for "
+                   "ADE20K) to take the lists from (default: the pinned one)")
     p.add_argument("--split-base-url", default=RAW_BASE,
                    help="raw-file host (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated lists (default 0)")
@@ -63,13 +63,14 @@ def _dataset_args(p: argparse.ArgumentParser, dataset: str, counts: str, real: s
                    help="forget the .done markers of this dataset and redo every step "
                         "(downloads are still reused when their checksum is right)")
     _split_args(p, dataset)
-    p.set_defaults(layout="voc" if dataset == "pascal" else dataset, splits=None, unlabeled=[],
-                   num_classes=None, no_values=False, workers=4, max_listed=20,
+    p.set_defaults(layout="cityscapes" if dataset == "cityscapes" else "voc", splits=None,
+                   unlabeled=[], num_classes=None, no_values=False, workers=4, max_listed=20,
                    ignore_index=DataConfig().ignore_index)
 
 
-DESCRIPTION = ("Download, prepare and verify VOC 2012 (+SBD), Cityscapes, the standard split "
-               "lists and the backbone checkpoints; a re-run skips what is done and verified.")
+DESCRIPTION = ("Download, prepare and verify VOC 2012 (+SBD), Cityscapes, ADE20K, COCO, the "
+               "standard split lists and the backbone checkpoints; a re-run skips what is "
+               "done and verified.")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -107,6 +108,21 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="Cityscapes server (default: the official; for mirrors and tests)")
     p.add_argument("--with-test", action="store_true", help="also extract the test images")
     _dataset_args(p, "cityscapes", "train=N,val=N", "2975, 500")
+
+    for name, what, real in (("ade20k", "ADEChallengeData2016.zip", "20210, 2000"),
+                             ("coco", "train2017.zip, val2017.zip and the annotations zip",
+                              "118287, 5000")):
+        p = sub.add_parser(name, help=f"{name}: download {what}, masks, splits, verify",
+                           description=f"Download {what} (resumable, md5-checked), extract, "
+                                       f"write the masks and classes.txt, fetch the split "
+                                       f"lists, verify (docs/real_data.md).")
+        p.set_defaults(step=_paired, paired=name)
+        p.add_argument("--root", default=f"data/{name}", help="dataset folder (default: "
+                       "%(default)s)")
+        p.add_argument("--mirror", help="a host serving the archives at the official paths")
+        p.add_argument("--md5", type=_md5s, default={}, metavar="FILE=MD5[,...]",
+                       help="md5 of an archive when not the official one (a mirror's, tests)")
+        _dataset_args(p, name, "train=N,val=N", real)
 
     p = sub.add_parser("splits", help="UniMatch's split lists (pinned commit) or seeded stand-ins",
                        description="Write ROOT/splits/DATASET/ and its PROVENANCE.json.")
@@ -245,6 +261,29 @@ def _cityscapes(args) -> int:
         args.root, args.downloads, args.zips, args.base_url or cityscapes.BASE_URL,
         with_test=args.with_test, expected=args.expect, force=args.force)
     return _splits_then_verify(args, "cityscapes", counts if args.expect else None)
+
+
+def _md5s(text: str) -> dict[str, str]:
+    pairs = [kv.split("=", 1) for kv in text.split(",")]
+    if any(len(kv) != 2 for kv in pairs):
+        raise argparse.ArgumentTypeError(f"expected FILE=MD5[,...], got {text!r}")
+    return dict(pairs)
+
+
+def _paired(args) -> int:
+    """``data ade20k`` / ``data coco``: their archives (from ``--mirror``), masks, splits."""
+    from urllib.parse import urlsplit
+
+    from mlcl.prepare import ade20k, coco
+
+    archives, prepare = {"ade20k": (ade20k.ARCHIVES, ade20k.prepare_ade20k),
+                         "coco": (coco.ARCHIVES, coco.prepare_coco)}[args.paired]
+    archives = tuple(r._replace(url=args.mirror.rstrip("/") + urlsplit(r.url).path
+                                if args.mirror else r.url, md5=args.md5.get(r.filename, r.md5))
+                     for r in archives)
+    counts = prepare(args.root, args.downloads, archives, args.expect, args.force,
+                     _fetch_kw(args))
+    return _splits_then_verify(args, args.paired, counts if args.expect else None)
 
 
 def _splits(args) -> int:
