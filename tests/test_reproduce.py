@@ -5,7 +5,11 @@ executor likewise; the multi-process command; `make demo` on a tiny grid."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -220,3 +224,32 @@ def test_train_with_two_processes_streams_and_returns_metrics(synth_root, tmp_pa
                                             f"output_dir={out}", *TINY], num_processes=2)
     assert metrics["complete"] and metrics["num_processes"] == 2
     assert "mIoU" in capfd.readouterr().out  # the launched run's output is streamed
+
+
+def test_a_stop_signal_stops_the_grid_and_the_same_call_resumes_it(synth_root, tmp_path,
+                                                                   monkeypatch):
+    """SIGTERM to `reproduce` reaches the running training, which checkpoints and exits; no
+    other run starts; the same call then resumes that run and trains the rest."""
+    long = ("train.max_iters=0", "train.epochs=3", "train.checkpoint_every=1")
+    runs = [Run("synthetic", "1_8", "supervised", s, overrides=long) for s in (0, 1)]
+    monkeypatch.setattr(grids, "build_grid", lambda name: runs)
+    root = tmp_path / "runs"
+    first = root / "cells" / runs[0].name
+    call = dict(runs_root=root, executor="cli", figures=False,
+                overrides=[f"data.root={synth_root}", *TINY[:4]])
+
+    def stop_when_it_has_a_checkpoint():
+        deadline = time.time() + 300
+        while not (first / "checkpoints" / "LATEST").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_it_has_a_checkpoint, daemon=True).start()
+    result = reproduce.reproduce("tiny", **call)
+    assert result["interrupted"] == [runs[0].name] and result["signal"] == ["SIGTERM"]
+    assert not result["done"] and not result["failed"]
+    assert not (root / "cells" / runs[1].name).exists()  # never started
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    again = reproduce.reproduce("tiny", **call)
+    assert again["done"] == [r.name for r in runs] and "signal" not in again
+    assert "resuming from" in (root / "cells" / f"{runs[0].name}.log").read_text()

@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 from mlcl.config import ConfigError, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
+from mlcl.errors import RunInterrupted
 from mlcl.outputs import read_run, run_changes
 from mlcl.paths import runs_dir
 from mlcl.study import grids, progress, registry
@@ -25,6 +28,7 @@ from mlcl.study.grids import GRIDS, Run
 from mlcl.study.registry import CELL_KEYS, NOTEBOOKS, find_registry, fix_data_root, load_entry
 
 EXECUTORS = ("papermill", "cli")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RUN_NOTEBOOK = NOTEBOOKS / "run.ipynb"
 FIGURES_NOTEBOOK = NOTEBOOKS / "figures.ipynb"
 
@@ -69,12 +73,25 @@ def train_run(preset: str, overrides: list[str], num_processes: int = 1) -> dict
     return read_run(cfg.output_dir).metrics
 
 
-def run_logged(cmd: list[str], log: Path, poll=None) -> int:
-    """The exit status of ``cmd``, its output into ``log``, ``poll()`` called meanwhile."""
+def run_logged(cmd: list[str], log: Path, poll=None, live: set | None = None) -> int:
+    """The exit status of ``cmd``, its output into ``log``, ``poll()`` called meanwhile; the
+    process is in ``live`` while it runs."""
+    live = set() if live is None else live
     with open(log, "w") as fh:
         print(" ".join(cmd), file=fh, flush=True)
         proc = subprocess.Popen(cmd, env=thread_env(), stdout=fh, stderr=subprocess.STDOUT)
-        return progress.wait(proc, poll)
+        live.add(proc)
+        try:
+            return progress.wait(proc, poll)
+        finally:
+            live.discard(proc)
+
+
+def stop_signal(rc: int) -> int | None:
+    """The stop signal (SIGINT, SIGTERM) that ended a child with exit status ``rc``: 128 +
+    the signal (a run stopped at its checkpoint), or minus it (killed by it), else None."""
+    sig = rc - 128 if rc > 128 else -rc
+    return sig if sig in STOP_SIGNALS else None
 
 
 def run_parameters(run: Run, out: Path, registry_dir: Path, overrides: list[str],
@@ -87,13 +104,13 @@ def run_parameters(run: Run, out: Path, registry_dir: Path, overrides: list[str]
 
 
 def run_papermill(notebook: Path, output: Path, parameters: dict[str, Any], log: Path,
-                  poll=None) -> int:
+                  poll=None, live: set | None = None) -> int:
     """Execute ``notebook`` into ``output`` with papermill (:func:`run_logged`)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(output),
            "-y", json.dumps(parameters), "--kernel", "python3", "--no-progress-bar",
            "--log-output", "--cwd", os.getcwd()]
-    return run_logged(cmd, log, poll)
+    return run_logged(cmd, log, poll, live)
 
 
 def run_figures(registry_dir: Path, figures: Path, notebook: Path) -> int:
@@ -197,9 +214,19 @@ class GridRunner:
         self.grid, self.root, self.overrides = grid, root, overrides
         self.executor, self.num_processes, self.board = executor, num_processes, board
         self.registry = root / "registry"
-        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "figures": []}
+        self.result: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [],
+                                             "interrupted": [], "figures": []}
         self.logs: dict[str, Path] = {}
         self.causes: dict[str, str] = {}
+        self.live: set[subprocess.Popen] = set()  # the trainings running now
+        self.signum: int | None = None  # a stop request: no new run starts
+
+    def request_stop(self, signum: int, _frame=None) -> None:
+        """SIGINT / SIGTERM: pass it to every running training (each checkpoints and exits),
+        start no other run."""
+        self.signum = signum
+        for proc in list(self.live):
+            proc.send_signal(signum)
 
     def record(self, run: Run, out: Path, notebook: Path | None) -> None:
         registry.record_output_dir(run.name, out, self.registry, grid=self.grid,
@@ -212,15 +239,18 @@ class GridRunner:
             if self.executor == "cli":
                 cmd = train_command(run.preset, [f"output_dir={out}", *run.config_overrides(),
                                                  *self.overrides], self.num_processes)
-                return run_logged(cmd, log, tracker.poll), None
+                return run_logged(cmd, log, tracker.poll, self.live), None
             notebook = out / "run.ipynb"
             params = run_parameters(run, out, self.registry, self.overrides, self.grid,
                                     self.num_processes, notebook)
-            return run_papermill(RUN_NOTEBOOK, notebook, params, log, tracker.poll), notebook
+            return (run_papermill(RUN_NOTEBOOK, notebook, params, log, tracker.poll, self.live),
+                    notebook)
 
     def one(self, run: Run) -> None:
         """Train one cell unless it is complete, record it, and say how it went."""
         out = self.root / "cells" / run.name  # shared by every grid that holds the run
+        if self.signum is not None:  # stopping: left for the next call
+            return
         if read_run(out).complete:
             if load_entry(run.name, self.registry) is None:  # trained, never recorded
                 self.record(run, out, None)
@@ -238,6 +268,10 @@ class GridRunner:
             self.result["done"].append(run.name)
             self.board.write(f"  done    {run.name} ({time.time() - started:.0f} s, best mIoU "
                              f"{metrics['best_miou']:.2f}, last {metrics['last_miou']:.2f})")
+        elif stop_signal(rc) and (out / "checkpoints").is_dir():
+            self.signum = self.signum or stop_signal(rc)  # e.g. a Ctrl-C reached it first
+            self.result["interrupted"].append(run.name)
+            self.board.write(f"  stopped {run.name} at its checkpoint (exit {rc})")
         else:
             self.result["failed"].append(run.name)
             if not existed and out.is_dir() and not (out / "checkpoints" / "LATEST").exists():
@@ -271,8 +305,17 @@ def reproduce(grid: str, *, runs_root: Path | None = None, overrides: list[str] 
     result = runner.result
     print(f"grid {grid}: {len(todo)} runs, {jobs} at a time, executor {executor}", flush=True)
     check_cells(todo, root, runner.overrides, rerun_changed)
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-        list(pool.map(runner.one, todo))
+    main = threading.current_thread() is threading.main_thread()  # signals reach it only
+    before = {sig: signal.signal(sig, runner.request_stop) for sig in STOP_SIGNALS if main}
+    try:
+        with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+            list(pool.map(runner.one, todo))
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if runner.signum is not None:
+        result["signal"] = [signal.Signals(runner.signum).name]
+        return result
     order = {r.name: i for i, r in enumerate(todo)}  # report in grid order, whatever finished first
     for key in ("done", "skipped", "failed"):
         result[key].sort(key=lambda n: order.get(n, len(order)))
@@ -325,4 +368,10 @@ def main(args) -> int:
                        jobs=args.jobs, only=args.only, executor=args.executor, seeds=args.seeds,
                        figures=not args.no_figures, figures_dir=args.figures and Path(args.figures),
                        num_processes=args.num_processes, rerun_changed=args.rerun_changed)
+    if "signal" in result:
+        signum = signal.Signals[result["signal"][0]]
+        raise RunInterrupted(f"{signum.name}: grid {args.grid} stopped; "
+                             f"{len(result['interrupted'])} run(s) kept a checkpoint, "
+                             f"{len(result['done'])} finished: run the same command again to "
+                             "resume", signum)
     return 1 if result["failed"] else 0
