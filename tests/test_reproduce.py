@@ -65,7 +65,8 @@ def test_papermill_grid_failure_report_figures_and_rerun(synth_root, tmp_path, m
     before = snapshot(runs)
     again = reproduce.reproduce("tiny", runs_root=runs, jobs=2, figures=False,
                                 overrides=[f"data.root={synth_root}", *TINY])
-    assert again == {"done": [], "skipped": [r.name for r in OK], "failed": [], "figures": []}
+    assert again == {"done": [], "skipped": [r.name for r in OK], "failed": [], "interrupted": [],
+                     "figures": []}
     assert snapshot(runs) == before
 
 
