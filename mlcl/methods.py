@@ -1,7 +1,8 @@
 """One step function per method, ``step(model, batch, ctx) -> {'loss': total, <named terms>}``
 (docs/method.md, "One training step"). UniMatch's names: ``x``/``y`` labeled images and masks;
 ``u`` the unlabeled batch, views ``w`` (weak) and ``s1``/``s2`` (strong), ``ignore`` (255 on
-padding), CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner; ``fp`` feature noise."""
+padding), CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner; ``fp`` UniMatch's
+feature perturbation (Dropout2d)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def mlcl_parts(cfg: Config) -> MLCLParts:
     bank_quirks = {"early_stop": m.bank_early_stop, "average_banks": m.bank_local_update}
     return MLCLParts(
         passes=(released.separate_passes if m.released_passes
-            else mixed_passes if m.weak_features == "mixed" else joint_passes),
+                else mixed_passes if m.weak_features == "mixed" else joint_passes),
         valid_at_features=(released.valid_bilinear if m.bilinear_ignore
                            else losses.valid_at_features),
         loss_dt=(partial(released.loss_dt, **dt_quirks) if any(dt_quirks.values())
