@@ -19,6 +19,7 @@ import yaml
 from mlcl.study import demo, grids, registry, reproduce
 from mlcl.__main__ import build_parser, main
 from mlcl.config import ConfigError, load_config
+from mlcl.errors import RunInterrupted
 from mlcl.files import atomic_write_text
 from mlcl.study.grids import Run
 
@@ -251,6 +252,10 @@ def test_a_stop_signal_stops_the_grid_and_the_same_call_resumes_it(synth_root, t
     assert not result["done"] and not result["failed"]
     assert not (root / "cells" / runs[1].name).exists()  # never started
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    with pytest.raises(RunInterrupted, match=r"^SIGTERM: grid tiny stopped; 1 run\(s\) kept a "
+                                              "checkpoint, 0 finished: run the same command") as e:
+        reproduce.raise_if_stopped(result, "grid tiny")  # what `reproduce` and `demo` exit with
+    assert e.value.exit_code == 128 + signal.SIGTERM
     again = reproduce.reproduce("tiny", **call)
     assert again["done"] == [r.name for r in runs] and "signal" not in again
     assert "resuming from" in (root / "cells" / f"{runs[0].name}.log").read_text()

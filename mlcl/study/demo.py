@@ -11,7 +11,7 @@ from pathlib import Path
 from mlcl.paths import REPO
 from mlcl.study import grids, progress
 from mlcl.study.registry import NOTEBOOKS, demo_dir, figures_dir, load_entry
-from mlcl.study.reproduce import FIGURES_NOTEBOOK, reproduce, run_papermill
+from mlcl.study.reproduce import FIGURES_NOTEBOOK, raise_if_stopped, reproduce, run_papermill
 from mlcl.study.synthetic import make_synthetic
 
 DEMO_METHODS = ("supervised", "unimatch", "mlcl")
@@ -104,6 +104,7 @@ def run_demo(args) -> int:
           f"notebooks/run.ipynb, 2 at a time, into {runs / 'cells'} ...", flush=True)
     result = reproduce("demo", runs_root=runs, overrides=[f"data.root={data_root}"], jobs=2,
                        figures=False, board=board)
+    raise_if_stopped(result, "the demo")
     failed = list(result["failed"])
     cells = {m: runs / "cells" / r.name for m, r in demo_runs().items()}
     print(f"notebooks: prototypes | perturbations, then figures -> {figures} ...", flush=True)

@@ -368,10 +368,14 @@ def main(args) -> int:
                        jobs=args.jobs, only=args.only, executor=args.executor, seeds=args.seeds,
                        figures=not args.no_figures, figures_dir=args.figures and Path(args.figures),
                        num_processes=args.num_processes, rerun_changed=args.rerun_changed)
+    raise_if_stopped(result, f"grid {args.grid}")
+    return 1 if result["failed"] else 0
+
+
+def raise_if_stopped(result: dict[str, list[str]], what: str) -> None:
+    """RunInterrupted (exit 128 + the signal) when a stop signal ended :func:`reproduce`."""
     if "signal" in result:
         signum = signal.Signals[result["signal"][0]]
-        raise RunInterrupted(f"{signum.name}: grid {args.grid} stopped; "
-                             f"{len(result['interrupted'])} run(s) kept a checkpoint, "
-                             f"{len(result['done'])} finished: run the same command again to "
-                             "resume", signum)
-    return 1 if result["failed"] else 0
+        raise RunInterrupted(f"{signum.name}: {what} stopped; {len(result['interrupted'])} "
+                             f"run(s) kept a checkpoint, {len(result['done'])} finished: run "
+                             "the same command again to resume", signum)
