@@ -18,7 +18,7 @@ from mlcl import paths
 from mlcl.errors import MlclError
 from mlcl.files import atomic_write_text
 
-METHOD_NAMES = ("supervised", "unimatch", "mlcl")
+METHOD_NAMES = ("supervised", "unimatch", "unimatch_v2", "mlcl")
 # The release's deviations from the paper, one switch each (docs/method.md, "Paper versus release")
 RELEASED_QUIRKS = ("double_transform", "pair_by_position", "duplicate_top_anchor",
                    "normalise_by_candidates", "bank_early_stop", "bilinear_ignore",
@@ -121,19 +121,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The DeepLabV3+ network (output stride 16): backbone, width, pretrained weights."""
+    """The network: DeepLabV3+ (output stride 16) on a ResNet, or DPT on DINOv2; its weights."""
 
     RANGES: ClassVar[dict[str, str]] = {
         "width": ">= 1", "aspp_dilations": ">= 1", "low_level_channels": ">= 1",
-        "feature_channels": ">= 1", "fp_dropout": "[0, 1)"}
+        "feature_channels": ">= 1", "fp_dropout": "[0, 1)", "ema_max": "[0, 1]"}
 
-    backbone: str = "resnet50"  # one of CHOICES["model.backbone"]
-    width: int = 64  # channels of the first stage (64 standard; 32 = half width for CPU work)
+    backbone: str = "resnet50"  # one of CHOICES["model.backbone"]; dinov2_*: DPT on DINOv2
+    width: int = 64  # ResNet: channels of the first stage (64 standard; 32 = half width for CPU)
     pretrained: Union[bool, str] = False  # false | true (torchvision ImageNet) | file path
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18])
     low_level_channels: int = 48
-    feature_channels: int = 256  # C: the fused map F = encode(x)
+    # C: the fused map F = encode(x); None: the backbone's (DeepLabV3+ 256; DPT: DEFAULT_FEATURES)
+    feature_channels: Union[int, None] = None
     fp_dropout: float = 0.5  # UniMatch's feature-perturbation branch
+    ema_max: float = 0.996  # the EMA teacher's (unimatch_v2) largest ratio
 
 
 @dataclass
@@ -162,7 +164,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
-    # CutMix partner (methods.mix_source): roll | loader | same; None: same if released, else roll
+    # CutMix partner (methods.mix_source): roll | flip | loader | same; None: same if released,
+    # flip on UniMatch V2 (its own), else roll
     mix_partner: Union[str, None] = None
     # the lr of step t is lr(t - 1) (UniMatch / released); None: true if released
     lr_lag: Union[bool, None] = None
@@ -182,6 +185,8 @@ class MLCLConfig:
         "kappa": "[0, 0.5]", "mask_jitter": "[0, 1]", "warmup_epochs": ">= 0"}
 
     variant: str = "paper"  # paper | released
+    base: str = "unimatch"  # the step MLCL adds to: unimatch | unimatch_v2
+    targets: str = "teacher"  # on unimatch_v2, what gives F_w, F_1, F_2, SAI's targets: teacher | student
     alpha: Union[float, None] = None  # L_p2p weight; None: 0.1 (paper) / 0 (released)
     omega: float = 0.01  # L_dt weight
     beta: float = 0.01  # SAI weight at the end of the ramp-up
@@ -226,9 +231,10 @@ class Config:
 
     RANGES: ClassVar[dict[str, str]] = {"seed": "[0, 4294967295]"}
 
-    method: str = "supervised"  # supervised | unimatch | mlcl
+    method: str = "supervised"  # supervised | unimatch | unimatch_v2 | mlcl
     seed: int = 0
-    # placeholders: {dataset} {split} {method} {variant} {seed} {tag} (the method, mlcl-VARIANT)
+    # placeholders: {dataset} {split} {method} {variant} {seed} {backbone} {tag} (the method,
+    # mlcl-VARIANT, or mlcl_v2-VARIANT on unimatch_v2)
     output_dir: str = "runs/{dataset}/{split}/{tag}-s{seed}"
     split: str = ""  # name of a preset cell (see the preset's `splits:`), e.g. 1_16 or 183
     data: DataConfig = field(default_factory=DataConfig)
@@ -251,10 +257,14 @@ class Config:
 CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes", "folder"),
            "train.optimizer": ("sgd", "adamw"), "train.loss": ("ce", "ohem"),
            "train.mixed_precision": ("no", "bf16", "fp16"), "eval.mode": ("whole", "sliding"),
-           "train.mix_partner": ("roll", "loader", "same"), "mlcl.variant": ("paper", "released"),
-           "mlcl.weak_features": ("forward", "mixed"),
+           "train.mix_partner": ("roll", "flip", "loader", "same"),
+           "mlcl.variant": ("paper", "released"), "mlcl.weak_features": ("forward", "mixed"),
+           "mlcl.base": ("unimatch", "unimatch_v2"), "mlcl.targets": ("teacher", "student"),
            "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
-                              "resnet50_deepstem", "resnet101_deepstem")}
+                              "resnet50_deepstem", "resnet101_deepstem",
+                              "dinov2_s", "dinov2_b", "dinov2_l")}
+# DPT's feature width on each DINOv2 (UniMatch V2's), the default of model.feature_channels
+DEFAULT_FEATURES = {"dinov2_s": 64, "dinov2_b": 128, "dinov2_l": 256}
 
 # Keys that do not change a run's results (workers, logging, where files go): two runs that
 # differ only in these are the same run (mlcl.study.reproduce, the registry's tables).
@@ -405,7 +415,10 @@ def fill_defaults(cfg: Config) -> Config:
     m = cfg.mlcl
     released = m.variant == "released"
     if cfg.train.mix_partner is None:
-        cfg.train.mix_partner = "same" if released and cfg.method == "mlcl" else "roll"
+        cfg.train.mix_partner = ("flip" if uses_teacher(cfg) else
+                                 "same" if released and cfg.method == "mlcl" else "roll")
+    if cfg.model.feature_channels is None:
+        cfg.model.feature_channels = DEFAULT_FEATURES.get(cfg.model.backbone, 256)
     if cfg.train.lr_lag is None:
         cfg.train.lr_lag = released and cfg.method == "mlcl"
     flat = flatten(cfg.to_dict())
@@ -418,17 +431,24 @@ def fill_defaults(cfg: Config) -> Config:
             setattr(m, quirk, released)
     if m.alpha is None:
         m.alpha = 0.0 if released else 0.1
-    tag = f"mlcl-{m.variant}" if cfg.method == "mlcl" else cfg.method
+    base = "mlcl_v2" if m.base == "unimatch_v2" else "mlcl"
+    tag = f"{base}-{m.variant}" if cfg.method == "mlcl" else cfg.method
     try:
         cfg.output_dir = cfg.output_dir.format(
             dataset=cfg.data.dataset, split=cfg.split or "default", method=cfg.method,
-            variant=m.variant, seed=cfg.seed, tag=tag)
+            variant=m.variant, seed=cfg.seed, tag=tag, backbone=cfg.model.backbone)
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"config key 'output_dir': bad placeholder in {cfg.output_dir!r} ({e}); "
-                          "use {dataset}, {split}, {method}, {variant}, {seed} or {tag}") from e
+                          "use {dataset}, {split}, {method}, {variant}, {seed}, {backbone} or "
+                          "{tag}") from e
     check_ranges(cfg)
     check_relations(cfg)
     return cfg
+
+
+def uses_teacher(cfg: Config) -> bool:
+    """Whether the run trains with UniMatch V2's EMA teacher."""
+    return cfg.method == "unimatch_v2" or (cfg.method == "mlcl" and cfg.mlcl.base == "unimatch_v2")
 
 
 def check_relations(cfg: Config) -> None:
@@ -440,9 +460,16 @@ def check_relations(cfg: Config) -> None:
     if d.ignore_index < d.num_classes:
         raise ConfigError(f"config key 'data.ignore_index': {d.ignore_index} is a class index "
                           f"(data.num_classes={d.num_classes}); allowed: {d.num_classes}..255")
-    if cfg.method != "supervised" and cfg.train.mix_partner == "roll" and cfg.train.batch_size < 2:
-        raise ConfigError("config key 'train.mix_partner': 'roll' needs train.batch_size >= 2 "
-                          "(the CutMix partner is another image); use train.mix_partner=loader")
+    partner = cfg.train.mix_partner
+    if cfg.method != "supervised" and partner in ("roll", "flip") and cfg.train.batch_size < 2:
+        raise ConfigError(f"config key 'train.mix_partner': '{partner}' needs train.batch_size >= "
+                          "2 (the CutMix partner is another image); use train.mix_partner=loader")
+    if uses_teacher(cfg) and cfg.train.mix_partner not in ("flip", "roll"):
+        raise ConfigError(f"config key 'train.mix_partner': {cfg.train.mix_partner!r} with UniMatch "
+                          "V2, whose CutMix partner is in the batch: use flip (its own) or roll")
+    if uses_teacher(cfg) and cfg.mlcl.released_passes:
+        raise ConfigError("config key 'mlcl.released_passes': the release's passes are UniMatch's "
+                          "(V1); with mlcl.base=unimatch_v2 set it false")
     if cfg.mlcl.released_passes and cfg.mlcl.weak_features == "mixed":
         raise ConfigError("config key 'mlcl.weak_features': 'mixed' replaces a pass that "
                           "mlcl.released_passes=true runs; set one of them")

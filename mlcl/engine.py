@@ -56,12 +56,14 @@ def forward_terms(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, t
 def backward_and_step(model, optimizer, terms: dict[str, torch.Tensor], ctx: StepContext,
                       guard: NonFiniteGuard) -> None:
     """Backward of terms['loss'], the guard's look at the terms and gradient norm (none under
-    fp16, whose loss scaler skips overflowing steps itself), the optimiser step."""
+    fp16, whose loss scaler skips overflowing steps itself), the optimiser step, the teacher's."""
     optimizer.zero_grad(set_to_none=True)
     ctx.accelerator.backward(terms["loss"])
     norm = None if ctx.cfg.train.mixed_precision == "fp16" else gradient_norm(model)
     guard.observe(ctx.iteration, terms, norm)
     optimizer.step()
+    if ctx.teacher is not None:
+        ctx.teacher.update(ctx.accelerator.unwrap_model(model), ctx.iteration)
 
 
 class EpochSums:

@@ -2,9 +2,10 @@
 (docs/method.md, "One training step"). UniMatch's names: ``x``/``y`` labeled images and masks;
 ``u`` the unlabeled batch, views ``w`` (weak) and ``s1``/``s2`` (strong), ``ignore`` (255 on
 padding), CutMix boxes ``box1``/``box2``; ``mix`` the CutMix partner; ``fp`` UniMatch's
-feature perturbation (Dropout2d)."""
+feature perturbation (Dropout2d); ``teacher`` UniMatch V2's EMA of the model."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, NamedTuple
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mlcl import losses, released
-from mlcl.config import Config
+from mlcl.config import Config, uses_teacher
 from mlcl.prototypes import PrototypeBank
 
 
@@ -28,6 +29,37 @@ class StepContext:
     total_iters: int
     iteration: int = 0
     epoch: int = 0
+    teacher: Any = None  # the EMA teacher (unimatch_v2, mlcl on it), else None
+
+
+class Teacher(torch.nn.Module):
+    """UniMatch V2's teacher: an exponential moving average of the model's parameters and
+    floating-point buffers (others copied), ratio min(1 - 1/(t + 1), ema_max) after step t
+    (from 0: the first step copies the model); always in eval mode, never trained."""
+
+    def __init__(self, model: torch.nn.Module, ema_max: float):
+        super().__init__()
+        self.net, self.ema_max = copy.deepcopy(model).eval().requires_grad_(False), ema_max
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, iteration: int) -> None:
+        """Move towards ``model`` (the unwrapped student) after step ``iteration``."""
+        ratio = min(1 - 1 / (iteration + 1), self.ema_max)
+        for t, s in zip(self.net.parameters(), model.parameters()):
+            t.mul_(ratio).add_(s.detach(), alpha=1 - ratio)
+        for t, s in zip(self.net.buffers(), model.buffers()):
+            t.mul_(ratio).add_(s, alpha=1 - ratio) if t.is_floating_point() else t.copy_(s)
+
+
+def make_teacher(cfg: Config, model: torch.nn.Module) -> Teacher | None:
+    """The EMA teacher of ``model`` (unwrapped) when the method has one, else None."""
+    return Teacher(model, cfg.model.ema_max) if uses_teacher(cfg) else None
 
 
 class MLCLParts(NamedTuple):
@@ -86,13 +118,19 @@ def step_supervised(model, batch: dict[str, Any], ctx: StepContext) -> dict[str,
 
 
 # --------------------------------------------------------------------------- unimatch
-def mix_source(batch: dict[str, Any]) -> dict[str, Tensor]:
+def mix_source(batch: dict[str, Any], how: str = "roll") -> dict[str, Tensor]:
     """The CutMix partner of every unlabeled image (``train.mix_partner``): the batch rolled by
-    one (``roll``), else the 'mix' loader's batch: an independently shuffled one (``loader``)
-    or a second, independently augmented view of the same images (``same``)."""
+    one (``roll``) or reversed (``flip``, UniMatch V2's), else the 'mix' loader's batch: an
+    independently shuffled one (``loader``) or a second, independently augmented view of the
+    same images (``same``)."""
     if "mix" in batch:
         return batch["mix"]
-    return {k: v.roll(1, dims=0) for k, v in batch["u"].items() if torch.is_tensor(v)}
+    return {k: in_batch_partner(v, how) for k, v in batch["u"].items() if torch.is_tensor(v)}
+
+
+def in_batch_partner(t: Tensor, how: str) -> Tensor:
+    """``t`` (B, ...) reordered so that row i holds image i's CutMix partner (roll or flip)."""
+    return t.flip(0) if how == "flip" else t.roll(1, dims=0)
 
 
 def paste(box: Tensor, inside: Tensor, outside: Tensor) -> Tensor:
@@ -123,8 +161,8 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
     """UniMatch's passes and losses (docs/method.md, "UniMatch"). batch: {'x': {'x', 'y'},
     'u': {'w', 's1', 's2', 'ignore', 'box1', 'box2'}, optionally 'mix'}; 5 image-batches."""
     cfg = ctx.cfg
-    x, y, u, mix = batch["x"]["x"], batch["x"]["y"], batch["u"], mix_source(batch)
-    boxes = [u["box1"], u["box2"]]
+    x, y, u = batch["x"]["x"], batch["x"]["y"], batch["u"]
+    mix, boxes = mix_source(batch, cfg.train.mix_partner), [u["box1"], u["box2"]]
 
     # 1. pseudo-labels of the mix source: eval mode, no gradient
     model.eval()
@@ -169,6 +207,50 @@ def unimatch_passes(model, batch: dict[str, Any], ctx: StepContext) -> UniMatchP
 def step_unimatch(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
     """UniMatch's step: {'loss', 'x', 's', 'fp', 'conf_ratio'}."""
     p = unimatch_passes(model, batch, ctx)
+    return {"loss": p.total, **p.terms}
+
+
+# --------------------------------------------------------------------------- unimatch v2
+def unimatch_v2_passes(model, batch: dict[str, Any], ctx: StepContext,
+                       weak=None) -> UniMatchPasses:
+    """UniMatch V2's passes and losses (docs/method.md, "UniMatch V2"): the teacher's
+    pseudo-labels of u_w; the model on x, then on cat(s1, s2) CutMixed within the batch with
+    Complementary Dropout; (L_x + (L_s1 + L_s2) / 2) / 2. ``weak``: the module whose pass over
+    u_w the result carries for MLCL (out_xw, prob_w, f_mix; default the teacher's own)."""
+    cfg, teacher = ctx.cfg, ctx.teacher
+    x, y, u = batch["x"]["x"], batch["x"]["y"], batch["u"]
+    how, boxes = cfg.train.mix_partner, [u["box1"], u["box2"]]
+    mix = mix_source(batch, how)
+    with torch.no_grad():
+        out_w = teacher(u["w"], return_features=True)
+        out_weak = out_w if weak is None else weak(u["w"], return_features=True)
+    conf_w, label_w = out_w.logits.softmax(1).max(1)  # (B, H, W)
+    s1, s2 = paste(boxes[0], mix["s1"], u["s1"]), paste(boxes[1], mix["s2"], u["s2"])
+    pred_x = model(x)
+    out_s = model(torch.cat([s1, s2]), comp_drop=True, return_features=True)
+    pred_s1, pred_s2 = out_s.logits.chunk(2)
+
+    ig, tau = cfg.data.ignore_index, cfg.train.conf_thresh
+    targets = [(paste(b, in_batch_partner(label_w, how), label_w),
+                paste(b, in_batch_partner(conf_w, how), conf_w), paste(b, mix["ignore"],
+                                                                        u["ignore"]))
+               for b in boxes]
+    loss_x = labeled_loss(pred_x, y, cfg)
+    loss_s = (losses.pseudo_label_ce(pred_s1, *targets[0], tau, ig)
+              + losses.pseudo_label_ce(pred_s2, *targets[1], tau, ig)) / 2
+    valid = u["ignore"] != ig
+    conf_ratio = ((conf_w >= tau) & valid).sum() / valid.sum().clamp(min=1)
+    terms = {"x": loss_x.detach(), "s": loss_s.detach(), "conf_ratio": conf_ratio.float()}
+    prob_weak = out_weak.logits.softmax(1)
+    return UniMatchPasses(
+        terms=terms, total=(loss_x + loss_s) / 2, out_xw=out_weak, out_s=out_s, prob_w=prob_weak,
+        prob_mix=in_batch_partner(prob_weak, how),
+        f_mix=in_batch_partner(out_weak.features, how), boxes=boxes, mix=mix, n_x=0)
+
+
+def step_unimatch_v2(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
+    """UniMatch V2's step: {'loss', 'x', 's', 'conf_ratio'}; the loop then updates the teacher."""
+    p = unimatch_v2_passes(model, batch, ctx)
     return {"loss": p.total, **p.terms}
 
 
@@ -262,16 +344,16 @@ def sai_losses(net, branches: list[tuple[Tensor, Tensor]], target: Tensor, cfg: 
 
 
 def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: float,
-                parts: MLCLParts) -> tuple[Tensor, dict[str, Tensor]]:
+                parts: MLCLParts, weak_net=None) -> tuple[Tensor, dict[str, Tensor]]:
     """The MLCL part of the loss, alpha L_p2p + omega L_dt + w(t) (L_m + L_n) (0-dim), and its
     terms (detached), for the weight ``sai_w`` = w(t); updates the bank. ``net`` needs only
-    ``decode`` (the 1x1 classifier)."""
+    ``decode`` (the 1x1 classifier); ``weak_net``'s labels F_w for the bank (default ``net``)."""
     m = cfg.mlcl
     # FKA (trains the encoder); the same cosine map gives SAI's per-image similarity v
     p2p1, v1 = losses.loss_p2p(x.f1, x.f_s1)
     p2p2, v2 = losses.loss_p2p(x.f2, x.f_s2)
     p2p = (p2p1 + p2p2) / 2  # logged even when switched off
-    dt = prototype_branch(net, x, bank, cfg, parts)
+    dt = prototype_branch(weak_net or net, x, bank, cfg, parts)
     # SAI: perturb the strong features by how well the views already agree
     l_m = l_n = x.f_s1.new_zeros(())
     if sai_w > 0 and (m.use_mask or m.use_noise):
@@ -286,17 +368,25 @@ def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: flo
 
 
 def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
-    """UniMatch's step plus FKA and SAI (docs/method.md, "MLCL")."""
+    """UniMatch's (or UniMatch V2's, ``mlcl.base``) step plus FKA and SAI (docs/method.md,
+    "MLCL"); on V2 the weak side (F_w, F_1, F_2, SAI's targets, the bank's labels) is the
+    teacher's or, ``mlcl.targets=student``, the model's in a no_grad pass."""
     cfg, m = ctx.cfg, ctx.cfg.mlcl
     parts = mlcl_parts(cfg)
     net = ctx.accelerator.unwrap_model(model) if ctx.accelerator is not None else model
-    p = unimatch_passes(model, batch, ctx)
-    x = mlcl_inputs(model, p, batch["u"], parts.passes)
+    if m.base == "unimatch_v2":
+        student = m.targets == "student"
+        p = unimatch_v2_passes(model, batch, ctx, weak=model if student else None)
+        weak, weak_net = (model, net) if student else (ctx.teacher, ctx.teacher.net)
+    else:
+        p, weak, weak_net = unimatch_passes(model, batch, ctx), model, net
+    x = mlcl_inputs(weak, p, batch["u"], parts.passes)
     sai_w = 0.0 if ctx.epoch < m.warmup_epochs else losses.sai_weight(
         ctx.iteration, ctx.total_iters, m.beta)
-    loss, terms = mlcl_losses(net, x, ctx.bank, cfg, sai_w, parts)
+    loss, terms = mlcl_losses(net, x, ctx.bank, cfg, sai_w, parts, weak_net)
     return {"loss": p.total + loss, **p.terms, **terms}
 
 
 STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {
-    "supervised": step_supervised, "unimatch": step_unimatch, "mlcl": step_mlcl}
+    "supervised": step_supervised, "unimatch": step_unimatch, "unimatch_v2": step_unimatch_v2,
+    "mlcl": step_mlcl}

@@ -1,6 +1,7 @@
-"""DeepLabV3+ on a ResNet, split into ``encode`` (x -> F) and ``decode`` (the 1x1 classifier,
-F -> logits) as MLCL needs it (docs/method.md, "Model: encoder and decoder"); parameter names
-are torchvision's (deep stem: UniMatch's), so ImageNet checkpoints load strictly."""
+"""DeepLabV3+ on a ResNet and DPT on DINOv2, split into ``encode`` (x -> F) and ``decode`` (the
+1x1 classifier, F -> logits) as MLCL needs it (docs/method.md, "Model: encoder and decoder");
+parameter names are torchvision's (deep stem: UniMatch's) and DINOv2's, so the ImageNet and
+DINOv2 checkpoints load strictly."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -115,7 +116,58 @@ class ASPP(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
+class Segmenter(nn.Module):
+    """What both networks share: ``levels`` (x -> the encoder's maps the perturbations act on),
+    ``fuse`` (maps -> F), ``classifier`` (the 1x1 conv, F -> logits); a ``backbone`` trained at
+    the base lr and a head at lr * lr_multi."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The encoder of MLCL: x (B, 3, H, W) -> F (B, C, h, w)."""
+        return self.fuse(self.levels(x))
+
+    def decode(self, features: Tensor) -> Tensor:
+        """The decoder of MLCL (the 1×1 classifier only): F (B, C, h, w) -> (B, K, h, w)."""
+        return self.classifier(features)
+
+    def forward(self, x: Tensor, fp: bool = False, return_features: bool = False,
+                comp_drop: bool = False):
+        """Logits (B, K, H, W), or a :class:`SegOutput` when ``fp`` (UniMatch's feature
+        perturbation: the maps and their Dropout2d copy as one batch) or ``return_features``;
+        ``comp_drop``: UniMatch V2's Complementary Dropout on the maps of cat(s1, s2)."""
+        levels = self.levels(x)
+        if fp:
+            levels = [torch.cat((t, self.fp_dropout(t))) for t in levels]  # (2B, ...)
+        if comp_drop:
+            levels = complementary_dropout(levels)
+        feats = self.fuse(levels)  # (B or 2B, C, h, w)
+        logits = upsample(self.decode(feats), x.shape[-2:])  # (B or 2B, K, H, W)
+        if not (fp or return_features):
+            return logits
+        out = SegOutput(*logits.chunk(2), *feats.chunk(2)) if fp else SegOutput(logits, None, feats)
+        return out if return_features else out._replace(features=None, features_fp=None)
+
+    def param_groups(self, lr: float, lr_multi: float) -> list[dict]:
+        """Optimizer groups: the backbone at ``lr``, the rest (the head) at lr * lr_multi."""
+        backbone = list(self.backbone.parameters())
+        head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+        return [{"name": "backbone", "params": backbone, "lr": lr},
+                {"name": "head", "params": head, "lr": lr * lr_multi}]
+
+
+def complementary_dropout(levels: list[Tensor], p: float = 0.5) -> list[Tensor]:
+    """UniMatch V2's Complementary Dropout on maps (2B, D, h, w) of cat(s1, s2): image i of s1
+    keeps channels m·2 and image i of s2 the others, (2 - m)·2 with m ~ Bernoulli(1/2) per
+    channel (one mask for the maps of one width); a random half of the pairs keep everything."""
+    n = levels[0].shape[0] // 2
+    masks: dict[int, Tensor] = {}
+    for d in dict.fromkeys(t.shape[1] for t in levels):
+        m1 = torch.bernoulli(levels[0].new_full((n, d), 1 - p)) * 2  # (B, D): 0 or 2
+        m1[torch.randperm(n, device=m1.device)[:int(n * (1 - p))]] = 1.0
+        masks[d] = torch.cat((m1, 2 - m1))[:, :, None, None]  # (2B, D, 1, 1)
+    return [t * masks[t.shape[1]].to(t.dtype) for t in levels]
+
+
+class DeepLabV3Plus(Segmenter):
     """DeepLabV3+ split as the module docstring says; ASPP width: c4 channels // 8 (UniMatch)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
@@ -131,39 +183,94 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(cfg.feature_channels, num_classes, 1)
         self.fp_dropout = nn.Dropout2d(cfg.fp_dropout)  # active in train mode only
 
-    def fuse(self, c1: Tensor, c4: Tensor) -> Tensor:
+    def levels(self, x: Tensor) -> list[Tensor]:
+        """[c1 (B, w·e, H/4, W/4), c4 (B, 8w·e, H/16, W/16)]."""
+        return list(self.backbone(x))
+
+    def fuse(self, levels: list[Tensor]) -> Tensor:
         """F (B, C, H/4, W/4): ASPP(c4) upsampled, concatenated with reduce(c1), two 3×3 convs."""
+        c1, c4 = levels
         high = upsample(self.aspp(c4), c1.shape[-2:])  # (B, aspp, H/4, W/4)
         return self.fusion(torch.cat([self.reduce(c1), high], dim=1))  # (B, C, H/4, W/4)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """The encoder of MLCL: x (B, 3, H, W) -> F (B, C, H/4, W/4)."""
-        return self.fuse(*self.backbone(x))
 
-    def decode(self, features: Tensor) -> Tensor:
-        """The decoder of MLCL (the 1×1 classifier only): F (B, C, h, w) -> (B, K, h, w)."""
-        return self.classifier(features)
+# DINOv2 (timm names; the official checkpoints' keys): the blocks DPT reads, DPT's widths
+DINOV2 = {"dinov2_s": ("vit_small_patch14_dinov2", [2, 5, 8, 11], [48, 96, 192, 384]),
+          "dinov2_b": ("vit_base_patch14_dinov2", [2, 5, 8, 11], [96, 192, 384, 768]),
+          "dinov2_l": ("vit_large_patch14_dinov2", [4, 11, 17, 23], [256, 512, 1024, 1024])}
+DINOV2_FILES = {"dinov2_s": "dinov2_vits14", "dinov2_b": "dinov2_vitb14",
+                "dinov2_l": "dinov2_vitl14"}  # dl.fbaipublicfiles.com/dinov2/NAME/NAME_pretrain.pth
 
-    def forward(self, x: Tensor, fp: bool = False, return_features: bool = False):
-        """Logits (B, K, H, W), or a :class:`SegOutput` when ``fp`` (UniMatch's feature
-        perturbation: c1, c4 and their Dropout2d copy as one batch) or ``return_features``."""
-        c1, c4 = self.backbone(x)
-        if fp:
-            c1 = torch.cat((c1, self.fp_dropout(c1)))  # (2B, ·, H/4, W/4)
-            c4 = torch.cat((c4, self.fp_dropout(c4)))  # (2B, ·, H/16, W/16)
-        feats = self.fuse(c1, c4)  # (B or 2B, C, H/4, W/4)
-        logits = upsample(self.decode(feats), x.shape[-2:])  # (B or 2B, K, H, W)
-        if not (fp or return_features):
-            return logits
-        out = SegOutput(*logits.chunk(2), *feats.chunk(2)) if fp else SegOutput(logits, None, feats)
-        return out if return_features else out._replace(features=None, features_fp=None)
 
-    def param_groups(self, lr: float, lr_multi: float) -> list[dict]:
-        """Optimizer groups: the backbone at ``lr``, the rest (the head) at lr * lr_multi."""
-        backbone = list(self.backbone.parameters())
-        head = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
-        return [{"name": "backbone", "params": backbone, "lr": lr},
-                {"name": "head", "params": head, "lr": lr * lr_multi}]
+class ResidualConvUnit(nn.Module):
+    """x + conv(relu(conv(relu(x)))), 3×3 convs with bias, no normalisation (DPT's)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class FusionBlock(nn.Module):
+    """DPT's fusion: (x + RCU(skip)), RCU, bilinear ×2 (or to ``size``), 1×1 conv."""
+
+    def __init__(self, c: int, with_skip: bool = True):
+        super().__init__()
+        self.skip = ResidualConvUnit(c) if with_skip else None
+        self.refine = ResidualConvUnit(c)
+        self.out_conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: Tensor, skip: Tensor | None = None, size=None) -> Tensor:
+        if skip is not None:
+            x = x + self.skip(skip)
+        x = self.refine(x)
+        size = size or [2 * s for s in x.shape[-2:]]
+        return self.out_conv(upsample(x, size))
+
+
+class DPT(Segmenter):
+    """UniMatch V2's network: DINOv2 (timm) and a DPT head. ``levels``: four blocks' normed
+    patch tokens as maps (B, D, H/14, W/14), the input resized to a multiple of 14 first;
+    F: DPT's last fusion map after ``output_conv``'s 3×3 conv and ReLU (B, C, 8H/14, 8W/14),
+    so that ``decode`` is the 1×1 classifier as on DeepLabV3+ (docs/method.md)."""
+
+    def __init__(self, cfg: ModelConfig, num_classes: int):
+        super().__init__()
+        import timm  # only this network needs it
+
+        name, self.blocks, widths = DINOV2[cfg.backbone]
+        self.backbone = timm.create_model(name, pretrained=False, num_classes=0,
+                                          dynamic_img_size=True)
+        dim, c = self.backbone.embed_dim, cfg.feature_channels
+        self.projects = nn.ModuleList(nn.Conv2d(dim, w, 1) for w in widths)
+        self.resize = nn.ModuleList([nn.ConvTranspose2d(widths[0], widths[0], 4, stride=4),
+                                     nn.ConvTranspose2d(widths[1], widths[1], 2, stride=2),
+                                     nn.Identity(), nn.Conv2d(widths[3], widths[3], 3, 2, 1)])
+        self.layers_rn = nn.ModuleList(nn.Conv2d(w, c, 3, padding=1, bias=False) for w in widths)
+        self.fusions = nn.ModuleList(FusionBlock(c, with_skip=i < 3) for i in range(4))
+        self.output_conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True))
+        self.classifier = nn.Conv2d(c, num_classes, 1)
+        self.fp_dropout = nn.Dropout2d(cfg.fp_dropout)  # UniMatch (V1)'s fp, if asked for
+
+    def levels(self, x: Tensor) -> list[Tensor]:
+        """The four token maps (B, D, h, w), h = round(H / 14) (UniMatch V2's evaluation)."""
+        size = [max(int(s / 14 + 0.5), 1) * 14 for s in x.shape[-2:]]
+        if size != list(x.shape[-2:]):
+            x = upsample(x, size)
+        return self.backbone.forward_intermediates(x, indices=self.blocks, norm=True,
+                                                   output_fmt="NCHW", intermediates_only=True)
+
+    def fuse(self, levels: list[Tensor]) -> Tensor:
+        """F (B, C, 8h, 8w): project, resize to ×4 ×2 ×1 ×½, fuse deepest first."""
+        maps = [rn(rs(pr(t))) for t, pr, rs, rn in
+                zip(levels, self.projects, self.resize, self.layers_rn)]
+        path = self.fusions[3](maps[3], size=maps[2].shape[-2:])
+        path = self.fusions[2](path, maps[2], size=maps[1].shape[-2:])
+        path = self.fusions[1](path, maps[1], size=maps[0].shape[-2:])
+        return self.output_conv(self.fusions[0](path, maps[0]))
 
 
 def build_backbone(name: str, width: int = 64) -> ResNetBackbone:
@@ -178,15 +285,24 @@ def build_backbone(name: str, width: int = 64) -> ResNetBackbone:
 
 
 def imagenet_file(arch: str) -> Path:
-    """Where ``python -m mlcl data pretrained`` puts torchvision's weights for ``arch``."""
-    name = TORCHVISION_WEIGHTS[arch].url.rsplit("/", 1)[-1]
-    return Path(torch.hub.get_dir()) / "checkpoints" / name
+    """Where ``python -m mlcl data pretrained`` puts ``arch``'s weights: torchvision's ImageNet
+    files, or the official DINOv2 checkpoint, in the torch hub cache."""
+    url = dinov2_url(arch) if arch in DINOV2 else TORCHVISION_WEIGHTS[arch].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def dinov2_url(arch: str) -> str:
+    """The official DINOv2 checkpoint of ``arch`` (the file UniMatch V2 loads)."""
+    name = DINOV2_FILES[arch]
+    return f"https://dl.fbaipublicfiles.com/dinov2/{name}/{name}_pretrain.pth"
 
 
 def pretrained_file(m: ModelConfig) -> Path | None:
     """The weights file ``model.pretrained`` names (None for false), checked early."""
     if m.pretrained is True:
         why = "true means torchvision's ImageNet weights, which"
+        if m.backbone in DINOV2:
+            return _dinov2_file(imagenet_file(m.backbone), m.backbone)
         if m.backbone not in TORCHVISION_WEIGHTS:
             raise ConfigError(
                 f"config key 'model.pretrained': {why} do not exist for the deep-stem "
@@ -205,7 +321,21 @@ def pretrained_file(m: ModelConfig) -> Path | None:
     if isinstance(m.pretrained, str) and not m.pretrained.strip():
         raise ConfigError("config key 'model.pretrained': empty path; give a checkpoint file, "
                           "true (torchvision ImageNet) or false (random init)")
-    return None if m.pretrained is False else Path(m.pretrained).expanduser()
+    if m.pretrained is False:
+        return None
+    path = Path(m.pretrained).expanduser()
+    return _dinov2_file(path, m.backbone) if m.backbone in DINOV2 else path
+
+
+def _dinov2_file(path: Path, arch: str) -> Path:
+    """``path``, or a ConfigError naming the official file to download when it is missing."""
+    if not path.is_file():
+        raise ConfigError(
+            f"model.pretrained: the DINOv2 checkpoint {path} of {arch} does not exist; this "
+            f"machine cannot download it: fetch {dinov2_url(arch)} and save it as {path} (or give "
+            f"its path: model.pretrained=PATH; true looks in the hub cache, "
+            f"{imagenet_file(arch)})")
+    return path
 
 
 def _first(keys, n: int = 5) -> str:
@@ -217,7 +347,7 @@ def _first(keys, n: int = 5) -> str:
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a state dict file (plain or under 'state_dict' / 'model') strictly into
-    ``backbone``, less ``fc.*`` and the ``num_batches_tracked`` a file may lack."""
+    ``backbone``, less ``fc.*``, ``mask_token`` and the ``num_batches_tracked`` a file may lack."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
@@ -233,7 +363,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ConfigError(f"model.pretrained: {path} is not a state dict (expected name -> "
                           f"tensor, or one under 'state_dict' or 'model')")
-    state = {k: v for k, v in obj.items() if not k.startswith("fc.")}
+    # less ImageNet's classifier and DINOv2's masked-modelling token, used in pretraining only
+    state = {k: v for k, v in obj.items() if not k.startswith("fc.") and k != "mask_token"}
     expected = backbone.state_dict()
     missing = {k for k in expected if k not in state and not k.endswith("num_batches_tracked")}
     parts = [f"{what} keys: {_first(keys)}" for what, keys in
@@ -249,10 +380,11 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     backbone.load_state_dict(state, strict=True)
 
 
-def build_model(cfg: Config) -> DeepLabV3Plus:
-    """DeepLabV3+ of ``cfg.model`` and ``cfg.data.num_classes``, model.pretrained loaded."""
+def build_model(cfg: Config) -> Segmenter:
+    """DeepLabV3+ or DPT of ``cfg.model`` and ``cfg.data.num_classes``, model.pretrained loaded."""
     path = pretrained_file(cfg.model)  # a bad value fails before the model is built
-    model = DeepLabV3Plus(cfg.model, cfg.data.num_classes)
+    net = DPT if cfg.model.backbone in DINOV2 else DeepLabV3Plus
+    model = net(cfg.model, cfg.data.num_classes)
     if path is not None:
         load_backbone_weights(model.backbone, path)
     return model

@@ -26,7 +26,7 @@ from mlcl.engine import (EpochSums, backward_and_step, forward_terms, make_accel
                          make_optimizer, poly_lr)
 from mlcl.evaluate import evaluate
 from mlcl.loaders import epoch_batches, prepare_loaders, train_loaders
-from mlcl.methods import StepContext, make_bank
+from mlcl.methods import StepContext, make_bank, make_teacher
 from mlcl.model import build_model
 from mlcl.outputs import (RESULT_FILES, RUN_FILES, check_free_space, check_output_place,
                           git_commit, OutputLock, read_metrics, remove_fresh_output,
@@ -106,13 +106,13 @@ def build_run(cfg: Config, acc: Accelerator, out: Path, created: bool,
     reconcile_classes(cfg, acc.print)  # the data's classes.txt gives the classes
     check_same_run(out, cfg)
     sets, plain_loaders = training_data(cfg, acc)
-    model, optimizer, bank = build_trainables(cfg, acc)
+    model, optimizer, bank, teacher = build_trainables(cfg, acc)
     check_free_space(out, acc.unwrap_model(model), cfg.train.optimizer)
     loaders = prepare_loaders(plain_loaders, acc)
     ipe, total, epochs = schedule(cfg, loaders)
     if cfg.train.compile:
         model = torch.compile(model)
-    ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total)
+    ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=total, teacher=teacher)
     run = Run(cfg=cfg, acc=acc, out=out, model=model, optimizer=optimizer, bank=bank,
               loaders=loaders, val_set=sets["val"], names=class_names(cfg), iters_per_epoch=ipe,
               total_iters=total, epochs=epochs, created_out=created, ctx=ctx,
@@ -142,7 +142,7 @@ def training_data(cfg: Config, acc: Accelerator) -> tuple[dict[str, Any], dict[s
 
 
 def build_trainables(cfg: Config, acc: Accelerator):
-    """(prepared model, prepared optimiser, prototype bank or None)."""
+    """(prepared model, prepared optimiser, prototype bank or None, EMA teacher or None)."""
     with acc.main_process_first():  # model.pretrained: one download, the others read it
         model = build_model(cfg)
     if acc.num_processes > 1 and acc.device.type == "cuda":
@@ -155,7 +155,10 @@ def build_trainables(cfg: Config, acc: Accelerator):
     if bank is not None:
         bank.to(acc.device)
         acc.register_for_checkpointing(bank)
-    return model, optimizer, bank
+    teacher = make_teacher(cfg, acc.unwrap_model(model))
+    if teacher is not None:
+        acc.register_for_checkpointing(teacher)
+    return model, optimizer, bank, teacher
 
 
 def schedule(cfg: Config, loaders: dict[str, Any]) -> tuple[int, int, int]:
@@ -295,6 +298,10 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
     record = {"epoch": done, "iteration": s.iteration, **run.sums.means(acc, run.steps_in(epoch))}
     if done == run.epochs or done % run.cfg.train.eval_every == 0:
         result = evaluate(run.model, run.val_set, run.cfg, acc)
+        teacher = run.ctx.teacher
+        if teacher is not None:  # the teacher is UniMatch V2's model; the student's beside it
+            record["miou_student"] = result["miou"]
+            result = evaluate(teacher, run.val_set, run.cfg, acc)
         record["miou"], record["iou"] = result["miou"], result["iou"]
         acc.print(f"epoch {done}/{run.epochs}: loss {record.get('loss', 0):.4f} "
                   f"mIoU {result['miou']:.2f}")
@@ -302,7 +309,8 @@ def end_of_epoch(run: Run, epoch: int, stop: StopSignals) -> None:
         if result["miou"] > s.best_miou:
             s.best_miou, s.best_epoch = result["miou"], done
             kept.insert(0, "best.pt")
-        net = acc.unwrap_model(run.model, keep_torch_compile=False)  # keys without _orig_mod.
+        net = (teacher.net if teacher is not None  # keys without _orig_mod.
+               else acc.unwrap_model(run.model, keep_torch_compile=False))
         for name in kept if acc.is_main_process else []:
             save_weights(run.out / name, net, run.cfg, run.names, done, result["miou"], run.bank)
     s.history.append(record)

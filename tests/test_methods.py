@@ -214,9 +214,9 @@ def test_the_mlcl_part_replayed_from_its_inputs_gives_the_step(synth_root, monke
         seen["p"] = passes(*a)
         return seen["p"]
 
-    def spy_part(net, x, bank, cfg, sai_w, parts):
+    def spy_part(net, x, bank, cfg, sai_w, parts, *rest):
         seen.update(x=x, protos=bank.protos.clone(), rng=torch.get_rng_state(), sai_w=sai_w)
-        return part(net, x, bank, cfg, sai_w, parts)
+        return part(net, x, bank, cfg, sai_w, parts, *rest)
 
     monkeypatch.setattr(methods, "unimatch_passes", spy_passes)
     monkeypatch.setattr(methods, "mlcl_losses", spy_part)

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from mlcl import model as M
-from mlcl.config import Config, ConfigError, ModelConfig
+from mlcl.config import Config, ConfigError, ModelConfig, fill_defaults
 from mlcl.model import DeepLabV3Plus, SegOutput, build_model
 
 torch.set_num_threads(1)
@@ -28,7 +28,7 @@ def config(**model) -> Config:
     cfg.data.num_classes = K
     for k, v in model.items():
         setattr(cfg.model, k, v)
-    return cfg
+    return fill_defaults(cfg)
 
 
 @pytest.mark.parametrize("backbone", list(M.BACKBONES))

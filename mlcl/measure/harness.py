@@ -22,7 +22,7 @@ from mlcl import augment
 from mlcl.config import Config, load_config
 from mlcl.engine import backward_and_step, forward_terms, make_accelerator
 from mlcl.evaluate import predict_logits
-from mlcl.methods import StepContext, make_bank
+from mlcl.methods import StepContext, make_bank, make_teacher
 from mlcl.model import build_model
 from mlcl.stopping import NonFiniteGuard
 from mlcl.train import build_trainables
@@ -74,11 +74,11 @@ class Stepper:
     def __init__(self, cfg: Config, seed: int = 0):
         torch.manual_seed(seed)
         self.cfg, self.acc = cfg, make_accelerator(cfg)
-        self.model, self.optimizer, self.bank = build_trainables(cfg, self.acc)
+        self.model, self.optimizer, self.bank, teacher = build_trainables(cfg, self.acc)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.ctx = StepContext(cfg=cfg, bank=self.bank, accelerator=self.acc, total_iters=1000,
-                               iteration=500)
+                               iteration=500, teacher=teacher)
         self.guard = NonFiniteGuard(self.acc.device)
         self.batch = synthetic_batch(cfg, self.acc.device, seed)
         self.model.train()
@@ -120,7 +120,9 @@ def step_flops(cfg: Config) -> int:
     def step():
         with acc.device:
             model, bank = build_model(cfg).train(), make_bank(cfg)
-        ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=1000, iteration=500)
+            teacher = make_teacher(cfg, model)
+        ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=1000, iteration=500,
+                          teacher=teacher)
         acc.backward(forward_terms(model, synthetic_batch(cfg, acc.device, 0), ctx)["loss"])
 
     return count_flops(step)
