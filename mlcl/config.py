@@ -186,7 +186,7 @@ class MLCLConfig:
 
     variant: str = "paper"  # paper | released
     base: str = "unimatch"  # the step MLCL adds to: unimatch | unimatch_v2
-    targets: str = "teacher"  # on unimatch_v2, what gives F_w, F_1, F_2, SAI's targets: teacher | student
+    targets: str = "teacher"  # on unimatch_v2: F_w, F_1, F_2, SAI's targets from teacher | student
     alpha: Union[float, None] = None  # L_p2p weight; None: 0.1 (paper) / 0 (released)
     omega: float = 0.01  # L_dt weight
     beta: float = 0.01  # SAI weight at the end of the ramp-up
@@ -448,7 +448,7 @@ def fill_defaults(cfg: Config) -> Config:
 
 def uses_teacher(cfg: Config) -> bool:
     """Whether the run trains with UniMatch V2's EMA teacher."""
-    return cfg.method == "unimatch_v2" or (cfg.method == "mlcl" and cfg.mlcl.base == "unimatch_v2")
+    return cfg.method == "unimatch_v2" or (cfg.method, cfg.mlcl.base) == ("mlcl", "unimatch_v2")
 
 
 def check_relations(cfg: Config) -> None:
@@ -462,11 +462,12 @@ def check_relations(cfg: Config) -> None:
                           f"(data.num_classes={d.num_classes}); allowed: {d.num_classes}..255")
     partner = cfg.train.mix_partner
     if cfg.method != "supervised" and partner in ("roll", "flip") and cfg.train.batch_size < 2:
+        fix = "raise it" if uses_teacher(cfg) else "or use train.mix_partner=loader"
         raise ConfigError(f"config key 'train.mix_partner': '{partner}' needs train.batch_size >= "
-                          "2 (the CutMix partner is another image); use train.mix_partner=loader")
-    if uses_teacher(cfg) and cfg.train.mix_partner not in ("flip", "roll"):
-        raise ConfigError(f"config key 'train.mix_partner': {cfg.train.mix_partner!r} with UniMatch "
-                          "V2, whose CutMix partner is in the batch: use flip (its own) or roll")
+                          f"2 (the CutMix partner is another image): {fix}")
+    if uses_teacher(cfg) and partner not in ("flip", "roll"):
+        raise ConfigError(f"config key 'train.mix_partner': {partner!r} with UniMatch V2, whose "
+                          "CutMix partner is in the batch: use flip (its own) or roll")
     if uses_teacher(cfg) and cfg.mlcl.released_passes:
         raise ConfigError("config key 'mlcl.released_passes': the release's passes are UniMatch's "
                           "(V1); with mlcl.base=unimatch_v2 set it false")

@@ -215,6 +215,9 @@ def write_metrics(run, status: str, error: str | None = None) -> dict[str, Any]:
         "output_dir": str(cfg.output_dir),
         **({"bank_spread_across_processes": run.bank_spread} if run.bank is not None else {}),
     }
+    students = [r["miou_student"] for r in evaluated if "miou_student" in r]
+    if students:  # UniMatch V2: the miou above is the teacher's, the model's (student's) here
+        metrics.update(best_miou_student=max(students), last_miou_student=students[-1])
     if acc.is_main_process:
         atomic_write_json(run.out / "metrics.json", metrics)
     return metrics

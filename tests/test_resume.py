@@ -119,12 +119,13 @@ def reference(synth_root, tmp_path_factory):
     """Uninterrupted runs, one per method, made on first use."""
     made: dict[str, Path] = {}
 
-    def get(method: str) -> Path:
-        if method not in made:
+    def get(method: str, *extra: str) -> Path:
+        key = " ".join((method, *extra))
+        if key not in made:
             out = tmp_path_factory.mktemp("reference") / method
-            fit(load_config("synthetic", overrides(synth_root, out, f"method={method}")))
-            made[method] = out
-        return made[method]
+            fit(load_config("synthetic", overrides(synth_root, out, f"method={method}", *extra)))
+            made[key] = out
+        return made[key]
     return get
 
 
@@ -167,6 +168,45 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(synth_root, tmp_path,
         assert json.loads((out / f).read_text())["status"] == "interrupted"
     fit(load_config("synthetic", overrides(synth_root, out, *extra)))
     assert_same_run(reference("unimatch"), out)
+
+
+@pytest.mark.parametrize("extra", [("method=unimatch_v2",),
+                                   ("method=mlcl", "mlcl.base=unimatch_v2")])
+def test_a_run_with_a_teacher_resumes_exactly_teacher_included(synth_root, tmp_path, reference,
+                                                               monkeypatch, extra):
+    """UniMatch V2 (and MLCL on it): the EMA teacher is in every checkpoint and a run stopped
+    mid-epoch continues bitwise; best.pt / last.pt hold the teacher, not the model."""
+    import mlcl.train
+
+    out, step = tmp_path / "run", mlcl.train.train_step
+
+    def noticed_during_step_5(run, batch, epoch):
+        if run.state.iteration == 4:
+            signal.raise_signal(signal.SIGTERM)
+        return step(run, batch, epoch)
+
+    monkeypatch.setattr(mlcl.train, "train_step", noticed_during_step_5)
+    with pytest.raises(RunInterrupted):
+        fit(load_config("synthetic", overrides(synth_root, out, *extra)))
+    monkeypatch.undo()
+    stopped = latest(out)
+    assert stopped.name == "iter-00000005-epoch-0000"
+    teachers = [torch.load(f, weights_only=False) for f in stopped.glob("custom_checkpoint_*.pkl")]
+    teacher = next(t for t in teachers if any(k.startswith("net.") for k in t))
+    model = load_file(stopped / "model.safetensors")
+    assert teacher.keys() >= {f"net.{k}" for k in model}
+    assert any(not torch.equal(teacher[f"net.{k}"], v) for k, v in model.items())  # an EMA
+    fit(load_config("synthetic", overrides(synth_root, out, *extra)))
+    ref = reference(extra[0].removeprefix("method="), *extra[1:])
+    assert_same_run(ref, out)
+    metrics = json.loads((ref / "metrics.json").read_text())
+    assert all("miou_student" in e for e in metrics["epochs"]) and "best_miou_student" in metrics
+    final = torch.load(latest(ref) / next(
+        f.name for f in latest(ref).glob("custom_checkpoint_*.pkl")
+        if any(k.startswith("net.") for k in torch.load(f, weights_only=False))),
+        weights_only=False)
+    last = torch.load(ref / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(last[k], final[f"net.{k}"]) for k in last)
 
 
 def test_ctrl_c_twice_with_workers_then_resume_equals_the_uninterrupted_run(synth_root,
