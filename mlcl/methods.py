@@ -149,9 +149,10 @@ class UniMatchPasses:
     total: Tensor  # 0-dim: (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2, with gradient
     out_xw: Any  # SegOutput of the cat(x, u_w) pass (clean + fp)
     out_s: Any  # SegOutput of the cat(s1, s2) pass
-    prob_w: Tensor  # (B, K, H, W) softmax of u_w (train mode, detached)
-    prob_mix: Tensor  # (B, K, H, W) softmax of the mix source (eval mode)
-    f_mix: Tensor  # (B, C, h, w) features of the mix source (the same pass)
+    prob_w: Tensor | None  # (B, K, H, W) softmax of u_w (train mode, detached); V2: the weak
+    #                       side's (None without MLCL)
+    prob_mix: Tensor | None  # (B, K, H, W) softmax of the mix source (eval mode)
+    f_mix: Tensor | None  # (B, C, h, w) features of the mix source (the same pass)
     boxes: list[Tensor]  # box1, box2 (B, H, W) bool
     mix: dict[str, Tensor]  # the CutMix partner batch (mix_source)
     n_x: int  # labeled images at the front of the cat(x, u_w) pass
@@ -212,40 +213,44 @@ def step_unimatch(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, T
 
 # --------------------------------------------------------------------------- unimatch v2
 def unimatch_v2_passes(model, batch: dict[str, Any], ctx: StepContext,
-                       weak=None) -> UniMatchPasses:
+                       weak: str | None = None) -> UniMatchPasses:
     """UniMatch V2's passes and losses (docs/method.md, "UniMatch V2"): the teacher's
     pseudo-labels of u_w; the model on x, then on cat(s1, s2) CutMixed within the batch with
-    Complementary Dropout; (L_x + (L_s1 + L_s2) / 2) / 2. ``weak``: the module whose pass over
-    u_w the result carries for MLCL (out_xw, prob_w, f_mix; default the teacher's own)."""
+    Complementary Dropout; (L_x + (L_s1 + L_s2) / 2) / 2. ``weak`` (MLCL's weak side):
+    "teacher" or "student" fill out_xw, prob_w, prob_mix and f_mix from that network's pass
+    over u_w (the student's: no_grad, train mode); None leaves them None."""
     cfg, teacher = ctx.cfg, ctx.teacher
     x, y, u = batch["x"]["x"], batch["x"]["y"], batch["u"]
     how, boxes = cfg.train.mix_partner, [u["box1"], u["box2"]]
     mix = mix_source(batch, how)
     with torch.no_grad():
-        out_w = teacher(u["w"], return_features=True)
-        out_weak = out_w if weak is None else weak(u["w"], return_features=True)
-    conf_w, label_w = out_w.logits.softmax(1).max(1)  # (B, H, W)
+        out_w = teacher(u["w"], return_features=weak == "teacher")  # logits alone without MLCL
+        out_weak = model(u["w"], return_features=True) if weak == "student" else out_w
+    prob_w = (out_w.logits if weak == "teacher" else out_w).softmax(1)
+    conf_w, label_w = prob_w.max(1)  # (B, H, W)
     s1, s2 = paste(boxes[0], mix["s1"], u["s1"]), paste(boxes[1], mix["s2"], u["s2"])
     pred_x = model(x)
     out_s = model(torch.cat([s1, s2]), comp_drop=True, return_features=True)
     pred_s1, pred_s2 = out_s.logits.chunk(2)
 
     ig, tau = cfg.data.ignore_index, cfg.train.conf_thresh
-    targets = [(paste(b, in_batch_partner(label_w, how), label_w),
-                paste(b, in_batch_partner(conf_w, how), conf_w), paste(b, mix["ignore"],
-                                                                        u["ignore"]))
-               for b in boxes]
+    label_p, conf_p = in_batch_partner(label_w, how), in_batch_partner(conf_w, how)
+    targets = [(paste(b, label_p, label_w), paste(b, conf_p, conf_w),
+                paste(b, mix["ignore"], u["ignore"])) for b in boxes]
     loss_x = labeled_loss(pred_x, y, cfg)
     loss_s = (losses.pseudo_label_ce(pred_s1, *targets[0], tau, ig)
               + losses.pseudo_label_ce(pred_s2, *targets[1], tau, ig)) / 2
     valid = u["ignore"] != ig
     conf_ratio = ((conf_w >= tau) & valid).sum() / valid.sum().clamp(min=1)
     terms = {"x": loss_x.detach(), "s": loss_s.detach(), "conf_ratio": conf_ratio.float()}
-    prob_weak = out_weak.logits.softmax(1)
+    prob_weak = f_mix = None
+    if weak is not None:
+        prob_weak = prob_w if weak == "teacher" else out_weak.logits.softmax(1)
+        f_mix = in_batch_partner(out_weak.features, how)
     return UniMatchPasses(
         terms=terms, total=(loss_x + loss_s) / 2, out_xw=out_weak, out_s=out_s, prob_w=prob_weak,
-        prob_mix=in_batch_partner(prob_weak, how),
-        f_mix=in_batch_partner(out_weak.features, how), boxes=boxes, mix=mix, n_x=0)
+        prob_mix=None if weak is None else in_batch_partner(prob_weak, how), f_mix=f_mix,
+        boxes=boxes, mix=mix, n_x=0)
 
 
 def step_unimatch_v2(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tensor]:
@@ -375,8 +380,8 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
     parts = mlcl_parts(cfg)
     net = ctx.accelerator.unwrap_model(model) if ctx.accelerator is not None else model
     if m.base == "unimatch_v2":
+        p = unimatch_v2_passes(model, batch, ctx, weak=m.targets)
         student = m.targets == "student"
-        p = unimatch_v2_passes(model, batch, ctx, weak=model if student else None)
         weak, weak_net = (model, net) if student else (ctx.teacher, ctx.teacher.net)
     else:
         p, weak, weak_net = unimatch_passes(model, batch, ctx), model, net
