@@ -238,9 +238,10 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
             df = df[df[col] == want]
     if df.empty:
         return {}
+    slots = ("Supervised", "UniMatch", "MLCL")
     df = df.assign(slot=[METHOD_LABELS.get((m, v), "").split(" (")[0] or None
                          for m, v in zip(df.method, df.variant)])
-    df = df[df.slot.notna()]
+    df = df[df.slot.isin(slots)]
     score = df.groupby(["preset", "split", "seed"]).agg(k=("slot", "nunique"),
                                                         syn=("synthetic", "any"))
     best = score.assign(syn=score.syn.astype(int)).sort_values(
@@ -248,7 +249,7 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
     cell = df[(df.preset == best[0]) & (df.split == best[1]) & (df.seed == best[2])]
     by_name = {e["name"]: e for e in entries}
     out = {}
-    for s in ("Supervised", "UniMatch", "MLCL"):
+    for s in slots:
         rows = cell[cell.slot == s].sort_values("variant", ascending=True)  # paper < released
         if not rows.empty:
             out[s] = by_name[rows.name.iloc[0]]
