@@ -170,16 +170,21 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     p.add_argument("--max-listed", type=int, default=20,
                    help="problems printed per split (default 20)")
 
-    p = sub.add_parser("pretrained", help="torchvision ImageNet weights; check deep-stem files",
+    p = sub.add_parser("pretrained",
+                       help="torchvision ImageNet weights, DINOv2 files; check checkpoints",
                        description="torchvision's ImageNet ResNets into the torch hub cache "
-                                   "(model.pretrained: true); check deep-stem checkpoints "
-                                   "(pretrained/resnet50.pth): size, sha256, exact load.")
+                                   "(model.pretrained: true); the official DINOv2 files to "
+                                   "pretrained/dinov2_{small,base,large}.pth (the V2 presets'); "
+                                   "check checkpoints (pretrained/resnet50.pth, the DINOv2 "
+                                   "files): size, sha256, exact load.")
     p.set_defaults(step=_pretrained)
     p.add_argument("--torchvision", nargs="*", default=[], metavar="ARCH",
                    help="e.g. resnet50 resnet101")
-    p.add_argument("--url", help="replace torchvision's URL (one ARCH only)")
+    p.add_argument("--dinov2", nargs="*", default=[], metavar="ARCH",
+                   help="download and check, e.g. dinov2_s dinov2_b (dinov2_l)")
+    p.add_argument("--url", help="replace the URL of the one --torchvision or --dinov2 ARCH")
     p.add_argument("--check", nargs="*", default=[], metavar="PATH",
-                   help="deep-stem checkpoints to check, e.g. pretrained/resnet50.pth")
+                   help="checkpoints to check, e.g. pretrained/resnet50.pth")
     p.add_argument("--backbone", help="backbone of --check files (default: from the file name)")
     _retry_args(p)
 
@@ -214,25 +219,36 @@ def _own_split(args) -> int:
 
 
 def _pretrained(args) -> int:
-    if not args.torchvision and not args.check:
-        raise MlclError("nothing to do: give --torchvision ARCH ... and/or --check PATH ...")
-    if args.url and len(args.torchvision) != 1:
-        raise MlclError("--url replaces the URL of one --torchvision ARCH only")
+    if not (args.torchvision or args.dinov2 or args.check):
+        raise MlclError("nothing to do: give --torchvision ARCH ..., --dinov2 ARCH ... and/or "
+                        "--check PATH ...")
+    if args.url and len(args.torchvision) + len(args.dinov2) != 1:
+        raise MlclError("--url replaces the URL of one --torchvision or --dinov2 ARCH only")
     # torch and torchvision load here only: the other data commands and --help need neither
-    from mlcl.model import build_backbone
-    from mlcl.prepare.pretrained import check_checkpoint, fetch_torchvision
+    from mlcl.prepare.pretrained import (check_checkpoint, fetch_dinov2, fetch_torchvision,
+                                         fresh_backbone)
 
     for arch in args.torchvision:
         fetch_torchvision(arch, url=args.url, **_fetch_kw(args))
+    for arch in args.dinov2:
+        fetch_dinov2(arch, url=args.url, **_fetch_kw(args))
     for path in args.check:
-        # by default the deep-stem backbone the file name suggests (resnet101.pth: R101)
-        name = args.backbone or f"resnet{101 if '101' in Path(path).name else 50}_deepstem"
+        name = args.backbone or _backbone_of(Path(path).name)
         try:
-            backbone = build_backbone(name)
+            backbone = fresh_backbone(name)
         except ConfigError as e:
             raise MlclError(f"--backbone: {e}") from None
         check_checkpoint(path, backbone, name)
     return 0
+
+
+def _backbone_of(file_name: str) -> str:
+    """The backbone a checkpoint's file name suggests: dinov2_small.pth dinov2_s, resnet101.pth
+    the deep-stem R101, anything else the deep-stem R50."""
+    size = next((s for s in ("small", "base", "large") if s in file_name), None)
+    if "dinov2" in file_name and size:
+        return f"dinov2_{size[0]}"
+    return f"resnet{101 if '101' in file_name else 50}_deepstem"
 
 
 def run(args) -> int:

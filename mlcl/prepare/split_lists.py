@@ -16,7 +16,8 @@ from mlcl.prepare.download import (DownloadError, Log, PrepareError, digests, fe
                                    read_marker, say)
 
 UNIMATCH_REPO = "LiheYoung/UniMatch"
-# the first commit holding every list (818609d, the upload before it, lacks val.txt and most)
+# the first commit holding every list (818609d, the upload before it, lacks val.txt and most);
+# UniMatch V2's VOC and Cityscapes lists are these files byte for byte (docs/real_data.md, 12)
 UNIMATCH_COMMIT = "77cf3bfb5cc5ddf2fbd56a66c5b2b48d2d0ba122"
 # datasets whose lists live elsewhere: (repo, commit)
 SOURCES = {"ade20k": ("LiheYoung/UniMatch-V2", "b6410d398a023f6d63f4f46814610b77c80cbf6f")}

@@ -1,5 +1,6 @@
 """The published mIoU (%, single runs) of the MLCL paper's Tables I-III (docs/method.md,
-"Published numbers"); each column is a (preset, split) cell, where registry entries land."""
+"Published numbers") and of UniMatch V2 on VOC and Cityscapes (docs/real_data.md, section
+12); each column is a (preset, split[, backbone]) cell, where registry entries land."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,31 +8,53 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Column:
-    """A column of a published table: the preset and split that reproduce it, its heading."""
+    """A column of a published table: the preset and split that reproduce it, its heading, and
+    the model.backbone its runs must have (empty: the preset's, whatever it is)."""
 
     preset: str
     split: str
     label: str
+    backbone: str = ""
 
 
 @dataclass(frozen=True)
 class PaperTable:
-    """One of the paper's Tables I-III: its columns and the published mIoU per method."""
+    """A published table: its columns, the published mIoU per method, the methods shown with
+    no published number (``unpublished``), and what 'published' means in its caption."""
 
     key: str
     title: str
     columns: tuple[Column, ...]
     published: dict[str, tuple[float, ...]]  # method key -> one value per column
+    unpublished: tuple[str, ...] = ()
+    source: str = "the paper's single runs (docs/method.md)"
 
-    def value(self, method: str, preset: str, split: str) -> float | None:
-        """The published mIoU of ``method`` in the column of (preset, split), if any."""
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The method keys of its rows: the published ones, then the unpublished."""
+        return (*self.published, *self.unpublished)
+
+    def value(self, method: str, preset: str, split: str, backbone: str = "") -> float | None:
+        """The published mIoU of ``method`` in the column of (preset, split, backbone), if any
+        (a column naming no backbone matches any)."""
         return next((v for col, v in zip(self.columns, self.published.get(method, ()))
-                     if (col.preset, col.split) == (preset, split)), None)
+                     if (col.preset, col.split) == (preset, split)
+                     and col.backbone in ("", backbone)), None)
 
 
 # Row labels of the published rows; AugSeg is a baseline of Table I we do not reimplement.
 PUBLISHED_LABELS = {"supervised": "Supervised", "unimatch": "UniMatch (CVPR'23)",
-                    "augseg": "AugSeg (CVPR'23)", "mlcl": "MLCL (paper)"}
+                    "augseg": "AugSeg (CVPR'23)", "unimatch_v2": "UniMatch V2 (TPAMI'25)",
+                    "mlcl": "MLCL (paper)"}
+V2_SOURCE = ("UniMatch V2's single runs, the EMA teacher's best epoch: DINOv2-B from its "
+             "README, DINOv2-S from its training logs (docs/real_data.md)")
+
+
+def _v2_columns(preset: str, splits: tuple[str, ...], labels: tuple[str, ...]) -> tuple:
+    """One column per split for DINOv2-S, then one per split for DINOv2-B."""
+    return tuple(Column(preset, s, f"{size} {label}", f"dinov2_{size.lower()}")
+                 for size in ("S", "B") for s, label in zip(splits, labels))
+
 
 TABLES: dict[str, PaperTable] = {
     "I": PaperTable(
@@ -60,5 +83,17 @@ TABLES: dict[str, PaperTable] = {
         {"supervised": (63.30, 70.20, 73.10, 76.60),
          "unimatch": (75.03, 76.77, 77.49, 78.60),
          "mlcl": (75.69, 76.83, 78.20, 79.33)}),
+    "V2-VOC": PaperTable(
+        "V2-VOC", "Pascal VOC 2012 original, UniMatch V2's setting, DINOv2-S and DINOv2-B",
+        _v2_columns("pascal_v2", ("92", "183", "366", "732", "1464"),
+                    ("1/16 (92)", "1/8 (183)", "1/4 (366)", "1/2 (732)", "full (1464)")),
+        {"unimatch_v2": (79.0, 85.5, 85.9, 86.7, 87.8, 86.3, 87.9, 88.9, 90.0, 90.8)},
+        ("mlcl",), V2_SOURCE),
+    "V2-Cityscapes": PaperTable(
+        "V2-Cityscapes", "Cityscapes, UniMatch V2's setting, DINOv2-S and DINOv2-B",
+        _v2_columns("cityscapes_v2", ("1_16", "1_8", "1_4", "1_2"),
+                    ("1/16 (186)", "1/8 (372)", "1/4 (744)", "1/2 (1488)")),
+        {"unimatch_v2": (80.6, 81.9, 82.4, 82.6, 83.6, 84.3, 84.5, 85.1)},
+        ("mlcl",), V2_SOURCE),
 }
 

@@ -13,7 +13,7 @@ from typing import Any
 from mlcl.config import RESULT_NEUTRAL, Config, config_changes
 from mlcl.files import atomic_write_json
 from mlcl.outputs import read_run, resume_changes
-from mlcl.paths import REPO, runs_dir
+from mlcl.paths import CONFIGS, REPO, runs_dir
 
 # what names a grid cell (mlcl.study.grids.Run): the registry's ``run`` record and table rows
 CELL_KEYS = ("preset", "split", "method", "variant", "ablation", "seed")
@@ -148,12 +148,21 @@ def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
     metrics = entry.get("metrics") or {}
     method = run.get("method") or cfg.get("method") or metrics.get("method")
     variant = run.get("variant") or (cfg.get("mlcl") or {}).get("variant") or "paper"
-    return {"preset": run.get("preset") or (cfg.get("data") or {}).get("dataset"),
+    return {"preset": run.get("preset") or default_preset(cfg),
             "split": str(run.get("split") or cfg.get("split") or metrics.get("split") or ""),
             "method": method,
             "variant": variant if method == "mlcl" else "",
             "ablation": run.get("ablation") or "",
             "seed": int(run.get("seed", cfg.get("seed", metrics.get("seed", 0))) or 0)}
+
+
+def default_preset(config: dict[str, Any]) -> str | None:
+    """The preset of a run recorded without a ``run`` record: its dataset's name, or for a
+    DINOv2 encoder the dataset's UniMatch V2 preset (``<dataset>_v2``) where there is one."""
+    dataset = (config.get("data") or {}).get("dataset")
+    v2 = f"{dataset}_v2"
+    dinov2 = str((config.get("model") or {}).get("backbone") or "").startswith("dinov2")
+    return v2 if dinov2 and (CONFIGS / f"{v2}.yaml").is_file() else dataset
 
 
 def entry_output_dir(entry: dict[str, Any]) -> Path | None:
@@ -219,11 +228,12 @@ def runs_frame(entries: list[dict[str, Any]]):
         cfg = e.get("config") or {}
         rows.append({"name": e.get("name"), **run_fields(e),
                      "dataset": (cfg.get("data") or {}).get("dataset") or m.get("dataset"),
+                     "backbone": (cfg.get("model") or {}).get("backbone") or "",
                      **{k: m.get(k) for k in METRIC_COLUMNS}, "complete": bool(m.get("complete")),
                      "synthetic": bool(e.get("synthetic", is_synthetic(cfg))),
                      "wall_time_s": e.get("wall_time_s"),
                      "output_dir": str(entry_output_dir(e) or "") or None, "grid": e.get("grid")})
-    columns = ["name", *CELL_KEYS, "dataset", *METRIC_COLUMNS, "complete", "synthetic",
+    columns = ["name", *CELL_KEYS, "dataset", "backbone", *METRIC_COLUMNS, "complete", "synthetic",
                "wall_time_s", "output_dir", "grid"]
     df = pd.DataFrame(rows, columns=columns)
     for col in ("best_miou", "last_miou", "wall_time_s"):

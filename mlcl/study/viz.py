@@ -26,10 +26,11 @@ SYNTHETIC_NOTE = ("† run on synthetic data (the synthetic shapes set, short CP
                   "not comparable with the published VOC / Cityscapes numbers.")
 # (method, variant) -> label, in table order
 METHOD_LABELS = {("supervised", ""): "Supervised", ("unimatch", ""): "UniMatch",
-                 ("mlcl", "paper"): "MLCL (paper variant)",
+                 ("unimatch_v2", ""): "UniMatch V2", ("mlcl", "paper"): "MLCL (paper variant)",
                  ("mlcl", "released"): "MLCL (released variant)"}
-COLOURS = {"Supervised": "#7f7f7f", "UniMatch": "#1f77b4", "MLCL (paper variant)": "#d62728",
-           "MLCL (released variant)": "#ff7f0e"}
+COLOURS = {"Supervised": "#7f7f7f", "UniMatch": "#1f77b4", "UniMatch V2": "#17becf",
+           "MLCL (paper variant)": "#d62728", "MLCL (released variant)": "#ff7f0e"}
+NOT_PUBLISHED = "not published"
 ABLATION_LABELS = {"": "MLCL (all components)", "no_p2p": "without L_p2p",
                    "no_dt": "without L_dt", "no_mask": "without F_mk (SAI masking)",
                    "no_noise": "without F_ne (SAI noise)", "no_sai": "without SAI",
@@ -70,17 +71,22 @@ def _complete(entries: list[dict]) -> pd.DataFrame:
 
 
 def paper_table_values(entries: list[dict], key: str) -> pd.DataFrame:
-    """Table ``key`` long: per (column, method) the published and our best/last numbers."""
+    """Table ``key`` long: per (column, method of the table) the published and our best/last
+    numbers (a column naming a backbone takes only runs of that model.backbone)."""
     t = paper.TABLES[key]
     df = _complete(entries)
     rows = []
     for col in t.columns:
         for (method, variant), label in METHOD_LABELS.items():
+            if method not in t.methods:
+                continue
             sel = df[(df.preset == col.preset) & (df.split == col.split) & (df.method == method)
-                     & (df.variant == variant) & (df.ablation == "")]
+                     & (df.variant == variant) & (df.ablation == "")
+                     & (df.backbone == col.backbone if col.backbone else True)]
             rows.append({"table": key, "column": col.label, "preset": col.preset,
-                         "split": col.split, "method": method, "variant": variant,
-                         "label": label, "published": t.value(method, col.preset, col.split),
+                         "split": col.split, "backbone": col.backbone, "method": method,
+                         "variant": variant, "label": label,
+                         "published": t.value(method, col.preset, col.split, col.backbone),
                          **_best_last(sel), "synthetic": bool(sel.synthetic.any()),
                          "runs": list(sel.name)})
     return pd.DataFrame(rows)
@@ -93,10 +99,11 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
     cols = [c.label for c in t.columns]
     out: dict[tuple[str, str], list[str]] = {}
     for pkey, plabel in paper.PUBLISHED_LABELS.items():
-        if pkey not in t.published:
+        if pkey not in t.methods:
             continue
         group = plabel.split(" (")[0]
-        out[(group, f"published: {plabel}")] = [f"{v:.2f}" for v in t.published[pkey]]
+        out[(group, f"published: {plabel}")] = [f"{v:.2f}" for v in t.published[pkey]] \
+            if pkey in t.published else [NOT_PUBLISHED] * len(cols)
         for method, variant in (mv for mv in METHOD_LABELS if mv[0] == pkey):
             v = values[(values.method == method) & (values.variant == variant)]
             v = v.set_index("column").loc[cols]
@@ -112,10 +119,9 @@ def paper_table(entries: list[dict], key: str) -> pd.DataFrame:
 def paper_table_caption(entries: list[dict], key: str) -> str:
     """The caption saved with :func:`paper_table` ``(entries, key)``."""
     t = paper.TABLES[key]
-    return (f"Table {key}: {t.title}. mIoU (%). 'published': the paper's single runs "
-            f"(docs/method.md). 'ours': mean ± std over seeds (n = runs) at the best and at "
-            f"the last evaluated epoch, from the results registry. '{NOT_RUN}': no complete "
-            f"run in the registry. {SYNTHETIC_NOTE}")
+    return (f"Table {key}: {t.title}. mIoU (%). 'published': {t.source}. 'ours': mean ± std "
+            f"over seeds (n = runs) at the best and at the last evaluated epoch, from the "
+            f"results registry. '{NOT_RUN}': no complete run in the registry. {SYNTHETIC_NOTE}")
 
 
 def synthetic_values(entries: list[dict]) -> pd.DataFrame:
@@ -232,9 +238,10 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
             df = df[df[col] == want]
     if df.empty:
         return {}
+    slots = ("Supervised", "UniMatch", "MLCL")
     df = df.assign(slot=[METHOD_LABELS.get((m, v), "").split(" (")[0] or None
                          for m, v in zip(df.method, df.variant)])
-    df = df[df.slot.notna()]
+    df = df[df.slot.isin(slots)]
     score = df.groupby(["preset", "split", "seed"]).agg(k=("slot", "nunique"),
                                                         syn=("synthetic", "any"))
     best = score.assign(syn=score.syn.astype(int)).sort_values(
@@ -242,7 +249,7 @@ def qualitative_runs(entries: list[dict], preset: str | None = None, split: str 
     cell = df[(df.preset == best[0]) & (df.split == best[1]) & (df.seed == best[2])]
     by_name = {e["name"]: e for e in entries}
     out = {}
-    for s in ("Supervised", "UniMatch", "MLCL"):
+    for s in slots:
         rows = cell[cell.slot == s].sort_values("variant", ascending=True)  # paper < released
         if not rows.empty:
             out[s] = by_name[rows.name.iloc[0]]
