@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Backbone checkpoints: torchvision's ImageNet ResNets into the torch hub cache, and a
-check (size, sha256, exact load) of UniMatch's deep-stem files at pretrained/resnet{50,101}.pth.
+"""Backbone checkpoints: torchvision's ImageNet ResNets into the torch hub cache, the official
+DINOv2 files at pretrained/dinov2_{small,base,large}.pth (UniMatch V2's names), and a check
+(size, sha256, exact load) of UniMatch's deep-stem files at pretrained/resnet{50,101}.pth.
 
     python data_scripts/fetch_pretrained.py --torchvision resnet50 resnet101
+    python data_scripts/fetch_pretrained.py --dinov2 dinov2_s dinov2_b
     python data_scripts/fetch_pretrained.py --check pretrained/resnet50.pth pretrained/resnet101.pth
 
 The same as `python -m mlcl data pretrained ...`; `--help` lists the options. Run-book:

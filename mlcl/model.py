@@ -328,13 +328,13 @@ def pretrained_file(m: ModelConfig) -> Path | None:
 
 
 def _dinov2_file(path: Path, arch: str) -> Path:
-    """``path``, or a ConfigError naming the official file to download when it is missing."""
+    """``path``, or a ConfigError saying how to get the official file when it is missing."""
     if not path.is_file():
         raise ConfigError(
-            f"model.pretrained: the DINOv2 checkpoint {path} of {arch} does not exist; this "
-            f"machine cannot download it: fetch {dinov2_url(arch)} and save it as {path} (or give "
-            f"its path: model.pretrained=PATH; true looks in the hub cache, "
-            f"{imagenet_file(arch)})")
+            f"model.pretrained: the DINOv2 checkpoint {path} of {arch} does not exist: "
+            f"`python -m mlcl data pretrained --dinov2 {arch}` downloads {dinov2_url(arch)} to "
+            f"pretrained/ (then model.pretrained=pretrained/dinov2_<size>.pth, the presets' "
+            f"path), or save that file as {path} yourself")
     return path
 
 
