@@ -262,9 +262,10 @@ CHOICES = {"method": METHOD_NAMES, "data.layout": ("voc", "cityscapes", "folder"
            "mlcl.base": ("unimatch", "unimatch_v2"), "mlcl.targets": ("teacher", "student"),
            "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101",
                               "resnet50_deepstem", "resnet101_deepstem",
-                              "dinov2_s", "dinov2_b", "dinov2_l")}
-# DPT's feature width on each DINOv2 (UniMatch V2's), the default of model.feature_channels
-DEFAULT_FEATURES = {"dinov2_s": 64, "dinov2_b": 128, "dinov2_l": 256}
+                              "dinov2_s", "dinov2_b", "dinov2_l", "vit_w64d4p8")}
+# DPT's feature width on each DINOv2 (UniMatch V2's), the default of model.feature_channels;
+# vit_w64d4p8's F is at full resolution (patch 8): 32
+DEFAULT_FEATURES = {"dinov2_s": 64, "dinov2_b": 128, "dinov2_l": 256, "vit_w64d4p8": 32}
 
 # Keys that do not change a run's results (workers, logging, where files go): two runs that
 # differ only in these are the same run (mlcl.study.reproduce, the registry's tables).

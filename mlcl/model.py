@@ -200,6 +200,12 @@ DINOV2 = {"dinov2_s": ("vit_small_patch14_dinov2", [2, 5, 8, 11], [48, 96, 192, 
           "dinov2_l": ("vit_large_patch14_dinov2", [4, 11, 17, 23], [256, 512, 1024, 1024])}
 DINOV2_FILES = {"dinov2_s": "dinov2_vits14", "dinov2_b": "dinov2_vitb14",
                 "dinov2_l": "dinov2_vitl14"}  # dl.fbaipublicfiles.com/dinov2/NAME/NAME_pretrain.pth
+# ViTs without released weights, trained from scratch at CPU-sized crops (docs/synthetic_study.md,
+# "A ViT on the synthetic set"): as DINOV2, then timm's arguments beyond the model's name.
+# vit_w64d4p8: width 64, 4 blocks (one per DPT level), 2 heads, patch 8 (8x8 tokens at 64 px)
+SCRATCH_VITS = {"vit_w64d4p8": ("vit_tiny_patch16_224", [0, 1, 2, 3], [8, 16, 32, 64], {
+    "embed_dim": 64, "depth": 4, "num_heads": 2, "patch_size": 8, "img_size": 64})}
+VITS = {**DINOV2, **SCRATCH_VITS}  # the backbones of DPT
 
 
 class ResidualConvUnit(nn.Module):
@@ -232,18 +238,19 @@ class FusionBlock(nn.Module):
 
 
 class DPT(Segmenter):
-    """UniMatch V2's network: DINOv2 (timm) and a DPT head. ``levels``: four blocks' normed
-    patch tokens as maps (B, D, H/14, W/14), the input resized to a multiple of 14 first;
-    F: DPT's last fusion map after ``output_conv``'s 3×3 conv and ReLU (B, C, 8H/14, 8W/14),
-    so that ``decode`` is the 1×1 classifier as on DeepLabV3+ (docs/method.md)."""
+    """UniMatch V2's network: DINOv2 (timm; or a ViT of SCRATCH_VITS) and a DPT head.
+    ``levels``: four blocks' normed patch tokens as maps (B, D, H/p, W/p), p the patch size
+    (14 on DINOv2), the input resized to a multiple of p first; F: DPT's last fusion map after
+    ``output_conv``'s 3×3 conv and ReLU (B, C, 8H/p, 8W/p), so that ``decode`` is the 1×1
+    classifier as on DeepLabV3+ (docs/method.md)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
         import timm  # only this network needs it
 
-        name, self.blocks, widths = DINOV2[cfg.backbone]
+        name, self.blocks, widths, *timm_args = VITS[cfg.backbone]
         self.backbone = timm.create_model(name, pretrained=False, num_classes=0,
-                                          dynamic_img_size=True)
+                                          dynamic_img_size=True, **dict(*timm_args))
         dim, c = self.backbone.embed_dim, cfg.feature_channels
         self.projects = nn.ModuleList(nn.Conv2d(dim, w, 1) for w in widths)
         self.resize = nn.ModuleList([nn.ConvTranspose2d(widths[0], widths[0], 4, stride=4),
@@ -256,8 +263,9 @@ class DPT(Segmenter):
         self.fp_dropout = nn.Dropout2d(cfg.fp_dropout)  # UniMatch (V1)'s fp, if asked for
 
     def levels(self, x: Tensor) -> list[Tensor]:
-        """The four token maps (B, D, h, w), h = round(H / 14) (UniMatch V2's evaluation)."""
-        size = [max(int(s / 14 + 0.5), 1) * 14 for s in x.shape[-2:]]
+        """The four token maps (B, D, h, w), h = round(H / p) (UniMatch V2's evaluation)."""
+        p = self.backbone.patch_embed.patch_size[0]
+        size = [max(int(s / p + 0.5), 1) * p for s in x.shape[-2:]]
         if size != list(x.shape[-2:]):
             x = upsample(x, size)
         return self.backbone.forward_intermediates(x, indices=self.blocks, norm=True,
@@ -303,6 +311,9 @@ def pretrained_file(m: ModelConfig) -> Path | None:
         why = "true means torchvision's ImageNet weights, which"
         if m.backbone in DINOV2:
             return _dinov2_file(imagenet_file(m.backbone), m.backbone)
+        if m.backbone in SCRATCH_VITS:
+            raise ConfigError(f"config key 'model.pretrained': no weights were released for "
+                              f"{m.backbone} (it trains from scratch); use false or a file")
         if m.backbone not in TORCHVISION_WEIGHTS:
             raise ConfigError(
                 f"config key 'model.pretrained': {why} do not exist for the deep-stem "
@@ -383,7 +394,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 def build_model(cfg: Config) -> Segmenter:
     """DeepLabV3+ or DPT of ``cfg.model`` and ``cfg.data.num_classes``, model.pretrained loaded."""
     path = pretrained_file(cfg.model)  # a bad value fails before the model is built
-    net = DPT if cfg.model.backbone in DINOV2 else DeepLabV3Plus
+    net = DPT if cfg.model.backbone in VITS else DeepLabV3Plus
     model = net(cfg.model, cfg.data.num_classes)
     if path is not None:
         load_backbone_weights(model.backbone, path)

@@ -78,6 +78,9 @@ def build_grid(name: str) -> list[Run]:
                 for seed in range(10) for m, abl, ov in (
                     ("unimatch", "", ()), ("mlcl", "", ()),
                     ("mlcl", "mixed", ("mlcl.weak_features=mixed",)))]
+    if name == "vit":  # the synthetic set on a from-scratch ViT; mlcl is MLCL on UniMatch V2
+        return [Run("synthetic_vit", "1_16", m, seed)
+                for seed in (0, 1, 2) for m in ("supervised", "unimatch_v2", "mlcl")]
     if name == "voc-original":
         return _methods_grid("pascal", ("92", "183", "366", "732", "1464"), (0,))
     if name == "voc-blended":
@@ -113,4 +116,4 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "mix-partner", "weak-features",
-         "voc-original", "voc-blended", "cityscapes")
+         "vit", "voc-original", "voc-blended", "cityscapes")
