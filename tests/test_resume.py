@@ -170,12 +170,14 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(synth_root, tmp_path,
     assert_same_run(reference("unimatch"), out)
 
 
-@pytest.mark.parametrize("extra", [("method=unimatch_v2",),
-                                   ("method=mlcl", "mlcl.base=unimatch_v2")])
+@pytest.mark.parametrize("extra", [
+    ("method=unimatch_v2",), ("method=mlcl", "mlcl.base=unimatch_v2"),
+    ("method=mlcl", "mlcl.base=unimatch_v2", "model.backbone=vit_w64d4p8")])  # DPT on a ViT
 def test_a_run_with_a_teacher_resumes_exactly_teacher_included(synth_root, tmp_path, reference,
                                                                monkeypatch, extra):
-    """UniMatch V2 (and MLCL on it): the EMA teacher is in every checkpoint and a run stopped
-    mid-epoch continues bitwise; best.pt / last.pt hold the teacher, not the model."""
+    """UniMatch V2 (and MLCL on it; on a ResNet and on DPT): the EMA teacher is in every
+    checkpoint and a run stopped mid-epoch continues bitwise; best.pt / last.pt hold the
+    teacher, not the model."""
     import mlcl.train
 
     out, step = tmp_path / "run", mlcl.train.train_step
