@@ -564,9 +564,10 @@ def test_a_stop_signal_ends_the_rehearsal(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------- gpu-check
 @pytest.fixture(scope="session")
 def tiny_check(tmp_path_factory) -> tuple[int, Path]:
+    """The UniMatch presets' parts (the V2 presets' rehearsals: tests/test_measure_v2.py)."""
     out = tmp_path_factory.mktemp("gpu-check")
     code = measure.main(["gpu-check", "--device", "cpu", "--out", str(out), "--methods",
-                         "unimatch,mlcl"])
+                         "unimatch,mlcl", "--config", ",".join(PRESETS)])
     return code, out
 
 
@@ -593,21 +594,23 @@ def test_gpu_check_at_toy_sizes_runs_every_part_and_rehearses_every_preset(tiny_
     assert text.startswith("# gpu-check PASSED") and "rehearse cityscapes: ALL PASS" in text
 
 
-def test_gpu_check_plans_the_gpu_parts_within_8_minutes(capsys, monkeypatch):
+def test_gpu_check_plans_the_gpu_parts_within_12_5_minutes(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert measure.main(["gpu-check", "--device", "cuda", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [ln.split(" (")[0] for ln in lines]
     assert names == ["bench_fp32", "bench_bf16", *(f"rehearse_{p}" for p in PRESETS),
-                     "two_process"]
+                     "rehearse_pascal_v2", "rehearse_cityscapes_v2", "two_process"]
     assert "--device cuda steps" in lines[0] and "train.mixed_precision=no" in lines[0]
     assert "train.mixed_precision=bf16" in lines[1] and "memory" in lines[1]
-    for ln in lines[2:6]:
+    for ln in lines[2:8]:
         assert "--device cuda rehearse" in ln and "train.mixed_precision=bf16" in ln
         assert "batch_size" not in ln  # the preset's own batch
-    assert "--num_processes 2" in lines[6] and "method=mlcl" in lines[6]
+    assert "--methods mlcl" in lines[3]  # pascal_blended; the others: the preset's rows
+    assert all("--methods" not in ln for ln in lines[2:8] if ln != lines[3])
+    assert "--num_processes 2" in lines[8] and "method=mlcl" in lines[8]
     budgets = [int(ln.split(" (")[1].split(" s)")[0]) for ln in lines]
-    assert sum(budgets[:6]) <= gpu_check.BUDGET_S == 480  # one GPU: no two-process part
+    assert sum(budgets[:8]) <= gpu_check.BUDGET_S == 750  # one GPU: no two-process part
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert measure.main(["gpu-check", "--device", "cuda"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
