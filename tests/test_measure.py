@@ -13,12 +13,13 @@ What runs at which size (the rehearsal and gpu-check tests take about 2.5 minute
 - **Real sizes, computed** (~35 s): pascal with the deep-stem ResNet-50 at width 64 and crop
   321, a fabricated checkpoint with the real keys and shapes, fabricated VOC images of VOC's
   sizes; the supervised method at batch 2, 2 + 2 steps: every stage.
-- **Every preset, every stage** (~90 s): ``measure gpu-check --device cpu``, i.e. the exact
-  commands ``make gpu-check`` runs, at toy sizes (width 4, crop 161, 2 + 2 steps; fabricated
+- **Every UniMatch preset, every stage** (~90 s): ``measure gpu-check --device cpu``, i.e. the
+  exact commands ``make gpu-check`` runs for them, at toy sizes (width 4, crop 161, 2 + 2 steps; fabricated
   images scaled with the crop, 161 / the preset's: Cityscapes frames of 412 x 206).
 - **ADE20K and COCO, every stage**: ``measure rehearse`` of each at the same toy sizes, every
   method (at real size, crop 518 and ResNet-101, a semi-supervised step takes minutes on a
   CPU: their real-size rehearsals are in docs/real_data.md, section 11).
+- **UniMatch V2's presets** (DINOv2): tests/test_measure_v2.py.
 """
 from __future__ import annotations
 
@@ -365,13 +366,18 @@ def test_step_flops_of_a_tiny_deeplab_equal_the_sum_over_its_convolutions():
 
 
 def test_every_cell_of_every_preset_is_costed_at_real_size(capsys):
-    """Counted on fake tensors at the presets' real crop, batch and backbone."""
+    """Counted on fake tensors at the presets' real crop, batch and backbone; then the memory
+    per GPU of each method (tests/test_measure_v2.py checks the estimate)."""
     rows = {}
     for preset in PRESETS:
         assert measure.main(["costs", "--config", preset, "--device", "cpu"]) == 0
         table = capsys.readouterr().out.splitlines()
-        assert table[0].startswith("| cell | method")
-        rows[preset] = [r.split(" | ") for r in table[2:]]
+        end = table.index("")
+        assert table[0].startswith("| cell | method") and "in bf16 (estimate" in table[end + 1]
+        assert table[end + 2].split(" | ")[2:] == ["peak GiB / GPU", "fits 40 GB", "fits 80 GB |"]
+        assert [r.split(" | ")[0] for r in table[end + 4:]] == [
+            "| supervised", "| unimatch", "| mlcl"]
+        rows[preset] = [r.split(" | ") for r in table[2:end]]
     assert [r[0] for r in rows["pascal"]] == ["| 92"] * 3 + ["| 183"] * 3 + ["| 366"] * 3 + [
         "| 732"] * 3 + ["| 1464"] * 3
     assert len(rows["pascal_blended_r101"]) == 18 and len(rows["cityscapes"]) == 12
@@ -403,7 +409,8 @@ def test_ade20k_and_coco_cells_are_costed_on_their_real_pools(capsys):
     x 2, COCO 1/512 (232 of 118,287) on 4 GPUs x 4."""
     for preset, cells in (("ade20k", 6), ("coco", 5)):
         assert measure.main(["costs", "--config", preset, "--device", "cpu"]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == 2 + 3 * cells
+        lines = capsys.readouterr().out.splitlines()
+        assert lines.index("") == 2 + 3 * cells and len(lines) == 2 + 3 * cells + 1 + 1 + 2 + 3
     for preset, split, want in (("ade20k", "1_64", (19894, 2000, 2486, 60 * 2486)),
                                 ("coco", "1_512", (118055, 5000, 7378, 20 * 7378))):
         cfg = load_config(preset, ["method=mlcl", f"split={split}"])

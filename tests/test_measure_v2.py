@@ -103,7 +103,7 @@ def test_pascal_v2_is_costed_at_the_real_crop_and_batch(capsys):
     assert out.count("| cell | method") == 1 and "| 183 | unimatch_v2 |" in out
     cells = [ln.split(" | ")[0] for ln in out.splitlines()[2:17]]
     assert cells == [f"| {c}" for c in ("92", "183", "366", "732", "1464") for _ in range(3)]
-    assert "dinov2_s, crop 518, batch 4 per GPU" in out and "| mlcl | 24.7 M |" in out
+    assert "dinov2_s, crop 518, batch 4 per GPU on 4 GPUs" in out and "| mlcl | 24.7 M |" in out
 
     def cfg(method, *extra):
         return real("pascal_v2", f"method={method}", *extra)

@@ -15,7 +15,8 @@ or one of:
 
 rehearse  every stage of each preset of --config on fabricated full-size data, PASS / FAIL /
           SKIP each, OUT/PRESET/rehearse.json (default OUT runs/rehearse); exit 1 on a FAIL
-costs     FLOPs per step and projected cost of every cell of each preset (no training)
+costs     FLOPs per step and projected cost of every cell of each preset, then each method's
+          estimated peak memory per GPU (bf16, or train.mixed_precision=...; no training)
 gpu-check  bench in fp32 and bf16, every paper preset rehearsed in bf16, two processes
           with two GPUs: runs/gpu-check/{gpu_check.json,SUMMARY.md}; --device cpu: toy sizes
 

@@ -494,15 +494,18 @@ def cost_table(preset: str, a: argparse.Namespace, cells: list[str]) -> list[str
 
 
 def memory_table(plan: Plan, methods: list[str]) -> list[str]:
-    """One row per method: parameters, the estimated peak per GPU in bf16 and fp32, and
-    whether the bf16 run fits each card (:func:`memory_estimate`)."""
-    rows = []
+    """One row per method: parameters, the estimated peak per GPU (:func:`memory_estimate`)
+    in bf16, or in the precision a ``train.mixed_precision`` override names, and whether it
+    fits each card."""
+    rows, b = [], plan.base
+    given = dict(o.split("=", 1) for o in plan.a.overrides if "=" in o)
+    precision = given.get("train.mixed_precision", "bf16")
     for m in methods:
-        bf16, fp32 = (memory_estimate(plan, m, p) for p in ("bf16", "no"))
-        rows.append({"method": m, "parameters": f"{bf16['parameters'] / 1e6:.1f} M",
-                     "bf16 GiB / GPU": f"{bf16['gib']:.1f}", "fp32 GiB / GPU":
-                     f"{fp32['gib']:.1f}", **{f"fits {k} (bf16)": "yes" if ok else "no"
-                                                for k, ok in bf16["fits"].items()}})
-    b = plan.base
-    return [f"peak memory per GPU (estimate, no GPU used): {b.model.backbone}, crop "
-            f"{b.data.crop_size}, batch {b.train.batch_size} per GPU", *md_table(rows)]
+        est = memory_estimate(plan, m, precision)
+        rows.append({"method": m, "parameters": f"{est['parameters'] / 1e6:.1f} M",
+                     "peak GiB / GPU": f"{est['gib']:.1f}",
+                     **{f"fits {k}": "yes" if ok else "no" for k, ok in est["fits"].items()}})
+    label = {"no": "fp32"}.get(precision, precision)
+    return [f"peak memory per GPU in {label} (estimate, no GPU used): {b.model.backbone}, "
+            f"crop {b.data.crop_size}, batch {b.train.batch_size} per GPU on "
+            f"{plan.a.gpus or reference_run(b)[0]} GPUs", *md_table(rows)]
