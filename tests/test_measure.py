@@ -13,12 +13,13 @@ What runs at which size (the rehearsal and gpu-check tests take about 2.5 minute
 - **Real sizes, computed** (~35 s): pascal with the deep-stem ResNet-50 at width 64 and crop
   321, a fabricated checkpoint with the real keys and shapes, fabricated VOC images of VOC's
   sizes; the supervised method at batch 2, 2 + 2 steps: every stage.
-- **Every preset, every stage** (~90 s): ``measure gpu-check --device cpu``, i.e. the exact
-  commands ``make gpu-check`` runs, at toy sizes (width 4, crop 161, 2 + 2 steps; fabricated
+- **Every UniMatch preset, every stage** (~90 s): ``measure gpu-check --device cpu``, i.e. the
+  exact commands ``make gpu-check`` runs for them, at toy sizes (width 4, crop 161, 2 + 2 steps; fabricated
   images scaled with the crop, 161 / the preset's: Cityscapes frames of 412 x 206).
 - **ADE20K and COCO, every stage**: ``measure rehearse`` of each at the same toy sizes, every
   method (at real size, crop 518 and ResNet-101, a semi-supervised step takes minutes on a
   CPU: their real-size rehearsals are in docs/real_data.md, section 11).
+- **UniMatch V2's presets** (DINOv2): tests/test_measure_v2.py.
 """
 from __future__ import annotations
 
@@ -365,13 +366,18 @@ def test_step_flops_of_a_tiny_deeplab_equal_the_sum_over_its_convolutions():
 
 
 def test_every_cell_of_every_preset_is_costed_at_real_size(capsys):
-    """Counted on fake tensors at the presets' real crop, batch and backbone."""
+    """Counted on fake tensors at the presets' real crop, batch and backbone; then the memory
+    per GPU of each method (tests/test_measure_v2.py checks the estimate)."""
     rows = {}
     for preset in PRESETS:
         assert measure.main(["costs", "--config", preset, "--device", "cpu"]) == 0
         table = capsys.readouterr().out.splitlines()
-        assert table[0].startswith("| cell | method")
-        rows[preset] = [r.split(" | ") for r in table[2:]]
+        end = table.index("")
+        assert table[0].startswith("| cell | method") and "in bf16 (estimate" in table[end + 1]
+        assert table[end + 2].split(" | ")[2:] == ["peak GiB / GPU", "fits 40 GB", "fits 80 GB |"]
+        assert [r.split(" | ")[0] for r in table[end + 4:]] == [
+            "| supervised", "| unimatch", "| mlcl"]
+        rows[preset] = [r.split(" | ") for r in table[2:end]]
     assert [r[0] for r in rows["pascal"]] == ["| 92"] * 3 + ["| 183"] * 3 + ["| 366"] * 3 + [
         "| 732"] * 3 + ["| 1464"] * 3
     assert len(rows["pascal_blended_r101"]) == 18 and len(rows["cityscapes"]) == 12
@@ -403,7 +409,8 @@ def test_ade20k_and_coco_cells_are_costed_on_their_real_pools(capsys):
     x 2, COCO 1/512 (232 of 118,287) on 4 GPUs x 4."""
     for preset, cells in (("ade20k", 6), ("coco", 5)):
         assert measure.main(["costs", "--config", preset, "--device", "cpu"]) == 0
-        assert len(capsys.readouterr().out.splitlines()) == 2 + 3 * cells
+        lines = capsys.readouterr().out.splitlines()
+        assert lines.index("") == 2 + 3 * cells and len(lines) == 2 + 3 * cells + 1 + 1 + 2 + 3
     for preset, split, want in (("ade20k", "1_64", (19894, 2000, 2486, 60 * 2486)),
                                 ("coco", "1_512", (118055, 5000, 7378, 20 * 7378))):
         cfg = load_config(preset, ["method=mlcl", f"split={split}"])
@@ -564,9 +571,10 @@ def test_a_stop_signal_ends_the_rehearsal(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------- gpu-check
 @pytest.fixture(scope="session")
 def tiny_check(tmp_path_factory) -> tuple[int, Path]:
+    """The UniMatch presets' parts (the V2 presets' rehearsals: tests/test_measure_v2.py)."""
     out = tmp_path_factory.mktemp("gpu-check")
     code = measure.main(["gpu-check", "--device", "cpu", "--out", str(out), "--methods",
-                         "unimatch,mlcl"])
+                         "unimatch,mlcl", "--config", ",".join(PRESETS)])
     return code, out
 
 
@@ -593,21 +601,23 @@ def test_gpu_check_at_toy_sizes_runs_every_part_and_rehearses_every_preset(tiny_
     assert text.startswith("# gpu-check PASSED") and "rehearse cityscapes: ALL PASS" in text
 
 
-def test_gpu_check_plans_the_gpu_parts_within_8_minutes(capsys, monkeypatch):
+def test_gpu_check_plans_the_gpu_parts_within_12_5_minutes(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert measure.main(["gpu-check", "--device", "cuda", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = [ln.split(" (")[0] for ln in lines]
     assert names == ["bench_fp32", "bench_bf16", *(f"rehearse_{p}" for p in PRESETS),
-                     "two_process"]
+                     "rehearse_pascal_v2", "rehearse_cityscapes_v2", "two_process"]
     assert "--device cuda steps" in lines[0] and "train.mixed_precision=no" in lines[0]
     assert "train.mixed_precision=bf16" in lines[1] and "memory" in lines[1]
-    for ln in lines[2:6]:
+    for ln in lines[2:8]:
         assert "--device cuda rehearse" in ln and "train.mixed_precision=bf16" in ln
         assert "batch_size" not in ln  # the preset's own batch
-    assert "--num_processes 2" in lines[6] and "method=mlcl" in lines[6]
+    assert "--methods mlcl" in lines[3]  # pascal_blended; the others: the preset's rows
+    assert all("--methods" not in ln for ln in lines[2:8] if ln != lines[3])
+    assert "--num_processes 2" in lines[8] and "method=mlcl" in lines[8]
     budgets = [int(ln.split(" (")[1].split(" s)")[0]) for ln in lines]
-    assert sum(budgets[:6]) <= gpu_check.BUDGET_S == 480  # one GPU: no two-process part
+    assert sum(budgets[:8]) <= gpu_check.BUDGET_S == 750  # one GPU: no two-process part
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert measure.main(["gpu-check", "--device", "cuda"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err

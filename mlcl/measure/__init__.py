@@ -15,7 +15,8 @@ or one of:
 
 rehearse  every stage of each preset of --config on fabricated full-size data, PASS / FAIL /
           SKIP each, OUT/PRESET/rehearse.json (default OUT runs/rehearse); exit 1 on a FAIL
-costs     FLOPs per step and projected cost of every cell of each preset (no training)
+costs     FLOPs per step and projected cost of every cell of each preset, then each method's
+          estimated peak memory per GPU (bf16, or train.mixed_precision=...; no training)
 gpu-check  bench in fp32 and bf16, every paper preset rehearsed in bf16, two processes
           with two GPUs: runs/gpu-check/{gpu_check.json,SUMMARY.md}; --device cpu: toy sizes
 
@@ -36,7 +37,8 @@ from mlcl.errors import CommandLineParser, run_reported
 from mlcl.files import atomic_write_json
 
 MODES = ("bench", "rehearse", "costs", "gpu-check")
-PRESETS = ("pascal", "pascal_blended", "pascal_blended_r101", "cityscapes")
+PRESETS = ("pascal", "pascal_blended", "pascal_blended_r101", "cityscapes", "pascal_v2",
+           "cityscapes_v2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,16 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "required; gpu-check: default every paper preset; bench: default none)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available")
-    p.add_argument("--methods", default=None, help="comma-separated (default: every method)")
+    p.add_argument("--methods", default=None, help="comma-separated (default: bench, the "
+                   "config's family (UniMatch's or UniMatch V2's); rehearse, costs, gpu-check: "
+                   "the preset's rows, supervised, its mlcl.base and mlcl)")
     p.add_argument("--steps", type=int, default=None, help="bench: timed repeats (default "
                    "cpu 5, cuda 20); rehearse, gpu-check: training steps before the "
                    "checkpoint and again after the resume (default 3)")
     p.add_argument("--out", default=None, help="bench: JSON file; rehearse, gpu-check: folder")
     p.add_argument("--gpus", type=int, default=None, help="GPUs of the projected run "
-                   "(default: the preset's, VOC 2, Cityscapes 4)")
+                   "(default: the preset's, VOC 2, Cityscapes 4, DINOv2 presets 4)")
     p.add_argument("--tflops", type=float, default=None, help="sustained TFLOP/s per GPU "
-                   "for the projection (default: what UniMatch's published runs sustained, "
-                   "VOC 4.1, Cityscapes 9.4)")
+                   "for the projection (default: what UniMatch's, or on DINOv2 UniMatch V2's, "
+                   "published runs sustained: docs/real_data.md, section 9)")
     p.add_argument("--dry-run", action="store_true", help="gpu-check: print the parts only")
     return p
 
@@ -99,6 +103,7 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
 
 def run(a: argparse.Namespace) -> int:
     from mlcl.measure import bench, gpu_check, rehearse
+    from mlcl.measure.harness import FAMILIES
 
     if a.mode == "gpu-check":
         return gpu_check.gpu_check(a)
@@ -106,13 +111,12 @@ def run(a: argparse.Namespace) -> int:
         if a.config and len(a.config) > 1:
             raise ConfigError("bench: --config takes one preset")
         a.config = a.config[0] if a.config else None
-        a.methods, a.seed = a.methods or list(bench.METHODS), load_config(a.config,
-                                                                          a.overrides).seed
+        cfg = load_config(a.config, a.overrides)
+        a.methods, a.seed = a.methods or list(FAMILIES[cfg.mlcl.base]), cfg.seed
         r = bench.bench(a)
         atomic_write_json(a.out, r)
         print("\n".join([*bench.summary(r), f"wrote {a.out}"]))
         return 0
-    a.methods = a.methods or list(METHOD_NAMES)
     for preset in a.config if a.mode == "costs" else []:
         print("\n".join(rehearse.cost_table(preset, a, preset_splits(preset))))
     reports = [rehearse.rehearse(preset, a) for preset in a.config if a.mode == "rehearse"]

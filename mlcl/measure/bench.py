@@ -39,7 +39,13 @@ TARGETS = {  # key -> (bound, "max" | "min")
     "mem_ratio_mlcl_mixed_over_unimatch": (1.05, "max"),
     "proto_speedup_over_released": (100.0, "min"),  # at one thread
     "fka_sai_speedup_over_released": (15.0, "min"),
+    "ratio_mlcl_v2_over_unimatch_v2": (1.3, "max"),
+    "mem_ratio_mlcl_v2_over_unimatch_v2": (1.3, "max"),
+    "ratio_mlcl_v2_mixed_over_unimatch_v2": (1.3, "max"),
+    "mem_ratio_mlcl_v2_mixed_over_unimatch_v2": (1.3, "max"),
 }
+# the step each method's ratios are taken over (supervised: the family's in the run)
+BASELINE = {m: "unimatch_v2" if "v2" in m else "unimatch" for m in METHODS if m != "supervised"}
 CHILD = "import sys; from mlcl.measure.bench import child_memory; child_memory(sys.argv[1])"
 CHILD_TAG, CHILD_TIMEOUT_S, GUARD_CALLS = "MLCL_MEASURE_MEMORY ", 900, 20
 
@@ -221,10 +227,11 @@ def headline(r: dict[str, Any]) -> None:
     step, fk, mem = r.get("step", {}), r.get("fka_sai", {}), r.get("memory", {})
     r["step_s"] = {m: s["median"] for m, s in step.items()}
     r["peak_mem_mb"] = {m: v["increment_mb"] for m, v in mem.get("per_method", {}).items()}
-    for m in ("mlcl", "mlcl_mixed", "mlcl_released"):
-        r[f"ratio_{m}_over_unimatch"] = ratio(r["step_s"].get(m), r["step_s"].get("unimatch"))
-        r[f"mem_ratio_{m}_over_unimatch"] = ratio(r["peak_mem_mb"].get(m),
-                                                  r["peak_mem_mb"].get("unimatch"))
+    for m in ("mlcl", "mlcl_mixed", "mlcl_released", "mlcl_v2", "mlcl_v2_mixed"):
+        base = BASELINE[m]
+        r[f"ratio_{m}_over_{base}"] = ratio(r["step_s"].get(m), r["step_s"].get(base))
+        r[f"mem_ratio_{m}_over_{base}"] = ratio(r["peak_mem_mb"].get(m),
+                                                r["peak_mem_mb"].get(base))
     for part, key in (("proto", "proto"), ("whole", "fka_sai")):
         r[f"{key}_speedup_over_released"] = ratio(*(fk.get(f"{part}_{side}", {}).get("median")
                                                     for side in ("released", "vectorised")))
@@ -250,11 +257,13 @@ def headline(r: dict[str, Any]) -> None:
 
 def summary(r: dict[str, Any]) -> list[str]:
     """The printed table of a benchmark (from its JSON)."""
-    s, mach, uni, mem = r["settings"], r["machine"], r["step_s"].get("unimatch"), r["peak_mem_mb"]
-    rows = [{"method": m, f"step s ({s['clock']})": r["step_s"].get(m),
-             "x unimatch": ratio(r["step_s"].get(m), uni), "peak MB": mem.get(m),
-             "memory x unimatch": ratio(mem.get(m), mem.get("unimatch"))}
-            for m in METHODS if m in r["step_s"] or m in mem]
+    s, mach, step, mem = r["settings"], r["machine"], r["step_s"], r["peak_mem_mb"]
+    family = "unimatch_v2" if "unimatch_v2" in s["methods"] else "unimatch"
+    base = {**BASELINE, "supervised": family}
+    rows = [{"method": m, f"step s ({s['clock']})": step.get(m), "baseline": base[m],
+             "x baseline": ratio(step.get(m), step.get(base[m])), "peak MB": mem.get(m),
+             "memory x baseline": ratio(mem.get(m), mem.get(base[m]))}
+            for m in METHODS if m in step or m in mem]
     voc, g = r.get("memory", {}).get("voc"), r.get("guard")
     return [f"\nmlcl measure on {mach.get('gpu') or mach['cpu_model']} ({mach['device']}, "
             f"{mach['torch_threads']} threads): {s['backbone']} width {s['width']}, crop "

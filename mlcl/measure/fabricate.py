@@ -1,6 +1,7 @@
 """Small datasets (real layout, formats, image sizes, classes; UniMatch lists for every cell
 listing the same few images) and backbone checkpoints (the keys and shapes of UniMatch's
-deep-stem ImageNet files, random values) for rehearsals and tests."""
+deep-stem ImageNet files or of the official DINOv2 files, random values) for rehearsals and
+tests."""
 from __future__ import annotations
 
 import contextlib
@@ -12,10 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mlcl.config import ConfigError
+from torch import nn
+
+from mlcl.config import ConfigError, ModelConfig
 from mlcl.study.synthetic import render, voc_palette
 from mlcl.files import atomic_torch_save, atomic_write_json
-from mlcl.model import build_backbone
+from mlcl.model import DINOV2, DPT, build_backbone
 from mlcl.prepare.split_lists import PAIRED, SPLITS
 
 MARKER = "FABRICATED.json"  # written last; its presence means mlcl wrote the folder
@@ -148,27 +151,41 @@ def _reusable(path: Path, marker: Path, params: dict) -> bool:
 
 
 def weights_name(backbone: str, width: int) -> str:
-    """File name of a fabricated checkpoint, e.g. ``resnet50_deepstem-w64.pth``."""
-    return f"{backbone}-w{width}.pth"
+    """File name of a fabricated checkpoint, e.g. ``resnet50_deepstem-w64.pth``,
+    ``dinov2_s.pth`` (a ViT has no width)."""
+    return f"{backbone}.pth" if backbone in DINOV2 else f"{backbone}-w{width}.pth"
+
+
+def backbone_of(backbone: str, width: int = 64) -> nn.Module:
+    """The module ``model.backbone`` names as the model holds it (random init): a ResNet of
+    mlcl.model.BACKBONES, or DINOv2's timm ViT."""
+    if backbone in DINOV2:
+        return DPT(ModelConfig(backbone=backbone, feature_channels=1), 1).backbone
+    return build_backbone(backbone, width)
 
 
 def fabricate_backbone(path: str | Path, backbone: str, width: int = 64, seed: int = 0) -> Path:
-    """A checkpoint with the keys and shapes of ``backbone``'s ImageNet file (UniMatch's
-    ``resnet50.pth`` / ``resnet101.pth``), random values; reused when its marker matches."""
+    """A checkpoint with the keys and shapes of ``backbone``'s pretrained file, random values:
+    UniMatch's ``resnet50.pth`` / ``resnet101.pth`` (ImageNet, with ``fc``), or the official
+    DINOv2 file (``dinov2_vits14_pretrain.pth``: timm's names, with ``mask_token`` (1, D));
+    reused when its marker matches."""
     path = Path(path)
     marker = path.with_name(path.name + ".fabricated.json")
     params = {"backbone": backbone, "width": width, "seed": seed}
     if _reusable(path, marker, params):
         return path
     torch.manual_seed(seed)
-    net = build_backbone(backbone, width)  # kaiming-random convolutions
+    net = backbone_of(backbone, width)  # random weights (timm's or torchvision's init)
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
-    for k, v in state.items():  # batch norm (1-dim): random affine and statistics too
-        if v.dim() == 1:
-            positive = k.endswith(("weight", "running_var"))
-            state[k] = torch.rand_like(v) + 0.5 if positive else 0.1 * torch.randn_like(v)
-    state["fc.weight"] = 0.01 * torch.randn(IMAGENET_CLASSES, net.out_channels)
-    state["fc.bias"] = torch.zeros(IMAGENET_CLASSES)
+    if backbone in DINOV2:  # DINOv2's masked-modelling token (unused for segmentation)
+        state["mask_token"] = torch.randn(1, net.embed_dim)
+    else:
+        for k, v in state.items():  # batch norm (1-dim): random affine and statistics too
+            if v.dim() == 1:
+                positive = k.endswith(("weight", "running_var"))
+                state[k] = torch.rand_like(v) + 0.5 if positive else 0.1 * torch.randn_like(v)
+        state["fc.weight"] = 0.01 * torch.randn(IMAGENET_CLASSES, net.out_channels)
+        state["fc.bias"] = torch.zeros(IMAGENET_CLASSES)
     atomic_torch_save(path, state)
     atomic_write_json(marker, params)
     return path

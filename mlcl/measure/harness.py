@@ -10,13 +10,21 @@ import resource
 import statistics
 import sys
 import time
+import warnings
+import weakref
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from types import MethodType
+from typing import Any, Callable, NamedTuple
 
 import torch
+from accelerate.utils import convert_outputs_to_fp32
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mlcl import augment
 from mlcl.config import Config, load_config
@@ -33,7 +41,15 @@ METHODS = {  # measured name -> its config overrides
     "mlcl": ["method=mlcl"],
     "mlcl_mixed": ["method=mlcl", "mlcl.weak_features=mixed"],
     "mlcl_released": ["method=mlcl", "mlcl.released_passes=true"],
+    "unimatch_v2": ["method=unimatch_v2"],
+    "mlcl_v2": ["method=mlcl", "mlcl.base=unimatch_v2", "mlcl.targets=teacher"],
+    "mlcl_v2_mixed": ["method=mlcl", "mlcl.base=unimatch_v2", "mlcl.targets=teacher",
+                      "mlcl.weak_features=mixed"],
 }
+# what a benchmark measures without --methods: on a config whose MLCL sits on UniMatch V2
+# (mlcl.base, the *_v2 presets) its family, else UniMatch's
+FAMILIES = {"unimatch": ("supervised", "unimatch", "mlcl", "mlcl_mixed", "mlcl_released"),
+            "unimatch_v2": ("supervised", "unimatch_v2", "mlcl_v2", "mlcl_v2_mixed")}
 # without --config: the default model at a size a CPU steps in seconds, or VOC's on a GPU
 DEVICE_DEFAULTS = {"cpu": ["data.crop_size=129", "train.batch_size=2"],
                    "cuda": ["data.crop_size=321", "train.batch_size=8",
@@ -101,39 +117,155 @@ class Stepper:
         return {"s": fwd + bwd, "forward": fwd, "backward": bwd}
 
 
+# FlopCounterMode has no formula for the CPU's flash attention (what scaled_dot_product_attention
+# runs on CPU tensors, fake ones included): the CUDA kernels' (the same arguments first)
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                 sdpa_flop.__wrapped__,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                 sdpa_backward_flop.__wrapped__}
+
+
 def count_flops(fn: Callable[[], Any], fake: bool = True) -> int:
-    """FLOPs of matrix products and convolutions while ``fn()`` runs, forward and backward
-    (a multiply-add is 2); with ``fake`` on FakeTensors: real sizes, no data, no memory."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of matrix products, convolutions and attention while ``fn()`` runs, forward and
+    backward (a multiply-add is 2); with ``fake`` on FakeTensors: real sizes, no data."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         with counter:
             fn()
     return int(counter.get_total_flops())
 
 
+class FakeAccelerator:
+    """What a step asks of its Accelerator (autocast, backward, unwrap_model) and how
+    ``prepare`` changes the model under mixed precision (fp32 outputs), at any precision in one
+    process: accelerate keeps one precision per process."""
+
+    def __init__(self, cfg: Config):
+        gpu = not cfg.train.cpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.train.mixed_precision)
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.dtype is not None:
+            model.forward = MethodType(convert_outputs_to_fp32(type(model).forward), model)
+        return model
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
+class FakeStep(NamedTuple):
+    """:func:`fake_step`'s result."""
+
+    run: Callable[[], dict[str, Tensor]]  # forward_terms, then the loss's backward
+    state: list[Tensor]  # what exists before the step: model, teacher, bank, batch
+    parameters: list[Tensor]  # the trained ones (what the optimiser keeps state for)
+
+
+def fake_step(cfg: Config) -> FakeStep:
+    """Called inside FakeTensorMode: the step of ``cfg`` at its real sizes, no data, on the
+    model prepared as training prepares it, its teacher, bank and a batch. The model is built
+    on the meta device first: timm reads numbers while building it, which a FakeTensor cannot
+    give. No optimiser: its step reads its counter on the host."""
+    acc = FakeAccelerator(cfg)
+    with unset_fake_temporarily(), torch.device("meta"):
+        net = build_model(cfg)
+    model = acc.prepare_model(net.to_empty(device=acc.device).train())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deepcopy reads the fake parameters' data_ptr
+        teacher = make_teacher(cfg, model)
+    bank, batch = make_bank(cfg), synthetic_batch(cfg, acc.device, 0)
+    ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=1000, iteration=500,
+                      teacher=teacher)
+    state = [*model.state_dict().values(), *(t for v in batch.values() for t in v.values())]
+    for extra in (teacher, bank):
+        state += [*extra.state_dict().values()] if extra is not None else []
+
+    def run() -> dict[str, Tensor]:
+        terms = forward_terms(model, batch, ctx)
+        acc.backward(terms["loss"])
+        return terms
+
+    return FakeStep(run, state, list(model.parameters()))
+
+
 def step_flops(cfg: Config) -> int:
-    """FLOPs of forward_terms and its loss's backward, with the model, bank and batch built on
-    FakeTensors (no weights drawn, no accelerate prepare). The optimiser step has none to
-    count and reads its step counter on the host, which a FakeTensor cannot give."""
-    acc = make_accelerator(cfg)
-
-    def step():
-        with acc.device:
-            model, bank = build_model(cfg).train(), make_bank(cfg)
-            teacher = make_teacher(cfg, model)
-        ctx = StepContext(cfg=cfg, bank=bank, accelerator=acc, total_iters=1000, iteration=500,
-                          teacher=teacher)
-        acc.backward(forward_terms(model, synthetic_batch(cfg, acc.device, 0), ctx)["loss"])
-
-    return count_flops(step)
+    """FLOPs of forward_terms and its loss's backward (:func:`fake_step`). The optimiser step
+    has none to count."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        step = fake_step(cfg)
+    return count_flops(step.run)
 
 
 def eval_flops(cfg: Config, height: int, width: int) -> int:
     """FLOPs of evaluating one (height x width) image in ``cfg.eval.mode`` (a FakeTensor
-    model)."""
-    with torch.no_grad():
-        return count_flops(lambda: predict_logits(build_model(cfg).eval(),
-                                                  torch.empty(1, 3, height, width), cfg))
+    model): each input shape the model sees (the image, or the sliding windows) counted once,
+    times the calls with it."""
+    with torch.device("meta"):
+        meta = build_model(cfg).eval()
+    calls: Counter = Counter()
+
+    def shapes(x: Tensor) -> Tensor:  # what predict_logits feeds the model; logits' shape
+        calls[tuple(x.shape)] += 1
+        return x.new_zeros(x.shape[0], cfg.data.num_classes, *x.shape[-2:])
+
+    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        model = meta.to_empty(device="cpu")
+        predict_logits(shapes, torch.empty(1, 3, height, width), cfg)
+        return sum(n * count_flops(lambda: model(torch.empty(shape)), fake=False)
+                   for shape, n in calls.items())
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the tensor storages alive while it is active, each storage once, rounded
+    up to the CUDA allocator's 512-byte blocks, and their peak (``now``, ``peak``); what
+    existed before is counted by :meth:`add`. Works on FakeTensors (no memory is used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.now, self.peak = WeakIdKeyDictionary(), 0, 0
+
+    def add(self, *tensors: Any) -> None:
+        for t in tensors:
+            if isinstance(t, Tensor) and t.untyped_storage() not in self.seen:
+                storage = t.untyped_storage()
+                n = -(-storage.nbytes() // 512) * 512
+                self.seen[storage], self.now = n, self.now + n
+                weakref.finalize(storage, self._free, n)
+        self.peak = max(self.peak, self.now)
+
+    def _free(self, n: int) -> None:
+        self.now -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.add(*tree_flatten(out)[0])
+        return out
+
+
+def step_memory(cfg: Config) -> dict[str, Any]:
+    """An estimate (no device needed) of one steady-state training step's peak memory per
+    process in bytes: the live tensors of :func:`fake_step` under ``cfg``'s autocast, counted
+    by :class:`LiveBytes` (model, teacher, bank, batch, activations saved for the backward,
+    gradients), plus AdamW's or SGD's state, allocated at the first step and kept."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        step, live = fake_step(cfg), LiveBytes()
+        live.add(*step.state)
+        before = live.now
+        with live:
+            step.run()
+    slots = 2 if cfg.train.optimizer == "adamw" else 1  # exp_avg, exp_avg_sq | momentum
+    optimizer = slots * sum(p.numel() * p.element_size() for p in step.parameters)
+    return {"state_bytes": before, "step_peak_bytes": live.peak, "optimizer_bytes": optimizer,
+            "peak_bytes": live.peak + optimizer,
+            "parameters": sum(p.numel() for p in step.parameters)}
 
 
 def sync(device: torch.device) -> None:

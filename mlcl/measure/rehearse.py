@@ -18,15 +18,17 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from mlcl import methods
-from mlcl.config import Config, ConfigError, flatten, load_config
+from mlcl.config import Config, ConfigError, flatten, load_config, uses_teacher
 from mlcl.data.datasets import ValDataset
 from mlcl.engine import make_accelerator
 from mlcl.errors import RunInterrupted
 from mlcl.evaluate import evaluate
 from mlcl.files import atomic_write_json
-from mlcl.measure.fabricate import LAYOUT, fabricate_backbone, fabricate_dataset, weights_name
-from mlcl.measure.harness import MiB, PeakMemory, eval_flops, md_table, step_flops, sync
-from mlcl.model import build_backbone, load_backbone_weights
+from mlcl.measure.fabricate import (LAYOUT, backbone_of, fabricate_backbone, fabricate_dataset,
+                                    weights_name)
+from mlcl.measure.harness import (MiB, PeakMemory, eval_flops, md_table, step_flops,
+                                  step_memory, sync)
+from mlcl.model import DINOV2, load_backbone_weights
 from mlcl.prepare.split_lists import STANDARD_POOLS, UNLABELED_POOL, standard_size
 from mlcl.prepare.verify import verify_dataset
 from mlcl.study.predict import load_weights
@@ -47,6 +49,16 @@ REFERENCE_GPUS = {"pascal": 2, "cityscapes": 4, "ade20k": 4, "coco": 4}
 # split 183, 80 epochs in 14.3 h on 4 GPUs at batch 2; Cityscapes R50 1/4, 240 epochs in 26.6 h.
 # ADE20K and COCO: no published time; VOC's (the same kind of run: DeepLabV3+, whole-image eval)
 DEFAULT_TFLOPS = {"pascal": 4.1, "cityscapes": 9.4, "ade20k": 4.1, "coco": 4.1}
+# DINOv2: what UniMatch V2's published runs (4 GPUs) sustained, counted the same way (both of
+# each epoch's evaluations included): VOC 183, 60 epochs, 16 + 16 per step in 5.67 h (S),
+# 13.16 h (B), 32.33 h (L); Cityscapes 1/4, 180 epochs, 8 + 8 in 27.06 h (S), 41.74 h (B).
+# Other datasets, and Cityscapes with L: VOC's pace of that encoder
+V2_TFLOPS = {("pascal", "dinov2_s"): 9.2, ("pascal", "dinov2_b"): 13.2,
+             ("pascal", "dinov2_l"): 18.6, ("cityscapes", "dinov2_s"): 5.6,
+             ("cityscapes", "dinov2_b"): 10.7}
+# cards whose memory the estimate is held against (GiB), and what a run takes besides the
+# estimated tensors: the caching allocator's slack over what is allocated, the CUDA context
+CARDS_GIB, ALLOCATOR_SLACK, CONTEXT_GIB = (40, 80), 1.15, 1.0
 NOT_IN_A_STEP = ("split", "output_dir", "data.root", "data.labeled_split", "data.unlabeled_split",
                  "data.val_split", "model.pretrained", "train.epochs", "train.max_iters",
                  "train.cpu", "data.num_workers")
@@ -83,7 +95,8 @@ def make_plan(preset: str, a: argparse.Namespace) -> Plan:
     base = load_config(preset, a.overrides)
     if base.data.dataset not in LAYOUT or not base.split:
         raise ConfigError(f"--config {preset}: rehearsals are for the paper's presets (pascal, "
-                          f"pascal_blended, pascal_blended_r101, cityscapes, ade20k, coco)")
+                          f"pascal_blended, pascal_blended_r101, cityscapes, ade20k, coco, "
+                          f"pascal_v2, cityscapes_v2)")
     if a.steps < 2:
         raise ConfigError("--steps: at least 2 (a step time needs two steps)")
     given = dict(o.split("=", 1) for o in a.overrides if o.split("=", 1)[0] in
@@ -184,22 +197,25 @@ def weights_stage(plan: Plan) -> tuple[str, dict]:
     path = Path(plan.given.get("model.pretrained") or fabricate_backbone(
         plan.a.out / "pretrained" / weights_name(m.backbone, m.width), m.backbone, m.width))
     kind = "given" if "model.pretrained" in plan.given else "fabricated: real keys and shapes"
-    load_backbone_weights(build_backbone(m.backbone, m.width), path)
+    load_backbone_weights(backbone_of(m.backbone, m.width), path)
     return (f"{path} ({path.stat().st_size / MiB:.0f} MB, {kind}) loads strictly into "
             f"{m.backbone}", {"path": str(path.resolve())})
 
 
 def flops_stage(plan: Plan, method: str, full: tuple[int, int] | None) -> tuple[str, dict]:
-    """FLOPs of a step at the preset's batch and at the rehearsal's, and of the whole run."""
+    """FLOPs of a step at the preset's batch and at the rehearsal's, and of the whole run; the
+    estimated peak memory per GPU in bf16 at the preset's batch."""
     proj = cell_cost(plan, method, full)
     small = plan.config(f"method={method}", "model.pretrained=false",
                         f"train.batch_size={plan.batch}")
     run_step = counted(small, lambda: step_flops(small))
+    mem = memory_estimate(plan, method, "bf16")
     return (f"{human_flops(proj['step_flops'])}/step at batch {proj['batch']}; full run "
             f"{human_flops(proj['total_flops'])} = {proj['gpu_hours']:.0f} GPU-h at "
             f"{proj['tflops_per_gpu']:g} TFLOP/s/GPU ({proj['wall_hours']:.1f} h on "
-            f"{proj['gpus']} GPUs)",
-            {"step_flops": proj["step_flops"], "run_step_flops": run_step, "projection": proj})
+            f"{proj['gpus']} GPUs); bf16 peak ~{mem['gib']:.1f} GiB/GPU (estimate)",
+            {"step_flops": proj["step_flops"], "run_step_flops": run_step, "projection": proj,
+             "memory_estimate": mem})
 
 
 def cell_cost(plan: Plan, method: str, full: tuple[int, int] | None) -> dict[str, Any]:
@@ -207,9 +223,32 @@ def cell_cost(plan: Plan, method: str, full: tuple[int, int] | None) -> dict[str
     the real dataset's; a step counted once per config, an evaluation once per model."""
     cfg = plan.config(f"method={method}", "model.pretrained=false")
     step = counted(cfg, lambda: step_flops(cfg))
-    return projection(cfg, *(full or real_sizes(cfg)), plan.a.gpus or REFERENCE_GPUS[
-        cfg.data.dataset], step, image_flops(cfg), plan.a.tflops or DEFAULT_TFLOPS[
-        cfg.data.dataset])
+    gpus, tflops = reference_run(cfg)
+    return projection(cfg, *(full or real_sizes(cfg)), plan.a.gpus or gpus, step,
+                      image_flops(cfg), plan.a.tflops or tflops)
+
+
+def reference_run(cfg: Config) -> tuple[int, float]:
+    """(GPUs, sustained TFLOP/s per GPU) of the published runs a projection of ``cfg`` follows:
+    UniMatch's on a ResNet, UniMatch V2's on DINOv2."""
+    ds, backbone = cfg.data.dataset, cfg.model.backbone
+    if backbone in DINOV2:
+        return 4, V2_TFLOPS.get((ds, backbone), V2_TFLOPS[("pascal", backbone)])
+    return REFERENCE_GPUS[ds], DEFAULT_TFLOPS[ds]
+
+
+def memory_estimate(plan: Plan, method: str, precision: str) -> dict[str, Any]:
+    """harness.step_memory of ``method`` at the preset's batch in ``precision`` (GiB), with
+    DDP's gradient buckets (a copy of the gradients) when the run has several GPUs, and
+    whether it fits each card of CARDS_GIB after ALLOCATOR_SLACK and CONTEXT_GIB."""
+    cfg = plan.config(f"method={method}", "model.pretrained=false",
+                      f"train.mixed_precision={precision}")
+    m = counted(cfg, lambda: step_memory(cfg), "memory")
+    gpus = plan.a.gpus or reference_run(cfg)[0]
+    ddp = 4 * m["parameters"] if gpus > 1 else 0
+    gib = (m["peak_bytes"] + ddp) / 2 ** 30
+    return {**m, "ddp_bucket_bytes": ddp, "gib": gib, "gpus": gpus,
+            "fits": {f"{c} GB": ALLOCATOR_SLACK * gib + CONTEXT_GIB <= c for c in CARDS_GIB}}
 
 
 def image_flops(cfg: Config) -> int:
@@ -218,17 +257,17 @@ def image_flops(cfg: Config) -> int:
     h, w = EVAL_IMAGE[cfg.data.dataset]
     what = {k: v for k, v in flatten(cfg.to_dict()).items() if k.startswith(("model.", "eval."))
             or k in ("data.crop_size", "data.num_classes")}
-    return counted(["eval", h, w, what], lambda: eval_flops(cfg, h, w))
+    return counted([h, w, what], lambda: eval_flops(cfg, h, w), "eval FLOPs")
 
 
-_counted: dict[str, int] = {}
+_counted: dict[str, Any] = {}
 
 
-def counted(key: Any, count: Callable[[], int]) -> int:
-    """``count()`` once per key (a Config: its keys that can change a step's arithmetic)."""
+def counted(key: Any, count: Callable[[], Any], what: str = "step FLOPs") -> Any:
+    """``count()`` once per key and ``what`` (a Config: its keys that can change a step)."""
     if isinstance(key, Config):
         key = {k: v for k, v in flatten(key.to_dict()).items() if k not in NOT_IN_A_STEP}
-    text = json.dumps(key, sort_keys=True, default=str)
+    text = json.dumps([what, key], sort_keys=True, default=str)
     if text not in _counted:
         _counted[text] = count()
     return _counted[text]
@@ -244,10 +283,11 @@ def real_sizes(cfg: Config) -> tuple[int, int]:
 def projection(cfg: Config, unlabeled: int, val: int, gpus: int, step: int, per_image: int,
                tflops: float) -> dict[str, Any]:
     """The whole run at the preset's batch per GPU on ``gpus`` GPUs, as ``fit`` schedules it
-    (evaluation every train.eval_every epochs and at the end), at ``tflops`` per GPU."""
+    (evaluation every train.eval_every epochs and at the end, of the student and the teacher
+    when there is one), at ``tflops`` per GPU."""
     batch, epochs = cfg.train.batch_size, cfg.train.epochs
     per_epoch, every = unlabeled // (batch * gpus), max(cfg.train.eval_every, 1)
-    evaluations = -(-epochs // every)
+    evaluations = -(-epochs // every) * (2 if uses_teacher(cfg) else 1)
     train, evaluation = epochs * per_epoch * gpus * step, evaluations * val * per_image
     gpu_hours = (train + evaluation) / (tflops * 1e12) / 3600
     return {"unlabeled": unlabeled, "val": val, "batch": batch, "gpus": gpus, "epochs": epochs,
@@ -312,18 +352,36 @@ def fit_stage(cfg: Config, plan: Plan, done: int) -> tuple[str, dict]:
 
 
 def checkpoint_stage(cfg: Config, latest: str) -> tuple[str, dict]:
+    """best.pt and last.pt load strictly; with a teacher, the checkpoint holds it (the
+    resume's) and it is last.pt's network (both were saved after the last step)."""
     out, sizes = Path(cfg.output_dir), []
     for f in ("best.pt", "last.pt"):
-        load_weights(out / f)  # strict, as `mlcl evaluate` / `mlcl predict` load it
+        model = load_weights(out / f)[0]  # strict, as `mlcl evaluate` / `mlcl predict` load it
         sizes.append(f"{f} {(out / f).stat().st_size / MiB:.0f} MB")
-    return f"checkpoints/LATEST -> {latest}; {', '.join(sizes)} load strictly", {}
+    teacher = ""
+    if uses_teacher(cfg):
+        folder = out / "checkpoints" / latest
+        parts = [torch.load(f, weights_only=True) for f in folder.glob("custom_checkpoint_*.pkl")]
+        net = next(({k.removeprefix("net."): v for k, v in part.items()} for part in parts
+                    if next(iter(part), "").startswith("net.")), None)
+        expect(net is not None, f"{folder} holds no EMA teacher")
+        weights = model.state_dict()  # last.pt's
+        expect(net.keys() == weights.keys() and all(torch.equal(net[k], weights[k])
+                                                     for k in net),
+               f"the teacher in {folder} is not last.pt's network")
+        teacher = "; the checkpoint's EMA teacher = last.pt"
+    return f"checkpoints/LATEST -> {latest}; {', '.join(sizes)} load strictly{teacher}", {}
 
 
 def evaluate_stage(cfg: Config, trained: dict, plan: Plan) -> tuple[str, dict]:
-    """last.pt evaluated the way ``mlcl evaluate`` does it, against fit's last evaluation."""
+    """last.pt evaluated the way ``mlcl evaluate`` does it, against fit's last evaluation (with
+    a teacher, both are the teacher's: last.pt holds it, metrics' miou is its)."""
     model, wcfg, _ = load_weights(Path(cfg.output_dir) / "last.pt")
     expect(wcfg.eval.mode == plan.base.eval.mode,
            f"last.pt evaluates in {wcfg.eval.mode!r}, the preset in {plan.base.eval.mode!r}")
+    teacher = uses_teacher(cfg)
+    expect(not teacher or "miou_student" in trained["epochs"][-1],
+           "training did not evaluate the teacher beside the student (no miou_student)")
     acc = make_accelerator(wcfg)
     result = evaluate(model.to(acc.device), ValDataset(wcfg, wcfg.split_path("val_split")),
                       wcfg, acc)
@@ -332,7 +390,7 @@ def evaluate_stage(cfg: Config, trained: dict, plan: Plan) -> tuple[str, dict]:
     expect(abs(result["miou"] - want) <= MIOU_TOLERANCE,
            f"mIoU {result['miou']:.3f} from last.pt, {want:.3f} in training's evaluation")
     return (f"{wcfg.eval.mode} on {n} images: mIoU {result['miou']:.2f} = training's "
-            f"{want:.2f}", {"miou": result["miou"]})
+            f"{want:.2f}{' (the teacher)' if teacher else ''}", {"miou": result["miou"]})
 
 
 def run_config(plan: Plan, method: str, data: dict, weights: str, iters: int) -> Config:
@@ -373,7 +431,8 @@ def rehearse(preset: str, a: argparse.Namespace, log: Callable[[str], None] = pr
         f"process (preset {cfg.train.batch_size}), {a.steps} steps then {a.steps} resumed")
     data = book.run("data", None, lambda: data_stage(plan))
     weights = book.run("weights", None, lambda: weights_stage(plan))
-    for method in a.methods:
+    methods = a.methods or preset_methods(cfg)
+    for method in methods:
         rehearse_method(book, plan, method, data, weights and weights["path"])
     report = {"preset": preset, "split": cfg.split, "dataset": cfg.data.dataset,
               "device": a.device, "batch": plan.batch, "preset_batch": cfg.train.batch_size,
@@ -381,7 +440,7 @@ def rehearse(preset: str, a: argparse.Namespace, log: Callable[[str], None] = pr
               "crop": cfg.data.crop_size, "backbone": cfg.model.backbone, "steps": a.steps,
               "val_images": VAL_IMAGES, "overrides": list(a.overrides),
               "ok": all(s.status == PASS for s in book.stages),
-              "methods": {m: method_numbers(book, m) for m in a.methods},
+              "methods": {m: method_numbers(book, m) for m in methods},
               "stages": [dataclasses.asdict(s) for s in book.stages],
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(plan.dir / "rehearse.json", report)
@@ -409,18 +468,44 @@ def method_numbers(book: StageBook, method: str) -> dict[str, Any]:
     return out
 
 
+def preset_methods(cfg: Config) -> list[str]:
+    """The methods of a preset's table rows: supervised, its baseline (``mlcl.base``: UniMatch
+    or UniMatch V2) and MLCL on it."""
+    return ["supervised", cfg.mlcl.base, "mlcl"]
+
+
 def cost_table(preset: str, a: argparse.Namespace, cells: list[str]) -> list[str]:
-    """Markdown table (one row per cell and method) of what a whole run costs."""
-    rows = []
+    """Markdown tables: what a whole run costs (one row per cell and method), then the
+    estimated peak memory per GPU of each method (the same for every cell)."""
+    rows, plan = [], make_plan(preset, a)
+    methods = a.methods or preset_methods(plan.base)
     for cell in cells:
-        plan = make_plan(preset, argparse.Namespace(**{**vars(a), "overrides": [
+        cell_plan = make_plan(preset, argparse.Namespace(**{**vars(a), "overrides": [
             *a.overrides, f"split={cell}"]}))
-        for m in a.methods:
-            p = cell_cost(plan, m, None)
+        for m in methods:
+            p = cell_cost(cell_plan, m, None)
             rows.append({"cell": cell, "method": m, "FLOPs / step / GPU":
                          human_flops(p["step_flops"]), "iterations": f"{p['iterations']:,} "
                          f"({p['epochs']} × {p['iters_per_epoch']:,})",
                          "full run": human_flops(p["total_flops"]),
                          "GPU-hours": f"{p['gpu_hours']:,.0f}",
                          "wall hours": f"{p['wall_hours']:,.1f} on {p['gpus']}"})
-    return md_table(rows)
+    return [*md_table(rows), "", *memory_table(plan, methods)]
+
+
+def memory_table(plan: Plan, methods: list[str]) -> list[str]:
+    """One row per method: parameters, the estimated peak per GPU (:func:`memory_estimate`)
+    in bf16, or in the precision a ``train.mixed_precision`` override names, and whether it
+    fits each card."""
+    rows, b = [], plan.base
+    given = dict(o.split("=", 1) for o in plan.a.overrides if "=" in o)
+    precision = given.get("train.mixed_precision", "bf16")
+    for m in methods:
+        est = memory_estimate(plan, m, precision)
+        rows.append({"method": m, "parameters": f"{est['parameters'] / 1e6:.1f} M",
+                     "peak GiB / GPU": f"{est['gib']:.1f}",
+                     **{f"fits {k}": "yes" if ok else "no" for k, ok in est["fits"].items()}})
+    label = {"no": "fp32"}.get(precision, precision)
+    return [f"peak memory per GPU in {label} (estimate, no GPU used): {b.model.backbone}, "
+            f"crop {b.data.crop_size}, batch {b.train.batch_size} per GPU on "
+            f"{plan.a.gpus or reference_run(b)[0]} GPUs", *md_table(rows)]
