@@ -45,7 +45,8 @@ from mlcl.config import ConfigError, TrainConfig, config_from_dict, load_config,
 from mlcl.measure import bench, gpu_check
 from mlcl.measure import rehearse as R
 from mlcl.measure.fabricate import fabricate_backbone, fabricate_dataset, weights_name
-from mlcl.measure.harness import METHODS, Stepper, count_flops, eval_flops, interleaved, step_flops
+from mlcl.measure.harness import (FAMILIES, Stepper, count_flops, eval_flops, interleaved,
+                                  step_flops)
 from mlcl.measure.fka_sai import Decoder, Released, fka_inputs
 from mlcl.model import build_backbone, upsample
 from mlcl.paths import REPO
@@ -90,7 +91,7 @@ def test_bench_runs_every_section_and_writes_the_keys(tmp_path):
     r = json.loads(out.read_text())
     for key in KEYS:
         assert r.get(key) is not None, key
-    assert set(r["step_s"]) == set(r["peak_mem_mb"]) == set(METHODS)
+    assert set(r["step_s"]) == set(r["peak_mem_mb"]) == set(FAMILIES["unimatch"])
     assert all(v > 0 for v in r["step_s"].values())
     assert r["settings"]["clock"] == "cpu"  # one thread on a CPU: the process's CPU time
     assert all(s["n"] == 1 and s["forward"]["median"] + s["backward"]["median"] == pytest.approx(
