@@ -59,5 +59,6 @@ def test_vit_grid_is_three_methods_three_seeds_at_1_16():
         assert (cfg.split, cfg.model.backbone, cfg.model.pretrained) == ("1_16", "vit_w64d4p8",
                                                                          False)
         assert (cfg.train.lr, cfg.train.lr_multi, cfg.train.conf_thresh) == (1e-3, 1.0, 0.95)
+        assert cfg.model.ema_max == 0.99
         if r.method == "mlcl":
             assert cfg.mlcl.base == "unimatch_v2" and cfg.train.mix_partner == "flip"
