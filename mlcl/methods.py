@@ -54,7 +54,10 @@ class Teacher(torch.nn.Module):
         for t, s in zip(self.net.parameters(), model.parameters()):
             t.mul_(ratio).add_(s.detach(), alpha=1 - ratio)
         for t, s in zip(self.net.buffers(), model.buffers()):
-            t.mul_(ratio).add_(s, alpha=1 - ratio) if t.is_floating_point() else t.copy_(s)
+            if t.is_floating_point():
+                t.mul_(ratio).add_(s, alpha=1 - ratio)
+            else:
+                t.copy_(s)
 
 
 def make_teacher(cfg: Config, model: torch.nn.Module) -> Teacher | None:
