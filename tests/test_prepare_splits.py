@@ -9,9 +9,10 @@ from mlcl.data.splits import read_split
 from mlcl.study.synthetic import make_synthetic
 from mlcl.prepare.download import ChecksumError, PrepareError
 from fakes import LocalServer, unimatch_lists
-from mlcl.prepare.split_lists import (NON_STANDARD, SPLITS, UNIMATCH_COMMIT, UNIMATCH_REPO,
-                                      check_lists, fetch_splits, generate_splits, get_splits,
-                                      standard_size)
+from mlcl.prepare import split_lists
+from mlcl.prepare.split_lists import (KNOWN_BLOBS, NON_STANDARD, SPLITS, UNIMATCH_COMMIT,
+                                      UNIMATCH_REPO, check_lists, fetch_splits, generate_splits,
+                                      get_splits, git_blob_id, split_files, standard_size)
 
 STANDARD = {"pascal": {"92": 92, "183": 183, "366": 366, "732": 732, "1464": 1464,
                        "1_16": 662, "1_8": 1323, "1_4": 2646,
@@ -74,6 +75,41 @@ def test_fetch_records_checksums_then_refuses_a_changed_file(server, synth_cs, t
     with pytest.raises(ChecksumError, match="sha256"):
         fetch_splits("cityscapes", root, base_url=server.url(), pools=pools, log=quiet)
     assert not (out / "1_4/labeled.txt").exists()
+
+
+def test_every_standard_list_has_its_git_blob_id_pinned(tmp_path):
+    for dataset in SPLITS:
+        for rel in split_files(dataset):
+            blob = KNOWN_BLOBS[f"{dataset}/{rel}"]
+            assert len(blob) == 40 and int(blob, 16) >= 0, (dataset, rel)
+    assert len(set(KNOWN_BLOBS.values())) == len(KNOWN_BLOBS)  # no file listed twice
+    (tmp_path / "hello").write_bytes(b"hello\n")  # `git hash-object` of it, a known value
+    assert git_blob_id(tmp_path / "hello") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_a_list_from_github_must_be_the_pinned_blob(server, synth_cs, tmp_path, monkeypatch):
+    serve_cs(server, synth_cs, {"1_16": 1, "1_8": 1, "1_4": 2, "1_2": 4})
+    monkeypatch.setattr(split_lists, "RAW_BASE", server.url())  # the server stands for GitHub
+    prefix = f"/{UNIMATCH_REPO}/{UNIMATCH_COMMIT}/splits/"
+    served = {k[len(prefix):]: v for k, v in server.files.items() if k.startswith(prefix)}
+    blobs = {}
+    for key, data in served.items():
+        (tmp_path / "blob").write_bytes(data)
+        blobs[key] = git_blob_id(tmp_path / "blob")
+    pools = {"train": 8, "val": 3}
+    # one list differs from the pinned commit's: refused, deleted, named
+    monkeypatch.setattr(split_lists, "KNOWN_BLOBS",
+                        {**blobs, "cityscapes/1_4/labeled.txt": KNOWN_BLOBS[
+                            "cityscapes/1_4/labeled.txt"]})
+    with pytest.raises(ChecksumError, match="splits/cityscapes/1_4/labeled.txt .* git blob"):
+        fetch_splits("cityscapes", tmp_path / "a", base_url=server.url(), pools=pools, log=quiet)
+    assert not (tmp_path / "a/splits/cityscapes/1_4/labeled.txt").exists()
+    # every list the pinned blob: accepted, and PROVENANCE says how it was checked
+    monkeypatch.setattr(split_lists, "KNOWN_BLOBS", blobs)
+    out = fetch_splits("cityscapes", tmp_path / "a", base_url=server.url(), pools=pools,
+                       log=quiet)
+    prov = json.loads((out / "PROVENANCE.json").read_text())
+    assert {f["checksum"] for f in prov["files"].values()} == {"git blob id pinned in code"}
 
 
 def test_fetched_lists_with_wrong_counts_are_rejected(server, synth_cs, tmp_path):
