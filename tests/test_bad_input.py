@@ -543,6 +543,29 @@ def grid_entries(*grids: str) -> list[dict]:
             for name, r in runs.items()]
 
 
+def test_one_registry_holds_the_v2_grids_dinov2_s_and_b_columns():
+    """The V2 tables have a DINOv2-S and a DINOv2-B column per split: both backbones' runs
+    of a preset share one registry (its table is per backbone) and land in their columns."""
+    from mlcl.study import viz
+
+    entries = grid_entries("voc-v2", "cityscapes-v2")
+    assert len(entries) == 2 * 2 * (5 + 4)
+    assert len(registry.runs_frame(entries)) == len(entries)
+    runs = {(r.column, r.method, r.variant): r.runs
+            for r in viz.paper_table_values(entries, "V2-VOC").itertuples()}
+    assert runs["S 1/8 (183)", "unimatch_v2", ""] == ["pascal_v2-183-unimatch_v2-s0"]
+    assert runs["B 1/8 (183)", "unimatch_v2", ""] == ["pascal_v2-183-unimatch_v2-dinov2_b-s0"]
+    assert runs["B 1/8 (183)", "mlcl", "paper"] == ["pascal_v2-183-mlcl-paper-dinov2_b-s0"]
+    b = next(e for e in entries if e["name"] == "cityscapes_v2-1_4-unimatch_v2-dinov2_b-s0")
+    assert b["config"]["model"]["feature_channels"] == 128
+    assert b["config"]["model"]["pretrained"] == "pretrained/dinov2_base.pth"
+    # within one backbone's table, any other difference is still a mixed setting
+    stray = json.loads(json.dumps({**b, "name": "stray"}))
+    stray["config"]["train"]["lr"] = 1e-5
+    with pytest.raises(ValueError, match=r"stray vs .*\(train.lr: 5e-06 -> 1e-05\)"):
+        registry.runs_frame(entries + [stray])
+
+
 def test_registry_compares_variant_decided_keys_within_a_variant():
     """Paper and released MLCL differ in the keys the variant decides (train.mix_partner,
     train.lr_lag, the quirks), the mix-partner grid's ablations in train.mix_partner: one

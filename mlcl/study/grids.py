@@ -20,11 +20,13 @@ class Run:
 
     @property
     def name(self) -> str:
-        """``<preset>-<split>-<method>[-<variant>][-<ablation>]-s<seed>``."""
+        """``<preset>-<split>-<method>[-<variant>][-<backbone>][-<ablation>]-s<seed>``, the
+        backbone where the overrides set ``model.backbone``."""
         variant = [self.variant] if self.method == "mlcl" else []
+        backbone = [o.split("=", 1)[1] for o in self.overrides if o.startswith("model.backbone=")]
         ablation = [self.ablation] if self.ablation else []
-        return "-".join([self.preset, self.split, self.method, *variant, *ablation,
-                         f"s{self.seed}"])
+        return "-".join([self.preset, self.split, self.method, *variant, *backbone[-1:],
+                         *ablation, f"s{self.seed}"])
 
     def config_overrides(self) -> list[str]:
         """The ``key=value`` overrides that make the preset this run."""
@@ -45,6 +47,15 @@ METHOD_VARIANTS = (("supervised", "paper"), ("unimatch", "paper"), ("mlcl", "pap
 def _methods_grid(preset: str, splits, seeds) -> list[Run]:
     return [Run(preset, s, m, seed, v)
             for s, (m, v), seed in product(splits, METHOD_VARIANTS, seeds)]
+
+
+# UniMatch V2's tables: DINOv2-S (the presets') and DINOv2-B columns, UniMatch V2 and MLCL on it
+DINOV2_B = ("model.backbone=dinov2_b", "model.pretrained=pretrained/dinov2_base.pth")
+
+
+def _v2_grid(preset: str, splits) -> list[Run]:
+    return [Run(preset, s, m, 0, overrides=ov)
+            for ov in ((), DINOV2_B) for s in splits for m in ("unimatch_v2", "mlcl")]
 
 
 # `make demo`: 1/32 labels (there the semi-supervised runs lead visibly on this short
@@ -88,6 +99,10 @@ def build_grid(name: str) -> list[Run]:
                 + _methods_grid("pascal_blended_r101", ("1_16", "1_8", "1_4"), (0,)))
     if name == "cityscapes":
         return _methods_grid("cityscapes", ("1_16", "1_8", "1_4", "1_2"), (0,))
+    if name == "voc-v2":
+        return _v2_grid("pascal_v2", ("92", "183", "366", "732", "1464"))
+    if name == "cityscapes-v2":
+        return _v2_grid("cityscapes_v2", ("1_16", "1_8", "1_4", "1_2"))
     raise ValueError(f"unknown grid '{name}' (available: {', '.join(GRIDS)})")
 
 
@@ -116,4 +131,4 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 GRIDS = ("demo", "synthetic-study", "synthetic-study-1_16", "mix-partner", "weak-features",
-         "vit", "voc-original", "voc-blended", "cityscapes")
+         "vit", "voc-original", "voc-blended", "cityscapes", "voc-v2", "cityscapes-v2")

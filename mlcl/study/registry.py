@@ -180,8 +180,8 @@ VARIANT_AXES = ("mlcl.", "train.mix_partner", "train.lr_lag")
 
 def check_comparable(entries: list[dict[str, Any]]) -> None:
     """A ValueError naming the runs and keys (``B vs A (key: a -> b; ...)``) when a complete
-    entry's settings differ from the first of its table (preset, dataset) or cell, or an entry
-    was resumed with changes."""
+    entry's settings differ from the first of its table (preset, dataset, model.backbone) or
+    cell, or an entry was resumed with changes."""
     tables: dict[tuple, list[dict[str, Any]]] = {}
     cells: dict[tuple, list[dict[str, Any]]] = {}
     resumed = []
@@ -190,7 +190,9 @@ def check_comparable(entries: list[dict[str, Any]]) -> None:
             resumed.append(f"{e.get('name')} ({'; '.join(changes)})")
         if (e.get("metrics") or {}).get("complete"):
             f = run_fields(e)
-            table = (f["preset"], ((e.get("config") or {}).get("data") or {}).get("dataset"))
+            cfg = e.get("config") or {}
+            table = (f["preset"], (cfg.get("data") or {}).get("dataset"),
+                     (cfg.get("model") or {}).get("backbone"))  # a table's column per backbone
             tables.setdefault(table, []).append(e)
             cells.setdefault(table + (f["method"], f["variant"], f["ablation"]), []).append(e)
     problems = ([line for group in tables.values() for line in _differences(group, False)]
