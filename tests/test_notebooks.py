@@ -195,3 +195,25 @@ def test_figures_notebook_reads_the_registry(tiny_runs, tmp_path):
     index = json.loads((figs / "figures.json").read_text())
     assert {"table_I", "table_II", "table_III", "qualitative", "ablation"} <= \
         {i["name"] for i in index["items"]}
+
+
+def test_exploration_notebooks_read_mlcl_on_unimatch_v2(synth_root, tmp_path):
+    """perturbations and prototypes on an MLCL-on-UniMatch-V2 checkpoint (DPT on a ViT, the
+    EMA teacher's weights and the bank)."""
+    run = tmp_path / "v2"
+    fit(load_config("synthetic_vit", [f"data.root={synth_root}", "method=mlcl",
+                                      f"output_dir={run}", *TINY]))
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["config"]["mlcl"]["base"] == "unimatch_v2"
+    ckpt["bank"]["protos"] = torch.randn(ckpt["bank"]["protos"].shape)  # 2 steps fill none
+    torch.save(ckpt, run / "best.pt")
+    execute("perturbations", tmp_path / "pert.ipynb", checkpoint=str(run / "best.pt"),
+            num_images=2, batch_images=4, out_dir=str(tmp_path / "pert"))
+    table = pd.read_csv(tmp_path / "pert/sai_per_image.csv", index_col=0)
+    assert len(table) == 4
+    assert (table["r (paper)"] - (1 - 0.15 * (table["v"] + 1))).abs().max() < 1e-3
+    execute("prototypes", tmp_path / "protos.ipynb", checkpoints={"V2": str(run / "best.pt")},
+            num_images=4, max_pixels=140, tsne=False, out_dir=str(tmp_path / "protos"))
+    summary = json.loads((tmp_path / "protos/prototypes.json").read_text())
+    assert summary["prototype_source"] == {"V2": "memory bank"}
+    assert (tmp_path / "protos/prototypes.png").stat().st_size > 0
