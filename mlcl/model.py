@@ -335,7 +335,16 @@ def pretrained_file(m: ModelConfig) -> Path | None:
     if m.pretrained is False:
         return None
     path = Path(m.pretrained).expanduser()
-    return _dinov2_file(path, m.backbone) if m.backbone in DINOV2 else path
+    return _dinov2_file(path, m.backbone) if m.backbone in DINOV2 else _weights_file(path)
+
+
+def _weights_file(path: Path) -> Path:
+    """``path``, or a ConfigError when there is no such file."""
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
+                          f"(torchvision's ImageNet files: python -m mlcl data pretrained "
+                          f"--torchvision ARCH)")
+    return path
 
 
 def _dinov2_file(path: Path, arch: str) -> Path:
@@ -359,11 +368,7 @@ def _first(keys, n: int = 5) -> str:
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load a state dict file (plain or under 'state_dict' / 'model') strictly into
     ``backbone``, less ``fc.*``, ``mask_token`` and the ``num_batches_tracked`` a file may lack."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model.pretrained: checkpoint file {path.resolve()} does not exist "
-                          f"(torchvision's ImageNet files: python -m mlcl data pretrained "
-                          f"--torchvision ARCH)")
+    path = _weights_file(Path(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle with non-tensor objects ...

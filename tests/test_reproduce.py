@@ -102,6 +102,21 @@ def test_misspelt_override_fails_once_before_any_training(synth_root, tmp_path, 
     assert not (tmp_path / "runs" / "cells").exists()
 
 
+def test_a_missing_weights_file_fails_before_any_training(synth_root, tmp_path, monkeypatch,
+                                                          capsys):
+    """A cell whose model.pretrained file is missing (e.g. DINOv2-B's for the B cells of
+    voc-v2, trained after all the S cells) stops the grid before the first cell trains."""
+    weights = tmp_path / "pretrained/resnet18.pth"
+    monkeypatch.setattr(grids, "build_grid", lambda name: [
+        OK[0], Run("synthetic", "1_8", "unimatch", 0, overrides=(f"model.pretrained={weights}",))])
+    rc = main(["reproduce", "--grid", "demo", "--runs", str(tmp_path / "runs"), "--no-figures",
+               f"data.root={synth_root}", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{weights} does not exist" in err[0]
+    assert "cell synthetic-1_8-unimatch-s0; nothing was trained" in err[0]
+    assert not (tmp_path / "runs" / "cells").exists()
+
+
 def test_changed_settings_refused_then_rerun(synth_root, tmp_path, monkeypatch):
     """A cell trained with other settings is never skipped as complete: refused (naming the
     keys) before anything trains, or trained again with --rerun-changed."""

@@ -21,6 +21,7 @@ from mlcl.config import ConfigError, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
 from mlcl.errors import RunInterrupted
+from mlcl.model import pretrained_file
 from mlcl.outputs import read_run, run_changes
 from mlcl.paths import runs_dir
 from mlcl.study import grids, progress, registry
@@ -162,8 +163,9 @@ def check_cells(todo: list[Run], root: Path, overrides: list[str],
         try:  # the configuration the cell trains with
             cfg = fix_data_root(load_config(run.preset, [f"output_dir={out}",
                                                          *run.config_overrides(), *overrides]))
-            if not read_run(out).complete:  # a complete cell is skipped: its data need not be here
+            if not read_run(out).complete:  # a complete cell is skipped: its inputs may be gone
                 check_root(cfg.data.root, cfg.data.dataset)
+                pretrained_file(cfg.model)  # the weights file, e.g. DINOv2-B's for the B cells
             changes = stored_changes(out, reconcile_classes(cfg, log=lambda msg: None))
         except (ConfigError, DataError) as e:
             errors.setdefault(str(e), []).append(run.name)
