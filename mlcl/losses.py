@@ -198,7 +198,8 @@ def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | N
     ``torch.rand(f.shape)`` from ``generator``); f (B, C, h, w) keeps its gradient, v (B,)."""
     a = sai_amplitude(v.detach().to(f.dtype), kappa).view(-1, 1, 1, 1)
     u = torch.rand(f.shape, generator=generator, device=f.device, dtype=f.dtype)
-    return f * torch.addcmul(1.0 - a, u, 2.0 * a)  # F (1 + eps), 1 + eps = (1 - a) + 2a u
+    # F (1 + eps), 1 + eps = (1 - a) + 2a u written over the draws: one map fewer
+    return f * torch.addcmul(1.0 - a, u, 2.0 * a, out=u)
 
 
 def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
