@@ -198,7 +198,8 @@ def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | N
     ``torch.rand(f.shape)`` from ``generator``); f (B, C, h, w) keeps its gradient, v (B,)."""
     a = sai_amplitude(v.detach().to(f.dtype), kappa).view(-1, 1, 1, 1)
     u = torch.rand(f.shape, generator=generator, device=f.device, dtype=f.dtype)
-    return f * torch.addcmul(1.0 - a, u, 2.0 * a)  # F (1 + eps), 1 + eps = (1 - a) + 2a u
+    # F (1 + eps), 1 + eps = (1 - a) + 2a u written over the draws: one map fewer
+    return f * torch.addcmul(1.0 - a, u, 2.0 * a, out=u)
 
 
 def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
@@ -223,6 +224,14 @@ def sai_mse(prob: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(prob.float(), target.float(), reduction="mean")
 
 
+def _upsampled_softmax_grad(dp: Tensor, p: Tensor, up: Tensor, z: Tensor) -> Tensor:
+    """d/dz from dp = d/dp, p = softmax(up.float()), up = :func:`mlcl.model.upsample` (z): the
+    backward kernels autograd runs for these operations, in its order (the same values)."""
+    g = torch._softmax_backward_data(dp, p, 1, p.dtype).to(up.dtype)
+    return torch.ops.aten.upsample_bilinear2d_backward(
+        g, list(up.shape[-2:]), list(z.shape), True, None, None).to(z.dtype)
+
+
 class _UpsampledSoftmaxMSE(torch.autograd.Function):
     """mean((softmax(upsample(z)) - target)^2), ``chunk`` images at a time, each chunk's
     gradient for z taken in the forward (docs/method.md, "Implementation notes")."""
@@ -230,18 +239,19 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, target: Tensor, chunk: int) -> Tensor:
         size, n = tuple(target.shape[-2:]), target.numel()
-        want_grad = ctx.needs_input_grad[0]
+        # d loss / d (p - t) = 2 (p - t) / n: autograd's 1 / n, doubled as mse_loss's backward
+        scale = 2.0 * (torch.ones((), dtype=torch.float32, device=z.device) / n)
         total = z.new_zeros((), dtype=torch.float64)
         grads = []
         for i in range(0, z.shape[0], chunk):
-            with torch.enable_grad():
-                zc = z[i:i + chunk].detach().requires_grad_(want_grad)
-                p = upsample(zc, size).float().softmax(1)  # as the model's logits, in fp32
-                part = F.mse_loss(p, target[i:i + chunk].float(), reduction="sum") / n
-            if want_grad:
-                grads.append(torch.autograd.grad(part, zc)[0])
-            total += part.detach().double()
-        if want_grad:
+            zc = z[i:i + chunk]
+            up = upsample(zc, size)
+            p = up.float().softmax(1)  # as the model's logits, in fp32
+            d = p - target[i:i + chunk].float()
+            total += ((d * d).sum() / n).double()  # F.mse_loss(p, t, reduction="sum") / n
+            if ctx.needs_input_grad[0]:
+                grads.append(_upsampled_softmax_grad(d.mul_(scale), p, up, zc))
+        if grads:
             ctx.save_for_backward(torch.cat(grads))
         return total.float()
 

@@ -389,10 +389,12 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
     else:
         p, weak, weak_net = unimatch_passes(model, batch, ctx), model, net
     x = mlcl_inputs(weak, p, batch["u"], parts.passes)
+    total, base_terms = p.total, p.terms
+    del p  # UniMatch's input-resolution logits and probabilities: freed before SAI runs
     sai_w = 0.0 if ctx.epoch < m.warmup_epochs else losses.sai_weight(
         ctx.iteration, ctx.total_iters, m.beta)
     loss, terms = mlcl_losses(net, x, ctx.bank, cfg, sai_w, parts, weak_net)
-    return {"loss": p.total + loss, **p.terms, **terms}
+    return {"loss": total + loss, **base_terms, **terms}
 
 
 STEPS: dict[str, Callable[..., dict[str, Tensor]]] = {

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch import nn
@@ -213,6 +214,28 @@ def test_loss_sai_equals_the_plain_chain():
         for loss, grad in results[1:]:
             assert torch.allclose(loss, results[0][0], rtol=1e-6, atol=1e-9)
             assert torch.allclose(grad, results[0][1], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_loss_sai_is_autograd_through_each_chunk_bit_for_bit(chunk):
+    """loss_sai's own gradient (the backward kernels autograd runs) gives exactly what
+    autograd through each chunk's upsample, softmax and summed MSE gives: value and gradient."""
+    g = torch.Generator().manual_seed(1)
+    for shape, size in (((4, 5, 9, 9), 33), ((3, 21, 21, 21), 81)):
+        z0 = torch.randn(*shape, generator=g)
+        t = torch.rand(shape[0], shape[1], size, size, generator=g).softmax(1)
+        total, grads = torch.zeros((), dtype=torch.float64), []
+        for i in range(0, shape[0], chunk):
+            zc = z0[i:i + chunk].clone().requires_grad_()
+            p = upsample(zc, (size, size)).float().softmax(1)
+            part = F.mse_loss(p, t[i:i + chunk], reduction="sum") / t.numel()
+            grads.append(torch.autograd.grad(part, zc)[0])
+            total += part.detach().double()
+        z = z0.clone().requires_grad_()
+        loss = losses.loss_sai(z, t, chunk=chunk)
+        loss.backward()
+        assert torch.equal(loss.detach(), total.float())
+        assert torch.equal(z.grad, torch.cat(grads))
 
 
 def test_sai_losses_equal_the_plain_computation():

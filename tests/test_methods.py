@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import pytest
 import torch
@@ -194,6 +195,30 @@ def test_mlcl_parts_pick_the_paper_or_each_released_quirk():
     assert one.bank is PrototypeBank and one.passes is methods.joint_passes
     mixed = load_config(None, ["method=mlcl", "mlcl.weak_features=mixed"])
     assert methods.mlcl_parts(mixed).passes is methods.mixed_passes
+
+
+@pytest.mark.parametrize("extra", [(), ("mlcl.weak_features=mixed",)])
+def test_unimatchs_input_resolution_maps_are_freed_before_sai(synth_root, monkeypatch, extra):
+    """Memory: when SAI runs (where the MLCL step's forward peaks), UniMatch's logits and
+    probabilities at the input resolution are no longer held."""
+    cfg, model, bank, batch, ctx = setup(synth_root, "mlcl", *extra)
+    passes, sai = methods.unimatch_passes, methods.sai_losses
+    refs, alive = [], []
+
+    def spy_passes(*a):
+        p = passes(*a)
+        refs.extend(weakref.ref(t) for t in (p.out_xw.logits, p.out_xw.logits_fp,
+                                              p.out_s.logits, p.prob_w, p.prob_mix))
+        return p
+
+    def spy_sai(*a):
+        alive.extend(r() is not None for r in refs)
+        return sai(*a)
+
+    monkeypatch.setattr(methods, "unimatch_passes", spy_passes)
+    monkeypatch.setattr(methods, "sai_losses", spy_sai)
+    STEPS["mlcl"](model, batch, ctx)
+    assert len(alive) == 5 and not any(alive)
 
 
 @pytest.mark.parametrize("extra", [(), ("mlcl.variant=released",),
