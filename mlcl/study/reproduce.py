@@ -21,7 +21,6 @@ from mlcl.config import ConfigError, load_config
 from mlcl.data.classes import reconcile_classes
 from mlcl.data.splits import DataError, check_root
 from mlcl.errors import RunInterrupted
-from mlcl.model import pretrained_file
 from mlcl.outputs import read_run, run_changes
 from mlcl.paths import runs_dir
 from mlcl.study import grids, progress, registry
@@ -151,6 +150,14 @@ def stored_changes(out: Path, cfg) -> list[str]:
     return run_changes(stored.config, cfg.to_dict()) + stored.resume_changes
 
 
+def check_weights(cfg) -> None:
+    """A ConfigError when the run's model.pretrained file is missing (e.g. DINOv2-B's for the
+    B cells of voc-v2, which train after all the S cells)."""
+    from mlcl.model import pretrained_file  # torch: not at import (light commands)
+
+    pretrained_file(cfg.model)
+
+
 def check_cells(todo: list[Run], root: Path, overrides: list[str],
                 rerun_changed: bool = False) -> list[str]:
     """Before anything trains: a ConfigError when a cell's config does not build or a cell
@@ -165,7 +172,7 @@ def check_cells(todo: list[Run], root: Path, overrides: list[str],
                                                          *run.config_overrides(), *overrides]))
             if not read_run(out).complete:  # a complete cell is skipped: its inputs may be gone
                 check_root(cfg.data.root, cfg.data.dataset)
-                pretrained_file(cfg.model)  # the weights file, e.g. DINOv2-B's for the B cells
+                check_weights(cfg)
             changes = stored_changes(out, reconcile_classes(cfg, log=lambda msg: None))
         except (ConfigError, DataError) as e:
             errors.setdefault(str(e), []).append(run.name)
