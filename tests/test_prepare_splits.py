@@ -7,12 +7,12 @@ import pytest
 
 from mlcl.data.splits import read_split
 from mlcl.study.synthetic import make_synthetic
-from mlcl.prepare.download import ChecksumError, PrepareError
+from mlcl.prepare.download import ChecksumError, PrepareError, digests
 from fakes import LocalServer, unimatch_lists
 from mlcl.prepare import split_lists
 from mlcl.prepare.split_lists import (KNOWN_BLOBS, NON_STANDARD, SPLITS, UNIMATCH_COMMIT,
                                       UNIMATCH_REPO, check_lists, fetch_splits, generate_splits,
-                                      get_splits, git_blob_id, split_files, standard_size)
+                                      get_splits, split_files, standard_size)
 
 STANDARD = {"pascal": {"92": 92, "183": 183, "366": 366, "732": 732, "1464": 1464,
                        "1_16": 662, "1_8": 1323, "1_4": 2646,
@@ -84,7 +84,8 @@ def test_every_standard_list_has_its_git_blob_id_pinned(tmp_path):
             assert len(blob) == 40 and int(blob, 16) >= 0, (dataset, rel)
     assert len(set(KNOWN_BLOBS.values())) == len(KNOWN_BLOBS)  # no file listed twice
     (tmp_path / "hello").write_bytes(b"hello\n")  # `git hash-object` of it, a known value
-    assert git_blob_id(tmp_path / "hello") == "ce013625030ba8dba906f756967f9e9ca394464a"
+    assert digests(tmp_path / "hello", ("git_blob",))["git_blob"] == \
+        "ce013625030ba8dba906f756967f9e9ca394464a"
 
 
 def test_a_list_from_github_must_be_the_pinned_blob(server, synth_cs, tmp_path, monkeypatch):
@@ -95,7 +96,7 @@ def test_a_list_from_github_must_be_the_pinned_blob(server, synth_cs, tmp_path, 
     blobs = {}
     for key, data in served.items():
         (tmp_path / "blob").write_bytes(data)
-        blobs[key] = git_blob_id(tmp_path / "blob")
+        blobs[key] = digests(tmp_path / "blob", ("git_blob",))["git_blob"]
     pools = {"train": 8, "val": 3}
     # one list differs from the pinned commit's: refused, deleted, named
     monkeypatch.setattr(split_lists, "KNOWN_BLOBS",

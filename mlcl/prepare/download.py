@@ -55,8 +55,11 @@ def human(n: float) -> str:
 
 
 def digests(path: Path, algos: tuple[str, ...] = ("sha256",)) -> dict[str, str]:
-    """Hex digests of ``path`` for each hashlib algorithm name, in one read."""
-    hs = {a: hashlib.new(a) for a in algos}
+    """Hex digests of ``path`` for each hashlib algorithm name or "git_blob" (the id git gives
+    the content: sha1 of "blob SIZE\\0" + the bytes), in one read."""
+    hs = {a: hashlib.new("sha1" if a == "git_blob" else a) for a in algos}
+    if "git_blob" in hs:
+        hs["git_blob"].update(b"blob %d\0" % path.stat().st_size)
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
             for h in hs.values():
@@ -77,33 +80,37 @@ def read_marker(path: Path) -> Optional[dict]:
 
 
 def _checksum_problem(got: dict[str, str], md5: Optional[str], sha256: Optional[str],
-                      sha256_prefix: Optional[str]) -> str:
+                      sha256_prefix: Optional[str], git_blob: Optional[str]) -> str:
     """What in ``got`` (hex digests) differs from the expected ones; empty when nothing."""
-    bad = [f"{algo} {got.get(algo)} (expected {want})" for algo, want in
-           (("md5", md5), ("sha256", sha256)) if want and got.get(algo) != want.lower()]
+    bad = [f"{algo.replace('_', ' ')} {got.get(algo)} (expected {want})" for algo, want in
+           (("md5", md5), ("sha256", sha256), ("git_blob", git_blob))
+           if want and got.get(algo) != want.lower()]
     if sha256_prefix and not got.get("sha256", "").startswith(sha256_prefix.lower()):
         bad.insert(0, f"sha256 {got.get('sha256')} (expected it to start with {sha256_prefix})")
     return "; ".join(bad)
 
 
 def _check_digests(path: Path, expect: tuple) -> dict[str, str]:
-    """Digests of ``path``; a ChecksumError unless they match ``expect`` (md5, sha256, prefix)."""
-    got = digests(path, ("sha256", "md5") if expect[0] else ("sha256",))
+    """Digests of ``path``; a ChecksumError unless they match ``expect`` (md5, sha256, prefix,
+    git blob id)."""
+    wanted = (("md5",) if expect[0] else ()) + (("git_blob",) if expect[3] else ())
+    got = digests(path, ("sha256", *wanted))
     if problem := _checksum_problem(got, *expect):
         raise ChecksumError(problem)
     return got
 
 
 def fetch(url: str, dest: str | Path, *, md5: Optional[str] = None,
-          sha256: Optional[str] = None, sha256_prefix: Optional[str] = None, retries: int = 4,
-          timeout: float = 60.0, backoff: float = 1.0, marker: bool = True,
-          label: Optional[str] = None, log: Log = say) -> Path:
+          sha256: Optional[str] = None, sha256_prefix: Optional[str] = None,
+          git_blob: Optional[str] = None, retries: int = 4, timeout: float = 60.0,
+          backoff: float = 1.0, marker: bool = True, label: Optional[str] = None,
+          log: Log = say) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify it, return ``dest``; none
     when ``dest.done`` (``marker=False``: ``dest``) verifies. A file failing its checksum is
     removed (:class:`ChecksumError`). ``label`` names the file in messages."""
     # not torch.hub's download_url_to_file nor pooch: they restart a 2 GB archive from byte 0
     # after a dropped connection
-    dest, expect = Path(dest), (md5, sha256, sha256_prefix)
+    dest, expect = Path(dest), (md5, sha256, sha256_prefix, git_blob)
     name = label or dest.name
     if _usable_as_is(url, dest, name, expect, marker, log):
         return dest
