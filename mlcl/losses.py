@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlcl.model import upsample
 from mlcl.prototypes import initialised
 
 # The released code measures cosines with nn.CosineSimilarity(eps=1e-6).
@@ -86,14 +85,47 @@ def valid_at_features(ignore: Tensor, size: tuple[int, int], ignore_index: int =
 
 
 # --------------------------------------------------------------------------- FKA
+def channel_dot(x: Tensor, y: Tensor) -> Tensor:
+    """(B, C, *S) x 2 -> (B, *S): the dot product over the channels at every position, one
+    image at a time (no temporary of the maps' size)."""
+    out = x.new_empty(x.shape[:1] + x.shape[2:])
+    for i in range(x.shape[0]):
+        torch.linalg.vecdot(x[i], y[i], dim=0, out=out[i])
+    return out
+
+
+class _MeanCosine(torch.autograd.Function):
+    """1 - mean cos(a, b) over the positions of a, b (B, C, *S), norms clamped at COS_EPS,
+    with the gradient for b alone, written image by image; also returns the cosines."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor):
+        na, nb = channel_dot(a, a).sqrt_(), channel_dot(b, b).sqrt_()
+        cos = channel_dot(a, b) / (na.clamp(min=COS_EPS) * nb.clamp(min=COS_EPS))
+        ctx.save_for_backward(a, b, na, nb, cos)
+        ctx.mark_non_differentiable(cos)
+        return 1.0 - cos.mean(), cos
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _):
+        a, b, na, nb, cos = ctx.saved_tensors
+        g = -grad / cos.numel()  # d loss / d cos at every position
+        # d cos / d b = a / (|a| |b|) - cos b / |b|^2 (the second term only where |b| > eps)
+        along_a = (g / (na.clamp(min=COS_EPS) * nb.clamp(min=COS_EPS))).unsqueeze(1)
+        along_b = torch.where(nb > COS_EPS, -g * cos / (nb * nb).clamp(min=COS_EPS ** 2), 0.0)
+        db = torch.empty_like(b)
+        for i in range(b.shape[0]):
+            torch.mul(b[i], along_b.unsqueeze(1)[i], out=db[i]).addcmul_(a[i], along_a[i])
+        return None, db
+
+
 def loss_p2p(f_mix: Tensor, f_s: Tensor) -> tuple[Tensor, Tensor]:
     """(L_p2p, v): FKA's point-to-point alignment and SAI's per-image similarity from one
     cosine map. f_mix (B, C, h, w) the weak view CutMixed like ``f_s`` (F_1, detached here);
     f_s (B, C, h, w) gets the gradient. L_p2p (0-dim) = the mean over B*h*w pixels of
     1 - cos(F_1, F_s1); v (B,) = per image the mean cosine, without gradient."""
-    a, b = f_mix.detach().float(), f_s.float()
-    cos = (a * b).sum(1) / (a.norm(dim=1).clamp(min=COS_EPS) * b.norm(dim=1).clamp(min=COS_EPS))
-    return 1.0 - cos.mean(), cos.detach().flatten(1).mean(1)
+    loss, cos = _MeanCosine.apply(f_mix.detach().float(), f_s.float())
+    return loss, cos.flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -105,18 +137,19 @@ def per_image_similarity(f_mix: Tensor, f_s: Tensor) -> Tensor:
 def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
     """(B, C, P) x (K, C) -> (B, K, P) cosines, norms clamped at COS_EPS."""
     pn = protos / protos.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
-    return (pn @ maps) / maps.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
+    return (pn @ maps) / channel_dot(maps, maps).sqrt_().clamp_(min=COS_EPS).unsqueeze(1)
 
 
-def _topk_per_class(score: Tensor, eligible: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _topk_per_class(score: Tensor, eligible: Tensor, k: int, largest: bool = True
+                    ) -> tuple[Tensor, Tensor]:
     """score, eligible (B, K, P) -> per class the flat indices b*P + p of the (at most) ``k``
-    eligible pixels of highest score, sorted: idx (K, k), and ok (K, k), False on the padding
-    slots (last, arbitrary indices)."""
-    K = score.shape[1]
-    masked = score.masked_fill(~eligible, float("-inf")).transpose(0, 1).reshape(K, -1)
+    eligible pixels of highest (``largest``, else lowest) score, sorted: idx (K, k), and ok
+    (K, k), False on the padding slots (last, arbitrary indices)."""
+    K, never = score.shape[1], float("-inf") if largest else float("inf")
+    masked = score.masked_fill(~eligible, never).transpose(0, 1).reshape(K, -1)
     k = min(k, masked.shape[1])
-    vals, idx = masked.topk(k, dim=1, largest=True, sorted=True)
-    return idx, vals > float("-inf")
+    vals, idx = masked.topk(k, dim=1, largest=largest, sorted=True)
+    return idx, vals != never
 
 
 def unit_features(maps: Tensor, idx: Tensor) -> Tensor:
@@ -140,8 +173,8 @@ def dt_select(fw: Tensor, fs: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: 
     own = own & classes.view(1, K, 1)
     conf_ok = (conf_w.reshape(B, 1, P) > conf_thresh) & valid_w.reshape(B, 1, P)
     a_idx, a_ok = _topk_per_class(_cos_to_protos(fw, protos), own & conf_ok, num_anchors)
-    c_idx, c_ok = _topk_per_class(-_cos_to_protos(fs, protos), own & valid_s.reshape(B, 1, P),
-                                  num_candidates)
+    c_idx, c_ok = _topk_per_class(_cos_to_protos(fs, protos), own & valid_s.reshape(B, 1, P),
+                                  num_candidates, largest=False)
     return a_idx, a_ok, c_idx, c_ok
 
 
@@ -174,8 +207,8 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
             fw, fs.detach(), conf_w, label_w, valid_w, valid_s, protos, initialised(protos),
             conf_thresh, num_anchors, num_candidates)
         a_ok = a_ok & c_ok.any(1, keepdim=True)  # classes with anchors and candidates
-        # candidates through the identity index the release's pairing generalises: the same
-        # values, and a backward that adds in the order earlier results were made with
+        # candidates through an identity index: their gradient then reaches the gather's
+        # backward (index_put) contiguous, several times faster on the CPU than transposed
         cands = unit_features(fs, c_idx)[torch.arange(protos.shape[0], device=fs.device)]
         best = dt_best_match(unit_features(fw, a_idx), cands, c_ok)
         return dt_mean(best, a_ok, a_ok.sum())
@@ -202,20 +235,33 @@ def sai_noise(f: Tensor, v: Tensor, kappa: float, generator: torch.Generator | N
     return f * torch.addcmul(1.0 - a, u, 2.0 * a, out=u)
 
 
-def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """(F_mk, keep) of SAI self-adaptive masking. f (B, C, h, w); ratio (B,) the threshold
-    centres r_i (:func:`sai_mask_ratio`, used detached). A_i = channel mean of f_i; t_i ~
-    U(r_i - jitter, r_i + jitter) (one ``torch.rand(B)`` from ``generator``); keep (B, h, w) =
-    A_i < t_i max(A_i), dropping the highest activations; F_mk = f * keep."""
+def sai_keep(f: Tensor, ratio: Tensor, jitter: float = 0.1,
+             generator: torch.Generator | None = None) -> Tensor:
+    """keep (B, h, w) bool of SAI self-adaptive masking, no gradient. f (B, C, h, w); ratio (B,)
+    the threshold centres r_i (:func:`sai_mask_ratio`). A_i = channel mean of f_i; t_i ~
+    U(r_i - jitter, r_i + jitter) (one ``torch.rand(B)`` from ``generator``); keep = A_i <
+    t_i max(A_i), dropping the highest activations."""
     B = f.shape[0]
     u = torch.rand(B, generator=generator, device=f.device, dtype=torch.float32)
     t = ratio.detach().float() + (2.0 * u - 1.0) * jitter
     with torch.no_grad():
         att = f.detach().float().mean(1)  # (B, h, w)
         top = att.flatten(1).amax(1)
-        keep = att < (top * t).view(B, 1, 1)
+        return att < (top * t).view(B, 1, 1)
+
+
+def sai_mask(f: Tensor, ratio: Tensor, jitter: float = 0.1,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(F_mk, keep) of SAI self-adaptive masking: F_mk = f * keep (:func:`sai_keep`)."""
+    keep = sai_keep(f, ratio, jitter, generator)
     return f * keep.unsqueeze(1).to(f.dtype), keep
+
+
+def masked_logits(logits: Tensor, keep: Tensor, offset: Tensor) -> Tensor:
+    """decode(F_mk) from decode(F) without decoding F_mk, for a decoder that is affine at each
+    position (a 1x1 conv): ``logits`` (B, K, h, w) = decode(F) where ``keep`` (B, h, w), else
+    ``offset`` (1, K, 1, 1) = decode of a zero feature (the classifier's bias)."""
+    return torch.where(keep.unsqueeze(1), logits, offset.to(logits.dtype))
 
 
 def sai_mse(prob: Tensor, target: Tensor) -> Tensor:
@@ -224,35 +270,36 @@ def sai_mse(prob: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(prob.float(), target.float(), reduction="mean")
 
 
-def _upsampled_softmax_grad(dp: Tensor, p: Tensor, up: Tensor, z: Tensor) -> Tensor:
-    """d/dz from dp = d/dp, p = softmax(up.float()), up = :func:`mlcl.model.upsample` (z): the
-    backward kernels autograd runs for these operations, in its order (the same values)."""
-    g = torch._softmax_backward_data(dp, p, 1, p.dtype).to(up.dtype)
-    return torch.ops.aten.upsample_bilinear2d_backward(
-        g, list(up.shape[-2:]), list(z.shape), True, None, None).to(z.dtype)
-
-
 class _UpsampledSoftmaxMSE(torch.autograd.Function):
     """mean((softmax(upsample(z)) - target)^2), ``chunk`` images at a time, each chunk's
-    gradient for z taken in the forward (docs/method.md, "Implementation notes")."""
+    gradient for z taken in the forward by the backward kernels autograd runs for these
+    operations, in its order (docs/method.md, "Implementation notes"); the input-resolution
+    maps live in four buffers of ``chunk`` images that every chunk reuses."""
 
     @staticmethod
     def forward(ctx, z: Tensor, target: Tensor, chunk: int) -> Tensor:
-        size, n = tuple(target.shape[-2:]), target.numel()
+        size, n, aten = list(target.shape[-2:]), target.numel(), torch.ops.aten
         # d loss / d (p - t) = 2 (p - t) / n: autograd's 1 / n, doubled as mse_loss's backward
         scale = 2.0 * (torch.ones((), dtype=torch.float32, device=z.device) / n)
         total = z.new_zeros((), dtype=torch.float64)
-        grads = []
+        shape = (min(chunk, z.shape[0]), z.shape[1], *size)
+        up = z.new_empty(shape)
+        p, d, g = (z.new_empty(shape, dtype=torch.float32) for _ in range(3))
+        dz = torch.empty_like(z) if ctx.needs_input_grad[0] else None
         for i in range(0, z.shape[0], chunk):
             zc = z[i:i + chunk]
-            up = upsample(zc, size)
-            p = up.float().softmax(1)  # as the model's logits, in fp32
-            d = p - target[i:i + chunk].float()
-            total += ((d * d).sum() / n).double()  # F.mse_loss(p, t, reduction="sum") / n
-            if ctx.needs_input_grad[0]:
-                grads.append(_upsampled_softmax_grad(d.mul_(scale), p, up, zc))
-        if grads:
-            ctx.save_for_backward(torch.cat(grads))
+            u, q, e, h = (t[:zc.shape[0]] for t in (up, p, d, g))
+            aten.upsample_bilinear2d.out(zc, size, True, None, None, out=u)  # model.upsample
+            torch.softmax(u, 1, dtype=torch.float32, out=q)  # as the model's logits, in fp32
+            torch.sub(q, target[i:i + chunk], out=e)
+            total += (torch.mul(e, e, out=h).sum() / n).double()  # mse_loss(q, t, "sum") / n
+            if dz is not None:
+                aten._softmax_backward_data.out(e.mul_(scale), q, 1, q.dtype, grad_input=h)
+                aten.upsample_bilinear2d_backward.grad_input(
+                    h.to(u.dtype), size, list(zc.shape), True, None, None,
+                    grad_input=dz[i:i + chunk])
+        if dz is not None:
+            ctx.save_for_backward(dz)
         return total.float()
 
     @staticmethod

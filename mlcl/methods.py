@@ -68,7 +68,8 @@ def make_teacher(cfg: Config, model: torch.nn.Module) -> Teacher | None:
 class MLCLParts(NamedTuple):
     """The implementation of each part of the MLCL step that the release computes otherwise."""
 
-    passes: Callable  # (model, w1, w2, u, UniMatchPasses, F_s1) -> (F_1, F_2, F_w, f_dt, box)
+    passes: Callable  # (model, w1, w2, u, UniMatchPasses, F_s1)
+    #                   -> (F_1, F_2, F_w, decode(F_w), f_dt, box)
     valid_at_features: Callable  # (ignore (B, H, W), (h, w), ignore_index) -> (B, h, w) bool
     loss_dt: Callable  # as losses.loss_dt
     mask_ratio: Callable  # (v (B,), kappa) -> r (B,)
@@ -268,10 +269,13 @@ class MLCLInputs:
     """What the MLCL part of a step reads (shapes as in :mod:`mlcl.losses`)."""
 
     f_w: Tensor  # (B, C, h, w) F_w: features of u_w, detached
+    logits_w: Tensor  # (B, K, h, w) decode(F_w) from the same pass, detached
     f1: Tensor  # (B, C, h, w) F_1: the weak images CutMixed like s1, detached
     f2: Tensor  # (B, C, h, w) F_2: likewise for s2
     f_s1: Tensor  # (B, C, h, w) F_s1: features of the CutMixed s1, with gradient
     f_s2: Tensor  # (B, C, h, w) F_s2
+    logits_s1: Tensor  # (B, K, h, w) decode(F_s1) from the strong pass, with gradient
+    logits_s2: Tensor  # (B, K, h, w) decode(F_s2)
     f_dt: Tensor  # (B, C, h, w) the strong features L_dt pulls, with gradient
     dt_box: Tensor | None  # (B, H, W) bool: where f_dt shows the partner (skipped), or None
     ignore: Tensor  # (B, H, W) u's ignore map
@@ -279,26 +283,32 @@ class MLCLInputs:
     #                     (train mode) with the box taken from the partner's (eval mode)
 
 
+def weak_of(p: UniMatchPasses) -> tuple[Tensor, Tensor]:
+    """(F_w, decode(F_w)) of u_w from the pass that labelled it."""
+    return p.out_xw.features[p.n_x:], p.out_xw.feature_logits[p.n_x:]
+
+
 def joint_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], p: UniMatchPasses,
-                 f_s1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(F_1, F_2, F_w, the strong features of L_dt, their CutMix box): F_1 and F_2 from one
-    pass over cat(w1, w2) under no_grad, F_w from the clean u_w half of UniMatch's
-    cat(x, u_w) pass, L_dt on F_s1 outside box1 (docs/method.md, "Forward passes")."""
+                 f_s1: Tensor) -> tuple[Tensor, ...]:
+    """(F_1, F_2, F_w, decode(F_w), the strong features of L_dt, their CutMix box): F_1 and
+    F_2 from one pass over cat(w1, w2) under no_grad, F_w and its logits from the clean u_w
+    half of UniMatch's cat(x, u_w) pass, L_dt on F_s1 outside box1 (docs/method.md, "Forward
+    passes")."""
     with torch.no_grad():  # train mode, as the released passes (BN batch statistics)
         f1, f2 = model(torch.cat([w1, w2]), return_features=True).features.chunk(2)
-    return f1, f2, p.out_xw.features[p.n_x:], f_s1, p.boxes[0]
+    return f1, f2, *weak_of(p), f_s1, p.boxes[0]
 
 
 def mixed_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], p: UniMatchPasses,
-                 f_s1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 f_s1: Tensor) -> tuple[Tensor, ...]:
     """As :func:`joint_passes` without its pass (``mlcl.weak_features=mixed``): F_1, F_2 are
     F_w and the mix source's features (from its pseudo-label pass) CutMixed at feature
     resolution with b1, b2 at the pixel under each feature position (docs/method.md,
     "Weak features without a pass"). w1, w2 are not read."""
-    f_w = p.out_xw.features[p.n_x:]
+    f_w, logits_w = weak_of(p)
     boxes = losses.at_feature_pixels(torch.stack(p.boxes), tuple(f_w.shape[-2:]))
     f1, f2 = paste(boxes, p.f_mix, f_w.detach())
-    return f1, f2, f_w, f_s1, p.boxes[0]
+    return f1, f2, f_w, logits_w, f_s1, p.boxes[0]
 
 
 def mlcl_inputs(model, p: UniMatchPasses, u: dict[str, Tensor], passes: Callable
@@ -307,21 +317,23 @@ def mlcl_inputs(model, p: UniMatchPasses, u: dict[str, Tensor], passes: Callable
     release's (:attr:`MLCLParts.passes`)."""
     box1, box2 = p.boxes
     f_s1, f_s2 = p.out_s.features.chunk(2)
+    logits_s1, logits_s2 = p.out_s.feature_logits.chunk(2)
     w1, w2 = paste(box1, p.mix["w"], u["w"]), paste(box2, p.mix["w"], u["w"])
-    f1, f2, f_w, f_dt, dt_box = passes(model, w1, w2, u, p, f_s1)
+    f1, f2, f_w, logits_w, f_dt, dt_box = passes(model, w1, w2, u, p, f_s1)
     target = paste(torch.stack(p.boxes).bool(), p.prob_mix, p.prob_w).flatten(0, 1)
-    return MLCLInputs(f_w=f_w.detach(), f1=f1, f2=f2, f_s1=f_s1, f_s2=f_s2, f_dt=f_dt,
+    return MLCLInputs(f_w=f_w.detach(), logits_w=logits_w.detach(), f1=f1, f2=f2, f_s1=f_s1,
+                      f_s2=f_s2, logits_s1=logits_s1, logits_s2=logits_s2, f_dt=f_dt,
                       dt_box=dt_box, ignore=u["ignore"], sai_target=target)
 
 
-def prototype_branch(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts: MLCLParts
+def prototype_branch(x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts: MLCLParts
                      ) -> Tensor:
     """L_dt against the bank as it stands (0-dim; 0 with ``mlcl.use_dt`` off), then the bank's
     EMA update from this step's weak features and their pseudo-labels at feature resolution
     (docs/method.md, "Prototype memory bank")."""
     m, size = cfg.mlcl, tuple(x.f_w.shape[-2:])
     with torch.no_grad():
-        conf, label = net.decode(x.f_w).float().softmax(1).max(1)  # (B, h, w)
+        conf, label = x.logits_w.float().softmax(1).max(1)  # (B, h, w)
     valid_w = parts.valid_at_features(x.ignore, size, cfg.data.ignore_index)
     valid_s = valid_w if x.dt_box is None else valid_w & ~losses.at_feature_pixels(x.dt_box, size)
     dt = x.f_dt.new_zeros(())
@@ -333,17 +345,20 @@ def prototype_branch(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, parts
     return dt
 
 
-def sai_losses(net, branches: list[tuple[Tensor, Tensor]], target: Tensor, cfg: Config,
-               mask_ratio: Callable) -> tuple[Tensor, Tensor]:
+def sai_losses(net, branches: list[tuple[Tensor, Tensor, Tensor]], target: Tensor,
+               cfg: Config, mask_ratio: Callable) -> tuple[Tensor, Tensor]:
     """(L_m, L_n) of SAI over the strong branches (0-dim each): per branch (f_s (B, C, h, w)
-    with gradient, v (B,)) the masked then the noised map (random draws in that order) through
-    ``net.decode`` alone, compared with target (n*B, K, H, W) by :func:`losses.loss_sai`."""
+    and its logits decode(f_s) (B, K, h, w), both with gradient, v (B,)) the masked then the
+    noised map (random draws in that order), the masked map's logits taken from decode(f_s)
+    (:func:`losses.masked_logits`), the noised map through ``net.decode``; compared with
+    target (n*B, K, H, W) by :func:`losses.loss_sai`."""
     m = cfg.mlcl
     logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
-    for f_s, v in branches:
+    for f_s, logits_s, v in branches:
         if m.use_mask:
-            f_mk = losses.sai_mask(f_s, mask_ratio(v, m.kappa), m.mask_jitter)[0]
-            logits["mask"].append(net.decode(f_mk))  # (B, K, h, w)
+            keep = losses.sai_keep(f_s, mask_ratio(v, m.kappa), m.mask_jitter)
+            offset = net.decode(f_s.new_zeros(1, f_s.shape[1], 1, 1))  # decode(0): the bias
+            logits["mask"].append(losses.masked_logits(logits_s, keep, offset))
         if m.use_noise:
             logits["noise"].append(net.decode(losses.sai_noise(f_s, v, m.kappa)))
     zero = target.new_zeros((), dtype=torch.float32)
@@ -352,21 +367,21 @@ def sai_losses(net, branches: list[tuple[Tensor, Tensor]], target: Tensor, cfg: 
 
 
 def mlcl_losses(net, x: MLCLInputs, bank: PrototypeBank, cfg: Config, sai_w: float,
-                parts: MLCLParts, weak_net=None) -> tuple[Tensor, dict[str, Tensor]]:
+                parts: MLCLParts) -> tuple[Tensor, dict[str, Tensor]]:
     """The MLCL part of the loss, alpha L_p2p + omega L_dt + w(t) (L_m + L_n) (0-dim), and its
     terms (detached), for the weight ``sai_w`` = w(t); updates the bank. ``net`` needs only
-    ``decode`` (the 1x1 classifier); ``weak_net``'s labels F_w for the bank (default ``net``)."""
+    ``decode`` (the 1x1 classifier)."""
     m = cfg.mlcl
     # FKA (trains the encoder); the same cosine map gives SAI's per-image similarity v
     p2p1, v1 = losses.loss_p2p(x.f1, x.f_s1)
     p2p2, v2 = losses.loss_p2p(x.f2, x.f_s2)
     p2p = (p2p1 + p2p2) / 2  # logged even when switched off
-    dt = prototype_branch(weak_net or net, x, bank, cfg, parts)
+    dt = prototype_branch(x, bank, cfg, parts)
     # SAI: perturb the strong features by how well the views already agree
     l_m = l_n = x.f_s1.new_zeros(())
     if sai_w > 0 and (m.use_mask or m.use_noise):
-        l_m, l_n = sai_losses(net, [(x.f_s1, v1), (x.f_s2, v2)], x.sai_target, cfg,
-                              parts.mask_ratio)
+        branches = [(x.f_s1, x.logits_s1, v1), (x.f_s2, x.logits_s2, v2)]
+        l_m, l_n = sai_losses(net, branches, x.sai_target, cfg, parts.mask_ratio)
     alpha = m.alpha if m.use_p2p else 0.0
     loss = alpha * p2p + m.omega * dt + sai_w * (l_m + l_n)
     # w(t) logged as a fill on the device: a copy from the host would wait for the device
@@ -384,16 +399,15 @@ def step_mlcl(model, batch: dict[str, Any], ctx: StepContext) -> dict[str, Tenso
     net = ctx.accelerator.unwrap_model(model) if ctx.accelerator is not None else model
     if m.base == "unimatch_v2":
         p = unimatch_v2_passes(model, batch, ctx, weak=m.targets)
-        student = m.targets == "student"
-        weak, weak_net = (model, net) if student else (ctx.teacher, ctx.teacher.net)
+        weak = model if m.targets == "student" else ctx.teacher
     else:
-        p, weak, weak_net = unimatch_passes(model, batch, ctx), model, net
+        p, weak = unimatch_passes(model, batch, ctx), model
     x = mlcl_inputs(weak, p, batch["u"], parts.passes)
     total, base_terms = p.total, p.terms
     del p  # UniMatch's input-resolution logits and probabilities: freed before SAI runs
     sai_w = 0.0 if ctx.epoch < m.warmup_epochs else losses.sai_weight(
         ctx.iteration, ctx.total_iters, m.beta)
-    loss, terms = mlcl_losses(net, x, ctx.bank, cfg, sai_w, parts, weak_net)
+    loss, terms = mlcl_losses(net, x, ctx.bank, cfg, sai_w, parts)
     return {"loss": total + loss, **base_terms, **terms}
 
 

@@ -33,6 +33,7 @@ class SegOutput(NamedTuple):
     logits_fp: Optional[Tensor] = None  # (B, K, H, W) of the perturbed copy (fp=True)
     features: Optional[Tensor] = None  # F (B, C, H/4, W/4) (return_features=True)
     features_fp: Optional[Tensor] = None  # F of the perturbed copy (fp and return_features)
+    feature_logits: Optional[Tensor] = None  # decode(F) (B, K, h, w) (return_features=True)
 
 
 def upsample(t: Tensor, size) -> Tensor:
@@ -140,11 +141,13 @@ class Segmenter(nn.Module):
         if comp_drop:
             levels = complementary_dropout(levels)
         feats = self.fuse(levels)  # (B or 2B, C, h, w)
-        logits = upsample(self.decode(feats), x.shape[-2:])  # (B or 2B, K, H, W)
+        coarse = self.decode(feats)  # (B or 2B, K, h, w)
+        logits = upsample(coarse, x.shape[-2:])  # (B or 2B, K, H, W)
         if not (fp or return_features):
             return logits
-        out = SegOutput(*logits.chunk(2), *feats.chunk(2)) if fp else SegOutput(logits, None, feats)
-        return out if return_features else out._replace(features=None, features_fp=None)
+        out = (SegOutput(*logits.chunk(2), *feats.chunk(2), coarse.chunk(2)[0]) if fp
+               else SegOutput(logits, None, feats, None, coarse))
+        return out if return_features else SegOutput(out.logits, out.logits_fp)
 
     def param_groups(self, lr: float, lr_multi: float) -> list[dict]:
         """Optimizer groups: the backbone at ``lr``, the rest (the head) at lr * lr_multi."""

@@ -95,10 +95,11 @@ class ReleasedBank(prototypes.PrototypeBank):
 
 
 def separate_passes(model, w1: Tensor, w2: Tensor, u: dict[str, Tensor], *unused
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, None]:
     """:func:`mlcl.methods.joint_passes` as released (``mlcl.released_passes``): a train-mode
     pass with graph over each of w1, w2, u_w and the un-mixed s1 (no CutMix box to skip: None)."""
     f1 = model(w1, return_features=True).features.detach()
     f2 = model(w2, return_features=True).features.detach()
-    f_w = model(u["w"], return_features=True).features
-    return f1, f2, f_w, model(u["s1"], return_features=True).features, None
+    out_w = model(u["w"], return_features=True)
+    f_s1 = model(u["s1"], return_features=True).features
+    return f1, f2, out_w.features, out_w.feature_logits, f_s1, None

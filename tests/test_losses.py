@@ -88,6 +88,27 @@ def test_p2p_zero_for_identical_and_gradient_only_to_strong():
     assert not L.per_image_similarity(f_w, f_s).requires_grad
 
 
+def test_p2p_gradient_is_autograd_through_the_plain_cosine():
+    """loss_p2p's own backward gives the gradient autograd takes through the plain per-pixel
+    cosine in float64 (norms clamped at COS_EPS), a zero strong and a zero weak vector included;
+    channel_dot is the channel sum of the product."""
+    g = _gen(3)
+    f_w, f_s = torch.randn(2, 6, 3, 4, generator=g), torch.randn(2, 6, 3, 4, generator=g)
+    f_s[0, :, 1, 2] = 0
+    f_w[1, :, 0, 0] = 0
+    torch.testing.assert_close(L.channel_dot(f_w, f_s), (f_w * f_s).sum(1))
+    a, b = f_w.double(), f_s.double().requires_grad_()
+    eps = L.COS_EPS
+    cos = (a * b).sum(1) / (a.norm(dim=1).clamp(min=eps) * b.norm(dim=1).clamp(min=eps))
+    (1 - cos.mean()).backward()
+    x = f_s.clone().requires_grad_()
+    loss, v = L.loss_p2p(f_w, x)
+    loss.backward()
+    assert loss.item() == pytest.approx(1 - cos.mean().item(), rel=1e-6)
+    torch.testing.assert_close(x.grad, b.grad.float(), rtol=1e-5, atol=1e-7)
+    assert x.grad[0, :, 1, 2].abs().sum() > 0  # through the dot product, as autograd
+
+
 # --------------------------------------------------------------------------- L_dt
 def _dt_inputs(K, B, C, h, w, seed, zero_protos=()):
     g = _gen(seed)
@@ -325,6 +346,23 @@ def test_sai_mask_zeroes_exactly_above_threshold():
             assert torch.equal(keep[b], want_keep)
             assert torch.equal(out[b], f[b] * want_keep)
         assert (~keep).any() and keep.any()
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "dinov2_s"])
+def test_masked_logits_are_the_decode_of_the_masked_features(backbone):
+    """decode(F * keep) = masked_logits(decode(F), keep, decode(0)) for both decoders (the 1x1
+    classifier, affine at each position), bias included: SAI's masked map needs no decode."""
+    from mlcl.config import load_config
+    from mlcl.model import build_model
+    cfg = load_config("synthetic", [f"model.backbone={backbone}"])
+    net = build_model(cfg)
+    torch.nn.init.normal_(net.classifier.bias)
+    g = _gen(4)
+    f = torch.randn(2, cfg.model.feature_channels, 5, 6, generator=g)
+    keep = torch.rand(2, 5, 6, generator=g) > 0.4
+    offset = net.decode(f.new_zeros(1, f.shape[1], 1, 1))
+    torch.testing.assert_close(L.masked_logits(net.decode(f), keep, offset),
+                               net.decode(f * keep.unsqueeze(1)), rtol=1e-5, atol=1e-6)
 
 
 def test_sai_mask_ratio_monotone_and_double_transform_range():

@@ -239,9 +239,10 @@ def test_loss_sai_is_autograd_through_each_chunk_bit_for_bit(chunk):
 
 
 def test_sai_losses_equal_the_plain_computation():
-    """methods.sai_losses (per-map decode, batched per kind, chunked MSE) computes what the
-    straightforward version computes: per branch, mask and noise maps decoded, upsampled,
-    soft-maxed and compared with the CutMixed target, averaged over the branches."""
+    """methods.sai_losses (the masked map's logits from decode(F_s), batched per kind, chunked
+    MSE) computes what the straightforward version computes: per branch, mask and noise maps
+    decoded, upsampled, soft-maxed and compared with the CutMixed target, averaged over the
+    branches."""
     case = fka_inputs(3, 16, 9, 5, torch.device("cpu"), seed=2)
     x, box2 = case.x, case.box2.clone()
     box2[0] = False
@@ -265,7 +266,8 @@ def test_sai_losses_equal_the_plain_computation():
     target = torch.cat([torch.where(box.unsqueeze(1), case.prob_mix, case.prob_w)
                         for _, _, box in branches])
     ours = lambda cfg: methods.sai_losses(  # noqa: E731
-        dec, [(f_s, v) for f_s, v, _ in branches], target, cfg, losses.sai_mask_ratio)
+        dec, [(f_s, dec.decode(f_s), v) for f_s, v, _ in branches], target, cfg,
+        losses.sai_mask_ratio)
     grads = []
     for f in (plain, ours):
         x.f_s1.grad = x.f_s2.grad = None

@@ -121,7 +121,8 @@ def test_mixed_weak_features_are_the_passes_features_cutmixed_at_feature_pixels(
     u["box1"][0, 3:17, 5:30] = True  # edges between feature positions
     u["box1"][2, :, 31] = True  # one column: the last feature column only
     p = methods.unimatch_passes(model, batch, ctx)
-    f1, f2, f_w, f_dt, dt_box = methods.mixed_passes(model, None, None, u, p, None)
+    f1, f2, f_w, logits_w, f_dt, dt_box = methods.mixed_passes(model, None, None, u, p, None)
+    assert torch.allclose(logits_w, model.decode(f_w), atol=1e-6)  # the pass's own logits
     own, partner = p.out_xw.features[p.n_x:], p.f_mix
     (B, C, h, w), (H, W) = own.shape, u["box1"].shape[-2:]
     for b in range(B):
@@ -257,7 +258,7 @@ def test_the_mlcl_part_replayed_from_its_inputs_gives_the_step(synth_root, monke
     replays = [make_bank(cfg) for _ in range(2)]
     for r in replays:
         r.protos.copy_(seen["protos"])
-    dt = methods.prototype_branch(model, x, replays[0], cfg, parts)
+    dt = methods.prototype_branch(x, replays[0], cfg, parts)
     torch.set_rng_state(seen["rng"])
     whole, _ = methods.mlcl_losses(model, x, replays[1], cfg, cfg.mlcl.beta, parts)
     whole.backward()

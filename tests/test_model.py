@@ -81,8 +81,9 @@ def test_fp_branch():
     assert out.logits.shape == out.logits_fp.shape == (2, K, 64, 64)
     assert out.features.shape == out.features_fp.shape == (2, 16, 16, 16)
     assert not torch.allclose(out.logits, out.logits_fp)
-    logits, logits_fp, feats, feats_fp = net(x, fp=True)
-    assert feats is None and feats_fp is None and logits_fp is not None
+    torch.testing.assert_close(out.feature_logits, net.decode(out.features))
+    logits, logits_fp, feats, feats_fp, coarse = net(x, fp=True)
+    assert feats is None and feats_fp is None and coarse is None and logits_fp is not None
     (logits.mean() + logits_fp.mean()).backward()
     net.eval()
     with torch.no_grad():

@@ -136,7 +136,8 @@ def bench_fka_sai(a: argparse.Namespace) -> dict[str, Any]:
 
     def job(fn):
         def run():
-            for t in (case.x.f_s1, case.x.f_s2, *decoder.parameters()):
+            for t in (case.x.f_s1, case.x.f_s2, case.x.logits_s1, case.x.logits_s2,
+                      *decoder.parameters()):
                 t.grad = None
             return timed(fn, device)
         return run

@@ -67,9 +67,13 @@ def fka_inputs(B: int, C: int, h: int, K: int, device: torch.device, seed: int) 
     prob_w = F.interpolate(logits, size=(H, H), mode="bilinear", align_corners=True).softmax(1)
     prob_mix = prob_w.roll(1, 0)
     f_s1, f_s2 = s1.to(device).requires_grad_(), s2.to(device).requires_grad_()
+    # the strong pass's logits decode(F_s) (identity classifier: F_s's first K channels),
+    # leaves like F_s: the backward of that pass is UniMatch's
+    l_s1, l_s2 = (s[:, :K].detach().clone().to(device).requires_grad_() for s in (s1, s2))
     on = [t.to(device) for t in (f_w, f1, f2, box, ignore, prob_w, prob_mix, logits)]
     target = methods.paste(on[3], on[6], on[5]).flatten(0, 1)  # (2B, K, H, W)
-    x = methods.MLCLInputs(f_w=on[0], f1=on[1], f2=on[2], f_s1=f_s1, f_s2=f_s2, f_dt=f_s1,
+    x = methods.MLCLInputs(f_w=on[0], logits_w=on[7], f1=on[1], f2=on[2], f_s1=f_s1,
+                           f_s2=f_s2, logits_s1=l_s1, logits_s2=l_s2, f_dt=f_s1,
                            dt_box=on[3][0], ignore=on[4], sai_target=target)
     return FkaCase(x, on[7], on[5], on[6], on[3][0], on[3][1])
 
@@ -82,7 +86,7 @@ def project_part(case: FkaCase, bank: PrototypeBank, cfg: Config, decoder: Decod
     if whole:
         loss = methods.mlcl_losses(decoder, case.x, bank, cfg, cfg.mlcl.beta, parts)[0]
     else:
-        loss = methods.prototype_branch(decoder, case.x, bank, cfg, parts)
+        loss = methods.prototype_branch(case.x, bank, cfg, parts)
     loss.backward()
     return loss.detach()
 
