@@ -137,7 +137,8 @@ def per_image_similarity(f_mix: Tensor, f_s: Tensor) -> Tensor:
 def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
     """(B, C, P) x (K, C) -> (B, K, P) cosines, norms clamped at COS_EPS."""
     pn = protos / protos.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
-    return (pn @ maps) / channel_dot(maps, maps).sqrt_().clamp_(min=COS_EPS).unsqueeze(1)
+    dots = torch.bmm(pn.expand(maps.shape[0], -1, -1), maps)  # (faster than pn @ maps's)
+    return dots / channel_dot(maps, maps).sqrt_().clamp_(min=COS_EPS).unsqueeze(1)
 
 
 def _topk_per_class(score: Tensor, eligible: Tensor, k: int, largest: bool = True
