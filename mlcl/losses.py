@@ -113,9 +113,9 @@ class _MeanCosine(torch.autograd.Function):
         # d cos / d b = a / (|a| |b|) - cos b / |b|^2 (the second term only where |b| > eps)
         along_a = (g / (na.clamp(min=COS_EPS) * nb.clamp(min=COS_EPS))).unsqueeze(1)
         along_b = torch.where(nb > COS_EPS, -g * cos / (nb * nb).clamp(min=COS_EPS ** 2), 0.0)
-        db = torch.empty_like(b)
+        along_b, db = along_b.unsqueeze(1), torch.empty_like(b)
         for i in range(b.shape[0]):
-            torch.mul(b[i], along_b.unsqueeze(1)[i], out=db[i]).addcmul_(a[i], along_a[i])
+            torch.mul(b[i], along_b[i], out=db[i]).addcmul_(a[i], along_a[i])
         return None, db
 
 
@@ -137,7 +137,7 @@ def per_image_similarity(f_mix: Tensor, f_s: Tensor) -> Tensor:
 def _cos_to_protos(maps: Tensor, protos: Tensor) -> Tensor:
     """(B, C, P) x (K, C) -> (B, K, P) cosines, norms clamped at COS_EPS."""
     pn = protos / protos.norm(dim=1, keepdim=True).clamp(min=COS_EPS)
-    dots = torch.bmm(pn.expand(maps.shape[0], -1, -1), maps)  # (faster than pn @ maps's)
+    dots = torch.bmm(pn.expand(maps.shape[0], -1, -1), maps)  # on the CPU faster than pn @ maps
     return dots / channel_dot(maps, maps).sqrt_().clamp_(min=COS_EPS).unsqueeze(1)
 
 
