@@ -352,12 +352,13 @@ def sai_losses(net, branches: list[tuple[Tensor, Tensor, Tensor]], target: Tenso
     noised map (random draws in that order), the masked map's logits taken from decode(f_s)
     (:func:`losses.masked_logits`), the noised map through ``net.decode``; compared with
     target (n*B, K, H, W) by :func:`losses.loss_sai`."""
-    m = cfg.mlcl
+    m, f0 = cfg.mlcl, branches[0][0]
+    # decode(0), the classifier's bias: the logits of every masked position
+    offset = net.decode(f0.new_zeros(1, f0.shape[1], 1, 1)) if m.use_mask else None
     logits: dict[str, list[Tensor]] = {"mask": [], "noise": []}
     for f_s, logits_s, v in branches:
         if m.use_mask:
             keep = losses.sai_keep(f_s, mask_ratio(v, m.kappa), m.mask_jitter)
-            offset = net.decode(f_s.new_zeros(1, f_s.shape[1], 1, 1))  # decode(0): the bias
             logits["mask"].append(losses.masked_logits(logits_s, keep, offset))
         if m.use_noise:
             logits["noise"].append(net.decode(losses.sai_noise(f_s, v, m.kappa)))
