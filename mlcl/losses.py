@@ -293,7 +293,7 @@ def upsample_grad(g: Tensor, size: tuple[int, int]) -> Tensor | None:
     (h, w), (H, W) = size, g.shape[-2:]
     if min(h, w) < 2 or H < h or W < w or (H - 1) % (h - 1) or (W - 1) % (w - 1):
         return None
-    return stretch_adjoint(stretch_adjoint(g, w, -1), h, -2)
+    return stretch_adjoint(stretch_adjoint(g, h, -2), w, -1)  # rows first: whole rows added
 
 
 class _UpsampledSoftmaxMSE(torch.autograd.Function):
