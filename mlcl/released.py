@@ -57,8 +57,8 @@ def loss_dt(f_w: Tensor, conf_w: Tensor, label_w: Tensor, valid_w: Tensor,
         partner, paired = (position_pairing(has_a, has_c) if pair_by_position
                            else (torch.arange(len(protos), device=fw.device), has_a & has_c))
         a_ok = a_ok & paired.unsqueeze(1)
-        cands = losses.unit_features(fs, c_idx)[partner]  # (K, S, C) of the partner class
-        best = losses.dt_best_match(losses.unit_features(fw, a_idx), cands, c_ok[partner])
+        best = losses.dt_best_match(losses.unit_features(fw, a_idx), fs, c_idx[partner],
+                                    c_ok[partner])  # against the partner class's candidates
         den = (c_ok.sum(1)[partner] * paired).sum() if normalise_by_candidates else a_ok.sum()
         return losses.dt_mean(best, a_ok, den)
 
