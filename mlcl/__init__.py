@@ -1,8 +1,14 @@
 """mlcl: semi-supervised semantic segmentation with Multi-Level Consistency Learning.
 build_model and fit load (torch) on first use, so the light commands do not."""
 import importlib
+import os
 
-from mlcl.config import Config, ConfigError, load_config
+# Before torch allocates: its CPU tensors of 2 MB and more on transparent huge pages (Linux;
+# kept if set). A fresh large tensor otherwise faults in 4 KB pages, a quarter of the MLCL
+# part's CPU time (docs/performance.md, "The third pass").
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from mlcl.config import Config, ConfigError, load_config  # noqa: E402
 
 __all__ = ["Config", "ConfigError", "load_config", "build_model", "fit"]
 __version__ = "0.1.0"

@@ -194,6 +194,17 @@ def test_loaders_honour_the_performance_options(synth_cfg):
     assert not make_loader(ds, synth_cfg, shuffle=True, seed=0).persistent_workers
 
 
+@pytest.mark.parametrize("given,want", [(None, "1"), ("0", "0")])
+def test_importing_mlcl_puts_large_cpu_tensors_on_huge_pages_unless_told(given, want):
+    """mlcl sets torch's THP_MEM_ALLOC_ENABLE before torch allocates, keeping a user's value."""
+    env = {k: v for k, v in ENV.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env.update({} if given is None else {"THP_MEM_ALLOC_ENABLE": given})
+    code = "import mlcl, os, sys; assert 'torch' not in sys.modules; " \
+           "print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, want), out.stderr
+
+
 def test_loss_sai_equals_the_plain_chain():
     """The chunked, recomputing L_m / L_n gives the value and gradient of
     sai_mse(upsample(logits).float().softmax(1), target), also under bf16 autocast."""
