@@ -4,8 +4,8 @@ import importlib
 import os
 
 # Before torch allocates: its CPU tensors of 2 MB and more on transparent huge pages (Linux;
-# kept if set). A fresh large tensor otherwise faults in 4 KB pages, a quarter of the MLCL
-# part's CPU time (docs/performance.md, "The third pass").
+# kept if set). A fresh large tensor otherwise faults in 4 KB pages: a fifth of the prototype
+# branch's CPU time (docs/performance.md, "The third pass").
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from mlcl.config import Config, ConfigError, load_config  # noqa: E402
