@@ -300,9 +300,10 @@ def upsample_grad(g: Tensor, size: tuple[int, int]) -> Tensor | None:
 
 class _UpsampledSoftmaxMSE(torch.autograd.Function):
     """mean((softmax(upsample(z)) - target)^2), ``chunk`` images at a time, each chunk's
-    gradient for z taken in the forward by the backward kernels autograd runs for these
-    operations, in its order (docs/method.md, "Implementation notes"); the input-resolution
-    maps live in four buffers of ``chunk`` images that every chunk reuses."""
+    gradient for z taken in the forward, in autograd's order: the softmax's by autograd's
+    backward kernel, the upsampling's by :func:`upsample_grad` (or autograd's kernel where it
+    does not apply; docs/method.md, "Implementation notes"); the input-resolution maps live in
+    four buffers of ``chunk`` images that every chunk reuses."""
 
     @staticmethod
     def forward(ctx, z: Tensor, target: Tensor, chunk: int) -> Tensor:
